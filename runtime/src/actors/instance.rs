@@ -1,0 +1,502 @@
+//! `SagaInstance`: the one owner of one saga's state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use super::registry::{Passivated, Registry};
+use super::{RuntimeStats, SagaOutcome, Shared};
+use crate::definition::Definition;
+use crate::error::RuntimeError;
+use crate::ids::SagaId;
+use crate::machine::{self, Effect, Input, SagaState, SagaStatus};
+use crate::ports::{
+    DeadLetterCategory, DeadLetterRecord, JOURNAL_SCHEMA_VERSION, JournalEntry, Message, SagaWrite,
+    StoredSaga, WriteOutcome,
+};
+use crate::wire;
+
+/// How many times a version conflict is resolved by reloading before giving up.
+const MAX_CONFLICT_RETRIES: usize = 5;
+
+/// Feed one input to the saga. Answered after the transition is committed and its
+/// effects performed.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Applied, RuntimeError>")]
+pub struct Apply {
+    /// The input.
+    pub input: Input,
+}
+
+/// Check whether a wake-up (reply deadline or retry) is due, and act on it.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Wake;
+
+/// What happened to an input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The transition was committed; the saga is now in `status`.
+    Transitioned {
+        /// The new status.
+        status: SagaStatus,
+    },
+    /// The input was duplicate, stale or late: recorded in the journal, nothing changed.
+    Ignored {
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Load {
+    /// Loading from the store (messages wait).
+    Pending,
+    /// Loaded (or created in memory by a start).
+    Ready(StoredSaga),
+    /// Taken out by the handler that is running (atomic: no other handler runs).
+    InFlight,
+    /// No such saga in the store.
+    Missing,
+    /// The store failed while loading.
+    Failed(RuntimeError),
+}
+
+/// The actor owning one saga instance's state.
+pub struct SagaInstance {
+    id: SagaId,
+    shared: Arc<Shared>,
+    registry: Addr<Registry>,
+    load: Load,
+    /// A strong address to itself: the registry only holds a weak one, so dropping
+    /// this lets the actor stop when idle (passivation) without the `Supervisor`
+    /// restarting it.
+    keep_alive: Option<Addr<SagaInstance>>,
+    wake_timer: Option<SpawnHandle>,
+    idle_timer: Option<SpawnHandle>,
+}
+
+impl std::fmt::Debug for SagaInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaInstance")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SagaInstance {
+    /// An instance that loads saga `id` from the store when started, or starts from
+    /// `initial` (a saga being created, version 0).
+    pub(crate) fn new(
+        id: SagaId,
+        shared: Arc<Shared>,
+        registry: Addr<Registry>,
+        initial: Option<SagaState>,
+    ) -> Self {
+        SagaInstance {
+            id,
+            shared,
+            registry,
+            load: match initial {
+                Some(state) => Load::Ready(StoredSaga { state, version: 0 }),
+                None => Load::Pending,
+            },
+            keep_alive: None,
+            wake_timer: None,
+            idle_timer: None,
+        }
+    }
+
+    fn load_from_store(&mut self, ctx: &mut Context<Self>) {
+        self.load = Load::Pending;
+        let shared = Arc::clone(&self.shared);
+        let id = self.id;
+        let fut = async move {
+            let store = Arc::clone(&shared.store);
+            shared
+                .on_io(async move { store.load(id).await.map_err(RuntimeError::from) })
+                .await
+        };
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+            act.load = match res {
+                Ok(Some(saga)) => Load::Ready(saga),
+                Ok(None) => Load::Missing,
+                Err(e) => {
+                    warn!(saga.id = %act.id, error = %e, "loading saga failed");
+                    Load::Failed(e)
+                }
+            };
+            act.after_change(ctx);
+        }));
+    }
+
+    /// Takes the state out for a handler, or says why there is none.
+    fn take(&mut self) -> Result<(StoredSaga, Arc<Definition>), RuntimeError> {
+        match std::mem::replace(&mut self.load, Load::InFlight) {
+            Load::Ready(saga) => {
+                match self
+                    .shared
+                    .definition(&saga.state.saga_type, saga.state.definition_version)
+                {
+                    Ok(def) => Ok((saga, Arc::clone(def))),
+                    Err(e) => {
+                        self.load = Load::Ready(saga);
+                        Err(e)
+                    }
+                }
+            }
+            Load::Missing => {
+                self.load = Load::Missing;
+                Err(RuntimeError::UnknownSaga(self.id))
+            }
+            Load::Failed(e) => {
+                self.load = Load::Failed(e.clone());
+                Err(e)
+            }
+            other @ (Load::Pending | Load::InFlight) => {
+                // Cannot happen: loads run under ctx.wait and handlers are atomic.
+                self.load = other;
+                Err(RuntimeError::ActorUnavailable(self.id))
+            }
+        }
+    }
+
+    /// Puts the state back after a handler; `None` means the store failed mid-way and
+    /// the state is unknown: stop, so the `Supervisor` restarts the actor, which reloads.
+    fn put_back(&mut self, saga: Option<StoredSaga>, ctx: &mut Context<Self>) {
+        match saga {
+            Some(saga) => {
+                self.load = Load::Ready(saga);
+                self.after_change(ctx);
+            }
+            None => {
+                self.load = Load::Pending;
+                ctx.stop();
+            }
+        }
+    }
+
+    fn status(&self) -> Option<SagaStatus> {
+        match &self.load {
+            Load::Ready(s) => Some(s.state.status),
+            _ => None,
+        }
+    }
+
+    /// Arms the wake-up timer from the committed state and resets the idle timer.
+    fn after_change(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.wake_timer.take() {
+            ctx.cancel_future(h);
+        }
+        if let Load::Ready(saga) = &self.load {
+            if let Some(at) = saga.state.wake_at() {
+                let delay = self.shared.clock.now().until(at);
+                self.wake_timer = Some(ctx.run_later(delay, |_, ctx| ctx.notify(Wake)));
+            }
+        }
+        if let Some(h) = self.idle_timer.take() {
+            ctx.cancel_future(h);
+        }
+        // Settled and unknown sagas expect no more input: free them at once.
+        let idle = match self.status() {
+            Some(SagaStatus::Running | SagaStatus::Compensating | SagaStatus::Created) => {
+                self.shared.options.idle_timeout
+            }
+            _ => Duration::ZERO,
+        };
+        self.idle_timer = Some(ctx.run_later(idle, |act, ctx| act.passivate(ctx)));
+    }
+
+    fn passivate(&mut self, ctx: &mut Context<Self>) {
+        debug!(saga.id = %self.id, "passivating");
+        RuntimeStats::incr(&self.shared.stats.passivations);
+        self.keep_alive = None;
+        self.registry.do_send(Passivated {
+            id: self.id,
+            addr: ctx.address().downgrade(),
+        });
+        ctx.stop();
+    }
+
+    fn run(
+        &mut self,
+        input: Option<Input>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<Applied, RuntimeError>> {
+        let (saga, def) = match self.take() {
+            Ok(x) => x,
+            Err(e) => {
+                self.after_change(ctx);
+                return Box::pin(actix::fut::ready(Err(e)));
+            }
+        };
+        // A wake-up derives its input from the state: TimedOut or RetryDue, if due.
+        let input = match input {
+            Some(i) => i,
+            None => {
+                let now = self.shared.clock.now();
+                match saga.state.due_input(&def, now, self.shared.jitter.draw()) {
+                    Some(i) => i,
+                    None => {
+                        self.load = Load::Ready(saga);
+                        self.after_change(ctx);
+                        return Box::pin(actix::fut::ready(Ok(Applied::Ignored {
+                            reason: "no wake-up due".into(),
+                        })));
+                    }
+                }
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let step = saga
+            .state
+            .pending
+            .and_then(|p| def.step(p.step))
+            .map(|s| s.name().as_str().to_owned())
+            .unwrap_or_default();
+        let span = info_span!(
+            "saga",
+            saga.id = %self.id,
+            saga.r#type = %saga.state.saga_type,
+            saga.step = %step,
+            input = input.name(),
+        );
+        let fut = process(shared, def, saga, input).instrument(span);
+        Box::pin(fut.into_actor(self).map(|(saga, result), act, ctx| {
+            act.put_back(saga, ctx);
+            result
+        }))
+    }
+}
+
+impl Actor for SagaInstance {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.keep_alive = Some(ctx.address());
+        RuntimeStats::incr(&self.shared.stats.activations);
+        match self.load {
+            Load::Ready(_) => self.after_change(ctx),
+            _ => self.load_from_store(ctx),
+        }
+    }
+}
+
+impl Supervised for SagaInstance {
+    /// The mailbox and the in-memory state are not trusted after a failure: reload.
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        debug!(saga.id = %self.id, "restarting: state will be reloaded from the store");
+        self.wake_timer = None;
+        self.idle_timer = None;
+        self.load = Load::Pending;
+    }
+}
+
+impl Handler<Apply> for SagaInstance {
+    type Result = AtomicResponse<Self, Result<Applied, RuntimeError>>;
+
+    fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
+        AtomicResponse::new(self.run(Some(msg.input), ctx))
+    }
+}
+
+impl Handler<Wake> for SagaInstance {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _msg: Wake, ctx: &mut Context<Self>) -> Self::Result {
+        let id = self.id;
+        let inner = self.run(None, ctx);
+        AtomicResponse::new(Box::pin(inner.map(move |res, _, _| {
+            if let Err(e) = res {
+                warn!(saga.id = %id, error = %e, "wake-up not applied");
+            }
+        })))
+    }
+}
+
+fn journal_entry(now: machine::Timestamp, kind: &str, body: serde_json::Value) -> JournalEntry {
+    JournalEntry {
+        at: now,
+        schema_version: JOURNAL_SCHEMA_VERSION,
+        kind: kind.to_owned(),
+        body,
+    }
+}
+
+/// Applies `input`: transition, commit (re-applying on a version conflict), perform the
+/// effects. Returns the state to keep (`None` = unknown, reload) and the answer.
+async fn process(
+    shared: Arc<Shared>,
+    def: Arc<Definition>,
+    mut saga: StoredSaga,
+    input: Input,
+) -> (Option<StoredSaga>, Result<Applied, RuntimeError>) {
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let now = shared.clock.now();
+        let write;
+        let next: Result<(SagaState, Vec<Effect>), String> =
+            match machine::transition(&def, &saga.state, &input, now) {
+                Ok((state, effects)) => {
+                    let body = serde_json::json!({
+                        "input": &input,
+                        "status": state.status,
+                        "effects": &effects,
+                    });
+                    let dead_letter = effects.iter().find_map(|e| match e {
+                        Effect::DeadLetter(info) => Some(DeadLetterRecord {
+                            id: uuid::Uuid::now_v7(),
+                            category: DeadLetterCategory::Saga,
+                            saga_id: Some(state.id),
+                            saga_type: Some(state.saga_type.to_string()),
+                            step: Some(info.step_name.to_string()),
+                            kind: Some(info.kind),
+                            reason: info.error.to_string(),
+                            attempts: info.attempts,
+                            message: None,
+                            at: now,
+                        }),
+                        _ => None,
+                    });
+                    write = SagaWrite {
+                        id: saga.state.id,
+                        expected_version: saga.version,
+                        state: Some(state.clone()),
+                        journal: vec![journal_entry(now, "transition", body)],
+                        dead_letter,
+                        resolve_dead_letters: matches!(input, Input::Redriven),
+                    };
+                    Ok((state, effects))
+                }
+                Err(e) if e.is_ignorable() && saga.version > 0 => {
+                    let body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
+                    write = SagaWrite {
+                        id: saga.state.id,
+                        expected_version: saga.version,
+                        state: None,
+                        journal: vec![journal_entry(now, "ignored", body)],
+                        dead_letter: None,
+                        resolve_dead_letters: false,
+                    };
+                    debug!(reason = %e, "input ignored");
+                    Err(e.to_string())
+                }
+                Err(e) => return (Some(saga), Err(e.into())),
+            };
+        match shared.committer.commit(write).await {
+            Ok(WriteOutcome::Committed { version }) => {
+                let (state, effects) = match next {
+                    Ok(next) => next,
+                    Err(reason) => {
+                        RuntimeStats::incr(&shared.stats.ignored);
+                        return (Some(saga), Ok(Applied::Ignored { reason }));
+                    }
+                };
+                RuntimeStats::incr(&shared.stats.transitions);
+                let status = state.status;
+                let saga = StoredSaga { state, version };
+                perform(&shared, &saga.state, effects).await;
+                return (Some(saga), Ok(Applied::Transitioned { status }));
+            }
+            Ok(WriteOutcome::Conflict) => {
+                RuntimeStats::incr(&shared.stats.conflicts);
+                debug!(saga.id = %saga.state.id, "version conflict: reloading");
+                let store = Arc::clone(&shared.store);
+                let id = saga.state.id;
+                match shared
+                    .on_io(async move { store.load(id).await.map_err(RuntimeError::from) })
+                    .await
+                {
+                    Ok(Some(fresh)) => saga = fresh,
+                    Ok(None) => return (None, Err(RuntimeError::UnknownSaga(id))),
+                    Err(e) => return (None, Err(e)),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "commit failed");
+                return (None, Err(e.into()));
+            }
+        }
+    }
+    let id = saga.state.id;
+    (
+        None,
+        Err(RuntimeError::Runtime(format!(
+            "saga {id}: still conflicting after {MAX_CONFLICT_RETRIES} reloads"
+        ))),
+    )
+}
+
+/// Performs a committed transition's effects: publish commands and events, notify
+/// outcome subscribers. Wake-ups are armed by the actor from the committed state.
+async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) {
+    let mut messages: Vec<(Message, bool)> = Vec::new();
+    for effect in effects {
+        match effect {
+            Effect::SendCommand(cmd) => match wire::encode_command(&cmd) {
+                Ok(msg) => messages.push((msg, true)),
+                Err(e) => error!(error = %e, "encoding command failed"),
+            },
+            Effect::EmitLifecycleEvent(ev) if shared.options.publish_events => {
+                match serde_json::to_vec(&ev) {
+                    Ok(body) => messages.push((
+                        Message {
+                            subject: wire::event_subject(&ev.saga_type, ev.event.as_str()),
+                            headers: Default::default(),
+                            payload: body.into(),
+                        },
+                        false,
+                    )),
+                    Err(e) => error!(error = %e, "encoding event failed"),
+                }
+            }
+            Effect::EmitLifecycleEvent(_) | Effect::ScheduleWakeup { .. } => {}
+            Effect::DeadLetter(_) | Effect::Finished { .. } => {
+                shared.outcomes.publish(&SagaOutcome {
+                    id: state.id,
+                    saga_type: state.saga_type.clone(),
+                    status: state.status,
+                    created_at: state.created_at,
+                    at: state.updated_at,
+                })
+            }
+        }
+    }
+    if messages.is_empty() {
+        return;
+    }
+    let bus = Arc::clone(&shared.bus);
+    let inner = Arc::clone(shared);
+    let published = shared
+        .on_io(async move {
+            for (msg, is_command) in messages {
+                let subject = msg.subject.clone();
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match bus.publish(msg.clone()).await {
+                        Ok(()) => {
+                            if is_command {
+                                RuntimeStats::incr(&inner.stats.commands_sent);
+                            }
+                            break;
+                        }
+                        Err(e) if e.is_retryable() && tries < 3 => {
+                            tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                        }
+                        Err(e) => {
+                            // The state is committed; the reply deadline re-sends it.
+                            RuntimeStats::incr(&inner.stats.publish_failures);
+                            warn!(subject, error = %e, "publish failed; the step's timeout will retry it");
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(e) = published {
+        warn!(error = %e, "publishing effects failed");
+    }
+}

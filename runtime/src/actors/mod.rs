@@ -1,0 +1,160 @@
+//! The actix shell around the pure machine.
+//!
+//! - [`SagaInstance`]: one actor per live saga. It owns the saga's state; everyone else
+//!   sends it typed messages. It feeds inputs to [`crate::machine::transition`], commits
+//!   the new state and journal entry (through the group [`Committer`]), then performs the
+//!   effects (publishes), then answers, so the caller acknowledges the inbound message
+//!   only after the commit. It arms its own wake-up timer and passivates when idle.
+//! - [`Registry`]: routes to instance actors, activating them from the store on demand
+//!   (spread over one arbiter per core) and forgetting passivated or crashed ones.
+//! - [`RetrySupervisor`]: sweeps the store for due wake-ups (retries and reply
+//!   deadlines) of sagas that are not in memory, so a passivated or crashed saga still
+//!   retries on time. Crash restarts are actix `Supervisor`s around each instance; a
+//!   panicking handler kills its actor, which the registry notices and re-activates.
+//!
+//! I/O (store, bus) runs on the I/O runtime given at start-up, never on an arbiter's
+//! runtime: a connection opened inside an arbiter fails once that arbiter stops.
+
+mod instance;
+mod registry;
+mod supervisor;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+pub use instance::{Applied, Apply, SagaInstance, Wake};
+pub use registry::{Lookup, Registry};
+pub use supervisor::RetrySupervisor;
+
+use crate::committer::Committer;
+use crate::definition::Definition;
+use crate::error::RuntimeError;
+use crate::ids::{SagaId, SagaType};
+use crate::machine::{SagaStatus, Timestamp};
+use crate::ports::{Bus, Clock, JitterSource, SagaStore};
+use crate::runtime::RuntimeOptions;
+
+/// A saga that settled: finished (`Completed`, `Compensated`) or dead-lettered
+/// (`Failed`, waiting for an operator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaOutcome {
+    /// The saga.
+    pub id: SagaId,
+    /// Its type.
+    pub saga_type: SagaType,
+    /// `Completed`, `Compensated` or `Failed`.
+    pub status: SagaStatus,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it settled.
+    pub at: Timestamp,
+}
+
+/// Fans settled-saga notifications out to in-process subscribers.
+#[derive(Debug, Default)]
+pub struct OutcomeHub {
+    // A std mutex: held only to push or iterate, never across an await.
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<SagaOutcome>>>,
+}
+
+impl OutcomeHub {
+    /// A new receiver of every outcome from now on.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<SagaOutcome> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.push(tx);
+        }
+        rx
+    }
+
+    pub(crate) fn publish(&self, outcome: &SagaOutcome) {
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.retain(|s| s.send(outcome.clone()).is_ok());
+        }
+    }
+}
+
+/// Counters of the runtime shell.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Inputs applied (committed transitions).
+    pub transitions: AtomicU64,
+    /// Inputs ignored as duplicate, stale or late (recorded in the journal).
+    pub ignored: AtomicU64,
+    /// Messages dead-lettered as poison.
+    pub poison: AtomicU64,
+    /// Store version conflicts resolved by reloading.
+    pub conflicts: AtomicU64,
+    /// Instance actors activated.
+    pub activations: AtomicU64,
+    /// Instance actors passivated.
+    pub passivations: AtomicU64,
+    /// Instance actors found dead (crashed) and re-activated.
+    pub reactivations: AtomicU64,
+    /// Commands published.
+    pub commands_sent: AtomicU64,
+    /// Publishes that failed (the step's timeout retries them).
+    pub publish_failures: AtomicU64,
+}
+
+impl RuntimeStats {
+    pub(crate) fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What every actor of one runtime shares: read-only configuration and handles.
+pub struct Shared {
+    pub(crate) definitions: HashMap<SagaType, Arc<Definition>>,
+    pub(crate) store: Arc<dyn SagaStore>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) committer: Committer,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) jitter: Arc<dyn JitterSource>,
+    pub(crate) io: tokio::runtime::Handle,
+    pub(crate) outcomes: OutcomeHub,
+    pub(crate) stats: RuntimeStats,
+    pub(crate) options: RuntimeOptions,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The definition for a saga type and version.
+    pub(crate) fn definition(
+        &self,
+        saga_type: &SagaType,
+        version: u32,
+    ) -> Result<&Arc<Definition>, RuntimeError> {
+        self.definitions
+            .get(saga_type)
+            .filter(|d| d.version() == version)
+            .ok_or_else(|| RuntimeError::UnknownSagaType {
+                saga_type: saga_type.clone(),
+                version,
+            })
+    }
+
+    /// Runs `fut` on the I/O runtime and waits for it.
+    pub(crate) async fn on_io<T, F>(&self, fut: F) -> Result<T, RuntimeError>
+    where
+        F: Future<Output = Result<T, RuntimeError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.io
+            .spawn(fut)
+            .await
+            .map_err(|e| RuntimeError::Runtime(format!("I/O task failed: {e}")))?
+    }
+}

@@ -1,0 +1,774 @@
+//! Saga definitions: a named, versioned list of ordered steps, declared with a typed builder.
+//!
+//! The builder is typed over the saga data `D`; the built [`Definition`] is type-erased
+//! (closures over `serde_json::Value`) so that one runtime can host many saga types and the
+//! machine stays a plain function. [`SagaDefinition<D>`] is the typed handle users keep to
+//! start sagas with a `D`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::ids::{NameError, SagaType, StepName, check_subject};
+use crate::retry::{PolicyError, RetryPolicy};
+
+/// Default step timeout: how long to wait for a participant's reply before the attempt
+/// counts as failed (retryable).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a definition was refused by [`SagaDefinitionBuilder::build`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DefinitionError {
+    /// The saga type name is not a valid token.
+    #[error("saga definition: {0}")]
+    InvalidSagaType(NameError),
+    /// The definition has no step at all.
+    #[error("saga {saga:?} has no steps: add at least one with .step(..)")]
+    NoSteps {
+        /// The saga type.
+        saga: String,
+    },
+    /// A step name is not a valid token.
+    #[error("saga {saga:?}, step #{index}: {source}")]
+    InvalidStepName {
+        /// The saga type.
+        saga: String,
+        /// Position of the step (0-based).
+        index: usize,
+        /// What is wrong with the name.
+        source: NameError,
+    },
+    /// Two steps share a name.
+    #[error("saga {saga:?}: step name {step:?} is used twice")]
+    DuplicateStep {
+        /// The saga type.
+        saga: String,
+        /// The repeated name.
+        step: String,
+    },
+    /// A step has no action command.
+    #[error("saga {saga:?}, step {step:?}: no action (call .action(subject, build))")]
+    MissingAction {
+        /// The saga type.
+        saga: String,
+        /// The step.
+        step: String,
+    },
+    /// A command subject is not a valid NATS publish subject.
+    #[error("saga {saga:?}, step {step:?}: {source}")]
+    InvalidSubject {
+        /// The saga type.
+        saga: String,
+        /// The step.
+        step: String,
+        /// What is wrong with the subject.
+        source: NameError,
+    },
+    /// A step's timeout is zero.
+    #[error("saga {saga:?}, step {step:?}: timeout must be greater than zero")]
+    ZeroTimeout {
+        /// The saga type.
+        saga: String,
+        /// The step.
+        step: String,
+    },
+    /// A retry policy is invalid.
+    #[error("saga {saga:?}, step {step:?}, {which} retry policy: {source}")]
+    InvalidRetry {
+        /// The saga type.
+        saga: String,
+        /// The step.
+        step: String,
+        /// `action` or `compensation`.
+        which: &'static str,
+        /// What is wrong with the policy.
+        source: PolicyError,
+    },
+}
+
+/// A saga's data could not be read or written by a step's closure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{context}: {message}")]
+pub struct DataError {
+    /// What was being done ("decoding saga data", "decoding reply output", ...).
+    pub context: &'static str,
+    /// The serde error.
+    pub message: String,
+}
+
+impl DataError {
+    fn new(context: &'static str, err: impl fmt::Display) -> Self {
+        DataError {
+            context,
+            message: err.to_string(),
+        }
+    }
+}
+
+type BuildFn = Arc<dyn Fn(&Value) -> Result<Value, DataError> + Send + Sync>;
+type ApplyFn = Arc<dyn Fn(&Value, &Value) -> Result<Value, DataError> + Send + Sync>;
+
+/// A command as declared: where it goes and how its payload is built from the data.
+#[derive(Clone)]
+pub struct CommandTemplate {
+    subject: String,
+    build: BuildFn,
+}
+
+impl CommandTemplate {
+    /// The NATS subject the command is published on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Builds the JSON payload from the saga data.
+    pub fn payload(&self, data: &Value) -> Result<Value, DataError> {
+        (self.build)(data)
+    }
+}
+
+impl fmt::Debug for CommandTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandTemplate")
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One validated step of a [`Definition`].
+#[derive(Clone)]
+pub struct StepDefinition {
+    name: StepName,
+    action: CommandTemplate,
+    on_success: Option<ApplyFn>,
+    compensation: Option<CommandTemplate>,
+    retry: RetryPolicy,
+    compensation_retry: RetryPolicy,
+    timeout: Duration,
+}
+
+impl StepDefinition {
+    /// The step's name.
+    pub fn name(&self) -> &StepName {
+        &self.name
+    }
+    /// The forward command.
+    pub fn action(&self) -> &CommandTemplate {
+        &self.action
+    }
+    /// The compensation command, if the step can be undone.
+    pub fn compensation(&self) -> Option<&CommandTemplate> {
+        self.compensation.as_ref()
+    }
+    /// Retry policy of the action.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+    /// Retry policy of the compensation.
+    pub fn compensation_retry(&self) -> &RetryPolicy {
+        &self.compensation_retry
+    }
+    /// How long one attempt may wait for its reply.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Applies a success reply's output to the saga data; without an `on_success`
+    /// handler the data is unchanged.
+    pub fn apply_output(&self, data: &Value, output: &Value) -> Result<Option<Value>, DataError> {
+        match &self.on_success {
+            Some(apply) => apply(data, output).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl fmt::Debug for StepDefinition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepDefinition")
+            .field("name", &self.name)
+            .field("action", &self.action)
+            .field("compensation", &self.compensation)
+            .field("retry", &self.retry)
+            .field("compensation_retry", &self.compensation_retry)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A validated, type-erased saga definition: what the machine runs.
+#[derive(Debug)]
+pub struct Definition {
+    saga_type: SagaType,
+    version: u32,
+    steps: Vec<StepDefinition>,
+}
+
+impl Definition {
+    /// The saga type.
+    pub fn saga_type(&self) -> &SagaType {
+        &self.saga_type
+    }
+    /// The definition version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// The steps, in order (never empty).
+    pub fn steps(&self) -> &[StepDefinition] {
+        &self.steps
+    }
+    /// The step at `index`.
+    pub fn step(&self, index: usize) -> Option<&StepDefinition> {
+        self.steps.get(index)
+    }
+    /// Position of the step named `name`.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name.as_str() == name)
+    }
+}
+
+/// The typed handle on a [`Definition`]: start sagas of this type with a `D`.
+pub struct SagaDefinition<D> {
+    inner: Arc<Definition>,
+    _data: PhantomData<fn(D) -> D>,
+}
+
+impl<D> Clone for SagaDefinition<D> {
+    fn clone(&self) -> Self {
+        SagaDefinition {
+            inner: Arc::clone(&self.inner),
+            _data: PhantomData,
+        }
+    }
+}
+
+impl<D> fmt::Debug for SagaDefinition<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<D> SagaDefinition<D>
+where
+    D: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Starts declaring saga type `saga_type`, version `version`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde::{Deserialize, Serialize};
+    /// use skald_runtime::definition::{SagaDefinition, Step};
+    /// use skald_runtime::retry::RetryPolicy;
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Order { id: String, amount: u64, payment_id: Option<String> }
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Charged { payment_id: String }
+    ///
+    /// let definition = SagaDefinition::<Order>::builder("order", 1)
+    ///     .step(
+    ///         Step::new("charge_payment")
+    ///             .action("skald.cmd.payment.charge", |o: &Order| {
+    ///                 serde_json::json!({ "order": o.id, "amount": o.amount })
+    ///             })
+    ///             .on_success(|o: &mut Order, reply: Charged| o.payment_id = Some(reply.payment_id))
+    ///             .compensate("skald.cmd.payment.refund", |o: &Order| {
+    ///                 serde_json::json!({ "payment_id": o.payment_id })
+    ///             })
+    ///             .retry(RetryPolicy { max_attempts: 3, ..RetryPolicy::default() })
+    ///             .timeout(Duration::from_secs(5)),
+    ///     )
+    ///     .build()
+    ///     .expect("a valid definition");
+    /// assert_eq!(definition.definition().steps().len(), 1);
+    /// ```
+    pub fn builder(saga_type: impl Into<String>, version: u32) -> SagaDefinitionBuilder<D> {
+        SagaDefinitionBuilder {
+            saga_type: saga_type.into(),
+            version,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Serializes saga data for this definition.
+    pub fn encode(&self, data: &D) -> Result<Value, DataError> {
+        serde_json::to_value(data).map_err(|e| DataError::new("encoding saga data", e))
+    }
+
+    /// Reads saga data of this definition back from its stored form.
+    pub fn decode(&self, data: &Value) -> Result<D, DataError> {
+        D::deserialize(data).map_err(|e| DataError::new("decoding saga data", e))
+    }
+}
+
+impl<D> SagaDefinition<D> {
+    /// The type-erased definition, as the machine and the runtime see it.
+    pub fn definition(&self) -> &Arc<Definition> {
+        &self.inner
+    }
+}
+
+/// Builds a [`SagaDefinition`]; see [`SagaDefinition::builder`].
+pub struct SagaDefinitionBuilder<D> {
+    saga_type: String,
+    version: u32,
+    steps: Vec<Step<D>>,
+}
+
+impl<D> fmt::Debug for SagaDefinitionBuilder<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaDefinitionBuilder")
+            .field("saga_type", &self.saga_type)
+            .field("version", &self.version)
+            .field("steps", &self.steps.len())
+            .finish()
+    }
+}
+
+impl<D> SagaDefinitionBuilder<D>
+where
+    D: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Appends a step; steps run in the order they are added.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::{SagaDefinition, Step};
+    /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
+    /// let builder = SagaDefinition::<Order>::builder("order", 1)
+    ///     .step(Step::new("reserve").action("skald.cmd.inventory.reserve", |o: &Order| o.id.clone()))
+    ///     .step(Step::new("ship").action("skald.cmd.shipping.ship", |o: &Order| o.id.clone()));
+    /// assert!(builder.build().is_ok());
+    /// ```
+    pub fn step(mut self, step: Step<D>) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Validates and builds the definition.
+    ///
+    /// Refused, with the step and the reason: no steps, an invalid or duplicate step
+    /// name, a missing action, an invalid subject, a zero timeout, an invalid retry
+    /// policy (zero attempts, max delay below initial delay, ...).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::{DefinitionError, SagaDefinition, Step};
+    /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
+    /// let err = SagaDefinition::<Order>::builder("order", 1).build().unwrap_err();
+    /// assert!(matches!(err, DefinitionError::NoSteps { .. }));
+    /// ```
+    pub fn build(self) -> Result<SagaDefinition<D>, DefinitionError> {
+        let saga_type =
+            SagaType::new(self.saga_type.clone()).map_err(DefinitionError::InvalidSagaType)?;
+        let saga = self.saga_type;
+        if self.steps.is_empty() {
+            return Err(DefinitionError::NoSteps { saga });
+        }
+        let mut seen = HashSet::new();
+        let mut steps = Vec::with_capacity(self.steps.len());
+        for (index, step) in self.steps.into_iter().enumerate() {
+            let name = StepName::new(step.name.clone()).map_err(|source| {
+                DefinitionError::InvalidStepName {
+                    saga: saga.clone(),
+                    index,
+                    source,
+                }
+            })?;
+            if !seen.insert(name.clone()) {
+                return Err(DefinitionError::DuplicateStep {
+                    saga,
+                    step: step.name,
+                });
+            }
+            let step_err = |n: &str| (saga.clone(), n.to_owned());
+            let Some(action) = step.action else {
+                let (saga, step) = step_err(&step.name);
+                return Err(DefinitionError::MissingAction { saga, step });
+            };
+            for template in std::iter::once(&action).chain(step.compensation.as_ref()) {
+                check_subject(&template.subject).map_err(|source| {
+                    let (saga, step) = step_err(&step.name);
+                    DefinitionError::InvalidSubject { saga, step, source }
+                })?;
+            }
+            if step.timeout.is_zero() {
+                let (saga, step) = step_err(&step.name);
+                return Err(DefinitionError::ZeroTimeout { saga, step });
+            }
+            for (which, policy) in [
+                ("action", &step.retry),
+                ("compensation", &step.compensation_retry),
+            ] {
+                policy.validate().map_err(|source| {
+                    let (saga, step) = step_err(&step.name);
+                    DefinitionError::InvalidRetry {
+                        saga,
+                        step,
+                        which,
+                        source,
+                    }
+                })?;
+            }
+            steps.push(StepDefinition {
+                name,
+                action,
+                on_success: step.on_success,
+                compensation: step.compensation,
+                retry: step.retry,
+                compensation_retry: step.compensation_retry,
+                timeout: step.timeout,
+            });
+        }
+        Ok(SagaDefinition {
+            inner: Arc::new(Definition {
+                saga_type,
+                version: self.version,
+                steps,
+            }),
+            _data: PhantomData,
+        })
+    }
+}
+
+/// One step being declared: its action, how a success updates the data, its optional
+/// compensation, retry policies and timeout.
+pub struct Step<D> {
+    name: String,
+    action: Option<CommandTemplate>,
+    on_success: Option<ApplyFn>,
+    compensation: Option<CommandTemplate>,
+    retry: RetryPolicy,
+    compensation_retry: RetryPolicy,
+    timeout: Duration,
+    _data: PhantomData<fn(D) -> D>,
+}
+
+impl<D> fmt::Debug for Step<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("action", &self.action)
+            .field("compensation", &self.compensation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn template<D, P, F>(subject: impl Into<String>, build: F) -> CommandTemplate
+where
+    D: DeserializeOwned + 'static,
+    P: Serialize,
+    F: Fn(&D) -> P + Send + Sync + 'static,
+{
+    CommandTemplate {
+        subject: subject.into(),
+        build: Arc::new(move |data: &Value| {
+            let data = D::deserialize(data).map_err(|e| DataError::new("decoding saga data", e))?;
+            serde_json::to_value(build(&data))
+                .map_err(|e| DataError::new("encoding command payload", e))
+        }),
+    }
+}
+
+impl<D> Step<D>
+where
+    D: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// A step named `name` (`a-z`, `0-9`, `_`, `-`), with default policies
+    /// ([`RetryPolicy::default`] for both, [`DEFAULT_TIMEOUT`]).
+    pub fn new(name: impl Into<String>) -> Self {
+        Step {
+            name: name.into(),
+            action: None,
+            on_success: None,
+            compensation: None,
+            retry: RetryPolicy::default(),
+            compensation_retry: RetryPolicy::default(),
+            timeout: DEFAULT_TIMEOUT,
+            _data: PhantomData,
+        }
+    }
+
+    /// The forward command: published on `subject` with a payload built from the data.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::Step;
+    /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
+    /// #[derive(Serialize)]
+    /// struct Ship<'a> { order_id: &'a str }
+    /// let step = Step::<Order>::new("ship")
+    ///     .action("skald.cmd.shipping.ship", |o: &Order| serde_json::json!(Ship { order_id: &o.id }));
+    /// ```
+    pub fn action<P, F>(mut self, subject: impl Into<String>, build: F) -> Self
+    where
+        P: Serialize,
+        F: Fn(&D) -> P + Send + Sync + 'static,
+    {
+        self.action = Some(template(subject, build));
+        self
+    }
+
+    /// How the success reply's output (decoded as `O`) updates the data, so that later
+    /// steps and compensations can use it (e.g. the payment id to refund).
+    ///
+    /// A reply whose output does not decode as `O` is a malformed reply: it is
+    /// dead-lettered with the serde error and the saga is unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::Step;
+    /// # #[derive(Serialize, Deserialize)] struct Order { payment_id: Option<String> }
+    /// #[derive(Deserialize)]
+    /// struct Charged { payment_id: String }
+    /// let step = Step::<Order>::new("charge")
+    ///     .action("skald.cmd.payment.charge", |_o: &Order| ())
+    ///     .on_success(|o: &mut Order, c: Charged| o.payment_id = Some(c.payment_id));
+    /// ```
+    pub fn on_success<O, F>(mut self, apply: F) -> Self
+    where
+        O: DeserializeOwned,
+        F: Fn(&mut D, O) + Send + Sync + 'static,
+    {
+        self.on_success = Some(Arc::new(move |data: &Value, output: &Value| {
+            let mut data =
+                D::deserialize(data).map_err(|e| DataError::new("decoding saga data", e))?;
+            let output =
+                O::deserialize(output).map_err(|e| DataError::new("decoding reply output", e))?;
+            apply(&mut data, output);
+            serde_json::to_value(&data).map_err(|e| DataError::new("encoding saga data", e))
+        }));
+        self
+    }
+
+    /// The compensation: published on `subject` when a later step fails, to undo this one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::Step;
+    /// # #[derive(Serialize, Deserialize)] struct Order { reservation: Option<String> }
+    /// let step = Step::<Order>::new("reserve")
+    ///     .action("skald.cmd.inventory.reserve", |_o: &Order| ())
+    ///     .compensate("skald.cmd.inventory.release", |o: &Order| o.reservation.clone());
+    /// ```
+    pub fn compensate<P, F>(mut self, subject: impl Into<String>, build: F) -> Self
+    where
+        P: Serialize,
+        F: Fn(&D) -> P + Send + Sync + 'static,
+    {
+        self.compensation = Some(template(subject, build));
+        self
+    }
+
+    /// Retry policy of the action (default [`RetryPolicy::default`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::{definition::Step, retry::RetryPolicy};
+    /// # #[derive(Serialize, Deserialize)] struct Order;
+    /// let step = Step::<Order>::new("charge").retry(RetryPolicy {
+    ///     max_attempts: 8,
+    ///     initial_delay: Duration::from_millis(50),
+    ///     multiplier: 3.0,
+    ///     max_delay: Duration::from_secs(30),
+    ///     jitter: 1.0,
+    /// });
+    /// ```
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Retry policy of the compensation (default [`RetryPolicy::default`]). A
+    /// compensation that exhausts it dead-letters the saga for an operator.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::{definition::Step, retry::RetryPolicy};
+    /// # #[derive(Serialize, Deserialize)] struct Order;
+    /// let step = Step::<Order>::new("charge")
+    ///     .compensation_retry(RetryPolicy { max_attempts: 20, ..RetryPolicy::default() });
+    /// ```
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+
+    /// How long one attempt waits for a reply before it counts as a retryable failure
+    /// (default [`DEFAULT_TIMEOUT`]). Applies to the compensation too.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::Step;
+    /// # #[derive(Serialize, Deserialize)] struct Order;
+    /// let step = Step::<Order>::new("ship").timeout(Duration::from_secs(30));
+    /// ```
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    struct Data {
+        n: u32,
+    }
+
+    fn step(name: &str) -> Step<Data> {
+        Step::new(name).action("skald.cmd.svc.do", |d: &Data| d.n)
+    }
+
+    fn build(steps: Vec<Step<Data>>) -> Result<SagaDefinition<Data>, DefinitionError> {
+        steps
+            .into_iter()
+            .fold(SagaDefinition::<Data>::builder("test", 1), |b, s| b.step(s))
+            .build()
+    }
+
+    #[test]
+    fn no_steps() {
+        let err = build(vec![]).expect_err("refused");
+        assert_eq!(
+            err,
+            DefinitionError::NoSteps {
+                saga: "test".into()
+            }
+        );
+        assert!(err.to_string().contains("no steps"));
+    }
+
+    #[test]
+    fn duplicate_step_names() {
+        let err = build(vec![step("a"), step("b"), step("a")]).expect_err("refused");
+        assert_eq!(
+            err,
+            DefinitionError::DuplicateStep {
+                saga: "test".into(),
+                step: "a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn zero_attempts_names_step_and_policy() {
+        let s = step("pay").compensation_retry(RetryPolicy {
+            max_attempts: 0,
+            ..RetryPolicy::default()
+        });
+        let err = build(vec![s]).expect_err("refused");
+        assert_eq!(
+            err,
+            DefinitionError::InvalidRetry {
+                saga: "test".into(),
+                step: "pay".into(),
+                which: "compensation",
+                source: PolicyError::ZeroAttempts
+            }
+        );
+        assert!(err.to_string().contains("\"pay\""), "{err}");
+    }
+
+    #[test]
+    fn zero_timeout() {
+        let err = build(vec![step("a").timeout(Duration::ZERO)]).expect_err("refused");
+        assert!(matches!(err, DefinitionError::ZeroTimeout { ref step, .. } if step == "a"));
+    }
+
+    #[test]
+    fn max_delay_below_initial() {
+        let s = step("a").retry(RetryPolicy {
+            initial_delay: Duration::from_secs(2),
+            max_delay: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        });
+        let err = build(vec![s]).expect_err("refused");
+        assert!(matches!(
+            err,
+            DefinitionError::InvalidRetry {
+                which: "action",
+                source: PolicyError::MaxBelowInitial { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn missing_action_and_bad_names() {
+        let err = build(vec![Step::new("a")]).expect_err("refused");
+        assert!(matches!(err, DefinitionError::MissingAction { .. }));
+        let err = build(vec![step("Bad Name")]).expect_err("refused");
+        assert!(matches!(
+            err,
+            DefinitionError::InvalidStepName { index: 0, .. }
+        ));
+        let err =
+            build(vec![step("a").compensate("skald.cmd.*", |d: &Data| d.n)]).expect_err("refused");
+        assert!(matches!(err, DefinitionError::InvalidSubject { .. }));
+        let err = SagaDefinition::<Data>::builder("Check Out", 1)
+            .step(step("a"))
+            .build()
+            .expect_err("refused");
+        assert!(matches!(err, DefinitionError::InvalidSagaType(_)));
+    }
+
+    #[test]
+    fn closures_are_erased_over_json() {
+        #[derive(Deserialize)]
+        struct Out {
+            add: u32,
+        }
+        let def = build(vec![
+            step("a").on_success(|d: &mut Data, o: Out| d.n += o.add),
+        ])
+        .expect("valid");
+        let data = def.encode(&Data { n: 1 }).expect("encode");
+        let s = &def.definition().steps()[0];
+        assert_eq!(
+            s.action().payload(&data).expect("payload"),
+            serde_json::json!(1)
+        );
+        let next = s
+            .apply_output(&data, &serde_json::json!({"add": 2}))
+            .expect("apply")
+            .expect("changed");
+        assert_eq!(def.decode(&next).expect("decode").n, 3);
+        let err = s
+            .apply_output(&data, &serde_json::json!({"nope": true}))
+            .expect_err("bad output");
+        assert_eq!(err.context, "decoding reply output");
+    }
+}

@@ -1,0 +1,75 @@
+//! The runtime's errors, and what each tells the caller to do.
+
+use crate::definition::DataError;
+use crate::ids::{SagaId, SagaType};
+use crate::machine::TransitionError;
+use crate::ports::{BusError, StoreError};
+
+/// What to do with the message that caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again later (do not acknowledge; redeliver after a delay).
+    Retry,
+    /// Never processable: dead-letter it with the reason and acknowledge.
+    DeadLetter,
+    /// The caller's request was refused (e.g. re-drive of a running saga).
+    Refuse,
+}
+
+/// Errors of the runtime shell.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// No saga with this id exists in the store.
+    #[error("unknown saga {0}")]
+    UnknownSaga(SagaId),
+    /// No definition is registered for this saga type (and version).
+    #[error("no definition registered for saga type {saga_type} version {version}")]
+    UnknownSagaType {
+        /// The type.
+        saga_type: SagaType,
+        /// The version.
+        version: u32,
+    },
+    /// The input was refused by the machine.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// Saga data could not be encoded.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The instance actor could not be reached (it crashed or was stopping).
+    #[error("saga {0}: instance actor unavailable")]
+    ActorUnavailable(SagaId),
+    /// The runtime is shutting down or failed to start.
+    #[error("runtime: {0}")]
+    Runtime(String),
+}
+
+impl RuntimeError {
+    /// What to do with the message that caused it.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            RuntimeError::Store(e) if e.is_retryable() => Disposition::Retry,
+            RuntimeError::Store(_) => Disposition::Retry,
+            RuntimeError::Bus(_) | RuntimeError::ActorUnavailable(_) | RuntimeError::Runtime(_) => {
+                Disposition::Retry
+            }
+            RuntimeError::UnknownSaga(_)
+            | RuntimeError::UnknownSagaType { .. }
+            | RuntimeError::Data(_) => Disposition::DeadLetter,
+            RuntimeError::Transition(t) if t.is_poison() => Disposition::DeadLetter,
+            RuntimeError::Transition(_) => Disposition::Refuse,
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.disposition() == Disposition::Retry
+    }
+}

@@ -1,0 +1,253 @@
+//! Typed identifiers: parsed once at the boundary, never passed around as bare strings.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The identity of one saga instance. Version-7 UUIDs: time-ordered, index-friendly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SagaId(Uuid);
+
+impl SagaId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        SagaId(Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID.
+    pub fn from_uuid(id: Uuid) -> Self {
+        SagaId(id)
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for SagaId {
+    fn default() -> Self {
+        SagaId::new()
+    }
+}
+
+impl fmt::Display for SagaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for SagaId {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(SagaId)
+            .map_err(|e| NameError::new("saga id", s, e.to_string()))
+    }
+}
+
+/// A name that is not acceptable as a saga type, step name or subject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {reason}")]
+pub struct NameError {
+    /// What kind of name it was ("saga type", "step name", "subject", "saga id").
+    pub what: &'static str,
+    /// The offending value.
+    pub value: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl NameError {
+    pub(crate) fn new(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        NameError {
+            what,
+            value: value.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks a token used inside NATS subjects: 1..=64 chars of `[a-z0-9_-]`.
+fn check_token(what: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::new(what, value, "must not be empty"));
+    }
+    if value.len() > 64 {
+        return Err(NameError::new(what, value, "must be at most 64 characters"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
+        return Err(NameError::new(
+            what,
+            value,
+            format!("character {c:?} not allowed (use a-z, 0-9, '_' or '-')"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! token_name {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Checks and wraps a name: 1..=64 characters of `a-z`, `0-9`, `_`, `-`
+            /// (it appears in NATS subjects and headers).
+            pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+                let value = value.into();
+                check_token($what, &value)?;
+                Ok($name(value))
+            }
+
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $name::new(s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<De: serde::Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
+                let s = String::deserialize(d)?;
+                $name::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+token_name!(
+    /// The name of a saga type, e.g. `checkout`. Appears in subjects
+    /// (`skald.evt.<saga_type>.<event>`) and headers.
+    SagaType,
+    "saga type"
+);
+token_name!(
+    /// The name of a step within a saga definition, e.g. `charge_payment`.
+    StepName,
+    "step name"
+);
+
+/// Checks a full NATS subject to publish on: dot-separated non-empty tokens of
+/// visible ASCII, no wildcards (`*`, `>`), at most 256 bytes.
+pub fn check_subject(subject: &str) -> Result<(), NameError> {
+    const WHAT: &str = "subject";
+    if subject.is_empty() || subject.len() > 256 {
+        return Err(NameError::new(WHAT, subject, "must be 1..=256 bytes"));
+    }
+    for token in subject.split('.') {
+        if token.is_empty() {
+            return Err(NameError::new(WHAT, subject, "has an empty token"));
+        }
+        if token == "*" || token == ">" {
+            return Err(NameError::new(
+                WHAT,
+                subject,
+                "wildcards are not allowed in a publish subject",
+            ));
+        }
+        if token.chars().any(|c| !c.is_ascii_graphic()) {
+            return Err(NameError::new(
+                WHAT,
+                subject,
+                "only visible ASCII characters are allowed",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a command is a step's action or its compensation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// The forward action of a step.
+    Action,
+    /// The compensation that undoes a completed step.
+    Compensation,
+}
+
+impl CommandKind {
+    /// `action` or `compensation`, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Action => "action",
+            CommandKind::Compensation => "compensation",
+        }
+    }
+}
+
+impl fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CommandKind {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "action" => Ok(CommandKind::Action),
+            "compensation" => Ok(CommandKind::Compensation),
+            other => Err(NameError::new(
+                "command kind",
+                other,
+                "expected \"action\" or \"compensation\"",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(SagaType::new("checkout").is_ok());
+        assert!(StepName::new("charge_payment-2").is_ok());
+        let err = StepName::new("Charge Payment").expect_err("refused");
+        assert_eq!(err.what, "step name");
+        assert!(err.to_string().contains("'C'"), "{err}");
+        assert!(SagaType::new("").is_err());
+        assert!(SagaType::new("a.b").is_err());
+        assert!(serde_json::from_str::<StepName>("\"bad name\"").is_err());
+    }
+
+    #[test]
+    fn subjects_are_checked() {
+        assert!(check_subject("skald.cmd.payment.charge").is_ok());
+        assert!(check_subject("skald..x").is_err());
+        assert!(check_subject("skald.cmd.>").is_err());
+        assert!(check_subject("a b").is_err());
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        let id = SagaId::new();
+        assert_eq!(id.to_string().parse::<SagaId>().expect("parse"), id);
+        assert!("nope".parse::<SagaId>().is_err());
+    }
+}

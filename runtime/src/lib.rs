@@ -1,0 +1,50 @@
+//! # skald-runtime
+//!
+//! The core of skald, a saga orchestration runtime: sagas are declared in Rust as ordered
+//! steps, each a command to a participant service with an optional compensation; every
+//! saga instance runs as an actor that persists its state, moves forward on replies and,
+//! on failure, compensates the completed steps in reverse order.
+//!
+//! # Layout
+//!
+//! - [`ids`]: typed names and ids (`SagaId`, `SagaType`, `StepName`, `CommandKind`).
+//! - [`retry`]: the retry math (exponential backoff, full jitter), pure.
+//! - [`definition`]: the typed builder and the validated, type-erased [`Definition`].
+//! - [`machine`]: the pure state machine, `transition(&definition, &state, input, now)`.
+//! - [`ports`]: the `SagaStore`, `Bus` and `Clock` traits the adapters implement.
+//! - [`wire`]: how commands and replies look on the bus (headers and bodies).
+//! - [`committer`]: group commit: many instances' transitions in one store transaction.
+//! - [`actors`]: the actix shell: `SagaInstance`, `Registry`, the wake-up `Scheduler`.
+//! - [`participant`]: a helper to write participant services in Rust.
+//! - [`runtime`]: [`Runtime`], which wires the above together.
+//! - [`error`]: the runtime's error type.
+//!
+//! [`Definition`]: definition::Definition
+//! [`Runtime`]: runtime::Runtime
+
+pub mod actors;
+pub mod committer;
+pub mod definition;
+pub mod error;
+pub mod ids;
+pub mod machine;
+pub mod participant;
+pub mod ports;
+pub mod retry;
+pub mod runtime;
+pub mod wire;
+
+/// Serde helper: a `Duration` as whole milliseconds.
+pub(crate) mod serde_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}

@@ -1,0 +1,425 @@
+//! Ports: the traits the runtime needs from the outside world, implemented by adapters.
+//!
+//! - [`SagaStore`]: saga instances (optimistic concurrency), journal, dead letters.
+//! - [`Bus`]: publish messages; subscribe with explicit acknowledgement.
+//! - [`Clock`] and [`JitterSource`]: injected so tests control time and randomness.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::ids::{CommandKind, SagaId, SagaType};
+use crate::machine::{SagaState, SagaStatus, Timestamp};
+use crate::retry::Jitter;
+
+// ---------------------------------------------------------------------------------------
+// Store
+
+/// A saga as stored: its state and its version (optimistic concurrency).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSaga {
+    /// The state.
+    pub state: SagaState,
+    /// Incremented by every committed state change; `1` after creation.
+    pub version: u64,
+}
+
+/// Schema version of journal entries written by this build.
+pub const JOURNAL_SCHEMA_VERSION: u16 = 1;
+
+/// One entry of a saga's append-only history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// When it was recorded.
+    pub at: Timestamp,
+    /// Shape of `body` ([`JOURNAL_SCHEMA_VERSION`]).
+    pub schema_version: u16,
+    /// `transition` (an applied input), `ignored` (a refused input) or `note`.
+    pub kind: String,
+    /// The entry: the input, and either the status and effects, or why it was ignored.
+    pub body: Value,
+}
+
+/// What a dead letter is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterCategory {
+    /// A saga whose compensation could not be done; re-drivable.
+    Saga,
+    /// A message that could not be processed (undecodable, unknown saga or step).
+    Poison,
+}
+
+impl DeadLetterCategory {
+    /// As stored: `saga` or `poison`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterCategory::Saga => "saga",
+            DeadLetterCategory::Poison => "poison",
+        }
+    }
+}
+
+/// A dead-lettered saga or poison message, for an operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    /// The record's id.
+    pub id: Uuid,
+    /// Saga or poison.
+    pub category: DeadLetterCategory,
+    /// The saga, when known.
+    pub saga_id: Option<SagaId>,
+    /// The saga type, when known (raw: a poison message may carry garbage).
+    pub saga_type: Option<String>,
+    /// The step, when known.
+    pub step: Option<String>,
+    /// Action or compensation, when known.
+    pub kind: Option<CommandKind>,
+    /// Why.
+    pub reason: String,
+    /// Attempts made (sagas) or deliveries seen (poison).
+    pub attempts: u32,
+    /// The raw message (subject, headers, body) for poison messages.
+    pub message: Option<Value>,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// Everything one transition of one saga writes, committed atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaWrite {
+    /// The saga.
+    pub id: SagaId,
+    /// The version the writer read; `0` creates the saga. Ignored when `state` is `None`.
+    pub expected_version: u64,
+    /// The new state; `None` records journal entries only (an ignored input).
+    pub state: Option<SagaState>,
+    /// Journal entries to append.
+    pub journal: Vec<JournalEntry>,
+    /// A dead letter to record with the state change.
+    pub dead_letter: Option<DeadLetterRecord>,
+    /// Mark the saga's open dead letters resolved (a re-drive).
+    pub resolve_dead_letters: bool,
+}
+
+/// The result of one [`SagaWrite`] inside a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Written; the saga is now at `version`.
+    Committed {
+        /// The new version.
+        version: u64,
+    },
+    /// Another writer got there first: nothing of this write was applied. Reload and
+    /// apply the input again.
+    Conflict,
+}
+
+/// A saga's summary row for listings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaSummary {
+    /// The saga.
+    pub id: SagaId,
+    /// Its type.
+    pub saga_type: SagaType,
+    /// Its status.
+    pub status: SagaStatus,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Last change.
+    pub updated_at: Timestamp,
+}
+
+/// Store failures, classified for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store cannot be reached or is busy (connection lost, pool timeout, lock
+    /// contention, serialization failure). Retry later; nothing was committed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data cannot be decoded by this build.
+    #[error("stored data is corrupt or of an unknown shape: {0}")]
+    Corrupt(String),
+    /// The schema is missing or migrations failed: the process cannot run.
+    #[error("store schema error: {0}")]
+    Schema(String),
+    /// Any other error.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Persistence of saga instances, journals and dead letters.
+///
+/// `commit` takes many writes so that an adapter can commit many instances' transitions
+/// in one transaction (group commit); it enforces optimistic concurrency per write.
+#[async_trait]
+pub trait SagaStore: Send + Sync + 'static {
+    /// Loads a saga.
+    async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError>;
+
+    /// Commits `writes` in one transaction, checking each write's expected version: a
+    /// write whose version does not match is skipped whole (state, journal, dead
+    /// letter) and reported as [`WriteOutcome::Conflict`]; the others commit. One
+    /// outcome per write, in order. An `Err` means nothing was committed.
+    async fn commit(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>, StoreError>;
+
+    /// Sagas with a wake-up due at or before `now`, oldest first.
+    async fn due_wakeups(&self, now: Timestamp, limit: usize) -> Result<Vec<SagaId>, StoreError>;
+
+    /// Sagas not yet finished (running or compensating), in id order after `after`.
+    async fn active_sagas(
+        &self,
+        after: Option<SagaId>,
+        limit: usize,
+    ) -> Result<Vec<SagaId>, StoreError>;
+
+    /// Records a poison message (a dead letter that belongs to no saga transition).
+    async fn record_poison(&self, record: &DeadLetterRecord) -> Result<(), StoreError>;
+
+    /// Dead letters, newest first; `open_only` leaves out resolved ones.
+    async fn dead_letters(
+        &self,
+        open_only: bool,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError>;
+
+    /// A saga's journal, oldest first.
+    async fn journal(&self, id: SagaId) -> Result<Vec<JournalEntry>, StoreError>;
+
+    /// Sagas, optionally of one status, in id order after `after`.
+    async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+    ) -> Result<Vec<SagaSummary>, StoreError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Bus
+
+/// Message headers: ordered name/value pairs (names compared case-sensitively).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Headers(Vec::new())
+    }
+    /// Sets `name` (replacing an earlier value).
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into();
+        let value = value.into();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+    /// All pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+}
+
+/// A message on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The subject.
+    pub subject: String,
+    /// The headers.
+    pub headers: Headers,
+    /// The body.
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// The message as JSON, for dead letters (the body as text where it is UTF-8).
+    pub fn to_record(&self) -> Value {
+        serde_json::json!({
+            "subject": self.subject,
+            "headers": self.headers,
+            "body": String::from_utf8_lossy(&self.payload),
+        })
+    }
+}
+
+/// Bus failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// The broker cannot be reached right now; retry later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The bus was shut down.
+    #[error("bus closed")]
+    Closed,
+    /// Any other error.
+    #[error("bus error: {0}")]
+    Other(String),
+}
+
+impl BusError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BusError::Unavailable(_))
+    }
+}
+
+/// How a consumed message is settled.
+#[async_trait]
+pub trait Acker: Send + Sync + 'static {
+    /// Processed: never deliver it again.
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// Not processed: deliver it again after `delay`.
+    async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError>;
+    /// Never processable (poison): do not deliver it again.
+    async fn term(self: Box<Self>, reason: &str) -> Result<(), BusError>;
+}
+
+/// A consumed message and its settlement handle.
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// How many times it has been delivered (1 the first time).
+    pub delivery_count: u32,
+    acker: Box<dyn Acker>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("delivery_count", &self.delivery_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Wraps a message with its settlement handle.
+    pub fn new(message: Message, delivery_count: u32, acker: Box<dyn Acker>) -> Self {
+        Delivery {
+            message,
+            delivery_count,
+            acker,
+        }
+    }
+    /// Splits into the message and the handle.
+    pub fn into_parts(self) -> (Message, u32, Box<dyn Acker>) {
+        (self.message, self.delivery_count, self.acker)
+    }
+}
+
+/// A stream of deliveries.
+pub type Subscription = Pin<Box<dyn Stream<Item = Delivery> + Send>>;
+
+/// Publish/subscribe with explicit acknowledgement.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes a message. For a durable bus, returns once the broker stored it.
+    async fn publish(&self, message: Message) -> Result<(), BusError>;
+
+    /// Subscribes to `subject` (wildcards `*` and `>` allowed). Subscribers sharing a
+    /// `group` share the messages (each goes to one of them); a durable bus keeps the
+    /// group's position across restarts.
+    async fn subscribe(&self, subject: &str, group: &str) -> Result<Subscription, BusError>;
+
+    /// Whether published messages survive a process restart. When they do not, the
+    /// runtime re-sends in-flight commands after a restart.
+    fn is_durable(&self) -> bool;
+}
+
+// ---------------------------------------------------------------------------------------
+// Clock and randomness
+
+/// The time source.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// Now.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    /// A clock at `start`.
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock(Arc::new(AtomicU64::new(start.0)))
+    }
+    /// Moves the clock forward.
+    pub fn advance(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// Where retry jitter comes from.
+pub trait JitterSource: Send + Sync + fmt::Debug + 'static {
+    /// A draw in `[0, 1)`.
+    fn draw(&self) -> Jitter;
+}
+
+/// Thread-local randomness (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomJitter;
+
+impl JitterSource for RandomJitter {
+    fn draw(&self) -> Jitter {
+        Jitter::new(rand::random::<f64>())
+    }
+}
+
+/// Always the same draw (tests).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedJitter(pub f64);
+
+impl JitterSource for FixedJitter {
+    fn draw(&self) -> Jitter {
+        Jitter::new(self.0)
+    }
+}

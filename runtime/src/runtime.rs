@@ -1,0 +1,569 @@
+//! [`Runtime`]: wires definitions, store, bus and actors together.
+//!
+//! The runtime must be started from inside a multi-thread tokio runtime: that runtime
+//! becomes the I/O runtime (store, bus, group commit, reply intake). The actors run on
+//! their own actix system thread with one arbiter per core.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::actors::{
+    Applied, Apply, Lookup, OutcomeHub, Registry, RetrySupervisor, RuntimeStats, SagaOutcome,
+    Shared,
+};
+use crate::committer::{CommitStats, Committer};
+use crate::definition::{Definition, SagaDefinition};
+use crate::error::{Disposition, RuntimeError};
+use crate::ids::{SagaId, SagaType};
+use crate::machine::{Input, SagaState};
+use crate::ports::{
+    Acker, Bus, Clock, DeadLetterCategory, DeadLetterRecord, Delivery, JitterSource, Message,
+    RandomJitter, SagaStore, StoredSaga, SystemClock,
+};
+use crate::wire::{self, Outcome};
+
+/// Runtime settings. Every field has a default ([`RuntimeOptions::default`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct RuntimeOptions {
+    /// Arbiters (threads) for instance actors. Default: the number of cores. Since 0.1.
+    pub arbiters: usize,
+    /// An active saga's actor is passivated (dropped from memory) after this long
+    /// without input; settled sagas are passivated at once. Default: 30 s. Since 0.1.
+    #[serde(with = "crate::serde_millis")]
+    pub idle_timeout: Duration,
+    /// How often the store is swept for due wake-ups of sagas not in memory.
+    /// Default: 500 ms. Since 0.1.
+    #[serde(with = "crate::serde_millis")]
+    pub wakeup_poll_interval: Duration,
+    /// Replies processed concurrently. Default: 4096. Since 0.1.
+    pub max_in_flight_replies: usize,
+    /// Most writes in one group commit. Default: 512. Since 0.1.
+    pub commit_max_batch: usize,
+    /// Delay before a reply that hit a transient error is delivered again.
+    /// Default: 500 ms. Since 0.1.
+    #[serde(with = "crate::serde_millis")]
+    pub redelivery_delay: Duration,
+    /// Publish lifecycle events on `skald.evt.<saga_type>.<event>`. Default: true. Since 0.1.
+    pub publish_events: bool,
+    /// The consumer group replies are read with. Default: `skald-orchestrator`. Since 0.1.
+    pub reply_group: String,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            arbiters: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            idle_timeout: Duration::from_secs(30),
+            wakeup_poll_interval: Duration::from_millis(500),
+            max_in_flight_replies: 4096,
+            commit_max_batch: 512,
+            redelivery_delay: Duration::from_millis(500),
+            publish_events: true,
+            reply_group: "skald-orchestrator".into(),
+        }
+    }
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    store: Option<Arc<dyn SagaStore>>,
+    bus: Option<Arc<dyn Bus>>,
+    clock: Arc<dyn Clock>,
+    jitter: Arc<dyn JitterSource>,
+    definitions: HashMap<SagaType, Arc<Definition>>,
+    options: RuntimeOptions,
+    duplicate_type: Option<SagaType>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        RuntimeBuilder {
+            store: None,
+            bus: None,
+            clock: Arc::new(SystemClock),
+            jitter: Arc::new(RandomJitter),
+            definitions: HashMap::new(),
+            options: RuntimeOptions::default(),
+            duplicate_type: None,
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// The saga store (required).
+    pub fn store(mut self, store: Arc<dyn SagaStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+    /// The bus (required).
+    pub fn bus(mut self, bus: Arc<dyn Bus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    /// The jitter source (default: thread-local randomness).
+    pub fn jitter(mut self, jitter: Arc<dyn JitterSource>) -> Self {
+        self.jitter = jitter;
+        self
+    }
+    /// Options.
+    pub fn options(mut self, options: RuntimeOptions) -> Self {
+        self.options = options;
+        self
+    }
+    /// Registers a saga definition. Registering one type twice is an error at start.
+    pub fn register<D>(mut self, definition: &SagaDefinition<D>) -> Self {
+        let def = Arc::clone(definition.definition());
+        let ty = def.saga_type().clone();
+        if self.definitions.insert(ty.clone(), def).is_some() {
+            self.duplicate_type = Some(ty);
+        }
+        self
+    }
+
+    /// Starts the runtime: the commit loop and reply intake on the current tokio
+    /// runtime, the actors on their own threads; then re-activates unfinished sagas
+    /// when the bus is not durable (their in-flight commands may be lost).
+    pub async fn start(self) -> Result<Runtime, RuntimeError> {
+        let store = self
+            .store
+            .ok_or_else(|| RuntimeError::Runtime("no store configured: call .store(..)".into()))?;
+        let bus = self
+            .bus
+            .ok_or_else(|| RuntimeError::Runtime("no bus configured: call .bus(..)".into()))?;
+        if let Some(ty) = self.duplicate_type {
+            return Err(RuntimeError::Runtime(format!(
+                "saga type {ty} registered twice"
+            )));
+        }
+        if self.definitions.is_empty() {
+            return Err(RuntimeError::Runtime(
+                "no saga definition registered: call .register(&definition)".into(),
+            ));
+        }
+        let io = tokio::runtime::Handle::try_current().map_err(|_| {
+            RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
+        })?;
+        let (committer, commit_task) =
+            Committer::spawn(Arc::clone(&store), self.options.commit_max_batch);
+        let shared = Arc::new(Shared {
+            definitions: self.definitions,
+            store,
+            bus,
+            committer,
+            clock: self.clock,
+            jitter: self.jitter,
+            io,
+            outcomes: OutcomeHub::default(),
+            stats: RuntimeStats::default(),
+            options: self.options,
+        });
+
+        // Subscribe before anything is sent, so no reply is missed.
+        let replies = shared
+            .bus
+            .subscribe(wire::REPLY_WILDCARD, &shared.options.reply_group)
+            .await?;
+
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let actor_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("skald-actors".into())
+            .spawn(move || run_actor_system(actor_shared, ready_tx))
+            .map_err(|e| RuntimeError::Runtime(format!("cannot spawn the actor thread: {e}")))?;
+        let (registry, system) = ready_rx
+            .await
+            .map_err(|_| RuntimeError::Runtime("the actor system failed to start".into()))?;
+
+        let intake = tokio::spawn(intake(Arc::clone(&shared), registry.clone(), replies));
+        let runtime = Runtime {
+            shared,
+            registry,
+            system,
+            thread: Some(thread),
+            tasks: vec![intake, commit_task],
+        };
+        if !runtime.shared.bus.is_durable() {
+            runtime.resume_active().await?;
+        }
+        Ok(runtime)
+    }
+}
+
+fn run_actor_system(shared: Arc<Shared>, ready: oneshot::Sender<(Addr<Registry>, actix::System)>) {
+    let system = actix::System::new();
+    let arbiters: Vec<Arbiter> = (0..shared.options.arbiters.max(1))
+        .map(|_| Arbiter::new())
+        .collect();
+    let handles = arbiters.iter().map(Arbiter::handle).collect();
+    system.block_on(async {
+        let registry = Registry::new(Arc::clone(&shared), handles).start();
+        RetrySupervisor::new(Arc::clone(&shared), registry.clone()).start();
+        let _ = ready.send((registry, actix::System::current()));
+    });
+    if let Err(e) = system.run() {
+        error!(error = %e, "actor system stopped with an error");
+    }
+    for a in arbiters {
+        a.stop();
+        let _ = a.join();
+    }
+}
+
+/// A running skald runtime.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    registry: Addr<Registry>,
+    system: actix::System,
+    thread: Option<JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Attempts to reach a live instance actor before reporting it unavailable.
+const DELIVERY_ATTEMPTS: usize = 5;
+
+async fn deliver(
+    registry: &Addr<Registry>,
+    id: SagaId,
+    initial: Option<SagaState>,
+    input: Input,
+) -> Result<Applied, RuntimeError> {
+    let mut initial = initial;
+    for _ in 0..DELIVERY_ATTEMPTS {
+        let addr = registry
+            .send(Lookup {
+                id,
+                initial: initial.take(),
+            })
+            .await
+            .map_err(|e| RuntimeError::Runtime(format!("registry unavailable: {e}")))?;
+        match addr
+            .send(Apply {
+                input: input.clone(),
+            })
+            .await
+        {
+            Ok(result) => return result,
+            // The actor died (panic) or was passivating: look it up again, which
+            // re-activates it from the store.
+            Err(MailboxError::Closed) | Err(MailboxError::Timeout) => {
+                debug!(saga.id = %id, "instance unavailable; re-activating");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    Err(RuntimeError::ActorUnavailable(id))
+}
+
+impl Runtime {
+    /// Starts building a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// Starts a new saga of `definition`'s type with `data`. Returns once the saga is
+    /// stored and its first command published.
+    pub async fn start_saga<D>(
+        &self,
+        definition: &SagaDefinition<D>,
+        data: &D,
+    ) -> Result<SagaId, RuntimeError>
+    where
+        D: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.start_saga_with_id(SagaId::new(), definition, data)
+            .await
+    }
+
+    /// Like [`Runtime::start_saga`], with a caller-chosen id (idempotent starts: a
+    /// second start with the same id is refused by the store).
+    pub async fn start_saga_with_id<D>(
+        &self,
+        id: SagaId,
+        definition: &SagaDefinition<D>,
+        data: &D,
+    ) -> Result<SagaId, RuntimeError>
+    where
+        D: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let def = definition.definition();
+        self.shared.definition(def.saga_type(), def.version())?;
+        let state = SagaState::new(id, def, definition.encode(data)?, self.shared.clock.now());
+        deliver(&self.registry, id, Some(state), Input::Started).await?;
+        Ok(id)
+    }
+
+    /// Feeds an input to a saga (operators: cancel, re-drive).
+    pub async fn apply(&self, id: SagaId, input: Input) -> Result<Applied, RuntimeError> {
+        deliver(&self.registry, id, None, input).await
+    }
+
+    /// Re-drives a dead-lettered saga: its failed compensation runs again with a fresh
+    /// attempt budget.
+    pub async fn redrive(&self, id: SagaId) -> Result<Applied, RuntimeError> {
+        self.apply(id, Input::Redriven).await
+    }
+
+    /// Cancels a running saga: its completed steps are compensated.
+    pub async fn cancel(&self, id: SagaId, reason: &str) -> Result<Applied, RuntimeError> {
+        self.apply(
+            id,
+            Input::CancelRequested {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Loads a saga's stored state.
+    pub async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, RuntimeError> {
+        Ok(self.shared.store.load(id).await?)
+    }
+
+    /// Every saga that settles from now on (finished or dead-lettered).
+    pub fn outcomes(&self) -> mpsc::UnboundedReceiver<SagaOutcome> {
+        self.shared.outcomes.subscribe()
+    }
+
+    /// Counters of the shell.
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.shared.stats
+    }
+
+    /// Counters of the group commit loop.
+    pub fn commit_stats(&self) -> &CommitStats {
+        self.shared.committer.stats()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.shared.store
+    }
+
+    /// Sends every unfinished saga a `Resumed` input, so that commands lost with a
+    /// non-durable bus are sent again. Runs at start when the bus is not durable.
+    pub async fn resume_active(&self) -> Result<usize, RuntimeError> {
+        const PAGE: usize = 1_000;
+        let mut after = None;
+        let mut resumed = 0;
+        let limit = Arc::new(Semaphore::new(256));
+        let mut joins = Vec::new();
+        loop {
+            let page = self.shared.store.active_sagas(after, PAGE).await?;
+            let Some(last) = page.last().copied() else {
+                break;
+            };
+            after = Some(last);
+            for id in page {
+                let permit = Arc::clone(&limit)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| RuntimeError::Runtime("shutting down".into()))?;
+                let registry = self.registry.clone();
+                joins.push(tokio::spawn(async move {
+                    let res = deliver(&registry, id, None, Input::Resumed).await;
+                    drop(permit);
+                    if let Err(e) = res {
+                        warn!(saga.id = %id, error = %e, "resuming saga failed; its wake-up will retry");
+                    }
+                }));
+                resumed += 1;
+            }
+        }
+        for j in joins {
+            let _ = j.await;
+        }
+        if resumed > 0 {
+            info!(sagas = resumed, "resumed unfinished sagas");
+        }
+        Ok(resumed)
+    }
+
+    /// Stops the intake and the actors. Committed state is kept; unfinished sagas
+    /// continue when a runtime starts again on the same store.
+    pub async fn shutdown(mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if self.thread.is_some() {
+            self.system.stop();
+        }
+    }
+}
+
+/// Reads replies and feeds them to their sagas: decode, deliver, then acknowledge only
+/// once the transition is committed. Poison messages are dead-lettered with the reason.
+async fn intake(
+    shared: Arc<Shared>,
+    registry: Addr<Registry>,
+    mut replies: crate::ports::Subscription,
+) {
+    let limit = Arc::new(Semaphore::new(shared.options.max_in_flight_replies.max(1)));
+    while let Some(delivery) = replies.next().await {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            break;
+        };
+        let shared = Arc::clone(&shared);
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            handle_reply(&shared, &registry, delivery).await;
+            drop(permit);
+        });
+    }
+    debug!("reply intake stopped");
+}
+
+async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery: Delivery) {
+    let (message, delivery_count, acker) = delivery.into_parts();
+    let reply = match wire::decode_reply(&message) {
+        Ok(r) => r,
+        Err(e) => {
+            return poison(shared, &message, delivery_count, acker, None, e.to_string()).await;
+        }
+    };
+    if !shared.definitions.contains_key(&reply.saga_type) {
+        let reason = format!("unknown saga type {}", reply.saga_type);
+        return poison(
+            shared,
+            &message,
+            delivery_count,
+            acker,
+            Some(reply.saga_id),
+            reason,
+        )
+        .await;
+    }
+    let input = match reply.outcome {
+        Outcome::Success(output) => Input::StepSucceeded {
+            step: reply.step,
+            kind: reply.kind,
+            attempt: reply.attempt,
+            output,
+        },
+        Outcome::Failure(error) => Input::StepFailed {
+            step: reply.step,
+            kind: reply.kind,
+            attempt: reply.attempt,
+            retryable: false,
+            error,
+            jitter: shared.jitter.draw(),
+        },
+        Outcome::Retryable(error) => Input::StepFailed {
+            step: reply.step,
+            kind: reply.kind,
+            attempt: reply.attempt,
+            retryable: true,
+            error,
+            jitter: shared.jitter.draw(),
+        },
+    };
+    match deliver(registry, reply.saga_id, None, input).await {
+        Ok(_) => settle(acker.ack().await),
+        Err(e) => match e.disposition() {
+            Disposition::DeadLetter | Disposition::Refuse => {
+                poison(
+                    shared,
+                    &message,
+                    delivery_count,
+                    acker,
+                    Some(reply.saga_id),
+                    e.to_string(),
+                )
+                .await
+            }
+            Disposition::Retry => {
+                warn!(saga.id = %reply.saga_id, error = %e, "reply not applied; redelivering later");
+                settle(acker.nak(shared.options.redelivery_delay).await)
+            }
+        },
+    }
+}
+
+fn settle(result: Result<(), crate::ports::BusError>) {
+    if let Err(e) = result {
+        // The broker redelivers an unacknowledged message; the inbox/idempotency makes
+        // that harmless.
+        warn!(error = %e, "acknowledging a reply failed");
+    }
+}
+
+/// Dead-letters a message that can never be processed, then terminates it.
+async fn poison(
+    shared: &Arc<Shared>,
+    message: &Message,
+    delivery_count: u32,
+    acker: Box<dyn Acker>,
+    saga_id: Option<SagaId>,
+    reason: String,
+) {
+    RuntimeStats::incr(&shared.stats.poison);
+    warn!(subject = %message.subject, reason, "poison message dead-lettered");
+    let record = DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: DeadLetterCategory::Poison,
+        saga_id,
+        saga_type: message.headers.get(wire::H_SAGA_TYPE).map(str::to_owned),
+        step: message.headers.get(wire::H_STEP).map(str::to_owned),
+        kind: message
+            .headers
+            .get(wire::H_KIND)
+            .and_then(|k| k.parse().ok()),
+        reason: reason.clone(),
+        attempts: delivery_count,
+        message: Some(message.to_record()),
+        at: shared.clock.now(),
+    };
+    match shared.store.record_poison(&record).await {
+        Ok(()) => settle(acker.term(&reason).await),
+        Err(e) => {
+            // Not recorded: keep the message (redeliver) rather than lose it.
+            warn!(error = %e, "recording a poison message failed; redelivering later");
+            settle(acker.nak(shared.options.redelivery_delay).await)
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The wire format between skald and participants: commands and replies as bus
+//! messages (headers + JSON body). docs/protocol.md is the human-readable contract;
+//! this module is its implementation, used by the runtime and by the participant helper.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{CommandKind, SagaId, SagaType, StepName};
+use crate::machine::{Command, StepError};
+use crate::ports::{Headers, Message};
+
+/// Header: the saga instance id (UUID).
+pub const H_SAGA_ID: &str = "Skald-Saga-Id";
+/// Header: the saga type.
+pub const H_SAGA_TYPE: &str = "Skald-Saga-Type";
+/// Header: the step name.
+pub const H_STEP: &str = "Skald-Step";
+/// Header: `action` or `compensation`.
+pub const H_KIND: &str = "Skald-Kind";
+/// Header: the attempt number (decimal).
+pub const H_ATTEMPT: &str = "Skald-Attempt";
+/// Header: the idempotency key, stable across attempts of one step and kind.
+pub const H_IDEMPOTENCY_KEY: &str = "Skald-Idempotency-Key";
+/// Header: where the participant publishes its reply.
+pub const H_REPLY_TO: &str = "Skald-Reply-To";
+/// Header: the attempt's deadline, milliseconds since the epoch.
+pub const H_DEADLINE: &str = "Skald-Deadline";
+/// Header (replies): `success`, `failure` or `retryable`.
+pub const H_OUTCOME: &str = "Skald-Outcome";
+/// Header: the broker-side de-duplication id.
+pub const H_MSG_ID: &str = "Nats-Msg-Id";
+/// Header: W3C trace context.
+pub const H_TRACEPARENT: &str = "traceparent";
+
+/// Prefix of command subjects: `skald.cmd.<service>.<action>`.
+pub const COMMAND_PREFIX: &str = "skald.cmd";
+
+/// The subject replies of saga type `saga_type` are published on.
+pub fn reply_subject(saga_type: &SagaType) -> String {
+    format!("skald.reply.{saga_type}")
+}
+
+/// The subject all replies arrive on (the runtime subscribes to it).
+pub const REPLY_WILDCARD: &str = "skald.reply.>";
+
+/// The subject of a lifecycle event.
+pub fn event_subject(saga_type: &SagaType, event: &str) -> String {
+    format!("skald.evt.{saga_type}.{event}")
+}
+
+/// A W3C `traceparent` derived from the saga id (trace) and the message id (span), so
+/// every command of one saga shares one trace.
+pub fn traceparent(saga_id: &SagaId, message_id: &str) -> String {
+    let trace = saga_id.as_uuid().simple().to_string();
+    // FNV-1a over the message id: a stable, non-zero 64-bit span id.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in message_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("00-{trace}-{:016x}-01", h.max(1))
+}
+
+/// Encodes a command as a bus message.
+pub fn encode_command(command: &Command) -> Result<Message, serde_json::Error> {
+    let mut h = Headers::new();
+    h.insert(H_SAGA_ID, command.saga_id.to_string());
+    h.insert(H_SAGA_TYPE, command.saga_type.as_str());
+    h.insert(H_STEP, command.step.as_str());
+    h.insert(H_KIND, command.kind.as_str());
+    h.insert(H_ATTEMPT, command.attempt.to_string());
+    h.insert(H_IDEMPOTENCY_KEY, command.idempotency_key.as_str());
+    h.insert(H_REPLY_TO, reply_subject(&command.saga_type));
+    h.insert(H_DEADLINE, command.deadline.as_millis().to_string());
+    h.insert(H_MSG_ID, command.message_id.as_str());
+    h.insert(
+        H_TRACEPARENT,
+        traceparent(&command.saga_id, &command.message_id),
+    );
+    Ok(Message {
+        subject: command.subject.clone(),
+        headers: h,
+        payload: Bytes::from(serde_json::to_vec(&command.payload)?),
+    })
+}
+
+/// What a participant reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done; the output goes to the step's `on_success`.
+    Success(Value),
+    /// Will never succeed (e.g. card declined): compensate.
+    Failure(StepError),
+    /// May succeed if tried again (e.g. a dependency is down).
+    Retryable(StepError),
+}
+
+impl Outcome {
+    /// The header value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Success(_) => "success",
+            Outcome::Failure(_) => "failure",
+            Outcome::Retryable(_) => "retryable",
+        }
+    }
+}
+
+/// A decoded reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The saga.
+    pub saga_id: SagaId,
+    /// Its type.
+    pub saga_type: SagaType,
+    /// The step.
+    pub step: StepName,
+    /// Action or compensation.
+    pub kind: CommandKind,
+    /// The attempt replied to.
+    pub attempt: u32,
+    /// The outcome.
+    pub outcome: Outcome,
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {what}: {reason}")]
+pub struct WireError {
+    /// `reply` or `command`.
+    pub what: &'static str,
+    /// The reason.
+    pub reason: String,
+}
+
+fn header<'a>(m: &'a Message, what: &'static str, name: &str) -> Result<&'a str, WireError> {
+    m.headers.get(name).ok_or_else(|| WireError {
+        what,
+        reason: format!("missing header {name}"),
+    })
+}
+
+fn parse<T: std::str::FromStr>(m: &Message, what: &'static str, name: &str) -> Result<T, WireError>
+where
+    T::Err: std::fmt::Display,
+{
+    let raw = header(m, what, name)?;
+    raw.parse().map_err(|e: T::Err| WireError {
+        what,
+        reason: format!("header {name}={raw:?}: {e}"),
+    })
+}
+
+/// The header fields common to commands and replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The saga.
+    pub saga_id: SagaId,
+    /// Its type.
+    pub saga_type: SagaType,
+    /// The step.
+    pub step: StepName,
+    /// Action or compensation.
+    pub kind: CommandKind,
+    /// The attempt.
+    pub attempt: u32,
+    /// The idempotency key.
+    pub idempotency_key: String,
+}
+
+fn envelope(m: &Message, what: &'static str) -> Result<Envelope, WireError> {
+    Ok(Envelope {
+        saga_id: parse(m, what, H_SAGA_ID)?,
+        saga_type: parse(m, what, H_SAGA_TYPE)?,
+        step: parse(m, what, H_STEP)?,
+        kind: parse(m, what, H_KIND)?,
+        attempt: parse(m, what, H_ATTEMPT)?,
+        idempotency_key: header(m, what, H_IDEMPOTENCY_KEY)?.to_owned(),
+    })
+}
+
+/// Decodes a reply message.
+pub fn decode_reply(m: &Message) -> Result<Reply, WireError> {
+    const WHAT: &str = "reply";
+    let env = envelope(m, WHAT)?;
+    let body: Value = serde_json::from_slice(&m.payload).map_err(|e| WireError {
+        what: WHAT,
+        reason: format!("body is not JSON: {e}"),
+    })?;
+    let outcome = match header(m, WHAT, H_OUTCOME)? {
+        "success" => Outcome::Success(body),
+        kind @ ("failure" | "retryable") => {
+            let error: StepError = serde_json::from_value(body).map_err(|e| WireError {
+                what: WHAT,
+                reason: format!("failure body must be {{\"code\":..,\"message\":..}}: {e}"),
+            })?;
+            if kind == "failure" {
+                Outcome::Failure(error)
+            } else {
+                Outcome::Retryable(error)
+            }
+        }
+        other => {
+            return Err(WireError {
+                what: WHAT,
+                reason: format!(
+                    "header {H_OUTCOME}={other:?}: expected success, failure or retryable"
+                ),
+            });
+        }
+    };
+    Ok(Reply {
+        saga_id: env.saga_id,
+        saga_type: env.saga_type,
+        step: env.step,
+        kind: env.kind,
+        attempt: env.attempt,
+        outcome,
+    })
+}
+
+/// A command as a participant sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingCommand {
+    /// The header fields.
+    pub envelope: Envelope,
+    /// Where to reply.
+    pub reply_to: String,
+    /// The W3C trace context, if any.
+    pub traceparent: Option<String>,
+    /// The JSON payload.
+    pub payload: Value,
+}
+
+/// Decodes a command message (participant side).
+pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
+    const WHAT: &str = "command";
+    let envelope = envelope(m, WHAT)?;
+    let payload = serde_json::from_slice(&m.payload).map_err(|e| WireError {
+        what: WHAT,
+        reason: format!("body is not JSON: {e}"),
+    })?;
+    Ok(IncomingCommand {
+        reply_to: header(m, WHAT, H_REPLY_TO)?.to_owned(),
+        traceparent: m.headers.get(H_TRACEPARENT).map(str::to_owned),
+        envelope,
+        payload,
+    })
+}
+
+/// Encodes the reply to `command` (participant side).
+pub fn encode_reply(command: &IncomingCommand, outcome: &Outcome) -> Message {
+    let env = &command.envelope;
+    let mut h = Headers::new();
+    h.insert(H_SAGA_ID, env.saga_id.to_string());
+    h.insert(H_SAGA_TYPE, env.saga_type.as_str());
+    h.insert(H_STEP, env.step.as_str());
+    h.insert(H_KIND, env.kind.as_str());
+    h.insert(H_ATTEMPT, env.attempt.to_string());
+    h.insert(H_IDEMPOTENCY_KEY, env.idempotency_key.as_str());
+    h.insert(H_OUTCOME, outcome.as_str());
+    h.insert(
+        H_MSG_ID,
+        format!("reply:{}:{}", env.idempotency_key, env.attempt),
+    );
+    if let Some(tp) = &command.traceparent {
+        h.insert(H_TRACEPARENT, tp.as_str());
+    }
+    let body = match outcome {
+        Outcome::Success(v) => serde_json::to_vec(v),
+        Outcome::Failure(e) | Outcome::Retryable(e) => serde_json::to_vec(e),
+    }
+    // Serializing a `Value` or a struct of two strings cannot fail.
+    .unwrap_or_default();
+    Message {
+        subject: command.reply_to.clone(),
+        headers: h,
+        payload: Bytes::from(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Timestamp;
+
+    fn command() -> Command {
+        let saga_id = SagaId::new();
+        Command {
+            saga_id,
+            saga_type: SagaType::new("checkout").expect("name"),
+            step: StepName::new("charge_payment").expect("name"),
+            kind: CommandKind::Action,
+            attempt: 2,
+            subject: "skald.cmd.payment.charge".into(),
+            payload: serde_json::json!({"amount": 10}),
+            idempotency_key: format!("{saga_id}:charge_payment:action"),
+            message_id: format!("{saga_id}:charge_payment:action:2"),
+            deadline: Timestamp(1_000),
+        }
+    }
+
+    #[test]
+    fn command_and_reply_round_trip() {
+        let cmd = command();
+        let msg = encode_command(&cmd).expect("encode");
+        assert_eq!(msg.subject, "skald.cmd.payment.charge");
+        let incoming = decode_command(&msg).expect("decode");
+        assert_eq!(incoming.envelope.saga_id, cmd.saga_id);
+        assert_eq!(incoming.envelope.attempt, 2);
+        assert_eq!(incoming.reply_to, "skald.reply.checkout");
+        assert_eq!(incoming.payload, cmd.payload);
+        let tp = incoming.traceparent.clone().expect("traceparent");
+        assert_eq!(tp.len(), 55, "{tp}");
+
+        for outcome in [
+            Outcome::Success(serde_json::json!({"payment_id": "p1"})),
+            Outcome::Failure(StepError::new("card_declined", "no")),
+            Outcome::Retryable(StepError::new("unavailable", "later")),
+        ] {
+            let reply = decode_reply(&encode_reply(&incoming, &outcome)).expect("reply");
+            assert_eq!(reply.saga_id, cmd.saga_id);
+            assert_eq!(reply.step, cmd.step);
+            assert_eq!(reply.attempt, 2);
+            assert_eq!(reply.outcome, outcome);
+        }
+    }
+
+    #[test]
+    fn malformed_replies_say_why() {
+        let incoming = decode_command(&encode_command(&command()).expect("encode")).expect("ok");
+        let good = encode_reply(&incoming, &Outcome::Success(Value::Null));
+
+        let mut m = good.clone();
+        m.payload = Bytes::from_static(b"{not json");
+        let err = decode_reply(&m).expect_err("bad body");
+        assert!(err.reason.contains("not JSON"), "{err}");
+
+        let mut m = good.clone();
+        m.headers = Headers::new();
+        let err = decode_reply(&m).expect_err("no headers");
+        assert!(err.reason.contains("missing header Skald-Saga-Id"), "{err}");
+
+        let mut m = good.clone();
+        m.headers.insert(H_ATTEMPT, "x");
+        assert!(
+            decode_reply(&m)
+                .expect_err("attempt")
+                .reason
+                .contains("Skald-Attempt")
+        );
+
+        let mut m = good.clone();
+        m.headers.insert(H_OUTCOME, "maybe");
+        assert!(
+            decode_reply(&m)
+                .expect_err("outcome")
+                .reason
+                .contains("maybe")
+        );
+
+        let mut m = good;
+        m.headers.insert(H_OUTCOME, "failure");
+        m.payload = Bytes::from_static(b"{\"oops\":1}");
+        assert!(
+            decode_reply(&m)
+                .expect_err("failure body")
+                .reason
+                .contains("code")
+        );
+    }
+}
