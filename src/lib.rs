@@ -1,1 +1,49 @@
-//! placeholder
+//! # skald
+//!
+//! A saga orchestration runtime for Rust services that talk over NATS. Declare a saga
+//! as ordered steps, each a command to a participant service with an optional
+//! compensation; skald runs every saga instance as an actor that persists its state,
+//! retries failed or timed-out steps with jittered exponential backoff, compensates the
+//! completed steps in reverse order on failure, and dead-letters what cannot be done for
+//! an operator to re-drive.
+//!
+//! This crate is the facade: it re-exports the runtime, the adapters and the example
+//! sagas.
+//!
+//! # Layout
+//!
+//! - [`definition`], [`machine`], [`retry`], [`ids`]: declaring sagas and the pure
+//!   state machine (from `skald-runtime`);
+//! - [`Runtime`], [`RuntimeOptions`]: running them (actors, group commit, reply intake);
+//! - [`ports`], [`wire`], [`participant`]: the store and bus traits, the wire format,
+//!   and a helper for participant services written in Rust;
+//! - [`adapters`]: in-memory bus and store, SQLite store (`skald-adapters`);
+//! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`).
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use skald::adapters::{memory::MemoryBus, sqlite::SqliteStore};
+//! use skald::sagas::checkout::{checkout_definition, Checkout, CheckoutTiming, LineItem};
+//! use skald::Runtime;
+//!
+//! let checkout = checkout_definition(CheckoutTiming::default())?;
+//! let runtime = Runtime::builder()
+//!     .store(Arc::new(SqliteStore::connect("sqlite://skald.db").await?))
+//!     .bus(Arc::new(MemoryBus::new()))
+//!     .register(&checkout)
+//!     .start()
+//!     .await?;
+//! let order = Checkout::new("order-1", "alice", vec![LineItem { sku: "tea".into(), quantity: 2 }], 1_250);
+//! let id = runtime.start_saga(&checkout, &order).await?;
+//! # let _ = id; Ok(()) }
+//! ```
+
+pub use skald_adapters as adapters;
+pub use skald_runtime::actors::{Applied, SagaOutcome};
+pub use skald_runtime::error::{Disposition, RuntimeError};
+pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
+pub use skald_runtime::{definition, ids, machine, participant, ports, retry, wire};
+pub use skald_sagas as sagas;

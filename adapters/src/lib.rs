@@ -1,1 +1,48 @@
-//! placeholder
+//! # skald-adapters
+//!
+//! Implementations of skald's ports, one module and one cargo feature per technology:
+//!
+//! - `memory`: [`memory::MemoryBus`] (in-process bus, NATS subject semantics) and
+//!   [`memory::MemoryStore`] (for tests and throwaway runs);
+//! - `sqlite`: [`sqlite::SqliteStore`], the embedded default (a file, WAL mode).
+//!
+//! Adapters convert their foreign errors into the port's error at the boundary.
+
+#[cfg(feature = "memory")]
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// Whether `subject` matches the NATS `pattern` (`*` one token, `>` one or more tokens
+/// at the end).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn nats_wildcards() {
+        assert!(subject_matches("skald.reply.>", "skald.reply.checkout"));
+        assert!(subject_matches(
+            "skald.cmd.*.charge",
+            "skald.cmd.payment.charge"
+        ));
+        assert!(!subject_matches("skald.reply.>", "skald.reply"));
+        assert!(!subject_matches("skald.cmd.*", "skald.cmd.a.b"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+}

@@ -1,1 +1,439 @@
-fn main() {}
+//! The checkout saga runner: skald's main command.
+//!
+//! Runs N checkout sagas (reserve inventory, charge payment, ship order) on the embedded
+//! defaults (in-process bus + SQLite file), with simulated inventory / payment /
+//! shipping services whose failures are seeded (declined payments are compensated,
+//! flaky steps retried), shows progress, prints a summary and checks consistency from
+//! the services' own records.
+//!
+//! ```text
+//! cargo run --release --example checkout -- --sagas 1000 --concurrency 100
+//! cargo run --release --example checkout -- --json           # summary as JSON (last line)
+//! cargo run --release --example checkout -- --resume         # finish a killed run
+//! ```
+//!
+//! Exits non-zero when the consistency check fails or sagas are left unfinished.
+
+mod ledger;
+
+use std::collections::{HashMap, HashSet};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use skald::adapters::memory::MemoryBus;
+use skald::adapters::sqlite::SqliteStore;
+use skald::ids::SagaId;
+use skald::machine::SagaStatus;
+use skald::participant;
+use skald::ports::{Bus, SagaStore};
+use skald::sagas::checkout::{
+    Checkout, CheckoutTiming, ConsistencyReport, LineItem, check_consistency, checkout_definition,
+};
+use skald::sagas::sim::{Ledger, SimConfig, SimServices};
+use skald::{Runtime, RuntimeOptions};
+use tokio::sync::Semaphore;
+
+use crate::ledger::SqliteLedger;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "checkout",
+    about = "Run checkout sagas on skald's embedded defaults"
+)]
+struct Args {
+    /// How many sagas to start.
+    #[arg(long, default_value_t = 1000)]
+    sagas: usize,
+    /// How many sagas in flight at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Fraction of payments declined (permanent failure, compensated).
+    #[arg(long, default_value_t = 0.1)]
+    decline_rate: f64,
+    /// Fraction of command attempts that fail retryably.
+    #[arg(long, default_value_t = 0.05)]
+    flaky_rate: f64,
+    /// Seed of the simulated failures (same seed, same failures).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The database (skald's tables and the simulated services' records).
+    #[arg(long, default_value = "sqlite://skald.db")]
+    db: String,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Start no new sagas: finish the unfinished ones in the database, then summarise
+    /// and check every saga in it.
+    #[arg(long)]
+    resume: bool,
+    /// Give up waiting after this many seconds (unfinished sagas are reported).
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    started: usize,
+    completed: usize,
+    compensated: usize,
+    dead_lettered: usize,
+    unfinished: usize,
+    sagas_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    consistent: bool,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn progress(total: usize, json: bool) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} settled  {per_sec}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Every saga in the store, with its status.
+async fn all_sagas(store: &dyn SagaStore) -> anyhow::Result<Vec<(SagaId, SagaStatus)>> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list(None, after, 5_000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        out.extend(page.iter().map(|s| (s.id, s.status)));
+    }
+    Ok(out)
+}
+
+async fn consistency(
+    store: &dyn SagaStore,
+    ledger: &dyn Ledger,
+    only: Option<&HashSet<SagaId>>,
+) -> anyhow::Result<(Vec<(SagaId, SagaStatus)>, ConsistencyReport)> {
+    let mut sagas = all_sagas(store).await?;
+    if let Some(only) = only {
+        sagas.retain(|(id, _)| only.contains(id));
+    }
+    let records = ledger
+        .records()
+        .await
+        .context("reading the services' records")?;
+    let report = check_consistency(&sagas, &records);
+    Ok((sagas, report))
+}
+
+fn count(sagas: &[(SagaId, SagaStatus)], status: SagaStatus) -> usize {
+    sagas.iter().filter(|(_, s)| *s == status).count()
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    if !(0.0..=1.0).contains(&args.decline_rate) || !(0.0..=1.0).contains(&args.flaky_rate) {
+        anyhow::bail!("--decline-rate and --flaky-rate must be within [0, 1]");
+    }
+    let store = Arc::new(
+        SqliteStore::connect(&args.db)
+            .await
+            .with_context(|| format!("opening the store at {}", args.db))?,
+    );
+    let ledger = Arc::new(SqliteLedger::open(&args.db).await?);
+    let bus = Arc::new(MemoryBus::new());
+
+    // The simulated services, in-process, as participants on the bus.
+    let services = SimServices::new(
+        ledger.clone(),
+        SimConfig {
+            seed: args.seed,
+            decline_rate: args.decline_rate,
+            flaky_rate: args.flaky_rate,
+        },
+    );
+    let mut participants = Vec::new();
+    for (name, subject) in SimServices::services() {
+        let services = services.clone();
+        let bus: Arc<dyn Bus> = bus.clone();
+        participants.push(
+            participant::serve(bus, subject, name, 256, move |cmd| {
+                let services = services.clone();
+                async move { services.handle(cmd).await }
+            })
+            .await?,
+        );
+    }
+
+    let checkout = checkout_definition(CheckoutTiming::default())?;
+    let unfinished_before = store.active_sagas(None, 1).await?.len();
+    let started_at = Instant::now();
+    let runtime = Runtime::builder()
+        .store(store.clone())
+        .bus(bus.clone())
+        .register(&checkout)
+        .options(RuntimeOptions::default())
+        .start()
+        .await
+        .context("starting the skald runtime")?;
+    let mut outcomes = runtime.outcomes();
+    let deadline = started_at + Duration::from_secs(args.timeout_secs);
+
+    let (summary, ok) = if args.resume {
+        resume(
+            &args,
+            &runtime,
+            store.as_ref(),
+            ledger.as_ref(),
+            &mut outcomes,
+            started_at,
+            deadline,
+            unfinished_before,
+        )
+        .await?
+    } else {
+        fresh(
+            &args,
+            &runtime,
+            &checkout,
+            store.as_ref(),
+            ledger.as_ref(),
+            &mut outcomes,
+            started_at,
+            deadline,
+        )
+        .await?
+    };
+    runtime.shutdown().await;
+    drop(participants);
+
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!();
+        println!("checkout sagas on {}", args.db);
+        println!("  started        {}", summary.started);
+        println!("  completed      {}", summary.completed);
+        println!("  compensated    {}", summary.compensated);
+        println!("  dead-lettered  {}", summary.dead_lettered);
+        println!("  unfinished     {}", summary.unfinished);
+        println!("  throughput     {:.1} sagas/s", summary.sagas_per_sec);
+        println!(
+            "  latency        p50 {:.2} ms, p99 {:.2} ms",
+            summary.p50_ms, summary.p99_ms
+        );
+        println!(
+            "  consistency    {}",
+            if summary.consistent {
+                "ok (services' records match every saga's outcome)"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+    Ok(ok)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fresh(
+    args: &Args,
+    runtime: &Runtime,
+    checkout: &skald::definition::SagaDefinition<Checkout>,
+    store: &dyn SagaStore,
+    ledger: &dyn Ledger,
+    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<skald::SagaOutcome>,
+    started_at: Instant,
+    deadline: Instant,
+) -> anyhow::Result<(Summary, bool)> {
+    let bar = progress(args.sagas as u64 as usize, args.json);
+    let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<(SagaId, Instant)>();
+
+    // Starter: keeps `concurrency` sagas in flight.
+    let starter = {
+        let slots = slots.clone();
+        let n = args.sagas;
+        let seed = args.seed;
+        async move {
+            for i in 0..n {
+                let Ok(permit) = slots.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                let order = Checkout::new(
+                    format!("order-{seed}-{i}"),
+                    format!("customer-{}", i % 97),
+                    vec![LineItem {
+                        sku: format!("sku-{}", i % 13),
+                        quantity: 1 + (i % 3) as u32,
+                    }],
+                    1_000 + (i as u64 % 50) * 10,
+                );
+                let t0 = Instant::now();
+                let id = runtime.start_saga(checkout, &order).await?;
+                let _ = started_tx.send((id, t0));
+            }
+            anyhow::Ok(())
+        }
+    };
+
+    let collector = async {
+        let mut start_times: HashMap<SagaId, Instant> = HashMap::with_capacity(args.sagas);
+        let mut early: HashMap<SagaId, Instant> = HashMap::new();
+        let mut latencies: Vec<f64> = Vec::with_capacity(args.sagas);
+        let mut ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
+        let mut settled = 0usize;
+        let mut starts_open = true;
+        while settled < args.sagas {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            tokio::select! {
+                started = started_rx.recv(), if starts_open => match started {
+                    Some((id, t0)) => {
+                        ids.insert(id);
+                        if let Some(t1) = early.remove(&id) {
+                            latencies.push(t1.duration_since(t0).as_secs_f64() * 1e3);
+                        } else {
+                            start_times.insert(id, t0);
+                        }
+                    }
+                    None => starts_open = false,
+                },
+                outcome = outcomes.recv() => {
+                    let Some(o) = outcome else { break };
+                    let now = Instant::now();
+                    match start_times.remove(&o.id) {
+                        Some(t0) => latencies.push(now.duration_since(t0).as_secs_f64() * 1e3),
+                        None => { early.insert(o.id, now); }
+                    }
+                    settled += 1;
+                    slots.add_permits(1);
+                    bar.inc(1);
+                }
+                _ = tokio::time::sleep(remaining) => break,
+            }
+        }
+        // Late start registrations (the starter may still hold a few).
+        while let Ok((id, _)) = started_rx.try_recv() {
+            ids.insert(id);
+        }
+        (latencies, ids)
+    };
+
+    let (start_result, (mut latencies, ids)) = tokio::join!(starter, collector);
+    start_result.context("starting sagas")?;
+    let elapsed = started_at.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let (sagas, report) = consistency(store, ledger, Some(&ids)).await?;
+    for v in report.violations.iter().take(10) {
+        eprintln!("inconsistent: {v}");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let completed = count(&sagas, SagaStatus::Completed);
+    let compensated = count(&sagas, SagaStatus::Compensated);
+    let dead_lettered = count(&sagas, SagaStatus::Failed);
+    let summary = Summary {
+        started: ids.len(),
+        completed,
+        compensated,
+        dead_lettered,
+        unfinished: ids.len() - completed - compensated - dead_lettered,
+        sagas_per_sec: round2((completed + compensated + dead_lettered) as f64 / elapsed.max(1e-9)),
+        p50_ms: round2(percentile(&latencies, 50.0)),
+        p99_ms: round2(percentile(&latencies, 99.0)),
+        consistent: report.is_consistent(),
+    };
+    let ok = summary.consistent && summary.unfinished == 0 && summary.started == args.sagas;
+    Ok((summary, ok))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn resume(
+    args: &Args,
+    runtime: &Runtime,
+    store: &dyn SagaStore,
+    ledger: &dyn Ledger,
+    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<skald::SagaOutcome>,
+    started_at: Instant,
+    deadline: Instant,
+    unfinished_before: usize,
+) -> anyhow::Result<(Summary, bool)> {
+    let _ = runtime;
+    let mut latencies = Vec::new();
+    if unfinished_before > 0 {
+        // Wait, with a deadline, until no saga is running or compensating.
+        let bar = progress(0, args.json);
+        loop {
+            while let Ok(o) = outcomes.try_recv() {
+                latencies.push(o.at.as_millis().saturating_sub(o.created_at.as_millis()) as f64);
+                bar.inc(1);
+            }
+            if store.active_sagas(None, 1).await?.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bar.finish_and_clear();
+    }
+    let elapsed = started_at.elapsed().as_secs_f64();
+    let (sagas, report) = consistency(store, ledger, None).await?;
+    for v in report.violations.iter().take(10) {
+        eprintln!("inconsistent: {v}");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let completed = count(&sagas, SagaStatus::Completed);
+    let compensated = count(&sagas, SagaStatus::Compensated);
+    let dead_lettered = count(&sagas, SagaStatus::Failed);
+    let summary = Summary {
+        started: sagas.len(),
+        completed,
+        compensated,
+        dead_lettered,
+        unfinished: sagas.len() - completed - compensated - dead_lettered,
+        sagas_per_sec: round2(latencies.len() as f64 / elapsed.max(1e-9)),
+        p50_ms: round2(percentile(&latencies, 50.0)),
+        p99_ms: round2(percentile(&latencies, 99.0)),
+        consistent: report.is_consistent(),
+    };
+    let ok = summary.consistent && summary.unfinished == 0;
+    Ok((summary, ok))
+}

@@ -223,6 +223,8 @@ pub fn decode_reply(m: &Message) -> Result<Reply, WireError> {
 /// A command as a participant sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IncomingCommand {
+    /// The subject it arrived on (`skald.cmd.<service>.<action>`).
+    pub subject: String,
     /// The header fields.
     pub envelope: Envelope,
     /// Where to reply.
@@ -242,6 +244,7 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
         reason: format!("body is not JSON: {e}"),
     })?;
     Ok(IncomingCommand {
+        subject: m.subject.clone(),
         reply_to: header(m, WHAT, H_REPLY_TO)?.to_owned(),
         traceparent: m.headers.get(H_TRACEPARENT).map(str::to_owned),
         envelope,

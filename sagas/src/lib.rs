@@ -1,1 +1,14 @@
-//! placeholder
+//! # skald-sagas
+//!
+//! Business logic only: the checkout saga (reserve inventory, charge payment, ship the
+//! order), its message types, and simulated inventory / payment / shipping services.
+//! This crate names no database or broker: the services' records go through the
+//! [`sim::Ledger`] trait.
+//!
+//! # Layout
+//!
+//! - [`checkout`]: the saga definition, its data and messages, and the consistency check.
+//! - [`sim`]: the simulated services and an in-memory ledger.
+
+pub mod checkout;
+pub mod sim;

@@ -1,0 +1,183 @@
+//! The simulated services' records in SQL tables of the runner's database, one table
+//! per service, keyed by idempotency key, so they survive a crash and the consistency
+//! check can read them.
+//!
+//! The ledger's connection uses `synchronous=NORMAL`: in WAL mode that survives a
+//! process crash (kill -9), which is what the simulation needs; skald's own store keeps
+//! `synchronous=FULL`.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use skald::adapters::sqlite::{Durability, SqliteOptions, open_pool};
+use skald::ids::SagaId;
+use skald::sagas::checkout::{LineItem, SagaRecords};
+use skald::sagas::sim::{Ledger, LedgerError, record_id};
+use sqlx::{Row, SqlitePool};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS sim_inventory_reservations (
+        key TEXT PRIMARY KEY NOT NULL, saga_id TEXT NOT NULL, order_id TEXT NOT NULL,
+        reservation_id TEXT NOT NULL UNIQUE, released INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS sim_payment_charges (
+        key TEXT PRIMARY KEY NOT NULL, saga_id TEXT NOT NULL, order_id TEXT NOT NULL,
+        payment_id TEXT NOT NULL UNIQUE, amount_cents INTEGER NOT NULL, refunded INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS sim_shipping_shipments (
+        key TEXT PRIMARY KEY NOT NULL, saga_id TEXT NOT NULL, order_id TEXT NOT NULL,
+        shipment_id TEXT NOT NULL UNIQUE)",
+];
+
+/// The SQLite ledger.
+#[derive(Debug, Clone)]
+pub struct SqliteLedger {
+    pool: SqlitePool,
+}
+
+fn err(e: sqlx::Error) -> LedgerError {
+    LedgerError(e.to_string())
+}
+
+impl SqliteLedger {
+    /// Opens the ledger tables in the database at `url`, creating them if missing.
+    pub async fn open(url: &str) -> anyhow::Result<SqliteLedger> {
+        let options = SqliteOptions {
+            durability: Durability::Normal,
+            ..SqliteOptions::default()
+        };
+        let pool = open_pool(url, &options).await?;
+        for ddl in SCHEMA {
+            sqlx::query(*ddl).execute(&pool).await?;
+        }
+        Ok(SqliteLedger { pool })
+    }
+}
+
+#[async_trait]
+impl Ledger for SqliteLedger {
+    async fn reserve(
+        &self,
+        key: &str,
+        saga: SagaId,
+        order_id: &str,
+        _items: &[LineItem],
+    ) -> Result<String, LedgerError> {
+        let id = record_id("rsv", key);
+        sqlx::query(
+            "INSERT INTO sim_inventory_reservations (key, saga_id, order_id, reservation_id) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(saga.to_string())
+        .bind(order_id)
+        .bind(&id)
+        .execute(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(id)
+    }
+
+    async fn release(
+        &self,
+        _key: &str,
+        _saga: SagaId,
+        reservation_id: &str,
+    ) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE sim_inventory_reservations SET released = 1 WHERE reservation_id = ?")
+            .bind(reservation_id)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn charge(
+        &self,
+        key: &str,
+        saga: SagaId,
+        order_id: &str,
+        amount_cents: u64,
+    ) -> Result<String, LedgerError> {
+        let id = record_id("pay", key);
+        sqlx::query(
+            "INSERT INTO sim_payment_charges (key, saga_id, order_id, payment_id, amount_cents) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(saga.to_string())
+        .bind(order_id)
+        .bind(&id)
+        .bind(i64::try_from(amount_cents).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(id)
+    }
+
+    async fn refund(&self, _key: &str, _saga: SagaId, payment_id: &str) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE payment_id = ?")
+            .bind(payment_id)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn ship(&self, key: &str, saga: SagaId, order_id: &str) -> Result<String, LedgerError> {
+        let id = record_id("shp", key);
+        sqlx::query(
+            "INSERT INTO sim_shipping_shipments (key, saga_id, order_id, shipment_id) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(saga.to_string())
+        .bind(order_id)
+        .bind(&id)
+        .execute(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(id)
+    }
+
+    async fn records(&self) -> Result<HashMap<SagaId, SagaRecords>, LedgerError> {
+        let mut out: HashMap<SagaId, SagaRecords> = HashMap::new();
+        let parse = |s: String| s.parse::<SagaId>().map_err(|e| LedgerError(e.to_string()));
+        for row in sqlx::query("SELECT saga_id, released FROM sim_inventory_reservations")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?
+        {
+            let r = out
+                .entry(parse(row.try_get("saga_id").map_err(err)?)?)
+                .or_default();
+            if row.try_get::<i64, _>("released").map_err(err)? != 0 {
+                r.reservations_released += 1;
+            } else {
+                r.reservations_held += 1;
+            }
+        }
+        for row in sqlx::query("SELECT saga_id, refunded FROM sim_payment_charges")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?
+        {
+            let r = out
+                .entry(parse(row.try_get("saga_id").map_err(err)?)?)
+                .or_default();
+            if row.try_get::<i64, _>("refunded").map_err(err)? != 0 {
+                r.charges_refunded += 1;
+            } else {
+                r.charges_live += 1;
+            }
+        }
+        for row in sqlx::query("SELECT saga_id FROM sim_shipping_shipments")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?
+        {
+            out.entry(parse(row.try_get("saga_id").map_err(err)?)?)
+                .or_default()
+                .shipments += 1;
+        }
+        Ok(out)
+    }
+}
