@@ -324,6 +324,15 @@ fn journal_entry(now: machine::Timestamp, kind: &str, body: serde_json::Value) -
     }
 }
 
+/// Inputs that are someone's request (start, cancel, re-drive) rather than a fact
+/// reported by a participant or a timer: refusing them must reach the requester.
+fn is_request(input: &Input) -> bool {
+    matches!(
+        input,
+        Input::Started | Input::CancelRequested { .. } | Input::Redriven
+    )
+}
+
 /// Applies `input`: transition, commit (re-applying on a version conflict), perform the
 /// effects. Returns the state to keep (`None` = unknown, reload) and the answer.
 async fn process(
@@ -368,7 +377,9 @@ async fn process(
                     };
                     Ok((state, effects))
                 }
-                Err(e) if e.is_ignorable() && saga.version > 0 => {
+                // Late, repeated or out-of-order replies and timers are recorded and
+            // acknowledged; an operator's request on a finished saga is refused.
+            Err(e) if e.is_ignorable() && saga.version > 0 && !is_request(&input) => {
                     let body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
                     write = SagaWrite {
                         id: saga.state.id,

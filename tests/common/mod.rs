@@ -1,0 +1,293 @@
+//! Shared test environment: a runtime on ephemeral resources (a fresh store, an
+//! in-process bus), the checkout saga with scriptable participants, and condition waits
+//! with deadlines (no sleep-and-hope).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skald::adapters::memory::{MemoryBus, MemoryStore};
+use skald::adapters::sqlite::SqliteStore;
+use skald::definition::SagaDefinition;
+use skald::ids::SagaId;
+use skald::machine::SagaStatus;
+use skald::participant::{self, ParticipantHandle};
+use skald::ports::{Bus, SagaStore};
+use skald::retry::RetryPolicy;
+use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald::sagas::sim::{MemoryLedger, SimConfig, SimServices};
+use skald::wire::{IncomingCommand, Outcome};
+use skald::{Runtime, RuntimeOptions, SagaOutcome};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Sqlite,
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("skald-test-{}", SagaId::new()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.0.join("skald.db").display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Fast timing for tests: short backoffs; a reply timeout long enough not to fire on a
+/// slow machine unless a test wants it to.
+pub fn fast_timing() -> CheckoutTiming {
+    let retry = RetryPolicy {
+        max_attempts: 4,
+        initial_delay: Duration::from_millis(5),
+        multiplier: 2.0,
+        max_delay: Duration::from_millis(40),
+        jitter: 1.0,
+    };
+    CheckoutTiming {
+        retry,
+        compensation_retry: retry,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+pub fn options() -> RuntimeOptions {
+    RuntimeOptions {
+        arbiters: 2,
+        wakeup_poll_interval: Duration::from_millis(50),
+        redelivery_delay: Duration::from_millis(20),
+        ..RuntimeOptions::default()
+    }
+}
+
+pub async fn store(kind: StoreKind, dir: &TempDir) -> Arc<dyn SagaStore> {
+    match kind {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Sqlite => Arc::new(
+            SqliteStore::connect(&dir.sqlite_url())
+                .await
+                .expect("open sqlite store"),
+        ),
+    }
+}
+
+/// A participant behaviour: by default the simulated services; a test can override
+/// what a subject answers (given the attempt) before the simulation runs.
+pub type Script = Arc<dyn Fn(&IncomingCommand) -> Option<Outcome> + Send + Sync>;
+
+pub fn no_script() -> Script {
+    Arc::new(|_| None)
+}
+
+/// All three simulated services.
+pub const ALL_SERVICES: &[&str] = &["inventory", "payment", "shipping"];
+
+/// Starts the simulated services named in `only` on `bus`, answering through `script`
+/// first.
+pub async fn start_participants(
+    bus: Arc<dyn Bus>,
+    ledger: MemoryLedger,
+    config: SimConfig,
+    script: Script,
+    only: &[&str],
+) -> Vec<ParticipantHandle> {
+    let services = SimServices::new(Arc::new(ledger), config);
+    let mut handles = Vec::new();
+    for (name, subject) in SimServices::services() {
+        if !only.contains(&name) {
+            continue;
+        }
+        let services = services.clone();
+        let script = Arc::clone(&script);
+        handles.push(
+            participant::serve(Arc::clone(&bus), subject, name, 64, move |cmd| {
+                let services = services.clone();
+                let scripted = script(&cmd);
+                async move {
+                    match scripted {
+                        Some(outcome) => outcome,
+                        None => services.handle(cmd).await,
+                    }
+                }
+            })
+            .await
+            .expect("start participant"),
+        );
+    }
+    handles
+}
+
+/// No simulated failures.
+pub fn reliable() -> SimConfig {
+    SimConfig {
+        seed: 1,
+        decline_rate: 0.0,
+        flaky_rate: 0.0,
+    }
+}
+
+/// A running runtime with the checkout saga and its participants.
+pub struct TestEnv {
+    pub runtime: Runtime,
+    pub checkout: SagaDefinition<Checkout>,
+    pub bus: Arc<MemoryBus>,
+    pub store: Arc<dyn SagaStore>,
+    pub ledger: MemoryLedger,
+    pub outcomes: UnboundedReceiver<SagaOutcome>,
+    pub participants: Vec<ParticipantHandle>,
+}
+
+impl TestEnv {
+    pub async fn start(store: Arc<dyn SagaStore>, ledger: MemoryLedger, config: SimConfig, script: Script) -> TestEnv {
+        TestEnv::start_with(store, ledger, config, script, ALL_SERVICES).await
+    }
+
+    /// Like [`TestEnv::start`], with only some of the services running.
+    pub async fn start_with(
+        store: Arc<dyn SagaStore>,
+        ledger: MemoryLedger,
+        config: SimConfig,
+        script: Script,
+        only: &[&str],
+    ) -> TestEnv {
+        let bus = Arc::new(MemoryBus::new());
+        let participants = start_participants(bus.clone(), ledger.clone(), config, script, only).await;
+        let checkout = checkout_definition(fast_timing()).expect("valid definition");
+        let runtime = Runtime::builder()
+            .store(Arc::clone(&store))
+            .bus(bus.clone())
+            .register(&checkout)
+            .options(options())
+            .start()
+            .await
+            .expect("runtime starts");
+        let outcomes = runtime.outcomes();
+        TestEnv {
+            runtime,
+            checkout,
+            bus,
+            store,
+            ledger,
+            outcomes,
+            participants,
+        }
+    }
+
+    pub async fn start_order(&self, n: usize) -> SagaId {
+        let order = Checkout::new(
+            format!("order-{n}"),
+            "customer",
+            vec![LineItem {
+                sku: "sku-1".into(),
+                quantity: 1,
+            }],
+            1_000,
+        );
+        self.runtime
+            .start_saga(&self.checkout, &order)
+            .await
+            .expect("saga starts")
+    }
+
+    /// Waits until every saga in `ids` has settled; returns their outcome statuses.
+    pub async fn settle(&mut self, ids: &[SagaId]) -> HashMap<SagaId, SagaStatus> {
+        let mut want: std::collections::HashSet<SagaId> = ids.iter().copied().collect();
+        let mut got = HashMap::new();
+        // Some may have settled before the caller started listening: check the store.
+        for id in ids {
+            if let Some(s) = self.store.load(*id).await.expect("load") {
+                if matches!(
+                    s.state.status,
+                    SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed
+                ) {
+                    got.insert(*id, s.state.status);
+                    want.remove(id);
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !want.is_empty() {
+            let outcome = tokio::time::timeout_at(deadline, self.outcomes.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{} sagas did not settle within {DEADLINE:?}", want.len()))
+                .expect("outcome channel open");
+            if want.remove(&outcome.id) {
+                got.insert(outcome.id, outcome.status);
+            }
+        }
+        got
+    }
+
+    pub async fn status(&self, id: SagaId) -> SagaStatus {
+        self.store
+            .load(id)
+            .await
+            .expect("load")
+            .expect("saga exists")
+            .state
+            .status
+    }
+
+    pub async fn shutdown(self) {
+        self.runtime.shutdown().await;
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Names of the inputs in a saga's journal, in order (`applied` or `ignored:` prefixed).
+pub async fn journal_inputs(store: &dyn SagaStore, id: SagaId) -> Vec<String> {
+    store
+        .journal(id)
+        .await
+        .expect("journal")
+        .iter()
+        .map(|e| {
+            let input = e.body["input"]["input"].as_str().unwrap_or("?").to_owned();
+            if e.kind == "ignored" {
+                format!("ignored:{input}")
+            } else {
+                input
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,427 @@
+//! End-to-end through the actors on the embedded adapters (in-process bus; memory and
+//! SQLite stores): the checkout saga's happy path, compensation, retries,
+//! dead-lettering and re-drive, a panicking handler, a restart mid-flight, and bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use serde::{Deserialize, Serialize};
+use skald::adapters::memory::MemoryBus;
+use skald::definition::{SagaDefinition, Step};
+use skald::ids::{CommandKind, SagaId};
+use skald::machine::{SagaStatus, StepError};
+use skald::participant;
+use skald::ports::{Bus, DeadLetterCategory, Headers, Message};
+use skald::retry::RetryPolicy;
+use skald::sagas::checkout::{Checkout, check_consistency, steps, subjects};
+use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig};
+use skald::wire::{self, Outcome};
+use skald::{Applied, Runtime, RuntimeError};
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Memory).await
+                }
+            )*
+        }
+        mod sqlite_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    happy_path,
+    declined_payment_is_compensated,
+    flaky_step_is_retried_then_completed,
+    failing_compensation_is_dead_lettered_then_redriven,
+    restart_mid_flight_resumes_without_loss,
+    bad_input_is_dead_lettered_and_duplicates_ignored,
+    panicking_handler_is_reactivated_from_the_store,
+);
+
+async fn assert_consistent(env: &TestEnv, statuses: &HashMap<SagaId, SagaStatus>) {
+    let records = env.ledger.records().await.expect("records");
+    let sagas: Vec<_> = statuses.iter().map(|(k, v)| (*k, *v)).collect();
+    let report = check_consistency(&sagas, &records);
+    assert!(report.is_consistent(), "{:?}", report.violations);
+    assert_eq!(report.checked, sagas.len());
+}
+
+async fn happy_path(kind: StoreKind) {
+    let dir = TempDir::new();
+    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), reliable(), no_script()).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(env.start_order(i).await);
+    }
+    let statuses = env.settle(&ids).await;
+    assert!(statuses.values().all(|s| *s == SagaStatus::Completed), "{statuses:?}");
+    assert_consistent(&env, &statuses).await;
+    // The replies' outputs were applied to the data.
+    let saga = env.store.load(ids[0]).await.expect("load").expect("exists");
+    let data: Checkout = env.checkout.decode(&saga.state.data).expect("decode");
+    assert!(data.reservation_id.is_some() && data.payment_id.is_some() && data.shipment_id.is_some());
+    assert_eq!(
+        journal_inputs(env.store.as_ref(), ids[0]).await,
+        ["started", "step_succeeded", "step_succeeded", "step_succeeded"]
+    );
+    env.shutdown().await;
+}
+
+async fn declined_payment_is_compensated(kind: StoreKind) {
+    let dir = TempDir::new();
+    let declines = SimConfig {
+        decline_rate: 1.0,
+        ..reliable()
+    };
+    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), declines, no_script()).await;
+    let ids = vec![env.start_order(1).await, env.start_order(2).await];
+    let statuses = env.settle(&ids).await;
+    assert!(statuses.values().all(|s| *s == SagaStatus::Compensated), "{statuses:?}");
+    assert_consistent(&env, &statuses).await;
+    let records = env.ledger.records().await.expect("records");
+    assert_eq!(records[&ids[0]].reservations_released, 1, "the reservation was released");
+    assert_eq!(records[&ids[0]].charges_live + records[&ids[0]].charges_refunded, 0);
+    let saga = env.store.load(ids[0]).await.expect("load").expect("exists");
+    assert_eq!(saga.state.failure.as_ref().map(|f| f.code.as_str()), Some("card_declined"));
+    env.shutdown().await;
+}
+
+async fn flaky_step_is_retried_then_completed(kind: StoreKind) {
+    let dir = TempDir::new();
+    // The charge fails retryably on its first two attempts.
+    let script: Script = Arc::new(|cmd| {
+        (cmd.subject == subjects::CHARGE && cmd.envelope.attempt <= 2)
+            .then(|| Outcome::Retryable(StepError::new("unavailable", "try later")))
+    });
+    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), reliable(), script).await;
+    let id = env.start_order(1).await;
+    let statuses = env.settle(&[id]).await;
+    assert_eq!(statuses[&id], SagaStatus::Completed);
+    assert_consistent(&env, &statuses).await;
+    let inputs = journal_inputs(env.store.as_ref(), id).await;
+    assert_eq!(inputs.iter().filter(|i| *i == "step_failed").count(), 2, "{inputs:?}");
+    assert_eq!(inputs.iter().filter(|i| *i == "retry_due").count(), 2, "{inputs:?}");
+    env.shutdown().await;
+}
+
+async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
+    let dir = TempDir::new();
+    let refund_broken = Arc::new(AtomicBool::new(true));
+    let broken = refund_broken.clone();
+    // Shipping refuses for good; the refund keeps failing until "fixed".
+    let script: Script = Arc::new(move |cmd| {
+        if cmd.subject == subjects::SHIP {
+            return Some(Outcome::Failure(StepError::new("no_carrier", "cannot ship")));
+        }
+        (cmd.subject == subjects::REFUND && broken.load(Ordering::SeqCst))
+            .then(|| Outcome::Retryable(StepError::new("bank_down", "refunds unavailable")))
+    });
+    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), reliable(), script).await;
+    let id = env.start_order(1).await;
+    assert_eq!(env.settle(&[id]).await[&id], SagaStatus::Failed);
+
+    let saga = env.store.load(id).await.expect("load").expect("exists");
+    let dl = saga.state.dead_letter.clone().expect("dead-letter info");
+    assert_eq!(dl.step_name.as_str(), steps::CHARGE_PAYMENT);
+    assert_eq!(dl.kind, CommandKind::Compensation);
+    assert_eq!(dl.attempts, fast_timing().compensation_retry.max_attempts);
+    assert_eq!(dl.error.code, "bank_down");
+    let open = env.store.dead_letters(true, 10).await.expect("dead letters");
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0].category, DeadLetterCategory::Saga);
+    assert_eq!(open[0].saga_id, Some(id));
+    assert_eq!(open[0].step.as_deref(), Some(steps::CHARGE_PAYMENT));
+
+    // Re-driving a running saga is refused; a dead-lettered one resumes.
+    refund_broken.store(false, Ordering::SeqCst);
+    let applied = env.runtime.redrive(id).await.expect("redrive");
+    assert_eq!(applied, Applied::Transitioned { status: SagaStatus::Compensating });
+    let statuses = env.settle(&[id]).await;
+    assert_eq!(statuses[&id], SagaStatus::Compensated);
+    assert_consistent(&env, &statuses).await;
+    assert!(env.store.dead_letters(true, 10).await.expect("dead letters").is_empty(), "resolved");
+    let err = env.runtime.redrive(id).await.expect_err("terminal saga");
+    assert!(matches!(err, RuntimeError::Transition(_)), "{err}");
+    env.shutdown().await;
+}
+
+async fn restart_mid_flight_resumes_without_loss(kind: StoreKind) {
+    let dir = TempDir::new();
+    let store = store(kind, &dir).await;
+    let ledger = MemoryLedger::new();
+    // First process: shipping is down, so every saga stops waiting at its last step.
+    let first = TestEnv::start_with(
+        Arc::clone(&store),
+        ledger.clone(),
+        reliable(),
+        no_script(),
+        &["inventory", "payment"],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(first.start_order(i).await);
+    }
+    wait_until("every saga waiting on shipping", || {
+        let store = Arc::clone(&store);
+        let ids = ids.clone();
+        async move {
+            for id in &ids {
+                let s = store.load(*id).await.expect("load").expect("exists");
+                if s.state.completed != 2 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    // The process goes away with commands in flight on its (non-durable) bus.
+    first.shutdown().await;
+
+    // Second process on the same store, every service up: it resumes them all.
+    let mut second = TestEnv::start(Arc::clone(&store), ledger, reliable(), no_script()).await;
+    let statuses = second.settle(&ids).await;
+    assert!(statuses.values().all(|s| *s == SagaStatus::Completed), "{statuses:?}");
+    assert_consistent(&second, &statuses).await;
+    let inputs = journal_inputs(store.as_ref(), ids[0]).await;
+    assert!(inputs.contains(&"resumed".to_string()), "{inputs:?}");
+    second.shutdown().await;
+}
+
+fn reply(saga: SagaId, step: &str, attempt: &str, outcome: &str, body: &'static [u8]) -> Message {
+    let mut h = Headers::new();
+    h.insert(wire::H_SAGA_ID, saga.to_string());
+    h.insert(wire::H_SAGA_TYPE, "checkout");
+    h.insert(wire::H_STEP, step);
+    h.insert(wire::H_KIND, "action");
+    h.insert(wire::H_ATTEMPT, attempt);
+    h.insert(wire::H_IDEMPOTENCY_KEY, format!("{saga}:{step}:action"));
+    h.insert(wire::H_OUTCOME, outcome);
+    Message {
+        subject: "skald.reply.checkout".into(),
+        headers: h,
+        payload: Bytes::from_static(body),
+    }
+}
+
+async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
+    let dir = TempDir::new();
+    // Inventory is down: the saga waits on reserve_inventory attempt 1, and the test
+    // plays the inventory service by hand.
+    let mut env = TestEnv::start_with(
+        store(kind, &dir).await,
+        MemoryLedger::new(),
+        reliable(),
+        no_script(),
+        &["payment", "shipping"],
+    )
+    .await;
+    let id = env.start_order(1).await;
+    let step = steps::RESERVE_INVENTORY;
+
+    let mut no_headers = reply(id, step, "1", "success", b"{}");
+    no_headers.headers = Headers::new();
+    let mut unknown_type = reply(id, step, "1", "success", b"{}");
+    unknown_type.headers.insert(wire::H_SAGA_TYPE, "nope");
+    let poison = [
+        (reply(id, step, "1", "success", b"{not json"), "not JSON"),
+        (no_headers, "missing header"),
+        (reply(SagaId::new(), step, "1", "success", b"{}"), "unknown saga"),
+        (reply(id, "teleport", "1", "success", b"{}"), "unknown step"),
+        (reply(id, step, "1", "success", b"{\"unexpected\":true}"), "decoding reply output"),
+        (unknown_type, "unknown saga type"),
+    ];
+    for (msg, _) in &poison {
+        env.bus.publish(msg.clone()).await.expect("publish");
+    }
+    let store = Arc::clone(&env.store);
+    let expected = poison.len();
+    let dead = wait_until("every poison message dead-lettered", || {
+        let store = Arc::clone(&store);
+        async move {
+            let d = store.dead_letters(true, 100).await.expect("dead letters");
+            (d.len() >= expected).then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), poison.len(), "{dead:#?}");
+    for (_, reason) in &poison {
+        assert!(
+            dead.iter().any(|d| d.category == DeadLetterCategory::Poison && d.reason.contains(reason)),
+            "no dead letter says {reason:?}: {dead:#?}"
+        );
+    }
+    assert!(dead.iter().all(|d| d.message.is_some()), "the raw message is kept");
+    assert_eq!(env.runtime.stats().poison.load(Ordering::Relaxed), poison.len() as u64);
+    assert_eq!(env.status(id).await, SagaStatus::Running, "poison changed nothing");
+
+    // A stale reply (an attempt never sent) and then the real reply, twice.
+    env.bus
+        .publish(reply(id, step, "7", "success", b"{\"reservation_id\":\"r-7\"}"))
+        .await
+        .expect("publish");
+    let store = Arc::clone(&env.store);
+    wait_until("the stale reply recorded as ignored", || {
+        let store = Arc::clone(&store);
+        async move {
+            let inputs = journal_inputs(store.as_ref(), id).await;
+            inputs.iter().any(|i| i.starts_with("ignored:")).then_some(())
+        }
+    })
+    .await;
+    let good = reply(id, step, "1", "success", b"{\"reservation_id\":\"r-1\"}");
+    env.bus.publish(good.clone()).await.expect("publish");
+    let statuses = env.settle(&[id]).await;
+    assert_eq!(statuses[&id], SagaStatus::Completed);
+    env.bus.publish(good).await.expect("publish duplicate");
+    let store = Arc::clone(&env.store);
+    let inputs = wait_until("the duplicate recorded as ignored", || {
+        let store = Arc::clone(&store);
+        async move {
+            let inputs = journal_inputs(store.as_ref(), id).await;
+            (inputs.iter().filter(|i| i.starts_with("ignored:")).count() >= 2).then_some(inputs)
+        }
+    })
+    .await;
+    assert_eq!(
+        inputs,
+        [
+            "started",
+            "ignored:step_succeeded",
+            "step_succeeded",
+            "step_succeeded",
+            "step_succeeded",
+            "ignored:step_succeeded"
+        ]
+    );
+    let saga = env.store.load(id).await.expect("load").expect("exists");
+    let data: Checkout = env.checkout.decode(&saga.state.data).expect("decode");
+    assert_eq!(data.reservation_id.as_deref(), Some("r-1"), "the stale reply was not applied");
+    // The runtime kept working throughout.
+    let other = env.start_order(2).await;
+    env.bus
+        .publish(reply(other, step, "1", "success", b"{\"reservation_id\":\"r-2\"}"))
+        .await
+        .expect("publish");
+    assert_eq!(env.settle(&[other]).await[&other], SagaStatus::Completed, "{}", other);
+    env.shutdown().await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Counter {
+    n: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Added {
+    add: u64,
+}
+
+async fn panicking_handler_is_reactivated_from_the_store(kind: StoreKind) {
+    let dir = TempDir::new();
+    let store = store(kind, &dir).await;
+    let saga_type = match kind {
+        StoreKind::Memory => "panicky-memory",
+        StoreKind::Sqlite => "panicky-sqlite",
+    };
+    let panicked = Arc::new(AtomicBool::new(false));
+    let flag = panicked.clone();
+    // The success handler panics the first time it runs.
+    let def = SagaDefinition::<Counter>::builder(saga_type, 1)
+        .step(
+            Step::new("add")
+                .action("skald.cmd.counter.add", |c: &Counter| c.n)
+                .on_success(move |c: &mut Counter, a: Added| {
+                    if !flag.swap(true, Ordering::SeqCst) {
+                        panic!("injected panic in a success handler");
+                    }
+                    c.n += a.add;
+                })
+                .retry(RetryPolicy::no_retry())
+                .timeout(Duration::from_secs(5)),
+        )
+        .build()
+        .expect("valid");
+    let bus = Arc::new(MemoryBus::new());
+    let _participant = participant::serve(bus.clone() as Arc<dyn Bus>, "skald.cmd.counter.>", "counter", 4, |_| async {
+        Outcome::Success(serde_json::json!({ "add": 2 }))
+    })
+    .await
+    .expect("participant");
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&store))
+        .bus(bus.clone())
+        .register(&def)
+        .options(options())
+        .start()
+        .await
+        .expect("start");
+    let mut outcomes = runtime.outcomes();
+    let id = runtime.start_saga(&def, &Counter { n: 1 }).await.expect("start saga");
+    let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+        .await
+        .expect("settles in time")
+        .expect("outcome");
+    assert_eq!((outcome.id, outcome.status), (id, SagaStatus::Completed));
+    assert!(panicked.load(Ordering::SeqCst), "the handler did panic");
+    let saga = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(def.decode(&saga.state.data).expect("decode").n, 3, "applied exactly once");
+    assert!(runtime.stats().reactivations.load(Ordering::Relaxed) >= 1);
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_saga_type_and_bad_start_are_refused() {
+    let err = Runtime::builder()
+        .store(Arc::new(skald::adapters::memory::MemoryStore::new()))
+        .bus(Arc::new(MemoryBus::new()))
+        .start()
+        .await
+        .expect_err("no definitions");
+    assert!(err.to_string().contains("no saga definition"), "{err}");
+    let err = Runtime::builder()
+        .bus(Arc::new(MemoryBus::new()))
+        .start()
+        .await
+        .expect_err("no store");
+    assert!(err.to_string().contains("no store"), "{err}");
+
+    let dir = TempDir::new();
+    let env = TestEnv::start(store(StoreKind::Memory, &dir).await, MemoryLedger::new(), reliable(), no_script()).await;
+    let other = SagaDefinition::<Counter>::builder("unregistered", 1)
+        .step(Step::new("a").action("skald.cmd.x.y", |c: &Counter| c.n))
+        .build()
+        .expect("valid");
+    let err = env.runtime.start_saga(&other, &Counter { n: 0 }).await.expect_err("unregistered");
+    assert!(matches!(err, RuntimeError::UnknownSagaType { .. }), "{err}");
+    let err = env.runtime.redrive(SagaId::new()).await.expect_err("unknown id");
+    assert!(matches!(err, RuntimeError::UnknownSaga(_)), "{err}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn sqlite_store_reports_an_unusable_path() {
+    let err = skald::adapters::sqlite::SqliteStore::connect("sqlite:///nonexistent-dir/sub/skald.db")
+        .await
+        .expect_err("cannot open");
+    let text = err.to_string();
+    assert!(text.contains("nonexistent-dir"), "names the path: {text}");
+}
