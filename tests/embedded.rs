@@ -65,21 +65,37 @@ async fn assert_consistent(env: &TestEnv, statuses: &HashMap<SagaId, SagaStatus>
 
 async fn happy_path(kind: StoreKind) {
     let dir = TempDir::new();
-    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), reliable(), no_script()).await;
+    let mut env = TestEnv::start(
+        store(kind, &dir).await,
+        MemoryLedger::new(),
+        reliable(),
+        no_script(),
+    )
+    .await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(env.start_order(i).await);
     }
     let statuses = env.settle(&ids).await;
-    assert!(statuses.values().all(|s| *s == SagaStatus::Completed), "{statuses:?}");
+    assert!(
+        statuses.values().all(|s| *s == SagaStatus::Completed),
+        "{statuses:?}"
+    );
     assert_consistent(&env, &statuses).await;
     // The replies' outputs were applied to the data.
     let saga = env.store.load(ids[0]).await.expect("load").expect("exists");
     let data: Checkout = env.checkout.decode(&saga.state.data).expect("decode");
-    assert!(data.reservation_id.is_some() && data.payment_id.is_some() && data.shipment_id.is_some());
+    assert!(
+        data.reservation_id.is_some() && data.payment_id.is_some() && data.shipment_id.is_some()
+    );
     assert_eq!(
         journal_inputs(env.store.as_ref(), ids[0]).await,
-        ["started", "step_succeeded", "step_succeeded", "step_succeeded"]
+        [
+            "started",
+            "step_succeeded",
+            "step_succeeded",
+            "step_succeeded"
+        ]
     );
     env.shutdown().await;
 }
@@ -90,16 +106,34 @@ async fn declined_payment_is_compensated(kind: StoreKind) {
         decline_rate: 1.0,
         ..reliable()
     };
-    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), declines, no_script()).await;
+    let mut env = TestEnv::start(
+        store(kind, &dir).await,
+        MemoryLedger::new(),
+        declines,
+        no_script(),
+    )
+    .await;
     let ids = vec![env.start_order(1).await, env.start_order(2).await];
     let statuses = env.settle(&ids).await;
-    assert!(statuses.values().all(|s| *s == SagaStatus::Compensated), "{statuses:?}");
+    assert!(
+        statuses.values().all(|s| *s == SagaStatus::Compensated),
+        "{statuses:?}"
+    );
     assert_consistent(&env, &statuses).await;
     let records = env.ledger.records().await.expect("records");
-    assert_eq!(records[&ids[0]].reservations_released, 1, "the reservation was released");
-    assert_eq!(records[&ids[0]].charges_live + records[&ids[0]].charges_refunded, 0);
+    assert_eq!(
+        records[&ids[0]].reservations_released, 1,
+        "the reservation was released"
+    );
+    assert_eq!(
+        records[&ids[0]].charges_live + records[&ids[0]].charges_refunded,
+        0
+    );
     let saga = env.store.load(ids[0]).await.expect("load").expect("exists");
-    assert_eq!(saga.state.failure.as_ref().map(|f| f.code.as_str()), Some("card_declined"));
+    assert_eq!(
+        saga.state.failure.as_ref().map(|f| f.code.as_str()),
+        Some("card_declined")
+    );
     env.shutdown().await;
 }
 
@@ -110,14 +144,28 @@ async fn flaky_step_is_retried_then_completed(kind: StoreKind) {
         (cmd.subject == subjects::CHARGE && cmd.envelope.attempt <= 2)
             .then(|| Outcome::Retryable(StepError::new("unavailable", "try later")))
     });
-    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), reliable(), script).await;
+    let mut env = TestEnv::start(
+        store(kind, &dir).await,
+        MemoryLedger::new(),
+        reliable(),
+        script,
+    )
+    .await;
     let id = env.start_order(1).await;
     let statuses = env.settle(&[id]).await;
     assert_eq!(statuses[&id], SagaStatus::Completed);
     assert_consistent(&env, &statuses).await;
     let inputs = journal_inputs(env.store.as_ref(), id).await;
-    assert_eq!(inputs.iter().filter(|i| *i == "step_failed").count(), 2, "{inputs:?}");
-    assert_eq!(inputs.iter().filter(|i| *i == "retry_due").count(), 2, "{inputs:?}");
+    assert_eq!(
+        inputs.iter().filter(|i| *i == "step_failed").count(),
+        2,
+        "{inputs:?}"
+    );
+    assert_eq!(
+        inputs.iter().filter(|i| *i == "retry_due").count(),
+        2,
+        "{inputs:?}"
+    );
     env.shutdown().await;
 }
 
@@ -128,12 +176,21 @@ async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
     // Shipping refuses for good; the refund keeps failing until "fixed".
     let script: Script = Arc::new(move |cmd| {
         if cmd.subject == subjects::SHIP {
-            return Some(Outcome::Failure(StepError::new("no_carrier", "cannot ship")));
+            return Some(Outcome::Failure(StepError::new(
+                "no_carrier",
+                "cannot ship",
+            )));
         }
         (cmd.subject == subjects::REFUND && broken.load(Ordering::SeqCst))
             .then(|| Outcome::Retryable(StepError::new("bank_down", "refunds unavailable")))
     });
-    let mut env = TestEnv::start(store(kind, &dir).await, MemoryLedger::new(), reliable(), script).await;
+    let mut env = TestEnv::start(
+        store(kind, &dir).await,
+        MemoryLedger::new(),
+        reliable(),
+        script,
+    )
+    .await;
     let id = env.start_order(1).await;
     assert_eq!(env.settle(&[id]).await[&id], SagaStatus::Failed);
 
@@ -143,7 +200,11 @@ async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
     assert_eq!(dl.kind, CommandKind::Compensation);
     assert_eq!(dl.attempts, fast_timing().compensation_retry.max_attempts);
     assert_eq!(dl.error.code, "bank_down");
-    let open = env.store.dead_letters(true, 10).await.expect("dead letters");
+    let open = env
+        .store
+        .dead_letters(true, 10)
+        .await
+        .expect("dead letters");
     assert_eq!(open.len(), 1, "{open:?}");
     assert_eq!(open[0].category, DeadLetterCategory::Saga);
     assert_eq!(open[0].saga_id, Some(id));
@@ -152,11 +213,23 @@ async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
     // Re-driving a running saga is refused; a dead-lettered one resumes.
     refund_broken.store(false, Ordering::SeqCst);
     let applied = env.runtime.redrive(id).await.expect("redrive");
-    assert_eq!(applied, Applied::Transitioned { status: SagaStatus::Compensating });
+    assert_eq!(
+        applied,
+        Applied::Transitioned {
+            status: SagaStatus::Compensating
+        }
+    );
     let statuses = env.settle(&[id]).await;
     assert_eq!(statuses[&id], SagaStatus::Compensated);
     assert_consistent(&env, &statuses).await;
-    assert!(env.store.dead_letters(true, 10).await.expect("dead letters").is_empty(), "resolved");
+    assert!(
+        env.store
+            .dead_letters(true, 10)
+            .await
+            .expect("dead letters")
+            .is_empty(),
+        "resolved"
+    );
     let err = env.runtime.redrive(id).await.expect_err("terminal saga");
     assert!(matches!(err, RuntimeError::Transition(_)), "{err}");
     env.shutdown().await;
@@ -199,7 +272,10 @@ async fn restart_mid_flight_resumes_without_loss(kind: StoreKind) {
     // Second process on the same store, every service up: it resumes them all.
     let mut second = TestEnv::start(Arc::clone(&store), ledger, reliable(), no_script()).await;
     let statuses = second.settle(&ids).await;
-    assert!(statuses.values().all(|s| *s == SagaStatus::Completed), "{statuses:?}");
+    assert!(
+        statuses.values().all(|s| *s == SagaStatus::Completed),
+        "{statuses:?}"
+    );
     assert_consistent(&second, &statuses).await;
     let inputs = journal_inputs(store.as_ref(), ids[0]).await;
     assert!(inputs.contains(&"resumed".to_string()), "{inputs:?}");
@@ -244,9 +320,15 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
     let poison = [
         (reply(id, step, "1", "success", b"{not json"), "not JSON"),
         (no_headers, "missing header"),
-        (reply(SagaId::new(), step, "1", "success", b"{}"), "unknown saga"),
+        (
+            reply(SagaId::new(), step, "1", "success", b"{}"),
+            "unknown saga",
+        ),
         (reply(id, "teleport", "1", "success", b"{}"), "unknown step"),
-        (reply(id, step, "1", "success", b"{\"unexpected\":true}"), "decoding reply output"),
+        (
+            reply(id, step, "1", "success", b"{\"unexpected\":true}"),
+            "decoding reply output",
+        ),
         (unknown_type, "unknown saga type"),
     ];
     for (msg, _) in &poison {
@@ -265,17 +347,34 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
     assert_eq!(dead.len(), poison.len(), "{dead:#?}");
     for (_, reason) in &poison {
         assert!(
-            dead.iter().any(|d| d.category == DeadLetterCategory::Poison && d.reason.contains(reason)),
+            dead.iter()
+                .any(|d| d.category == DeadLetterCategory::Poison && d.reason.contains(reason)),
             "no dead letter says {reason:?}: {dead:#?}"
         );
     }
-    assert!(dead.iter().all(|d| d.message.is_some()), "the raw message is kept");
-    assert_eq!(env.runtime.stats().poison.load(Ordering::Relaxed), poison.len() as u64);
-    assert_eq!(env.status(id).await, SagaStatus::Running, "poison changed nothing");
+    assert!(
+        dead.iter().all(|d| d.message.is_some()),
+        "the raw message is kept"
+    );
+    assert_eq!(
+        env.runtime.stats().poison.load(Ordering::Relaxed),
+        poison.len() as u64
+    );
+    assert_eq!(
+        env.status(id).await,
+        SagaStatus::Running,
+        "poison changed nothing"
+    );
 
     // A stale reply (an attempt never sent) and then the real reply, twice.
     env.bus
-        .publish(reply(id, step, "7", "success", b"{\"reservation_id\":\"r-7\"}"))
+        .publish(reply(
+            id,
+            step,
+            "7",
+            "success",
+            b"{\"reservation_id\":\"r-7\"}",
+        ))
         .await
         .expect("publish");
     let store = Arc::clone(&env.store);
@@ -283,7 +382,10 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
         let store = Arc::clone(&store);
         async move {
             let inputs = journal_inputs(store.as_ref(), id).await;
-            inputs.iter().any(|i| i.starts_with("ignored:")).then_some(())
+            inputs
+                .iter()
+                .any(|i| i.starts_with("ignored:"))
+                .then_some(())
         }
     })
     .await;
@@ -314,14 +416,29 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
     );
     let saga = env.store.load(id).await.expect("load").expect("exists");
     let data: Checkout = env.checkout.decode(&saga.state.data).expect("decode");
-    assert_eq!(data.reservation_id.as_deref(), Some("r-1"), "the stale reply was not applied");
+    assert_eq!(
+        data.reservation_id.as_deref(),
+        Some("r-1"),
+        "the stale reply was not applied"
+    );
     // The runtime kept working throughout.
     let other = env.start_order(2).await;
     env.bus
-        .publish(reply(other, step, "1", "success", b"{\"reservation_id\":\"r-2\"}"))
+        .publish(reply(
+            other,
+            step,
+            "1",
+            "success",
+            b"{\"reservation_id\":\"r-2\"}",
+        ))
         .await
         .expect("publish");
-    assert_eq!(env.settle(&[other]).await[&other], SagaStatus::Completed, "{}", other);
+    assert_eq!(
+        env.settle(&[other]).await[&other],
+        SagaStatus::Completed,
+        "{}",
+        other
+    );
     env.shutdown().await;
 }
 
@@ -361,9 +478,13 @@ async fn panicking_handler_is_reactivated_from_the_store(kind: StoreKind) {
         .build()
         .expect("valid");
     let bus = Arc::new(MemoryBus::new());
-    let _participant = participant::serve(bus.clone() as Arc<dyn Bus>, "skald.cmd.counter.>", "counter", 4, |_| async {
-        Outcome::Success(serde_json::json!({ "add": 2 }))
-    })
+    let _participant = participant::serve(
+        bus.clone() as Arc<dyn Bus>,
+        "skald.cmd.counter.>",
+        "counter",
+        4,
+        |_| async { Outcome::Success(serde_json::json!({ "add": 2 })) },
+    )
     .await
     .expect("participant");
     let runtime = Runtime::builder()
@@ -375,7 +496,10 @@ async fn panicking_handler_is_reactivated_from_the_store(kind: StoreKind) {
         .await
         .expect("start");
     let mut outcomes = runtime.outcomes();
-    let id = runtime.start_saga(&def, &Counter { n: 1 }).await.expect("start saga");
+    let id = runtime
+        .start_saga(&def, &Counter { n: 1 })
+        .await
+        .expect("start saga");
     let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
         .await
         .expect("settles in time")
@@ -383,7 +507,11 @@ async fn panicking_handler_is_reactivated_from_the_store(kind: StoreKind) {
     assert_eq!((outcome.id, outcome.status), (id, SagaStatus::Completed));
     assert!(panicked.load(Ordering::SeqCst), "the handler did panic");
     let saga = store.load(id).await.expect("load").expect("exists");
-    assert_eq!(def.decode(&saga.state.data).expect("decode").n, 3, "applied exactly once");
+    assert_eq!(
+        def.decode(&saga.state.data).expect("decode").n,
+        3,
+        "applied exactly once"
+    );
     assert!(runtime.stats().reactivations.load(Ordering::Relaxed) >= 1);
     runtime.shutdown().await;
 }
@@ -405,23 +533,38 @@ async fn unknown_saga_type_and_bad_start_are_refused() {
     assert!(err.to_string().contains("no store"), "{err}");
 
     let dir = TempDir::new();
-    let env = TestEnv::start(store(StoreKind::Memory, &dir).await, MemoryLedger::new(), reliable(), no_script()).await;
+    let env = TestEnv::start(
+        store(StoreKind::Memory, &dir).await,
+        MemoryLedger::new(),
+        reliable(),
+        no_script(),
+    )
+    .await;
     let other = SagaDefinition::<Counter>::builder("unregistered", 1)
         .step(Step::new("a").action("skald.cmd.x.y", |c: &Counter| c.n))
         .build()
         .expect("valid");
-    let err = env.runtime.start_saga(&other, &Counter { n: 0 }).await.expect_err("unregistered");
+    let err = env
+        .runtime
+        .start_saga(&other, &Counter { n: 0 })
+        .await
+        .expect_err("unregistered");
     assert!(matches!(err, RuntimeError::UnknownSagaType { .. }), "{err}");
-    let err = env.runtime.redrive(SagaId::new()).await.expect_err("unknown id");
+    let err = env
+        .runtime
+        .redrive(SagaId::new())
+        .await
+        .expect_err("unknown id");
     assert!(matches!(err, RuntimeError::UnknownSaga(_)), "{err}");
     env.shutdown().await;
 }
 
 #[tokio::test]
 async fn sqlite_store_reports_an_unusable_path() {
-    let err = skald::adapters::sqlite::SqliteStore::connect("sqlite:///nonexistent-dir/sub/skald.db")
-        .await
-        .expect_err("cannot open");
+    let err =
+        skald::adapters::sqlite::SqliteStore::connect("sqlite:///nonexistent-dir/sub/skald.db")
+            .await
+            .expect_err("cannot open");
     let text = err.to_string();
     assert!(text.contains("nonexistent-dir"), "names the path: {text}");
 }

@@ -160,7 +160,12 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    pub async fn start(store: Arc<dyn SagaStore>, ledger: MemoryLedger, config: SimConfig, script: Script) -> TestEnv {
+    pub async fn start(
+        store: Arc<dyn SagaStore>,
+        ledger: MemoryLedger,
+        config: SimConfig,
+        script: Script,
+    ) -> TestEnv {
         TestEnv::start_with(store, ledger, config, script, ALL_SERVICES).await
     }
 
@@ -173,7 +178,8 @@ impl TestEnv {
         only: &[&str],
     ) -> TestEnv {
         let bus = Arc::new(MemoryBus::new());
-        let participants = start_participants(bus.clone(), ledger.clone(), config, script, only).await;
+        let participants =
+            start_participants(bus.clone(), ledger.clone(), config, script, only).await;
         let checkout = checkout_definition(fast_timing()).expect("valid definition");
         let runtime = Runtime::builder()
             .store(Arc::clone(&store))
@@ -217,21 +223,23 @@ impl TestEnv {
         let mut got = HashMap::new();
         // Some may have settled before the caller started listening: check the store.
         for id in ids {
-            if let Some(s) = self.store.load(*id).await.expect("load") {
-                if matches!(
+            if let Some(s) = self.store.load(*id).await.expect("load")
+                && matches!(
                     s.state.status,
                     SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed
-                ) {
-                    got.insert(*id, s.state.status);
-                    want.remove(id);
-                }
+                )
+            {
+                got.insert(*id, s.state.status);
+                want.remove(id);
             }
         }
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while !want.is_empty() {
             let outcome = tokio::time::timeout_at(deadline, self.outcomes.recv())
                 .await
-                .unwrap_or_else(|_| panic!("{} sagas did not settle within {DEADLINE:?}", want.len()))
+                .unwrap_or_else(|_| {
+                    panic!("{} sagas did not settle within {DEADLINE:?}", want.len())
+                })
                 .expect("outcome channel open");
             if want.remove(&outcome.id) {
                 got.insert(outcome.id, outcome.status);

@@ -53,8 +53,8 @@ pub enum Applied {
 enum Load {
     /// Loading from the store (messages wait).
     Pending,
-    /// Loaded (or created in memory by a start).
-    Ready(StoredSaga),
+    /// Loaded (or created in memory by a start). Boxed: the other variants are small.
+    Ready(Box<StoredSaga>),
     /// Taken out by the handler that is running (atomic: no other handler runs).
     InFlight,
     /// No such saga in the store.
@@ -99,7 +99,7 @@ impl SagaInstance {
             shared,
             registry,
             load: match initial {
-                Some(state) => Load::Ready(StoredSaga { state, version: 0 }),
+                Some(state) => Load::Ready(Box::new(StoredSaga { state, version: 0 })),
                 None => Load::Pending,
             },
             keep_alive: None,
@@ -120,7 +120,7 @@ impl SagaInstance {
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
             act.load = match res {
-                Ok(Some(saga)) => Load::Ready(saga),
+                Ok(Some(saga)) => Load::Ready(Box::new(saga)),
                 Ok(None) => Load::Missing,
                 Err(e) => {
                     warn!(saga.id = %act.id, error = %e, "loading saga failed");
@@ -135,13 +135,14 @@ impl SagaInstance {
     fn take(&mut self) -> Result<(StoredSaga, Arc<Definition>), RuntimeError> {
         match std::mem::replace(&mut self.load, Load::InFlight) {
             Load::Ready(saga) => {
+                let saga = *saga;
                 match self
                     .shared
                     .definition(&saga.state.saga_type, saga.state.definition_version)
                 {
                     Ok(def) => Ok((saga, Arc::clone(def))),
                     Err(e) => {
-                        self.load = Load::Ready(saga);
+                        self.load = Load::Ready(Box::new(saga));
                         Err(e)
                     }
                 }
@@ -167,7 +168,7 @@ impl SagaInstance {
     fn put_back(&mut self, saga: Option<StoredSaga>, ctx: &mut Context<Self>) {
         match saga {
             Some(saga) => {
-                self.load = Load::Ready(saga);
+                self.load = Load::Ready(Box::new(saga));
                 self.after_change(ctx);
             }
             None => {
@@ -189,11 +190,11 @@ impl SagaInstance {
         if let Some(h) = self.wake_timer.take() {
             ctx.cancel_future(h);
         }
-        if let Load::Ready(saga) = &self.load {
-            if let Some(at) = saga.state.wake_at() {
-                let delay = self.shared.clock.now().until(at);
-                self.wake_timer = Some(ctx.run_later(delay, |_, ctx| ctx.notify(Wake)));
-            }
+        if let Load::Ready(saga) = &self.load
+            && let Some(at) = saga.state.wake_at()
+        {
+            let delay = self.shared.clock.now().until(at);
+            self.wake_timer = Some(ctx.run_later(delay, |_, ctx| ctx.notify(Wake)));
         }
         if let Some(h) = self.idle_timer.take() {
             ctx.cancel_future(h);
@@ -239,7 +240,7 @@ impl SagaInstance {
                 match saga.state.due_input(&def, now, self.shared.jitter.draw()) {
                     Some(i) => i,
                     None => {
-                        self.load = Load::Ready(saga);
+                        self.load = Load::Ready(Box::new(saga));
                         self.after_change(ctx);
                         return Box::pin(actix::fut::ready(Ok(Applied::Ignored {
                             reason: "no wake-up due".into(),
@@ -378,8 +379,8 @@ async fn process(
                     Ok((state, effects))
                 }
                 // Late, repeated or out-of-order replies and timers are recorded and
-            // acknowledged; an operator's request on a finished saga is refused.
-            Err(e) if e.is_ignorable() && saga.version > 0 && !is_request(&input) => {
+                // acknowledged; an operator's request on a finished saga is refused.
+                Err(e) if e.is_ignorable() && saga.version > 0 && !is_request(&input) => {
                     let body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
                     write = SagaWrite {
                         id: saga.state.id,

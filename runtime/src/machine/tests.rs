@@ -62,17 +62,19 @@ fn policy(max_attempts: u32) -> RetryPolicy {
 /// `done`; actions may try 3 times, compensations twice.
 fn step(name: &str, compensable: bool) -> Step<Order> {
     let s = Step::new(name)
-        .action(format!("skald.cmd.{name}.do"), |o: &Order| {
-            json!({ "order": o.id, "amount": o.amount, "done": o.done })
-        })
+        .action(
+            format!("skald.cmd.{name}.do"),
+            |o: &Order| json!({ "order": o.id, "amount": o.amount, "done": o.done }),
+        )
         .on_success(|o: &mut Order, r: Receipt| o.done.push(r.receipt))
         .retry(policy(3))
         .compensation_retry(policy(2))
         .timeout(TIMEOUT);
     if compensable {
-        s.compensate(format!("skald.cmd.{name}.undo"), |o: &Order| {
-            json!({ "order": o.id, "done": o.done })
-        })
+        s.compensate(
+            format!("skald.cmd.{name}.undo"),
+            |o: &Order| json!({ "order": o.id, "done": o.done }),
+        )
     } else {
         s
     }
@@ -109,7 +111,9 @@ fn with_gap() -> SagaDefinition<Order> {
 }
 
 fn saga_id() -> SagaId {
-    SagaId::from_uuid(uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001))
+    SagaId::from_uuid(uuid::Uuid::from_u128(
+        0x0190_0000_0000_7000_8000_0000_0000_0001,
+    ))
 }
 
 fn fresh(def: &Definition) -> SagaState {
@@ -392,10 +396,15 @@ fn each_success_moves_to_the_next_step_and_the_last_completes_the_saga() {
             let c = the_command(&fx);
             assert_eq!(target(c), (*following, Action, 1));
             // on_success ran before the next payload was built
-            assert_eq!(c.payload["done"], json!(names[..=i]
-                .iter()
-                .map(|n| format!("r-{n}"))
-                .collect::<Vec<_>>()));
+            assert_eq!(
+                c.payload["done"],
+                json!(
+                    names[..=i]
+                        .iter()
+                        .map(|n| format!("r-{n}"))
+                        .collect::<Vec<_>>()
+                )
+            );
             assert_eq!(wakeups(&fx), vec![now.plus(TIMEOUT)]);
             assert!(finished(&fx).is_empty());
         } else {
@@ -462,8 +471,15 @@ fn retryable_failure_schedules_a_backoff_and_the_retry_keeps_the_idempotency_key
         vec![EventKind::StepFailed, EventKind::RetryScheduled]
     );
     let evs = lifecycle(&fx);
-    assert_eq!(evs[0].error.as_ref().map(|e| e.code.as_str()), Some("unavailable"));
-    assert_eq!(evs[1].attempt, Some(2), "the retry announces the next attempt");
+    assert_eq!(
+        evs[0].error.as_ref().map(|e| e.code.as_str()),
+        Some("unavailable")
+    );
+    assert_eq!(
+        evs[1].attempt,
+        Some(2),
+        "the retry announces the next attempt"
+    );
 
     let (s, fx) = apply(def, &s, &retry_due("reserve", Action, 1), due);
     let second = the_command(&fx);
@@ -538,7 +554,12 @@ fn spent_retries_start_compensation() {
     let mut s = run(def, started(def), &[ok("reserve", Action, 1)]);
     let mut charge_sends = 1;
     for attempt in 1..=3 {
-        let (next, fx) = apply(def, &s, &failed("charge", Action, attempt, true), at(10_000));
+        let (next, fx) = apply(
+            def,
+            &s,
+            &failed("charge", Action, attempt, true),
+            at(10_000),
+        );
         s = next;
         if attempt < 3 {
             assert_eq!(s.status, SagaStatus::Running);
@@ -575,7 +596,10 @@ fn permanent_failure_starts_compensation_at_once() {
     assert_eq!(target(c), ("reserve", Compensation, 1));
     assert_eq!(c.subject, "skald.cmd.reserve.undo");
     assert_eq!(c.payload, json!({ "order": "o-1", "done": ["r-reserve"] }));
-    assert_eq!(c.idempotency_key, format!("{}:reserve:compensation", saga_id()));
+    assert_eq!(
+        c.idempotency_key,
+        format!("{}:reserve:compensation", saga_id())
+    );
     assert!(!events(&fx).contains(&EventKind::RetryScheduled));
 }
 
@@ -606,7 +630,11 @@ fn compensation_runs_in_reverse_over_completed_steps_that_have_one() {
         let step = c.step.as_str().to_owned();
         (s, fx) = apply(def, &s, &ok(&step, Compensation, 1), at(10_000));
     }
-    assert_eq!(undone, vec!["charge", "reserve"], "notify has no compensation");
+    assert_eq!(
+        undone,
+        vec!["charge", "reserve"],
+        "notify has no compensation"
+    );
     assert_eq!(s.status, SagaStatus::Compensated);
     assert_eq!(s.pending, None);
     assert_eq!(s.completed, 3, "completed keeps what had been done");
@@ -738,15 +766,32 @@ fn compensation_spending_its_retries_dead_letters_and_a_redrive_grants_a_fresh_b
     // a late reply for the pre-re-drive attempt is stale
     let err = refuse(def, &s, &ok("charge", Compensation, 2), at(10_001));
     assert!(err.is_ignorable());
-    assert!(matches!(err, TransitionError::Stale { attempt: 2, .. }), "{err}");
+    assert!(
+        matches!(err, TransitionError::Stale { attempt: 2, .. }),
+        "{err}"
+    );
 
     // the fresh budget allows max_attempts (2) more attempts before dead-lettering again
-    let (s, fx) = apply(def, &s, &failed("charge", Compensation, 3, true), at(11_000));
-    assert_eq!(s.status, SagaStatus::Compensating, "attempt 3 is only 1 of 2");
+    let (s, fx) = apply(
+        def,
+        &s,
+        &failed("charge", Compensation, 3, true),
+        at(11_000),
+    );
+    assert_eq!(
+        s.status,
+        SagaStatus::Compensating,
+        "attempt 3 is only 1 of 2"
+    );
     assert_eq!(events(&fx)[1], EventKind::RetryScheduled);
     let s = run(def, s, &[retry_due("charge", Compensation, 3)]);
     assert_eq!(pending(&s).attempt, 4);
-    let (s, fx) = apply(def, &s, &failed("charge", Compensation, 4, true), at(12_000));
+    let (s, fx) = apply(
+        def,
+        &s,
+        &failed("charge", Compensation, 4, true),
+        at(12_000),
+    );
     assert_eq!(s.status, SagaStatus::Failed);
     let dl = dead_letters(&fx);
     assert_eq!((dl[0].attempts, dl[0].last_attempt), (2, 4));
@@ -811,7 +856,10 @@ fn duplicate_reply_for_a_completed_step_is_a_duplicate() {
     let def = checkout();
     let def = def.definition();
     let s = run(def, started(def), &[ok("reserve", Action, 1)]);
-    for input in [ok("reserve", Action, 1), failed("reserve", Action, 1, false)] {
+    for input in [
+        ok("reserve", Action, 1),
+        failed("reserve", Action, 1, false),
+    ] {
         let err = refuse(def, &s, &input, at(5_000));
         assert_eq!(
             err,
@@ -1070,7 +1118,11 @@ fn resumed_during_a_backoff_only_schedules_the_wakeup() {
 fn resumed_with_nothing_pending_is_not_allowed() {
     let def = checkout();
     let def = def.definition();
-    let failed_saga = run(def, refunding(def), &[failed("charge", Compensation, 1, false)]);
+    let failed_saga = run(
+        def,
+        refunding(def),
+        &[failed("charge", Compensation, 1, false)],
+    );
     for s in [fresh(def), failed_saga] {
         let err = refuse(def, &s, &Input::Resumed, at(1));
         assert!(matches!(err, TransitionError::NotAllowed { .. }), "{err}");
@@ -1225,7 +1277,11 @@ fn replay(def: &Definition, journal: &[Input]) -> (SagaState, Vec<Replayed>) {
                 outcomes.push(Ok(fx));
             }
             Err(e) => {
-                assert!(e.is_ignorable(), "journal entry {i} ({}): {e}", input.name());
+                assert!(
+                    e.is_ignorable(),
+                    "journal entry {i} ({}): {e}",
+                    input.name()
+                );
                 outcomes.push(Err(e));
             }
         }
@@ -1238,14 +1294,26 @@ fn canned_journals_replay_to_their_documented_end() {
     let def = checkout();
     let def = def.definition();
     let cases: [(&str, Vec<Input>, SagaStatus); 5] = [
-        ("all_steps_succeed", all_steps_succeed(), SagaStatus::Completed),
-        ("flaky_then_declined", flaky_then_declined(), SagaStatus::Compensated),
+        (
+            "all_steps_succeed",
+            all_steps_succeed(),
+            SagaStatus::Completed,
+        ),
+        (
+            "flaky_then_declined",
+            flaky_then_declined(),
+            SagaStatus::Compensated,
+        ),
         (
             "refund_refused_then_redriven",
             refund_refused_then_redriven(),
             SagaStatus::Compensated,
         ),
-        ("cancelled_mid_flight", cancelled_mid_flight(), SagaStatus::Compensated),
+        (
+            "cancelled_mid_flight",
+            cancelled_mid_flight(),
+            SagaStatus::Compensated,
+        ),
         (
             "inventory_never_answers",
             inventory_never_answers(),
@@ -1297,8 +1365,14 @@ fn cancelled_mid_flight_ignores_the_late_replies() {
     let def = def.definition();
     let (state, outcomes) = replay(def, &cancelled_mid_flight());
     assert!(matches!(outcomes[3], Err(TransitionError::Stale { .. })));
-    assert!(matches!(outcomes[4], Err(TransitionError::Duplicate { .. })));
-    assert_eq!(state.failure.as_ref().map(|f| f.code.as_str()), Some("cancelled"));
+    assert!(matches!(
+        outcomes[4],
+        Err(TransitionError::Duplicate { .. })
+    ));
+    assert_eq!(
+        state.failure.as_ref().map(|f| f.code.as_str()),
+        Some("cancelled")
+    );
     assert_eq!(decode(&state).done, vec!["r-reserve"]);
 }
 
@@ -1310,10 +1384,18 @@ fn inventory_never_answers_spends_exactly_three_attempts() {
     let sent: Vec<_> = outcomes
         .iter()
         .filter_map(|o| o.as_ref().ok())
-        .flat_map(|fx| commands(fx).into_iter().map(|c| c.attempt).collect::<Vec<_>>())
+        .flat_map(|fx| {
+            commands(fx)
+                .into_iter()
+                .map(|c| c.attempt)
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(sent, vec![1, 2, 3]);
-    assert_eq!(state.failure.as_ref().map(|f| f.code.as_str()), Some("timeout"));
+    assert_eq!(
+        state.failure.as_ref().map(|f| f.code.as_str()),
+        Some("timeout")
+    );
 }
 
 #[test]
@@ -1420,14 +1502,20 @@ mod props {
     }
 
     fn step_strategy() -> impl Strategy<Value = StepSpec> {
-        (any::<bool>(), any::<bool>(), policy_strategy(), policy_strategy()).prop_map(
-            |(compensable, on_success, retry, compensation_retry)| StepSpec {
-                compensable,
-                on_success,
-                retry,
-                compensation_retry,
-            },
+        (
+            any::<bool>(),
+            any::<bool>(),
+            policy_strategy(),
+            policy_strategy(),
         )
+            .prop_map(
+                |(compensable, on_success, retry, compensation_retry)| StepSpec {
+                    compensable,
+                    on_success,
+                    retry,
+                    compensation_retry,
+                },
+            )
     }
 
     fn act_strategy() -> impl Strategy<Value = Act> {
@@ -1458,20 +1546,23 @@ mod props {
         specs
             .iter()
             .enumerate()
-            .fold(SagaDefinition::<Tally>::builder("prop", 1), |b, (i, spec)| {
-                let mut s = Step::new(format!("s{i}"))
-                    .action(format!("skald.cmd.s{i}.do"), |t: &Tally| t.applied)
-                    .retry(spec.retry)
-                    .compensation_retry(spec.compensation_retry)
-                    .timeout(Duration::from_millis(500));
-                if spec.on_success {
-                    s = s.on_success(|t: &mut Tally, b: Bump| t.applied += b.by);
-                }
-                if spec.compensable {
-                    s = s.compensate(format!("skald.cmd.s{i}.undo"), |t: &Tally| t.applied);
-                }
-                b.step(s)
-            })
+            .fold(
+                SagaDefinition::<Tally>::builder("prop", 1),
+                |b, (i, spec)| {
+                    let mut s = Step::new(format!("s{i}"))
+                        .action(format!("skald.cmd.s{i}.do"), |t: &Tally| t.applied)
+                        .retry(spec.retry)
+                        .compensation_retry(spec.compensation_retry)
+                        .timeout(Duration::from_millis(500));
+                    if spec.on_success {
+                        s = s.on_success(|t: &mut Tally, b: Bump| t.applied += b.by);
+                    }
+                    if spec.compensable {
+                        s = s.compensate(format!("skald.cmd.s{i}.undo"), |t: &Tally| t.applied);
+                    }
+                    b.step(s)
+                },
+            )
             .build()
             .expect("generated definitions are valid")
     }
@@ -1627,7 +1718,8 @@ mod props {
                     match self.awaiting() {
                         Some(deadline) => {
                             prop_assert_eq!(
-                                self.state.due_input(self.def, Timestamp(deadline.0 - 1), jitter),
+                                self.state
+                                    .due_input(self.def, Timestamp(deadline.0 - 1), jitter),
                                 None
                             );
                             self.now = self.now.max(deadline);
@@ -1653,7 +1745,8 @@ mod props {
                     Some(due) => {
                         if due.0 > 0 {
                             prop_assert_eq!(
-                                self.state.due_input(self.def, Timestamp(due.0 - 1), Jitter::NONE),
+                                self.state
+                                    .due_input(self.def, Timestamp(due.0 - 1), Jitter::NONE),
                                 None
                             );
                         }
@@ -1748,10 +1841,19 @@ mod props {
             self.feed(input, expect, coverage)
         }
 
-        fn feed(&mut self, input: Input, expect: Expect, coverage: &mut Coverage) -> TestCaseResult {
+        fn feed(
+            &mut self,
+            input: Input,
+            expect: Expect,
+            coverage: &mut Coverage,
+        ) -> TestCaseResult {
             let before = self.state.clone();
             let result = transition(self.def, &self.state, &input, self.now);
-            prop_assert_eq!(&self.state, &before, "transition never touches its argument");
+            prop_assert_eq!(
+                &self.state,
+                &before,
+                "transition never touches its argument"
+            );
             coverage.insert((before.status.as_str(), input.name(), outcome(&result)));
             let result = match result {
                 Ok(t) => t,
@@ -1773,7 +1875,12 @@ mod props {
             Ok(())
         }
 
-        fn check_refusal(&self, input: &Input, expect: Expect, err: &TransitionError) -> TestCaseResult {
+        fn check_refusal(
+            &self,
+            input: &Input,
+            expect: Expect,
+            err: &TransitionError,
+        ) -> TestCaseResult {
             let status = self.state.status;
             prop_assert!(!err.is_poison(), "{}: {err}", input.name());
             if status.is_terminal() {
@@ -1823,7 +1930,11 @@ mod props {
             match s.status {
                 SagaStatus::Created => prop_assert!(false, "Created is left by Started"),
                 SagaStatus::Running | SagaStatus::Compensating => {
-                    prop_assert!(s.pending.is_some(), "{} without a pending command", s.status);
+                    prop_assert!(
+                        s.pending.is_some(),
+                        "{} without a pending command",
+                        s.status
+                    );
                 }
                 SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed => {
                     prop_assert_eq!(s.pending, None);
@@ -1864,7 +1975,12 @@ mod props {
             Ok(())
         }
 
-        fn check_accepted(&mut self, input: &Input, s1: &SagaState, fx: &[Effect]) -> TestCaseResult {
+        fn check_accepted(
+            &mut self,
+            input: &Input,
+            s1: &SagaState,
+            fx: &[Effect],
+        ) -> TestCaseResult {
             let s0 = self.state.clone();
             self.check_state(s1)?;
             prop_assert_eq!(s1.updated_at, self.now);
@@ -1878,7 +1994,13 @@ mod props {
                     | (Compensating, Compensating | Compensated | Failed)
                     | (Failed, Compensating)
             );
-            prop_assert!(edge_ok, "{} -> {} on {}", s0.status, s1.status, input.name());
+            prop_assert!(
+                edge_ok,
+                "{} -> {} on {}",
+                s0.status,
+                s1.status,
+                input.name()
+            );
 
             // completed only grows, one at a time, on an action success
             let action_success = matches!(input, Input::StepSucceeded { kind: Action, .. });
@@ -1900,7 +2022,9 @@ mod props {
                 _ => None,
             };
             if let Some((retryable, jitter, code)) = failure {
-                let p = s0.pending.ok_or_else(|| TestCaseError::fail("failure without pending"))?;
+                let p = s0
+                    .pending
+                    .ok_or_else(|| TestCaseError::fail("failure without pending"))?;
                 let used = p.attempt - p.first_attempt + 1;
                 let delay = if retryable {
                     self.policy(p.step, p.kind).next_delay(used, jitter)
@@ -1921,12 +2045,22 @@ mod props {
                         );
                     }
                     (None, Action) => {
-                        prop_assert!(matches!(s1.status, Compensating | Compensated), "{}", s1.status);
-                        prop_assert_eq!(s1.failure.as_ref().map(|f| f.code.as_str()), Some(code.as_str()));
+                        prop_assert!(
+                            matches!(s1.status, Compensating | Compensated),
+                            "{}",
+                            s1.status
+                        );
+                        prop_assert_eq!(
+                            s1.failure.as_ref().map(|f| f.code.as_str()),
+                            Some(code.as_str())
+                        );
                     }
                     (None, Compensation) => {
                         prop_assert_eq!(s1.status, Failed);
-                        let dl = s1.dead_letter.as_ref().ok_or_else(|| TestCaseError::fail("no dead letter"))?;
+                        let dl = s1
+                            .dead_letter
+                            .as_ref()
+                            .ok_or_else(|| TestCaseError::fail("no dead letter"))?;
                         prop_assert_eq!((dl.step, dl.kind), (p.step, p.kind));
                         prop_assert_eq!(dl.attempts, used);
                         prop_assert_eq!(dl.last_attempt, p.attempt);
@@ -1940,14 +2074,22 @@ mod props {
 
             // a re-drive opens a fresh budget for the dead-lettered command
             if matches!(input, Input::Redriven) {
-                let dl = s0.dead_letter.as_ref().ok_or_else(|| TestCaseError::fail("re-drive without dead letter"))?;
+                let dl = s0
+                    .dead_letter
+                    .as_ref()
+                    .ok_or_else(|| TestCaseError::fail("re-drive without dead letter"))?;
                 self.budget.remove(&(dl.step, dl.kind.as_str()));
                 prop_assert_eq!(s1.redrives, s0.redrives + 1);
             }
 
             // (before the next command, which is checked against it)
-            if let Input::StepSucceeded { kind: Compensation, .. } = input {
-                let p = s0.pending.ok_or_else(|| TestCaseError::fail("success without pending"))?;
+            if let Input::StepSucceeded {
+                kind: Compensation, ..
+            } = input
+            {
+                let p = s0
+                    .pending
+                    .ok_or_else(|| TestCaseError::fail("success without pending"))?;
                 prop_assert!(self.compensated.insert(p.step), "compensated twice");
             }
 
@@ -1975,7 +2117,14 @@ mod props {
             }
             let letters = dead_letters(fx);
             if s1.status == Failed {
-                prop_assert_eq!(letters, vec![s1.dead_letter.as_ref().ok_or_else(|| TestCaseError::fail("no dead letter"))?]);
+                prop_assert_eq!(
+                    letters,
+                    vec![
+                        s1.dead_letter
+                            .as_ref()
+                            .ok_or_else(|| TestCaseError::fail("no dead letter"))?
+                    ]
+                );
             } else {
                 prop_assert!(letters.is_empty());
             }
@@ -2000,9 +2149,16 @@ mod props {
                 .step_index(c.step.as_str())
                 .ok_or_else(|| TestCaseError::fail("command for an unknown step"))?;
             let key: Key = (step, c.kind.as_str());
-            let p = s1.pending.ok_or_else(|| TestCaseError::fail("sent but nothing pending"))?;
+            let p = s1
+                .pending
+                .ok_or_else(|| TestCaseError::fail("sent but nothing pending"))?;
             prop_assert_eq!((p.step, p.kind, p.attempt), (step, c.kind, c.attempt));
-            prop_assert_eq!(p.phase, Phase::AwaitingReply { deadline: c.deadline });
+            prop_assert_eq!(
+                p.phase,
+                Phase::AwaitingReply {
+                    deadline: c.deadline
+                }
+            );
             prop_assert_eq!(c.saga_id, s1.id);
 
             // one idempotency key per (step, kind); one message id per attempt
@@ -2021,7 +2177,11 @@ mod props {
             let sent = self.sent.entry(key).or_default();
             let resend = sent.contains(&c.attempt);
             if resend {
-                prop_assert!(matches!(input, Input::Resumed), "resent on {}", input.name());
+                prop_assert!(
+                    matches!(input, Input::Resumed),
+                    "resent on {}",
+                    input.name()
+                );
             } else {
                 let next = sent.last().map_or(1, |a| a + 1);
                 prop_assert_eq!(c.attempt, next);
@@ -2057,7 +2217,10 @@ mod props {
                     // every compensable completed step above it was compensated first
                     for j in step + 1..s1.completed {
                         if self.specs[j].compensable {
-                            prop_assert!(self.compensated.contains(&j), "{j} skipped before {step}");
+                            prop_assert!(
+                                self.compensated.contains(&j),
+                                "{j} skipped before {step}"
+                            );
                         }
                     }
                     if let Some(last) = self.last_compensation {
@@ -2167,6 +2330,9 @@ mod props {
             .into_iter()
             .filter(|t| !coverage.contains(t))
             .collect();
-        assert!(missing.is_empty(), "never exercised: {missing:?}\nseen: {coverage:?}");
+        assert!(
+            missing.is_empty(),
+            "never exercised: {missing:?}\nseen: {coverage:?}"
+        );
     }
 }
