@@ -568,3 +568,174 @@ async fn sqlite_store_reports_an_unusable_path() {
     let text = err.to_string();
     assert!(text.contains("nonexistent-dir"), "names the path: {text}");
 }
+
+/// A store whose `fail_at`-th commit fails as "unavailable" (a transient store error).
+struct FlakyStore {
+    inner: skald::adapters::memory::MemoryStore,
+    commits: std::sync::atomic::AtomicUsize,
+    fail_at: usize,
+}
+
+#[async_trait::async_trait]
+impl skald::ports::SagaStore for FlakyStore {
+    async fn load(
+        &self,
+        id: SagaId,
+    ) -> Result<Option<skald::ports::StoredSaga>, skald::ports::StoreError> {
+        self.inner.load(id).await
+    }
+    async fn commit(
+        &self,
+        writes: &[skald::ports::SagaWrite],
+    ) -> Result<Vec<skald::ports::WriteOutcome>, skald::ports::StoreError> {
+        if self.commits.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(skald::ports::StoreError::Unavailable(
+                "injected: connection lost".into(),
+            ));
+        }
+        self.inner.commit(writes).await
+    }
+    async fn due_wakeups(
+        &self,
+        now: skald::machine::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
+        self.inner.due_wakeups(now, limit).await
+    }
+    async fn active_sagas(
+        &self,
+        after: Option<SagaId>,
+        limit: usize,
+    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
+        self.inner.active_sagas(after, limit).await
+    }
+    async fn record_poison(
+        &self,
+        record: &skald::ports::DeadLetterRecord,
+    ) -> Result<(), skald::ports::StoreError> {
+        self.inner.record_poison(record).await
+    }
+    async fn dead_letters(
+        &self,
+        open_only: bool,
+        limit: usize,
+    ) -> Result<Vec<skald::ports::DeadLetterRecord>, skald::ports::StoreError> {
+        self.inner.dead_letters(open_only, limit).await
+    }
+    async fn journal(
+        &self,
+        id: SagaId,
+    ) -> Result<Vec<skald::ports::JournalEntry>, skald::ports::StoreError> {
+        self.inner.journal(id).await
+    }
+    async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+    ) -> Result<Vec<skald::ports::SagaSummary>, skald::ports::StoreError> {
+        self.inner.list(status, after, limit).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
+    // Commit #1 creates the saga; commit #2 (the first reply's transition) fails.
+    let store = Arc::new(FlakyStore {
+        inner: skald::adapters::memory::MemoryStore::new(),
+        commits: std::sync::atomic::AtomicUsize::new(0),
+        fail_at: 2,
+    });
+    let mut env = TestEnv::start(store.clone(), MemoryLedger::new(), reliable(), no_script()).await;
+    let id = env.start_order(1).await;
+    let statuses = env.settle(&[id]).await;
+    assert_eq!(statuses[&id], SagaStatus::Completed);
+    assert!(
+        store.commits.load(Ordering::SeqCst) > 2,
+        "the failure was injected"
+    );
+    assert_consistent(&env, &statuses).await;
+    // The failed reply was redelivered and applied once; nothing applied twice.
+    assert_eq!(
+        journal_inputs(env.store.as_ref(), id).await,
+        [
+            "started",
+            "step_succeeded",
+            "step_succeeded",
+            "step_succeeded"
+        ]
+    );
+    // The instance stopped on the failure and its Supervisor restarted it (a second
+    // activation), reloading the state from the store.
+    assert!(env.runtime.stats().activations.load(Ordering::Relaxed) >= 2);
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
+    use skald::ports::{FixedJitter, ManualClock};
+    use skald::sagas::checkout::checkout_definition;
+
+    let clock = ManualClock::new(skald::machine::Timestamp(1_000_000));
+    let bus = Arc::new(MemoryBus::new());
+    let store: Arc<dyn skald::ports::SagaStore> =
+        Arc::new(skald::adapters::memory::MemoryStore::new());
+    // Inventory never answers: every attempt of the first step times out.
+    let timing = skald::sagas::checkout::CheckoutTiming {
+        timeout: Duration::from_secs(3600),
+        ..fast_timing()
+    };
+    let checkout = checkout_definition(timing).expect("valid");
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&store))
+        .bus(bus.clone())
+        .register(&checkout)
+        .clock(Arc::new(clock.clone()))
+        .jitter(Arc::new(FixedJitter(0.0)))
+        .options(options())
+        .start()
+        .await
+        .expect("start");
+    let mut outcomes = runtime.outcomes();
+    let order = Checkout::new("o-1", "c", vec![], 100);
+    let id = runtime
+        .start_saga(&checkout, &order)
+        .await
+        .expect("start saga");
+
+    // Each time the clock passes the deadline (or the backoff), one more input is applied.
+    let max = timing.retry.max_attempts as usize;
+    for n in 1..=(2 * max - 1) {
+        let want = n + 1;
+        clock.advance(Duration::from_secs(3601));
+        let store = Arc::clone(&store);
+        wait_until("the wake-up to be applied", || {
+            let store = Arc::clone(&store);
+            async move { (journal_inputs(store.as_ref(), id).await.len() >= want).then_some(()) }
+        })
+        .await;
+    }
+    let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+        .await
+        .expect("settles in time")
+        .expect("outcome");
+    assert_eq!((outcome.id, outcome.status), (id, SagaStatus::Compensated));
+    let inputs = journal_inputs(store.as_ref(), id).await;
+    let mut expected = vec!["started".to_string()];
+    for attempt in 1..=max {
+        expected.push("timed_out".into());
+        if attempt < max {
+            expected.push("retry_due".into());
+        }
+    }
+    assert_eq!(
+        inputs, expected,
+        "exactly max_attempts attempts, then compensation"
+    );
+    let saga = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        saga.state.failure.map(|f| f.code),
+        Some("timeout".to_string())
+    );
+    runtime.shutdown().await;
+}
