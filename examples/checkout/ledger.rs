@@ -14,6 +14,7 @@ use skald::ids::SagaId;
 use skald::sagas::checkout::{LineItem, SagaRecords};
 use skald::sagas::sim::{Ledger, LedgerError, record_id};
 use sqlx::{Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS sim_inventory_reservations (
@@ -27,14 +28,138 @@ const SCHEMA: &[&str] = &[
         shipment_id TEXT NOT NULL UNIQUE)",
 ];
 
-/// The SQLite ledger.
+/// One write of a simulated service.
+#[derive(Debug)]
+enum Op {
+    Reserve {
+        key: String,
+        saga: String,
+        order: String,
+        id: String,
+    },
+    Release {
+        reservation_id: String,
+    },
+    Charge {
+        key: String,
+        saga: String,
+        order: String,
+        id: String,
+        amount: i64,
+    },
+    Refund {
+        payment_id: String,
+    },
+    Ship {
+        key: String,
+        saga: String,
+        order: String,
+        id: String,
+    },
+}
+
+struct Request {
+    op: Op,
+    done: oneshot::Sender<Result<(), LedgerError>>,
+}
+
+/// The SQLite ledger. Writes are batched: one writer task commits whatever the three
+/// services queued while the previous transaction ran, so the services take SQLite's
+/// write lock once per batch instead of once per record (the lock is shared with
+/// skald's own store in the same file, and SQLite's busy handler sleeps).
 #[derive(Debug, Clone)]
 pub struct SqliteLedger {
     pool: SqlitePool,
+    writes: mpsc::Sender<Request>,
 }
 
 fn err(e: sqlx::Error) -> LedgerError {
     LedgerError(e.to_string())
+}
+
+async fn apply(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    op: &Op,
+) -> Result<(), sqlx::Error> {
+    match op {
+        Op::Reserve {
+            key,
+            saga,
+            order,
+            id,
+        } => sqlx::query(
+            "INSERT INTO sim_inventory_reservations (key, saga_id, order_id, reservation_id) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(saga)
+        .bind(order)
+        .bind(id),
+        Op::Release { reservation_id } => sqlx::query(
+            "UPDATE sim_inventory_reservations SET released = 1 WHERE reservation_id = ?",
+        )
+        .bind(reservation_id),
+        Op::Charge {
+            key,
+            saga,
+            order,
+            id,
+            amount,
+        } => sqlx::query(
+            "INSERT INTO sim_payment_charges (key, saga_id, order_id, payment_id, amount_cents) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(saga)
+        .bind(order)
+        .bind(id)
+        .bind(*amount),
+        Op::Refund { payment_id } => {
+            sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE payment_id = ?")
+                .bind(payment_id)
+        }
+        Op::Ship {
+            key,
+            saga,
+            order,
+            id,
+        } => sqlx::query(
+            "INSERT INTO sim_shipping_shipments (key, saga_id, order_id, shipment_id) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(saga)
+        .bind(order)
+        .bind(id),
+    }
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
+}
+
+async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Request>) {
+    let mut batch = Vec::with_capacity(512);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let result = async {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            for r in &batch {
+                apply(&mut tx, &r.op).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        let result = result.map_err(err);
+        for r in batch.drain(..) {
+            let _ = r.done.send(result.clone());
+        }
+    }
 }
 
 impl SqliteLedger {
@@ -48,7 +173,19 @@ impl SqliteLedger {
         for ddl in SCHEMA {
             sqlx::query(*ddl).execute(&pool).await?;
         }
-        Ok(SqliteLedger { pool })
+        let (writes, rx) = mpsc::channel(4096);
+        tokio::spawn(writer(pool.clone(), rx));
+        Ok(SqliteLedger { pool, writes })
+    }
+
+    async fn write(&self, op: Op) -> Result<(), LedgerError> {
+        let (done, rx) = oneshot::channel();
+        self.writes
+            .send(Request { op, done })
+            .await
+            .map_err(|_| LedgerError("the ledger writer stopped".into()))?;
+        rx.await
+            .map_err(|_| LedgerError("the ledger writer dropped the write".into()))?
     }
 }
 
@@ -62,17 +199,13 @@ impl Ledger for SqliteLedger {
         _items: &[LineItem],
     ) -> Result<String, LedgerError> {
         let id = record_id("rsv", key);
-        sqlx::query(
-            "INSERT INTO sim_inventory_reservations (key, saga_id, order_id, reservation_id) \
-             VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(saga.to_string())
-        .bind(order_id)
-        .bind(&id)
-        .execute(&self.pool)
-        .await
-        .map_err(err)?;
+        self.write(Op::Reserve {
+            key: key.into(),
+            saga: saga.to_string(),
+            order: order_id.into(),
+            id: id.clone(),
+        })
+        .await?;
         Ok(id)
     }
 
@@ -82,12 +215,10 @@ impl Ledger for SqliteLedger {
         _saga: SagaId,
         reservation_id: &str,
     ) -> Result<(), LedgerError> {
-        sqlx::query("UPDATE sim_inventory_reservations SET released = 1 WHERE reservation_id = ?")
-            .bind(reservation_id)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.write(Op::Release {
+            reservation_id: reservation_id.into(),
+        })
+        .await
     }
 
     async fn charge(
@@ -98,43 +229,34 @@ impl Ledger for SqliteLedger {
         amount_cents: u64,
     ) -> Result<String, LedgerError> {
         let id = record_id("pay", key);
-        sqlx::query(
-            "INSERT INTO sim_payment_charges (key, saga_id, order_id, payment_id, amount_cents) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(saga.to_string())
-        .bind(order_id)
-        .bind(&id)
-        .bind(i64::try_from(amount_cents).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await
-        .map_err(err)?;
+        let amount = i64::try_from(amount_cents).unwrap_or(i64::MAX);
+        self.write(Op::Charge {
+            key: key.into(),
+            saga: saga.to_string(),
+            order: order_id.into(),
+            id: id.clone(),
+            amount,
+        })
+        .await?;
         Ok(id)
     }
 
     async fn refund(&self, _key: &str, _saga: SagaId, payment_id: &str) -> Result<(), LedgerError> {
-        sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE payment_id = ?")
-            .bind(payment_id)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.write(Op::Refund {
+            payment_id: payment_id.into(),
+        })
+        .await
     }
 
     async fn ship(&self, key: &str, saga: SagaId, order_id: &str) -> Result<String, LedgerError> {
         let id = record_id("shp", key);
-        sqlx::query(
-            "INSERT INTO sim_shipping_shipments (key, saga_id, order_id, shipment_id) \
-             VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(saga.to_string())
-        .bind(order_id)
-        .bind(&id)
-        .execute(&self.pool)
-        .await
-        .map_err(err)?;
+        self.write(Op::Ship {
+            key: key.into(),
+            saga: saga.to_string(),
+            order: order_id.into(),
+            id: id.clone(),
+        })
+        .await?;
         Ok(id)
     }
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use futures_util::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use skald::adapters::memory::MemoryBus;
@@ -295,16 +296,20 @@ async fn fresh(
     let bar = progress(args.sagas as u64 as usize, args.json);
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<(SagaId, Instant)>();
+    let slots_for_starter = slots.clone();
 
     // Starter: keeps `concurrency` sagas in flight.
-    let starter = {
-        let slots = slots.clone();
-        let n = args.sagas;
+    // Starter: keeps `concurrency` sagas in flight. Starts run concurrently (not one
+    // after the other), so the store can commit many of them in one transaction.
+    let starter = async move {
         let seed = args.seed;
-        async move {
-            for i in 0..n {
+        let tx = started_tx;
+        let (slots, tx) = (&*slots_for_starter, &tx);
+        futures_util::stream::iter(0..args.sagas)
+            .map(Ok)
+            .try_for_each_concurrent(args.concurrency.max(1), move |i| async move {
                 let Ok(permit) = slots.acquire().await else {
-                    break;
+                    return Ok(());
                 };
                 permit.forget();
                 let order = Checkout::new(
@@ -318,10 +323,10 @@ async fn fresh(
                 );
                 let t0 = Instant::now();
                 let id = runtime.start_saga(checkout, &order).await?;
-                let _ = started_tx.send((id, t0));
-            }
-            anyhow::Ok(())
-        }
+                let _ = tx.send((id, t0));
+                anyhow::Ok(())
+            })
+            .await
     };
 
     let collector = async {
@@ -331,7 +336,9 @@ async fn fresh(
         let mut ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
         let mut settled = 0usize;
         let mut starts_open = true;
-        while settled < args.sagas {
+        // Until every saga settled, or the starts ended (done or failed) and every saga
+        // that did start has settled.
+        while settled < args.sagas && (starts_open || settled < ids.len()) {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
