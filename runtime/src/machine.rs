@@ -708,6 +708,7 @@ impl Machine<'_> {
                 self.state.status == SagaStatus::Compensating
                     && index > p.step
                     && index < self.state.completed
+                    && self.step_def(index).compensation().is_some()
             }
         };
         let expected = || {
@@ -736,6 +737,12 @@ impl Machine<'_> {
         match want_backoff {
             Some(want) if want != in_backoff => Err(stale(expected())),
             None if in_backoff => Err(stale(expected())),
+            // A timer that fires early (a clock step, a skewed node) is not yet due.
+            Some(_) if self.state.wake_at().is_some_and(|at| at > self.now) => Err(stale(format!(
+                "{} (not due before {})",
+                expected(),
+                self.state.wake_at().unwrap_or_default()
+            ))),
             _ => Ok(p),
         }
     }

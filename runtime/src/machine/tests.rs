@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::*;
 use crate::definition::{SagaDefinition, Step};
+use crate::ids::CommandKind::{Action, Compensation};
 use crate::ids::{CommandKind, SagaId, StepName};
 use crate::retry::{Jitter, RetryPolicy};
 
@@ -186,8 +187,6 @@ fn cancel(reason: &str) -> Input {
     }
 }
 
-use CommandKind::{Action, Compensation};
-
 /// Applies an input that must be accepted.
 #[track_caller]
 fn apply(def: &Definition, state: &SagaState, input: &Input, now: Timestamp) -> Transition {
@@ -301,7 +300,7 @@ fn started(def: &Definition) -> SagaState {
 #[track_caller]
 fn run(def: &Definition, mut state: SagaState, inputs: &[Input]) -> SagaState {
     for (i, input) in inputs.iter().enumerate() {
-        let now = at(1_000 * (i as u64 + 1));
+        let now = timer_time(&state, input, at(1_000 * (i as u64 + 1)));
         state = apply(def, &state, input, now).0;
     }
     state
@@ -624,6 +623,7 @@ fn compensation_runs_in_reverse_over_completed_steps_that_have_one() {
     let (mut s, mut fx) = apply(def, &s, &failed("ship", Action, 1, false), at(9_000));
     let mut undone = Vec::new();
     while s.status == SagaStatus::Compensating {
+        assert!(undone.len() < 4, "compensation does not end: {undone:?}");
         let c = the_command(&fx);
         assert_eq!(c.kind, Compensation);
         undone.push(c.step.as_str().to_owned());
@@ -730,7 +730,8 @@ fn compensation_spending_its_retries_dead_letters_and_a_redrive_grants_a_fresh_b
             retry_due("charge", Compensation, 1),
         ],
     );
-    let (s, fx) = apply(def, &s, &timed_out("charge", Compensation, 2), at(9_000));
+    let due = s.wake_at().expect("a deadline");
+    let (s, fx) = apply(def, &s, &timed_out("charge", Compensation, 2), due);
     assert_eq!(s.status, SagaStatus::Failed);
     let dl = dead_letters(&fx);
     assert_eq!(dl.len(), 1);
@@ -739,11 +740,17 @@ fn compensation_spending_its_retries_dead_letters_and_a_redrive_grants_a_fresh_b
     assert_eq!((dl[0].attempts, dl[0].last_attempt), (2, 2));
 
     // a leftover reply while Failed is stale
-    let err = refuse(def, &s, &ok("charge", Compensation, 2), at(9_500));
+    let err = refuse(
+        def,
+        &s,
+        &ok("charge", Compensation, 2),
+        due.plus(Duration::from_millis(500)),
+    );
     assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
 
     // re-drive: attempt 3 opens budget 2
-    let (s, fx) = apply(def, &s, &Input::Redriven, at(10_000));
+    let redriven_at = due.plus(Duration::from_secs(1));
+    let (s, fx) = apply(def, &s, &Input::Redriven, redriven_at);
     assert_eq!(s.status, SagaStatus::Compensating);
     assert_eq!(s.redrives, 1);
     assert_eq!(s.dead_letter, None);
@@ -755,7 +762,7 @@ fn compensation_spending_its_retries_dead_letters_and_a_redrive_grants_a_fresh_b
             attempt: 3,
             first_attempt: 3,
             phase: Phase::AwaitingReply {
-                deadline: at(10_000).plus(TIMEOUT)
+                deadline: redriven_at.plus(TIMEOUT)
             },
         })
     );
@@ -1265,13 +1272,27 @@ fn inventory_never_answers() -> Vec<Input> {
 /// Outcome of one journaled input: its effects, or why it was ignored.
 type Replayed = Result<Vec<Effect>, TransitionError>;
 
-/// Replays a journal, one input per second. Ignorable refusals are kept in the outcome
+/// The time to apply `input` at: `t`, or for a timer input (`TimedOut`, `RetryDue`) no
+/// earlier than the saga's wake-up, since the machine refuses a timer that is not due.
+fn timer_time(state: &SagaState, input: &Input, t: Timestamp) -> Timestamp {
+    match input {
+        Input::TimedOut { .. } | Input::RetryDue { .. } => state.wake_at().map_or(t, |w| w.max(t)),
+        _ => t,
+    }
+}
+
+/// Replays a journal, one input per second (timers when they are due). Ignorable refusals are kept in the outcome
 /// list (the shell journals and acknowledges them); any other refusal fails the test.
 fn replay(def: &Definition, journal: &[Input]) -> (SagaState, Vec<Replayed>) {
     let mut state = fresh(def);
     let mut outcomes = Vec::new();
     for (i, input) in journal.iter().enumerate() {
-        match transition(def, &state, input, at(1_000 * i as u64)) {
+        match transition(
+            def,
+            &state,
+            input,
+            timer_time(&state, input, at(1_000 * i as u64)),
+        ) {
             Ok((next, fx)) => {
                 state = next;
                 outcomes.push(Ok(fx));
@@ -2072,6 +2093,31 @@ mod props {
                 }
             }
 
+            // a resume re-sends the attempt in flight, or only re-arms a backoff
+            if matches!(input, Input::Resumed) {
+                let p = s0
+                    .pending
+                    .ok_or_else(|| TestCaseError::fail("resumed without pending"))?;
+                match p.phase {
+                    Phase::Backoff { due } => {
+                        prop_assert_eq!(
+                            s1,
+                            &SagaState {
+                                updated_at: self.now,
+                                ..s0.clone()
+                            }
+                        );
+                        prop_assert_eq!(fx, &[Effect::ScheduleWakeup { at: due }][..]);
+                    }
+                    Phase::AwaitingReply { .. } => {
+                        let c = commands(fx);
+                        prop_assert_eq!(c.len(), 1);
+                        prop_assert_eq!(c[0].attempt, p.attempt);
+                        prop_assert_eq!(s1.status, s0.status);
+                    }
+                }
+            }
+
             // a re-drive opens a fresh budget for the dead-lettered command
             if matches!(input, Input::Redriven) {
                 let dl = s0
@@ -2335,4 +2381,28 @@ mod props {
             "never exercised: {missing:?}\nseen: {coverage:?}"
         );
     }
+}
+
+#[test]
+fn timers_that_are_not_yet_due_are_stale() {
+    let def = checkout();
+    let def = def.definition();
+    let s = started(def);
+    let deadline = s.wake_at().expect("deadline");
+    let early = Timestamp(deadline.0 - 1);
+    let err = refuse(def, &s, &timed_out("reserve", Action, 1), early);
+    assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
+    assert!(err.is_ignorable());
+    let (s, _) = apply(def, &s, &timed_out("reserve", Action, 1), deadline);
+    let due = s.wake_at().expect("backoff due");
+    let err = refuse(
+        def,
+        &s,
+        &retry_due("reserve", Action, 1),
+        Timestamp(due.0 - 1),
+    );
+    assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
+    let (s, fx) = apply(def, &s, &retry_due("reserve", Action, 1), due);
+    assert_eq!(commands(&fx)[0].attempt, 2);
+    assert!(s.wake_at().is_some());
 }
