@@ -151,6 +151,36 @@ fn count(sagas: &[(SagaId, SagaStatus)], status: SagaStatus) -> usize {
     sagas.iter().filter(|(_, s)| *s == status).count()
 }
 
+/// The summary over `sagas`. Throughput counts the sagas settled by this run:
+/// `settled_here`, or every settled saga when `None`.
+fn summarize(
+    sagas: &[(SagaId, SagaStatus)],
+    report: &ConsistencyReport,
+    mut latencies: Vec<f64>,
+    elapsed_secs: f64,
+    settled_here: Option<usize>,
+) -> Summary {
+    for v in report.violations.iter().take(10) {
+        eprintln!("inconsistent: {v}");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let completed = count(sagas, SagaStatus::Completed);
+    let compensated = count(sagas, SagaStatus::Compensated);
+    let dead_lettered = count(sagas, SagaStatus::Failed);
+    let settled = completed + compensated + dead_lettered;
+    Summary {
+        started: sagas.len(),
+        completed,
+        compensated,
+        dead_lettered,
+        unfinished: sagas.len() - settled,
+        sagas_per_sec: round2(settled_here.unwrap_or(settled) as f64 / elapsed_secs.max(1e-9)),
+        p50_ms: round2(percentile(&latencies, 50.0)),
+        p99_ms: round2(percentile(&latencies, 99.0)),
+        consistent: report.is_consistent(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -376,30 +406,14 @@ async fn fresh(
         (latencies, ids)
     };
 
-    let (start_result, (mut latencies, ids)) = tokio::join!(starter, collector);
+    let (start_result, (latencies, ids)) = tokio::join!(starter, collector);
     start_result.context("starting sagas")?;
     let elapsed = started_at.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
     let (sagas, report) = consistency(store, ledger, Some(&ids)).await?;
-    for v in report.violations.iter().take(10) {
-        eprintln!("inconsistent: {v}");
-    }
-    latencies.sort_by(f64::total_cmp);
-    let completed = count(&sagas, SagaStatus::Completed);
-    let compensated = count(&sagas, SagaStatus::Compensated);
-    let dead_lettered = count(&sagas, SagaStatus::Failed);
-    let summary = Summary {
-        started: ids.len(),
-        completed,
-        compensated,
-        dead_lettered,
-        unfinished: ids.len() - completed - compensated - dead_lettered,
-        sagas_per_sec: round2((completed + compensated + dead_lettered) as f64 / elapsed.max(1e-9)),
-        p50_ms: round2(percentile(&latencies, 50.0)),
-        p99_ms: round2(percentile(&latencies, 99.0)),
-        consistent: report.is_consistent(),
-    };
+    let settled_here = None;
+    let summary = summarize(&sagas, &report, latencies, elapsed, settled_here);
     let ok = summary.consistent && summary.unfinished == 0 && summary.started == args.sagas;
     Ok((summary, ok))
 }
@@ -434,24 +448,8 @@ async fn resume(
     }
     let elapsed = started_at.elapsed().as_secs_f64();
     let (sagas, report) = consistency(store, ledger, None).await?;
-    for v in report.violations.iter().take(10) {
-        eprintln!("inconsistent: {v}");
-    }
-    latencies.sort_by(f64::total_cmp);
-    let completed = count(&sagas, SagaStatus::Completed);
-    let compensated = count(&sagas, SagaStatus::Compensated);
-    let dead_lettered = count(&sagas, SagaStatus::Failed);
-    let summary = Summary {
-        started: sagas.len(),
-        completed,
-        compensated,
-        dead_lettered,
-        unfinished: sagas.len() - completed - compensated - dead_lettered,
-        sagas_per_sec: round2(latencies.len() as f64 / elapsed.max(1e-9)),
-        p50_ms: round2(percentile(&latencies, 50.0)),
-        p99_ms: round2(percentile(&latencies, 99.0)),
-        consistent: report.is_consistent(),
-    };
+    let settled_here = Some(latencies.len());
+    let summary = summarize(&sagas, &report, latencies, elapsed, settled_here);
     let ok = summary.consistent && summary.unfinished == 0;
     Ok((summary, ok))
 }
