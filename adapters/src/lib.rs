@@ -4,12 +4,15 @@
 //!
 //! - `memory`: [`memory::MemoryBus`] (in-process bus, NATS subject semantics) and
 //!   [`memory::MemoryStore`] (for tests and throwaway runs);
-//! - `sqlite`: [`sqlite::SqliteStore`], the embedded default (a file, WAL mode).
+//! - `sqlite`: [`sqlite::SqliteStore`], the embedded default (a file, WAL mode);
+//! - `nats`: [`nats::NatsBus`], NATS JetStream, the production transport.
 //!
 //! Adapters convert their foreign errors into the port's error at the boundary.
 
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

@@ -342,8 +342,9 @@ pub enum Input {
     },
     /// An operator re-drove a dead-lettered saga.
     Redriven,
-    /// The process (re)activated the saga after a restart: a command in flight on a
-    /// non-durable bus may be lost, so it is sent again (same attempt, same keys).
+    /// The process (re)activated the saga after a restart: the command it waits on may
+    /// have been lost (a non-durable bus, or a crash between commit and publish), so it
+    /// is sent again (same attempt, same keys).
     Resumed,
 }
 

@@ -53,7 +53,7 @@ where
     H: Fn(IncomingCommand) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
-    let mut sub = bus.subscribe(subject, group).await?;
+    let mut sub = bus.subscribe(&[subject.to_owned()], group).await?;
     let handler = Arc::new(handler);
     let limit = Arc::new(Semaphore::new(concurrency.max(1)));
     let task = tokio::spawn(async move {

@@ -343,10 +343,10 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes a message. For a durable bus, returns once the broker stored it.
     async fn publish(&self, message: Message) -> Result<(), BusError>;
 
-    /// Subscribes to `subject` (wildcards `*` and `>` allowed). Subscribers sharing a
-    /// `group` share the messages (each goes to one of them); a durable bus keeps the
-    /// group's position across restarts.
-    async fn subscribe(&self, subject: &str, group: &str) -> Result<Subscription, BusError>;
+    /// Subscribes to the messages on any of `subjects` (wildcards `*` and `>` allowed).
+    /// Subscribers sharing a `group` share the messages (each goes to one of them); a
+    /// durable bus keeps the group's position across restarts.
+    async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError>;
 
     /// Whether published messages survive a process restart. When they do not, the
     /// runtime re-sends in-flight commands after a restart.

@@ -147,8 +147,8 @@ impl RuntimeBuilder {
     }
 
     /// Starts the runtime: the commit loop and reply intake on the current tokio
-    /// runtime, the actors on their own threads; then re-activates unfinished sagas
-    /// when the bus is not durable (their in-flight commands may be lost).
+    /// runtime, the actors on their own threads; then re-activates unfinished sagas,
+    /// re-sending the commands they wait on (which may have been lost).
     pub async fn start(self) -> Result<Runtime, RuntimeError> {
         let store = self
             .store
@@ -185,9 +185,14 @@ impl RuntimeBuilder {
         });
 
         // Subscribe before anything is sent, so no reply is missed.
+        // Only the replies of the registered saga types: several runtimes with different
+        // sagas can share one broker.
+        let mut reply_subjects: Vec<String> =
+            shared.definitions.keys().map(wire::reply_subject).collect();
+        reply_subjects.sort();
         let replies = shared
             .bus
-            .subscribe(wire::REPLY_WILDCARD, &shared.options.reply_group)
+            .subscribe(&reply_subjects, &shared.options.reply_group)
             .await?;
 
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -208,9 +213,10 @@ impl RuntimeBuilder {
             thread: Some(thread),
             tasks: vec![intake, commit_task],
         };
-        if !runtime.shared.bus.is_durable() {
-            runtime.resume_active().await?;
-        }
+        // A command committed but never published (a crash between the two, or a
+        // non-durable bus) is sent again; participants dedupe on the idempotency key and
+        // a durable broker drops a repeated message id within its window.
+        runtime.resume_active().await?;
         Ok(runtime)
     }
 }
@@ -373,8 +379,9 @@ impl Runtime {
         &self.shared.store
     }
 
-    /// Sends every unfinished saga a `Resumed` input, so that commands lost with a
-    /// non-durable bus are sent again. Runs at start when the bus is not durable.
+    /// Sends every unfinished saga a `Resumed` input, so that commands that were lost
+    /// (a non-durable bus, or a crash between commit and publish) are sent again. Runs
+    /// at start.
     pub async fn resume_active(&self) -> Result<usize, RuntimeError> {
         const PAGE: usize = 1_000;
         let mut after = None;

@@ -41,9 +41,6 @@ pub fn reply_subject(saga_type: &SagaType) -> String {
     format!("skald.reply.{saga_type}")
 }
 
-/// The subject all replies arrive on (the runtime subscribes to it).
-pub const REPLY_WILDCARD: &str = "skald.reply.>";
-
 /// The subject of a lifecycle event.
 pub fn event_subject(saga_type: &SagaType, event: &str) -> String {
     format!("skald.evt.{saga_type}.{event}")

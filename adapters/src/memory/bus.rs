@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use crate::subject_matches;
 
 struct Group {
+    /// The subjects, as one key (`a|b`) identifying the group with its name.
     pattern: String,
+    patterns: Vec<String>,
     name: String,
     members: Vec<mpsc::UnboundedSender<Delivery>>,
     next: AtomicUsize,
@@ -60,7 +62,11 @@ fn dispatch(inner: &Arc<Inner>, message: Message, count: u32, only: Option<(&str
             if group.pattern != pattern || group.name != name {
                 continue;
             }
-        } else if !subject_matches(&group.pattern, &message.subject) {
+        } else if !group
+            .patterns
+            .iter()
+            .any(|p| subject_matches(p, &message.subject))
+        {
             continue;
         }
         group.members.retain(|m| !m.is_closed());
@@ -92,7 +98,9 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn subscribe(&self, subject: &str, group: &str) -> Result<Subscription, BusError> {
+    async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError> {
+        let subject = subjects.join("|");
+        let subject = subject.as_str();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut groups = self
             .inner
@@ -106,6 +114,7 @@ impl Bus for MemoryBus {
             Some(g) => g.members.push(tx),
             None => groups.push(Group {
                 pattern: subject.to_owned(),
+                patterns: subjects.to_vec(),
                 name: group.to_owned(),
                 members: vec![tx],
                 next: AtomicUsize::new(0),
@@ -176,9 +185,18 @@ mod tests {
     #[tokio::test]
     async fn groups_share_and_fan_out() {
         let bus = MemoryBus::new();
-        let mut a1 = bus.subscribe("skald.cmd.>", "a").await.expect("sub");
-        let mut a2 = bus.subscribe("skald.cmd.>", "a").await.expect("sub");
-        let mut b = bus.subscribe("skald.cmd.pay.*", "b").await.expect("sub");
+        let mut a1 = bus
+            .subscribe(&["skald.cmd.>".into()], "a")
+            .await
+            .expect("sub");
+        let mut a2 = bus
+            .subscribe(&["skald.cmd.>".into()], "a")
+            .await
+            .expect("sub");
+        let mut b = bus
+            .subscribe(&["skald.cmd.pay.*".into()], "b")
+            .await
+            .expect("sub");
         bus.publish(msg("skald.cmd.pay.charge")).await.expect("pub");
         bus.publish(msg("skald.cmd.pay.refund")).await.expect("pub");
         bus.publish(msg("other")).await.expect("pub");
@@ -199,7 +217,7 @@ mod tests {
     #[tokio::test]
     async fn nak_redelivers_with_a_higher_count() {
         let bus = MemoryBus::new();
-        let mut sub = bus.subscribe("x", "g").await.expect("sub");
+        let mut sub = bus.subscribe(&["x".into()], "g").await.expect("sub");
         bus.publish(msg("x")).await.expect("pub");
         let d = sub.next().await.expect("first");
         assert_eq!(d.delivery_count, 1);

