@@ -331,6 +331,34 @@ impl Bus for NatsBus {
         Ok(())
     }
 
+    async fn publish_batch(&self, messages: Vec<Message>) -> Vec<Result<(), BusError>> {
+        // Send everything, then await the acks: one round trip for the batch.
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            if let Err(e) = self.stream_for(&m.subject) {
+                pending.push(Err(e));
+                continue;
+            }
+            let sent = self
+                .js
+                .publish_with_headers(m.subject, to_nats_headers(&m.headers), m.payload)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("publish: {e}")));
+            pending.push(sent);
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            results.push(match p {
+                Ok(ack) => ack
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| BusError::Unavailable(format!("publish ack: {e}"))),
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
     async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError> {
         let first = subjects
             .first()

@@ -348,8 +348,18 @@ pub trait Bus: Send + Sync + 'static {
     /// durable bus keeps the group's position across restarts.
     async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError>;
 
-    /// Whether published messages survive a process restart. When they do not, the
-    /// runtime re-sends in-flight commands after a restart.
+    /// Publishes several messages, waiting for all of them; one result per message, in
+    /// order. A bus whose publishes are acknowledged (JetStream) sends them all before
+    /// awaiting the acks.
+    async fn publish_batch(&self, messages: Vec<Message>) -> Vec<Result<(), BusError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for m in messages {
+            results.push(self.publish(m).await);
+        }
+        results
+    }
+
+    /// Whether published messages survive a process restart.
     fn is_durable(&self) -> bool;
 }
 

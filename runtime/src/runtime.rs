@@ -566,7 +566,30 @@ async fn poison(
         at: shared.clock.now(),
     };
     match shared.store.record_poison(&record).await {
-        Ok(()) => settle(acker.term(&reason).await),
+        Ok(()) => {
+            // Also on the bus, for whoever watches dead letters (best effort: the store
+            // has the record).
+            let saga_type = record
+                .saga_type
+                .as_deref()
+                .and_then(|t| SagaType::new(t).ok());
+            let mut headers = crate::ports::Headers::new();
+            headers.insert(wire::H_MSG_ID, format!("dlq:poison:{}", record.id));
+            if let Ok(body) = serde_json::to_vec(&record) {
+                let published = shared
+                    .bus
+                    .publish(Message {
+                        subject: wire::dlq_subject(saga_type.as_ref()),
+                        headers,
+                        payload: body.into(),
+                    })
+                    .await;
+                if let Err(e) = published {
+                    debug!(error = %e, "publishing a dead letter on the bus failed");
+                }
+            }
+            settle(acker.term(&reason).await)
+        }
         Err(e) => {
             // Not recorded: keep the message (redeliver) rather than lose it.
             warn!(error = %e, "recording a poison message failed; redelivering later");

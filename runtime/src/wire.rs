@@ -41,6 +41,15 @@ pub fn reply_subject(saga_type: &SagaType) -> String {
     format!("skald.reply.{saga_type}")
 }
 
+/// The subject dead letters of `saga_type` are published on (`unknown` when the type
+/// could not be read from the message).
+pub fn dlq_subject(saga_type: Option<&SagaType>) -> String {
+    match saga_type {
+        Some(t) => format!("skald.dlq.{t}"),
+        None => "skald.dlq.unknown".to_owned(),
+    }
+}
+
 /// The subject of a lifecycle event.
 pub fn event_subject(saga_type: &SagaType, event: &str) -> String {
     format!("skald.evt.{saga_type}.{event}")

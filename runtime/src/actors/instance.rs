@@ -439,39 +439,70 @@ async fn process(
     )
 }
 
-/// Performs a committed transition's effects: publish commands and events, notify
-/// outcome subscribers. Wake-ups are armed by the actor from the committed state.
+/// Performs a committed transition's effects: publish commands, events and dead
+/// letters, notify outcome subscribers. Wake-ups are armed by the actor from the
+/// committed state.
 async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) {
-    let mut messages: Vec<(Message, bool)> = Vec::new();
+    let mut messages: Vec<Message> = Vec::new();
     for effect in effects {
         match effect {
             Effect::SendCommand(cmd) => match wire::encode_command(&cmd) {
-                Ok(msg) => messages.push((msg, true)),
+                Ok(msg) => messages.push(msg),
                 Err(e) => error!(error = %e, "encoding command failed"),
             },
             Effect::EmitLifecycleEvent(ev) if shared.options.publish_events => {
                 match serde_json::to_vec(&ev) {
-                    Ok(body) => messages.push((
-                        Message {
+                    Ok(body) => {
+                        let mut headers = crate::ports::Headers::new();
+                        headers.insert(wire::H_SAGA_ID, ev.saga_id.to_string());
+                        headers.insert(wire::H_SAGA_TYPE, ev.saga_type.as_str());
+                        headers.insert(
+                            wire::H_MSG_ID,
+                            format!(
+                                "evt:{}:{}:{}:{}:{}",
+                                ev.saga_id,
+                                ev.event.as_str(),
+                                ev.step.as_ref().map(|s| s.as_str()).unwrap_or("-"),
+                                ev.kind.map(|k| k.as_str()).unwrap_or("-"),
+                                ev.attempt.unwrap_or(0)
+                            ),
+                        );
+                        messages.push(Message {
                             subject: wire::event_subject(&ev.saga_type, ev.event.as_str()),
-                            headers: Default::default(),
+                            headers,
                             payload: body.into(),
-                        },
-                        false,
-                    )),
+                        });
+                    }
                     Err(e) => error!(error = %e, "encoding event failed"),
                 }
             }
             Effect::EmitLifecycleEvent(_) | Effect::ScheduleWakeup { .. } => {}
-            Effect::DeadLetter(_) | Effect::Finished { .. } => {
-                shared.outcomes.publish(&SagaOutcome {
-                    id: state.id,
-                    saga_type: state.saga_type.clone(),
-                    status: state.status,
-                    created_at: state.created_at,
-                    at: state.updated_at,
-                })
+            Effect::DeadLetter(info) => {
+                let body = serde_json::json!({
+                    "category": "saga",
+                    "saga_id": state.id,
+                    "saga_type": state.saga_type,
+                    "step": info.step_name,
+                    "kind": info.kind,
+                    "error": info.error,
+                    "attempts": info.attempts,
+                    "at": state.updated_at,
+                });
+                let mut headers = crate::ports::Headers::new();
+                headers.insert(wire::H_SAGA_ID, state.id.to_string());
+                headers.insert(wire::H_SAGA_TYPE, state.saga_type.as_str());
+                headers.insert(
+                    wire::H_MSG_ID,
+                    format!("dlq:{}:{}:{}", state.id, info.step_name, info.last_attempt),
+                );
+                messages.push(Message {
+                    subject: wire::dlq_subject(Some(&state.saga_type)),
+                    headers,
+                    payload: body.to_string().into_bytes().into(),
+                });
+                shared.outcomes.publish(&outcome_of(state));
             }
+            Effect::Finished { .. } => shared.outcomes.publish(&outcome_of(state)),
         }
     }
     if messages.is_empty() {
@@ -481,34 +512,46 @@ async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) 
     let inner = Arc::clone(shared);
     let published = shared
         .on_io(async move {
-            for (msg, is_command) in messages {
-                let subject = msg.subject.clone();
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    match bus.publish(msg.clone()).await {
+            let mut pending = messages;
+            for attempt in 1..=3u64 {
+                let results = bus.publish_batch(pending.clone()).await;
+                let mut retry = Vec::new();
+                for (msg, result) in pending.into_iter().zip(results) {
+                    match result {
                         Ok(()) => {
-                            if is_command {
+                            if msg.subject.starts_with(wire::COMMAND_PREFIX) {
                                 RuntimeStats::incr(&inner.stats.commands_sent);
                             }
-                            break;
                         }
-                        Err(e) if e.is_retryable() && tries < 3 => {
-                            tokio::time::sleep(Duration::from_millis(20 * tries)).await;
-                        }
+                        Err(e) if e.is_retryable() && attempt < 3 => retry.push(msg),
                         Err(e) => {
-                            // The state is committed; the reply deadline re-sends it.
+                            // The state is committed: the reply deadline re-sends a
+                            // command, and a restart resumes it.
                             RuntimeStats::incr(&inner.stats.publish_failures);
-                            warn!(subject, error = %e, "publish failed; the step's timeout will retry it");
-                            break;
+                            warn!(subject = %msg.subject, error = %e, "publish failed; the step's timeout will retry it");
                         }
                     }
                 }
+                if retry.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                pending = retry;
             }
             Ok(())
         })
         .await;
     if let Err(e) = published {
         warn!(error = %e, "publishing effects failed");
+    }
+}
+
+fn outcome_of(state: &SagaState) -> SagaOutcome {
+    SagaOutcome {
+        id: state.id,
+        saga_type: state.saga_type.clone(),
+        status: state.status,
+        created_at: state.created_at,
+        at: state.updated_at,
     }
 }
