@@ -159,3 +159,114 @@ async fn waits_for_a_broker_that_comes_up_late() {
         .expect("connects once the broker is up");
     assert!(bus.client().server_info().jetstream);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
+    let backend = Backend::new(StoreKind::Nats).await;
+    let ledger = MemoryLedger::new();
+    let bus = backend.bus().await;
+    // Shipping is down at first.
+    let mut participants = start_participants(
+        bus.clone(),
+        ledger.clone(),
+        reliable(),
+        no_script(),
+        &["inventory", "payment"],
+    )
+    .await;
+    let patient = RetryPolicy {
+        max_attempts: 50,
+        initial_delay: Duration::from_millis(20),
+        multiplier: 2.0,
+        max_delay: Duration::from_millis(100),
+        jitter: 1.0,
+    };
+    let checkout = checkout_definition(CheckoutTiming {
+        retry: patient,
+        compensation_retry: patient,
+        timeout: Duration::from_millis(300),
+    })
+    .expect("valid");
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(bus.clone())
+        .register(&checkout)
+        .options(options())
+        .start()
+        .await
+        .expect("start");
+    let mut outcomes = runtime.outcomes();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let order = skald::sagas::checkout::Checkout::new(format!("o-{i}"), "c", vec![], 100);
+        ids.push(
+            runtime
+                .start_saga(&checkout, &order)
+                .await
+                .expect("start saga"),
+        );
+    }
+    // Wait until every saga has timed out on shipping at least twice (retries with backoff).
+    let store = Arc::clone(&backend.store);
+    wait_until("two shipping timeouts for every saga", || {
+        let store = Arc::clone(&store);
+        let ids = ids.clone();
+        async move {
+            for id in &ids {
+                let inputs = journal_inputs(store.as_ref(), *id).await;
+                if inputs.iter().filter(|i| *i == "timed_out").count() < 2 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    // Shipping comes back: it finds every attempt's command waiting in the stream.
+    participants.extend(
+        start_participants(
+            bus.clone(),
+            ledger.clone(),
+            reliable(),
+            no_script(),
+            &["shipping"],
+        )
+        .await,
+    );
+    let mut settled = HashMap::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while settled.len() < ids.len() {
+        let o = tokio::time::timeout_at(deadline, outcomes.recv())
+            .await
+            .expect("every saga completes once shipping is back")
+            .expect("outcome");
+        settled.insert(o.id, o.status);
+    }
+    assert!(
+        settled.values().all(|s| *s == SagaStatus::Completed),
+        "{settled:?}"
+    );
+    let records = ledger.records().await.expect("records");
+    let sagas: Vec<_> = settled.iter().map(|(k, v)| (*k, *v)).collect();
+    let report = check_consistency(&sagas, &records);
+    assert!(
+        report.is_consistent(),
+        "shipped exactly once: {:?}",
+        report.violations
+    );
+    // The replies to the attempts that had timed out arrived late: recorded, ignored.
+    let first = ids[0];
+    wait_until("late replies recorded as ignored", || {
+        let store = Arc::clone(&store);
+        async move {
+            let inputs = journal_inputs(store.as_ref(), first).await;
+            inputs
+                .iter()
+                .any(|i| i == "ignored:step_succeeded")
+                .then_some(())
+        }
+    })
+    .await;
+    runtime.shutdown().await;
+    drop(participants);
+}
