@@ -82,6 +82,10 @@ struct Args {
     /// nats://127.0.0.1:4222) instead of the in-process bus.
     #[arg(long)]
     nats: Option<String>,
+    /// With --nats: if the broker is unreachable at start-up, keep retrying (visibly)
+    /// for this many seconds instead of failing at once.
+    #[arg(long, requires = "nats", default_value_t = 0)]
+    nats_wait_secs: u64,
     /// With --nats: start no simulated services; wait for external participants
     /// (`cargo run --example participant`, or any other language) to answer.
     #[arg(long, requires = "nats")]
@@ -229,9 +233,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let ledger = Arc::new(SqliteLedger::open(&args.db).await?);
     let bus: Arc<dyn Bus> = match &args.nats {
         Some(url) => Arc::new(
-            NatsBus::connect(NatsOptions::new(url.as_str()))
-                .await
-                .with_context(|| format!("connecting to NATS at {url}"))?,
+            NatsBus::connect(NatsOptions {
+                wait_for_server: (args.nats_wait_secs > 0)
+                    .then(|| Duration::from_secs(args.nats_wait_secs)),
+                ..NatsOptions::new(url.as_str())
+            })
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?,
         ),
         None => Arc::new(MemoryBus::new()),
     };
