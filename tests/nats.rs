@@ -270,3 +270,19 @@ async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
     runtime.shutdown().await;
     drop(participants);
 }
+
+#[tokio::test]
+async fn credentials_pass_through_to_the_server() {
+    let server = NatsServer::start_with(&["--auth", "s3cret-token"]);
+    let err = NatsBus::connect(NatsOptions::new(server.url()))
+        .await
+        .expect_err("the server wants a token");
+    assert!(err.to_string().contains(&server.url()), "{err}");
+    let bus = NatsBus::connect(NatsOptions {
+        token: Some("s3cret-token".into()),
+        ..NatsOptions::new(server.url())
+    })
+    .await
+    .expect("the token is passed through");
+    assert!(bus.client().server_info().jetstream);
+}

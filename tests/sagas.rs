@@ -351,28 +351,29 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
         "poison changed nothing"
     );
 
-    // A stale reply (an attempt never sent) and then the real reply, twice.
-    env.bus
-        .publish(reply(
-            id,
-            step,
-            "7",
-            "success",
-            b"{\"reservation_id\":\"r-7\"}",
-        ))
-        .await
-        .expect("publish");
+    // A stale reply (an attempt never sent), a reply out of order (for the next step,
+    // before this one finished), and then the real reply, twice.
+    let stale = reply(id, step, "7", "success", b"{\"reservation_id\":\"r-7\"}");
+    env.bus.publish(stale).await.expect("publish");
+    let early = reply(
+        id,
+        steps::CHARGE_PAYMENT,
+        "1",
+        "success",
+        b"{\"payment_id\":\"p-early\"}",
+    );
+    env.bus.publish(early).await.expect("publish");
     let store = Arc::clone(&env.store);
-    wait_until("the stale reply recorded as ignored", || {
-        let store = Arc::clone(&store);
-        async move {
-            let inputs = journal_inputs(store.as_ref(), id).await;
-            inputs
-                .iter()
-                .any(|i| i.starts_with("ignored:"))
-                .then_some(())
-        }
-    })
+    wait_until(
+        "the stale and out-of-order replies recorded as ignored",
+        || {
+            let store = Arc::clone(&store);
+            async move {
+                let inputs = journal_inputs(store.as_ref(), id).await;
+                (inputs.iter().filter(|i| i.starts_with("ignored:")).count() >= 2).then_some(())
+            }
+        },
+    )
     .await;
     let good = reply(id, step, "1", "success", b"{\"reservation_id\":\"r-1\"}");
     env.bus.publish(good.clone()).await.expect("publish");
@@ -384,7 +385,7 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
         let store = Arc::clone(&store);
         async move {
             let inputs = journal_inputs(store.as_ref(), id).await;
-            (inputs.iter().filter(|i| i.starts_with("ignored:")).count() >= 2).then_some(inputs)
+            (inputs.iter().filter(|i| i.starts_with("ignored:")).count() >= 3).then_some(inputs)
         }
     })
     .await;
@@ -392,6 +393,7 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
         inputs,
         [
             "started",
+            "ignored:step_succeeded",
             "ignored:step_succeeded",
             "step_succeeded",
             "step_succeeded",
@@ -405,6 +407,11 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
         data.reservation_id.as_deref(),
         Some("r-1"),
         "the stale reply was not applied"
+    );
+    assert_ne!(
+        data.payment_id.as_deref(),
+        Some("p-early"),
+        "the out-of-order reply was not applied"
     );
     // The runtime kept working throughout.
     let other = env.start_order(2).await;

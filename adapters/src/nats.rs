@@ -31,8 +31,19 @@ pub enum Storage {
     Memory,
 }
 
+/// When a stream may drop messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Keep messages until `max_age` (default): several consumer groups can read the
+    /// same subjects, and an operator can replay them.
+    #[default]
+    Limits,
+    /// Drop a message once every consumer interested in it has acknowledged it.
+    Interest,
+}
+
 /// How the streams are set up. Defaults: name prefix `SKALD`, file storage, 1 replica,
-/// 7 days max age, 2 minutes duplicate window.
+/// limits retention, 7 days max age, 2 minutes duplicate window.
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
     /// Stream names are `<prefix>_COMMANDS`, `<prefix>_REPLIES`, `<prefix>_EVENTS`,
@@ -42,6 +53,8 @@ pub struct StreamOptions {
     pub storage: Storage,
     /// Replicas (1 for a single server; 3 for a cluster).
     pub replicas: usize,
+    /// Retention policy.
+    pub retention: Retention,
     /// Messages older than this are dropped.
     pub max_age: Duration,
     /// Window in which the server drops a repeated `Nats-Msg-Id`.
@@ -54,6 +67,7 @@ impl Default for StreamOptions {
             prefix: "SKALD".into(),
             storage: Storage::File,
             replicas: 1,
+            retention: Retention::Limits,
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
         }
@@ -69,6 +83,12 @@ pub struct NatsOptions {
     pub name: String,
     /// A NATS credentials file (JWT + NKey seed).
     pub credentials_file: Option<PathBuf>,
+    /// An NKey seed (`SU...`), for NKey authentication without a JWT.
+    pub nkey_seed: Option<String>,
+    /// A user and password.
+    pub user_password: Option<(String, String)>,
+    /// A token.
+    pub token: Option<String>,
     /// Require TLS.
     pub require_tls: bool,
     /// Extra root certificates (PEM) to trust.
@@ -95,6 +115,9 @@ impl NatsOptions {
             url: url.into(),
             name: "skald".into(),
             credentials_file: None,
+            nkey_seed: None,
+            user_password: None,
+            token: None,
             require_tls: false,
             root_certificates: None,
             client_certificate: None,
@@ -175,6 +198,15 @@ impl NatsBus {
             connect = connect.credentials_file(creds).await.map_err(|e| {
                 BusError::Other(format!("reading NATS credentials {}: {e}", creds.display()))
             })?;
+        }
+        if let Some(seed) = &options.nkey_seed {
+            connect = connect.nkey(seed.clone());
+        }
+        if let Some((user, password)) = &options.user_password {
+            connect = connect.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &options.token {
+            connect = connect.token(token.clone());
         }
         if options.require_tls {
             connect = connect.require_tls(true);
@@ -262,7 +294,10 @@ impl NatsBus {
                 num_replicas: o.replicas,
                 max_age: o.max_age,
                 duplicate_window: o.duplicate_window,
-                retention: stream::RetentionPolicy::Limits,
+                retention: match o.retention {
+                    Retention::Limits => stream::RetentionPolicy::Limits,
+                    Retention::Interest => stream::RetentionPolicy::Interest,
+                },
                 ..Default::default()
             };
             self.js

@@ -47,10 +47,16 @@ pub struct NatsServer {
     child: Option<std::process::Child>,
     port: u16,
     dir: TempDir,
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// Starts one with extra command-line arguments (e.g. `--auth TOKEN`).
+    pub fn start_with(extra: &[&str]) -> NatsServer {
         let dir = TempDir::new();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -60,6 +66,7 @@ impl NatsServer {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.spawn();
         server
@@ -82,6 +89,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.dir.0)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
