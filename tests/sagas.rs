@@ -585,9 +585,10 @@ impl skald::ports::SagaStore for FlakyStore {
     async fn due_wakeups(
         &self,
         now: skald::machine::Timestamp,
+        types: &[(skald::ids::SagaType, u32)],
         limit: usize,
     ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
-        self.inner.due_wakeups(now, limit).await
+        self.inner.due_wakeups(now, types, limit).await
     }
     async fn active_sagas(
         &self,

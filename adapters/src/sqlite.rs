@@ -231,7 +231,21 @@ async fn apply_write(
             }
             w.expected_version + 1
         }
-        None => w.expected_version,
+        None => {
+            // Journal only (an ignored input): the decision to ignore was taken on the
+            // version the writer read, so it must still be the current one; otherwise a
+            // stale actor could swallow a reply the saga now waits for.
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = ?")
+                    .bind(&id)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(store_error)?;
+            if current.and_then(|v| u64::try_from(v).ok()) != Some(w.expected_version) {
+                return Ok(WriteOutcome::Conflict);
+            }
+            w.expected_version
+        }
     };
     for entry in &w.journal {
         let body =
@@ -350,12 +364,21 @@ impl SagaStore for SqliteStore {
         Ok(outcomes)
     }
 
-    async fn due_wakeups(&self, now: Timestamp, limit: usize) -> Result<Vec<SagaId>, StoreError> {
+    async fn due_wakeups(
+        &self,
+        now: Timestamp,
+        types: &[(SagaType, u32)],
+        limit: usize,
+    ) -> Result<Vec<SagaId>, StoreError> {
+        let types: Vec<String> = types.iter().map(|(t, v)| format!("{t}:{v}")).collect();
+        let types = serde_json::to_string(&types).map_err(|e| StoreError::Other(e.to_string()))?;
         let rows = sqlx::query(
             "SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= ? \
+             AND saga_type || ':' || definition_version IN (SELECT value FROM json_each(?)) \
              ORDER BY next_wakeup_ms LIMIT ?",
         )
         .bind(ms(now))
+        .bind(types)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await

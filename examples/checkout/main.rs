@@ -13,7 +13,8 @@
 //! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222   # over JetStream
 //! ```
 //!
-//! Exits non-zero when the consistency check fails or sagas are left unfinished.
+//! Exits non-zero when the consistency check fails, sagas are left unfinished, or a saga
+//! was dead-lettered (an operator has to look at it).
 
 mod ledger;
 
@@ -32,9 +33,9 @@ use skald::adapters::memory::MemoryBus;
 use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
-use skald::machine::SagaStatus;
+use skald::machine::{SagaStatus, Timestamp};
 use skald::participant;
-use skald::ports::{Bus, SagaStore};
+use skald::ports::{Bus, Clock, SagaStore, SystemClock};
 use skald::sagas::checkout::{
     Checkout, CheckoutTiming, ConsistencyReport, LineItem, check_consistency, checkout_definition,
 };
@@ -155,6 +156,7 @@ async fn consistency(
     check: bool,
 ) -> anyhow::Result<(Vec<(SagaId, SagaStatus)>, Option<ConsistencyReport>)> {
     let mut sagas = all_sagas(store).await?;
+    let known: HashSet<SagaId> = sagas.iter().map(|(id, _)| *id).collect();
     if let Some(only) = only {
         sagas.retain(|(id, _)| only.contains(id));
     }
@@ -165,7 +167,15 @@ async fn consistency(
         .records()
         .await
         .context("reading the services' records")?;
-    let report = check_consistency(&sagas, &records);
+    let mut report = check_consistency(&sagas, &records);
+    // Effects of a saga the store does not know: a saga was lost.
+    for (id, r) in &records {
+        if !known.contains(id) {
+            report.violations.push(format!(
+                "the services hold {r:?} for saga {id}, which the store does not know"
+            ));
+        }
+    }
     Ok((sagas, Some(report)))
 }
 
@@ -274,15 +284,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let checkout = checkout_definition(CheckoutTiming::default())?;
     let unfinished_before = store.active_sagas(None, 1).await?.len();
     let started_at = Instant::now();
-    let runtime = Runtime::builder()
+    let builder = Runtime::builder()
         .store(store.clone())
         .bus(bus.clone())
         .register(&checkout)
-        .options(RuntimeOptions::default())
+        .options(RuntimeOptions::default());
+    // Subscribe before start: the sagas a start resumes may settle at once.
+    let mut outcomes = builder.subscribe_outcomes();
+    let run_started = SystemClock.now();
+    let runtime = builder
         .start()
         .await
         .context("starting the skald runtime")?;
-    let mut outcomes = runtime.outcomes();
     let deadline = started_at + Duration::from_secs(args.timeout_secs);
 
     let (summary, ok) = if args.resume {
@@ -300,6 +313,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         fresh(
             &args,
+            run_started,
             &runtime,
             &checkout,
             store.as_ref(),
@@ -359,6 +373,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 #[allow(clippy::too_many_arguments)]
 async fn fresh(
     args: &Args,
+    run_started: Timestamp,
     runtime: &Runtime,
     checkout: &skald::definition::SagaDefinition<Checkout>,
     store: &dyn SagaStore,
@@ -431,6 +446,10 @@ async fn fresh(
                 },
                 outcome = outcomes.recv() => {
                     let Some(o) = outcome else { break };
+                    // Sagas of an earlier run that this start resumed are not ours.
+                    if o.created_at < run_started {
+                        continue;
+                    }
                     let now = Instant::now();
                     match start_times.remove(&o.id) {
                         Some(t0) => latencies.push(now.duration_since(t0).as_secs_f64() * 1e3),
@@ -460,6 +479,7 @@ async fn fresh(
     let summary = summarize(&sagas, report.as_ref(), latencies, elapsed, settled_here);
     let ok = summary.consistent != Some(false)
         && summary.unfinished == 0
+        && summary.dead_lettered == 0
         && summary.started == args.sagas;
     Ok((summary, ok))
 }
@@ -496,6 +516,7 @@ async fn resume(
     let (sagas, report) = consistency(store, ledger, None, !args.no_check).await?;
     let settled_here = Some(latencies.len());
     let summary = summarize(&sagas, report.as_ref(), latencies, elapsed, settled_here);
-    let ok = summary.consistent != Some(false) && summary.unfinished == 0;
+    let ok =
+        summary.consistent != Some(false) && summary.unfinished == 0 && summary.dead_lettered == 0;
     Ok((summary, ok))
 }

@@ -55,14 +55,18 @@ impl RuntimeError {
     /// What to do with the message that caused it.
     pub fn disposition(&self) -> Disposition {
         match self {
-            RuntimeError::Store(e) if e.is_retryable() => Disposition::Retry,
+            // The saga's stored data cannot be read by this build: retrying won't help.
+            RuntimeError::Store(StoreError::Corrupt(_)) => Disposition::DeadLetter,
+            // Transient, or a process-level problem (schema) an operator fixes: keep the
+            // message (the intake dead-letters it after `max_deliveries`).
             RuntimeError::Store(_) => Disposition::Retry,
             RuntimeError::Bus(_) | RuntimeError::ActorUnavailable(_) | RuntimeError::Runtime(_) => {
                 Disposition::Retry
             }
-            RuntimeError::UnknownSaga(_)
-            | RuntimeError::UnknownSagaType { .. }
-            | RuntimeError::Data(_) => Disposition::DeadLetter,
+            // A definition (version) not registered here: a deployment in progress may
+            // bring it; keep the message rather than lose it.
+            RuntimeError::UnknownSagaType { .. } => Disposition::Retry,
+            RuntimeError::UnknownSaga(_) | RuntimeError::Data(_) => Disposition::DeadLetter,
             RuntimeError::Transition(t) if t.is_poison() => Disposition::DeadLetter,
             RuntimeError::Transition(_) => Disposition::Refuse,
         }

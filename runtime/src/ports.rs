@@ -99,7 +99,8 @@ pub struct DeadLetterRecord {
 pub struct SagaWrite {
     /// The saga.
     pub id: SagaId,
-    /// The version the writer read; `0` creates the saga. Ignored when `state` is `None`.
+    /// The version the writer read; `0` creates the saga. Checked for journal-only
+    /// writes too: an input ignored on a stale version must be re-evaluated.
     pub expected_version: u64,
     /// The new state; `None` records journal entries only (an ignored input).
     pub state: Option<SagaState>,
@@ -180,8 +181,15 @@ pub trait SagaStore: Send + Sync + 'static {
     /// outcome per write, in order. An `Err` means nothing was committed.
     async fn commit(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>, StoreError>;
 
-    /// Sagas with a wake-up due at or before `now`, oldest first.
-    async fn due_wakeups(&self, now: Timestamp, limit: usize) -> Result<Vec<SagaId>, StoreError>;
+    /// Sagas of the given (type, definition version) pairs with a wake-up due at or
+    /// before `now`, oldest first. (A runtime only sweeps the sagas it can run: those
+    /// of other types or versions would otherwise crowd out its own.)
+    async fn due_wakeups(
+        &self,
+        now: Timestamp,
+        types: &[(SagaType, u32)],
+        limit: usize,
+    ) -> Result<Vec<SagaId>, StoreError>;
 
     /// Sagas not yet finished (running or compensating), in id order after `after`.
     async fn active_sagas(

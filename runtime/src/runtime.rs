@@ -57,6 +57,10 @@ pub struct RuntimeOptions {
     pub publish_events: bool,
     /// The consumer group replies are read with. Default: `skald-orchestrator`. Since 0.1.
     pub reply_group: String,
+    /// A reply that still cannot be applied after this many deliveries (store down for
+    /// long, a definition missing) is dead-lettered with the last error instead of being
+    /// redelivered forever. Default: 100. Since 0.1.
+    pub max_deliveries: u32,
 }
 
 impl Default for RuntimeOptions {
@@ -72,6 +76,7 @@ impl Default for RuntimeOptions {
             redelivery_delay: Duration::from_millis(500),
             publish_events: true,
             reply_group: "skald-orchestrator".into(),
+            max_deliveries: 100,
         }
     }
 }
@@ -85,6 +90,7 @@ pub struct RuntimeBuilder {
     definitions: HashMap<SagaType, Arc<Definition>>,
     options: RuntimeOptions,
     duplicate_type: Option<SagaType>,
+    outcomes: Arc<OutcomeHub>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -106,6 +112,7 @@ impl Default for RuntimeBuilder {
             definitions: HashMap::new(),
             options: RuntimeOptions::default(),
             duplicate_type: None,
+            outcomes: Arc::new(OutcomeHub::default()),
         }
     }
 }
@@ -136,6 +143,13 @@ impl RuntimeBuilder {
         self.options = options;
         self
     }
+    /// Every saga that settles once the runtime starts, including the unfinished sagas
+    /// it resumes at start-up (subscribe here, before [`RuntimeBuilder::start`], not to
+    /// miss those).
+    pub fn subscribe_outcomes(&self) -> mpsc::UnboundedReceiver<SagaOutcome> {
+        self.outcomes.subscribe()
+    }
+
     /// Registers a saga definition. Registering one type twice is an error at start.
     pub fn register<D>(mut self, definition: &SagaDefinition<D>) -> Self {
         let def = Arc::clone(definition.definition());
@@ -169,8 +183,16 @@ impl RuntimeBuilder {
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
         })?;
-        let (committer, commit_task) =
+        let (committer, commit_loop) =
             Committer::spawn(Arc::clone(&store), self.options.commit_max_batch);
+        // Nobody awaits the loop while the runtime runs: report it if it dies.
+        let commit_task = tokio::spawn(async move {
+            if let Err(e) = commit_loop.await
+                && e.is_panic()
+            {
+                error!(error = %e, "the commit loop panicked: no transition can be committed any more");
+            }
+        });
         let shared = Arc::new(Shared {
             definitions: self.definitions,
             store,
@@ -179,7 +201,7 @@ impl RuntimeBuilder {
             clock: self.clock,
             jitter: self.jitter,
             io,
-            outcomes: OutcomeHub::default(),
+            outcomes: self.outcomes,
             stats: RuntimeStats::default(),
             options: self.options,
         });
@@ -267,12 +289,13 @@ async fn deliver(
     initial: Option<SagaState>,
     input: Input,
 ) -> Result<Applied, RuntimeError> {
-    let mut initial = initial;
     for _ in 0..DELIVERY_ATTEMPTS {
+        // A start keeps its initial state across attempts: if the first actor died
+        // before committing, the next one must still create the saga.
         let addr = registry
             .send(Lookup {
                 id,
-                initial: initial.take(),
+                initial: initial.clone(),
             })
             .await
             .map_err(|e| RuntimeError::Runtime(format!("registry unavailable: {e}")))?;
@@ -422,12 +445,27 @@ impl Runtime {
     /// Stops the intake and the actors. Committed state is kept; unfinished sagas
     /// continue when a runtime starts again on the same store.
     pub async fn shutdown(mut self) {
+        // Stop taking replies, then the actors; the commit loop goes last, so that a
+        // transition in flight is committed (or not) as a whole, never cut in half.
+        let commit_task = self.tasks.pop();
         for t in &self.tasks {
             t.abort();
         }
         self.system.stop();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        drop(self);
+        if let Some(commit_task) = commit_task {
+            // It ends once every committer handle is gone; reply tasks still finishing
+            // may hold one for a moment.
+            let abort = commit_task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), commit_task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
     }
 }
@@ -520,6 +558,18 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
                     acker,
                     Some(reply.saga_id),
                     e.to_string(),
+                )
+                .await
+            }
+            Disposition::Retry if delivery_count >= shared.options.max_deliveries => {
+                let reason = format!("not applied after {delivery_count} deliveries: {e}");
+                poison(
+                    shared,
+                    &message,
+                    delivery_count,
+                    acker,
+                    Some(reply.saga_id),
+                    reason,
                 )
                 .await
             }

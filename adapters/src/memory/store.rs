@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use skald_runtime::ids::SagaId;
+use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
     DeadLetterCategory, DeadLetterRecord, JournalEntry, SagaStore, SagaSummary, SagaWrite,
@@ -77,7 +77,14 @@ impl SagaStore for MemoryStore {
                     );
                     version
                 }
-                None => current,
+                None => {
+                    // Journal only: valid only on the version the writer read.
+                    if current != w.expected_version {
+                        outcomes.push(WriteOutcome::Conflict);
+                        continue;
+                    }
+                    current
+                }
             };
             data.journal
                 .entry(w.id)
@@ -102,11 +109,21 @@ impl SagaStore for MemoryStore {
         Ok(outcomes)
     }
 
-    async fn due_wakeups(&self, now: Timestamp, limit: usize) -> Result<Vec<SagaId>, StoreError> {
+    async fn due_wakeups(
+        &self,
+        now: Timestamp,
+        types: &[(SagaType, u32)],
+        limit: usize,
+    ) -> Result<Vec<SagaId>, StoreError> {
         let data = self.lock()?;
         let mut due: Vec<(Timestamp, SagaId)> = data
             .sagas
             .values()
+            .filter(|s| {
+                types
+                    .iter()
+                    .any(|(t, v)| *t == s.state.saga_type && *v == s.state.definition_version)
+            })
             .filter_map(|s| {
                 s.state
                     .wake_at()

@@ -75,6 +75,13 @@ pub struct SagaInstance {
     keep_alive: Option<Addr<SagaInstance>>,
     wake_timer: Option<SpawnHandle>,
     idle_timer: Option<SpawnHandle>,
+    /// Consecutive wake-ups that failed: the next one backs off (a saga whose wake-up
+    /// cannot be applied must not spin on an overdue timer).
+    wake_failures: u32,
+    /// Set once the actor passivated: a restart after that (someone still held an
+    /// address) serves that message and lets the actor go, instead of keeping it alive
+    /// beside the new activation the registry may have made.
+    passivated: bool,
 }
 
 impl std::fmt::Debug for SagaInstance {
@@ -105,6 +112,8 @@ impl SagaInstance {
             keep_alive: None,
             wake_timer: None,
             idle_timer: None,
+            wake_failures: 0,
+            passivated: false,
         }
     }
 
@@ -193,7 +202,11 @@ impl SagaInstance {
         if let Load::Ready(saga) = &self.load
             && let Some(at) = saga.state.wake_at()
         {
-            let delay = self.shared.clock.now().until(at);
+            let backoff = match self.wake_failures {
+                0 => Duration::ZERO,
+                n => Duration::from_millis(100u64 << n.min(9)).min(Duration::from_secs(30)),
+            };
+            let delay = self.shared.clock.now().until(at).max(backoff);
             self.wake_timer = Some(ctx.run_later(delay, |_, ctx| ctx.notify(Wake)));
         }
         if let Some(h) = self.idle_timer.take() {
@@ -213,6 +226,7 @@ impl SagaInstance {
         debug!(saga.id = %self.id, "passivating");
         RuntimeStats::incr(&self.shared.stats.passivations);
         self.keep_alive = None;
+        self.passivated = true;
         self.registry.do_send(Passivated {
             id: self.id,
             addr: ctx.address().downgrade(),
@@ -275,7 +289,9 @@ impl Actor for SagaInstance {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.keep_alive = Some(ctx.address());
+        if !self.passivated {
+            self.keep_alive = Some(ctx.address());
+        }
         RuntimeStats::incr(&self.shared.stats.activations);
         match self.load {
             Load::Ready(_) => self.after_change(ctx),
@@ -308,9 +324,12 @@ impl Handler<Wake> for SagaInstance {
     fn handle(&mut self, _msg: Wake, ctx: &mut Context<Self>) -> Self::Result {
         let id = self.id;
         let inner = self.run(None, ctx);
-        AtomicResponse::new(Box::pin(inner.map(move |res, _, _| {
-            if let Err(e) = res {
-                warn!(saga.id = %id, error = %e, "wake-up not applied");
+        AtomicResponse::new(Box::pin(inner.map(move |res, act, ctx| match res {
+            Ok(_) => act.wake_failures = 0,
+            Err(e) => {
+                act.wake_failures = act.wake_failures.saturating_add(1);
+                warn!(saga.id = %id, error = %e, failures = act.wake_failures, "wake-up not applied; backing off");
+                act.after_change(ctx);
             }
         })))
     }

@@ -116,7 +116,7 @@ pub struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) jitter: Arc<dyn JitterSource>,
     pub(crate) io: tokio::runtime::Handle,
-    pub(crate) outcomes: OutcomeHub,
+    pub(crate) outcomes: Arc<OutcomeHub>,
     pub(crate) stats: RuntimeStats,
     pub(crate) options: RuntimeOptions,
 }

@@ -55,10 +55,15 @@ impl RetrySupervisor {
         let fut = async move {
             let store = Arc::clone(&shared.store);
             let now = shared.clock.now();
+            let types: Vec<_> = shared
+                .definitions
+                .values()
+                .map(|d| (d.saga_type().clone(), d.version()))
+                .collect();
             let due = shared
                 .on_io(async move {
                     store
-                        .due_wakeups(now, SWEEP_BATCH)
+                        .due_wakeups(now, &types, SWEEP_BATCH)
                         .await
                         .map_err(RuntimeError::from)
                 })
