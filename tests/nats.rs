@@ -16,6 +16,42 @@ use skald::sagas::checkout::{CheckoutTiming, check_consistency, checkout_definit
 use skald::sagas::sim::{Ledger, MemoryLedger};
 use skald::{Runtime, SagaOutcome};
 
+/// A runtime on `backend` whose checkout steps retry patiently (`max_attempts` attempts,
+/// backoff up to `max_delay`) with a reply timeout of `timeout`.
+async fn patient_runtime(
+    backend: &Backend,
+    bus: Arc<dyn skald::ports::Bus>,
+    max_attempts: u32,
+    max_delay: Duration,
+    timeout: Duration,
+) -> (
+    Runtime,
+    skald::definition::SagaDefinition<skald::sagas::checkout::Checkout>,
+) {
+    let patient = RetryPolicy {
+        max_attempts,
+        initial_delay: Duration::from_millis(20),
+        multiplier: 2.0,
+        max_delay,
+        jitter: 1.0,
+    };
+    let checkout = checkout_definition(CheckoutTiming {
+        retry: patient,
+        compensation_retry: patient,
+        timeout,
+    })
+    .expect("valid");
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(bus)
+        .register(&checkout)
+        .options(options())
+        .start()
+        .await
+        .expect("start");
+    (runtime, checkout)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_under_load_loses_nothing() {
     let mut backend = Backend::new(StoreKind::Nats).await;
@@ -30,27 +66,14 @@ async fn broker_killed_and_restarted_under_load_loses_nothing() {
     )
     .await;
     // Patient policies: an outage of a few seconds must not exhaust the retries.
-    let patient = RetryPolicy {
-        max_attempts: 20,
-        initial_delay: Duration::from_millis(50),
-        multiplier: 2.0,
-        max_delay: Duration::from_millis(500),
-        jitter: 1.0,
-    };
-    let checkout = checkout_definition(CheckoutTiming {
-        retry: patient,
-        compensation_retry: patient,
-        timeout: Duration::from_secs(2),
-    })
-    .expect("valid");
-    let runtime = Runtime::builder()
-        .store(Arc::clone(&backend.store))
-        .bus(bus.clone())
-        .register(&checkout)
-        .options(options())
-        .start()
-        .await
-        .expect("start");
+    let (runtime, checkout) = patient_runtime(
+        &backend,
+        bus.clone(),
+        20,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+    )
+    .await;
     let mut outcomes = runtime.outcomes();
 
     let total = 200;
@@ -174,27 +197,14 @@ async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
         &["inventory", "payment"],
     )
     .await;
-    let patient = RetryPolicy {
-        max_attempts: 50,
-        initial_delay: Duration::from_millis(20),
-        multiplier: 2.0,
-        max_delay: Duration::from_millis(100),
-        jitter: 1.0,
-    };
-    let checkout = checkout_definition(CheckoutTiming {
-        retry: patient,
-        compensation_retry: patient,
-        timeout: Duration::from_millis(300),
-    })
-    .expect("valid");
-    let runtime = Runtime::builder()
-        .store(Arc::clone(&backend.store))
-        .bus(bus.clone())
-        .register(&checkout)
-        .options(options())
-        .start()
-        .await
-        .expect("start");
+    let (runtime, checkout) = patient_runtime(
+        &backend,
+        bus.clone(),
+        50,
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+    )
+    .await;
     let mut outcomes = runtime.outcomes();
     let mut ids = Vec::new();
     for i in 0..10 {

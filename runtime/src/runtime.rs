@@ -523,6 +523,7 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
         )
         .await;
     }
+    let retryable = matches!(reply.outcome, Outcome::Retryable(_));
     let input = match reply.outcome {
         Outcome::Success(output) => Input::StepSucceeded {
             step: reply.step,
@@ -530,19 +531,11 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             attempt: reply.attempt,
             output,
         },
-        Outcome::Failure(error) => Input::StepFailed {
+        Outcome::Failure(error) | Outcome::Retryable(error) => Input::StepFailed {
+            retryable,
             step: reply.step,
             kind: reply.kind,
             attempt: reply.attempt,
-            retryable: false,
-            error,
-            jitter: shared.jitter.draw(),
-        },
-        Outcome::Retryable(error) => Input::StepFailed {
-            step: reply.step,
-            kind: reply.kind,
-            attempt: reply.attempt,
-            retryable: true,
             error,
             jitter: shared.jitter.draw(),
         },
@@ -550,32 +543,18 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
     match deliver(registry, reply.saga_id, None, input).await {
         Ok(_) => settle(acker.ack().await),
         Err(e) => match e.disposition() {
-            Disposition::DeadLetter | Disposition::Refuse => {
-                poison(
-                    shared,
-                    &message,
-                    delivery_count,
-                    acker,
-                    Some(reply.saga_id),
-                    e.to_string(),
-                )
-                .await
-            }
-            Disposition::Retry if delivery_count >= shared.options.max_deliveries => {
-                let reason = format!("not applied after {delivery_count} deliveries: {e}");
-                poison(
-                    shared,
-                    &message,
-                    delivery_count,
-                    acker,
-                    Some(reply.saga_id),
-                    reason,
-                )
-                .await
-            }
-            Disposition::Retry => {
+            Disposition::Retry if delivery_count < shared.options.max_deliveries => {
                 warn!(saga.id = %reply.saga_id, error = %e, "reply not applied; redelivering later");
                 settle(acker.nak(shared.options.redelivery_delay).await)
+            }
+            disposition => {
+                let reason = if disposition == Disposition::Retry {
+                    format!("not applied after {delivery_count} deliveries: {e}")
+                } else {
+                    e.to_string()
+                };
+                let saga = Some(reply.saga_id);
+                poison(shared, &message, delivery_count, acker, saga, reason).await
             }
         },
     }
