@@ -262,43 +262,34 @@ impl Ledger for SqliteLedger {
 
     async fn records(&self) -> Result<HashMap<SagaId, SagaRecords>, LedgerError> {
         let mut out: HashMap<SagaId, SagaRecords> = HashMap::new();
-        let parse = |s: String| s.parse::<SagaId>().map_err(|e| LedgerError(e.to_string()));
-        for row in sqlx::query("SELECT saga_id, released FROM sim_inventory_reservations")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err)?
-        {
-            let r = out
-                .entry(parse(row.try_get("saga_id").map_err(err)?)?)
-                .or_default();
-            if row.try_get::<i64, _>("released").map_err(err)? != 0 {
-                r.reservations_released += 1;
-            } else {
-                r.reservations_held += 1;
+        // (query, what to count for a row whose flag column is `flag`)
+        let tables: [(&str, fn(&mut SagaRecords, bool)); 3] = [
+            (
+                "SELECT saga_id, released AS flag FROM sim_inventory_reservations",
+                SagaRecords::add_reservation,
+            ),
+            (
+                "SELECT saga_id, refunded AS flag FROM sim_payment_charges",
+                SagaRecords::add_charge,
+            ),
+            (
+                "SELECT saga_id, 0 AS flag FROM sim_shipping_shipments",
+                |r, _| r.add_shipment(),
+            ),
+        ];
+        for (query, count) in tables {
+            for row in sqlx::query(query)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err)?
+            {
+                let saga: String = row.try_get("saga_id").map_err(err)?;
+                let saga = saga
+                    .parse::<SagaId>()
+                    .map_err(|e| LedgerError(e.to_string()))?;
+                let flag: i64 = row.try_get("flag").map_err(err)?;
+                count(out.entry(saga).or_default(), flag != 0);
             }
-        }
-        for row in sqlx::query("SELECT saga_id, refunded FROM sim_payment_charges")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err)?
-        {
-            let r = out
-                .entry(parse(row.try_get("saga_id").map_err(err)?)?)
-                .or_default();
-            if row.try_get::<i64, _>("refunded").map_err(err)? != 0 {
-                r.charges_refunded += 1;
-            } else {
-                r.charges_live += 1;
-            }
-        }
-        for row in sqlx::query("SELECT saga_id FROM sim_shipping_shipments")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err)?
-        {
-            out.entry(parse(row.try_get("saga_id").map_err(err)?)?)
-                .or_default()
-                .shipments += 1;
         }
         Ok(out)
     }

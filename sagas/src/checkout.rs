@@ -263,6 +263,31 @@ pub struct SagaRecords {
     pub shipments: u32,
 }
 
+impl SagaRecords {
+    /// Counts a reservation, held or released.
+    pub fn add_reservation(&mut self, released: bool) {
+        if released {
+            self.reservations_released += 1;
+        } else {
+            self.reservations_held += 1;
+        }
+    }
+
+    /// Counts a charge, live or refunded.
+    pub fn add_charge(&mut self, refunded: bool) {
+        if refunded {
+            self.charges_refunded += 1;
+        } else {
+            self.charges_live += 1;
+        }
+    }
+
+    /// Counts a shipment.
+    pub fn add_shipment(&mut self) {
+        self.shipments += 1;
+    }
+}
+
 /// The result of the consistency check.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ConsistencyReport {

@@ -347,23 +347,13 @@ impl Ledger for MemoryLedger {
         self.with(|b| {
             let mut out: HashMap<SagaId, SagaRecords> = HashMap::new();
             for (saga, _, released) in b.reservations.values() {
-                let r = out.entry(*saga).or_default();
-                if *released {
-                    r.reservations_released += 1;
-                } else {
-                    r.reservations_held += 1;
-                }
+                out.entry(*saga).or_default().add_reservation(*released);
             }
             for (saga, _, refunded) in b.charges.values() {
-                let r = out.entry(*saga).or_default();
-                if *refunded {
-                    r.charges_refunded += 1;
-                } else {
-                    r.charges_live += 1;
-                }
+                out.entry(*saga).or_default().add_charge(*refunded);
             }
             for (saga, _) in b.shipments.values() {
-                out.entry(*saga).or_default().shipments += 1;
+                out.entry(*saga).or_default().add_shipment();
             }
             out
         })
