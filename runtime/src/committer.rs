@@ -33,7 +33,7 @@ pub struct CommitStats {
 
 struct Request {
     write: SagaWrite,
-    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+    reply: oneshot::Sender<Result<(WriteOutcome, SagaWrite), StoreError>>,
 }
 
 /// The handle instance actors commit through. Cheap to clone.
@@ -63,8 +63,9 @@ impl Committer {
         (Committer { tx, stats }, task)
     }
 
-    /// Commits one write (possibly together with others) and returns its outcome.
-    pub async fn commit(&self, write: SagaWrite) -> Result<WriteOutcome, StoreError> {
+    /// Commits one write (possibly together with others) and returns its outcome, with
+    /// the write handed back (so the caller keeps its state without a copy).
+    pub async fn commit(&self, write: SagaWrite) -> Result<(WriteOutcome, SagaWrite), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { write, reply })
@@ -108,22 +109,24 @@ async fn run(
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
         debug!(writes = writes.len(), micros, "group commit");
-        writes.clear();
         match result {
             Ok(outcomes) if outcomes.len() == replies.len() => {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats
                     .writes
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                for ((reply, outcome), write) in
+                    replies.into_iter().zip(outcomes).zip(writes.drain(..))
+                {
                     if outcome == WriteOutcome::Conflict {
                         stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     }
                     // The requester may have gone away (its actor died): nothing to do.
-                    let _ = reply.send(Ok(outcome));
+                    let _ = reply.send(Ok((outcome, write)));
                 }
             }
             Ok(outcomes) => {
+                writes.clear();
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 let err = StoreError::Other(format!(
                     "store returned {} outcomes for {} writes",
@@ -136,6 +139,7 @@ async fn run(
                 }
             }
             Err(err) => {
+                writes.clear();
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %err, writes = replies.len(), "group commit failed");
                 for reply in replies {

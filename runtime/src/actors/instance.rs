@@ -364,7 +364,7 @@ async fn process(
     for _ in 0..MAX_CONFLICT_RETRIES {
         let now = shared.clock.now();
         let write;
-        let next: Result<(SagaState, Vec<Effect>), String> =
+        let next: Result<Vec<Effect>, String> =
             match machine::transition(&def, &saga.state, &input, now) {
                 Ok((state, effects)) => {
                     let body = serde_json::json!({
@@ -390,12 +390,13 @@ async fn process(
                     write = SagaWrite {
                         id: saga.state.id,
                         expected_version: saga.version,
-                        state: Some(state.clone()),
+                        // Moved, not copied: the committer hands the write back.
+                        state: Some(state),
                         journal: vec![journal_entry(now, "transition", body)],
                         dead_letter,
                         resolve_dead_letters: matches!(input, Input::Redriven),
                     };
-                    Ok((state, effects))
+                    Ok(effects)
                 }
                 // Late, repeated or out-of-order replies and timers are recorded and
                 // acknowledged; an operator's request on a finished saga is refused.
@@ -415,12 +416,21 @@ async fn process(
                 Err(e) => return (Some(saga), Err(e.into())),
             };
         match shared.committer.commit(write).await {
-            Ok(WriteOutcome::Committed { version }) => {
-                let (state, effects) = match next {
-                    Ok(next) => next,
-                    Err(reason) => {
+            Ok((WriteOutcome::Committed { version }, mut write)) => {
+                let (state, effects) = match (next, write.state.take()) {
+                    (Ok(effects), Some(state)) => (state, effects),
+                    (Err(reason), _) => {
                         RuntimeStats::incr(&shared.stats.ignored);
                         return (Some(saga), Ok(Applied::Ignored { reason }));
+                    }
+                    (Ok(_), None) => {
+                        // Cannot happen: a transition's write always carries its state.
+                        return (
+                            None,
+                            Err(RuntimeError::Runtime(
+                                "committed write lost its state".into(),
+                            )),
+                        );
                     }
                 };
                 RuntimeStats::incr(&shared.stats.transitions);
@@ -429,7 +439,7 @@ async fn process(
                 perform(&shared, &saga.state, effects).await;
                 return (Some(saga), Ok(Applied::Transitioned { status }));
             }
-            Ok(WriteOutcome::Conflict) => {
+            Ok((WriteOutcome::Conflict, _)) => {
                 RuntimeStats::incr(&shared.stats.conflicts);
                 debug!(saga.id = %saga.state.id, "version conflict: reloading");
                 let store = Arc::clone(&shared.store);
