@@ -189,7 +189,7 @@ async fn handle<H, F>(
         Ok(c) => c,
         Err(e) => {
             warn!(subject = %message.subject, error = %e, "undecodable command terminated");
-            let _ = acker.term(&e.to_string()).await;
+            settle(acker.term(&e.to_string()).await);
             return;
         }
     };
@@ -208,7 +208,7 @@ async fn handle<H, F>(
                 Ok(found) => found,
                 Err(e) => {
                     warn!(error = %e, "dedupe store unavailable; the command will be redelivered");
-                    let _ = acker.nak(Duration::from_millis(500)).await;
+                    settle(acker.nak(Duration::from_millis(500)).await);
                     return;
                 }
             },
@@ -222,7 +222,7 @@ async fn handle<H, F>(
                     && let Err(e) = d.put(&key, output).await
                 {
                     warn!(error = %e, "recording the result failed; the command will be redelivered");
-                    let _ = acker.nak(Duration::from_millis(500)).await;
+                    settle(acker.nak(Duration::from_millis(500)).await);
                     return;
                 }
                 outcome
@@ -231,16 +231,24 @@ async fn handle<H, F>(
         let reply = wire::encode_reply(&command, &outcome);
         match bus.publish(reply).await {
             Ok(()) => {
-                let _ = acker.ack().await;
+                settle(acker.ack().await);
             }
             Err(e) => {
                 warn!(error = %e, "publishing the reply failed; the command will be redelivered");
-                let _ = acker.nak(Duration::from_millis(200)).await;
+                settle(acker.nak(Duration::from_millis(200)).await);
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Logs a settlement that failed: the broker redelivers the command, and the
+/// idempotency key makes that harmless, but the operator should see it.
+fn settle(result: Result<(), BusError>) {
+    if let Err(e) = result {
+        warn!(error = %e, "settling a command with the broker failed; it may be redelivered");
+    }
 }
 
 /// Shorthand for a permanent failure outcome.
