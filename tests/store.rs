@@ -1,6 +1,8 @@
-//! The `SagaStore` contract, run against every store: optimistic concurrency (also for
-//! journal-only writes), wake-ups filtered by the types a runtime can run, paging of
-//! active sagas, dead letters and their resolution.
+//! The `SagaStore` contract, run against every store (memory, SQLite, PostgreSQL):
+//! optimistic concurrency (also for journal-only writes), claimed wake-ups filtered by
+//! the types a runtime can run, the outbox (leases, claims, deletion once published)
+//! and the inbox (a message applied once is refused after), paging of active sagas,
+//! dead letters and their resolution.
 
 mod common;
 
@@ -12,9 +14,12 @@ use skald::definition::{SagaDefinition, Step};
 use skald::ids::{SagaId, SagaType};
 use skald::machine::{Input, SagaState, SagaStatus, Timestamp, transition};
 use skald::ports::{
-    DeadLetterCategory, DeadLetterRecord, JOURNAL_SCHEMA_VERSION, JournalEntry, SagaWrite,
-    WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, Headers, JOURNAL_SCHEMA_VERSION, JournalEntry, Message,
+    OutboxMessage, SagaStore, SagaWrite, WriteOutcome,
 };
+
+/// A lease longer than any time step of these tests.
+const LEASE: Duration = Duration::from_secs(3_600);
 
 #[derive(Serialize, Deserialize)]
 struct Data {
@@ -65,7 +70,27 @@ fn write(state: &SagaState, expected: u64, journal: &str) -> SagaWrite {
         journal: vec![entry(state.updated_at.0, journal)],
         dead_letter: None,
         resolve_dead_letters: false,
+        outbox: Vec::new(),
+        inbox: None,
     }
+}
+
+fn outbox_row(subject: &str, available_at: u64) -> OutboxMessage {
+    let mut headers = Headers::new();
+    headers.insert("Nats-Msg-Id", format!("id-{subject}"));
+    OutboxMessage {
+        id: uuid::Uuid::now_v7(),
+        message: Message {
+            subject: subject.into(),
+            headers,
+            payload: bytes::Bytes::from_static(b"{\"n\":1}"),
+        },
+        available_at: Timestamp(available_at),
+    }
+}
+
+fn subjects(rows: &[OutboxMessage]) -> Vec<&str> {
+    rows.iter().map(|r| r.message.subject.as_str()).collect()
 }
 
 async fn contract(kind: StoreKind) {
@@ -78,12 +103,12 @@ async fn contract(kind: StoreKind) {
     // Create, then a stale creation of the same id conflicts.
     let s1 = started(&def, 1_000);
     let out = store
-        .commit(&[write(&s1, 0, "transition")])
+        .commit(&[write(&s1, 0, "transition")], &[])
         .await
         .expect("commit");
     assert_eq!(out, vec![WriteOutcome::Committed { version: 1 }]);
     let out = store
-        .commit(&[write(&s1, 0, "transition")])
+        .commit(&[write(&s1, 0, "transition")], &[])
         .await
         .expect("commit");
     assert_eq!(
@@ -96,7 +121,7 @@ async fn contract(kind: StoreKind) {
     // while the other writes of the same batch commit.
     let s2 = started(&def, 2_000);
     let out = store
-        .commit(&[write(&s1, 7, "stale"), write(&s2, 0, "transition")])
+        .commit(&[write(&s1, 7, "stale"), write(&s2, 0, "transition")], &[])
         .await
         .expect("commit");
     assert_eq!(
@@ -121,14 +146,16 @@ async fn contract(kind: StoreKind) {
         journal: vec![entry(3_000, "ignored")],
         dead_letter: None,
         resolve_dead_letters: false,
+        outbox: Vec::new(),
+        inbox: None,
     };
-    let out = store.commit(&[ignored(0)]).await.expect("commit");
+    let out = store.commit(&[ignored(0)], &[]).await.expect("commit");
     assert_eq!(
         out,
         vec![WriteOutcome::Conflict],
         "ignored on a stale version"
     );
-    let out = store.commit(&[ignored(1)]).await.expect("commit");
+    let out = store.commit(&[ignored(1)], &[]).await.expect("commit");
     assert_eq!(out, vec![WriteOutcome::Committed { version: 1 }]);
     let kinds: Vec<_> = store
         .journal(s1.id)
@@ -148,40 +175,47 @@ async fn contract(kind: StoreKind) {
         1
     );
 
-    // Wake-ups: only the (type, version) pairs asked for, oldest first, due ones only.
+    // Wake-ups: only the (type, version) pairs asked for, due ones only, oldest first,
+    // each claimed for a lease (a second claimer does not get it).
     let s3 = started(&other_version, 500);
     let s4 = started(&other_type, 500);
     store
-        .commit(&[write(&s3, 0, "transition"), write(&s4, 0, "transition")])
+        .commit(
+            &[write(&s3, 0, "transition"), write(&s4, 0, "transition")],
+            &[],
+        )
         .await
         .expect("commit");
     let alpha1 = [(SagaType::new("alpha").expect("name"), 1)];
-    let due = store
-        .due_wakeups(Timestamp(1_000_000), &alpha1, 10)
-        .await
-        .expect("due");
+    let claim = |now: u64, types: &'static [(SagaType, u32)]| {
+        store.claim_wakeups(Timestamp(now), types, 10, LEASE)
+    };
+    let alpha1: &'static [(SagaType, u32)] = Box::leak(Box::new(alpha1));
     assert_eq!(
-        due,
-        vec![s1.id, s2.id],
-        "oldest first, other types and versions left out"
+        claim(11_500, alpha1).await.expect("claim"),
+        vec![s1.id],
+        "only what is due"
     );
-    let due = store
-        .due_wakeups(Timestamp(11_500), &alpha1, 10)
-        .await
-        .expect("due");
-    assert_eq!(due, vec![s1.id], "only what is due");
-    let both = [
+    assert_eq!(
+        claim(1_000_000, alpha1).await.expect("claim"),
+        vec![s2.id],
+        "s1 is claimed; other types and versions are left out"
+    );
+    let both: &'static [(SagaType, u32)] = Box::leak(Box::new([
         (SagaType::new("alpha").expect("name"), 2),
         (SagaType::new("beta").expect("name"), 1),
-    ];
-    let mut due = store
-        .due_wakeups(Timestamp(1_000_000), &both, 10)
-        .await
-        .expect("due");
+    ]));
+    let mut due = claim(1_000_000, both).await.expect("claim");
     due.sort();
     let mut want = vec![s3.id, s4.id];
     want.sort();
     assert_eq!(due, want);
+    assert!(claim(1_000_000, both).await.expect("claim").is_empty());
+    assert_eq!(
+        claim(10_000_000, alpha1).await.expect("claim"),
+        vec![s1.id, s2.id],
+        "once the leases end, both again, oldest first"
+    );
 
     // Active sagas page in id order.
     let mut all = vec![s1.id, s2.id, s3.id, s4.id];
@@ -212,11 +246,11 @@ async fn contract(kind: StoreKind) {
     let mut w = write(&failed, 1, "transition");
     w.dead_letter = Some(dead(DeadLetterCategory::Saga, Some(s2.id)));
     assert_eq!(
-        store.commit(&[w]).await.expect("commit"),
+        store.commit(&[w], &[]).await.expect("commit"),
         vec![WriteOutcome::Committed { version: 2 }]
     );
     store
-        .record_poison(&dead(DeadLetterCategory::Poison, None))
+        .record_poison(&dead(DeadLetterCategory::Poison, None), &[])
         .await
         .expect("poison");
     let open = store.dead_letters(true, 10).await.expect("dead letters");
@@ -232,7 +266,7 @@ async fn contract(kind: StoreKind) {
     w.expected_version = 2;
     w.resolve_dead_letters = true;
     assert_eq!(
-        store.commit(&[w]).await.expect("commit"),
+        store.commit(&[w], &[]).await.expect("commit"),
         vec![WriteOutcome::Committed { version: 3 }]
     );
     let open = store.dead_letters(true, 10).await.expect("dead letters");
@@ -254,9 +288,161 @@ async fn contract(kind: StoreKind) {
     );
 }
 
+/// The outbox and the inbox: rows held by their writer's lease, then claimed in commit
+/// order for a lease, deleted once reported published; a message id applied once is
+/// refused after, a conflicting write leaves no inbox entry, pruning forgets old ids.
+async fn outbox_and_inbox(store: &dyn SagaStore) {
+    let def = definition("gamma", 1);
+    let s = started(&def, 1_000);
+    let mut w = write(&s, 0, "transition");
+    w.outbox = vec![
+        outbox_row("skald.cmd.x.a", 6_000),
+        outbox_row("skald.evt.gamma.started", 6_000),
+    ];
+    w.inbox = Some("reply:1".into());
+    assert_eq!(
+        store.commit(&[w.clone()], &[]).await.expect("commit"),
+        vec![WriteOutcome::Committed { version: 1 }]
+    );
+    let (n, oldest) = store.outbox_backlog().await.expect("backlog");
+    assert_eq!(n, 2);
+    assert!(oldest.is_some());
+    assert!(
+        store
+            .claim_outbox(Timestamp(5_999), LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the writer's lease holds"
+    );
+    let claimed = store
+        .claim_outbox(Timestamp(6_000), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        subjects(&claimed),
+        ["skald.cmd.x.a", "skald.evt.gamma.started"],
+        "commit order"
+    );
+    assert_eq!(claimed[0].message, w.outbox[0].message, "stored as written");
+    assert!(
+        store
+            .claim_outbox(Timestamp(6_000), LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "claimed rows are not handed out twice"
+    );
+    let again = store
+        .claim_outbox(Timestamp(6_000 + 3_600_000), LEASE, 1)
+        .await
+        .expect("claim");
+    assert_eq!(
+        subjects(&again),
+        ["skald.cmd.x.a"],
+        "after the lease, again"
+    );
+
+    // The same message applied again: refused whole, nothing written.
+    let mut next = s.clone();
+    next.updated_at = Timestamp(7_000);
+    let mut dup = write(&next, 1, "transition");
+    dup.inbox = Some("reply:1".into());
+    dup.outbox = vec![outbox_row("skald.cmd.x.b", 0)];
+    assert_eq!(
+        store.commit(&[dup], &[]).await.expect("commit"),
+        vec![WriteOutcome::Duplicate]
+    );
+    assert_eq!(
+        store.load(s.id).await.expect("load").expect("saga").version,
+        1
+    );
+    assert_eq!(store.journal(s.id).await.expect("journal").len(), 1);
+
+    // A conflicting write keeps no inbox entry: the message can still be applied.
+    let mut stale = write(&next, 5, "transition");
+    stale.inbox = Some("reply:2".into());
+    assert_eq!(
+        store.commit(&[stale], &[]).await.expect("commit"),
+        vec![WriteOutcome::Conflict]
+    );
+    let mut fresh = write(&next, 1, "transition");
+    fresh.inbox = Some("reply:2".into());
+    assert_eq!(
+        store.commit(&[fresh], &[]).await.expect("commit"),
+        vec![WriteOutcome::Committed { version: 2 }]
+    );
+
+    // Reported published: deleted by the next commit (even one without writes).
+    let ids: Vec<_> = w.outbox.iter().map(|r| r.id).collect();
+    assert_eq!(store.commit(&[], &ids).await.expect("commit"), vec![]);
+    assert_eq!(store.outbox_backlog().await.expect("backlog").0, 0);
+    assert!(
+        store
+            .claim_outbox(Timestamp(u64::MAX / 4), LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    // A poison message's announcement goes through the outbox too.
+    let poison = DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: DeadLetterCategory::Poison,
+        saga_id: None,
+        saga_type: None,
+        step: None,
+        kind: None,
+        reason: "undecodable".into(),
+        attempts: 1,
+        message: None,
+        at: Timestamp(8_000),
+    };
+    store
+        .record_poison(&poison, &[outbox_row("skald.dlq.unknown", 8_000)])
+        .await
+        .expect("poison");
+    let claimed = store
+        .claim_outbox(Timestamp(8_000), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(subjects(&claimed), ["skald.dlq.unknown"]);
+
+    // Pruning forgets ids recorded before the cut-off.
+    assert_eq!(store.prune_inbox(Timestamp(1_000)).await.expect("prune"), 0);
+    assert_eq!(
+        store
+            .prune_inbox(Timestamp(u64::MAX / 4))
+            .await
+            .expect("prune"),
+        2
+    );
+    let mut after_prune = next.clone();
+    after_prune.updated_at = Timestamp(9_000);
+    let mut w = write(&after_prune, 2, "transition");
+    w.inbox = Some("reply:1".into());
+    assert_eq!(
+        store.commit(&[w], &[]).await.expect("commit"),
+        vec![WriteOutcome::Committed { version: 3 }]
+    );
+}
+
 #[tokio::test]
 async fn memory_store_keeps_the_contract() {
     contract(StoreKind::Memory).await;
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_the_contract() {
+    contract(StoreKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn outbox_and_inbox_on_every_store() {
+    for kind in [StoreKind::Memory, StoreKind::Sqlite, StoreKind::Postgres] {
+        let backend = Backend::new(kind).await;
+        outbox_and_inbox(backend.store.as_ref()).await;
+    }
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 //! - `memory`: [`memory::MemoryBus`] (in-process bus, NATS subject semantics) and
 //!   [`memory::MemoryStore`] (for tests and throwaway runs);
 //! - `sqlite`: [`sqlite::SqliteStore`], the embedded default (a file, WAL mode);
+//! - `postgres`: [`postgres::PostgresStore`], the production store (several skald
+//!   processes may share it);
 //! - `nats`: [`nats::NatsBus`], NATS JetStream, the production transport.
 //!
 //! Adapters convert their foreign errors into the port's error at the boundary.
@@ -13,8 +15,25 @@
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+
+/// When an outbox row was written: its UUID v7 carries the time.
+#[cfg(any(feature = "memory", feature = "sqlite", feature = "postgres"))]
+pub(crate) fn created_at(id: uuid::Uuid) -> skald_runtime::machine::Timestamp {
+    id.get_timestamp()
+        .map(|t| {
+            let (secs, nanos) = t.to_unix();
+            skald_runtime::machine::Timestamp(
+                secs.saturating_mul(1000) + u64::from(nanos / 1_000_000),
+            )
+        })
+        .unwrap_or_default()
+}
 
 /// Whether `subject` matches the NATS `pattern` (`*` one token, `>` one or more tokens
 /// at the end).

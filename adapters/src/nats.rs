@@ -456,18 +456,26 @@ async fn pump(consumer: consumer::PullConsumer, name: String, tx: mpsc::Sender<D
                     match item {
                         Ok(msg) => {
                             failures = 0;
-                            let delivered = msg
+                            let (delivered, bus_id) = msg
                                 .info()
-                                .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-                                .unwrap_or(1);
+                                .map(|i| {
+                                    (
+                                        u32::try_from(i.delivered).unwrap_or(u32::MAX),
+                                        Some(format!("{}:{}", i.stream, i.stream_sequence)),
+                                    )
+                                })
+                                .unwrap_or((1, None));
                             let (m, acker) = msg.split();
                             let message = Message {
                                 subject: m.subject.to_string(),
                                 headers: from_nats_headers(m.headers.as_ref()),
                                 payload: m.payload,
                             };
-                            let delivery =
+                            let mut delivery =
                                 Delivery::new(message, delivered, Box::new(NatsAcker(acker)));
+                            if let Some(id) = bus_id {
+                                delivery = delivery.with_bus_id(id);
+                            }
                             if tx.send(delivery).await.is_err() {
                                 return;
                             }

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, SagaStore, SagaSummary, SagaWrite,
-    StoreError, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, JournalEntry, Message, OutboxMessage, SagaStore,
+    SagaSummary, SagaWrite, StoreError, StoredSaga, WriteOutcome,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -20,6 +20,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
+
+use crate::sql::{classify, corrupt, decode_headers, encode_headers, limit, ms, parse_id, ts};
 
 /// The embedded migrations (`migrations/sqlite`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -64,39 +66,26 @@ pub struct SqliteStore {
 
 /// Maps a sqlx error to the port's error at the boundary.
 pub fn store_error(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-            StoreError::Unavailable(e.to_string())
+    classify(e, |db| {
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes (low byte).
+        let primary = db
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .map(|c| c & 0xff);
+        if matches!(primary, Some(5 | 6)) {
+            return Some(StoreError::Unavailable(db.message().to_owned()));
         }
-        sqlx::Error::Database(db) => {
-            // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes (low byte).
-            let primary = db
-                .code()
-                .and_then(|c| c.parse::<i64>().ok())
-                .map(|c| c & 0xff);
-            if matches!(primary, Some(5 | 6)) {
-                StoreError::Unavailable(e.to_string())
-            } else {
-                StoreError::Other(e.to_string())
-            }
+        let msg = db.message();
+        if msg.contains("no such table")
+            || msg.contains("no such column")
+            || msg.contains("has no column")
+        {
+            return Some(StoreError::Schema(format!(
+                "{msg}: the database lacks skald's tables, or has another version of them"
+            )));
         }
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
-            StoreError::Corrupt(e.to_string())
-        }
-        _ => StoreError::Other(e.to_string()),
-    }
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn ms(t: Timestamp) -> i64 {
-    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn ts(ms: i64) -> Timestamp {
-    Timestamp(u64::try_from(ms).unwrap_or(0))
+        None
+    })
 }
 
 impl SqliteStore {
@@ -178,8 +167,64 @@ fn decode_state(row: &SqliteRow) -> Result<StoredSaga, StoreError> {
     })
 }
 
-fn parse_id(s: &str) -> Result<SagaId, StoreError> {
-    s.parse().map_err(|e| corrupt("saga id", e))
+/// Writes the saga row of `w` (insert, versioned update, or for a journal-only write a
+/// version check). `None`: the version did not match (a conflict).
+async fn write_state(
+    tx: &mut Transaction<'static, Sqlite>,
+    w: &SagaWrite,
+    id: &str,
+) -> Result<Option<u64>, StoreError> {
+    let Some(state) = &w.state else {
+        // Journal only (an ignored input): the decision to ignore was taken on the
+        // version the writer read, so it must still be the current one; otherwise a
+        // stale actor could swallow a reply the saga now waits for.
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(store_error)?;
+        let same = current.and_then(|v| u64::try_from(v).ok()) == Some(w.expected_version);
+        return Ok(same.then_some(w.expected_version));
+    };
+    let json = serde_json::to_string(state).map_err(|e| StoreError::Other(e.to_string()))?;
+    let wake = state.wake_at().map(ms);
+    let next = i64::try_from(w.expected_version + 1).map_err(|e| corrupt("version", e))?;
+    let affected = if w.expected_version == 0 {
+        sqlx::query(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
+             state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+             VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(state.saga_type.as_str())
+        .bind(i64::from(state.definition_version))
+        .bind(state.status.as_str())
+        .bind(&json)
+        .bind(wake)
+        .bind(ms(state.created_at))
+        .bind(ms(state.updated_at))
+        .execute(&mut **tx)
+        .await
+    } else {
+        // A state change ends any claim on the old wake-up.
+        sqlx::query(
+            "UPDATE saga_instances SET status = ?, version = ?, state = ?, next_wakeup_ms = ?, \
+             wakeup_claimed_until_ms = NULL, updated_at_ms = ? WHERE id = ? AND version = ?",
+        )
+        .bind(state.status.as_str())
+        .bind(next)
+        .bind(&json)
+        .bind(wake)
+        .bind(ms(state.updated_at))
+        .bind(id)
+        .bind(next - 1)
+        .execute(&mut **tx)
+        .await
+    }
+    .map_err(store_error)?
+    .rows_affected();
+    Ok((affected > 0).then_some(w.expected_version + 1))
 }
 
 async fn apply_write(
@@ -187,65 +232,34 @@ async fn apply_write(
     w: &SagaWrite,
 ) -> Result<WriteOutcome, StoreError> {
     let id = w.id.to_string();
-    let version = match &w.state {
-        Some(state) => {
-            let json =
-                serde_json::to_string(state).map_err(|e| StoreError::Other(e.to_string()))?;
-            let wake = state.wake_at().map(ms);
-            let next = i64::try_from(w.expected_version + 1).map_err(|e| corrupt("version", e))?;
-            let affected = if w.expected_version == 0 {
-                sqlx::query(
-                    "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
-                     state, next_wakeup_ms, created_at_ms, updated_at_ms) \
-                     VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&id)
-                .bind(state.saga_type.as_str())
-                .bind(i64::from(state.definition_version))
-                .bind(state.status.as_str())
-                .bind(&json)
-                .bind(wake)
-                .bind(ms(state.created_at))
-                .bind(ms(state.updated_at))
+    // The inbox first: a message applied before is refused before anything is written.
+    if let Some(message_id) = &w.inbox {
+        let at = w.journal.first().map(|j| j.at).unwrap_or_default();
+        let inserted = sqlx::query(
+            "INSERT INTO inbox (message_id, saga_id, received_at_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(&id)
+        .bind(ms(at))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(WriteOutcome::Duplicate);
+        }
+    }
+    let Some(version) = write_state(tx, w, &id).await? else {
+        // Nothing of a conflicting write may stay, its inbox entry included.
+        if let Some(message_id) = &w.inbox {
+            sqlx::query("DELETE FROM inbox WHERE message_id = ?")
+                .bind(message_id)
                 .execute(&mut **tx)
                 .await
-            } else {
-                sqlx::query(
-                    "UPDATE saga_instances SET status = ?, version = ?, state = ?, next_wakeup_ms = ?, \
-                     updated_at_ms = ? WHERE id = ? AND version = ?",
-                )
-                .bind(state.status.as_str())
-                .bind(next)
-                .bind(&json)
-                .bind(wake)
-                .bind(ms(state.updated_at))
-                .bind(&id)
-                .bind(next - 1)
-                .execute(&mut **tx)
-                .await
-            }
-            .map_err(store_error)?
-            .rows_affected();
-            if affected == 0 {
-                return Ok(WriteOutcome::Conflict);
-            }
-            w.expected_version + 1
+                .map_err(store_error)?;
         }
-        None => {
-            // Journal only (an ignored input): the decision to ignore was taken on the
-            // version the writer read, so it must still be the current one; otherwise a
-            // stale actor could swallow a reply the saga now waits for.
-            let current: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = ?")
-                    .bind(&id)
-                    .fetch_optional(&mut **tx)
-                    .await
-                    .map_err(store_error)?;
-            if current.and_then(|v| u64::try_from(v).ok()) != Some(w.expected_version) {
-                return Ok(WriteOutcome::Conflict);
-            }
-            w.expected_version
-        }
+        return Ok(WriteOutcome::Conflict);
     };
     for entry in &w.journal {
         let body =
@@ -277,7 +291,32 @@ async fn apply_write(
     if let Some(dl) = &w.dead_letter {
         insert_dead_letter(&mut **tx, dl).await?;
     }
+    insert_outbox(tx, Some(&id), &w.outbox).await?;
     Ok(WriteOutcome::Committed { version })
+}
+
+async fn insert_outbox(
+    tx: &mut Transaction<'static, Sqlite>,
+    saga_id: Option<&str>,
+    rows: &[OutboxMessage],
+) -> Result<(), StoreError> {
+    for m in rows {
+        sqlx::query(
+            "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(m.id.to_string())
+        .bind(saga_id)
+        .bind(&m.message.subject)
+        .bind(encode_headers(&m.message.headers)?)
+        .bind(m.message.payload.as_ref())
+        .bind(ms(crate::created_at(m.id)))
+        .bind(ms(m.available_at))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    }
+    Ok(())
 }
 
 async fn insert_dead_letter<'e, E>(exec: E, dl: &DeadLetterRecord) -> Result<(), StoreError>
@@ -335,6 +374,12 @@ fn decode_dead_letter(r: &SqliteRow) -> Result<DeadLetterRecord, StoreError> {
     })
 }
 
+fn ids_of(rows: &[SqliteRow]) -> Result<Vec<SagaId>, StoreError> {
+    rows.iter()
+        .map(|r| parse_id(&r.try_get::<String, _>("id").map_err(store_error)?))
+        .collect()
+}
+
 #[async_trait]
 impl SagaStore for SqliteStore {
     async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError> {
@@ -348,7 +393,11 @@ impl SagaStore for SqliteStore {
             .transpose()
     }
 
-    async fn commit(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>, StoreError> {
+    async fn commit(
+        &self,
+        writes: &[SagaWrite],
+        published: &[Uuid],
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
         // IMMEDIATE: take the write lock up front, so the transaction cannot fail half-way
         // on a lock upgrade.
         let mut tx = self
@@ -356,6 +405,15 @@ impl SagaStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(store_error)?;
+        if !published.is_empty() {
+            let ids: Vec<String> = published.iter().map(Uuid::to_string).collect();
+            let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Other(e.to_string()))?;
+            sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
         let mut outcomes = Vec::with_capacity(writes.len());
         for w in writes {
             outcomes.push(apply_write(&mut tx, w).await?);
@@ -364,57 +422,145 @@ impl SagaStore for SqliteStore {
         Ok(outcomes)
     }
 
-    async fn due_wakeups(
+    async fn claim_wakeups(
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
-        limit: usize,
+        max: usize,
+        lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError> {
         let types: Vec<String> = types.iter().map(|(t, v)| format!("{t}:{v}")).collect();
         let types = serde_json::to_string(&types).map_err(|e| StoreError::Other(e.to_string()))?;
         let rows = sqlx::query(
-            "SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= ? \
-             AND saga_type || ':' || definition_version IN (SELECT value FROM json_each(?)) \
-             ORDER BY next_wakeup_ms LIMIT ?",
+            "UPDATE saga_instances SET wakeup_claimed_until_ms = ? WHERE id IN ( \
+               SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= ? \
+               AND (wakeup_claimed_until_ms IS NULL OR wakeup_claimed_until_ms <= ?) \
+               AND saga_type || ':' || definition_version IN (SELECT value FROM json_each(?)) \
+               ORDER BY next_wakeup_ms LIMIT ?) \
+             RETURNING id, next_wakeup_ms",
         )
+        .bind(ms(now.plus(lease)))
+        .bind(ms(now))
         .bind(ms(now))
         .bind(types)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(limit(max))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| parse_id(&r.try_get::<String, _>("id").map_err(store_error)?))
-            .collect()
+        // RETURNING does not promise an order: oldest due first.
+        let mut due = rows
+            .iter()
+            .map(|r| {
+                let at: i64 = r.try_get("next_wakeup_ms").map_err(store_error)?;
+                Ok((
+                    at,
+                    parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        due.sort();
+        Ok(due.into_iter().map(|(_, id)| id).collect())
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        max: usize,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let until = now.plus(lease);
+        let rows = sqlx::query(
+            "UPDATE outbox SET available_at_ms = ? WHERE seq IN ( \
+               SELECT seq FROM outbox WHERE available_at_ms <= ? ORDER BY seq LIMIT ?) \
+             RETURNING seq, id, subject, headers, payload",
+        )
+        .bind(ms(until))
+        .bind(ms(now))
+        .bind(limit(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let mut claimed = rows
+            .iter()
+            .map(|r| {
+                let id: String = r.try_get("id").map_err(store_error)?;
+                let headers: String = r.try_get("headers").map_err(store_error)?;
+                let payload: Vec<u8> = r.try_get("payload").map_err(store_error)?;
+                Ok((
+                    r.try_get::<i64, _>("seq").map_err(store_error)?,
+                    OutboxMessage {
+                        id: Uuid::parse_str(&id).map_err(|e| corrupt("outbox id", e))?,
+                        message: Message {
+                            subject: r.try_get("subject").map_err(store_error)?,
+                            headers: decode_headers(&headers)?,
+                            payload: payload.into(),
+                        },
+                        available_at: until,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // RETURNING does not promise an order: publish in commit order.
+        claimed.sort_by_key(|(seq, _)| *seq);
+        Ok(claimed.into_iter().map(|(_, m)| m).collect())
+    }
+
+    async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM inbox WHERE received_at_ms < ?")
+            .bind(ms(before))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?
+            .rows_affected())
+    }
+
+    async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at_ms) AS oldest FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let n: i64 = row.try_get("n").map_err(store_error)?;
+        let oldest: Option<i64> = row.try_get("oldest").map_err(store_error)?;
+        Ok((u64::try_from(n).unwrap_or(0), oldest.map(ts)))
     }
 
     async fn active_sagas(
         &self,
         after: Option<SagaId>,
-        limit: usize,
+        max: usize,
     ) -> Result<Vec<SagaId>, StoreError> {
         let rows = sqlx::query(
             "SELECT id FROM saga_instances WHERE status IN ('running', 'compensating') AND id > ? \
              ORDER BY id LIMIT ?",
         )
         .bind(after.map(|a| a.to_string()).unwrap_or_default())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(limit(max))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| parse_id(&r.try_get::<String, _>("id").map_err(store_error)?))
-            .collect()
+        ids_of(&rows)
     }
 
-    async fn record_poison(&self, record: &DeadLetterRecord) -> Result<(), StoreError> {
-        insert_dead_letter(&self.pool, record).await
+    async fn record_poison(
+        &self,
+        record: &DeadLetterRecord,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store_error)?;
+        insert_dead_letter(&mut *tx, record).await?;
+        let saga = record.saga_id.map(|s| s.to_string());
+        insert_outbox(&mut tx, saga.as_deref(), outbox).await?;
+        tx.commit().await.map_err(store_error)
     }
 
     async fn dead_letters(
         &self,
         open_only: bool,
-        limit: usize,
+        max: usize,
     ) -> Result<Vec<DeadLetterRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, category, saga_id, saga_type, step, kind, reason, attempts, message, created_at_ms \
@@ -422,7 +568,7 @@ impl SagaStore for SqliteStore {
              ORDER BY created_at_ms DESC, id DESC LIMIT ?",
         )
         .bind(i64::from(open_only))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(limit(max))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
@@ -457,7 +603,7 @@ impl SagaStore for SqliteStore {
         &self,
         status: Option<SagaStatus>,
         after: Option<SagaId>,
-        limit: usize,
+        max: usize,
     ) -> Result<Vec<SagaSummary>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, saga_type, status, created_at_ms, updated_at_ms FROM saga_instances \
@@ -466,7 +612,7 @@ impl SagaStore for SqliteStore {
         .bind(status.map(SagaStatus::as_str))
         .bind(status.map(SagaStatus::as_str))
         .bind(after.map(|a| a.to_string()).unwrap_or_default())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(limit(max))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;

@@ -6,15 +6,30 @@
 //! artificial delay: under light load a write commits alone (lowest latency); under
 //! heavy load batches grow by themselves (highest throughput). Optimistic concurrency
 //! stays per write: a conflicting write is skipped and reported, the others commit.
+//!
+//! Outbox rows published since the last transaction are deleted by the next one (or,
+//! when no write comes, by a transaction of their own after a short pause): marking a
+//! row published costs no transaction of its own under load. A row whose deletion is
+//! lost in a crash is published again by the relay; the broker and the participants
+//! drop the repeat by its message id and idempotency key.
+//!
+//! A schema error (tables missing or of another shape) is fatal: the loop reports it on
+//! the runtime's fatal channel, which stops the process with that error.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, warn};
+use uuid::Uuid;
 
 use crate::ports::{SagaStore, SagaWrite, StoreError, WriteOutcome};
+
+/// How long published-row deletions wait for a transaction to ride on.
+const PUBLISHED_FLUSH_DELAY: Duration = Duration::from_millis(50);
 
 /// Counters of the commit loop.
 #[derive(Debug, Default)]
@@ -25,6 +40,10 @@ pub struct CommitStats {
     pub writes: AtomicU64,
     /// Writes refused for a version conflict.
     pub conflicts: AtomicU64,
+    /// Writes refused as already applied (their inbox id was recorded).
+    pub duplicates: AtomicU64,
+    /// Outbox rows deleted after being published.
+    pub published: AtomicU64,
     /// Transactions that failed.
     pub failures: AtomicU64,
     /// Total time spent in `commit`, microseconds.
@@ -40,6 +59,7 @@ struct Request {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Request>,
+    published: mpsc::UnboundedSender<Vec<Uuid>>,
     stats: Arc<CommitStats>,
 }
 
@@ -52,15 +72,41 @@ impl std::fmt::Debug for Committer {
 impl Committer {
     /// Spawns the commit loop on the current tokio runtime (the I/O runtime: never
     /// inside an actix arbiter, whose runtime may stop before the store's connections).
+    /// A schema error is sent on `fatal`.
     pub fn spawn(
         store: Arc<dyn SagaStore>,
         max_batch: usize,
+        fatal: watch::Sender<Option<StoreError>>,
     ) -> (Committer, tokio::task::JoinHandle<()>) {
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch * 4);
+        let (published, published_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(CommitStats::default());
-        let task = tokio::spawn(run(store, rx, max_batch, Arc::clone(&stats)));
-        (Committer { tx, stats }, task)
+        let task = tokio::spawn(run(
+            store,
+            rx,
+            published_rx,
+            max_batch,
+            Arc::clone(&stats),
+            fatal,
+        ));
+        (
+            Committer {
+                tx,
+                published,
+                stats,
+            },
+            task,
+        )
+    }
+
+    /// Reports outbox rows published: the next transaction deletes them.
+    pub fn published(&self, ids: Vec<Uuid>) {
+        if !ids.is_empty() {
+            // The loop is gone only at shutdown: the rows are then published again by the
+            // next start's relay, and dropped as repeats.
+            let _ = self.published.send(ids);
+        }
     }
 
     /// Commits one write (possibly together with others) and returns its outcome, with
@@ -84,18 +130,51 @@ impl Committer {
 async fn run(
     store: Arc<dyn SagaStore>,
     mut rx: mpsc::Receiver<Request>,
+    mut published_rx: mpsc::UnboundedReceiver<Vec<Uuid>>,
     max_batch: usize,
     stats: Arc<CommitStats>,
+    fatal: watch::Sender<Option<StoreError>>,
 ) {
     let mut batch: Vec<Request> = Vec::with_capacity(max_batch);
     let mut writes: Vec<SagaWrite> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
+    let mut published: Vec<Uuid> = Vec::new();
+    let mut published_open = true;
+    // Consecutive failed transactions: a flush of published rows alone backs off.
+    let mut failing: u32 = 0;
+    loop {
+        // Wait for a write; published rows alone are flushed after a short pause.
+        let first = if published.is_empty() {
+            tokio::select! {
+                r = rx.recv() => r,
+                ids = published_rx.recv(), if published_open => {
+                    match ids {
+                        Some(ids) => published.extend(ids),
+                        None => published_open = false,
+                    }
+                    continue;
+                }
+            }
+        } else {
+            tokio::select! {
+                r = rx.recv() => r,
+                () = tokio::time::sleep(PUBLISHED_FLUSH_DELAY * (1 << failing.min(6))) => None,
+            }
+        };
+        let closed = first.is_none() && published.is_empty();
+        if closed {
+            break;
+        }
+        if let Some(first) = first {
+            batch.push(first);
+        }
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
+        }
+        while let Ok(ids) = published_rx.try_recv() {
+            published.extend(ids);
         }
         let replies: Vec<_> = batch
             .drain(..)
@@ -105,21 +184,37 @@ async fn run(
             })
             .collect();
         let started = Instant::now();
-        let result = store.commit(&writes).await;
+        let result = store.commit(&writes, &published).await;
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
-        debug!(writes = writes.len(), micros, "group commit");
+        debug!(
+            writes = writes.len(),
+            published = published.len(),
+            micros,
+            "group commit"
+        );
         match result {
             Ok(outcomes) if outcomes.len() == replies.len() => {
+                failing = 0;
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats
                     .writes
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                stats
+                    .published
+                    .fetch_add(published.len() as u64, Ordering::Relaxed);
+                published.clear();
                 for ((reply, outcome), write) in
                     replies.into_iter().zip(outcomes).zip(writes.drain(..))
                 {
-                    if outcome == WriteOutcome::Conflict {
-                        stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        WriteOutcome::Conflict => {
+                            stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        WriteOutcome::Duplicate => {
+                            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        WriteOutcome::Committed { .. } => {}
                     }
                     // The requester may have gone away (its actor died): nothing to do.
                     let _ = reply.send(Ok((outcome, write)));
@@ -139,11 +234,22 @@ async fn run(
                 }
             }
             Err(err) => {
+                failing = failing.saturating_add(1);
                 writes.clear();
                 stats.failures.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %err, writes = replies.len(), "group commit failed");
+                if matches!(err, StoreError::Schema(_)) {
+                    error!(error = %err, "the store's schema is unusable: stopping");
+                    fatal.send_replace(Some(err.clone()));
+                } else {
+                    warn!(error = %err, writes = replies.len(), "group commit failed");
+                }
+                // Keep the published ids: the next transaction deletes them.
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
+                }
+                if !err.is_retryable() {
+                    // Not a passing outage: do not spin on the published rows alone.
+                    published.clear();
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! Ports: the traits the runtime needs from the outside world, implemented by adapters.
 //!
-//! - [`SagaStore`]: saga instances (optimistic concurrency), journal, dead letters.
+//! - [`SagaStore`]: saga instances (optimistic concurrency), journal, outbox, inbox, dead
+//!   letters, and claims on due wake-ups and unpublished outbox rows (so several
+//!   processes sharing one store never fire or publish the same thing twice).
 //! - [`Bus`]: publish messages; subscribe with explicit acknowledgement.
 //! - [`Clock`] and [`JitterSource`]: injected so tests control time and randomness.
 
@@ -94,6 +96,21 @@ pub struct DeadLetterRecord {
     pub at: Timestamp,
 }
 
+/// A message to publish, stored in the outbox in the same transaction as the state
+/// change that caused it, so that a crash between the commit and the publish loses
+/// nothing: whatever is left unpublished is published by a relay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// The row's id (UUID v7: time-ordered).
+    pub id: Uuid,
+    /// What to publish.
+    pub message: Message,
+    /// No relay claims the row before this time. The writer sets it a lease ahead of the
+    /// commit, because it publishes the message itself right after committing; a relay
+    /// takes over only if that did not happen (a crash, a broker outage).
+    pub available_at: Timestamp,
+}
+
 /// Everything one transition of one saga writes, committed atomically.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaWrite {
@@ -110,6 +127,13 @@ pub struct SagaWrite {
     pub dead_letter: Option<DeadLetterRecord>,
     /// Mark the saga's open dead letters resolved (a re-drive).
     pub resolve_dead_letters: bool,
+    /// Messages the transition publishes (commands, events, dead letters), stored in
+    /// the outbox with the state change.
+    pub outbox: Vec<OutboxMessage>,
+    /// The id of the consumed message that caused the write (a reply), recorded in the
+    /// inbox with the state change. A write whose id is already in the inbox was
+    /// applied before: it is skipped whole and reported as [`WriteOutcome::Duplicate`].
+    pub inbox: Option<String>,
 }
 
 /// The result of one [`SagaWrite`] inside a commit.
@@ -123,6 +147,9 @@ pub enum WriteOutcome {
     /// Another writer got there first: nothing of this write was applied. Reload and
     /// apply the input again.
     Conflict,
+    /// The write's inbox id was recorded by an earlier commit: the message was already
+    /// applied, nothing of this write was. Acknowledge the message and move on.
+    Duplicate,
 }
 
 /// A saga's summary row for listings.
@@ -145,13 +172,15 @@ pub struct SagaSummary {
 #[non_exhaustive]
 pub enum StoreError {
     /// The store cannot be reached or is busy (connection lost, pool timeout, lock
-    /// contention, serialization failure). Retry later; nothing was committed.
+    /// contention, serialization failure). Retry later. Nothing was committed, or (a
+    /// connection lost during COMMIT) the outcome is unknown: reload before going on.
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// Stored data cannot be decoded by this build.
     #[error("stored data is corrupt or of an unknown shape: {0}")]
     Corrupt(String),
-    /// The schema is missing or migrations failed: the process cannot run.
+    /// The schema is missing or does not match, or migrations failed: the process cannot
+    /// run until an operator fixes it (the runtime stops with this error).
     #[error("store schema error: {0}")]
     Schema(String),
     /// Any other error.
@@ -175,21 +204,49 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Loads a saga.
     async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError>;
 
-    /// Commits `writes` in one transaction, checking each write's expected version: a
-    /// write whose version does not match is skipped whole (state, journal, dead
-    /// letter) and reported as [`WriteOutcome::Conflict`]; the others commit. One
-    /// outcome per write, in order. An `Err` means nothing was committed.
-    async fn commit(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>, StoreError>;
+    /// Commits `writes` in one transaction, checking each write's expected version and
+    /// inbox id: a write whose version does not match is skipped whole (state, journal,
+    /// outbox, inbox, dead letter) and reported as [`WriteOutcome::Conflict`]; one whose
+    /// inbox id is already recorded is skipped whole as [`WriteOutcome::Duplicate`]; the
+    /// others commit. One outcome per write, in order. The outbox rows in `published`
+    /// (published since the last commit) are deleted in the same transaction. An `Err`
+    /// means nothing was committed (or, for a connection lost during COMMIT, that the
+    /// outcome is unknown).
+    async fn commit(
+        &self,
+        writes: &[SagaWrite],
+        published: &[Uuid],
+    ) -> Result<Vec<WriteOutcome>, StoreError>;
 
-    /// Sagas of the given (type, definition version) pairs with a wake-up due at or
-    /// before `now`, oldest first. (A runtime only sweeps the sagas it can run: those
-    /// of other types or versions would otherwise crowd out its own.)
-    async fn due_wakeups(
+    /// Claims sagas of the given (type, definition version) pairs whose wake-up is due at
+    /// or before `now` and not claimed by someone else, oldest first, for `lease`: until
+    /// the lease ends or the saga's state changes, no other caller gets them. (Several
+    /// processes sharing the store never fire the same wake-up. A runtime only claims
+    /// the sagas it can run: those of other types or versions are someone else's.)
+    async fn claim_wakeups(
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
         limit: usize,
+        lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError>;
+
+    /// Claims outbox rows that are available (`available_at <= now`) in commit order, for
+    /// `lease`: they are not available to anyone else until the lease ends. The claimer
+    /// publishes them and reports them published (they are deleted by the next commit).
+    async fn claim_outbox(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxMessage>, StoreError>;
+
+    /// Deletes inbox entries recorded before `before` (their messages can no longer be
+    /// redelivered). Returns how many.
+    async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError>;
+
+    /// Unpublished outbox rows: how many, and when the oldest was written.
+    async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError>;
 
     /// Sagas not yet finished (running or compensating), in id order after `after`.
     async fn active_sagas(
@@ -198,8 +255,13 @@ pub trait SagaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SagaId>, StoreError>;
 
-    /// Records a poison message (a dead letter that belongs to no saga transition).
-    async fn record_poison(&self, record: &DeadLetterRecord) -> Result<(), StoreError>;
+    /// Records a poison message (a dead letter that belongs to no saga transition), with
+    /// the outbox rows announcing it, in one transaction.
+    async fn record_poison(
+        &self,
+        record: &DeadLetterRecord,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
 
     /// Dead letters, newest first; `open_only` leaves out resolved ones.
     async fn dead_letters(
@@ -315,6 +377,9 @@ pub struct Delivery {
     pub message: Message,
     /// How many times it has been delivered (1 the first time).
     pub delivery_count: u32,
+    /// The bus's identity of the message, the same on every redelivery (JetStream: the
+    /// stream and sequence), when the bus has one.
+    pub bus_id: Option<String>,
     acker: Box<dyn Acker>,
 }
 
@@ -323,6 +388,7 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("message", &self.message)
             .field("delivery_count", &self.delivery_count)
+            .field("bus_id", &self.bus_id)
             .finish_non_exhaustive()
     }
 }
@@ -333,8 +399,23 @@ impl Delivery {
         Delivery {
             message,
             delivery_count,
+            bus_id: None,
             acker,
         }
+    }
+    /// Sets the bus's identity of the message.
+    pub fn with_bus_id(mut self, id: impl Into<String>) -> Self {
+        self.bus_id = Some(id.into());
+        self
+    }
+    /// The message's identity for the inbox: the publisher's `Nats-Msg-Id` (the same for
+    /// a message published again), else the bus's id (the same for a redelivery).
+    pub fn inbox_id(&self) -> Option<String> {
+        self.message
+            .headers
+            .get(crate::wire::H_MSG_ID)
+            .map(str::to_owned)
+            .or_else(|| self.bus_id.clone())
     }
     /// Splits into the message and the handle.
     pub fn into_parts(self) -> (Message, u32, Box<dyn Acker>) {

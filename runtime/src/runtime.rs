@@ -13,21 +13,21 @@ use actix::prelude::*;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actors::{
     Applied, Apply, Lookup, OutcomeHub, Registry, RetrySupervisor, RuntimeStats, SagaOutcome,
-    Shared,
+    Shared, publish_outbox,
 };
 use crate::committer::{CommitStats, Committer};
 use crate::definition::{Definition, SagaDefinition};
 use crate::error::{Disposition, RuntimeError};
 use crate::ids::{SagaId, SagaType};
-use crate::machine::{Input, SagaState};
+use crate::machine::{Input, SagaState, Timestamp};
 use crate::ports::{
     Acker, Bus, Clock, DeadLetterCategory, DeadLetterRecord, Delivery, JitterSource, Message,
-    RandomJitter, SagaStore, StoredSaga, SystemClock,
+    OutboxMessage, RandomJitter, SagaStore, StoreError, StoredSaga, SystemClock,
 };
 use crate::wire::{self, Outcome};
 
@@ -59,8 +59,22 @@ pub struct RuntimeOptions {
     pub reply_group: String,
     /// A reply that still cannot be applied after this many deliveries (store down for
     /// long, a definition missing) is dead-lettered with the last error instead of being
-    /// redelivered forever. Default: 100. Since 0.1.
+    /// redelivered forever. Default: 100. Since 0.1. (A store that is unavailable does
+    /// not count: the reply waits, with backoff, for as long as the outage lasts.)
     pub max_deliveries: u32,
+    /// How long a claim on a due wake-up or on outbox rows holds, and how long a writer
+    /// keeps its own outbox rows before a relay may publish them. After a crash, what
+    /// the dead process held is taken over within this time. Default: 5 s. Since 0.2.
+    #[serde(with = "crate::serde_millis")]
+    pub claim_lease: Duration,
+    /// How often the outbox relay looks for rows left unpublished. Default: 500 ms.
+    /// Since 0.2.
+    #[serde(with = "crate::serde_millis")]
+    pub outbox_poll_interval: Duration,
+    /// How long a consumed message's id stays in the inbox (a redelivery or a repeated
+    /// publish within this time is recognised and dropped). Default: 24 h. Since 0.2.
+    #[serde(with = "crate::serde_millis")]
+    pub inbox_retention: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -77,6 +91,9 @@ impl Default for RuntimeOptions {
             publish_events: true,
             reply_group: "skald-orchestrator".into(),
             max_deliveries: 100,
+            claim_lease: Duration::from_secs(5),
+            outbox_poll_interval: Duration::from_millis(500),
+            inbox_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -160,9 +177,10 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Starts the runtime: the commit loop and reply intake on the current tokio
-    /// runtime, the actors on their own threads; then re-activates unfinished sagas,
-    /// re-sending the commands they wait on (which may have been lost).
+    /// Starts the runtime: the commit loop, the outbox relay and the reply intake on the
+    /// current tokio runtime, the actors on their own threads. On a bus that does not
+    /// keep messages across a restart (the in-process bus), it then re-activates the
+    /// unfinished sagas, re-sending the commands they wait on (lost with the process).
     pub async fn start(self) -> Result<Runtime, RuntimeError> {
         let store = self
             .store
@@ -183,8 +201,12 @@ impl RuntimeBuilder {
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
         })?;
-        let (committer, commit_loop) =
-            Committer::spawn(Arc::clone(&store), self.options.commit_max_batch);
+        let (fatal, _) = watch::channel(None);
+        let (committer, commit_loop) = Committer::spawn(
+            Arc::clone(&store),
+            self.options.commit_max_batch,
+            fatal.clone(),
+        );
         // Nobody awaits the loop while the runtime runs: report it if it dies.
         let commit_task = tokio::spawn(async move {
             if let Err(e) = commit_loop.await
@@ -204,6 +226,7 @@ impl RuntimeBuilder {
             outcomes: self.outcomes,
             stats: RuntimeStats::default(),
             options: self.options,
+            fatal,
         });
 
         // Subscribe before anything is sent, so no reply is missed.
@@ -228,17 +251,25 @@ impl RuntimeBuilder {
             .map_err(|_| RuntimeError::Runtime("the actor system failed to start".into()))?;
 
         let intake = tokio::spawn(intake(Arc::clone(&shared), registry.clone(), replies));
+        // What a crashed process left unpublished is published once its lease ends.
+        let relay = tokio::spawn(relay(Arc::clone(&shared)));
         let runtime = Runtime {
             shared,
             registry,
             system,
             thread: Some(thread),
-            tasks: vec![intake, commit_task],
+            // The commit loop last: shutdown stops it after everything else.
+            tasks: vec![intake, relay, commit_task],
         };
-        // A command committed but never published (a crash between the two, or a
-        // non-durable bus) is sent again; participants dedupe on the idempotency key and
-        // a durable broker drops a repeated message id within its window.
-        runtime.resume_active().await?;
+        // The outbox covers a crash between commit and publish. An in-process bus also
+        // loses what was published but not yet consumed when the process died: re-send
+        // the commands the unfinished sagas wait on (participants dedupe on the
+        // idempotency key). A durable broker kept them, so there is nothing to re-send;
+        // and with several processes sharing the store, a start must not disturb the
+        // sagas the others are running.
+        if !runtime.shared.bus.is_durable() {
+            runtime.resume_active().await?;
+        }
         Ok(runtime)
     }
 }
@@ -288,6 +319,7 @@ async fn deliver(
     id: SagaId,
     initial: Option<SagaState>,
     input: Input,
+    inbox: Option<String>,
 ) -> Result<Applied, RuntimeError> {
     for _ in 0..DELIVERY_ATTEMPTS {
         // A start keeps its initial state across attempts: if the first actor died
@@ -302,6 +334,7 @@ async fn deliver(
         match addr
             .send(Apply {
                 input: input.clone(),
+                inbox: inbox.clone(),
             })
             .await
         {
@@ -351,13 +384,13 @@ impl Runtime {
         let def = definition.definition();
         self.shared.definition(def.saga_type(), def.version())?;
         let state = SagaState::new(id, def, definition.encode(data)?, self.shared.clock.now());
-        deliver(&self.registry, id, Some(state), Input::Started).await?;
+        deliver(&self.registry, id, Some(state), Input::Started, None).await?;
         Ok(id)
     }
 
     /// Feeds an input to a saga (operators: cancel, re-drive).
     pub async fn apply(&self, id: SagaId, input: Input) -> Result<Applied, RuntimeError> {
-        deliver(&self.registry, id, None, input).await
+        deliver(&self.registry, id, None, input, None).await
     }
 
     /// Re-drives a dead-lettered saga: its failed compensation runs again with a fresh
@@ -402,6 +435,22 @@ impl Runtime {
         &self.shared.store
     }
 
+    /// Resolves when the runtime hits an error it cannot go on with (the store's schema
+    /// is missing or of another shape): the process should stop with that error, which
+    /// says what to fix. Never resolves while all is well.
+    pub async fn failed(&self) -> RuntimeError {
+        let mut rx = self.shared.fatal.subscribe();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return RuntimeError::Store(e);
+            }
+            if rx.changed().await.is_err() {
+                // The runtime is gone: nothing will ever be reported.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Sends every unfinished saga a `Resumed` input, so that commands that were lost
     /// (a non-durable bus, or a crash between commit and publish) are sent again. Runs
     /// at start.
@@ -424,7 +473,7 @@ impl Runtime {
                     .map_err(|_| RuntimeError::Runtime("shutting down".into()))?;
                 let registry = self.registry.clone();
                 joins.push(tokio::spawn(async move {
-                    let res = deliver(&registry, id, None, Input::Resumed).await;
+                    let res = deliver(&registry, id, None, Input::Resumed, None).await;
                     drop(permit);
                     if let Err(e) = res {
                         warn!(saga.id = %id, error = %e, "resuming saga failed; its wake-up will retry");
@@ -504,6 +553,7 @@ async fn intake(
 }
 
 async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery: Delivery) {
+    let inbox = delivery.inbox_id();
     let (message, delivery_count, acker) = delivery.into_parts();
     let reply = match wire::decode_reply(&message) {
         Ok(r) => r,
@@ -540,9 +590,19 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             jitter: shared.jitter.draw(),
         },
     };
-    match deliver(registry, reply.saga_id, None, input).await {
+    match deliver(registry, reply.saga_id, None, input, inbox).await {
         Ok(_) => settle(acker.ack().await),
         Err(e) => match e.disposition() {
+            // The store is down or busy: keep the reply for as long as that lasts (not
+            // counted against max_deliveries), backing off.
+            Disposition::Retry if is_store_outage(&e) => {
+                if let RuntimeError::Store(err @ StoreError::Schema(_)) = &e {
+                    shared.fatal.send_replace(Some(err.clone()));
+                }
+                let delay = backoff(shared.options.redelivery_delay, delivery_count);
+                warn!(saga.id = %reply.saga_id, error = %e, delay_ms = delay.as_millis() as u64, "store unavailable; reply redelivered later");
+                settle(acker.nak(delay).await)
+            }
             Disposition::Retry if delivery_count < shared.options.max_deliveries => {
                 warn!(saga.id = %reply.saga_id, error = %e, "reply not applied; redelivering later");
                 settle(acker.nak(shared.options.redelivery_delay).await)
@@ -558,6 +618,21 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             }
         },
     }
+}
+
+/// A store outage (or a fatal schema problem, which stops the process): never a reason
+/// to give a message up.
+fn is_store_outage(e: &RuntimeError) -> bool {
+    matches!(
+        e,
+        RuntimeError::Store(StoreError::Unavailable(_) | StoreError::Schema(_))
+    )
+}
+
+/// `base * 2^(n-1)`, at most 30 s.
+fn backoff(base: Duration, delivery_count: u32) -> Duration {
+    let exp = delivery_count.saturating_sub(1).min(8);
+    (base * (1u32 << exp)).min(Duration::from_secs(30))
 }
 
 fn settle(result: Result<(), crate::ports::BusError>) {
@@ -594,35 +669,88 @@ async fn poison(
         message: Some(message.to_record()),
         at: shared.clock.now(),
     };
-    match shared.store.record_poison(&record).await {
+    // Also on the bus, for whoever watches dead letters: through the outbox, so the
+    // announcement is as durable as the record.
+    let saga_type = record
+        .saga_type
+        .as_deref()
+        .and_then(|t| SagaType::new(t).ok());
+    let mut headers = crate::ports::Headers::new();
+    headers.insert(wire::H_MSG_ID, format!("dlq:poison:{}", record.id));
+    let outbox: Vec<OutboxMessage> = serde_json::to_vec(&record)
+        .ok()
+        .map(|body| OutboxMessage {
+            id: uuid::Uuid::now_v7(),
+            message: Message {
+                subject: wire::dlq_subject(saga_type.as_ref()),
+                headers,
+                payload: body.into(),
+            },
+            available_at: record.at.plus(shared.options.claim_lease),
+        })
+        .into_iter()
+        .collect();
+    match shared.store.record_poison(&record, &outbox).await {
         Ok(()) => {
-            // Also on the bus, for whoever watches dead letters (best effort: the store
-            // has the record).
-            let saga_type = record
-                .saga_type
-                .as_deref()
-                .and_then(|t| SagaType::new(t).ok());
-            let mut headers = crate::ports::Headers::new();
-            headers.insert(wire::H_MSG_ID, format!("dlq:poison:{}", record.id));
-            if let Ok(body) = serde_json::to_vec(&record) {
-                let published = shared
-                    .bus
-                    .publish(Message {
-                        subject: wire::dlq_subject(saga_type.as_ref()),
-                        headers,
-                        payload: body.into(),
-                    })
-                    .await;
-                if let Err(e) = published {
-                    debug!(error = %e, "publishing a dead letter on the bus failed");
-                }
-            }
+            publish_outbox(shared, outbox).await;
             settle(acker.term(&reason).await)
         }
         Err(e) => {
+            if let StoreError::Schema(_) = &e {
+                shared.fatal.send_replace(Some(e.clone()));
+            }
             // Not recorded: keep the message (redeliver) rather than lose it.
+            let delay = backoff(shared.options.redelivery_delay, delivery_count);
             warn!(error = %e, "recording a poison message failed; redelivering later");
-            settle(acker.nak(shared.options.redelivery_delay).await)
+            settle(acker.nak(delay).await)
         }
+    }
+}
+
+/// Publishes outbox rows their writers left behind (a crash, a broker outage): claims
+/// the available ones for a lease, publishes them in commit order, reports them
+/// published. Prunes the inbox now and then.
+async fn relay(shared: Arc<Shared>) {
+    const BATCH: usize = 512;
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    loop {
+        let now = shared.clock.now();
+        match shared
+            .store
+            .claim_outbox(now, shared.options.claim_lease, BATCH)
+            .await
+        {
+            Ok(rows) if !rows.is_empty() => {
+                let claimed = rows.len();
+                let published = publish_outbox(&shared, rows).await;
+                shared
+                    .stats
+                    .relayed
+                    .fetch_add(published as u64, std::sync::atomic::Ordering::Relaxed);
+                debug!(claimed, published, "outbox relay");
+                if published == claimed && claimed == BATCH {
+                    continue; // more may be waiting
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let StoreError::Schema(_) = &e {
+                    shared.fatal.send_replace(Some(e.clone()));
+                }
+                warn!(error = %e, "outbox relay: claiming rows failed; will retry");
+            }
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            last_prune = Some(tokio::time::Instant::now());
+            let before = Timestamp(now.as_millis().saturating_sub(
+                u64::try_from(shared.options.inbox_retention.as_millis()).unwrap_or(u64::MAX),
+            ));
+            match shared.store.prune_inbox(before).await {
+                Ok(n) if n > 0 => debug!(pruned = n, "inbox pruned"),
+                Ok(_) => {}
+                Err(e) => debug!(error = %e, "pruning the inbox failed; will retry"),
+            }
+        }
+        tokio::time::sleep(shared.options.outbox_poll_interval).await;
     }
 }

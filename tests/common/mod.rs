@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use skald::adapters::memory::{MemoryBus, MemoryStore};
 use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::adapters::postgres::PostgresStore;
 use skald::adapters::sqlite::SqliteStore;
 use skald::definition::SagaDefinition;
 use skald::ids::SagaId;
@@ -37,6 +38,81 @@ pub enum StoreKind {
     Sqlite,
     /// SQLite store, NATS JetStream bus on a nats-server of the test's own.
     Nats,
+    /// The production configuration: PostgreSQL store (a database of the test's own on
+    /// the server at `SKALD_TEST_PG_URL`), NATS JetStream bus.
+    Postgres,
+}
+
+impl StoreKind {
+    /// Whether the bus is NATS JetStream (durable) rather than the in-process bus.
+    pub fn uses_nats(self) -> bool {
+        matches!(self, StoreKind::Nats | StoreKind::Postgres)
+    }
+}
+
+/// A PostgreSQL database of the test's own (random name) on the server at
+/// `SKALD_TEST_PG_URL`, which `scripts/test` starts; dropped when the guard is.
+#[derive(Debug)]
+pub struct PgDatabase {
+    server: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        let server = std::env::var("SKALD_TEST_PG_URL").unwrap_or_else(|_| {
+            panic!(
+                "SKALD_TEST_PG_URL is not set: run the suite through scripts/test, which starts \
+                 a throwaway PostgreSQL 15 cluster (or point it at a server where the user may \
+                 create databases)"
+            )
+        });
+        let name = format!("skald_test_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {server}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test's database");
+        let _ = sqlx::Connection::close(conn).await;
+        PgDatabase { server, name }
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> String {
+        match self.server.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{}", self.name),
+            None => format!("{}/{}", self.server, self.name),
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // Drop may run inside a runtime: drop the database from a thread of its own.
+        let server = self.server.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(mut conn) =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&server).await
+                {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 /// A nats-server of the test's own (JetStream, file storage in a temp dir, a free
@@ -137,18 +213,31 @@ pub struct Backend {
     pub dir: TempDir,
     pub store: Arc<dyn SagaStore>,
     pub nats: Option<NatsServer>,
+    pub pg: Option<PgDatabase>,
 }
 
 impl Backend {
     pub async fn new(kind: StoreKind) -> Backend {
         let dir = TempDir::new();
-        let store = store(kind, &dir).await;
-        let nats = (kind == StoreKind::Nats).then(NatsServer::start);
+        let pg = match kind {
+            StoreKind::Postgres => Some(PgDatabase::create().await),
+            _ => None,
+        };
+        let store: Arc<dyn SagaStore> = match &pg {
+            Some(db) => Arc::new(
+                PostgresStore::connect(&db.url())
+                    .await
+                    .expect("open the PostgreSQL store"),
+            ),
+            None => store(kind, &dir).await,
+        };
+        let nats = kind.uses_nats().then(NatsServer::start);
         Backend {
             kind,
             dir,
             store,
             nats,
+            pg,
         }
     }
 
@@ -222,6 +311,7 @@ pub fn options() -> RuntimeOptions {
 pub async fn store(kind: StoreKind, dir: &TempDir) -> Arc<dyn SagaStore> {
     match kind {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Postgres => panic!("a PostgreSQL store needs a database: use Backend::new"),
         StoreKind::Sqlite | StoreKind::Nats => Arc::new(
             SqliteStore::connect(&dir.sqlite_url())
                 .await

@@ -2,14 +2,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, SagaStore, SagaSummary, SagaWrite,
-    StoreError, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, JournalEntry, OutboxMessage, SagaStore, SagaSummary,
+    SagaWrite, StoreError, StoredSaga, WriteOutcome,
 };
+use uuid::Uuid;
 
 #[derive(Default)]
 struct Data {
@@ -17,6 +19,13 @@ struct Data {
     sagas: BTreeMap<SagaId, StoredSaga>,
     journal: HashMap<SagaId, Vec<JournalEntry>>,
     dead_letters: Vec<(DeadLetterRecord, Option<Timestamp>)>,
+    /// Unpublished rows by sequence (commit order).
+    outbox: BTreeMap<u64, OutboxMessage>,
+    outbox_seq: u64,
+    /// Consumed message ids and when they were recorded.
+    inbox: HashMap<String, Timestamp>,
+    /// Claimed wake-ups: until when. Cleared by the saga's next state change.
+    wake_claims: HashMap<SagaId, Timestamp>,
 }
 
 /// The in-memory store. Cheap to clone; clones share data (so a test can "restart" a
@@ -56,10 +65,24 @@ impl SagaStore for MemoryStore {
         Ok(self.lock()?.sagas.get(&id).cloned())
     }
 
-    async fn commit(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>, StoreError> {
+    async fn commit(
+        &self,
+        writes: &[SagaWrite],
+        published: &[Uuid],
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
         let mut data = self.lock()?;
+        let data = &mut *data;
+        if !published.is_empty() {
+            data.outbox.retain(|_, m| !published.contains(&m.id));
+        }
         let mut outcomes = Vec::with_capacity(writes.len());
         for w in writes {
+            if let Some(id) = &w.inbox
+                && data.inbox.contains_key(id)
+            {
+                outcomes.push(WriteOutcome::Duplicate);
+                continue;
+            }
             let current = data.sagas.get(&w.id).map(|s| s.version).unwrap_or(0);
             let version = match &w.state {
                 Some(state) => {
@@ -68,6 +91,7 @@ impl SagaStore for MemoryStore {
                         continue;
                     }
                     let version = current + 1;
+                    data.wake_claims.remove(&w.id);
                     data.sagas.insert(
                         w.id,
                         StoredSaga {
@@ -104,18 +128,29 @@ impl SagaStore for MemoryStore {
             if let Some(dl) = &w.dead_letter {
                 data.dead_letters.push((dl.clone(), None));
             }
+            for m in &w.outbox {
+                data.outbox_seq += 1;
+                data.outbox.insert(data.outbox_seq, m.clone());
+            }
+            if let Some(id) = &w.inbox {
+                let at = w.journal.first().map(|j| j.at).unwrap_or_default();
+                data.inbox.insert(id.clone(), at);
+            }
             outcomes.push(WriteOutcome::Committed { version });
         }
         Ok(outcomes)
     }
 
-    async fn due_wakeups(
+    async fn claim_wakeups(
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
         limit: usize,
+        lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError> {
-        let data = self.lock()?;
+        let mut data = self.lock()?;
+        let data = &mut *data;
+        let claims = &data.wake_claims;
         let mut due: Vec<(Timestamp, SagaId)> = data
             .sagas
             .values()
@@ -124,6 +159,7 @@ impl SagaStore for MemoryStore {
                     .iter()
                     .any(|(t, v)| *t == s.state.saga_type && *v == s.state.definition_version)
             })
+            .filter(|s| claims.get(&s.state.id).is_none_or(|until| *until <= now))
             .filter_map(|s| {
                 s.state
                     .wake_at()
@@ -132,7 +168,45 @@ impl SagaStore for MemoryStore {
             })
             .collect();
         due.sort();
-        Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+        due.truncate(limit);
+        let until = now.plus(lease);
+        for (_, id) in &due {
+            data.wake_claims.insert(*id, until);
+        }
+        Ok(due.into_iter().map(|(_, id)| id).collect())
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let mut data = self.lock()?;
+        let until = now.plus(lease);
+        Ok(data
+            .outbox
+            .values_mut()
+            .filter(|m| m.available_at <= now)
+            .take(limit)
+            .map(|m| {
+                m.available_at = until;
+                m.clone()
+            })
+            .collect())
+    }
+
+    async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let mut data = self.lock()?;
+        let n = data.inbox.len();
+        data.inbox.retain(|_, at| *at >= before);
+        Ok((n - data.inbox.len()) as u64)
+    }
+
+    async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
+        let data = self.lock()?;
+        let oldest = data.outbox.values().next().map(|m| crate::created_at(m.id));
+        Ok((data.outbox.len() as u64, oldest))
     }
 
     async fn active_sagas(
@@ -150,8 +224,18 @@ impl SagaStore for MemoryStore {
             .collect())
     }
 
-    async fn record_poison(&self, record: &DeadLetterRecord) -> Result<(), StoreError> {
-        self.lock()?.dead_letters.push((record.clone(), None));
+    async fn record_poison(
+        &self,
+        record: &DeadLetterRecord,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let mut data = self.lock()?;
+        data.dead_letters.push((record.clone(), None));
+        for m in outbox {
+            data.outbox_seq += 1;
+            let seq = data.outbox_seq;
+            data.outbox.insert(seq, m.clone());
+        }
         Ok(())
     }
 

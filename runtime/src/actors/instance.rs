@@ -13,8 +13,8 @@ use crate::error::RuntimeError;
 use crate::ids::SagaId;
 use crate::machine::{self, Effect, Input, SagaState, SagaStatus};
 use crate::ports::{
-    DeadLetterCategory, DeadLetterRecord, JOURNAL_SCHEMA_VERSION, JournalEntry, Message, SagaWrite,
-    StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, Headers, JOURNAL_SCHEMA_VERSION, JournalEntry, Message,
+    OutboxMessage, SagaWrite, StoredSaga, WriteOutcome,
 };
 use crate::wire;
 
@@ -28,6 +28,9 @@ const MAX_CONFLICT_RETRIES: usize = 5;
 pub struct Apply {
     /// The input.
     pub input: Input,
+    /// The id of the message it came from (a reply), recorded in the inbox with the
+    /// transition: a message applied once is never applied again.
+    pub inbox: Option<String>,
 }
 
 /// Check whether a wake-up (reply deadline or retry) is due, and act on it.
@@ -237,6 +240,7 @@ impl SagaInstance {
     fn run(
         &mut self,
         input: Option<Input>,
+        inbox: Option<String>,
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<Applied, RuntimeError>> {
         let (saga, def) = match self.take() {
@@ -277,7 +281,7 @@ impl SagaInstance {
             saga.step = %step,
             input = input.name(),
         );
-        let fut = process(shared, def, saga, input).instrument(span);
+        let fut = process(shared, def, saga, input, inbox).instrument(span);
         Box::pin(fut.into_actor(self).map(|(saga, result), act, ctx| {
             act.put_back(saga, ctx);
             result
@@ -314,7 +318,7 @@ impl Handler<Apply> for SagaInstance {
     type Result = AtomicResponse<Self, Result<Applied, RuntimeError>>;
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
-        AtomicResponse::new(self.run(Some(msg.input), ctx))
+        AtomicResponse::new(self.run(Some(msg.input), msg.inbox, ctx))
     }
 }
 
@@ -323,7 +327,7 @@ impl Handler<Wake> for SagaInstance {
 
     fn handle(&mut self, _msg: Wake, ctx: &mut Context<Self>) -> Self::Result {
         let id = self.id;
-        let inner = self.run(None, ctx);
+        let inner = self.run(None, None, ctx);
         AtomicResponse::new(Box::pin(inner.map(move |res, act, ctx| match res {
             Ok(_) => act.wake_failures = 0,
             Err(e) => {
@@ -360,6 +364,7 @@ async fn process(
     def: Arc<Definition>,
     mut saga: StoredSaga,
     input: Input,
+    inbox: Option<String>,
 ) -> (Option<StoredSaga>, Result<Applied, RuntimeError>) {
     for _ in 0..MAX_CONFLICT_RETRIES {
         let now = shared.clock.now();
@@ -387,6 +392,7 @@ async fn process(
                         }),
                         _ => None,
                     });
+                    let outbox = outbox_messages(&shared, &state, &effects, now);
                     write = SagaWrite {
                         id: saga.state.id,
                         expected_version: saga.version,
@@ -395,6 +401,8 @@ async fn process(
                         journal: vec![journal_entry(now, "transition", body)],
                         dead_letter,
                         resolve_dead_letters: matches!(input, Input::Redriven),
+                        outbox,
+                        inbox: inbox.clone(),
                     };
                     Ok(effects)
                 }
@@ -409,6 +417,8 @@ async fn process(
                         journal: vec![journal_entry(now, "ignored", body)],
                         dead_letter: None,
                         resolve_dead_letters: false,
+                        outbox: Vec::new(),
+                        inbox: inbox.clone(),
                     };
                     debug!(reason = %e, "input ignored");
                     Err(e.to_string())
@@ -436,8 +446,21 @@ async fn process(
                 RuntimeStats::incr(&shared.stats.transitions);
                 let status = state.status;
                 let saga = StoredSaga { state, version };
-                perform(&shared, &saga.state, effects).await;
+                perform(&shared, &saga.state, effects, write.outbox).await;
                 return (Some(saga), Ok(Applied::Transitioned { status }));
+            }
+            Ok((WriteOutcome::Duplicate, _)) => {
+                // Applied before (a redelivery whose first ack was lost, or a reply
+                // published twice): nothing to do. The state held here may be behind
+                // the store's; the next input's commit finds out and reloads.
+                RuntimeStats::incr(&shared.stats.ignored);
+                debug!("message already applied (inbox)");
+                return (
+                    Some(saga),
+                    Ok(Applied::Ignored {
+                        reason: "message already applied (inbox)".into(),
+                    }),
+                );
             }
             Ok((WriteOutcome::Conflict, _)) => {
                 RuntimeStats::incr(&shared.stats.conflicts);
@@ -468,21 +491,35 @@ async fn process(
     )
 }
 
-/// Performs a committed transition's effects: publish commands, events and dead
-/// letters, notify outcome subscribers. Wake-ups are armed by the actor from the
-/// committed state.
-async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) {
-    let mut messages: Vec<Message> = Vec::new();
+/// The messages a transition publishes (commands, lifecycle events, dead letters), as
+/// outbox rows that the writer holds for a lease: it publishes them itself right after
+/// the commit, and a relay takes over only if it does not.
+fn outbox_messages(
+    shared: &Shared,
+    state: &SagaState,
+    effects: &[Effect],
+    now: machine::Timestamp,
+) -> Vec<OutboxMessage> {
+    let available_at = now.plus(shared.options.claim_lease);
+    let mut out = Vec::new();
+    let mut push = |message: Message| {
+        out.push(OutboxMessage {
+            id: uuid::Uuid::now_v7(),
+            message,
+            available_at,
+        })
+    };
     for effect in effects {
         match effect {
-            Effect::SendCommand(cmd) => match wire::encode_command(&cmd) {
-                Ok(msg) => messages.push(msg),
+            Effect::SendCommand(cmd) => match wire::encode_command(cmd) {
+                Ok(msg) => push(msg),
+                // The state is committed without it; the reply deadline re-sends it.
                 Err(e) => error!(error = %e, "encoding command failed"),
             },
             Effect::EmitLifecycleEvent(ev) if shared.options.publish_events => {
-                match serde_json::to_vec(&ev) {
+                match serde_json::to_vec(ev) {
                     Ok(body) => {
-                        let mut headers = crate::ports::Headers::new();
+                        let mut headers = Headers::new();
                         headers.insert(wire::H_SAGA_ID, ev.saga_id.to_string());
                         headers.insert(wire::H_SAGA_TYPE, ev.saga_type.as_str());
                         headers.insert(
@@ -496,7 +533,7 @@ async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) 
                                 ev.attempt.unwrap_or(0)
                             ),
                         );
-                        messages.push(Message {
+                        push(Message {
                             subject: wire::event_subject(&ev.saga_type, ev.event.as_str()),
                             headers,
                             payload: body.into(),
@@ -505,7 +542,6 @@ async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) 
                     Err(e) => error!(error = %e, "encoding event failed"),
                 }
             }
-            Effect::EmitLifecycleEvent(_) | Effect::ScheduleWakeup { .. } => {}
             Effect::DeadLetter(info) => {
                 let body = serde_json::json!({
                     "category": "saga",
@@ -517,62 +553,83 @@ async fn perform(shared: &Arc<Shared>, state: &SagaState, effects: Vec<Effect>) 
                     "attempts": info.attempts,
                     "at": state.updated_at,
                 });
-                let mut headers = crate::ports::Headers::new();
+                let mut headers = Headers::new();
                 headers.insert(wire::H_SAGA_ID, state.id.to_string());
                 headers.insert(wire::H_SAGA_TYPE, state.saga_type.as_str());
                 headers.insert(
                     wire::H_MSG_ID,
                     format!("dlq:{}:{}:{}", state.id, info.step_name, info.last_attempt),
                 );
-                messages.push(Message {
+                push(Message {
                     subject: wire::dlq_subject(Some(&state.saga_type)),
                     headers,
                     payload: body.to_string().into_bytes().into(),
                 });
-                shared.outcomes.publish(&outcome_of(state));
             }
-            Effect::Finished { .. } => shared.outcomes.publish(&outcome_of(state)),
+            Effect::EmitLifecycleEvent(_)
+            | Effect::ScheduleWakeup { .. }
+            | Effect::Finished { .. } => {}
         }
     }
-    if messages.is_empty() {
-        return;
+    out
+}
+
+/// Performs a committed transition's effects: publishes its outbox rows (reporting the
+/// published ones, which the next commit deletes) and notifies outcome subscribers.
+/// A row that cannot be published now stays in the outbox; the relay publishes it once
+/// the writer's lease ends. Wake-ups are armed by the actor from the committed state.
+async fn perform(
+    shared: &Arc<Shared>,
+    state: &SagaState,
+    effects: Vec<Effect>,
+    outbox: Vec<OutboxMessage>,
+) {
+    if !outbox.is_empty() {
+        let inner = Arc::clone(shared);
+        let published = shared
+            .on_io(async move {
+                publish_outbox(&inner, outbox).await;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = published {
+            warn!(error = %e, "publishing effects failed; the outbox relay will");
+        }
     }
-    let bus = Arc::clone(&shared.bus);
-    let inner = Arc::clone(shared);
-    let published = shared
-        .on_io(async move {
-            let mut pending = messages;
-            for attempt in 1..=3u64 {
-                let results = bus.publish_batch(pending.clone()).await;
-                let mut retry = Vec::new();
-                for (msg, result) in pending.into_iter().zip(results) {
-                    match result {
-                        Ok(()) => {
-                            if msg.subject.starts_with(wire::COMMAND_PREFIX) {
-                                RuntimeStats::incr(&inner.stats.commands_sent);
-                            }
-                        }
-                        Err(e) if e.is_retryable() && attempt < 3 => retry.push(msg),
-                        Err(e) => {
-                            // The state is committed: the reply deadline re-sends a
-                            // command, and a restart resumes it.
-                            RuntimeStats::incr(&inner.stats.publish_failures);
-                            warn!(subject = %msg.subject, error = %e, "publish failed; the step's timeout will retry it");
-                        }
-                    }
+    if effects
+        .iter()
+        .any(|e| matches!(e, Effect::Finished { .. } | Effect::DeadLetter(_)))
+    {
+        shared.outcomes.publish(&outcome_of(state));
+    }
+}
+
+/// Publishes outbox rows in order and reports the published ones to the committer.
+pub(crate) async fn publish_outbox(shared: &Shared, rows: Vec<OutboxMessage>) -> usize {
+    let (ids, messages): (Vec<_>, Vec<_>) = rows.into_iter().map(|r| (r.id, r.message)).unzip();
+    let commands: Vec<bool> = messages
+        .iter()
+        .map(|m| m.subject.starts_with(wire::COMMAND_PREFIX))
+        .collect();
+    let results = shared.bus.publish_batch(messages).await;
+    let mut done = Vec::with_capacity(ids.len());
+    for ((id, result), command) in ids.into_iter().zip(results).zip(commands) {
+        match result {
+            Ok(()) => {
+                if command {
+                    RuntimeStats::incr(&shared.stats.commands_sent);
                 }
-                if retry.is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-                pending = retry;
+                done.push(id);
             }
-            Ok(())
-        })
-        .await;
-    if let Err(e) = published {
-        warn!(error = %e, "publishing effects failed");
+            Err(e) => {
+                RuntimeStats::incr(&shared.stats.publish_failures);
+                debug!(error = %e, "publish failed; left in the outbox for the relay");
+            }
+        }
     }
+    let n = done.len();
+    shared.committer.published(done);
+    n
 }
 
 fn outcome_of(state: &SagaState) -> SagaOutcome {

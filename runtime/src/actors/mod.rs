@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+pub(crate) use instance::publish_outbox;
 pub use instance::{Applied, Apply, SagaInstance, Wake};
 pub use registry::{Lookup, Registry};
 pub use supervisor::RetrySupervisor;
@@ -97,8 +98,13 @@ pub struct RuntimeStats {
     pub reactivations: AtomicU64,
     /// Commands published.
     pub commands_sent: AtomicU64,
-    /// Publishes that failed (the step's timeout retries them).
+    /// Publishes that failed (left in the outbox: the relay publishes them later).
     pub publish_failures: AtomicU64,
+    /// Outbox rows published by the relay (left unpublished by their writer: a crash,
+    /// a broker outage).
+    pub relayed: AtomicU64,
+    /// Wake-ups claimed by the sweep (sagas not in memory, or in another process).
+    pub wakeups_claimed: AtomicU64,
 }
 
 impl RuntimeStats {
@@ -119,6 +125,8 @@ pub struct Shared {
     pub(crate) outcomes: Arc<OutcomeHub>,
     pub(crate) stats: RuntimeStats,
     pub(crate) options: RuntimeOptions,
+    /// A store error the process cannot go on with (schema): the runtime stops.
+    pub(crate) fatal: tokio::sync::watch::Sender<Option<crate::ports::StoreError>>,
 }
 
 impl std::fmt::Debug for Shared {

@@ -5,8 +5,11 @@
 //! reply deadline), which is also persisted with its state. A saga that was passivated,
 //! or whose actor crashed, or whose process restarted, has no timer: this actor sweeps
 //! the store for due wake-ups every `wakeup_poll_interval` and sends each such saga a
-//! [`Wake`]. A wake-up that fires twice is harmless: the instance derives the input
-//! from its current state, so a second `Wake` finds nothing due.
+//! [`Wake`]. Due wake-ups are *claimed* in the store for a lease, so that several
+//! processes sharing one store never fire the same one. A wake-up that fires twice
+//! anyway (an instance's own timer and a sweep) is harmless: the instance derives the
+//! input from its current state, and a transition commits only on the version it read,
+//! so a second `Wake` finds nothing due.
 
 use std::sync::Arc;
 
@@ -60,10 +63,11 @@ impl RetrySupervisor {
                 .values()
                 .map(|d| (d.saga_type().clone(), d.version()))
                 .collect();
+            let lease = shared.options.claim_lease;
             let due = shared
                 .on_io(async move {
                     store
-                        .due_wakeups(now, &types, SWEEP_BATCH)
+                        .claim_wakeups(now, &types, SWEEP_BATCH, lease)
                         .await
                         .map_err(RuntimeError::from)
                 })
@@ -71,6 +75,7 @@ impl RetrySupervisor {
             match due {
                 Ok(ids) => {
                     for id in ids {
+                        super::RuntimeStats::incr(&shared.stats.wakeups_claimed);
                         match registry.send(Lookup { id, initial: None }).await {
                             // A full mailbox means the saga is busy: the next sweep retries.
                             Ok(addr) => {

@@ -1,0 +1,636 @@
+//! The PostgreSQL store: skald's production store, shared by any number of skald
+//! processes.
+//!
+//! - Migrations (`migrations/postgres`) are applied at connect; sqlx serialises
+//!   concurrent migrators with an advisory lock, so several processes may start at once.
+//! - Optimistic concurrency: every state change is `UPDATE ... WHERE version = $read`;
+//!   a journal-only write locks the row (`FOR SHARE`) to check its version. Writes of
+//!   one group commit take their row locks in saga id order, so two processes' commits
+//!   cannot deadlock on each other's sagas.
+//! - Due wake-ups and outbox rows are claimed with `FOR UPDATE SKIP LOCKED` and a lease,
+//!   so two processes never fire the same wake-up or publish the same row.
+//! - Durability is the server's: with `synchronous_commit = on` (the default) a commit
+//!   returns once its WAL is flushed.
+//!
+//! Times are stored as milliseconds since the Unix epoch (bigint), as in SQLite.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use skald_runtime::ids::{CommandKind, SagaId, SagaType};
+use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
+use skald_runtime::ports::{
+    DeadLetterCategory, DeadLetterRecord, JournalEntry, Message, OutboxMessage, SagaStore,
+    SagaSummary, SagaWrite, StoreError, StoredSaga, WriteOutcome,
+};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::sql::{classify, corrupt, decode_headers, encode_headers, limit, ms, parse_id, ts};
+
+/// The embedded migrations (`migrations/postgres`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Options of [`PostgresStore::connect_with`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most pooled connections. Default: 16.
+    pub max_connections: u32,
+    /// How long an operation waits for a connection before failing as unavailable (the
+    /// runtime then retries it later). Default: 10 s.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The PostgreSQL saga store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+/// Maps a sqlx error to the port's error at the boundary, by SQLSTATE.
+pub fn store_error(e: sqlx::Error) -> StoreError {
+    classify(e, |db| {
+        let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+        let msg = db.message();
+        match code.as_str() {
+            // Connection exceptions; serialization failure and deadlock; insufficient
+            // resources; operator intervention (pg_terminate_backend, shutdown, starting
+            // up); lock not available; read-only standby after a failover.
+            c if c.starts_with("08") || c.starts_with("53") => {
+                Some(StoreError::Unavailable(format!("{msg} (SQLSTATE {c})")))
+            }
+            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03" | "25006" => {
+                Some(StoreError::Unavailable(format!("{msg} (SQLSTATE {code})")))
+            }
+            // Undefined table, column, function, object, schema or database; no
+            // privilege: an operator has to act.
+            "42P01" | "42703" | "42883" | "42704" | "3F000" | "3D000" | "42501" => {
+                Some(StoreError::Schema(format!(
+                    "{msg} (SQLSTATE {code}): the database lacks skald's tables, has another \
+                     version of them, or the user may not use them"
+                )))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:port/db`) and applies the migrations.
+    pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        PostgresStore::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Like [`PostgresStore::connect`], with options.
+    pub async fn connect_with(
+        url: &str,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        let pool = open_pool(url, &options).await?;
+        MIGRATOR.run(&pool).await.map_err(|e| {
+            StoreError::Schema(format!(
+                "applying the PostgreSQL migrations to {} failed: {e}",
+                redact(url)
+            ))
+        })?;
+        Ok(PostgresStore { pool })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Opens a pool on `url` without applying migrations, checking that the server answers.
+pub async fn open_pool(url: &str, options: &PostgresOptions) -> Result<PgPool, StoreError> {
+    let connect: PgConnectOptions = url
+        .parse()
+        .map_err(|e| StoreError::Schema(format!("invalid PostgreSQL URL {}: {e}", redact(url))))?;
+    PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(|e| match store_error(e) {
+            StoreError::Unavailable(m) | StoreError::Other(m) => StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {}: {m}",
+                redact(url)
+            )),
+            other => other,
+        })
+}
+
+fn decode_state(row: &PgRow) -> Result<StoredSaga, StoreError> {
+    let state: String = row.try_get("state").map_err(store_error)?;
+    let version: i64 = row.try_get("version").map_err(store_error)?;
+    let state: SagaState = serde_json::from_str(&state).map_err(|e| corrupt("saga state", e))?;
+    Ok(StoredSaga {
+        state,
+        version: u64::try_from(version).map_err(|e| corrupt("version", e))?,
+    })
+}
+
+/// Writes the saga row of `w` (insert, versioned update, or for a journal-only write a
+/// version check under a share lock). `None`: the version did not match (a conflict).
+async fn write_state(
+    tx: &mut Transaction<'static, Postgres>,
+    w: &SagaWrite,
+    id: &str,
+) -> Result<Option<u64>, StoreError> {
+    let Some(state) = &w.state else {
+        // Journal only (an ignored input): valid only on the version the writer read,
+        // held until the commit (FOR SHARE) so that no other process changes it first.
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = $1::uuid FOR SHARE")
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(store_error)?;
+        let same = current.and_then(|v| u64::try_from(v).ok()) == Some(w.expected_version);
+        return Ok(same.then_some(w.expected_version));
+    };
+    let json = serde_json::to_string(state).map_err(|e| StoreError::Other(e.to_string()))?;
+    let wake = state.wake_at().map(ms);
+    let next = i64::try_from(w.expected_version + 1).map_err(|e| corrupt("version", e))?;
+    let affected = if w.expected_version == 0 {
+        sqlx::query(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
+             state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+             VALUES ($1::uuid, $2, $3, $4, 1, $5::jsonb, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(state.saga_type.as_str())
+        .bind(i32::try_from(state.definition_version).map_err(|e| corrupt("version", e))?)
+        .bind(state.status.as_str())
+        .bind(&json)
+        .bind(wake)
+        .bind(ms(state.created_at))
+        .bind(ms(state.updated_at))
+        .execute(&mut **tx)
+        .await
+    } else {
+        // A state change ends any claim on the old wake-up.
+        sqlx::query(
+            "UPDATE saga_instances SET status = $1, version = $2, state = $3::jsonb, \
+             next_wakeup_ms = $4, wakeup_claimed_until_ms = NULL, updated_at_ms = $5 \
+             WHERE id = $6::uuid AND version = $7",
+        )
+        .bind(state.status.as_str())
+        .bind(next)
+        .bind(&json)
+        .bind(wake)
+        .bind(ms(state.updated_at))
+        .bind(id)
+        .bind(next - 1)
+        .execute(&mut **tx)
+        .await
+    }
+    .map_err(store_error)?
+    .rows_affected();
+    Ok((affected > 0).then_some(w.expected_version + 1))
+}
+
+async fn apply_write(
+    tx: &mut Transaction<'static, Postgres>,
+    w: &SagaWrite,
+) -> Result<WriteOutcome, StoreError> {
+    let id = w.id.to_string();
+    // The inbox first: a message applied before (by this or another process: the
+    // unique index makes a concurrent insert wait for the other's commit) is refused
+    // before anything is written.
+    if let Some(message_id) = &w.inbox {
+        let at = w.journal.first().map(|j| j.at).unwrap_or_default();
+        let inserted = sqlx::query(
+            "INSERT INTO inbox (message_id, saga_id, received_at_ms) VALUES ($1, $2::uuid, $3) \
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(&id)
+        .bind(ms(at))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(WriteOutcome::Duplicate);
+        }
+    }
+    let Some(version) = write_state(tx, w, &id).await? else {
+        // Nothing of a conflicting write may stay, its inbox entry included.
+        if let Some(message_id) = &w.inbox {
+            sqlx::query("DELETE FROM inbox WHERE message_id = $1")
+                .bind(message_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_error)?;
+        }
+        return Ok(WriteOutcome::Conflict);
+    };
+    for entry in &w.journal {
+        let body =
+            serde_json::to_string(&entry.body).map_err(|e| StoreError::Other(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) \
+             VALUES ($1::uuid, $2, $3, $4, $5::jsonb)",
+        )
+        .bind(&id)
+        .bind(ms(entry.at))
+        .bind(i32::from(entry.schema_version))
+        .bind(&entry.kind)
+        .bind(body)
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    }
+    if w.resolve_dead_letters {
+        let now = w.journal.first().map(|j| j.at).unwrap_or_default();
+        sqlx::query(
+            "UPDATE dead_letters SET resolved_at_ms = $1 \
+             WHERE saga_id = $2::uuid AND category = 'saga' AND resolved_at_ms IS NULL",
+        )
+        .bind(ms(now))
+        .bind(&id)
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    }
+    if let Some(dl) = &w.dead_letter {
+        insert_dead_letter(tx, dl).await?;
+    }
+    insert_outbox(tx, Some(&id), &w.outbox).await?;
+    Ok(WriteOutcome::Committed { version })
+}
+
+async fn insert_outbox(
+    tx: &mut Transaction<'static, Postgres>,
+    saga_id: Option<&str>,
+    rows: &[OutboxMessage],
+) -> Result<(), StoreError> {
+    for m in rows {
+        sqlx::query(
+            "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) \
+             VALUES ($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7)",
+        )
+        .bind(m.id.to_string())
+        .bind(saga_id)
+        .bind(&m.message.subject)
+        .bind(encode_headers(&m.message.headers)?)
+        .bind(m.message.payload.as_ref())
+        .bind(ms(crate::created_at(m.id)))
+        .bind(ms(m.available_at))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    }
+    Ok(())
+}
+
+async fn insert_dead_letter(
+    tx: &mut Transaction<'static, Postgres>,
+    dl: &DeadLetterRecord,
+) -> Result<(), StoreError> {
+    let message = dl
+        .message
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO dead_letters (id, category, saga_id, saga_type, step, kind, reason, attempts, \
+         message, created_at_ms) VALUES ($1::uuid, $2, $3::uuid, $4, $5, $6, $7, $8, $9::jsonb, $10)",
+    )
+    .bind(dl.id.to_string())
+    .bind(dl.category.as_str())
+    .bind(dl.saga_id.map(|s| s.to_string()))
+    .bind(dl.saga_type.as_deref())
+    .bind(dl.step.as_deref())
+    .bind(dl.kind.map(CommandKind::as_str))
+    .bind(&dl.reason)
+    .bind(i32::try_from(dl.attempts).unwrap_or(i32::MAX))
+    .bind(message)
+    .bind(ms(dl.at))
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    Ok(())
+}
+
+fn decode_dead_letter(r: &PgRow) -> Result<DeadLetterRecord, StoreError> {
+    let get = |c: &str| -> Result<Option<String>, StoreError> { r.try_get(c).map_err(store_error) };
+    let category = match get("category")?.as_deref() {
+        Some("saga") => DeadLetterCategory::Saga,
+        Some("poison") => DeadLetterCategory::Poison,
+        other => return Err(corrupt("dead letter category", format!("{other:?}"))),
+    };
+    let id = get("id")?.unwrap_or_default();
+    Ok(DeadLetterRecord {
+        id: Uuid::parse_str(&id).map_err(|e| corrupt("dead letter id", e))?,
+        category,
+        saga_id: get("saga_id")?.map(|s| parse_id(&s)).transpose()?,
+        saga_type: get("saga_type")?,
+        step: get("step")?,
+        kind: get("kind")?.and_then(|k| k.parse().ok()),
+        reason: get("reason")?.unwrap_or_default(),
+        attempts: u32::try_from(r.try_get::<i32, _>("attempts").map_err(store_error)?).unwrap_or(0),
+        message: get("message")?
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| corrupt("dead letter message", e))?,
+        at: ts(r.try_get("created_at_ms").map_err(store_error)?),
+    })
+}
+
+fn ids_of(rows: &[PgRow]) -> Result<Vec<SagaId>, StoreError> {
+    rows.iter()
+        .map(|r| parse_id(&r.try_get::<String, _>("id").map_err(store_error)?))
+        .collect()
+}
+
+#[async_trait]
+impl SagaStore for PostgresStore {
+    async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError> {
+        sqlx::query("SELECT state::text AS state, version FROM saga_instances WHERE id = $1::uuid")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?
+            .as_ref()
+            .map(decode_state)
+            .transpose()
+    }
+
+    async fn commit(
+        &self,
+        writes: &[SagaWrite],
+        published: &[Uuid],
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        if !published.is_empty() {
+            let ids: Vec<String> = published.iter().map(Uuid::to_string).collect();
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1::text[]::uuid[])")
+                .bind(ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+        // Row locks in saga id order (stable: one saga's writes keep their order), so
+        // that two processes' group commits never wait on each other in a cycle.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by_key(|&i| writes[i].id);
+        let mut outcomes = vec![WriteOutcome::Conflict; writes.len()];
+        for i in order {
+            outcomes[i] = apply_write(&mut tx, &writes[i]).await?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(outcomes)
+    }
+
+    async fn claim_wakeups(
+        &self,
+        now: Timestamp,
+        types: &[(SagaType, u32)],
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<SagaId>, StoreError> {
+        let types: Vec<String> = types.iter().map(|(t, v)| format!("{t}:{v}")).collect();
+        let rows = sqlx::query(
+            "UPDATE saga_instances SET wakeup_claimed_until_ms = $1 WHERE id IN ( \
+               SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= $2 \
+               AND (wakeup_claimed_until_ms IS NULL OR wakeup_claimed_until_ms <= $2) \
+               AND (saga_type || ':' || definition_version) = ANY($3::text[]) \
+               ORDER BY next_wakeup_ms LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING id::text AS id, next_wakeup_ms",
+        )
+        .bind(ms(now.plus(lease)))
+        .bind(ms(now))
+        .bind(types)
+        .bind(limit(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        // RETURNING does not promise an order: oldest due first.
+        let mut due = rows
+            .iter()
+            .map(|r| {
+                let at: i64 = r.try_get("next_wakeup_ms").map_err(store_error)?;
+                Ok((
+                    at,
+                    parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        due.sort();
+        Ok(due.into_iter().map(|(_, id)| id).collect())
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        max: usize,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let until = now.plus(lease);
+        let rows = sqlx::query(
+            "WITH claimed AS ( \
+               SELECT seq FROM outbox WHERE available_at_ms <= $2 ORDER BY seq LIMIT $3 \
+               FOR UPDATE SKIP LOCKED) \
+             UPDATE outbox o SET available_at_ms = $1 FROM claimed WHERE o.seq = claimed.seq \
+             RETURNING o.seq, o.id::text AS id, o.subject, o.headers::text AS headers, o.payload",
+        )
+        .bind(ms(until))
+        .bind(ms(now))
+        .bind(limit(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let mut claimed = rows
+            .iter()
+            .map(|r| {
+                let id: String = r.try_get("id").map_err(store_error)?;
+                let headers: String = r.try_get("headers").map_err(store_error)?;
+                let payload: Vec<u8> = r.try_get("payload").map_err(store_error)?;
+                Ok((
+                    r.try_get::<i64, _>("seq").map_err(store_error)?,
+                    OutboxMessage {
+                        id: Uuid::parse_str(&id).map_err(|e| corrupt("outbox id", e))?,
+                        message: Message {
+                            subject: r.try_get("subject").map_err(store_error)?,
+                            headers: decode_headers(&headers)?,
+                            payload: payload.into(),
+                        },
+                        available_at: until,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // RETURNING does not promise an order: publish in commit order.
+        claimed.sort_by_key(|(seq, _)| *seq);
+        Ok(claimed.into_iter().map(|(_, m)| m).collect())
+    }
+
+    async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM inbox WHERE received_at_ms < $1")
+            .bind(ms(before))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?
+            .rows_affected())
+    }
+
+    async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at_ms) AS oldest FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let n: i64 = row.try_get("n").map_err(store_error)?;
+        let oldest: Option<i64> = row.try_get("oldest").map_err(store_error)?;
+        Ok((u64::try_from(n).unwrap_or(0), oldest.map(ts)))
+    }
+
+    async fn active_sagas(
+        &self,
+        after: Option<SagaId>,
+        max: usize,
+    ) -> Result<Vec<SagaId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id::text AS id FROM saga_instances \
+             WHERE status IN ('running', 'compensating') AND ($1::uuid IS NULL OR id > $1::uuid) \
+             ORDER BY id LIMIT $2",
+        )
+        .bind(after.map(|a| a.to_string()))
+        .bind(limit(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        ids_of(&rows)
+    }
+
+    async fn record_poison(
+        &self,
+        record: &DeadLetterRecord,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        insert_dead_letter(&mut tx, record).await?;
+        let saga = record.saga_id.map(|s| s.to_string());
+        insert_outbox(&mut tx, saga.as_deref(), outbox).await?;
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn dead_letters(
+        &self,
+        open_only: bool,
+        max: usize,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id::text AS id, category, saga_id::text AS saga_id, saga_type, step, kind, \
+             reason, attempts, message::text AS message, created_at_ms \
+             FROM dead_letters WHERE (NOT $1 OR resolved_at_ms IS NULL) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT $2",
+        )
+        .bind(open_only)
+        .bind(limit(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(decode_dead_letter).collect()
+    }
+
+    async fn journal(&self, id: SagaId) -> Result<Vec<JournalEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at_ms, schema_version, kind, body::text AS body FROM saga_journal \
+             WHERE saga_id = $1::uuid ORDER BY seq",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter()
+            .map(|r| {
+                let body: String = r.try_get("body").map_err(store_error)?;
+                Ok(JournalEntry {
+                    at: ts(r.try_get("at_ms").map_err(store_error)?),
+                    schema_version: u16::try_from(
+                        r.try_get::<i32, _>("schema_version").map_err(store_error)?,
+                    )
+                    .map_err(|e| corrupt("journal schema version", e))?,
+                    kind: r.try_get("kind").map_err(store_error)?,
+                    body: serde_json::from_str(&body).map_err(|e| corrupt("journal body", e))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        max: usize,
+    ) -> Result<Vec<SagaSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id::text AS id, saga_type, status, created_at_ms, updated_at_ms FROM saga_instances \
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR id > $2::uuid) \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(status.map(SagaStatus::as_str))
+        .bind(after.map(|a| a.to_string()))
+        .bind(limit(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status").map_err(store_error)?;
+                let ty: String = r.try_get("saga_type").map_err(store_error)?;
+                Ok(SagaSummary {
+                    id: parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                    saga_type: SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
+                    status: SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+                    created_at: ts(r.try_get("created_at_ms").map_err(store_error)?),
+                    updated_at: ts(r.try_get("updated_at_ms").map_err(store_error)?),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://app:s3cret@db:5432/skald"),
+            "postgres://app:***@db:5432/skald"
+        );
+        assert_eq!(
+            super::redact("postgres://app@db/skald"),
+            "postgres://app@db/skald"
+        );
+    }
+}
