@@ -3,23 +3,30 @@
 //!
 //! It consumes its commands on a durable consumer (several replicas share the work),
 //! keeps its records (reservations, charges, shipments, keyed by idempotency key) in
-//! its own table of the database given by `--db`, so the checkout runner's consistency
-//! check can read them, and answers with seeded failures.
+//! its own table of the database given by `--db` (SQLite or PostgreSQL, by the URL's
+//! scheme), so the checkout runner's consistency check can read them, and answers with
+//! seeded failures.
 //!
 //! ```text
 //! cargo run --example participant -- inventory --nats nats://127.0.0.1:4222 --db sqlite://skald.db
 //! cargo run --example participant -- payment   --nats nats://127.0.0.1:4222 --db sqlite://skald.db
 //! cargo run --example participant -- shipping  --nats nats://127.0.0.1:4222 --db sqlite://skald.db
 //! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222 --no-participants
+//!
+//! # on PostgreSQL, each command taking 0-100 ms, redelivered 5 s after a crash:
+//! cargo run --example participant -- payment --nats nats://127.0.0.1:4222 \
+//!     --db postgres://postgres@127.0.0.1:5432/skald --latency-ms 50 --ack-wait-secs 5
 //! ```
 //!
-//! Stops on Ctrl-C or SIGTERM; unacknowledged commands are redelivered to a replica.
+//! Stops on Ctrl-C or SIGTERM; unacknowledged commands are redelivered to a replica
+//! after `--ack-wait-secs`.
 
 #[path = "checkout/ledger.rs"]
 mod ledger;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
@@ -56,7 +63,9 @@ struct Args {
     /// The NATS server.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
-    /// The database holding the service's records.
+    /// The database holding the service's records (the checkout runner's, so it can
+    /// check them); the scheme picks the backend: sqlite://FILE or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (postgresql:// too).
     #[arg(long, default_value = "sqlite://skald.db")]
     db: String,
     /// Seed of the simulated failures.
@@ -71,6 +80,35 @@ struct Args {
     /// Commands handled at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// Simulated service time: each command waits a pseudo-random time, uniform in
+    /// [0, 2N] ms, before it is handled (seeded by --seed and the command's idempotency
+    /// key, so a run is reproducible). 0: no wait.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    latency_ms: u64,
+    /// How long NATS JetStream waits for a command's acknowledgement before
+    /// redelivering it (so the commands of a killed participant come back after this).
+    #[arg(long, default_value_t = 30, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    ack_wait_secs: u64,
+}
+
+/// The simulated service time of the command with `key`: uniform in [0, 2 ·
+/// `latency_ms`] ms, a function of `seed` and `key` only.
+fn service_time(seed: u64, key: &str, latency_ms: u64) -> Duration {
+    if latency_ms == 0 {
+        return Duration::ZERO;
+    }
+    // FNV-1a over the key, seeded, then the splitmix64 finaliser.
+    let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let span = latency_ms.saturating_mul(2).saturating_add(1);
+    Duration::from_millis(h % span)
 }
 
 #[tokio::main]
@@ -92,10 +130,12 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let name = args.service.name();
-    let ledger = Arc::new(ledger::SqliteLedger::open(&args.db).await?);
+    let db = ledger::redact(&args.db);
+    let ledger = ledger::open_ledger(&args.db).await?;
     let bus: Arc<dyn Bus> = Arc::new(
         NatsBus::connect(NatsOptions {
             name: format!("skald-participant-{name}"),
+            ack_wait: Duration::from_secs(args.ack_wait_secs),
             ..NatsOptions::new(args.nats.as_str())
         })
         .await
@@ -110,12 +150,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
     let subject = format!("skald.cmd.{name}.>");
+    let (seed, latency_ms) = (args.seed, args.latency_ms);
     let handle = participant::serve(bus, &subject, name, args.concurrency, move |cmd| {
         let services = services.clone();
-        async move { services.handle(cmd).await }
+        async move {
+            // Simulated service time; nothing is locked while waiting.
+            let wait = service_time(seed, &cmd.envelope.idempotency_key, latency_ms);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            services.handle(cmd).await
+        }
     })
-    .await?;
-    tracing::info!(service = name, subject, nats = %args.nats, db = %args.db, "participant running");
+    .await
+    .with_context(|| format!("subscribing to {subject}"))?;
+    tracing::info!(
+        service = name,
+        subject,
+        nats = %args.nats,
+        db = %db,
+        latency_ms,
+        ack_wait_secs = args.ack_wait_secs,
+        "participant running"
+    );
     shutdown_signal().await;
     handle.stop();
     tracing::info!(service = name, "participant stopped");

@@ -1,17 +1,22 @@
 //! The checkout saga runner: skald's main command.
 //!
 //! Runs N checkout sagas (reserve inventory, charge payment, ship order) on the embedded
-//! defaults (in-process bus + SQLite file), with simulated inventory / payment /
-//! shipping services whose failures are seeded (declined payments are compensated,
-//! flaky steps retried), shows progress, prints a summary and checks consistency from
-//! the services' own records.
+//! defaults (in-process bus + SQLite file) or on PostgreSQL and NATS JetStream, with
+//! simulated inventory / payment / shipping services whose failures are seeded (declined
+//! payments are compensated, flaky steps retried), shows progress, prints a summary and
+//! checks consistency from the services' own records (kept in the same database as
+//! skald's tables).
 //!
 //! ```text
 //! cargo run --release --example checkout -- --sagas 1000 --concurrency 100
 //! cargo run --release --example checkout -- --json           # summary as JSON (last line)
 //! cargo run --release --example checkout -- --resume         # finish a killed run
 //! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222   # over JetStream
+//! cargo run --release --example checkout -- --db postgres://postgres@127.0.0.1:5432/skald
 //! ```
+//!
+//! `--db` picks the store by the URL's scheme: `sqlite:` (SQLite file, the default) or
+//! `postgres:` / `postgresql:` (PostgreSQL; the migrations are applied at start-up).
 //!
 //! Exits non-zero when the consistency check fails, sagas are left unfinished, or a saga
 //! was dead-lettered (an operator has to look at it).
@@ -31,6 +36,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use skald::adapters::memory::MemoryBus;
 use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::adapters::postgres::PostgresStore;
 use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
 use skald::machine::{SagaStatus, Timestamp};
@@ -43,12 +49,13 @@ use skald::sagas::sim::{Ledger, SimConfig, SimServices};
 use skald::{Runtime, RuntimeOptions};
 use tokio::sync::Semaphore;
 
-use crate::ledger::SqliteLedger;
+use crate::ledger::{Backend, open_ledger, redact};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "checkout",
-    about = "Run checkout sagas on skald's embedded defaults"
+    about = "Run checkout sagas on skald: embedded defaults (in-process bus, SQLite), or \
+             PostgreSQL and NATS JetStream"
 )]
 struct Args {
     /// How many sagas to start.
@@ -66,7 +73,9 @@ struct Args {
     /// Seed of the simulated failures (same seed, same failures).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// The database (skald's tables and the simulated services' records).
+    /// The database holding skald's tables and the simulated services' records; the
+    /// scheme picks the backend: sqlite://FILE or postgres://USER[:PASSWORD]@HOST[:PORT]/DB
+    /// (postgresql:// too).
     #[arg(long, default_value = "sqlite://skald.db")]
     db: String,
     /// Print the summary as one JSON object on the last line of stdout.
@@ -87,6 +96,11 @@ struct Args {
     /// for this many seconds instead of failing at once.
     #[arg(long, requires = "nats", default_value_t = 0)]
     nats_wait_secs: u64,
+    /// With --nats: how long JetStream waits for an acknowledgement before redelivering
+    /// a message (so a killed process's unacknowledged messages come back after this).
+    #[arg(long, requires = "nats", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    ack_wait_secs: u64,
     /// With --nats: start no simulated services; wait for external participants
     /// (`cargo run --example participant`, or any other language) to answer.
     #[arg(long, requires = "nats")]
@@ -235,17 +249,44 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if !(0.0..=1.0).contains(&args.decline_rate) || !(0.0..=1.0).contains(&args.flaky_rate) {
         anyhow::bail!("--decline-rate and --flaky-rate must be within [0, 1]");
     }
-    let store = Arc::new(
-        SqliteStore::connect(&args.db)
-            .await
-            .with_context(|| format!("opening the store at {}", args.db))?,
-    );
-    let ledger = Arc::new(SqliteLedger::open(&args.db).await?);
+    let backend = Backend::of(&args.db)?;
+    let db = redact(&args.db);
+    // What the summary says about durability and group commit, per backend.
+    let (store, durability, transactions): (Arc<dyn SagaStore>, String, &str) = match backend {
+        Backend::Sqlite => (
+            Arc::new(
+                SqliteStore::connect(&args.db)
+                    .await
+                    .with_context(|| format!("opening the SQLite store at {db}"))?,
+            ),
+            "SQLite WAL, synchronous=FULL (every transaction fsync'd)".into(),
+            "SQLite transactions",
+        ),
+        Backend::Postgres => {
+            let store = PostgresStore::connect(&args.db)
+                .await
+                .with_context(|| format!("opening the PostgreSQL store at {db}"))?;
+            let setting: Option<String> =
+                sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+                    .fetch_one(store.pool())
+                    .await
+                    .ok();
+            let durability = match setting {
+                Some(v) => {
+                    format!("PostgreSQL (synchronous_commit as configured on the server: {v})")
+                }
+                None => "PostgreSQL (synchronous_commit as configured on the server)".into(),
+            };
+            (Arc::new(store), durability, "PostgreSQL transactions")
+        }
+    };
+    let ledger = open_ledger(&args.db).await?;
     let bus: Arc<dyn Bus> = match &args.nats {
         Some(url) => Arc::new(
             NatsBus::connect(NatsOptions {
                 wait_for_server: (args.nats_wait_secs > 0)
                     .then(|| Duration::from_secs(args.nats_wait_secs)),
+                ack_wait: Duration::from_secs(args.ack_wait_secs),
                 ..NatsOptions::new(url.as_str())
             })
             .await
@@ -298,37 +339,47 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .context("starting the skald runtime")?;
     let deadline = started_at + Duration::from_secs(args.timeout_secs);
 
-    let (summary, ok) = if args.resume {
-        resume(
-            &args,
-            &runtime,
-            store.as_ref(),
-            ledger.as_ref(),
-            &mut outcomes,
-            started_at,
-            deadline,
-            unfinished_before,
-        )
-        .await?
-    } else {
-        fresh(
-            &args,
-            run_started,
-            &runtime,
-            &checkout,
-            store.as_ref(),
-            ledger.as_ref(),
-            &mut outcomes,
-            started_at,
-            deadline,
-        )
-        .await?
+    let work = async {
+        if args.resume {
+            resume(
+                &args,
+                &runtime,
+                store.as_ref(),
+                ledger.as_ref(),
+                &mut outcomes,
+                started_at,
+                deadline,
+                unfinished_before,
+            )
+            .await
+        } else {
+            fresh(
+                &args,
+                run_started,
+                &runtime,
+                &checkout,
+                store.as_ref(),
+                ledger.as_ref(),
+                &mut outcomes,
+                started_at,
+                deadline,
+            )
+            .await
+        }
+    };
+    // A problem the runtime cannot go on with (the store's schema) ends the run with
+    // that error, instead of waiting for sagas that cannot move.
+    let (summary, ok) = tokio::select! {
+        result = work => result?,
+        fatal = runtime.failed() => {
+            return Err(anyhow::Error::new(fatal).context("the skald runtime stopped"));
+        }
     };
     let commits = runtime.commit_stats();
     let batches = commits.batches.load(Ordering::Relaxed);
     let writes = commits.writes.load(Ordering::Relaxed);
     let commit_line = format!(
-        "{writes} transitions in {batches} SQLite transactions (avg batch {:.1}, {:.2} ms per transaction)",
+        "{writes} transitions in {batches} {transactions} (avg batch {:.1}, {:.2} ms per transaction)",
         writes as f64 / batches.max(1) as f64,
         commits.busy_micros.load(Ordering::Relaxed) as f64 / 1e3 / batches.max(1) as f64,
     );
@@ -339,7 +390,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!();
-        println!("checkout sagas on {}", args.db);
+        println!("checkout sagas on {db}");
         println!("  started        {}", summary.started);
         println!("  completed      {}", summary.completed);
         println!("  compensated    {}", summary.compensated);
@@ -359,7 +410,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             }
         );
         println!("  group commit   {commit_line}");
-        println!("  durability     SQLite WAL, synchronous=FULL (every transaction fsync'd)");
+        println!("  durability     {durability}");
         match &args.nats {
             Some(url) => {
                 println!("  transport      NATS JetStream at {url} (file storage, acked publishes)")
@@ -368,6 +419,34 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     Ok(ok)
+}
+
+/// Starts a saga, retrying (with the same id) while the store or the bus is briefly
+/// unavailable. A retry can find the saga already created (the first attempt's commit
+/// went through and only its answer was lost): that is a success.
+async fn start_with_retries(
+    runtime: &Runtime,
+    checkout: &skald::definition::SagaDefinition<Checkout>,
+    order: &Checkout,
+) -> anyhow::Result<SagaId> {
+    let id = SagaId::new();
+    let mut attempt = 0u32;
+    loop {
+        match runtime.start_saga_with_id(id, checkout, order).await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_retryable() && attempt < 30 => {
+                attempt += 1;
+                tracing::warn!(saga.id = %id, error = %e, attempt, "starting a saga failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20)))).await;
+            }
+            Err(e) => {
+                if attempt > 0 && matches!(runtime.load(id).await, Ok(Some(_))) {
+                    return Ok(id);
+                }
+                return Err(anyhow::Error::new(e).context(format!("starting saga {id}")));
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -411,7 +490,7 @@ async fn fresh(
                     1_000 + (i as u64 % 50) * 10,
                 );
                 let t0 = Instant::now();
-                let id = runtime.start_saga(checkout, &order).await?;
+                let id = start_with_retries(runtime, checkout, &order).await?;
                 let _ = tx.send((id, t0));
                 anyhow::Ok(())
             })

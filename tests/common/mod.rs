@@ -79,39 +79,62 @@ impl PgDatabase {
         PgDatabase { server, name }
     }
 
-    /// The database's URL.
+    /// The database's URL: the server's, naming this database (query string kept).
     pub fn url(&self) -> String {
-        match self.server.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{}", self.name),
-            None => format!("{}/{}", self.server, self.name),
-        }
+        let (base, query) = match self.server.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (self.server.as_str(), String::new()),
+        };
+        let (scheme, rest) = base.split_once("://").unwrap_or_else(|| {
+            panic!("SKALD_TEST_PG_URL={} is not a postgres:// URL", self.server)
+        });
+        let authority = rest.split('/').next().unwrap_or(rest);
+        format!("{scheme}://{authority}/{}{query}", self.name)
+    }
+
+    /// The server's URL (SKALD_TEST_PG_URL).
+    pub fn server_url(&self) -> &str {
+        &self.server
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
-        // Drop may run inside a runtime: drop the database from a thread of its own.
+        // Drop may run inside a runtime: drop the database from a thread of its own
+        // (`WITH (FORCE)`: connections left by killed processes do not stop it).
         let server = self.server.clone();
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-            else {
-                return;
-            };
+                .map_err(|e| e.to_string())?;
             rt.block_on(async {
-                if let Ok(mut conn) =
-                    <sqlx::PgConnection as sqlx::Connection>::connect(&server).await
-                {
-                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            })
         })
         .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop the test database {}: {e}", self.name),
+            Err(_) => eprintln!(
+                "could not drop the test database {}: thread panicked",
+                self.name
+            ),
+        }
     }
 }
 
