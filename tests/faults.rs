@@ -80,7 +80,7 @@ const DECLINE_RATE: &str = "0.1";
 const FLAKY_RATE: &str = "0.05";
 /// Mean simulated service time of a command (uniform in [0, 2N] ms) and commands
 /// handled at once per participant: with these, 2,000 sagas take 10–20 s undisturbed.
-const LATENCY_MS: &str = "150";
+const LATENCY_MS: &str = "300";
 const PARTICIPANT_CONCURRENCY: &str = "64";
 /// JetStream redelivers an unacknowledged message after this (a killed process's work).
 const ACK_WAIT_SECS: &str = "5";

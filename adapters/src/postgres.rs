@@ -14,6 +14,7 @@
 //!
 //! Times are stored as milliseconds since the Unix epoch (bigint), as in SQLite.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -156,158 +157,295 @@ fn decode_state(row: &PgRow) -> Result<StoredSaga, StoreError> {
     })
 }
 
-/// Writes the saga row of `w` (insert, versioned update, or for a journal-only write a
-/// version check under a share lock). `None`: the version did not match (a conflict).
-async fn write_state(
-    tx: &mut Transaction<'static, Postgres>,
-    w: &SagaWrite,
-    id: &str,
-) -> Result<Option<u64>, StoreError> {
-    let Some(state) = &w.state else {
-        // Journal only (an ignored input): valid only on the version the writer read,
-        // held until the commit (FOR SHARE) so that no other process changes it first.
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = $1::uuid FOR SHARE")
-                .bind(id)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(store_error)?;
-        let same = current.and_then(|v| u64::try_from(v).ok()) == Some(w.expected_version);
-        return Ok(same.then_some(w.expected_version));
-    };
-    let json = serde_json::to_string(state).map_err(|e| StoreError::Other(e.to_string()))?;
-    let wake = state.wake_at().map(ms);
-    let next = i64::try_from(w.expected_version + 1).map_err(|e| corrupt("version", e))?;
-    let affected = if w.expected_version == 0 {
-        sqlx::query(
-            "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
-             state, next_wakeup_ms, created_at_ms, updated_at_ms) \
-             VALUES ($1::uuid, $2, $3, $4, 1, $5::jsonb, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(state.saga_type.as_str())
-        .bind(i32::try_from(state.definition_version).map_err(|e| corrupt("version", e))?)
-        .bind(state.status.as_str())
-        .bind(&json)
-        .bind(wake)
-        .bind(ms(state.created_at))
-        .bind(ms(state.updated_at))
-        .execute(&mut **tx)
-        .await
-    } else {
-        // A state change ends any claim on the old wake-up.
-        sqlx::query(
-            "UPDATE saga_instances SET status = $1, version = $2, state = $3::jsonb, \
-             next_wakeup_ms = $4, wakeup_claimed_until_ms = NULL, updated_at_ms = $5 \
-             WHERE id = $6::uuid AND version = $7",
-        )
-        .bind(state.status.as_str())
-        .bind(next)
-        .bind(&json)
-        .bind(wake)
-        .bind(ms(state.updated_at))
-        .bind(id)
-        .bind(next - 1)
-        .execute(&mut **tx)
-        .await
-    }
-    .map_err(store_error)?
-    .rows_affected();
-    Ok((affected > 0).then_some(w.expected_version + 1))
+/// One write's rows, flattened for the batch statements.
+struct Batch<'a> {
+    writes: Vec<(usize, &'a SagaWrite)>,
 }
 
-async fn apply_write(
-    tx: &mut Transaction<'static, Postgres>,
-    w: &SagaWrite,
-) -> Result<WriteOutcome, StoreError> {
-    let id = w.id.to_string();
-    // The inbox first: a message applied before (by this or another process: the
-    // unique index makes a concurrent insert wait for the other's commit) is refused
-    // before anything is written.
-    if let Some(message_id) = &w.inbox {
-        let at = w.journal.first().map(|j| j.at).unwrap_or_default();
-        let inserted = sqlx::query(
-            "INSERT INTO inbox (message_id, saga_id, received_at_ms) VALUES ($1, $2::uuid, $3) \
-             ON CONFLICT (message_id) DO NOTHING",
-        )
-        .bind(message_id)
-        .bind(&id)
-        .bind(ms(at))
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?
-        .rows_affected();
-        if inserted == 0 {
-            return Ok(WriteOutcome::Duplicate);
+/// Binds a list as one array parameter (one statement for the whole batch).
+fn strings<T: ToString>(xs: impl Iterator<Item = T>) -> Vec<String> {
+    xs.map(|x| x.to_string()).collect()
+}
+
+impl<'a> Batch<'a> {
+    /// Applies one round of writes (no saga twice) with a fixed number of statements:
+    /// inbox, creations, updates, version checks of journal-only writes, journal,
+    /// outbox; dead letters (rare) row by row. Per-write atomicity is kept: a write
+    /// refused for a conflict leaves nothing behind, its inbox entry included.
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        outcomes: &mut [Option<WriteOutcome>],
+    ) -> Result<(), StoreError> {
+        // 1. The inbox: a message applied before is refused before anything is written.
+        let with_inbox: Vec<&(usize, &SagaWrite)> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| w.inbox.is_some())
+            .collect();
+        if !with_inbox.is_empty() {
+            let inserted: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO inbox (message_id, saga_id, received_at_ms) \
+                 SELECT u.m, u.s::uuid, u.t FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(m, s, t) \
+                 ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+            )
+            .bind(strings(with_inbox.iter().map(|(_, w)| w.inbox.as_deref().unwrap_or_default())))
+            .bind(strings(with_inbox.iter().map(|(_, w)| w.id)))
+            .bind(
+                with_inbox
+                    .iter()
+                    .map(|(_, w)| ms(w.journal.first().map(|j| j.at).unwrap_or_default()))
+                    .collect::<Vec<i64>>(),
+            )
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+            for (i, w) in &with_inbox {
+                if !w.inbox.as_ref().is_some_and(|m| inserted.contains(m)) {
+                    outcomes[*i] = Some(WriteOutcome::Duplicate);
+                }
+            }
         }
-    }
-    let Some(version) = write_state(tx, w, &id).await? else {
+        let live: Vec<&(usize, &SagaWrite)> = self
+            .writes
+            .iter()
+            .filter(|(i, _)| outcomes[*i].is_none())
+            .collect();
+
+        // 2. Creations, 3. versioned updates, 4. version checks: each decides its writes.
+        let mut applied: std::collections::HashSet<SagaId> = std::collections::HashSet::new();
+        let creates: Vec<(&SagaWrite, &SagaState)> = live
+            .iter()
+            .filter_map(|(_, w)| {
+                w.state
+                    .as_ref()
+                    .filter(|_| w.expected_version == 0)
+                    .map(|s| (*w, s))
+            })
+            .collect();
+        if !creates.is_empty() {
+            let mut states = Vec::with_capacity(creates.len());
+            for (_, s) in &creates {
+                states
+                    .push(serde_json::to_string(s).map_err(|e| StoreError::Other(e.to_string()))?);
+            }
+            let ids: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
+                 state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+                 SELECT u.id::uuid, u.ty, u.dv, u.st, 1, u.state::jsonb, u.wake, u.created, u.updated \
+                 FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
+                   AS u(id, ty, dv, st, state, wake, created, updated) \
+                 ON CONFLICT (id) DO NOTHING RETURNING id::text",
+            )
+            .bind(strings(creates.iter().map(|(w, _)| w.id)))
+            .bind(strings(creates.iter().map(|(_, s)| s.saga_type.as_str())))
+            .bind(
+                creates
+                    .iter()
+                    .map(|(_, s)| i32::try_from(s.definition_version).unwrap_or(i32::MAX))
+                    .collect::<Vec<i32>>(),
+            )
+            .bind(strings(creates.iter().map(|(_, s)| s.status.as_str())))
+            .bind(states)
+            .bind(creates.iter().map(|(_, s)| s.wake_at().map(ms)).collect::<Vec<Option<i64>>>())
+            .bind(creates.iter().map(|(_, s)| ms(s.created_at)).collect::<Vec<i64>>())
+            .bind(creates.iter().map(|(_, s)| ms(s.updated_at)).collect::<Vec<i64>>())
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            for id in ids {
+                applied.insert(parse_id(&id)?);
+            }
+        }
+        let updates: Vec<(&SagaWrite, &SagaState)> = live
+            .iter()
+            .filter_map(|(_, w)| {
+                w.state
+                    .as_ref()
+                    .filter(|_| w.expected_version > 0)
+                    .map(|s| (*w, s))
+            })
+            .collect();
+        if !updates.is_empty() {
+            let mut states = Vec::with_capacity(updates.len());
+            let mut versions = Vec::with_capacity(updates.len());
+            for (w, s) in &updates {
+                states
+                    .push(serde_json::to_string(s).map_err(|e| StoreError::Other(e.to_string()))?);
+                versions
+                    .push(i64::try_from(w.expected_version).map_err(|e| corrupt("version", e))?);
+            }
+            // A state change ends any claim on the old wake-up. Rows are locked in the
+            // order given (saga id order: see `commit`).
+            let ids: Vec<String> = sqlx::query_scalar(
+                "UPDATE saga_instances s SET status = u.st, version = u.v + 1, state = u.state::jsonb, \
+                 next_wakeup_ms = u.wake, wakeup_claimed_until_ms = NULL, updated_at_ms = u.updated \
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::int8[]) \
+                   AS u(id, st, v, state, wake, updated) \
+                 WHERE s.id = u.id::uuid AND s.version = u.v RETURNING s.id::text",
+            )
+            .bind(strings(updates.iter().map(|(w, _)| w.id)))
+            .bind(strings(updates.iter().map(|(_, s)| s.status.as_str())))
+            .bind(versions)
+            .bind(states)
+            .bind(updates.iter().map(|(_, s)| s.wake_at().map(ms)).collect::<Vec<Option<i64>>>())
+            .bind(updates.iter().map(|(_, s)| ms(s.updated_at)).collect::<Vec<i64>>())
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            for id in ids {
+                applied.insert(parse_id(&id)?);
+            }
+        }
+        let checks: Vec<&SagaWrite> = live
+            .iter()
+            .filter(|(_, w)| w.state.is_none())
+            .map(|(_, w)| *w)
+            .collect();
+        if !checks.is_empty() {
+            // Journal only (an ignored input): valid only on the version the writer read,
+            // held until the commit (FOR SHARE) so that no other process changes it first.
+            let rows = sqlx::query(
+                "SELECT id::text AS id, version FROM saga_instances \
+                 WHERE id = ANY($1::text[]::uuid[]) ORDER BY id FOR SHARE",
+            )
+            .bind(strings(checks.iter().map(|w| w.id)))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            let mut current: HashMap<SagaId, i64> = HashMap::with_capacity(rows.len());
+            for r in &rows {
+                current.insert(
+                    parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                    r.try_get("version").map_err(store_error)?,
+                );
+            }
+            for w in checks {
+                if current.get(&w.id).and_then(|v| u64::try_from(*v).ok())
+                    == Some(w.expected_version)
+                {
+                    applied.insert(w.id);
+                }
+            }
+        }
+        let mut conflicted_inbox = Vec::new();
+        for (i, w) in &live {
+            outcomes[*i] = Some(if applied.contains(&w.id) {
+                WriteOutcome::Committed {
+                    version: w.expected_version + u64::from(w.state.is_some()),
+                }
+            } else {
+                if let Some(m) = &w.inbox {
+                    conflicted_inbox.push(m.clone());
+                }
+                WriteOutcome::Conflict
+            });
+        }
         // Nothing of a conflicting write may stay, its inbox entry included.
-        if let Some(message_id) = &w.inbox {
-            sqlx::query("DELETE FROM inbox WHERE message_id = $1")
-                .bind(message_id)
+        if !conflicted_inbox.is_empty() {
+            sqlx::query("DELETE FROM inbox WHERE message_id = ANY($1::text[])")
+                .bind(conflicted_inbox)
                 .execute(&mut **tx)
                 .await
                 .map_err(store_error)?;
         }
-        return Ok(WriteOutcome::Conflict);
-    };
-    for entry in &w.journal {
-        let body =
-            serde_json::to_string(&entry.body).map_err(|e| StoreError::Other(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) \
-             VALUES ($1::uuid, $2, $3, $4, $5::jsonb)",
-        )
-        .bind(&id)
-        .bind(ms(entry.at))
-        .bind(i32::from(entry.schema_version))
-        .bind(&entry.kind)
-        .bind(body)
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
+        let committed: Vec<&SagaWrite> = live
+            .iter()
+            .filter(|(i, _)| matches!(outcomes[*i], Some(WriteOutcome::Committed { .. })))
+            .map(|(_, w)| *w)
+            .collect();
+
+        // 5. Journal entries, in order.
+        let entries: Vec<(&SagaWrite, &JournalEntry)> = committed
+            .iter()
+            .flat_map(|w| w.journal.iter().map(move |e| (*w, e)))
+            .collect();
+        if !entries.is_empty() {
+            let mut bodies = Vec::with_capacity(entries.len());
+            for (_, e) in &entries {
+                bodies.push(
+                    serde_json::to_string(&e.body).map_err(|e| StoreError::Other(e.to_string()))?,
+                );
+            }
+            sqlx::query(
+                "INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) \
+                 SELECT u.s::uuid, u.at, u.sv, u.k, u.b::jsonb \
+                 FROM UNNEST($1::text[], $2::int8[], $3::int4[], $4::text[], $5::text[]) \
+                   WITH ORDINALITY AS u(s, at, sv, k, b, n) ORDER BY u.n",
+            )
+            .bind(strings(entries.iter().map(|(w, _)| w.id)))
+            .bind(entries.iter().map(|(_, e)| ms(e.at)).collect::<Vec<i64>>())
+            .bind(
+                entries
+                    .iter()
+                    .map(|(_, e)| i32::from(e.schema_version))
+                    .collect::<Vec<i32>>(),
+            )
+            .bind(strings(entries.iter().map(|(_, e)| e.kind.as_str())))
+            .bind(bodies)
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        }
+
+        // 6. Outbox rows, in commit order.
+        let rows: Vec<(String, &OutboxMessage)> = committed
+            .iter()
+            .flat_map(|w| w.outbox.iter().map(move |m| (w.id.to_string(), m)))
+            .collect();
+        insert_outbox_rows(tx, &rows).await?;
+
+        // Dead letters and their resolution: rare, row by row.
+        for w in committed {
+            if w.resolve_dead_letters {
+                let now = w.journal.first().map(|j| j.at).unwrap_or_default();
+                sqlx::query(
+                    "UPDATE dead_letters SET resolved_at_ms = $1 \
+                     WHERE saga_id = $2::uuid AND category = 'saga' AND resolved_at_ms IS NULL",
+                )
+                .bind(ms(now))
+                .bind(w.id.to_string())
+                .execute(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            }
+            if let Some(dl) = &w.dead_letter {
+                insert_dead_letter(tx, dl).await?;
+            }
+        }
+        Ok(())
     }
-    if w.resolve_dead_letters {
-        let now = w.journal.first().map(|j| j.at).unwrap_or_default();
-        sqlx::query(
-            "UPDATE dead_letters SET resolved_at_ms = $1 \
-             WHERE saga_id = $2::uuid AND category = 'saga' AND resolved_at_ms IS NULL",
-        )
-        .bind(ms(now))
-        .bind(&id)
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
-    }
-    if let Some(dl) = &w.dead_letter {
-        insert_dead_letter(tx, dl).await?;
-    }
-    insert_outbox(tx, Some(&id), &w.outbox).await?;
-    Ok(WriteOutcome::Committed { version })
 }
 
-async fn insert_outbox(
+/// Inserts outbox rows (saga id, row) with one statement, in the order given.
+async fn insert_outbox_rows(
     tx: &mut Transaction<'static, Postgres>,
-    saga_id: Option<&str>,
-    rows: &[OutboxMessage],
+    rows: &[(String, &OutboxMessage)],
 ) -> Result<(), StoreError> {
-    for m in rows {
-        sqlx::query(
-            "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) \
-             VALUES ($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7)",
-        )
-        .bind(m.id.to_string())
-        .bind(saga_id)
-        .bind(&m.message.subject)
-        .bind(encode_headers(&m.message.headers)?)
-        .bind(m.message.payload.as_ref())
-        .bind(ms(crate::created_at(m.id)))
-        .bind(ms(m.available_at))
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
+    if rows.is_empty() {
+        return Ok(());
     }
+    let mut headers = Vec::with_capacity(rows.len());
+    for (_, m) in rows {
+        headers.push(encode_headers(&m.message.headers)?);
+    }
+    sqlx::query(
+        "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) \
+         SELECT u.id::uuid, u.s::uuid, u.subj, u.h::jsonb, u.p, u.c, u.a \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::int8[]) \
+           WITH ORDINALITY AS u(id, s, subj, h, p, c, a, n) ORDER BY u.n",
+    )
+    .bind(strings(rows.iter().map(|(_, m)| m.id)))
+    .bind(rows.iter().map(|(s, _)| (!s.is_empty()).then(|| s.clone())).collect::<Vec<Option<String>>>())
+    .bind(strings(rows.iter().map(|(_, m)| m.message.subject.as_str())))
+    .bind(headers)
+    .bind(rows.iter().map(|(_, m)| m.message.payload.to_vec()).collect::<Vec<Vec<u8>>>())
+    .bind(rows.iter().map(|(_, m)| ms(crate::created_at(m.id))).collect::<Vec<i64>>())
+    .bind(rows.iter().map(|(_, m)| ms(m.available_at)).collect::<Vec<i64>>())
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
     Ok(())
 }
 
@@ -399,14 +537,29 @@ impl SagaStore for PostgresStore {
                 .await
                 .map_err(store_error)?;
         }
-        // Row locks in saga id order (stable: one saga's writes keep their order), so
-        // that two processes' group commits never wait on each other in a cycle.
+        // Row locks in saga id order, so that two processes' group commits never wait
+        // on each other in a cycle. A saga written twice in one batch (a passivation
+        // race) goes into a later round: every statement sees each saga once.
         let mut order: Vec<usize> = (0..writes.len()).collect();
         order.sort_by_key(|&i| writes[i].id);
-        let mut outcomes = vec![WriteOutcome::Conflict; writes.len()];
+        let mut rounds: Vec<Batch<'_>> = Vec::new();
+        let mut seen: HashMap<SagaId, usize> = HashMap::with_capacity(writes.len());
         for i in order {
-            outcomes[i] = apply_write(&mut tx, &writes[i]).await?;
+            let round = seen.entry(writes[i].id).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Batch { writes: Vec::new() });
+            }
+            rounds[*round].writes.push((i, &writes[i]));
+            *round += 1;
         }
+        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
+        for round in &rounds {
+            round.apply(&mut tx, &mut outcomes).await?;
+        }
+        let outcomes: Vec<WriteOutcome> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(WriteOutcome::Conflict))
+            .collect();
         tx.commit().await.map_err(store_error)?;
         Ok(outcomes)
     }
@@ -538,8 +691,10 @@ impl SagaStore for PostgresStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         insert_dead_letter(&mut tx, record).await?;
-        let saga = record.saga_id.map(|s| s.to_string());
-        insert_outbox(&mut tx, saga.as_deref(), outbox).await?;
+        let saga = record.saga_id.map(|s| s.to_string()).unwrap_or_default();
+        let rows: Vec<(String, &OutboxMessage)> =
+            outbox.iter().map(|m| (saga.clone(), m)).collect();
+        insert_outbox_rows(&mut tx, &rows).await?;
         tx.commit().await.map_err(store_error)
     }
 

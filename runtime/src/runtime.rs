@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::actors::{
     Applied, Apply, Lookup, OutcomeHub, Registry, RetrySupervisor, RuntimeStats, SagaOutcome,
-    Shared, publish_outbox,
+    Shared, publish_outbox, publisher,
 };
 use crate::committer::{CommitStats, Committer};
 use crate::definition::{Definition, SagaDefinition};
@@ -71,6 +71,11 @@ pub struct RuntimeOptions {
     /// Since 0.2.
     #[serde(with = "crate::serde_millis")]
     pub outbox_poll_interval: Duration,
+    /// Whether the outbox is stored: `None` (the default) stores it when the bus is
+    /// durable (NATS JetStream), where a message committed but not yet published must
+    /// survive a crash; an in-process bus loses everything with the process anyway, and
+    /// a start re-sends the commands unfinished sagas wait on. Since 0.2.
+    pub outbox: Option<bool>,
     /// How long a consumed message's id stays in the inbox (a redelivery or a repeated
     /// publish within this time is recognised and dropped). Default: 24 h. Since 0.2.
     #[serde(with = "crate::serde_millis")]
@@ -94,6 +99,7 @@ impl Default for RuntimeOptions {
             claim_lease: Duration::from_secs(5),
             outbox_poll_interval: Duration::from_millis(500),
             inbox_retention: Duration::from_secs(24 * 3600),
+            outbox: None,
         }
     }
 }
@@ -202,11 +208,11 @@ impl RuntimeBuilder {
             RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
         })?;
         let (fatal, _) = watch::channel(None);
-        let (committer, commit_loop) = Committer::spawn(
-            Arc::clone(&store),
-            self.options.commit_max_batch,
-            fatal.clone(),
-        );
+        let (publisher_tx, publisher_rx) = mpsc::unbounded_channel();
+        let options = self.options;
+        let outbox_stored = options.outbox.unwrap_or_else(|| bus.is_durable());
+        let (committer, commit_loop) =
+            Committer::spawn(Arc::clone(&store), options.commit_max_batch, fatal.clone());
         // Nobody awaits the loop while the runtime runs: report it if it dies.
         let commit_task = tokio::spawn(async move {
             if let Err(e) = commit_loop.await
@@ -225,9 +231,12 @@ impl RuntimeBuilder {
             io,
             outcomes: self.outcomes,
             stats: RuntimeStats::default(),
-            options: self.options,
+            options,
+            publisher: publisher_tx,
+            outbox_stored,
             fatal,
         });
+        let publisher = tokio::spawn(publisher(Arc::clone(&shared), publisher_rx));
 
         // Subscribe before anything is sent, so no reply is missed.
         // Only the replies of the registered saga types: several runtimes with different
@@ -259,7 +268,7 @@ impl RuntimeBuilder {
             system,
             thread: Some(thread),
             // The commit loop last: shutdown stops it after everything else.
-            tasks: vec![intake, relay, commit_task],
+            tasks: vec![intake, relay, publisher, commit_task],
         };
         // The outbox covers a crash between commit and publish. An in-process bus also
         // loses what was published but not yet consumed when the process died: re-send

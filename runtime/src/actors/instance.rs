@@ -369,6 +369,7 @@ async fn process(
     for _ in 0..MAX_CONFLICT_RETRIES {
         let now = shared.clock.now();
         let write;
+        let mut direct: Vec<OutboxMessage> = Vec::new();
         let next: Result<Vec<Effect>, String> =
             match machine::transition(&def, &saga.state, &input, now) {
                 Ok((state, effects)) => {
@@ -392,7 +393,14 @@ async fn process(
                         }),
                         _ => None,
                     });
-                    let outbox = outbox_messages(&shared, &state, &effects, now);
+                    let mut outbox = outbox_messages(&shared, &state, &effects, now);
+                    // An in-process bus loses everything with the process anyway (a start
+                    // re-sends what unfinished sagas wait on): no outbox rows to store.
+                    direct = if shared.outbox_stored {
+                        Vec::new()
+                    } else {
+                        std::mem::take(&mut outbox)
+                    };
                     write = SagaWrite {
                         id: saga.state.id,
                         expected_version: saga.version,
@@ -446,7 +454,12 @@ async fn process(
                 RuntimeStats::incr(&shared.stats.transitions);
                 let status = state.status;
                 let saga = StoredSaga { state, version };
-                perform(&shared, &saga.state, effects, write.outbox).await;
+                let (rows, stored) = if direct.is_empty() {
+                    (std::mem::take(&mut write.outbox), true)
+                } else {
+                    (direct, false)
+                };
+                perform(&shared, &saga.state, &effects, rows, stored);
                 return (Some(saga), Ok(Applied::Transitioned { status }));
             }
             Ok((WriteOutcome::Duplicate, _)) => {
@@ -574,27 +587,21 @@ fn outbox_messages(
     out
 }
 
-/// Performs a committed transition's effects: publishes its outbox rows (reporting the
-/// published ones, which the next commit deletes) and notifies outcome subscribers.
-/// A row that cannot be published now stays in the outbox; the relay publishes it once
-/// the writer's lease ends. Wake-ups are armed by the actor from the committed state.
-async fn perform(
+/// Performs a committed transition's effects: hands its messages to the publisher
+/// (which reports the published outbox rows; the next commit deletes them) and notifies
+/// outcome subscribers. The actor does not wait for the broker: the messages are in the
+/// outbox, and a row that cannot be published now is published by the relay once the
+/// writer's lease ends. Wake-ups are armed by the actor from the committed state.
+fn perform(
     shared: &Arc<Shared>,
     state: &SagaState,
-    effects: Vec<Effect>,
-    outbox: Vec<OutboxMessage>,
+    effects: &[Effect],
+    rows: Vec<OutboxMessage>,
+    stored: bool,
 ) {
-    if !outbox.is_empty() {
-        let inner = Arc::clone(shared);
-        let published = shared
-            .on_io(async move {
-                publish_outbox(&inner, outbox).await;
-                Ok(())
-            })
-            .await;
-        if let Err(e) = published {
-            warn!(error = %e, "publishing effects failed; the outbox relay will");
-        }
+    if !rows.is_empty() && shared.publisher.send(PublishJob { rows, stored }).is_err() {
+        // Shutting down: the rows stay in the outbox for the next start's relay.
+        debug!("publisher stopped; messages left in the outbox");
     }
     if effects
         .iter()
@@ -604,8 +611,52 @@ async fn perform(
     }
 }
 
+/// Messages to publish, in order.
+#[derive(Debug)]
+pub(crate) struct PublishJob {
+    pub(crate) rows: Vec<OutboxMessage>,
+    /// Whether the rows are stored in the outbox (then reported once published).
+    pub(crate) stored: bool,
+}
+
+/// The publisher: one task publishing every transition's messages in commit order,
+/// batching whatever queued while the previous batch was in flight (one round trip
+/// of broker acks per batch).
+pub(crate) async fn publisher(
+    shared: Arc<Shared>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<PublishJob>,
+) {
+    const MAX_BATCH: usize = 1_024;
+    while let Some(first) = jobs.recv().await {
+        let mut stored = Vec::new();
+        let mut direct = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            if job.stored {
+                stored.extend(job.rows);
+            } else {
+                direct.extend(job.rows);
+            }
+            if stored.len() + direct.len() < MAX_BATCH {
+                next = jobs.try_recv().ok();
+            }
+        }
+        if !direct.is_empty() {
+            publish_rows(&shared, direct, false).await;
+        }
+        if !stored.is_empty() {
+            publish_rows(&shared, stored, true).await;
+        }
+    }
+}
+
 /// Publishes outbox rows in order and reports the published ones to the committer.
 pub(crate) async fn publish_outbox(shared: &Shared, rows: Vec<OutboxMessage>) -> usize {
+    publish_rows(shared, rows, true).await
+}
+
+/// Publishes rows in order; reports the published ones to the committer if `stored`.
+async fn publish_rows(shared: &Shared, rows: Vec<OutboxMessage>, stored: bool) -> usize {
     let (ids, messages): (Vec<_>, Vec<_>) = rows.into_iter().map(|r| (r.id, r.message)).unzip();
     let commands: Vec<bool> = messages
         .iter()
@@ -628,7 +679,9 @@ pub(crate) async fn publish_outbox(shared: &Shared, rows: Vec<OutboxMessage>) ->
         }
     }
     let n = done.len();
-    shared.committer.published(done);
+    if stored {
+        shared.committer.published(done);
+    }
     n
 }
 

@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-pub(crate) use instance::publish_outbox;
 pub use instance::{Applied, Apply, SagaInstance, Wake};
+pub(crate) use instance::{publish_outbox, publisher};
 pub use registry::{Lookup, Registry};
 pub use supervisor::RetrySupervisor;
 
@@ -125,6 +125,10 @@ pub struct Shared {
     pub(crate) outcomes: Arc<OutcomeHub>,
     pub(crate) stats: RuntimeStats,
     pub(crate) options: RuntimeOptions,
+    /// Whether transitions store their messages in the outbox (`RuntimeOptions::outbox`).
+    pub(crate) outbox_stored: bool,
+    /// The publisher's queue (see [`instance::publisher`]).
+    pub(crate) publisher: tokio::sync::mpsc::UnboundedSender<instance::PublishJob>,
     /// A store error the process cannot go on with (schema): the runtime stops.
     pub(crate) fatal: tokio::sync::watch::Sender<Option<crate::ports::StoreError>>,
 }

@@ -1,0 +1,938 @@
+//! skald's benchmark: the checkout saga at a fixed count and concurrency, in four
+//! configurations, printing throughput, latency percentiles, per-step overhead, CPU per
+//! saga and peak memory. Not a test: nothing is asserted; `BENCHMARKS.md` holds the
+//! figures and how to read them.
+//!
+//! ```text
+//! scripts/bench                                   # provisions nats-server + PostgreSQL, runs everything
+//! cargo run --release --example bench -- --config embedded
+//! cargo run --release --example bench -- --config production --nats nats://127.0.0.1:4222 \
+//!     --pg postgres://postgres@127.0.0.1:5432/postgres
+//! cargo run --release --example bench -- --config all --json   # one JSON line per run
+//! ```
+//!
+//! Configurations:
+//! - `embedded`: in-process bus, SQLite file (WAL, synchronous=FULL), the simulated
+//!   services in-process (answering at once);
+//! - `production`: NATS JetStream (file storage, acked publishes) and PostgreSQL
+//!   (synchronous_commit as the server says), the three services as separate processes
+//!   (this binary, `bench participant`);
+//! - `floor`: what skald is measured against — the same message pattern on raw
+//!   JetStream with no orchestration (a command published, a participant process
+//!   replies, three times per saga, same streams, acks and storage), and the raw
+//!   PostgreSQL commit rate for skald's row shapes;
+//! - `memory`: 100,000 sagas waiting on participants that are not running yet
+//!   (production configuration, passivation on), then answered: peak RSS and RSS per
+//!   waiting saga.
+//!
+//! Modes: `latency` (one saga at a time) and `throughput` (`--concurrency`, default
+//! 1,000 in flight).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+use serde::Serialize;
+use skald::adapters::memory::MemoryBus;
+use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::adapters::postgres::PostgresStore;
+use skald::adapters::sqlite::SqliteStore;
+use skald::ids::SagaId;
+use skald::participant;
+use skald::ports::{Bus, Headers, Message, SagaStore};
+use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald::sagas::sim::{MemoryLedger, SimConfig, SimServices};
+use skald::{Runtime, RuntimeOptions, SagaOutcome};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::sync::{Semaphore, mpsc};
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "skald's benchmark (see BENCHMARKS.md)")]
+struct Args {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Which configuration(s) to run.
+    #[arg(long, value_enum, default_value = "all")]
+    config: Config,
+    /// Which mode(s) to run.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: Mode,
+    /// Sagas in a throughput run.
+    #[arg(long, default_value_t = 10_000)]
+    sagas: usize,
+    /// Sagas in a latency run (one at a time).
+    #[arg(long, default_value_t = 300)]
+    latency_sagas: usize,
+    /// Sagas in flight in a throughput run.
+    #[arg(long, default_value_t = 1_000)]
+    concurrency: usize,
+    /// Waiting sagas in the memory configuration.
+    #[arg(long, default_value_t = 100_000)]
+    waiting: usize,
+    /// The nats-server (production, floor, memory).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// A PostgreSQL server where the user may create databases (production, floor,
+    /// memory); each run gets a database of its own, dropped afterwards.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg: String,
+    /// Where the embedded configuration's SQLite file goes (a fresh file per run).
+    #[arg(long, default_value = "target/bench")]
+    dir: String,
+    /// Print one JSON object per run (and nothing else on stdout).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Internal: a checkout participant answering at once (separate process).
+    Participant {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        nats: String,
+    },
+    /// Internal: the floor's participant: replies to every raw command.
+    FloorParticipant {
+        #[arg(long)]
+        nats: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Config {
+    Embedded,
+    Production,
+    Floor,
+    Memory,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Latency,
+    Throughput,
+    Both,
+}
+
+/// The figures of one run.
+#[derive(Debug, Default, Serialize)]
+struct Figures {
+    config: &'static str,
+    mode: &'static str,
+    sagas: usize,
+    concurrency: usize,
+    sagas_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    /// p50 saga latency / 3 steps (a latency run's per-step cost, participants included).
+    per_step_ms: f64,
+    cpu_ms_per_saga_orchestrator: f64,
+    /// `null` where the participants run in the orchestrator's process.
+    cpu_ms_per_saga_participants: Option<f64>,
+    peak_rss_mb_orchestrator: f64,
+    peak_rss_mb_participants: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_kb_per_waiting_saga: Option<f64>,
+    durability: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Process accounting (/proc)
+
+/// CPU time (user + system) of a process, in ms; USER_HZ is 100 on Linux.
+fn cpu_ms(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based); here 11 and 12 after ')'.
+    (ticks(11) + ticks(12)) * 10.0
+}
+
+fn status_kb(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Resets a process's peak RSS (Linux: `5` to clear_refs), so each run reports its own.
+fn reset_peak(pid: &str) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// The participant processes of a run.
+struct Children(Vec<Child>);
+
+impl Children {
+    fn pids(&self) -> Vec<String> {
+        self.0.iter().map(|c| c.id().to_string()).collect()
+    }
+    fn cpu_ms(&self) -> f64 {
+        self.pids().iter().map(|p| cpu_ms(p)).sum()
+    }
+    fn peak_mb(&self) -> f64 {
+        self.pids()
+            .iter()
+            .map(|p| status_kb(p, "VmHWM:"))
+            .sum::<f64>()
+            / 1024.0
+    }
+    fn reset_peak(&self) {
+        for p in self.pids() {
+            reset_peak(&p);
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_children(args: &[Vec<String>]) -> anyhow::Result<Children> {
+    let exe = std::env::current_exe().context("this binary's path")?;
+    let mut children = Children(Vec::new());
+    for a in args {
+        children.0.push(
+            Command::new(&exe)
+                .args(a)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("spawning {} {a:?}", exe.display()))?,
+        );
+    }
+    Ok(children)
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn r2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn order(i: usize) -> Checkout {
+    Checkout::new(
+        format!("bench-{i}"),
+        format!("customer-{}", i % 97),
+        vec![LineItem {
+            sku: format!("sku-{}", i % 13),
+            quantity: 1,
+        }],
+        1_000 + (i as u64 % 50) * 10,
+    )
+}
+
+fn reliable() -> SimConfig {
+    SimConfig {
+        seed: 1,
+        decline_rate: 0.0,
+        flaky_rate: 0.0,
+    }
+}
+
+/// A database of the run's own on the server at `server`, dropped by [`drop_db`].
+async fn create_db(server: &str, prefix: &str) -> anyhow::Result<(String, String)> {
+    let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = PgConnection::connect(server)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {server} (--pg)"))?;
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    let base = server.rsplit_once('/').map(|(b, _)| b).unwrap_or(server);
+    Ok((name.clone(), format!("{base}/{name}")))
+}
+
+async fn drop_db(server: &str, name: &str) {
+    if let Ok(mut conn) = PgConnection::connect(server).await {
+        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let _ = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await;
+        let _ = conn.close().await;
+    }
+}
+
+async fn nats_bus(url: &str) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(Arc::new(
+        NatsBus::connect(NatsOptions::new(url))
+            .await
+            .with_context(|| format!("connecting to NATS at {url} (--nats)"))?,
+    ))
+}
+
+/// Runs `n` checkout sagas, `concurrency` at a time; returns (elapsed, latencies ms).
+async fn drive(
+    runtime: &Runtime,
+    checkout: &skald::definition::SagaDefinition<Checkout>,
+    outcomes: &mut mpsc::UnboundedReceiver<SagaOutcome>,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Duration, Vec<f64>)> {
+    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+    let started: std::sync::Mutex<HashMap<SagaId, Instant>> =
+        std::sync::Mutex::new(HashMap::with_capacity(n));
+    let t0 = Instant::now();
+    let starter = async {
+        futures_util::stream::iter(0..n)
+            .map(anyhow::Ok)
+            .for_each_concurrent(concurrency.max(1), |i| {
+                let slots = Arc::clone(&slots);
+                let started = &started;
+                async move {
+                    let Ok(i) = i else { return };
+                    let Ok(permit) = slots.acquire().await else {
+                        return;
+                    };
+                    permit.forget();
+                    let id = SagaId::new();
+                    if let Ok(mut s) = started.lock() {
+                        s.insert(id, Instant::now());
+                    }
+                    if let Err(e) = runtime.start_saga_with_id(id, checkout, &order(i)).await {
+                        eprintln!("start failed: {e}");
+                    }
+                }
+            })
+            .await;
+    };
+    let collector = async {
+        let mut latencies = Vec::with_capacity(n);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while latencies.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(o)) = tokio::time::timeout(left, outcomes.recv()).await else {
+                bail!(
+                    "{} of {n} sagas settled before the deadline",
+                    latencies.len()
+                );
+            };
+            let t = started.lock().ok().and_then(|mut s| s.remove(&o.id));
+            if let Some(t) = t {
+                latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                slots.add_permits(1);
+            }
+        }
+        Ok(latencies)
+    };
+    let ((), latencies) = tokio::join!(starter, collector);
+    Ok((t0.elapsed(), latencies?))
+}
+
+/// What one run measured.
+struct Measured {
+    elapsed: Duration,
+    latencies: Vec<f64>,
+    cpu_orchestrator_ms: f64,
+    cpu_participants_ms: Option<f64>,
+}
+
+fn figures(
+    config: &'static str,
+    mode: &'static str,
+    concurrency: usize,
+    m: Measured,
+    durability: String,
+) -> Figures {
+    let Measured {
+        elapsed,
+        mut latencies,
+        cpu_orchestrator_ms,
+        cpu_participants_ms,
+    } = m;
+    latencies.sort_by(f64::total_cmp);
+    let n = latencies.len().max(1) as f64;
+    let p50 = percentile(&latencies, 50.0);
+    Figures {
+        config,
+        mode,
+        sagas: latencies.len(),
+        concurrency,
+        sagas_per_sec: r2(latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9)),
+        p50_ms: r2(p50),
+        p99_ms: r2(percentile(&latencies, 99.0)),
+        p999_ms: r2(percentile(&latencies, 99.9)),
+        per_step_ms: r2(p50 / 3.0),
+        cpu_ms_per_saga_orchestrator: r2(cpu_orchestrator_ms / n),
+        cpu_ms_per_saga_participants: cpu_participants_ms.map(|c| r2(c / n)),
+        durability,
+        ..Figures::default()
+    }
+}
+
+fn modes(args: &Args) -> Vec<(&'static str, usize, usize)> {
+    let mut m = Vec::new();
+    if matches!(args.mode, Mode::Latency | Mode::Both) {
+        m.push(("latency", args.latency_sagas, 1));
+    }
+    if matches!(args.mode, Mode::Throughput | Mode::Both) {
+        m.push(("throughput", args.sagas, args.concurrency));
+    }
+    m
+}
+
+fn bench_options() -> RuntimeOptions {
+    RuntimeOptions {
+        // Lifecycle events are part of the work measured: on, as by default.
+        ..RuntimeOptions::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configurations
+
+async fn embedded(args: &Args) -> anyhow::Result<Vec<Figures>> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir))?;
+    let mut out = Vec::new();
+    for (mode, n, concurrency) in modes(args) {
+        let path = format!("{}/embedded-{}.db", args.dir, uuid::Uuid::now_v7().simple());
+        let store = Arc::new(SqliteStore::connect(&format!("sqlite://{path}")).await?);
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let services = SimServices::new(Arc::new(MemoryLedger::new()), reliable());
+        let mut handles = Vec::new();
+        for (name, subject) in SimServices::services() {
+            let services = services.clone();
+            handles.push(
+                participant::serve(Arc::clone(&bus), subject, name, 1024, move |cmd| {
+                    let services = services.clone();
+                    async move { services.handle(cmd).await }
+                })
+                .await?,
+            );
+        }
+        let checkout = checkout_definition(CheckoutTiming::default())?;
+        let runtime = Runtime::builder()
+            .store(store)
+            .bus(bus)
+            .register(&checkout)
+            .options(bench_options())
+            .start()
+            .await?;
+        let mut outcomes = runtime.outcomes();
+        reset_peak("self");
+        let cpu0 = cpu_ms("self");
+        let (elapsed, latencies) =
+            drive(&runtime, &checkout, &mut outcomes, n, concurrency).await?;
+        let cpu = cpu_ms("self") - cpu0;
+        let mut f = figures(
+            "embedded",
+            mode,
+            concurrency,
+            Measured {
+                elapsed,
+                latencies,
+                cpu_orchestrator_ms: cpu,
+                cpu_participants_ms: None,
+            },
+            "SQLite WAL, synchronous=FULL (every commit fsync'd); in-process bus".into(),
+        );
+        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        f.note = Some("participants in-process: their CPU is in the orchestrator's".into());
+        runtime.shutdown().await;
+        drop(handles);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(format!("{path}-wal"));
+        let _ = std::fs::remove_file(format!("{path}-shm"));
+        out.push(f);
+    }
+    Ok(out)
+}
+
+fn participant_args(nats: &str) -> Vec<Vec<String>> {
+    ["inventory", "payment", "shipping"]
+        .iter()
+        .map(|s| {
+            vec![
+                "participant".into(),
+                "--service".into(),
+                (*s).into(),
+                "--nats".into(),
+                nats.into(),
+            ]
+        })
+        .collect()
+}
+
+async fn synchronous_commit(url: &str) -> String {
+    let Ok(mut conn) = PgConnection::connect(url).await else {
+        return "?".into();
+    };
+    let v: Result<String, _> = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut conn)
+        .await;
+    let fsync: Result<String, _> = sqlx::query_scalar("SELECT current_setting('fsync')")
+        .fetch_one(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    format!(
+        "PostgreSQL synchronous_commit={}, fsync={}; NATS JetStream file storage, acked publishes",
+        v.unwrap_or_else(|_| "?".into()),
+        fsync.unwrap_or_else(|_| "?".into())
+    )
+}
+
+async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
+    let mut out = Vec::new();
+    for (mode, n, concurrency) in modes(args) {
+        let (db, url) = create_db(&args.pg, "skald_bench").await?;
+        let result = async {
+            let store = Arc::new(PostgresStore::connect(&url).await?);
+            let bus = nats_bus(&args.nats).await?;
+            let children = spawn_children(&participant_args(&args.nats))?;
+            let checkout = checkout_definition(CheckoutTiming::default())?;
+            let runtime = Runtime::builder()
+                .store(store)
+                .bus(bus)
+                .register(&checkout)
+                .options(bench_options())
+                .start()
+                .await?;
+            let mut outcomes = runtime.outcomes();
+            // Warm-up: the participants' consumers are bound and answering.
+            drive(&runtime, &checkout, &mut outcomes, 20, 20).await?;
+            reset_peak("self");
+            children.reset_peak();
+            let (cpu0, ccpu0) = (cpu_ms("self"), children.cpu_ms());
+            let (elapsed, latencies) =
+                drive(&runtime, &checkout, &mut outcomes, n, concurrency).await?;
+            let (cpu, ccpu) = (cpu_ms("self") - cpu0, children.cpu_ms() - ccpu0);
+            let mut f = figures(
+                "production",
+                mode,
+                concurrency,
+                Measured {
+                    elapsed,
+                    latencies,
+                    cpu_orchestrator_ms: cpu,
+                    cpu_participants_ms: Some(ccpu),
+                },
+                synchronous_commit(&url).await,
+            );
+            f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+            f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
+            runtime.shutdown().await;
+            anyhow::Ok(f)
+        }
+        .await;
+        drop_db(&args.pg, &db).await;
+        out.push(result?);
+    }
+    Ok(out)
+}
+
+/// The floor: a command published to JetStream, a participant process replying through
+/// JetStream, three times per saga, with no store and no orchestration; and the raw
+/// PostgreSQL commit rate for skald's row shapes.
+async fn floor(args: &Args) -> anyhow::Result<Vec<Figures>> {
+    let mut out = Vec::new();
+    for (mode, n, concurrency) in modes(args) {
+        let bus = nats_bus(&args.nats).await?;
+        let children = spawn_children(&[vec![
+            "floor-participant".into(),
+            "--nats".into(),
+            args.nats.clone(),
+        ]])?;
+        let mut replies = bus
+            .subscribe(&["skald.reply.floor".to_owned()], "bench-floor-client")
+            .await?;
+        // Message ids unique to this run: the broker drops a repeated id within its
+        // duplicate window, and runs reuse saga numbers.
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let send = |saga: usize, step: u32| {
+            let bus = Arc::clone(&bus);
+            let run = run.clone();
+            async move {
+                let mut h = Headers::new();
+                h.insert("Skald-Saga-Id", saga.to_string());
+                h.insert("Skald-Attempt", step.to_string());
+                h.insert("Nats-Msg-Id", format!("floor:{run}:{saga}:{step}"));
+                bus.publish(Message {
+                    subject: "skald.cmd.floor.step".into(),
+                    headers: h,
+                    payload: bytes::Bytes::from_static(
+                        br#"{"order_id":"bench","amount_cents":1000}"#,
+                    ),
+                })
+                .await
+            }
+        };
+        // Warm-up round trip.
+        send(usize::MAX, 3).await?;
+        if let Some(d) = replies.next().await {
+            let (_, _, acker) = d.into_parts();
+            let _ = acker.ack().await;
+        }
+        reset_peak("self");
+        children.reset_peak();
+        let (cpu0, ccpu0) = (cpu_ms("self"), children.cpu_ms());
+        let t0 = Instant::now();
+        let mut started: HashMap<usize, Instant> = HashMap::new();
+        let mut latencies = Vec::with_capacity(n);
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        while latencies.len() < n {
+            while in_flight < concurrency && next < n {
+                started.insert(next, Instant::now());
+                pending.push(send(next, 1));
+                next += 1;
+                in_flight += 1;
+            }
+            tokio::select! {
+                Some(sent) = pending.next(), if !pending.is_empty() => { sent?; }
+                d = replies.next() => {
+                    let Some(d) = d else { bail!("floor replies ended") };
+                    let (m, _, acker) = d.into_parts();
+                    let _ = acker.ack().await;
+                    let saga: usize = m.headers.get("Skald-Saga-Id").and_then(|s| s.parse().ok()).unwrap_or(usize::MAX);
+                    let step: u32 = m.headers.get("Skald-Attempt").and_then(|s| s.parse().ok()).unwrap_or(3);
+                    if step < 3 {
+                        pending.push(send(saga, step + 1));
+                    } else if let Some(t) = started.remove(&saga) {
+                        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                        in_flight -= 1;
+                    }
+                }
+            }
+        }
+        let elapsed = t0.elapsed();
+        let (cpu, ccpu) = (cpu_ms("self") - cpu0, children.cpu_ms() - ccpu0);
+        let mut f = figures(
+            "floor-jetstream",
+            mode,
+            concurrency,
+            Measured {
+                elapsed,
+                latencies,
+                cpu_orchestrator_ms: cpu,
+                cpu_participants_ms: Some(ccpu),
+            },
+            "NATS JetStream file storage, acked publishes (same streams as skald); no store".into(),
+        );
+        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
+        f.note = Some("3 command/reply round trips per saga, no orchestration".into());
+        out.push(f);
+    }
+    out.push(pg_floor(args).await?);
+    Ok(out)
+}
+
+/// The raw PostgreSQL commit rate for one saga transition's rows (the saga row updated
+/// with its version checked, a journal entry, two outbox rows, an inbox entry), one
+/// transaction per transition from 32 connections; a checkout saga makes 4 transitions.
+async fn pg_floor(args: &Args) -> anyhow::Result<Figures> {
+    let (db, url) = create_db(&args.pg, "skald_bench_floor").await?;
+    let result = async {
+        let store = PostgresStore::connect(&url).await?; // creates skald's tables
+        let pool = store.pool().clone();
+        let state = serde_json::json!({ "data": order(1), "pad": "x".repeat(600) }).to_string();
+        const CLIENTS: usize = 32;
+        let per_client = (args.sagas * 4 / CLIENTS).max(50);
+        for c in 0..CLIENTS {
+            sqlx::query(
+                "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, state, created_at_ms, updated_at_ms) \
+                 VALUES ($1::uuid, 'floor', 1, 'running', 0, $2::jsonb, 0, 0)",
+            )
+            .bind(uuid::Uuid::from_u128(c as u128 + 1).to_string())
+            .bind(&state)
+            .execute(&pool)
+            .await?;
+        }
+        let cpu0 = cpu_ms("self");
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let pool = pool.clone();
+            let state = state.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = uuid::Uuid::from_u128(c as u128 + 1).to_string();
+                let mut lat = Vec::with_capacity(per_client);
+                for v in 0..per_client {
+                    let t = Instant::now();
+                    let mut tx = pool.begin().await?;
+                    sqlx::query("INSERT INTO inbox (message_id, saga_id, received_at_ms) VALUES ($1, $2::uuid, 0)")
+                        .bind(format!("{id}:{v}")).bind(&id).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE saga_instances SET version = $1, state = $2::jsonb, updated_at_ms = 1 WHERE id = $3::uuid AND version = $4")
+                        .bind(v as i64 + 1).bind(&state).bind(&id).bind(v as i64).execute(&mut *tx).await?;
+                    sqlx::query("INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) VALUES ($1::uuid, 0, 1, 'transition', $2::jsonb)")
+                        .bind(&id).bind(&state).execute(&mut *tx).await?;
+                    for _ in 0..2 {
+                        sqlx::query("INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) VALUES ($1::uuid, $2::uuid, 'skald.cmd.x', '[]'::jsonb, $3, 0, 0)")
+                            .bind(uuid::Uuid::now_v7().to_string()).bind(&id).bind(state.as_bytes()).execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                anyhow::Ok(lat)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await??);
+        }
+        let elapsed = t0.elapsed();
+        let cpu = cpu_ms("self") - cpu0;
+        let transitions = latencies.len();
+        let mut f = figures("floor-postgres", "throughput", CLIENTS, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
+        // Sagas/s implied: 4 transitions per checkout saga.
+        f.sagas_per_sec = r2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
+        f.sagas = transitions / 4;
+        f.per_step_ms = 0.0;
+        f.note = Some(format!(
+            "{transitions} transition-shaped transactions from {CLIENTS} connections, {:.0}/s; sagas/s = that / 4; latency is per transaction",
+            transitions as f64 / elapsed.as_secs_f64()
+        ));
+        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        anyhow::Ok(f)
+    }
+    .await;
+    drop_db(&args.pg, &db).await;
+    result
+}
+
+/// 100,000 sagas waiting on participants that are not running yet, then answered.
+async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
+    let (db, url) = create_db(&args.pg, "skald_bench_memory").await?;
+    let result = async {
+        let store: Arc<dyn SagaStore> = Arc::new(PostgresStore::connect(&url).await?);
+        let bus = nats_bus(&args.nats).await?;
+        let checkout = checkout_definition(CheckoutTiming {
+            // Long enough that no reply deadline passes while the participants are away.
+            timeout: Duration::from_secs(3_600),
+            ..CheckoutTiming::default()
+        })?;
+        let runtime = Runtime::builder()
+            .store(Arc::clone(&store))
+            .bus(bus)
+            .register(&checkout)
+            .options(RuntimeOptions {
+                idle_timeout: Duration::from_secs(2),
+                ..bench_options()
+            })
+            .start()
+            .await?;
+        let mut outcomes = runtime.outcomes();
+        reset_peak("self");
+        let base_kb = status_kb("self", "VmRSS:");
+        let cpu0 = cpu_ms("self");
+        let t0 = Instant::now();
+        let n = args.waiting;
+        let started: std::sync::Mutex<HashMap<SagaId, Instant>> =
+            std::sync::Mutex::new(HashMap::with_capacity(n));
+        futures_util::stream::iter(0..n)
+            .for_each_concurrent(1_000, |i| {
+                let started = &started;
+                let runtime = &runtime;
+                let checkout = &checkout;
+                async move {
+                    let id = SagaId::new();
+                    if let Ok(mut s) = started.lock() {
+                        s.insert(id, Instant::now());
+                    }
+                    if let Err(e) = runtime.start_saga_with_id(id, checkout, &order(i)).await {
+                        eprintln!("start failed: {e}");
+                    }
+                }
+            })
+            .await;
+        let start_secs = t0.elapsed().as_secs_f64();
+        // Passivation: every waiting saga's actor goes idle and is dropped.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let waiting_kb = status_kb("self", "VmRSS:");
+        let peak_waiting_kb = status_kb("self", "VmHWM:");
+        let children = spawn_children(&participant_args(&args.nats))?;
+        let mut latencies = Vec::with_capacity(n);
+        let deadline = Instant::now() + Duration::from_secs(1_800);
+        while latencies.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(o)) = tokio::time::timeout(left, outcomes.recv()).await else {
+                bail!("{} of {n} waiting sagas settled before the deadline", latencies.len());
+            };
+            if let Some(t) = started.lock().ok().and_then(|mut s| s.remove(&o.id)) {
+                latencies.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let elapsed = t0.elapsed();
+        let cpu = cpu_ms("self") - cpu0;
+        let mut f = figures("memory", "waiting", 1_000, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
+        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
+        f.rss_kb_per_waiting_saga = Some(r2((waiting_kb - base_kb).max(0.0) / n as f64));
+        f.note = Some(format!(
+            "{n} sagas started in {start_secs:.1} s with no participant running; RSS {:.1} MB before, {:.1} MB with all waiting (passivated), peak {:.1} MB while starting; then answered",
+            base_kb / 1024.0,
+            waiting_kb / 1024.0,
+            peak_waiting_kb / 1024.0
+        ));
+        runtime.shutdown().await;
+        anyhow::Ok(vec![f])
+    }
+    .await;
+    drop_db(&args.pg, &db).await;
+    result
+}
+
+// ---------------------------------------------------------------------------------------
+// Participant roles (separate processes)
+
+async fn serve_participant(service: &str, nats: &str) -> anyhow::Result<()> {
+    let bus = nats_bus(nats).await?;
+    let services = SimServices::new(Arc::new(MemoryLedger::new()), reliable());
+    let subject = format!("skald.cmd.{service}.>");
+    let _handle = participant::serve(bus, &subject, service, 1024, move |cmd| {
+        let services = services.clone();
+        async move { services.handle(cmd).await }
+    })
+    .await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn serve_floor(nats: &str) -> anyhow::Result<()> {
+    let bus = nats_bus(nats).await?;
+    let mut commands = bus
+        .subscribe(&["skald.cmd.floor.>".to_owned()], "bench-floor")
+        .await?;
+    let limit = Arc::new(Semaphore::new(1024));
+    while let Some(d) = commands.next().await {
+        let bus = Arc::clone(&bus);
+        let permit = Arc::clone(&limit).acquire_owned().await?;
+        tokio::spawn(async move {
+            let (m, _, acker) = d.into_parts();
+            let mut h = m.headers.clone();
+            if let Some(id) = m.headers.get("Nats-Msg-Id") {
+                h.insert("Nats-Msg-Id", format!("reply:{id}"));
+            }
+            let reply = Message {
+                subject: "skald.reply.floor".into(),
+                headers: h,
+                payload: bytes::Bytes::from_static(br#"{"ok":true}"#),
+            };
+            if bus.publish(reply).await.is_ok() {
+                let _ = acker.ack().await;
+            }
+            drop(permit);
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn print_human(f: &Figures) {
+    println!(
+        "{:<16} {:<10} {:>6} sagas @{:<5} {:>9.1} sagas/s  p50 {:>8.2} ms  p99 {:>8.2} ms  p99.9 {:>8.2} ms  step {:>6.2} ms  cpu/saga {:>5.2} ms{}  rss {:>6.1} MB{}",
+        f.config,
+        f.mode,
+        f.sagas,
+        f.concurrency,
+        f.sagas_per_sec,
+        f.p50_ms,
+        f.p99_ms,
+        f.p999_ms,
+        f.per_step_ms,
+        f.cpu_ms_per_saga_orchestrator,
+        f.cpu_ms_per_saga_participants
+            .map(|c| format!(" (+{c:.2} participants)"))
+            .unwrap_or_default(),
+        f.peak_rss_mb_orchestrator,
+        f.peak_rss_mb_participants
+            .map(|c| format!(" (+{c:.1} participants)"))
+            .unwrap_or_default(),
+    );
+    if let Some(kb) = f.rss_kb_per_waiting_saga {
+        println!("{:<16} RSS per waiting saga: {kb:.2} KB", "");
+    }
+    println!("{:<16} durability: {}", "", f.durability);
+    if let Some(n) = &f.note {
+        println!("{:<16} {n}", "");
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let result = match &args.role {
+        Some(Role::Participant { service, nats }) => serve_participant(service, nats).await,
+        Some(Role::FloorParticipant { nats }) => serve_floor(nats).await,
+        None => run(&args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let all = args.config == Config::All;
+    let mut configs: Vec<Config> = Vec::new();
+    for c in [
+        Config::Embedded,
+        Config::Production,
+        Config::Floor,
+        Config::Memory,
+    ] {
+        if all || args.config == c {
+            configs.push(c);
+        }
+    }
+    for c in configs {
+        let figures = match c {
+            Config::Embedded => embedded(args).await,
+            Config::Production => production(args).await,
+            Config::Floor => floor(args).await,
+            Config::Memory => memory(args).await,
+            Config::All => unreachable!("expanded above"),
+        }
+        .with_context(|| format!("the {c:?} configuration"))?;
+        for f in &figures {
+            if args.json {
+                println!("{}", serde_json::to_string(f)?);
+            } else {
+                print_human(f);
+            }
+        }
+    }
+    Ok(())
+}
