@@ -70,6 +70,9 @@ struct Args {
     /// Sagas in flight in a throughput run.
     #[arg(long, default_value_t = 1_000)]
     concurrency: usize,
+    /// Sagas started per second in a paced run (open loop).
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
     /// Waiting sagas in the memory configuration.
     #[arg(long, default_value_t = 100_000)]
     waiting: usize,
@@ -117,6 +120,9 @@ enum Config {
 enum Mode {
     Latency,
     Throughput,
+    /// Starts at a fixed rate (`--rate`), open loop: latency under a given load.
+    Paced,
+    /// Latency, throughput and paced.
     Both,
 }
 
@@ -138,6 +144,12 @@ struct Figures {
     cpu_ms_per_saga_participants: Option<f64>,
     peak_rss_mb_orchestrator: f64,
     peak_rss_mb_participants: Option<f64>,
+    /// CPU of nats-server and of PostgreSQL (all its processes) per saga, where they run
+    /// on this machine (backends that exited during the run are not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_ms_per_saga_nats_server: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_ms_per_saga_postgres: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_kb_per_waiting_saga: Option<f64>,
     durability: String,
@@ -171,6 +183,26 @@ fn status_kb(pid: &str, field: &str) -> f64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// CPU time (ms) of every process named `comm` (all of PostgreSQL's backends, say).
+fn cpu_ms_of(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(|pid| cpu_ms(&pid))
+        .sum()
+}
+
+/// CPU of the servers on this machine (nats-server, postgres), ms.
+fn servers_cpu_ms() -> (f64, f64) {
+    (cpu_ms_of("nats-server"), cpu_ms_of("postgres"))
 }
 
 /// Resets a process's peak RSS (Linux: `5` to clear_refs), so each run reports its own.
@@ -299,12 +331,45 @@ async fn drive(
     outcomes: &mut mpsc::UnboundedReceiver<SagaOutcome>,
     n: usize,
     concurrency: usize,
+    rate: Option<f64>,
 ) -> anyhow::Result<(Duration, Vec<f64>)> {
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let started: std::sync::Mutex<HashMap<SagaId, Instant>> =
         std::sync::Mutex::new(HashMap::with_capacity(n));
     let t0 = Instant::now();
+    let start_one = |i: usize| {
+        let started = &started;
+        async move {
+            let id = SagaId::new();
+            if let Ok(mut s) = started.lock() {
+                s.insert(id, Instant::now());
+            }
+            if let Err(e) = runtime.start_saga_with_id(id, checkout, &order(i)).await {
+                eprintln!("start failed: {e}");
+            }
+        }
+    };
+    let paced = async {
+        let Some(rate) = rate else { return };
+        // Open loop: the i-th start is due at i / rate, however the earlier ones fare.
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let mut i = 0;
+        loop {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate.max(1e-3));
+            tokio::select! {
+                () = tokio::time::sleep_until(due.into()), if i < n => {
+                    pending.push(start_one(i));
+                    i += 1;
+                }
+                Some(()) = pending.next(), if !pending.is_empty() => {}
+                else => break,
+            }
+        }
+    };
     let starter = async {
+        if rate.is_some() {
+            return paced.await;
+        }
         futures_util::stream::iter(0..n)
             .map(anyhow::Ok)
             .for_each_concurrent(concurrency.max(1), |i| {
@@ -391,15 +456,28 @@ fn figures(
     }
 }
 
-fn modes(args: &Args) -> Vec<(&'static str, usize, usize)> {
+/// (mode, sagas, in flight, paced rate).
+fn modes(args: &Args) -> Vec<(&'static str, usize, usize, Option<f64>)> {
     let mut m = Vec::new();
     if matches!(args.mode, Mode::Latency | Mode::Both) {
-        m.push(("latency", args.latency_sagas, 1));
+        m.push(("latency", args.latency_sagas, 1, None));
     }
     if matches!(args.mode, Mode::Throughput | Mode::Both) {
-        m.push(("throughput", args.sagas, args.concurrency));
+        m.push(("throughput", args.sagas, args.concurrency, None));
+    }
+    if matches!(args.mode, Mode::Paced | Mode::Both) {
+        m.push(("paced", args.sagas, 0, Some(args.rate)));
     }
     m
+}
+
+/// Floor and pure-transport runs have no paced mode.
+fn closed_modes(args: &Args) -> Vec<(&'static str, usize, usize)> {
+    modes(args)
+        .into_iter()
+        .filter(|(_, _, _, rate)| rate.is_none())
+        .map(|(m, n, c, _)| (m, n, c))
+        .collect()
 }
 
 fn bench_options() -> RuntimeOptions {
@@ -415,7 +493,7 @@ fn bench_options() -> RuntimeOptions {
 async fn embedded(args: &Args) -> anyhow::Result<Vec<Figures>> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir))?;
     let mut out = Vec::new();
-    for (mode, n, concurrency) in modes(args) {
+    for (mode, n, concurrency, rate) in modes(args) {
         let path = format!("{}/embedded-{}.db", args.dir, uuid::Uuid::now_v7().simple());
         let store = Arc::new(SqliteStore::connect(&format!("sqlite://{path}")).await?);
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
@@ -443,7 +521,7 @@ async fn embedded(args: &Args) -> anyhow::Result<Vec<Figures>> {
         reset_peak("self");
         let cpu0 = cpu_ms("self");
         let (elapsed, latencies) =
-            drive(&runtime, &checkout, &mut outcomes, n, concurrency).await?;
+            drive(&runtime, &checkout, &mut outcomes, n, concurrency, rate).await?;
         let cpu = cpu_ms("self") - cpu0;
         let mut f = figures(
             "embedded",
@@ -504,7 +582,7 @@ async fn synchronous_commit(url: &str) -> String {
 
 async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
     let mut out = Vec::new();
-    for (mode, n, concurrency) in modes(args) {
+    for (mode, n, concurrency, rate) in modes(args) {
         let (db, url) = create_db(&args.pg, "skald_bench").await?;
         let result = async {
             let store = Arc::new(PostgresStore::connect(&url).await?);
@@ -520,13 +598,15 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
                 .await?;
             let mut outcomes = runtime.outcomes();
             // Warm-up: the participants' consumers are bound and answering.
-            drive(&runtime, &checkout, &mut outcomes, 20, 20).await?;
+            drive(&runtime, &checkout, &mut outcomes, 20, 20, None).await?;
             reset_peak("self");
             children.reset_peak();
             let (cpu0, ccpu0) = (cpu_ms("self"), children.cpu_ms());
+            let (nats0, pg0) = servers_cpu_ms();
             let (elapsed, latencies) =
-                drive(&runtime, &checkout, &mut outcomes, n, concurrency).await?;
+                drive(&runtime, &checkout, &mut outcomes, n, concurrency, rate).await?;
             let (cpu, ccpu) = (cpu_ms("self") - cpu0, children.cpu_ms() - ccpu0);
+            let (nats1, pg1) = servers_cpu_ms();
             let mut f = figures(
                 "production",
                 mode,
@@ -541,6 +621,8 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
             );
             f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
             f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
+            f.cpu_ms_per_saga_nats_server = Some(r2((nats1 - nats0) / n as f64));
+            f.cpu_ms_per_saga_postgres = Some(r2((pg1 - pg0) / n as f64));
             runtime.shutdown().await;
             anyhow::Ok(f)
         }
@@ -556,7 +638,7 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
 /// PostgreSQL commit rate for skald's row shapes.
 async fn floor(args: &Args) -> anyhow::Result<Vec<Figures>> {
     let mut out = Vec::new();
-    for (mode, n, concurrency) in modes(args) {
+    for (mode, n, concurrency) in closed_modes(args) {
         let bus = nats_bus(&args.nats).await?;
         let children = spawn_children(&[vec![
             "floor-participant".into(),
@@ -596,6 +678,7 @@ async fn floor(args: &Args) -> anyhow::Result<Vec<Figures>> {
         reset_peak("self");
         children.reset_peak();
         let (cpu0, ccpu0) = (cpu_ms("self"), children.cpu_ms());
+        let (nats0, _) = servers_cpu_ms();
         let t0 = Instant::now();
         let mut started: HashMap<usize, Instant> = HashMap::new();
         let mut latencies = Vec::with_capacity(n);
@@ -643,9 +726,11 @@ async fn floor(args: &Args) -> anyhow::Result<Vec<Figures>> {
         f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
         f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
         f.note = Some("3 command/reply round trips per saga, no orchestration".into());
+        f.cpu_ms_per_saga_nats_server = Some(r2((servers_cpu_ms().0 - nats0) / n as f64));
         out.push(f);
     }
     out.push(pg_floor(args).await?);
+    out.push(pg_floor_batched(args).await?);
     Ok(out)
 }
 
@@ -671,6 +756,7 @@ async fn pg_floor(args: &Args) -> anyhow::Result<Figures> {
             .await?;
         }
         let cpu0 = cpu_ms("self");
+        let (_, pg0) = servers_cpu_ms();
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
@@ -705,16 +791,85 @@ async fn pg_floor(args: &Args) -> anyhow::Result<Figures> {
         let elapsed = t0.elapsed();
         let cpu = cpu_ms("self") - cpu0;
         let transitions = latencies.len();
+        let pg_cpu = servers_cpu_ms().1 - pg0;
         let mut f = figures("floor-postgres", "throughput", CLIENTS, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
         // Sagas/s implied: 4 transitions per checkout saga.
         f.sagas_per_sec = r2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
         f.sagas = transitions / 4;
+        f.cpu_ms_per_saga_postgres = Some(r2(pg_cpu / (transitions as f64 / 4.0)));
         f.per_step_ms = 0.0;
         f.note = Some(format!(
             "{transitions} transition-shaped transactions from {CLIENTS} connections, {:.0}/s; sagas/s = that / 4; latency is per transaction",
             transitions as f64 / elapsed.as_secs_f64()
         ));
         f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        anyhow::Ok(f)
+    }
+    .await;
+    drop_db(&args.pg, &db).await;
+    result
+}
+
+/// The raw PostgreSQL commit rate for skald's row shapes as a group commit writes them:
+/// one connection committing transactions of 256 transitions, each a handful of
+/// set-based statements (the saga rows updated with their versions checked, journal,
+/// outbox and inbox rows inserted from arrays).
+async fn pg_floor_batched(args: &Args) -> anyhow::Result<Figures> {
+    const BATCH: usize = 256;
+    let (db, url) = create_db(&args.pg, "skald_bench_floor_batch").await?;
+    let result = async {
+        let store = PostgresStore::connect(&url).await?;
+        let pool = store.pool().clone();
+        let state = serde_json::json!({ "data": order(1), "pad": "x".repeat(600) }).to_string();
+        let ids: Vec<String> = (0..BATCH)
+            .map(|i| uuid::Uuid::from_u128(i as u128 + 1).to_string())
+            .collect();
+        sqlx::query(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, state, created_at_ms, updated_at_ms) \
+             SELECT u::uuid, 'floor', 1, 'running', 0, $2::jsonb, 0, 0 FROM UNNEST($1::text[]) AS u",
+        )
+        .bind(&ids)
+        .bind(&state)
+        .execute(&pool)
+        .await?;
+        let rounds = (args.sagas * 4 / BATCH).max(10);
+        let (_, pg0) = servers_cpu_ms();
+        let cpu0 = cpu_ms("self");
+        let t0 = Instant::now();
+        let mut latencies = Vec::with_capacity(rounds);
+        for v in 0..rounds {
+            let t = Instant::now();
+            let mut tx = pool.begin().await?;
+            let inbox: Vec<String> = ids.iter().map(|id| format!("{id}:{v}")).collect();
+            sqlx::query("INSERT INTO inbox (message_id, saga_id, received_at_ms) SELECT m, s::uuid, 0 FROM UNNEST($1::text[], $2::text[]) AS u(m, s)")
+                .bind(&inbox).bind(&ids).execute(&mut *tx).await?;
+            sqlx::query("UPDATE saga_instances s SET version = $1 + 1, state = $3::jsonb, updated_at_ms = 1 FROM UNNEST($2::text[]) AS u(id) WHERE s.id = u.id::uuid AND s.version = $1")
+                .bind(v as i64).bind(&ids).bind(&state).execute(&mut *tx).await?;
+            let states: Vec<&str> = ids.iter().map(|_| state.as_str()).collect();
+            sqlx::query("INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) SELECT s::uuid, 0, 1, 'transition', b::jsonb FROM UNNEST($1::text[], $2::text[]) AS u(s, b)")
+                .bind(&ids).bind(&states).execute(&mut *tx).await?;
+            let outbox_ids: Vec<String> = (0..BATCH * 2).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+            let outbox_sagas: Vec<&String> = ids.iter().chain(ids.iter()).collect();
+            let payloads: Vec<&[u8]> = outbox_ids.iter().map(|_| state.as_bytes()).collect();
+            sqlx::query("INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) SELECT i::uuid, s::uuid, 'skald.cmd.x', '[]'::jsonb, p, 0, 0 FROM UNNEST($1::text[], $2::text[], $3::bytea[]) AS u(i, s, p)")
+                .bind(&outbox_ids).bind(&outbox_sagas).bind(&payloads).execute(&mut *tx).await?;
+            tx.commit().await?;
+            latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let elapsed = t0.elapsed();
+        let cpu = cpu_ms("self") - cpu0;
+        let pg_cpu = servers_cpu_ms().1 - pg0;
+        let transitions = rounds * BATCH;
+        let mut f = figures("floor-pg-batched", "throughput", 1, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
+        f.sagas_per_sec = r2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
+        f.sagas = transitions / 4;
+        f.per_step_ms = 0.0;
+        f.cpu_ms_per_saga_orchestrator = r2(cpu / (transitions as f64 / 4.0));
+        f.cpu_ms_per_saga_postgres = Some(r2(pg_cpu / (transitions as f64 / 4.0)));
+        f.note = Some(format!(
+            "{rounds} transactions of {BATCH} transition-shaped writes from one connection, {:.0} transitions/s; sagas/s = that / 4; latency is per transaction",
+            transitions as f64 / elapsed.as_secs_f64()
+        ));
         anyhow::Ok(f)
     }
     .await;
@@ -872,6 +1027,14 @@ fn print_human(f: &Figures) {
             .map(|c| format!(" (+{c:.1} participants)"))
             .unwrap_or_default(),
     );
+    if let (Some(nats), Some(pg)) = (f.cpu_ms_per_saga_nats_server, f.cpu_ms_per_saga_postgres) {
+        println!(
+            "{:<16} server CPU per saga: nats-server {nats:.2} ms, PostgreSQL {pg:.2} ms",
+            ""
+        );
+    } else if let Some(nats) = f.cpu_ms_per_saga_nats_server {
+        println!("{:<16} server CPU per saga: nats-server {nats:.2} ms", "");
+    }
     if let Some(kb) = f.rss_kb_per_waiting_saga {
         println!("{:<16} RSS per waiting saga: {kb:.2} KB", "");
     }

@@ -95,7 +95,10 @@ fn subjects(rows: &[OutboxMessage]) -> Vec<&str> {
 
 async fn contract(kind: StoreKind) {
     let backend = Backend::new(kind).await;
-    let store = backend.store.as_ref();
+    contract_on(backend.store.as_ref()).await;
+}
+
+async fn contract_on(store: &dyn SagaStore) {
     let def = definition("alpha", 1);
     let other_version = definition("alpha", 2);
     let other_type = definition("beta", 1);
@@ -435,6 +438,24 @@ async fn memory_store_keeps_the_contract() {
 #[tokio::test]
 async fn postgres_store_keeps_the_contract() {
     contract(StoreKind::Postgres).await;
+}
+
+/// PostgreSQL commits small batches with one call of `skald_commit` and large ones with
+/// set-based statements: both keep the contract.
+#[tokio::test]
+async fn postgres_set_based_batches_keep_the_contract() {
+    let db = PgDatabase::create().await;
+    let store = skald::adapters::postgres::PostgresStore::connect_with(
+        &db.url(),
+        skald::adapters::postgres::PostgresOptions {
+            single_call_max_writes: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("store");
+    contract_on(&store).await;
+    outbox_and_inbox(&store).await;
 }
 
 #[tokio::test]

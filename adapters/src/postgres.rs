@@ -7,6 +7,10 @@
 //!   a journal-only write locks the row (`FOR SHARE`) to check its version. Writes of
 //!   one group commit take their row locks in saga id order, so two processes' commits
 //!   cannot deadlock on each other's sagas.
+//! - A group commit is one round trip when small (the `skald_commit` function of the
+//!   migrations, in its own implicit transaction: the lowest latency), and a few
+//!   set-based statements over arrays (`UNNEST`) in one transaction when large (the
+//!   highest throughput); never a statement per row.
 //! - Due wake-ups and outbox rows are claimed with `FOR UPDATE SKIP LOCKED` and a lease,
 //!   so two processes never fire the same wake-up or publish the same row.
 //! - Durability is the server's: with `synchronous_commit = on` (the default) a commit
@@ -18,6 +22,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Serialize;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
@@ -41,6 +46,10 @@ pub struct PostgresOptions {
     /// How long an operation waits for a connection before failing as unavailable (the
     /// runtime then retries it later). Default: 10 s.
     pub acquire_timeout: Duration,
+    /// Group commits of up to this many writes go as one call of `skald_commit` (one
+    /// round trip: the lowest latency); larger ones as a few set-based statements in a
+    /// transaction (the highest throughput). Default: 16.
+    pub single_call_max_writes: usize,
 }
 
 impl Default for PostgresOptions {
@@ -48,6 +57,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(10),
+            single_call_max_writes: 16,
         }
     }
 }
@@ -56,6 +66,7 @@ impl Default for PostgresOptions {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    single_call_max_writes: usize,
 }
 
 /// Maps a sqlx error to the port's error at the boundary, by SQLSTATE.
@@ -119,12 +130,58 @@ impl PostgresStore {
                 redact(url)
             ))
         })?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            single_call_max_writes: options.single_call_max_writes,
+        })
     }
 
     /// The connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A large group commit: a fixed number of set-based statements (UNNEST arrays)
+    /// inside one transaction; PostgreSQL applies them faster than `skald_commit`'s
+    /// row-by-row loop once a batch holds more than a few writes.
+    async fn commit_statements(
+        &self,
+        writes: &[SagaWrite],
+        published: &[Uuid],
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        if !published.is_empty() {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1::text[]::uuid[])")
+                .bind(strings(published.iter()))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+        // Row locks in saga id order, so that two processes' group commits never wait
+        // on each other in a cycle. A saga written twice in one batch (a passivation
+        // race) goes into a later round: every statement sees each saga once.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by_key(|&i| writes[i].id);
+        let mut rounds: Vec<Batch<'_>> = Vec::new();
+        let mut seen: HashMap<SagaId, usize> = HashMap::with_capacity(writes.len());
+        for i in order {
+            let round = seen.entry(writes[i].id).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Batch { writes: Vec::new() });
+            }
+            rounds[*round].writes.push((i, &writes[i]));
+            *round += 1;
+        }
+        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
+        for round in &rounds {
+            round.apply(&mut tx, &mut outcomes).await?;
+        }
+        let outcomes: Vec<WriteOutcome> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(WriteOutcome::Conflict))
+            .collect();
+        tx.commit().await.map_err(store_error)?;
+        Ok(outcomes)
     }
 }
 
@@ -157,14 +214,134 @@ fn decode_state(row: &PgRow) -> Result<StoredSaga, StoreError> {
     })
 }
 
+/// One group commit as the argument of `skald_commit` (migrations/postgres): the whole
+/// batch in one round trip. Serialized straight from the writes, without copies.
+#[derive(Serialize)]
+struct CommitBatch<'a> {
+    published: &'a [Uuid],
+    writes: Vec<CommitWrite<'a>>,
+}
+
+#[derive(Serialize)]
+struct CommitWrite<'a> {
+    id: SagaId,
+    expected: u64,
+    state: Option<&'a SagaState>,
+    saga_type: Option<&'a str>,
+    definition_version: Option<u32>,
+    status: Option<&'static str>,
+    wake: Option<i64>,
+    created: Option<i64>,
+    updated: Option<i64>,
+    journal: Vec<CommitEntry<'a>>,
+    outbox: Vec<CommitOutbox<'a>>,
+    inbox: Option<&'a str>,
+    inbox_at: i64,
+    resolve_at: Option<i64>,
+    dead_letter: Option<CommitDeadLetter<'a>>,
+}
+
+#[derive(Serialize)]
+struct CommitEntry<'a> {
+    at: i64,
+    schema_version: u16,
+    kind: &'a str,
+    body: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct CommitOutbox<'a> {
+    id: Uuid,
+    subject: &'a str,
+    headers: &'a skald_runtime::ports::Headers,
+    /// Hex: any bytes, decoded by the function.
+    payload: String,
+    created: i64,
+    available: i64,
+}
+
+#[derive(Serialize)]
+struct CommitDeadLetter<'a> {
+    id: Uuid,
+    category: &'static str,
+    saga_id: Option<SagaId>,
+    saga_type: Option<&'a str>,
+    step: Option<&'a str>,
+    kind: Option<&'static str>,
+    reason: &'a str,
+    attempts: u32,
+    message: Option<&'a serde_json::Value>,
+    at: i64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+impl<'a> CommitWrite<'a> {
+    fn of(w: &'a SagaWrite) -> Self {
+        let first_at = w.journal.first().map(|j| j.at).unwrap_or_default();
+        let state = w.state.as_ref();
+        CommitWrite {
+            id: w.id,
+            expected: w.expected_version,
+            state,
+            saga_type: state.map(|s| s.saga_type.as_str()),
+            definition_version: state.map(|s| s.definition_version),
+            status: state.map(|s| s.status.as_str()),
+            wake: state.and_then(|s| s.wake_at()).map(ms),
+            created: state.map(|s| ms(s.created_at)),
+            updated: state.map(|s| ms(s.updated_at)),
+            journal: w
+                .journal
+                .iter()
+                .map(|e| CommitEntry {
+                    at: ms(e.at),
+                    schema_version: e.schema_version,
+                    kind: &e.kind,
+                    body: &e.body,
+                })
+                .collect(),
+            outbox: w
+                .outbox
+                .iter()
+                .map(|m| CommitOutbox {
+                    id: m.id,
+                    subject: &m.message.subject,
+                    headers: &m.message.headers,
+                    payload: hex(&m.message.payload),
+                    created: ms(crate::created_at(m.id)),
+                    available: ms(m.available_at),
+                })
+                .collect(),
+            inbox: w.inbox.as_deref(),
+            inbox_at: ms(first_at),
+            resolve_at: w.resolve_dead_letters.then(|| ms(first_at)),
+            dead_letter: w.dead_letter.as_ref().map(|d| CommitDeadLetter {
+                id: d.id,
+                category: d.category.as_str(),
+                saga_id: d.saga_id,
+                saga_type: d.saga_type.as_deref(),
+                step: d.step.as_deref(),
+                kind: d.kind.map(CommandKind::as_str),
+                reason: &d.reason,
+                attempts: d.attempts,
+                message: d.message.as_ref(),
+                at: ms(d.at),
+            }),
+        }
+    }
+}
+
 /// One write's rows, flattened for the batch statements.
 struct Batch<'a> {
     writes: Vec<(usize, &'a SagaWrite)>,
-}
-
-/// Binds a list as one array parameter (one statement for the whole batch).
-fn strings<T: ToString>(xs: impl Iterator<Item = T>) -> Vec<String> {
-    xs.map(|x| x.to_string()).collect()
 }
 
 impl<'a> Batch<'a> {
@@ -418,6 +595,11 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// Binds a list as one array parameter.
+fn strings<T: ToString>(xs: impl Iterator<Item = T>) -> Vec<String> {
+    xs.map(|x| x.to_string()).collect()
+}
+
 /// Inserts outbox rows (saga id, row) with one statement, in the order given.
 async fn insert_outbox_rows(
     tx: &mut Transaction<'static, Postgres>,
@@ -528,39 +710,47 @@ impl SagaStore for PostgresStore {
         writes: &[SagaWrite],
         published: &[Uuid],
     ) -> Result<Vec<WriteOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(store_error)?;
-        if !published.is_empty() {
-            let ids: Vec<String> = published.iter().map(Uuid::to_string).collect();
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1::text[]::uuid[])")
-                .bind(ids)
-                .execute(&mut *tx)
-                .await
-                .map_err(store_error)?;
+        if writes.is_empty() && published.is_empty() {
+            return Ok(Vec::new());
         }
-        // Row locks in saga id order, so that two processes' group commits never wait
-        // on each other in a cycle. A saga written twice in one batch (a passivation
-        // race) goes into a later round: every statement sees each saga once.
+        if writes.len() > self.single_call_max_writes {
+            return self.commit_statements(writes, published).await;
+        }
+        // Row locks in saga id order (stable: one saga's writes keep their order), so
+        // that two processes' group commits never wait on each other in a cycle.
         let mut order: Vec<usize> = (0..writes.len()).collect();
         order.sort_by_key(|&i| writes[i].id);
-        let mut rounds: Vec<Batch<'_>> = Vec::new();
-        let mut seen: HashMap<SagaId, usize> = HashMap::with_capacity(writes.len());
-        for i in order {
-            let round = seen.entry(writes[i].id).or_insert(0);
-            if rounds.len() <= *round {
-                rounds.push(Batch { writes: Vec::new() });
-            }
-            rounds[*round].writes.push((i, &writes[i]));
-            *round += 1;
+        let batch = CommitBatch {
+            published,
+            writes: order.iter().map(|&i| CommitWrite::of(&writes[i])).collect(),
+        };
+        let batch = serde_json::to_string(&batch).map_err(|e| StoreError::Other(e.to_string()))?;
+        // One statement, its own transaction: one round trip for the whole batch.
+        let answer: String = sqlx::query_scalar("SELECT skald_commit($1::jsonb)::text")
+            .bind(batch)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let answer: Vec<serde_json::Value> =
+            serde_json::from_str(&answer).map_err(|e| corrupt("skald_commit's answer", e))?;
+        if answer.len() != writes.len() {
+            return Err(StoreError::Other(format!(
+                "skald_commit answered {} outcomes for {} writes",
+                answer.len(),
+                writes.len()
+            )));
         }
-        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
-        for round in &rounds {
-            round.apply(&mut tx, &mut outcomes).await?;
+        let mut outcomes = vec![WriteOutcome::Conflict; writes.len()];
+        for (&i, a) in order.iter().zip(answer) {
+            outcomes[i] = match a {
+                serde_json::Value::Number(v) => WriteOutcome::Committed {
+                    version: v.as_u64().ok_or_else(|| corrupt("version", &v))?,
+                },
+                serde_json::Value::String(s) if s == "duplicate" => WriteOutcome::Duplicate,
+                serde_json::Value::String(s) if s == "conflict" => WriteOutcome::Conflict,
+                other => return Err(corrupt("skald_commit's answer", other)),
+            };
         }
-        let outcomes: Vec<WriteOutcome> = outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(WriteOutcome::Conflict))
-            .collect();
-        tx.commit().await.map_err(store_error)?;
         Ok(outcomes)
     }
 
