@@ -324,3 +324,100 @@ async fn an_unreachable_postgres_is_named_at_start_up() {
         "says what it tried, without the password: {text}"
     );
 }
+
+/// Text PostgreSQL cannot hold (a NUL character) never blocks anything for good: a reply
+/// whose error message carries one fails its commit, is redelivered `max_deliveries`
+/// times and dead-lettered as poison; a message whose raw bytes hold one is
+/// dead-lettered without its raw copy instead of coming back forever. The saga is
+/// untouched by either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_database_cannot_hold_is_dead_lettered_not_redelivered_forever() {
+    let backend = Backend::new(StoreKind::Postgres).await;
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    // Nobody answers: the test plays the inventory service.
+    let checkout = checkout_definition(fast_timing()).expect("valid");
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(Arc::clone(&bus))
+        .register(&checkout)
+        .options(RuntimeOptions {
+            max_deliveries: 3,
+            ..options()
+        })
+        .start()
+        .await
+        .expect("start");
+    let order = Checkout::new("order-1", "c", Vec::new(), 100);
+    let id = runtime.start_saga(&checkout, &order).await.expect("start");
+    let reply = |body: &'static [u8]| {
+        let mut h = skald::ports::Headers::new();
+        h.insert(wire::H_SAGA_ID, id.to_string());
+        h.insert(wire::H_SAGA_TYPE, "checkout");
+        h.insert(wire::H_STEP, "reserve_inventory");
+        h.insert(wire::H_KIND, "action");
+        h.insert(wire::H_ATTEMPT, "1");
+        h.insert(
+            wire::H_IDEMPOTENCY_KEY,
+            format!("{id}:reserve_inventory:action"),
+        );
+        h.insert(wire::H_OUTCOME, "failure");
+        Message {
+            subject: "skald.reply.checkout".into(),
+            headers: h,
+            payload: bytes::Bytes::from_static(body),
+        }
+    };
+    let store = Arc::clone(&backend.store);
+    let poison_with = |needle: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .dead_letters(true, 10)
+                .await
+                .expect("dead letters")
+                .into_iter()
+                .find(|d| {
+                    d.category == skald::ports::DeadLetterCategory::Poison
+                        && d.reason.contains(needle)
+                })
+        }
+    };
+
+    // Valid JSON whose error message holds an escaped NUL: the transition cannot be
+    // committed (PostgreSQL's jsonb refuses it).
+    bus.publish(reply(
+        b"{\"code\":\"bad\",\"message\":\"nul \\u0000 here\"}",
+    ))
+    .await
+    .expect("publish");
+    let first = wait_until("the reply to be dead-lettered after 3 deliveries", || {
+        poison_with("not applied after 3 deliveries")
+    })
+    .await;
+    assert_eq!(first.saga_id, Some(id));
+    assert!(
+        first.message.is_some(),
+        "its raw copy could be kept: {first:?}"
+    );
+
+    // A raw NUL byte: not JSON (poison at once), and its raw copy cannot be stored.
+    bus.publish(reply(b"{\"code\":\"bad\",\"message\":\"nul \x00 here\"}"))
+        .await
+        .expect("publish");
+    let second = wait_until("the undecodable reply to be dead-lettered", || {
+        poison_with("could not be stored")
+    })
+    .await;
+    assert!(
+        second.message.is_none(),
+        "kept without the raw message: {second:?}"
+    );
+
+    let saga = store.load(id).await.expect("load").expect("saga");
+    assert_eq!(
+        saga.state.status,
+        SagaStatus::Running,
+        "the saga is untouched"
+    );
+    runtime.shutdown().await;
+}

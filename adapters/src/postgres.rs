@@ -5,8 +5,10 @@
 //!   concurrent migrators with an advisory lock, so several processes may start at once.
 //! - Optimistic concurrency: every state change is `UPDATE ... WHERE version = $read`;
 //!   a journal-only write locks the row (`FOR SHARE`) to check its version. Writes of
-//!   one group commit take their row locks in saga id order, so two processes' commits
-//!   cannot deadlock on each other's sagas.
+//!   one group commit are applied in saga id order, so two processes' commits rarely
+//!   wait on each other in a cycle; when they do (the planner of a set-based statement
+//!   picks its own order), PostgreSQL aborts one as a deadlock, which is "unavailable":
+//!   its writes are retried, nothing is lost.
 //! - A group commit is one round trip when small (the `skald_commit` function of the
 //!   migrations, in its own implicit transaction: the lowest latency), and a few
 //!   set-based statements over arrays (`UNNEST`) in one transaction when large (the
@@ -77,21 +79,23 @@ pub fn store_error(e: sqlx::Error) -> StoreError {
         match code.as_str() {
             // Connection exceptions; serialization failure and deadlock; insufficient
             // resources; operator intervention (pg_terminate_backend, shutdown, starting
-            // up); lock not available; read-only standby after a failover.
+            // up, statement cancelled or timed out, idle session timeout); lock not
+            // available; read-only standby after a failover; idle-in-transaction
+            // timeout; I/O error.
             c if c.starts_with("08") || c.starts_with("53") => {
                 Some(StoreError::Unavailable(format!("{msg} (SQLSTATE {c})")))
             }
-            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03" | "25006" => {
+            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "57P05" | "57014" | "55P03"
+            | "25006" | "25P03" | "58030" => {
                 Some(StoreError::Unavailable(format!("{msg} (SQLSTATE {code})")))
             }
             // Undefined table, column, function, object, schema or database; no
-            // privilege: an operator has to act.
-            "42P01" | "42703" | "42883" | "42704" | "3F000" | "3D000" | "42501" => {
-                Some(StoreError::Schema(format!(
-                    "{msg} (SQLSTATE {code}): the database lacks skald's tables, has another \
+            // privilege; authentication refused: an operator has to act.
+            "42P01" | "42703" | "42883" | "42704" | "3F000" | "3D000" | "42501" | "28000"
+            | "28P01" => Some(StoreError::Schema(format!(
+                "{msg} (SQLSTATE {code}): the database lacks skald's tables, has another \
                      version of them, or the user may not use them"
-                )))
-            }
+            ))),
             _ => None,
         }
     })
@@ -157,9 +161,9 @@ impl PostgresStore {
                 .await
                 .map_err(store_error)?;
         }
-        // Row locks in saga id order, so that two processes' group commits never wait
-        // on each other in a cycle. A saga written twice in one batch (a passivation
-        // race) goes into a later round: every statement sees each saga once.
+        // Writes in saga id order (see the module's note on deadlocks). A saga written
+        // twice in one batch (a passivation race) goes into a later round: every
+        // statement sees each saga once.
         let mut order: Vec<usize> = (0..writes.len()).collect();
         order.sort_by_key(|&i| writes[i].id);
         let mut rounds: Vec<Batch<'_>> = Vec::new();
@@ -453,8 +457,7 @@ impl<'a> Batch<'a> {
                 versions
                     .push(i64::try_from(w.expected_version).map_err(|e| corrupt("version", e))?);
             }
-            // A state change ends any claim on the old wake-up. Rows are locked in the
-            // order given (saga id order: see `commit`).
+            // A state change ends any claim on the old wake-up.
             let ids: Vec<String> = sqlx::query_scalar(
                 "UPDATE saga_instances s SET status = u.st, version = u.v + 1, state = u.state::jsonb, \
                  next_wakeup_ms = u.wake, wakeup_claimed_until_ms = NULL, updated_at_ms = u.updated \

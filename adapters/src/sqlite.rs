@@ -67,12 +67,14 @@ pub struct SqliteStore {
 /// Maps a sqlx error to the port's error at the boundary.
 pub fn store_error(e: sqlx::Error) -> StoreError {
     classify(e, |db| {
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes (low byte).
+        // SQLITE_BUSY (5), SQLITE_LOCKED (6), SQLITE_READONLY (8), SQLITE_IOERR (10),
+        // SQLITE_FULL (13), SQLITE_CANTOPEN (14), with their extended codes (low byte):
+        // conditions that pass (a lock, a full or failing disk an operator frees).
         let primary = db
             .code()
             .and_then(|c| c.parse::<i64>().ok())
             .map(|c| c & 0xff);
-        if matches!(primary, Some(5 | 6)) {
+        if matches!(primary, Some(5 | 6 | 8 | 10 | 13 | 14)) {
             return Some(StoreError::Unavailable(db.message().to_owned()));
         }
         let msg = db.message();

@@ -141,9 +141,13 @@ async fn run(
     let mut published_open = true;
     // Consecutive failed transactions: a flush of published rows alone backs off.
     let mut failing: u32 = 0;
+    // Every committer handle is gone (shutdown): flush what was published once, then end.
+    let mut closing = false;
     loop {
         // Wait for a write; published rows alone are flushed after a short pause.
-        let first = if published.is_empty() {
+        let first = if closing {
+            None
+        } else if published.is_empty() {
             tokio::select! {
                 r = rx.recv() => r,
                 ids = published_rx.recv(), if published_open => {
@@ -156,12 +160,17 @@ async fn run(
             }
         } else {
             tokio::select! {
-                r = rx.recv() => r,
+                r = rx.recv() => match r {
+                    Some(r) => Some(r),
+                    None => {
+                        closing = true;
+                        None
+                    }
+                },
                 () = tokio::time::sleep(PUBLISHED_FLUSH_DELAY * (1 << failing.min(6))) => None,
             }
         };
-        let closed = first.is_none() && published.is_empty();
-        if closed {
+        if first.is_none() && published.is_empty() {
             break;
         }
         if let Some(first) = first {
@@ -175,6 +184,10 @@ async fn run(
         }
         while let Ok(ids) = published_rx.try_recv() {
             published.extend(ids);
+        }
+        if closing && batch.is_empty() && failing > 0 {
+            // Shutting down and the store refuses: leave the rows to the next relay.
+            break;
         }
         let replies: Vec<_> = batch
             .drain(..)
@@ -235,20 +248,41 @@ async fn run(
             }
             Err(err) => {
                 failing = failing.saturating_add(1);
-                writes.clear();
                 stats.failures.fetch_add(1, Ordering::Relaxed);
+                let had_writes = !replies.is_empty();
                 if matches!(err, StoreError::Schema(_)) {
                     error!(error = %err, "the store's schema is unusable: stopping");
                     fatal.send_replace(Some(err.clone()));
                 } else {
                     warn!(error = %err, writes = replies.len(), "group commit failed");
                 }
+                if !err.is_retryable() && !matches!(err, StoreError::Schema(_)) && writes.len() > 1
+                {
+                    // Not an outage: one write the store refuses (say, text it cannot
+                    // hold) must not fail the others. Commit them one at a time.
+                    for (write, reply) in writes.drain(..).zip(replies) {
+                        let result = store
+                            .commit(std::slice::from_ref(&write), &[])
+                            .await
+                            .and_then(|outcomes| match outcomes.as_slice() {
+                                [outcome] => Ok((*outcome, write)),
+                                _ => Err(StoreError::Other(format!(
+                                    "store returned {} outcomes for 1 write",
+                                    outcomes.len()
+                                ))),
+                            });
+                        let _ = reply.send(result);
+                    }
+                    continue;
+                }
+                writes.clear();
                 // Keep the published ids: the next transaction deletes them.
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }
-                if !err.is_retryable() {
-                    // Not a passing outage: do not spin on the published rows alone.
+                if !err.is_retryable() && !had_writes {
+                    // Not a passing outage: do not spin on the published rows alone (the
+                    // relay publishes them again; the broker drops the repeats).
                     published.clear();
                 }
             }

@@ -213,8 +213,11 @@ impl RuntimeBuilder {
         let outbox_stored = options.outbox.unwrap_or_else(|| bus.is_durable());
         let (committer, commit_loop) =
             Committer::spawn(Arc::clone(&store), options.commit_max_batch, fatal.clone());
-        // Nobody awaits the loop while the runtime runs: report it if it dies.
+        // Nobody awaits the loop while the runtime runs: report it if it dies. Aborting
+        // the reporter aborts the loop too (a JoinHandle dropped would only detach it).
+        let commit_loop_abort = commit_loop.abort_handle();
         let commit_task = tokio::spawn(async move {
+            let _abort_loop = AbortOnDrop(commit_loop_abort);
             if let Err(e) = commit_loop.await
                 && e.is_panic()
             {
@@ -276,7 +279,7 @@ impl RuntimeBuilder {
         // idempotency key). A durable broker kept them, so there is nothing to re-send;
         // and with several processes sharing the store, a start must not disturb the
         // sagas the others are running.
-        if !runtime.shared.bus.is_durable() {
+        if !runtime.shared.bus.is_durable() || !runtime.shared.outbox_stored {
             runtime.resume_active().await?;
         }
         Ok(runtime)
@@ -317,6 +320,15 @@ impl std::fmt::Debug for Runtime {
         f.debug_struct("Runtime")
             .field("shared", &self.shared)
             .finish_non_exhaustive()
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -699,7 +711,19 @@ async fn poison(
         })
         .into_iter()
         .collect();
-    match shared.store.record_poison(&record, &outbox).await {
+    let mut recorded = shared.store.record_poison(&record, &outbox).await;
+    if let Err(e) = &recorded
+        && !e.is_retryable()
+        && !matches!(e, StoreError::Schema(_))
+    {
+        // The store refuses the raw message (say, bytes it cannot hold as text): keep
+        // the record without it rather than redeliver the message forever.
+        let mut bare = record.clone();
+        bare.message = None;
+        bare.reason = format!("{} (the raw message could not be stored: {e})", bare.reason);
+        recorded = shared.store.record_poison(&bare, &outbox).await;
+    }
+    match recorded {
         Ok(()) => {
             publish_outbox(shared, outbox).await;
             settle(acker.term(&reason).await)

@@ -258,8 +258,12 @@ impl SagaInstance {
                 match saga.state.due_input(&def, now, self.shared.jitter.draw()) {
                     Some(i) => i,
                     None => {
+                        // Nothing due by the state held here. It may be behind the store:
+                        // another process sharing it moved the saga on, and a sweep
+                        // claimed the wake-up that state now has. Reload, so the timer is
+                        // armed from the store's state (it fires at once if that is due).
                         self.load = Load::Ready(Box::new(saga));
-                        self.after_change(ctx);
+                        self.load_from_store(ctx);
                         return Box::pin(actix::fut::ready(Ok(Applied::Ignored {
                             reason: "no wake-up due".into(),
                         })));
@@ -339,6 +343,61 @@ impl Handler<Wake> for SagaInstance {
     }
 }
 
+/// An effect as the journal records it: what was done, without the payloads. A
+/// command's body is serialised once, into its message (the outbox); the journal keeps
+/// which command went where, and replaying the inputs rebuilds the rest.
+#[derive(serde::Serialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+enum JournalEffect<'a> {
+    SendCommand {
+        step: &'a crate::ids::StepName,
+        kind: crate::ids::CommandKind,
+        attempt: u32,
+        subject: &'a str,
+        message_id: &'a str,
+        deadline: machine::Timestamp,
+    },
+    ScheduleWakeup {
+        at: machine::Timestamp,
+    },
+    EmitLifecycleEvent {
+        event: machine::EventKind,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<&'a crate::ids::StepName>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+    },
+    DeadLetter(&'a machine::DeadLetterInfo),
+    Finished {
+        status: SagaStatus,
+    },
+}
+
+fn journal_effects(effects: &[Effect]) -> serde_json::Value {
+    let summary: Vec<JournalEffect<'_>> = effects
+        .iter()
+        .map(|e| match e {
+            Effect::SendCommand(c) => JournalEffect::SendCommand {
+                step: &c.step,
+                kind: c.kind,
+                attempt: c.attempt,
+                subject: &c.subject,
+                message_id: &c.message_id,
+                deadline: c.deadline,
+            },
+            Effect::ScheduleWakeup { at } => JournalEffect::ScheduleWakeup { at: *at },
+            Effect::EmitLifecycleEvent(ev) => JournalEffect::EmitLifecycleEvent {
+                event: ev.event,
+                step: ev.step.as_ref(),
+                attempt: ev.attempt,
+            },
+            Effect::DeadLetter(info) => JournalEffect::DeadLetter(info),
+            Effect::Finished { status } => JournalEffect::Finished { status: *status },
+        })
+        .collect();
+    serde_json::to_value(summary).unwrap_or(serde_json::Value::Null)
+}
+
 fn journal_entry(now: machine::Timestamp, kind: &str, body: serde_json::Value) -> JournalEntry {
     JournalEntry {
         at: now,
@@ -376,7 +435,7 @@ async fn process(
                     let body = serde_json::json!({
                         "input": &input,
                         "status": state.status,
-                        "effects": &effects,
+                        "effects": journal_effects(&effects),
                     });
                     let dead_letter = effects.iter().find_map(|e| match e {
                         Effect::DeadLetter(info) => Some(DeadLetterRecord {
@@ -656,7 +715,13 @@ pub(crate) async fn publish_outbox(shared: &Shared, rows: Vec<OutboxMessage>) ->
 }
 
 /// Publishes rows in order; reports the published ones to the committer if `stored`.
-async fn publish_rows(shared: &Shared, rows: Vec<OutboxMessage>, stored: bool) -> usize {
+async fn publish_rows(shared: &Shared, mut rows: Vec<OutboxMessage>, stored: bool) -> usize {
+    if stored {
+        // A row whose lease has ended belongs to the relay now (the broker was slow for
+        // longer than the lease): publishing it here too would send it twice.
+        let now = shared.clock.now();
+        rows.retain(|r| r.available_at > now);
+    }
     let (ids, messages): (Vec<_>, Vec<_>) = rows.into_iter().map(|r| (r.id, r.message)).unzip();
     let commands: Vec<bool> = messages
         .iter()
