@@ -458,6 +458,24 @@ async fn postgres_set_based_batches_keep_the_contract() {
     outbox_and_inbox(&store).await;
 }
 
+/// SQLite writes small batches row by row and large ones with set-based statements:
+/// both keep the contract.
+#[tokio::test]
+async fn sqlite_set_based_batches_keep_the_contract() {
+    let dir = TempDir::new();
+    let store = skald::adapters::sqlite::SqliteStore::connect_with(
+        &dir.sqlite_url(),
+        skald::adapters::sqlite::SqliteOptions {
+            per_row_max_writes: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("store");
+    contract_on(&store).await;
+    outbox_and_inbox(&store).await;
+}
+
 #[tokio::test]
 async fn outbox_and_inbox_on_every_store() {
     for kind in [StoreKind::Memory, StoreKind::Sqlite, StoreKind::Postgres] {

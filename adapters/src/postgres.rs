@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
@@ -35,7 +34,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::sql::{classify, corrupt, decode_headers, encode_headers, limit, ms, parse_id, ts};
+use crate::sql::{
+    CommitBatch, CommitWrite, classify, corrupt, decode_headers, encode_headers, limit, ms,
+    parse_id, ts,
+};
 
 /// The embedded migrations (`migrations/postgres`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -216,131 +218,6 @@ fn decode_state(row: &PgRow) -> Result<StoredSaga, StoreError> {
         state,
         version: u64::try_from(version).map_err(|e| corrupt("version", e))?,
     })
-}
-
-/// One group commit as the argument of `skald_commit` (migrations/postgres): the whole
-/// batch in one round trip. Serialized straight from the writes, without copies.
-#[derive(Serialize)]
-struct CommitBatch<'a> {
-    published: &'a [Uuid],
-    writes: Vec<CommitWrite<'a>>,
-}
-
-#[derive(Serialize)]
-struct CommitWrite<'a> {
-    id: SagaId,
-    expected: u64,
-    state: Option<&'a SagaState>,
-    saga_type: Option<&'a str>,
-    definition_version: Option<u32>,
-    status: Option<&'static str>,
-    wake: Option<i64>,
-    created: Option<i64>,
-    updated: Option<i64>,
-    journal: Vec<CommitEntry<'a>>,
-    outbox: Vec<CommitOutbox<'a>>,
-    inbox: Option<&'a str>,
-    inbox_at: i64,
-    resolve_at: Option<i64>,
-    dead_letter: Option<CommitDeadLetter<'a>>,
-}
-
-#[derive(Serialize)]
-struct CommitEntry<'a> {
-    at: i64,
-    schema_version: u16,
-    kind: &'a str,
-    body: &'a serde_json::Value,
-}
-
-#[derive(Serialize)]
-struct CommitOutbox<'a> {
-    id: Uuid,
-    subject: &'a str,
-    headers: &'a skald_runtime::ports::Headers,
-    /// Hex: any bytes, decoded by the function.
-    payload: String,
-    created: i64,
-    available: i64,
-}
-
-#[derive(Serialize)]
-struct CommitDeadLetter<'a> {
-    id: Uuid,
-    category: &'static str,
-    saga_id: Option<SagaId>,
-    saga_type: Option<&'a str>,
-    step: Option<&'a str>,
-    kind: Option<&'static str>,
-    reason: &'a str,
-    attempts: u32,
-    message: Option<&'a serde_json::Value>,
-    at: i64,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-impl<'a> CommitWrite<'a> {
-    fn of(w: &'a SagaWrite) -> Self {
-        let first_at = w.journal.first().map(|j| j.at).unwrap_or_default();
-        let state = w.state.as_ref();
-        CommitWrite {
-            id: w.id,
-            expected: w.expected_version,
-            state,
-            saga_type: state.map(|s| s.saga_type.as_str()),
-            definition_version: state.map(|s| s.definition_version),
-            status: state.map(|s| s.status.as_str()),
-            wake: state.and_then(|s| s.wake_at()).map(ms),
-            created: state.map(|s| ms(s.created_at)),
-            updated: state.map(|s| ms(s.updated_at)),
-            journal: w
-                .journal
-                .iter()
-                .map(|e| CommitEntry {
-                    at: ms(e.at),
-                    schema_version: e.schema_version,
-                    kind: &e.kind,
-                    body: &e.body,
-                })
-                .collect(),
-            outbox: w
-                .outbox
-                .iter()
-                .map(|m| CommitOutbox {
-                    id: m.id,
-                    subject: &m.message.subject,
-                    headers: &m.message.headers,
-                    payload: hex(&m.message.payload),
-                    created: ms(crate::created_at(m.id)),
-                    available: ms(m.available_at),
-                })
-                .collect(),
-            inbox: w.inbox.as_deref(),
-            inbox_at: ms(first_at),
-            resolve_at: w.resolve_dead_letters.then(|| ms(first_at)),
-            dead_letter: w.dead_letter.as_ref().map(|d| CommitDeadLetter {
-                id: d.id,
-                category: d.category.as_str(),
-                saga_id: d.saga_id,
-                saga_type: d.saga_type.as_deref(),
-                step: d.step.as_deref(),
-                kind: d.kind.map(CommandKind::as_str),
-                reason: &d.reason,
-                attempts: d.attempts,
-                message: d.message.as_ref(),
-                at: ms(d.at),
-            }),
-        }
-    }
 }
 
 /// One write's rows, flattened for the batch statements.

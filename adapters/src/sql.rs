@@ -1,9 +1,11 @@
 //! What the SQL stores share: timestamps as milliseconds, decoding helpers, and the
 //! classification of sqlx errors into the port's [`StoreError`].
 
-use skald_runtime::ids::SagaId;
-use skald_runtime::machine::Timestamp;
-use skald_runtime::ports::{Headers, StoreError};
+use serde::Serialize;
+use skald_runtime::ids::{CommandKind, SagaId};
+use skald_runtime::machine::{SagaState, Timestamp};
+use skald_runtime::ports::{Headers, SagaWrite, StoreError};
+use uuid::Uuid;
 
 pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
@@ -56,5 +58,131 @@ pub(crate) fn classify(
             StoreError::Schema(e.to_string())
         }
         _ => StoreError::Other(e.to_string()),
+    }
+}
+
+/// One group commit as JSON: the argument of PostgreSQL's `skald_commit`, and the arrays
+/// SQLite's set-based statements read with `json_each`. Serialized straight from the
+/// writes, without copies.
+#[derive(Serialize)]
+pub(crate) struct CommitBatch<'a> {
+    pub(crate) published: &'a [Uuid],
+    pub(crate) writes: Vec<CommitWrite<'a>>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct CommitWrite<'a> {
+    id: SagaId,
+    expected: u64,
+    state: Option<&'a SagaState>,
+    saga_type: Option<&'a str>,
+    definition_version: Option<u32>,
+    status: Option<&'static str>,
+    wake: Option<i64>,
+    created: Option<i64>,
+    updated: Option<i64>,
+    journal: Vec<CommitEntry<'a>>,
+    outbox: Vec<CommitOutbox<'a>>,
+    inbox: Option<&'a str>,
+    inbox_at: i64,
+    resolve_at: Option<i64>,
+    dead_letter: Option<CommitDeadLetter<'a>>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct CommitEntry<'a> {
+    at: i64,
+    schema_version: u16,
+    kind: &'a str,
+    body: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+pub(crate) struct CommitOutbox<'a> {
+    id: Uuid,
+    subject: &'a str,
+    headers: &'a Headers,
+    /// Hex: any bytes, decoded by the function.
+    payload: String,
+    created: i64,
+    available: i64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct CommitDeadLetter<'a> {
+    id: Uuid,
+    category: &'static str,
+    saga_id: Option<SagaId>,
+    saga_type: Option<&'a str>,
+    step: Option<&'a str>,
+    kind: Option<&'static str>,
+    reason: &'a str,
+    attempts: u32,
+    message: Option<&'a serde_json::Value>,
+    at: i64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+impl<'a> CommitWrite<'a> {
+    pub(crate) fn of(w: &'a SagaWrite) -> Self {
+        let first_at = w.journal.first().map(|j| j.at).unwrap_or_default();
+        let state = w.state.as_ref();
+        CommitWrite {
+            id: w.id,
+            expected: w.expected_version,
+            state,
+            saga_type: state.map(|s| s.saga_type.as_str()),
+            definition_version: state.map(|s| s.definition_version),
+            status: state.map(|s| s.status.as_str()),
+            wake: state.and_then(|s| s.wake_at()).map(ms),
+            created: state.map(|s| ms(s.created_at)),
+            updated: state.map(|s| ms(s.updated_at)),
+            journal: w
+                .journal
+                .iter()
+                .map(|e| CommitEntry {
+                    at: ms(e.at),
+                    schema_version: e.schema_version,
+                    kind: &e.kind,
+                    body: &e.body,
+                })
+                .collect(),
+            outbox: w
+                .outbox
+                .iter()
+                .map(|m| CommitOutbox {
+                    id: m.id,
+                    subject: &m.message.subject,
+                    headers: &m.message.headers,
+                    payload: hex(&m.message.payload),
+                    created: ms(crate::created_at(m.id)),
+                    available: ms(m.available_at),
+                })
+                .collect(),
+            inbox: w.inbox.as_deref(),
+            inbox_at: ms(first_at),
+            resolve_at: w.resolve_dead_letters.then(|| ms(first_at)),
+            dead_letter: w.dead_letter.as_ref().map(|d| CommitDeadLetter {
+                id: d.id,
+                category: d.category.as_str(),
+                saga_id: d.saga_id,
+                saga_type: d.saga_type.as_deref(),
+                step: d.step.as_deref(),
+                kind: d.kind.map(CommandKind::as_str),
+                reason: &d.reason,
+                attempts: d.attempts,
+                message: d.message.as_ref(),
+                at: ms(d.at),
+            }),
+        }
     }
 }

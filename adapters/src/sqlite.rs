@@ -21,7 +21,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
-use crate::sql::{classify, corrupt, decode_headers, encode_headers, limit, ms, parse_id, ts};
+use crate::sql::{
+    CommitWrite, classify, corrupt, decode_headers, encode_headers, limit, ms, parse_id, ts,
+};
 
 /// The embedded migrations (`migrations/sqlite`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -46,6 +48,10 @@ pub struct SqliteOptions {
     pub max_connections: u32,
     /// How long a statement waits for a lock. Default: 10 s.
     pub busy_timeout: Duration,
+    /// Group commits of up to this many writes are written row by row; larger ones with
+    /// a few set-based statements reading JSON arrays (`json_each`): each statement is a
+    /// hop to the connection's worker thread, so fewer statements is less time. Default: 4.
+    pub per_row_max_writes: usize,
 }
 
 impl Default for SqliteOptions {
@@ -54,6 +60,7 @@ impl Default for SqliteOptions {
             durability: Durability::Full,
             max_connections: 4,
             busy_timeout: Duration::from_secs(10),
+            per_row_max_writes: 4,
         }
     }
 }
@@ -62,6 +69,7 @@ impl Default for SqliteOptions {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    per_row_max_writes: usize,
 }
 
 /// Maps a sqlx error to the port's error at the boundary.
@@ -108,7 +116,10 @@ impl SqliteStore {
                 "applying the SQLite migrations to {url} failed: {e}"
             ))
         })?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            per_row_max_writes: options.per_row_max_writes,
+        })
     }
 
     /// The connection pool (other components of a process may share the file).
@@ -297,6 +308,202 @@ async fn apply_write(
     Ok(WriteOutcome::Committed { version })
 }
 
+/// `[w1, w2, ...]` from writes already serialized one by one.
+fn json_array<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    for (n, item) in items.enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(item);
+    }
+    out.push(']');
+    out
+}
+
+/// Applies one round of writes (no saga twice) with a handful of set-based statements
+/// reading the writes as a JSON array: inbox, creations, updates, version checks of
+/// journal-only writes, journal; outbox rows and dead letters row by row. Per-write
+/// atomicity is kept: a write refused for a conflict leaves nothing behind, its inbox
+/// entry included.
+async fn apply_set(
+    tx: &mut Transaction<'static, Sqlite>,
+    writes: &[SagaWrite],
+    round: &[usize],
+    outcomes: &mut [Option<WriteOutcome>],
+) -> Result<(), StoreError> {
+    let mut json: Vec<(usize, String)> = Vec::with_capacity(round.len());
+    for &i in round {
+        let j = serde_json::to_string(&CommitWrite::of(&writes[i]))
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        json.push((i, j));
+    }
+    let array = |keep: &dyn Fn(usize) -> bool| {
+        json_array(
+            json.iter()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, j)| j.as_str()),
+        )
+    };
+
+    // 1. The inbox: a message applied before is refused before anything is written.
+    if round.iter().any(|&i| writes[i].inbox.is_some()) {
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO inbox (message_id, saga_id, received_at_ms) \
+             SELECT json_extract(value, '$.inbox'), json_extract(value, '$.id'), \
+                    json_extract(value, '$.inbox_at') \
+             FROM json_each(?) WHERE json_extract(value, '$.inbox') IS NOT NULL \
+             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+        )
+        .bind(array(&|i| writes[i].inbox.is_some()))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+        for &i in round {
+            if let Some(m) = &writes[i].inbox
+                && !inserted.contains(m)
+            {
+                outcomes[i] = Some(WriteOutcome::Duplicate);
+            }
+        }
+    }
+    let live = |i: usize| outcomes[i].is_none();
+    let live_now: Vec<usize> = round.iter().copied().filter(|&i| live(i)).collect();
+    let mut applied: std::collections::HashSet<SagaId> = std::collections::HashSet::new();
+
+    // 2. Creations, 3. versioned updates, 4. version checks of journal-only writes.
+    let creates = |i: usize| writes[i].state.is_some() && writes[i].expected_version == 0;
+    if live_now.iter().any(|&i| creates(i)) {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
+             state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+             SELECT json_extract(value, '$.id'), json_extract(value, '$.saga_type'), \
+                    json_extract(value, '$.definition_version'), json_extract(value, '$.status'), 1, \
+                    json_extract(value, '$.state'), json_extract(value, '$.wake'), \
+                    json_extract(value, '$.created'), json_extract(value, '$.updated') \
+             FROM json_each(?) WHERE 1 ON CONFLICT (id) DO NOTHING RETURNING id",
+        )
+        .bind(array(&|i| live_now.contains(&i) && creates(i)))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        for id in ids {
+            applied.insert(parse_id(&id)?);
+        }
+    }
+    let updates = |i: usize| writes[i].state.is_some() && writes[i].expected_version > 0;
+    if live_now.iter().any(|&i| updates(i)) {
+        // A state change ends any claim on the old wake-up.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE saga_instances AS s SET status = u.st, version = u.v + 1, state = u.state, \
+             next_wakeup_ms = u.wake, wakeup_claimed_until_ms = NULL, updated_at_ms = u.updated \
+             FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS st, \
+                          json_extract(value, '$.expected') AS v, json_extract(value, '$.state') AS state, \
+                          json_extract(value, '$.wake') AS wake, json_extract(value, '$.updated') AS updated \
+                   FROM json_each(?)) AS u \
+             WHERE s.id = u.id AND s.version = u.v RETURNING id",
+        )
+        .bind(array(&|i| live_now.contains(&i) && updates(i)))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        for id in ids {
+            applied.insert(parse_id(&id)?);
+        }
+    }
+    let checks = |i: usize| writes[i].state.is_none();
+    if live_now.iter().any(|&i| checks(i)) {
+        let rows = sqlx::query(
+            "SELECT id, version FROM saga_instances \
+             WHERE id IN (SELECT json_extract(value, '$.id') FROM json_each(?))",
+        )
+        .bind(array(&|i| live_now.contains(&i) && checks(i)))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        let mut current = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id = parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?;
+            current.insert(id, r.try_get::<i64, _>("version").map_err(store_error)?);
+        }
+        for &i in live_now.iter().filter(|&&i| checks(i)) {
+            let w = &writes[i];
+            if current.get(&w.id).and_then(|v| u64::try_from(*v).ok()) == Some(w.expected_version) {
+                applied.insert(w.id);
+            }
+        }
+    }
+    let mut conflicted_inbox = Vec::new();
+    for &i in &live_now {
+        let w = &writes[i];
+        outcomes[i] = Some(if applied.contains(&w.id) {
+            WriteOutcome::Committed {
+                version: w.expected_version + u64::from(w.state.is_some()),
+            }
+        } else {
+            if let Some(m) = &w.inbox {
+                conflicted_inbox.push(m.as_str());
+            }
+            WriteOutcome::Conflict
+        });
+    }
+    // Nothing of a conflicting write may stay, its inbox entry included.
+    if !conflicted_inbox.is_empty() {
+        let ids = serde_json::to_string(&conflicted_inbox)
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        sqlx::query("DELETE FROM inbox WHERE message_id IN (SELECT value FROM json_each(?))")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
+    let committed: Vec<usize> = live_now
+        .iter()
+        .copied()
+        .filter(|&i| matches!(outcomes[i], Some(WriteOutcome::Committed { .. })))
+        .collect();
+
+    // 5. Journal entries, in order.
+    if committed.iter().any(|&i| !writes[i].journal.is_empty()) {
+        sqlx::query(
+            "INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) \
+             SELECT json_extract(w.value, '$.id'), json_extract(j.value, '$.at'), \
+                    json_extract(j.value, '$.schema_version'), json_extract(j.value, '$.kind'), \
+                    json(json_extract(j.value, '$.body')) \
+             FROM json_each(?) AS w, json_each(w.value, '$.journal') AS j \
+             ORDER BY w.key, j.key",
+        )
+        .bind(array(&|i| committed.contains(&i)))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    }
+
+    // Outbox rows (a durable bus only), dead letters and their resolution: row by row.
+    for &i in &committed {
+        let w = &writes[i];
+        let id = w.id.to_string();
+        if w.resolve_dead_letters {
+            let now = w.journal.first().map(|j| j.at).unwrap_or_default();
+            sqlx::query(
+                "UPDATE dead_letters SET resolved_at_ms = ? \
+                 WHERE saga_id = ? AND category = 'saga' AND resolved_at_ms IS NULL",
+            )
+            .bind(ms(now))
+            .bind(&id)
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        }
+        if let Some(dl) = &w.dead_letter {
+            insert_dead_letter(&mut **tx, dl).await?;
+        }
+        insert_outbox(tx, Some(&id), &w.outbox).await?;
+    }
+    Ok(())
+}
+
 async fn insert_outbox(
     tx: &mut Transaction<'static, Sqlite>,
     saga_id: Option<&str>,
@@ -416,10 +623,35 @@ impl SagaStore for SqliteStore {
                 .await
                 .map_err(store_error)?;
         }
-        let mut outcomes = Vec::with_capacity(writes.len());
-        for w in writes {
-            outcomes.push(apply_write(&mut tx, w).await?);
-        }
+        let outcomes = if writes.len() <= self.per_row_max_writes {
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                outcomes.push(apply_write(&mut tx, w).await?);
+            }
+            outcomes
+        } else {
+            // A saga written twice in one batch (a passivation race) goes into a later
+            // round: every statement sees each saga once.
+            let mut rounds: Vec<Vec<usize>> = Vec::new();
+            let mut seen: std::collections::HashMap<SagaId, usize> =
+                std::collections::HashMap::with_capacity(writes.len());
+            for (i, w) in writes.iter().enumerate() {
+                let round = seen.entry(w.id).or_insert(0);
+                if rounds.len() <= *round {
+                    rounds.push(Vec::new());
+                }
+                rounds[*round].push(i);
+                *round += 1;
+            }
+            let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
+            for round in &rounds {
+                apply_set(&mut tx, writes, round, &mut outcomes).await?;
+            }
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(WriteOutcome::Conflict))
+                .collect()
+        };
         tx.commit().await.map_err(store_error)?;
         Ok(outcomes)
     }
