@@ -296,3 +296,122 @@ async fn credentials_pass_through_to_the_server() {
     .expect("the token is passed through");
     assert!(bus.client().server_info().jetstream);
 }
+
+/// Lifecycle events in their public schema (`skald.event/1`), as a plain NATS subscriber
+/// sees them: every saga's events in order, from `started` to its terminal event, each
+/// carrying its correlation id (the saga) and its causation id (for a step's success,
+/// the participant's reply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_reach_a_plain_subscriber_in_order_per_saga() {
+    use futures_util::StreamExt;
+    use skald::ids::SagaId;
+    use skald::wire::{self, EventV1};
+
+    let backend = Backend::new(StoreKind::Nats).await;
+    let url = backend.nats.as_ref().expect("a nats-server").url();
+    let client = async_nats::connect(url.as_str())
+        .await
+        .expect("a plain NATS client");
+    let mut events = client
+        .subscribe("skald.evt.checkout.>")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+
+    let config = skald::sagas::sim::SimConfig {
+        seed: 11,
+        decline_rate: 0.4,
+        flaky_rate: 0.0,
+    };
+    let mut env = TestEnv::start(&backend, MemoryLedger::new(), config, no_script()).await;
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        ids.push(env.start_order(n).await);
+    }
+    let statuses = env.settle(&ids).await;
+    assert!(
+        statuses.values().any(|s| *s == SagaStatus::Compensated)
+            && statuses.values().any(|s| *s == SagaStatus::Completed),
+        "both outcomes are exercised: {statuses:?}"
+    );
+
+    let terminal = |e: &EventV1| e.event == "completed" || e.event == "compensated";
+    let mut seen: HashMap<SagaId, Vec<EventV1>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while seen.values().filter(|evs| evs.iter().any(terminal)).count() < ids.len() {
+        let msg = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("every saga's terminal event arrives")
+            .expect("subscription open");
+        let ev: EventV1 = serde_json::from_slice(&msg.payload).expect("a skald.event/1 body");
+        let headers = msg.headers.expect("headers");
+        assert_eq!(ev.schema, wire::EVENT_SCHEMA);
+        assert_eq!(
+            headers.get(wire::H_EVENT_SCHEMA).map(|v| v.as_str()),
+            Some(wire::EVENT_SCHEMA)
+        );
+        assert_eq!(
+            headers.get(wire::H_CAUSATION_ID).map(|v| v.as_str()),
+            Some(ev.causation_id.as_str())
+        );
+        assert_eq!(
+            msg.subject.as_str(),
+            format!("skald.evt.checkout.{}", ev.event)
+        );
+        assert_eq!(ev.correlation_id, ev.saga_id.to_string());
+        seen.entry(ev.saga_id).or_default().push(ev);
+    }
+
+    for id in &ids {
+        let evs = &seen[id];
+        let names: Vec<&str> = evs.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(names.first(), Some(&"started"), "{id}: {names:?}");
+        assert!(
+            evs.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
+            "{id}: in order: {names:?}"
+        );
+        assert_eq!(
+            names.iter().filter(|n| **n == "started").count(),
+            1,
+            "{id}: {names:?}"
+        );
+        match statuses[id] {
+            SagaStatus::Completed => {
+                assert_eq!(
+                    names,
+                    [
+                        "started",
+                        "step_succeeded",
+                        "step_succeeded",
+                        "step_succeeded",
+                        "completed"
+                    ],
+                    "{id}"
+                );
+            }
+            SagaStatus::Compensated => {
+                let failed = names.iter().position(|n| *n == "step_failed");
+                let compensating = names.iter().position(|n| *n == "compensating");
+                assert!(
+                    failed.is_some() && failed < compensating,
+                    "{id}: a failure, then compensation: {names:?}"
+                );
+                assert_eq!(names.last(), Some(&"compensated"), "{id}: {names:?}");
+            }
+            other => panic!("{id}: unexpected status {other:?}"),
+        }
+        // A step's success was caused by the participant's reply (its Nats-Msg-Id).
+        for e in evs.iter().filter(|e| e.event == "step_succeeded") {
+            let step = e.step.as_deref().expect("a step");
+            let kind = e.kind.expect("a kind");
+            let attempt = e.attempt.expect("an attempt");
+            assert_eq!(
+                e.causation_id,
+                format!("reply:{id}:{step}:{}:{attempt}", kind.as_str()),
+                "{id}"
+            );
+        }
+        assert_eq!(evs[0].causation_id, format!("started:{id}:1"));
+    }
+    env.shutdown().await;
+}

@@ -7,8 +7,96 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::{CommandKind, SagaId, SagaType, StepName};
-use crate::machine::{Command, StepError};
+use crate::machine::{Command, LifecycleEvent, StepError};
 use crate::ports::{Headers, Message};
+
+/// The lifecycle events' public schema: the `schema` field of every event body and the
+/// `Skald-Event-Schema` header. A change that is not purely additive gets a new version.
+pub const EVENT_SCHEMA: &str = "skald.event/1";
+/// Header: the schema of a lifecycle event's body ([`EVENT_SCHEMA`]).
+pub const H_EVENT_SCHEMA: &str = "Skald-Event-Schema";
+/// Header: what ties a lifecycle event to the others of its saga (the saga id).
+pub const H_CORRELATION_ID: &str = "Skald-Correlation-Id";
+/// Header: the message that caused a lifecycle event (see [`EventV1::causation_id`]).
+pub const H_CAUSATION_ID: &str = "Skald-Causation-Id";
+
+/// A lifecycle event as published on `skald.evt.<saga_type>.<event>`: the stable public
+/// schema ([`EVENT_SCHEMA`]), separate from the runtime's journal. docs/protocol.md
+/// documents it; fields are only ever added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventV1 {
+    /// Always [`EVENT_SCHEMA`].
+    pub schema: String,
+    /// `started`, `step_succeeded`, `step_failed`, `retry_scheduled`, `compensating`,
+    /// `completed`, `compensated`, `dead_lettered`, `redriven` or `cancelled`.
+    pub event: String,
+    /// The saga.
+    pub saga_id: SagaId,
+    /// Its type.
+    pub saga_type: String,
+    /// The step concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// `action` or `compensation`, when a step is concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<CommandKind>,
+    /// The attempt concerned, if any (1-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The error, for failures, cancellations and dead letters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Ties the saga's events together: the saga id.
+    pub correlation_id: String,
+    /// The message that caused the event: a reply's message id (its `Nats-Msg-Id`, else
+    /// the broker's stream and sequence), or for what no message carried, the input and
+    /// the saga version it produced (`started:<saga>:1`, `timed_out:<saga>:5`,
+    /// `cancel_requested:<saga>:3`).
+    pub causation_id: String,
+}
+
+/// Encodes a lifecycle event in the public schema.
+pub fn encode_event(ev: &LifecycleEvent, causation_id: &str) -> Result<Message, serde_json::Error> {
+    let correlation_id = ev.saga_id.to_string();
+    let body = EventV1 {
+        schema: EVENT_SCHEMA.to_owned(),
+        event: ev.event.as_str().to_owned(),
+        saga_id: ev.saga_id,
+        saga_type: ev.saga_type.as_str().to_owned(),
+        step: ev.step.as_ref().map(|s| s.as_str().to_owned()),
+        kind: ev.kind,
+        attempt: ev.attempt,
+        error: ev.error.clone(),
+        at_ms: ev.at.as_millis(),
+        correlation_id: correlation_id.clone(),
+        causation_id: causation_id.to_owned(),
+    };
+    let payload = serde_json::to_vec(&body)?;
+    let mut headers = Headers::new();
+    headers.insert(H_SAGA_ID, ev.saga_id.to_string());
+    headers.insert(H_SAGA_TYPE, ev.saga_type.as_str());
+    headers.insert(H_EVENT_SCHEMA, EVENT_SCHEMA);
+    headers.insert(H_CORRELATION_ID, correlation_id);
+    headers.insert(H_CAUSATION_ID, causation_id);
+    headers.insert(
+        H_MSG_ID,
+        format!(
+            "evt:{}:{}:{}:{}:{}",
+            ev.saga_id,
+            ev.event.as_str(),
+            ev.step.as_ref().map(|s| s.as_str()).unwrap_or("-"),
+            ev.kind.map(|k| k.as_str()).unwrap_or("-"),
+            ev.attempt.unwrap_or(0)
+        ),
+    );
+    Ok(Message {
+        subject: event_subject(&ev.saga_type, ev.event.as_str()),
+        headers,
+        payload: Bytes::from(payload),
+    })
+}
 
 /// Header: the saga instance id (UUID).
 pub const H_SAGA_ID: &str = "Skald-Saga-Id";

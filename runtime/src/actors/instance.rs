@@ -452,7 +452,13 @@ async fn process(
                         }),
                         _ => None,
                     });
-                    let mut outbox = outbox_messages(&shared, &state, &effects, now);
+                    // What caused this transition, for its lifecycle events: the reply's
+                    // id, or the input and the version it produces.
+                    let causation = match &inbox {
+                        Some(id) => id.clone(),
+                        None => format!("{}:{}:{}", input.name(), state.id, saga.version + 1),
+                    };
+                    let mut outbox = outbox_messages(&shared, &state, &effects, now, &causation);
                     // An in-process bus loses everything with the process anyway (a start
                     // re-sends what unfinished sagas wait on): no outbox rows to store.
                     direct = if shared.outbox_stored {
@@ -571,6 +577,7 @@ fn outbox_messages(
     state: &SagaState,
     effects: &[Effect],
     now: machine::Timestamp,
+    causation: &str,
 ) -> Vec<OutboxMessage> {
     let available_at = now.plus(shared.options.claim_lease);
     let mut out = Vec::new();
@@ -589,28 +596,8 @@ fn outbox_messages(
                 Err(e) => error!(error = %e, "encoding command failed"),
             },
             Effect::EmitLifecycleEvent(ev) if shared.options.publish_events => {
-                match serde_json::to_vec(ev) {
-                    Ok(body) => {
-                        let mut headers = Headers::new();
-                        headers.insert(wire::H_SAGA_ID, ev.saga_id.to_string());
-                        headers.insert(wire::H_SAGA_TYPE, ev.saga_type.as_str());
-                        headers.insert(
-                            wire::H_MSG_ID,
-                            format!(
-                                "evt:{}:{}:{}:{}:{}",
-                                ev.saga_id,
-                                ev.event.as_str(),
-                                ev.step.as_ref().map(|s| s.as_str()).unwrap_or("-"),
-                                ev.kind.map(|k| k.as_str()).unwrap_or("-"),
-                                ev.attempt.unwrap_or(0)
-                            ),
-                        );
-                        push(Message {
-                            subject: wire::event_subject(&ev.saga_type, ev.event.as_str()),
-                            headers,
-                            payload: body.into(),
-                        });
-                    }
+                match wire::encode_event(ev, causation) {
+                    Ok(msg) => push(msg),
                     Err(e) => error!(error = %e, "encoding event failed"),
                 }
             }
