@@ -50,6 +50,10 @@ use skald::{Runtime, RuntimeOptions, SagaOutcome};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::{Semaphore, mpsc};
 
+#[path = "checkout/stats.rs"]
+mod stats;
+use stats::{percentile, round2};
+
 #[derive(Debug, Parser)]
 #[command(name = "bench", about = "skald's benchmark (see BENCHMARKS.md)")]
 struct Args {
@@ -262,18 +266,6 @@ fn spawn_children(args: &[Vec<String>]) -> anyhow::Result<Children> {
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn r2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 fn order(i: usize) -> Checkout {
     Checkout::new(
         format!("bench-{i}"),
@@ -444,13 +436,13 @@ fn figures(
         mode,
         sagas: latencies.len(),
         concurrency,
-        sagas_per_sec: r2(latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9)),
-        p50_ms: r2(p50),
-        p99_ms: r2(percentile(&latencies, 99.0)),
-        p999_ms: r2(percentile(&latencies, 99.9)),
-        per_step_ms: r2(p50 / 3.0),
-        cpu_ms_per_saga_orchestrator: r2(cpu_orchestrator_ms / n),
-        cpu_ms_per_saga_participants: cpu_participants_ms.map(|c| r2(c / n)),
+        sagas_per_sec: round2(latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9)),
+        p50_ms: round2(p50),
+        p99_ms: round2(percentile(&latencies, 99.0)),
+        p999_ms: round2(percentile(&latencies, 99.9)),
+        per_step_ms: round2(p50 / 3.0),
+        cpu_ms_per_saga_orchestrator: round2(cpu_orchestrator_ms / n),
+        cpu_ms_per_saga_participants: cpu_participants_ms.map(|c| round2(c / n)),
         durability,
         ..Figures::default()
     }
@@ -535,7 +527,7 @@ async fn embedded(args: &Args) -> anyhow::Result<Vec<Figures>> {
             },
             "SQLite WAL, synchronous=FULL (every commit fsync'd); in-process bus".into(),
         );
-        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
         f.note = Some("participants in-process: their CPU is in the orchestrator's".into());
         runtime.shutdown().await;
         drop(handles);
@@ -619,10 +611,10 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
                 },
                 synchronous_commit(&url).await,
             );
-            f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
-            f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
-            f.cpu_ms_per_saga_nats_server = Some(r2((nats1 - nats0) / n as f64));
-            f.cpu_ms_per_saga_postgres = Some(r2((pg1 - pg0) / n as f64));
+            f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
+            f.peak_rss_mb_participants = Some(round2(children.peak_mb()));
+            f.cpu_ms_per_saga_nats_server = Some(round2((nats1 - nats0) / n as f64));
+            f.cpu_ms_per_saga_postgres = Some(round2((pg1 - pg0) / n as f64));
             runtime.shutdown().await;
             anyhow::Ok(f)
         }
@@ -723,10 +715,10 @@ async fn floor(args: &Args) -> anyhow::Result<Vec<Figures>> {
             },
             "NATS JetStream file storage, acked publishes (same streams as skald); no store".into(),
         );
-        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
-        f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
+        f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
+        f.peak_rss_mb_participants = Some(round2(children.peak_mb()));
         f.note = Some("3 command/reply round trips per saga, no orchestration".into());
-        f.cpu_ms_per_saga_nats_server = Some(r2((servers_cpu_ms().0 - nats0) / n as f64));
+        f.cpu_ms_per_saga_nats_server = Some(round2((servers_cpu_ms().0 - nats0) / n as f64));
         out.push(f);
     }
     out.push(pg_floor(args).await?);
@@ -794,15 +786,15 @@ async fn pg_floor(args: &Args) -> anyhow::Result<Figures> {
         let pg_cpu = servers_cpu_ms().1 - pg0;
         let mut f = figures("floor-postgres", "throughput", CLIENTS, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
         // Sagas/s implied: 4 transitions per checkout saga.
-        f.sagas_per_sec = r2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
+        f.sagas_per_sec = round2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
         f.sagas = transitions / 4;
-        f.cpu_ms_per_saga_postgres = Some(r2(pg_cpu / (transitions as f64 / 4.0)));
+        f.cpu_ms_per_saga_postgres = Some(round2(pg_cpu / (transitions as f64 / 4.0)));
         f.per_step_ms = 0.0;
         f.note = Some(format!(
             "{transitions} transition-shaped transactions from {CLIENTS} connections, {:.0}/s; sagas/s = that / 4; latency is per transaction",
             transitions as f64 / elapsed.as_secs_f64()
         ));
-        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
+        f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
         anyhow::Ok(f)
     }
     .await;
@@ -861,11 +853,11 @@ async fn pg_floor_batched(args: &Args) -> anyhow::Result<Figures> {
         let pg_cpu = servers_cpu_ms().1 - pg0;
         let transitions = rounds * BATCH;
         let mut f = figures("floor-pg-batched", "throughput", 1, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
-        f.sagas_per_sec = r2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
+        f.sagas_per_sec = round2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
         f.sagas = transitions / 4;
         f.per_step_ms = 0.0;
-        f.cpu_ms_per_saga_orchestrator = r2(cpu / (transitions as f64 / 4.0));
-        f.cpu_ms_per_saga_postgres = Some(r2(pg_cpu / (transitions as f64 / 4.0)));
+        f.cpu_ms_per_saga_orchestrator = round2(cpu / (transitions as f64 / 4.0));
+        f.cpu_ms_per_saga_postgres = Some(round2(pg_cpu / (transitions as f64 / 4.0)));
         f.note = Some(format!(
             "{rounds} transactions of {BATCH} transition-shaped writes from one connection, {:.0} transitions/s; sagas/s = that / 4; latency is per transaction",
             transitions as f64 / elapsed.as_secs_f64()
@@ -942,9 +934,9 @@ async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
         let elapsed = t0.elapsed();
         let cpu = cpu_ms("self") - cpu0;
         let mut f = figures("memory", "waiting", 1_000, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
-        f.peak_rss_mb_orchestrator = r2(status_kb("self", "VmHWM:") / 1024.0);
-        f.peak_rss_mb_participants = Some(r2(children.peak_mb()));
-        f.rss_kb_per_waiting_saga = Some(r2((waiting_kb - base_kb).max(0.0) / n as f64));
+        f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
+        f.peak_rss_mb_participants = Some(round2(children.peak_mb()));
+        f.rss_kb_per_waiting_saga = Some(round2((waiting_kb - base_kb).max(0.0) / n as f64));
         f.note = Some(format!(
             "{n} sagas started in {start_secs:.1} s with no participant running; RSS {:.1} MB before, {:.1} MB with all waiting (passivated), peak {:.1} MB while starting; then answered",
             base_kb / 1024.0,

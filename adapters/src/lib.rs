@@ -35,6 +35,34 @@ pub(crate) fn created_at(id: uuid::Uuid) -> skald_runtime::machine::Timestamp {
         .unwrap_or_default()
 }
 
+/// `url` with its password (in the user info or a `password=` parameter) masked, for
+/// messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(start) = out.find("://").map(|i| i + 3) {
+        let end = out[start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| start + i);
+        if let Some(at) = out[start..end].rfind('@').map(|i| start + i)
+            && let Some(colon) = out[start..at].find(':').map(|i| start + i)
+        {
+            out.replace_range(colon + 1..at, "***");
+        }
+    }
+    if let Some(query) = out.find('?') {
+        let (head, params) = out.split_at(query + 1);
+        let params: Vec<String> = params
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", params.join("&"));
+    }
+    out
+}
+
 /// Whether `subject` matches the NATS `pattern` (`*` one token, `>` one or more tokens
 /// at the end).
 pub fn subject_matches(pattern: &str, subject: &str) -> bool {
@@ -54,6 +82,23 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::subject_matches;
+
+    #[test]
+    fn passwords_are_redacted() {
+        use super::redact_url;
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/skald"),
+            "postgres://app:***@db:5432/skald"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/skald"),
+            "postgres://app@db/skald"
+        );
+        assert_eq!(
+            redact_url("postgres://db/skald?user=app&password=s3cret"),
+            "postgres://db/skald?user=app&password=***"
+        );
+    }
 
     #[test]
     fn nats_wildcards() {

@@ -34,6 +34,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use crate::redact_url as redact;
 use crate::sql::{
     CommitBatch, CommitWrite, classify, corrupt, decode_headers, encode_headers, limit, ms,
     parse_id, ts,
@@ -101,21 +102,6 @@ pub fn store_error(e: sqlx::Error) -> StoreError {
             _ => None,
         }
     })
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 impl PostgresStore {
@@ -842,20 +828,5 @@ impl SagaStore for PostgresStore {
                 })
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            super::redact("postgres://app:s3cret@db:5432/skald"),
-            "postgres://app:***@db:5432/skald"
-        );
-        assert_eq!(
-            super::redact("postgres://app@db/skald"),
-            "postgres://app@db/skald"
-        );
     }
 }

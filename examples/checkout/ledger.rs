@@ -57,33 +57,7 @@ impl Backend {
     }
 }
 
-/// `url` with its password (in the user info or a `password=` parameter) masked, for
-/// messages and logs.
-pub fn redact(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(start) = out.find("://").map(|i| i + 3) {
-        let end = out[start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| start + i);
-        if let Some(at) = out[start..end].rfind('@').map(|i| start + i)
-            && let Some(colon) = out[start..at].find(':').map(|i| start + i)
-        {
-            out.replace_range(colon + 1..at, "***");
-        }
-    }
-    if let Some(query) = out.find('?') {
-        let (head, params) = out.split_at(query + 1);
-        let params: Vec<String> = params
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        out = format!("{head}{}", params.join("&"));
-    }
-    out
-}
+pub use skald::adapters::redact_url as redact;
 
 /// Opens the ledger in the database at `url` (SQLite or PostgreSQL, by the scheme),
 /// creating its tables if missing.

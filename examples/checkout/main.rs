@@ -22,6 +22,7 @@
 //! was dead-lettered (an operator has to look at it).
 
 mod ledger;
+mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ use skald::{Runtime, RuntimeOptions};
 use tokio::sync::Semaphore;
 
 use crate::ledger::{Backend, open_ledger, redact};
+use crate::stats::{percentile, round2};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -122,18 +124,6 @@ struct Summary {
     p50_ms: f64,
     p99_ms: f64,
     consistent: Option<bool>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 fn progress(total: usize, json: bool) -> ProgressBar {
