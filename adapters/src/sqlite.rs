@@ -289,6 +289,17 @@ async fn apply_write(
         .await
         .map_err(store_error)?;
     }
+    write_row_extras(tx, w, &id).await?;
+    Ok(WriteOutcome::Committed { version })
+}
+
+/// The rows of a committed write that both commit paths write one by one: the dead
+/// letters' resolution (a re-drive), a new dead letter, the outbox rows.
+async fn write_row_extras(
+    tx: &mut Transaction<'static, Sqlite>,
+    w: &SagaWrite,
+    id: &str,
+) -> Result<(), StoreError> {
     if w.resolve_dead_letters {
         let now = w.journal.first().map(|j| j.at).unwrap_or_default();
         sqlx::query(
@@ -296,7 +307,7 @@ async fn apply_write(
              WHERE saga_id = ? AND category = 'saga' AND resolved_at_ms IS NULL",
         )
         .bind(ms(now))
-        .bind(&id)
+        .bind(id)
         .execute(&mut **tx)
         .await
         .map_err(store_error)?;
@@ -304,8 +315,7 @@ async fn apply_write(
     if let Some(dl) = &w.dead_letter {
         insert_dead_letter(&mut **tx, dl).await?;
     }
-    insert_outbox(tx, Some(&id), &w.outbox).await?;
-    Ok(WriteOutcome::Committed { version })
+    insert_outbox(tx, Some(id), &w.outbox).await
 }
 
 /// `[w1, w2, ...]` from writes already serialized one by one.
@@ -483,23 +493,7 @@ async fn apply_set(
     // Outbox rows (a durable bus only), dead letters and their resolution: row by row.
     for &i in &committed {
         let w = &writes[i];
-        let id = w.id.to_string();
-        if w.resolve_dead_letters {
-            let now = w.journal.first().map(|j| j.at).unwrap_or_default();
-            sqlx::query(
-                "UPDATE dead_letters SET resolved_at_ms = ? \
-                 WHERE saga_id = ? AND category = 'saga' AND resolved_at_ms IS NULL",
-            )
-            .bind(ms(now))
-            .bind(&id)
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
-        }
-        if let Some(dl) = &w.dead_letter {
-            insert_dead_letter(&mut **tx, dl).await?;
-        }
-        insert_outbox(tx, Some(&id), &w.outbox).await?;
+        write_row_extras(tx, w, &w.id.to_string()).await?;
     }
     Ok(())
 }
