@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, Message, OutboxMessage, SagaStore,
-    SagaSummary, SagaWrite, StoreError, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, JournalEntry, OutboxMessage, SagaStore, SagaSummary,
+    SagaWrite, StoreError, StoredSaga, WriteOutcome,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -36,8 +36,8 @@ use uuid::Uuid;
 
 use crate::redact_url as redact;
 use crate::sql::{
-    CommitBatch, CommitWrite, classify, corrupt, decode_headers, encode_headers, limit, ms,
-    parse_id, ts,
+    ClaimedRow, CommitBatch, CommitWrite, classify, corrupt, due_in_order, encode_headers, limit,
+    ms, outbox_in_order, parse_id, ts,
 };
 
 /// The embedded migrations (`migrations/postgres`).
@@ -643,19 +643,16 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        // RETURNING does not promise an order: oldest due first.
-        let mut due = rows
+        let due = rows
             .iter()
             .map(|r| {
-                let at: i64 = r.try_get("next_wakeup_ms").map_err(store_error)?;
                 Ok((
-                    at,
-                    parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                    r.try_get("next_wakeup_ms").map_err(store_error)?,
+                    r.try_get("id").map_err(store_error)?,
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        due.sort();
-        Ok(due.into_iter().map(|(_, id)| id).collect())
+        due_in_order(due)
     }
 
     async fn claim_outbox(
@@ -678,29 +675,19 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let mut claimed = rows
+        let claimed = rows
             .iter()
             .map(|r| {
-                let id: String = r.try_get("id").map_err(store_error)?;
-                let headers: String = r.try_get("headers").map_err(store_error)?;
-                let payload: Vec<u8> = r.try_get("payload").map_err(store_error)?;
                 Ok((
-                    r.try_get::<i64, _>("seq").map_err(store_error)?,
-                    OutboxMessage {
-                        id: Uuid::parse_str(&id).map_err(|e| corrupt("outbox id", e))?,
-                        message: Message {
-                            subject: r.try_get("subject").map_err(store_error)?,
-                            headers: decode_headers(&headers)?,
-                            payload: payload.into(),
-                        },
-                        available_at: until,
-                    },
+                    r.try_get("seq").map_err(store_error)?,
+                    r.try_get("id").map_err(store_error)?,
+                    r.try_get("subject").map_err(store_error)?,
+                    r.try_get("headers").map_err(store_error)?,
+                    r.try_get("payload").map_err(store_error)?,
                 ))
             })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // RETURNING does not promise an order: publish in commit order.
-        claimed.sort_by_key(|(seq, _)| *seq);
-        Ok(claimed.into_iter().map(|(_, m)| m).collect())
+            .collect::<Result<Vec<ClaimedRow>, StoreError>>()?;
+        outbox_in_order(claimed, until)
     }
 
     async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {

@@ -186,3 +186,33 @@ impl<'a> CommitWrite<'a> {
         }
     }
 }
+
+/// One claimed outbox row as read back: (seq, id, subject, headers JSON, payload).
+pub(crate) type ClaimedRow = (i64, String, String, String, Vec<u8>);
+
+/// Claimed outbox rows in commit order (`RETURNING` promises none), held until `until`.
+pub(crate) fn outbox_in_order(
+    mut rows: Vec<ClaimedRow>,
+    until: Timestamp,
+) -> Result<Vec<skald_runtime::ports::OutboxMessage>, StoreError> {
+    rows.sort_by_key(|r| r.0);
+    rows.into_iter()
+        .map(|(_, id, subject, headers, payload)| {
+            Ok(skald_runtime::ports::OutboxMessage {
+                id: Uuid::parse_str(&id).map_err(|e| corrupt("outbox id", e))?,
+                message: skald_runtime::ports::Message {
+                    subject,
+                    headers: decode_headers(&headers)?,
+                    payload: payload.into(),
+                },
+                available_at: until,
+            })
+        })
+        .collect()
+}
+
+/// Claimed wake-ups, oldest due first (`RETURNING` promises no order): (due, id).
+pub(crate) fn due_in_order(mut rows: Vec<(i64, String)>) -> Result<Vec<SagaId>, StoreError> {
+    rows.sort();
+    rows.iter().map(|(_, id)| parse_id(id)).collect()
+}

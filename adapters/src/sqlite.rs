@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, Message, OutboxMessage, SagaStore,
-    SagaSummary, SagaWrite, StoreError, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, JournalEntry, OutboxMessage, SagaStore, SagaSummary,
+    SagaWrite, StoreError, StoredSaga, WriteOutcome,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -22,7 +22,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::sql::{
-    CommitWrite, classify, corrupt, decode_headers, encode_headers, limit, ms, parse_id, ts,
+    ClaimedRow, CommitWrite, classify, corrupt, due_in_order, encode_headers, limit, ms,
+    outbox_in_order, parse_id, ts,
 };
 
 /// The embedded migrations (`migrations/sqlite`).
@@ -675,19 +676,16 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        // RETURNING does not promise an order: oldest due first.
-        let mut due = rows
+        let due = rows
             .iter()
             .map(|r| {
-                let at: i64 = r.try_get("next_wakeup_ms").map_err(store_error)?;
                 Ok((
-                    at,
-                    parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                    r.try_get("next_wakeup_ms").map_err(store_error)?,
+                    r.try_get("id").map_err(store_error)?,
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        due.sort();
-        Ok(due.into_iter().map(|(_, id)| id).collect())
+        due_in_order(due)
     }
 
     async fn claim_outbox(
@@ -708,29 +706,19 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let mut claimed = rows
+        let claimed = rows
             .iter()
             .map(|r| {
-                let id: String = r.try_get("id").map_err(store_error)?;
-                let headers: String = r.try_get("headers").map_err(store_error)?;
-                let payload: Vec<u8> = r.try_get("payload").map_err(store_error)?;
                 Ok((
-                    r.try_get::<i64, _>("seq").map_err(store_error)?,
-                    OutboxMessage {
-                        id: Uuid::parse_str(&id).map_err(|e| corrupt("outbox id", e))?,
-                        message: Message {
-                            subject: r.try_get("subject").map_err(store_error)?,
-                            headers: decode_headers(&headers)?,
-                            payload: payload.into(),
-                        },
-                        available_at: until,
-                    },
+                    r.try_get("seq").map_err(store_error)?,
+                    r.try_get("id").map_err(store_error)?,
+                    r.try_get("subject").map_err(store_error)?,
+                    r.try_get("headers").map_err(store_error)?,
+                    r.try_get("payload").map_err(store_error)?,
                 ))
             })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // RETURNING does not promise an order: publish in commit order.
-        claimed.sort_by_key(|(seq, _)| *seq);
-        Ok(claimed.into_iter().map(|(_, m)| m).collect())
+            .collect::<Result<Vec<ClaimedRow>, StoreError>>()?;
+        outbox_in_order(claimed, until)
     }
 
     async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {
