@@ -300,10 +300,25 @@ impl NatsBus {
                 },
                 ..Default::default()
             };
-            self.js
-                .create_or_update_stream(config)
-                .await
-                .map_err(|e| BusError::Other(format!("creating or updating stream {name}: {e}")))?;
+            // A JetStream API request can time out while the server is busy (several
+            // processes starting at once against a fresh server): try a few times before
+            // calling it an error.
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                match self.js.create_or_update_stream(config.clone()).await {
+                    Ok(_) => break,
+                    Err(e) if attempt < 5 && e.to_string().contains("timed out") => {
+                        warn!(stream = %name, error = %e, attempt, "stream request timed out; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    }
+                    Err(e) => {
+                        return Err(BusError::Other(format!(
+                            "creating or updating stream {name}: {e}"
+                        )));
+                    }
+                }
+            }
         }
         Ok(())
     }
