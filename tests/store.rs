@@ -242,6 +242,7 @@ async fn contract_on(store: &dyn SagaStore) {
         attempts: 3,
         message: Some(serde_json::json!({ "subject": "x" })),
         at: Timestamp(5_000),
+        resolved_at: None,
     };
     let mut failed = s2.clone();
     failed.status = SagaStatus::Failed;
@@ -400,6 +401,7 @@ async fn outbox_and_inbox(store: &dyn SagaStore) {
         attempts: 1,
         message: None,
         at: Timestamp(8_000),
+        resolved_at: None,
     };
     store
         .record_poison(&poison, &[outbox_row("skald.dlq.unknown", 8_000)])

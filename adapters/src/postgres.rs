@@ -27,8 +27,9 @@ use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, OutboxMessage, SagaStore, SagaSummary,
-    SagaWrite, StoreError, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
+    OutboxMessage, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary, SagaWrite,
+    StatusCount, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -122,6 +123,36 @@ impl PostgresStore {
                 redact(url)
             ))
         })?;
+        Ok(PostgresStore {
+            pool,
+            single_call_max_writes: options.single_call_max_writes,
+        })
+    }
+
+    /// Connects to an existing skald database without migrating anything: for tools
+    /// that must not change it (the operator CLI). Refuses a database whose schema is
+    /// not exactly this build's.
+    pub async fn open_existing(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PostgresOptions {
+            max_connections: 2,
+            ..PostgresOptions::default()
+        };
+        let pool = open_pool(url, &options).await?;
+        let applied = match sqlx::query_scalar::<_, i64>(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&pool)
+        .await
+        {
+            Ok(v) => Some(v),
+            Err(e) if crate::sql::is_missing_table(&e) => None,
+            Err(e) => return Err(store_error(e)),
+        };
+        crate::sql::check_schema(
+            applied,
+            &MIGRATOR,
+            &format!("PostgreSQL database {}", redact(url)),
+        )?;
         Ok(PostgresStore {
             pool,
             single_call_max_writes: options.single_call_max_writes,
@@ -549,6 +580,10 @@ fn decode_dead_letter(r: &PgRow) -> Result<DeadLetterRecord, StoreError> {
             .transpose()
             .map_err(|e| corrupt("dead letter message", e))?,
         at: ts(r.try_get("created_at_ms").map_err(store_error)?),
+        resolved_at: r
+            .try_get::<Option<i64>, _>("resolved_at_ms")
+            .map_err(store_error)?
+            .map(ts),
     })
 }
 
@@ -815,5 +850,145 @@ impl SagaStore for PostgresStore {
                 })
             })
             .collect()
+    }
+}
+
+/// The columns of a dead letter, as `decode_dead_letter` reads them.
+const DEAD_LETTER_COLUMNS: &str = "id::text AS id, category, saga_id::text AS saga_id, \
+     saga_type, step, kind, reason, attempts, message::text AS message, created_at_ms, \
+     resolved_at_ms";
+
+#[async_trait]
+impl SagaQueries for PostgresStore {
+    async fn query(&self, q: &SagaQuery) -> Result<Vec<StoredSaga>, StoreError> {
+        // One static statement per order; empty filters are NULL (or an empty array).
+        const FILTER: &str = "SELECT state::text AS state, version FROM saga_instances \
+             WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
+             AND ($2::text IS NULL OR saga_type = $2) \
+             AND ($3::int8 IS NULL OR created_at_ms >= $3) \
+             AND ($4::int8 IS NULL OR updated_at_ms < $4) ";
+        let sql = match q.order {
+            SagaOrder::LeastRecentlyUpdated => {
+                format!("{FILTER}ORDER BY updated_at_ms, id LIMIT $5")
+            }
+            _ => format!("{FILTER}ORDER BY id DESC LIMIT $5"),
+        };
+        let statuses: Vec<&str> = q.statuses.iter().map(|s| s.as_str()).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(statuses)
+            .bind(q.saga_type.as_ref().map(|t| t.as_str()))
+            .bind(q.created_after.map(ms))
+            .bind(q.updated_before.map(ms))
+            .bind(limit(q.limit.min(MAX_QUERY_ROWS)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(decode_state).collect()
+    }
+
+    async fn stats(&self, since: Timestamp) -> Result<StoreStats, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(store_error)?;
+        let rows = sqlx::query(
+            "SELECT saga_type, definition_version, status, COUNT(*) AS n FROM saga_instances \
+             GROUP BY saga_type, definition_version, status \
+             ORDER BY saga_type, definition_version, status",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(store_error)?;
+        let counts = rows
+            .iter()
+            .map(|r| {
+                let status: String = r.try_get("status").map_err(store_error)?;
+                Ok(StatusCount {
+                    saga_type: r.try_get("saga_type").map_err(store_error)?,
+                    definition_version: u32::try_from(
+                        r.try_get::<i32, _>("definition_version")
+                            .map_err(store_error)?,
+                    )
+                    .map_err(|e| corrupt("definition version", e))?,
+                    status: SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+                    count: u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?)
+                        .unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let activity = sqlx::query(
+            "SELECT \
+               (SELECT COUNT(*) FROM saga_instances WHERE created_at_ms >= $1) AS started, \
+               (SELECT COUNT(*) FROM saga_instances WHERE status IN ('completed', 'compensated') \
+                  AND updated_at_ms >= $1) AS finished, \
+               (SELECT COUNT(*) FROM outbox) AS outbox_n, \
+               (SELECT MIN(created_at_ms) FROM outbox) AS outbox_oldest, \
+               (SELECT COUNT(*) FROM dead_letters WHERE resolved_at_ms IS NULL) AS open_dl",
+        )
+        .bind(ms(since))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(store_error)?;
+        let count = |c: &str| -> Result<u64, StoreError> {
+            Ok(u64::try_from(activity.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
+        };
+        let oldest = sqlx::query(
+            "SELECT id::text AS id, saga_type, created_at_ms FROM saga_instances \
+             WHERE status IN ('running', 'compensating') ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(store_error)?;
+        let oldest_active = match oldest {
+            Some(r) => Some((
+                parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
+                r.try_get("saga_type").map_err(store_error)?,
+                ts(r.try_get("created_at_ms").map_err(store_error)?),
+            )),
+            None => None,
+        };
+        Ok(StoreStats {
+            counts,
+            started_since: count("started")?,
+            finished_since: count("finished")?,
+            oldest_active,
+            outbox_backlog: count("outbox_n")?,
+            outbox_oldest: activity
+                .try_get::<Option<i64>, _>("outbox_oldest")
+                .map_err(store_error)?
+                .map(ts),
+            open_dead_letters: count("open_dl")?,
+        })
+    }
+
+    async fn find_dead_letters(
+        &self,
+        q: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
+             WHERE (NOT $1 OR resolved_at_ms IS NULL) AND ($2::text IS NULL OR saga_type = $2) \
+             AND ($3::text IS NULL OR category = $3) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT $4"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(q.open_only)
+            .bind(q.saga_type.as_deref())
+            .bind(q.category.map(DeadLetterCategory::as_str))
+            .bind(limit(q.limit.min(MAX_QUERY_ROWS)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(decode_dead_letter).collect()
+    }
+
+    async fn dead_letters_of(&self, id: Uuid) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = $1::uuid OR saga_id = $1::uuid \
+             ORDER BY created_at_ms DESC, id DESC LIMIT {MAX_QUERY_ROWS}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(decode_dead_letter).collect()
     }
 }

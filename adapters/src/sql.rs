@@ -216,3 +216,44 @@ pub(crate) fn due_in_order(mut rows: Vec<(i64, String)>) -> Result<Vec<SagaId>, 
     rows.sort();
     rows.iter().map(|(_, id)| parse_id(id)).collect()
 }
+
+/// Checks that the migrations applied to a database (`applied`, from `_sqlx_migrations`;
+/// `None` when that table is missing) are exactly the ones this build embeds, so a
+/// process that must not migrate (the operator CLI) reads only a schema it understands.
+pub(crate) fn check_schema(
+    applied: Option<Vec<i64>>,
+    migrator: &sqlx::migrate::Migrator,
+    database: &str,
+) -> Result<(), StoreError> {
+    let Some(applied) = applied else {
+        return Err(StoreError::Schema(format!(
+            "{database} has no skald schema (no _sqlx_migrations table): point at the database \
+             a skald runtime uses; a runtime creates the schema when it first starts"
+        )));
+    };
+    let known: Vec<i64> = migrator.iter().map(|m| m.version).collect();
+    if let Some(newer) = applied.iter().find(|v| !known.contains(v)) {
+        return Err(StoreError::Schema(format!(
+            "{database} has skald schema migration {newer}, newer than this build knows \
+             (latest {}): use the skald release that migrated it",
+            known.last().copied().unwrap_or_default()
+        )));
+    }
+    if let Some(missing) = known.iter().find(|v| !applied.contains(v)) {
+        return Err(StoreError::Schema(format!(
+            "{database} lacks skald schema migration {missing}: it is older than this build; \
+             start a skald runtime of this release against it once (it migrates at start-up)"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a store error says a table is missing.
+pub(crate) fn is_missing_table(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("42P01") || db.message().contains("no such table")
+        }
+        _ => false,
+    }
+}

@@ -13,6 +13,7 @@
 //! - [`machine`]: the pure state machine, `transition(&definition, &state, input, now)`.
 //! - [`ports`]: the `SagaStore`, `Bus` and `Clock` traits the adapters implement.
 //! - [`wire`]: how commands and replies look on the bus (headers and bodies).
+//! - [`replay`]: the journal fed back through the machine: time travel, replay checks.
 //! - [`committer`]: group commit: many instances' transitions in one store transaction.
 //! - [`actors`]: the actix shell: `SagaInstance`, `Registry`, the wake-up `Scheduler`.
 //! - [`participant`]: a helper to write participant services in Rust.
@@ -30,6 +31,7 @@ pub mod ids;
 pub mod machine;
 pub mod participant;
 pub mod ports;
+pub mod replay;
 pub mod retry;
 pub mod runtime;
 pub mod wire;

@@ -94,6 +94,10 @@ pub struct DeadLetterRecord {
     pub message: Option<Value>,
     /// When.
     pub at: Timestamp,
+    /// When an operator's re-drive resolved it (saga dead letters only); `None` while
+    /// open. Set by the store, ignored when a record is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<Timestamp>,
 }
 
 /// A message to publish, stored in the outbox in the same transaction as the state
@@ -281,6 +285,105 @@ pub trait SagaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SagaSummary>, StoreError>;
 }
+
+// ---------------------------------------------------------------------------------------
+// Operator queries
+
+/// The order of [`SagaQuery`] results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SagaOrder {
+    /// Newest first (by id: ids are time-ordered UUID v7).
+    #[default]
+    NewestFirst,
+    /// The ones whose last transition is oldest first (for finding stuck sagas).
+    LeastRecentlyUpdated,
+}
+
+/// Which sagas [`SagaQueries::query`] returns. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SagaQuery {
+    /// Only these statuses (empty: any).
+    pub statuses: Vec<SagaStatus>,
+    /// Only this type.
+    pub saga_type: Option<SagaType>,
+    /// Only sagas created at or after this time.
+    pub created_after: Option<Timestamp>,
+    /// Only sagas whose last transition was before this time.
+    pub updated_before: Option<Timestamp>,
+    /// The order.
+    pub order: SagaOrder,
+    /// At most this many (the store caps it at 10,000).
+    pub limit: usize,
+}
+
+/// Which dead letters [`SagaQueries::find_dead_letters`] returns, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterQuery {
+    /// Leave out resolved (re-driven) ones.
+    pub open_only: bool,
+    /// Only those of this saga type (raw: poison messages may carry any string).
+    pub saga_type: Option<String>,
+    /// Only this category.
+    pub category: Option<DeadLetterCategory>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// How many sagas of one type, definition version and status are stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusCount {
+    /// The type.
+    pub saga_type: String,
+    /// The definition version.
+    pub definition_version: u32,
+    /// The status.
+    pub status: SagaStatus,
+    /// How many.
+    pub count: u64,
+}
+
+/// The store's side of `skald stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Sagas per type, definition version and status.
+    pub counts: Vec<StatusCount>,
+    /// Sagas created at or after the `since` asked for.
+    pub started_since: u64,
+    /// Sagas that reached a terminal status at or after `since` (their last transition).
+    pub finished_since: u64,
+    /// The oldest saga still running or compensating: id, type and creation time.
+    pub oldest_active: Option<(SagaId, String, Timestamp)>,
+    /// Unpublished outbox rows.
+    pub outbox_backlog: u64,
+    /// When the oldest unpublished outbox row was written.
+    pub outbox_oldest: Option<Timestamp>,
+    /// Dead letters not resolved yet, sagas and poison messages together.
+    pub open_dead_letters: u64,
+}
+
+/// The operator's read side of a store (`skald sagas`, `show`, `stuck`, `stats`, `dlq`):
+/// queries the runtime itself never needs. Every adapter implements it.
+#[async_trait]
+pub trait SagaQueries: SagaStore {
+    /// Sagas matching `query`, in its order, with their full state.
+    async fn query(&self, query: &SagaQuery) -> Result<Vec<StoredSaga>, StoreError>;
+
+    /// Counts and activity since `since` (see [`StoreStats`]).
+    async fn stats(&self, since: Timestamp) -> Result<StoreStats, StoreError>;
+
+    /// Dead letters matching `query`, newest first.
+    async fn find_dead_letters(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError>;
+
+    /// The dead letters with id `id`, or of the saga `id`, newest first.
+    async fn dead_letters_of(&self, id: Uuid) -> Result<Vec<DeadLetterRecord>, StoreError>;
+}
+
+/// The most rows one operator query returns.
+pub const MAX_QUERY_ROWS: usize = 10_000;
 
 // ---------------------------------------------------------------------------------------
 // Bus

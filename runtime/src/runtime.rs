@@ -576,6 +576,9 @@ async fn intake(
 async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery: Delivery) {
     let inbox = delivery.inbox_id();
     let (message, delivery_count, acker) = delivery.into_parts();
+    if wire::is_operator_request(&message) {
+        return handle_operator_request(shared, registry, message, delivery_count, acker).await;
+    }
     let reply = match wire::decode_reply(&message) {
         Ok(r) => r,
         Err(e) => {
@@ -641,6 +644,57 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
     }
 }
 
+/// Applies an operator's request (`skald dlq redrive`, `skald cancel`) through the saga's
+/// actor like a reply: journaled with the request id as causation, deduplicated by the
+/// inbox. A refused request (the saga is not dead-lettered, or already finished) is
+/// journaled as ignored, with the reason, for the operator's tool to report.
+async fn handle_operator_request(
+    shared: &Arc<Shared>,
+    registry: &Addr<Registry>,
+    message: Message,
+    delivery_count: u32,
+    acker: Box<dyn Acker>,
+) {
+    let request = match wire::decode_operator_request(&message) {
+        Ok(r) => r,
+        Err(e) => {
+            return poison(shared, &message, delivery_count, acker, None, e.to_string()).await;
+        }
+    };
+    let (saga_id, request_id) = (request.saga_id, request.request_id.clone());
+    let input = match request.action {
+        wire::OperatorAction::Redrive => Input::Redriven,
+        wire::OperatorAction::Cancel { reason } => Input::CancelRequested { reason },
+    };
+    // The request's id keys the inbox: a request sent twice is applied once.
+    match deliver(registry, saga_id, None, input, Some(request_id.clone())).await {
+        Ok(applied) => {
+            info!(saga.id = %saga_id, request = %request_id, ?applied, "operator request applied");
+            settle(acker.ack().await)
+        }
+        Err(e) if is_store_outage(&e) || e.disposition() == Disposition::Retry => {
+            if let RuntimeError::Store(err @ StoreError::Schema(_)) = &e {
+                shared.fatal.send_replace(Some(err.clone()));
+            }
+            let delay = backoff(shared.options.redelivery_delay, delivery_count);
+            warn!(saga.id = %saga_id, request = %request_id, error = %e, "operator request not applied; redelivered later");
+            settle(acker.nak(delay).await)
+        }
+        Err(e) => {
+            let reason = format!("operator request {request_id}: {e}");
+            poison(
+                shared,
+                &message,
+                delivery_count,
+                acker,
+                Some(saga_id),
+                reason,
+            )
+            .await
+        }
+    }
+}
+
 /// A store outage (or a fatal schema problem, which stops the process): never a reason
 /// to give a message up.
 fn is_store_outage(e: &RuntimeError) -> bool {
@@ -689,6 +743,7 @@ async fn poison(
         attempts: delivery_count,
         message: Some(message.to_record()),
         at: shared.clock.now(),
+        resolved_at: None,
     };
     // Also on the bus, for whoever watches dead letters: through the outbox, so the
     // announcement is as durable as the record.

@@ -138,6 +138,124 @@ pub fn dlq_subject(saga_type: Option<&SagaType>) -> String {
     }
 }
 
+/// Header (operator requests): `redrive` or `cancel`. A message on a saga type's reply
+/// subject that carries it is an operator's request, not a participant's reply.
+pub const H_OPERATOR_ACTION: &str = "Skald-Operator-Action";
+
+/// What an operator asks of one saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorAction {
+    /// Re-run the dead-lettered compensation with a fresh attempt budget.
+    Redrive,
+    /// Compensate the completed steps.
+    Cancel {
+        /// Why (recorded in the journal and the `cancelled` event).
+        reason: String,
+    },
+}
+
+/// An operator's request, sent over the bus so it is durable and goes through the
+/// saga's actor, journal and outbox like any reply (`skald dlq redrive`, `skald cancel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRequest {
+    /// The saga.
+    pub saga_id: SagaId,
+    /// Its type (the subject is its reply subject).
+    pub saga_type: SagaType,
+    /// What to do.
+    pub action: OperatorAction,
+    /// The request's id (`Nats-Msg-Id`, the inbox id and the journal entry's causation):
+    /// `op:<operator>:<uuid>`.
+    pub request_id: String,
+}
+
+impl OperatorRequest {
+    /// A new request by `operator` (a user name, recorded in the request id).
+    pub fn new(
+        saga_id: SagaId,
+        saga_type: SagaType,
+        action: OperatorAction,
+        operator: &str,
+    ) -> Self {
+        let operator: String = operator
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(64)
+            .collect();
+        OperatorRequest {
+            saga_id,
+            saga_type,
+            action,
+            request_id: format!("op:{operator}:{}", uuid::Uuid::now_v7()),
+        }
+    }
+}
+
+/// Encodes an operator request for the bus.
+pub fn encode_operator_request(r: &OperatorRequest) -> Message {
+    let mut h = Headers::new();
+    h.insert(H_SAGA_ID, r.saga_id.to_string());
+    h.insert(H_SAGA_TYPE, r.saga_type.as_str());
+    h.insert(H_MSG_ID, r.request_id.as_str());
+    let body = match &r.action {
+        OperatorAction::Redrive => {
+            h.insert(H_OPERATOR_ACTION, "redrive");
+            serde_json::json!({})
+        }
+        OperatorAction::Cancel { reason } => {
+            h.insert(H_OPERATOR_ACTION, "cancel");
+            serde_json::json!({ "reason": reason })
+        }
+    };
+    Message {
+        subject: reply_subject(&r.saga_type),
+        headers: h,
+        payload: Bytes::from(body.to_string()),
+    }
+}
+
+/// Whether a message on a reply subject is an operator request.
+pub fn is_operator_request(m: &Message) -> bool {
+    m.headers.get(H_OPERATOR_ACTION).is_some()
+}
+
+/// Decodes an operator request (runtime side).
+pub fn decode_operator_request(m: &Message) -> Result<OperatorRequest, WireError> {
+    const WHAT: &str = "operator request";
+    let body: Value = serde_json::from_slice(&m.payload).map_err(|e| WireError {
+        what: WHAT,
+        reason: format!("body is not JSON: {e}"),
+    })?;
+    let action = match header(m, WHAT, H_OPERATOR_ACTION)? {
+        "redrive" => OperatorAction::Redrive,
+        "cancel" => OperatorAction::Cancel {
+            reason: body
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("cancelled by an operator")
+                .to_owned(),
+        },
+        other => {
+            return Err(WireError {
+                what: WHAT,
+                reason: format!("header {H_OPERATOR_ACTION}={other:?}: expected redrive or cancel"),
+            });
+        }
+    };
+    Ok(OperatorRequest {
+        saga_id: parse(m, WHAT, H_SAGA_ID)?,
+        saga_type: parse(m, WHAT, H_SAGA_TYPE)?,
+        action,
+        request_id: header(m, WHAT, H_MSG_ID)?.to_owned(),
+    })
+}
+
 /// The subject of a lifecycle event.
 pub fn event_subject(saga_type: &SagaType, event: &str) -> String {
     format!("skald.evt.{saga_type}.{event}")
@@ -422,6 +540,38 @@ mod tests {
             assert_eq!(reply.attempt, 2);
             assert_eq!(reply.outcome, outcome);
         }
+    }
+
+    #[test]
+    fn operator_requests_round_trip_and_are_told_from_replies() {
+        let saga_type = SagaType::new("checkout").expect("name");
+        for action in [
+            OperatorAction::Redrive,
+            OperatorAction::Cancel {
+                reason: "customer asked".into(),
+            },
+        ] {
+            let r = OperatorRequest::new(SagaId::new(), saga_type.clone(), action, "alice smith");
+            assert!(
+                r.request_id.starts_with("op:alice_smith:"),
+                "{}",
+                r.request_id
+            );
+            let m = encode_operator_request(&r);
+            assert_eq!(m.subject, "skald.reply.checkout");
+            assert!(is_operator_request(&m));
+            assert_eq!(decode_operator_request(&m), Ok(r));
+            assert!(decode_reply(&m).is_err(), "not a reply");
+        }
+        let mut m = encode_operator_request(&OperatorRequest::new(
+            SagaId::new(),
+            saga_type,
+            OperatorAction::Redrive,
+            "bob",
+        ));
+        m.headers.insert(H_OPERATOR_ACTION, "explode");
+        let e = decode_operator_request(&m).expect_err("unknown action");
+        assert!(e.reason.contains("explode"), "{e}");
     }
 
     #[test]

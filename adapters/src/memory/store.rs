@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, OutboxMessage, SagaStore, SagaSummary,
-    SagaWrite, StoreError, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
+    OutboxMessage, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary, SagaWrite,
+    StatusCount, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
 use uuid::Uuid;
 
@@ -251,7 +252,7 @@ impl SagaStore for MemoryStore {
             .rev()
             .filter(|(_, resolved)| !open_only || resolved.is_none())
             .take(limit)
-            .map(|(r, _)| r.clone())
+            .map(with_resolution)
             .collect())
     }
 
@@ -280,6 +281,124 @@ impl SagaStore for MemoryStore {
                 created_at: s.state.created_at,
                 updated_at: s.state.updated_at,
             })
+            .collect())
+    }
+}
+
+fn with_resolution((record, resolved): &(DeadLetterRecord, Option<Timestamp>)) -> DeadLetterRecord {
+    DeadLetterRecord {
+        resolved_at: *resolved,
+        ..record.clone()
+    }
+}
+
+#[async_trait]
+impl SagaQueries for MemoryStore {
+    async fn query(&self, q: &SagaQuery) -> Result<Vec<StoredSaga>, StoreError> {
+        let data = self.lock()?;
+        let mut found: Vec<StoredSaga> = data
+            .sagas
+            .values()
+            .filter(|s| {
+                let st = &s.state;
+                (q.statuses.is_empty() || q.statuses.contains(&st.status))
+                    && q.saga_type.as_ref().is_none_or(|t| *t == st.saga_type)
+                    && q.created_after.is_none_or(|t| st.created_at >= t)
+                    && q.updated_before.is_none_or(|t| st.updated_at < t)
+            })
+            .cloned()
+            .collect();
+        match q.order {
+            SagaOrder::LeastRecentlyUpdated => {
+                found.sort_by_key(|s| (s.state.updated_at, s.state.id));
+            }
+            _ => found.sort_by_key(|s| std::cmp::Reverse(s.state.id)),
+        }
+        found.truncate(q.limit.min(MAX_QUERY_ROWS));
+        Ok(found)
+    }
+
+    async fn stats(&self, since: Timestamp) -> Result<StoreStats, StoreError> {
+        let data = self.lock()?;
+        let mut counts: BTreeMap<(String, u32, &'static str), (SagaStatus, u64)> = BTreeMap::new();
+        let (mut started, mut finished) = (0, 0);
+        let mut oldest: Option<&StoredSaga> = None;
+        for s in data.sagas.values() {
+            let st = &s.state;
+            counts
+                .entry((
+                    st.saga_type.to_string(),
+                    st.definition_version,
+                    st.status.as_str(),
+                ))
+                .or_insert((st.status, 0))
+                .1 += 1;
+            started += u64::from(st.created_at >= since);
+            finished += u64::from(st.status.is_terminal() && st.updated_at >= since);
+            if is_active(st.status) && oldest.is_none_or(|o| st.id < o.state.id) {
+                oldest = Some(s);
+            }
+        }
+        Ok(StoreStats {
+            counts: counts
+                .into_iter()
+                .map(
+                    |((saga_type, definition_version, _), (status, count))| StatusCount {
+                        saga_type,
+                        definition_version,
+                        status,
+                        count,
+                    },
+                )
+                .collect(),
+            started_since: started,
+            finished_since: finished,
+            oldest_active: oldest.map(|s| {
+                (
+                    s.state.id,
+                    s.state.saga_type.to_string(),
+                    s.state.created_at,
+                )
+            }),
+            outbox_backlog: data.outbox.len() as u64,
+            outbox_oldest: data.outbox.values().next().map(|m| crate::created_at(m.id)),
+            open_dead_letters: data
+                .dead_letters
+                .iter()
+                .filter(|(_, resolved)| resolved.is_none())
+                .count() as u64,
+        })
+    }
+
+    async fn find_dead_letters(
+        &self,
+        q: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        let data = self.lock()?;
+        Ok(data
+            .dead_letters
+            .iter()
+            .rev()
+            .filter(|(r, resolved)| {
+                (!q.open_only || resolved.is_none())
+                    && q.saga_type
+                        .as_ref()
+                        .is_none_or(|t| r.saga_type.as_ref() == Some(t))
+                    && q.category.is_none_or(|c| r.category == c)
+            })
+            .take(q.limit.min(MAX_QUERY_ROWS))
+            .map(with_resolution)
+            .collect())
+    }
+
+    async fn dead_letters_of(&self, id: Uuid) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        let data = self.lock()?;
+        Ok(data
+            .dead_letters
+            .iter()
+            .rev()
+            .filter(|(r, _)| r.id == id || r.saga_id.is_some_and(|s| *s.as_uuid() == id))
+            .map(with_resolution)
             .collect())
     }
 }

@@ -343,61 +343,6 @@ impl Handler<Wake> for SagaInstance {
     }
 }
 
-/// An effect as the journal records it: what was done, without the payloads. A
-/// command's body is serialised once, into its message (the outbox); the journal keeps
-/// which command went where, and replaying the inputs rebuilds the rest.
-#[derive(serde::Serialize)]
-#[serde(tag = "effect", rename_all = "snake_case")]
-enum JournalEffect<'a> {
-    SendCommand {
-        step: &'a crate::ids::StepName,
-        kind: crate::ids::CommandKind,
-        attempt: u32,
-        subject: &'a str,
-        message_id: &'a str,
-        deadline: machine::Timestamp,
-    },
-    ScheduleWakeup {
-        at: machine::Timestamp,
-    },
-    EmitLifecycleEvent {
-        event: machine::EventKind,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        step: Option<&'a crate::ids::StepName>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        attempt: Option<u32>,
-    },
-    DeadLetter(&'a machine::DeadLetterInfo),
-    Finished {
-        status: SagaStatus,
-    },
-}
-
-fn journal_effects(effects: &[Effect]) -> serde_json::Value {
-    let summary: Vec<JournalEffect<'_>> = effects
-        .iter()
-        .map(|e| match e {
-            Effect::SendCommand(c) => JournalEffect::SendCommand {
-                step: &c.step,
-                kind: c.kind,
-                attempt: c.attempt,
-                subject: &c.subject,
-                message_id: &c.message_id,
-                deadline: c.deadline,
-            },
-            Effect::ScheduleWakeup { at } => JournalEffect::ScheduleWakeup { at: *at },
-            Effect::EmitLifecycleEvent(ev) => JournalEffect::EmitLifecycleEvent {
-                event: ev.event,
-                step: ev.step.as_ref(),
-                attempt: ev.attempt,
-            },
-            Effect::DeadLetter(info) => JournalEffect::DeadLetter(info),
-            Effect::Finished { status } => JournalEffect::Finished { status: *status },
-        })
-        .collect();
-    serde_json::to_value(summary).unwrap_or(serde_json::Value::Null)
-}
-
 fn journal_entry(now: machine::Timestamp, kind: &str, body: serde_json::Value) -> JournalEntry {
     JournalEntry {
         at: now,
@@ -432,11 +377,13 @@ async fn process(
         let next: Result<Vec<Effect>, String> =
             match machine::transition(&def, &saga.state, &input, now) {
                 Ok((state, effects)) => {
-                    let body = serde_json::json!({
-                        "input": &input,
-                        "status": state.status,
-                        "effects": journal_effects(&effects),
-                    });
+                    let body = crate::replay::transition_body(
+                        &input,
+                        &state,
+                        &effects,
+                        (saga.version == 0).then_some(&saga.state),
+                        inbox.as_deref(),
+                    );
                     let dead_letter = effects.iter().find_map(|e| match e {
                         Effect::DeadLetter(info) => Some(DeadLetterRecord {
                             id: uuid::Uuid::now_v7(),
@@ -449,6 +396,7 @@ async fn process(
                             attempts: info.attempts,
                             message: None,
                             at: now,
+                            resolved_at: None,
                         }),
                         _ => None,
                     });
@@ -481,8 +429,20 @@ async fn process(
                 }
                 // Late, repeated or out-of-order replies and timers are recorded and
                 // acknowledged; an operator's request on a finished saga is refused.
-                Err(e) if e.is_ignorable() && saga.version > 0 && !is_request(&input) => {
-                    let body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
+                // An operator's request that came over the bus is refused the same way,
+                // journaled with its id, for the operator's tool to find.
+                Err(e)
+                    if saga.version > 0
+                        && if is_request(&input) {
+                            inbox.is_some()
+                        } else {
+                            e.is_ignorable()
+                        } =>
+                {
+                    let mut body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
+                    if let Some(id) = &inbox {
+                        body["causation"] = serde_json::Value::String(id.clone());
+                    }
                     write = SagaWrite {
                         id: saga.state.id,
                         expected_version: saga.version,

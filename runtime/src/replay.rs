@@ -1,0 +1,450 @@
+//! Replaying a saga's journal through the machine.
+//!
+//! The journal records every input a saga took, when, and what the machine did with it
+//! (the status it reached and a summary of its effects, without payloads). Because
+//! [`transition`] is pure (time and jitter travel inside the inputs), feeding the
+//! recorded inputs to it again rebuilds every state the saga went through:
+//! - **time travel** (`skald at ID --time T`): the state as it was at time `T`;
+//! - **replay checks**: whether the definition registered now takes the path the saga
+//!   took, or the first entry where it would not, and why.
+//!
+//! The first entry (`started`) carries the data and creation time the saga started with.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::definition::Definition;
+use crate::ids::SagaId;
+use crate::machine::{self, Effect, Input, SagaState, SagaStatus, Timestamp};
+use crate::ports::JournalEntry;
+
+/// An effect as the journal records it: what was done, without the payloads. A
+/// command's body is serialised once, into its message (the outbox); the journal keeps
+/// which command went where, and replaying the inputs rebuilds the rest.
+#[derive(Serialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+enum JournalEffect<'a> {
+    SendCommand {
+        step: &'a crate::ids::StepName,
+        kind: crate::ids::CommandKind,
+        attempt: u32,
+        subject: &'a str,
+        message_id: &'a str,
+        deadline: Timestamp,
+    },
+    ScheduleWakeup {
+        at: Timestamp,
+    },
+    EmitLifecycleEvent {
+        event: machine::EventKind,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<&'a crate::ids::StepName>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+    },
+    DeadLetter(&'a machine::DeadLetterInfo),
+    Finished {
+        status: SagaStatus,
+    },
+}
+
+/// The journal's summary of `effects` (see the module docs).
+pub fn effect_summary(effects: &[Effect]) -> Value {
+    let summary: Vec<JournalEffect<'_>> = effects
+        .iter()
+        .map(|e| match e {
+            Effect::SendCommand(c) => JournalEffect::SendCommand {
+                step: &c.step,
+                kind: c.kind,
+                attempt: c.attempt,
+                subject: &c.subject,
+                message_id: &c.message_id,
+                deadline: c.deadline,
+            },
+            Effect::ScheduleWakeup { at } => JournalEffect::ScheduleWakeup { at: *at },
+            Effect::EmitLifecycleEvent(ev) => JournalEffect::EmitLifecycleEvent {
+                event: ev.event,
+                step: ev.step.as_ref(),
+                attempt: ev.attempt,
+            },
+            Effect::DeadLetter(info) => JournalEffect::DeadLetter(info),
+            Effect::Finished { status } => JournalEffect::Finished { status: *status },
+        })
+        .collect();
+    serde_json::to_value(summary).unwrap_or(Value::Null)
+}
+
+/// The body of a `transition` journal entry: the input, the status it reached, the
+/// effects' summary; for the first transition (`start`: the state before it) the data
+/// and creation time the saga started with; the id of the message that caused it.
+pub fn transition_body(
+    input: &Input,
+    next: &SagaState,
+    effects: &[Effect],
+    start: Option<&SagaState>,
+    causation: Option<&str>,
+) -> Value {
+    let mut body = serde_json::json!({
+        "input": input,
+        "status": next.status,
+        "effects": effect_summary(effects),
+    });
+    if let Some(start) = start {
+        body["data"] = start.data.clone();
+        body["created_at"] = serde_json::json!(start.created_at);
+    }
+    if let Some(id) = causation {
+        body["causation"] = Value::String(id.to_owned());
+    }
+    body
+}
+
+/// Why a journal cannot be replayed at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// The journal is empty.
+    #[error("saga {0} has no journal")]
+    Empty(SagaId),
+    /// The first entry is not a `started` transition with the initial data (a journal
+    /// written before skald recorded it, or a truncated one).
+    #[error("saga {0}: the journal's first entry does not hold the data the saga started with")]
+    NoStart(SagaId),
+    /// `until` is before the saga was created.
+    #[error("saga {id} did not exist yet at {at} ms (it was created at {created} ms)")]
+    BeforeCreation {
+        /// The saga.
+        id: SagaId,
+        /// The time asked for.
+        at: u64,
+        /// When it was created.
+        created: u64,
+    },
+}
+
+/// Where a replay left the recorded path.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Divergence {
+    /// The journal entry (0-based) where the paths part.
+    pub entry: usize,
+    /// When that entry was recorded.
+    pub at: Timestamp,
+    /// The entry's input (`step_succeeded`, ...).
+    pub input: String,
+    /// What differs.
+    pub reason: String,
+}
+
+/// The result of a replay.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Replayed {
+    /// The state after the last entry replayed (at or before `until`).
+    pub state: SagaState,
+    /// How many journal entries were replayed (transitions and ignored inputs).
+    pub entries: usize,
+    /// When the last replayed entry was recorded.
+    pub last_at: Timestamp,
+    /// The first entry where the machine, under the definition given, did not do what
+    /// the journal recorded; replay stops there.
+    pub divergence: Option<Divergence>,
+}
+
+/// Replays `journal` (saga `id`'s, oldest first) through [`machine::transition`] under
+/// `definition`, up to and including the entries recorded at or before `until` (all of
+/// them when `None`). Each transition's recorded status and effects are compared with
+/// the machine's; the first difference stops the replay and is reported.
+pub fn replay(
+    definition: &Definition,
+    id: SagaId,
+    journal: &[JournalEntry],
+    until: Option<Timestamp>,
+) -> Result<Replayed, ReplayError> {
+    let first = journal.first().ok_or(ReplayError::Empty(id))?;
+    let (Some(data), true) = (
+        first.body.get("data"),
+        first.kind == "transition"
+            && first.body.get("input").and_then(|i| i.get("input")) == Some(&"started".into()),
+    ) else {
+        return Err(ReplayError::NoStart(id));
+    };
+    let created = first
+        .body
+        .get("created_at")
+        .and_then(|v| serde_json::from_value::<Timestamp>(v.clone()).ok())
+        .unwrap_or(first.at);
+    if let Some(t) = until
+        && t < created
+    {
+        return Err(ReplayError::BeforeCreation {
+            id,
+            at: t.as_millis(),
+            created: created.as_millis(),
+        });
+    }
+    let mut state = SagaState::new(id, definition, data.clone(), created);
+    let mut replayed = Replayed {
+        state: state.clone(),
+        entries: 0,
+        last_at: created,
+        divergence: None,
+    };
+    for (index, entry) in journal.iter().enumerate() {
+        if until.is_some_and(|t| entry.at > t) {
+            break;
+        }
+        let diverge = |input: &str, reason: String| Divergence {
+            entry: index,
+            at: entry.at,
+            input: input.to_owned(),
+            reason,
+        };
+        let raw_input = entry.body.get("input").cloned().unwrap_or(Value::Null);
+        let input: Input = match serde_json::from_value(raw_input) {
+            Ok(i) => i,
+            Err(e) => {
+                replayed.divergence = Some(diverge("?", format!("unreadable input: {e}")));
+                break;
+            }
+        };
+        let result = machine::transition(definition, &state, &input, entry.at);
+        let divergence = match (entry.kind.as_str(), result) {
+            ("transition", Ok((next, effects))) => {
+                let recorded_status = entry.body.get("status");
+                let now_status = serde_json::to_value(next.status).ok();
+                let recorded_effects = entry.body.get("effects").unwrap_or(&Value::Null);
+                let now_effects = effect_summary(&effects);
+                state = next;
+                if recorded_status != now_status.as_ref() {
+                    Some(format!(
+                        "recorded status {}, the definition now reaches {}",
+                        show(recorded_status),
+                        state.status
+                    ))
+                } else if *recorded_effects != now_effects {
+                    Some(first_difference(recorded_effects, &now_effects))
+                } else {
+                    None
+                }
+            }
+            ("transition", Err(e)) => Some(format!(
+                "recorded as applied, the definition now refuses it: {e}"
+            )),
+            ("ignored", Ok(_)) => Some(format!(
+                "recorded as ignored ({}), the definition now applies it",
+                show(entry.body.get("ignored"))
+            )),
+            // Ignored then and now (a late or duplicate reply): no state change.
+            ("ignored", Err(_)) => None,
+            (other, _) => Some(format!("unknown journal entry kind {other:?}")),
+        };
+        if let Some(reason) = divergence {
+            replayed.divergence = Some(diverge(input.name(), reason));
+            break;
+        }
+        replayed.entries = index + 1;
+        replayed.last_at = entry.at;
+    }
+    replayed.state = state;
+    Ok(replayed)
+}
+
+fn show(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => "nothing".to_owned(),
+    }
+}
+
+/// The first effect that differs between two summaries, in words.
+fn first_difference(recorded: &Value, now: &Value) -> String {
+    let empty = Vec::new();
+    let a = recorded.as_array().unwrap_or(&empty);
+    let b = now.as_array().unwrap_or(&empty);
+    for i in 0..a.len().max(b.len()) {
+        match (a.get(i), b.get(i)) {
+            (Some(x), Some(y)) if x == y => continue,
+            (Some(x), Some(y)) => {
+                return format!("effect {i}: recorded {x}, the definition now gives {y}");
+            }
+            (Some(x), None) => return format!("effect {i}: recorded {x}, now absent"),
+            (None, Some(y)) => {
+                return format!("effect {i}: not recorded, the definition now adds {y}");
+            }
+            (None, None) => break,
+        }
+    }
+    "the effects differ".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    use super::*;
+    use crate::definition::{SagaDefinition, Step};
+    use crate::ids::{CommandKind, StepName};
+    use crate::ports::JOURNAL_SCHEMA_VERSION;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Order {
+        done: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    struct Receipt {
+        receipt: String,
+    }
+
+    fn step(name: &str) -> Step<Order> {
+        Step::new(name)
+            .action(format!("skald.cmd.{name}.do"), |o: &Order| json!(o.done))
+            .on_success(|o: &mut Order, r: Receipt| o.done.push(r.receipt))
+            .compensate(format!("skald.cmd.{name}.undo"), |_: &Order| json!({}))
+            .timeout(Duration::from_secs(5))
+    }
+
+    fn definition(steps: &[&str]) -> SagaDefinition<Order> {
+        steps
+            .iter()
+            .fold(SagaDefinition::<Order>::builder("shop", 1), |b, s| {
+                b.step(step(s))
+            })
+            .build()
+            .expect("valid")
+    }
+
+    fn success(step: &str, receipt: &str) -> Input {
+        Input::StepSucceeded {
+            step: StepName::new(step).expect("name"),
+            kind: CommandKind::Action,
+            attempt: 1,
+            output: json!({ "receipt": receipt }),
+        }
+    }
+
+    /// Runs `inputs` (each at its time) the way an instance actor does and journals
+    /// them: a transition's body, or an ignored entry for a refused input.
+    fn run(def: &SagaDefinition<Order>, inputs: &[(u64, Input)]) -> (SagaState, Vec<JournalEntry>) {
+        let def = def.definition();
+        let start = SagaState::new(SagaId::new(), def, json!({ "done": [] }), Timestamp(1_000));
+        let mut state = start.clone();
+        let mut journal = Vec::new();
+        for (i, (at, input)) in inputs.iter().enumerate() {
+            let (kind, body) = match machine::transition(def, &state, input, Timestamp(*at)) {
+                Ok((next, effects)) => {
+                    let body =
+                        transition_body(input, &next, &effects, (i == 0).then_some(&start), None);
+                    state = next;
+                    ("transition", body)
+                }
+                Err(e) => (
+                    "ignored",
+                    json!({ "input": input, "ignored": e.to_string() }),
+                ),
+            };
+            journal.push(JournalEntry {
+                at: Timestamp(*at),
+                schema_version: JOURNAL_SCHEMA_VERSION,
+                kind: kind.to_owned(),
+                body,
+            });
+        }
+        (state, journal)
+    }
+
+    fn inputs() -> Vec<(u64, Input)> {
+        vec![
+            (1_010, Input::Started),
+            (1_100, success("reserve", "r-1")),
+            (1_150, success("reserve", "r-1")), // a duplicate: ignored
+            (1_200, success("charge", "c-1")),
+        ]
+    }
+
+    #[test]
+    fn a_full_replay_rebuilds_the_final_state() {
+        let def = definition(&["reserve", "charge"]);
+        let (final_state, journal) = run(&def, &inputs());
+        assert_eq!(journal[2].kind, "ignored");
+        let r = replay(def.definition(), final_state.id, &journal, None).expect("replay");
+        assert_eq!(r.divergence, None);
+        assert_eq!(r.entries, 4);
+        assert_eq!(r.state, final_state);
+        assert_eq!(r.state.status, SagaStatus::Completed);
+    }
+
+    #[test]
+    fn time_travel_stops_at_the_time_asked() {
+        let def = definition(&["reserve", "charge"]);
+        let (final_state, journal) = run(&def, &inputs());
+        let r = replay(
+            def.definition(),
+            final_state.id,
+            &journal,
+            Some(Timestamp(1_199)),
+        )
+        .expect("replay");
+        assert_eq!(r.entries, 3);
+        assert_eq!(r.last_at, Timestamp(1_150));
+        assert_eq!(r.state.status, SagaStatus::Running);
+        assert_eq!(r.state.completed, 1);
+        assert_eq!(r.state.data, json!({ "done": ["r-1"] }));
+        assert_eq!(r.state.updated_at, Timestamp(1_100));
+
+        let e = replay(
+            def.definition(),
+            final_state.id,
+            &journal,
+            Some(Timestamp(999)),
+        )
+        .expect_err("before creation");
+        assert!(
+            matches!(e, ReplayError::BeforeCreation { created: 1_000, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_reordered_definition_diverges_at_the_first_command() {
+        let (final_state, journal) = run(&definition(&["reserve", "charge"]), &inputs());
+        let changed = definition(&["charge", "reserve"]);
+        let r = replay(changed.definition(), final_state.id, &journal, None).expect("replay");
+        let d = r.divergence.expect("diverges");
+        assert_eq!((d.entry, d.input.as_str()), (0, "started"));
+        assert!(
+            d.reason.contains("reserve") && d.reason.contains("charge"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn a_removed_step_diverges_where_its_reply_is_refused() {
+        let (final_state, journal) = run(&definition(&["reserve", "charge"]), &inputs());
+        let shorter = definition(&["reserve"]);
+        let r = replay(shorter.definition(), final_state.id, &journal, None).expect("replay");
+        let d = r.divergence.expect("diverges");
+        // reserve succeeding now completes the saga: status differs at entry 1.
+        assert_eq!(d.entry, 1);
+        assert!(d.reason.contains("completed"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_journal_without_its_start_is_refused() {
+        let def = definition(&["reserve"]);
+        let (state, mut journal) = run(&def, &inputs()[..2]);
+        journal.remove(0);
+        assert_eq!(
+            replay(def.definition(), state.id, &journal, None),
+            Err(ReplayError::NoStart(state.id))
+        );
+        assert_eq!(
+            replay(def.definition(), state.id, &[], None),
+            Err(ReplayError::Empty(state.id))
+        );
+    }
+}
