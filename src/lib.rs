@@ -18,7 +18,9 @@
 //! - [`ports`], [`wire`], [`participant`]: the store and bus traits, the wire format,
 //!   and a helper for participant services written in Rust;
 //! - [`adapters`]: in-memory bus and store, SQLite store (`skald-adapters`);
-//! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`).
+//! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`);
+//! - `cli` (feature `cli`, on by default): the `skald` operator CLI as a library, for a
+//!   binary with your own definitions registered.
 //!
 //! # Examples
 //!
@@ -40,6 +42,9 @@
 //! let id = runtime.start_saga(&checkout, &order).await?;
 //! # let _ = id; Ok(()) }
 //! ```
+
+#[cfg(feature = "cli")]
+pub mod cli;
 
 pub use skald_adapters as adapters;
 pub use skald_runtime::actors::{Applied, SagaOutcome};

@@ -1,0 +1,320 @@
+//! The `skald` operator CLI, as a library so a team can build its own binary with its own
+//! saga definitions registered (time travel and step names need them):
+//!
+//! ```no_run
+//! use skald::cli::Cli;
+//! use skald::sagas::checkout::{checkout_definition, CheckoutTiming};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
+//!     Cli::new().register(&checkout).main()
+//! }
+//! ```
+//!
+//! It reads the store directly (SQLite or PostgreSQL, never migrating it) and sends
+//! operator requests (re-drive, cancel) over NATS to the runtimes, which apply them
+//! through the saga's actor, journal and outbox like any reply: durable and audited.
+//! docs/operations.md shows every command with its output; the exit codes are
+//! [`ExitStatus`]'s.
+
+mod commands;
+mod render;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use skald_runtime::definition::{Definition, SagaDefinition};
+use skald_runtime::ids::SagaType;
+use skald_runtime::ports::StoreError;
+
+/// What the CLI's exit code means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum ExitStatus {
+    /// It worked.
+    Success = 0,
+    /// An unexpected failure (a store error during a query, a broken pipe).
+    Failure = 1,
+    /// Bad usage: an unknown flag, a malformed id, time or duration (clap's code too).
+    Usage = 2,
+    /// No saga or dead letter with that id.
+    NotFound = 3,
+    /// The database cannot be used: unreachable, a bad URL, no such file, or not a
+    /// skald schema (or another release's).
+    Database = 4,
+    /// NATS cannot be reached (operator actions need it).
+    Broker = 5,
+    /// The action does not apply to the saga as it is (re-driving a saga that is not
+    /// dead-lettered, cancelling a finished one); nothing was changed.
+    Refused = 6,
+    /// The request was sent (it is durable in JetStream) but no runtime applied it
+    /// within `--wait`: none is running for that saga type. It is applied when one
+    /// starts.
+    Pending = 7,
+    /// The saga cannot be rebuilt from its journal: its definition (type and version)
+    /// is not registered in this CLI, or its journal cannot be replayed.
+    CannotReplay = 8,
+}
+
+/// A failure, with what the exit code says about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    /// The exit status.
+    pub status: ExitStatus,
+    /// What went wrong, and what to do about it.
+    pub message: String,
+}
+
+impl CliError {
+    pub(crate) fn new(status: ExitStatus, message: impl Into<String>) -> CliError {
+        CliError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> CliError {
+        let status = match e {
+            StoreError::Unavailable(_) | StoreError::Schema(_) => ExitStatus::Database,
+            _ => ExitStatus::Failure,
+        };
+        CliError::new(status, e.to_string())
+    }
+}
+
+/// The operator CLI: register the saga definitions your runtimes run, then
+/// [`Cli::main`].
+#[derive(Debug, Default, Clone)]
+pub struct Cli {
+    definitions: HashMap<(SagaType, u32), Arc<Definition>>,
+}
+
+impl Cli {
+    /// A CLI that knows no definitions yet (most commands work without them; `at` and
+    /// step names need them).
+    pub fn new() -> Cli {
+        Cli::default()
+    }
+
+    /// Registers a definition (every version the runtimes may run).
+    pub fn register<D>(mut self, definition: &SagaDefinition<D>) -> Cli {
+        let def = Arc::clone(definition.definition());
+        self.definitions
+            .insert((def.saga_type().clone(), def.version()), def);
+        self
+    }
+
+    /// Parses the process's arguments, runs the command on a tokio runtime of its own,
+    /// prints the result (stdout) or the error (stderr), and returns the exit code.
+    pub fn main(self) -> ExitCode {
+        self.main_from(std::env::args_os())
+    }
+
+    /// Like [`Cli::main`], with the given arguments (the first is the program name).
+    pub fn main_from(
+        self,
+        args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+    ) -> ExitCode {
+        let args = match Arguments::try_parse_from(args) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = e.print();
+                return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            }
+        };
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skald: cannot start the async runtime: {e}");
+                return ExitCode::from(ExitStatus::Failure as u8);
+            }
+        };
+        match runtime.block_on(commands::run(&self, args)) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("skald: {}", e.message);
+                ExitCode::from(e.status as u8)
+            }
+        }
+    }
+
+    pub(crate) fn definition(
+        &self,
+        saga_type: &SagaType,
+        version: u32,
+    ) -> Option<&Arc<Definition>> {
+        self.definitions.get(&(saga_type.clone(), version))
+    }
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  an unexpected failure (a store error during a query)
+  2  bad usage (unknown flag, malformed id, time or duration)
+  3  no saga or dead letter with that id
+  4  the database cannot be used: unreachable, bad URL, no such file, no skald schema
+  5  NATS cannot be reached (redrive and cancel need it)
+  6  refused: the action does not apply to the saga as it is; nothing changed
+  7  sent, but no runtime applied it within --wait (it stays queued in JetStream)
+  8  the saga cannot be rebuilt: its definition is not registered in this CLI
+
+Durations: 250ms, 30s, 5m, 2h, 7d, 1h30m. Times: RFC 3339 (2026-11-24T03:50:12Z),
+milliseconds since the epoch, or a duration ago (-5m).";
+
+/// skald's operator CLI: see, find, re-drive and cancel sagas.
+#[derive(Debug, Parser)]
+#[command(name = "skald", version, after_help = EXIT_CODES)]
+pub(crate) struct Arguments {
+    /// The store: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+    #[arg(
+        long,
+        global = true,
+        env = "SKALD_DB",
+        default_value = "sqlite://skald.db"
+    )]
+    pub(crate) db: String,
+    /// NATS, for the commands that send (redrive, cancel): nats://HOST:PORT.
+    #[arg(long, global = true, env = "SKALD_NATS")]
+    pub(crate) nats: Option<String>,
+    /// Machine-readable output: one JSON document.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// A table of saga instances, newest first.
+    Sagas(SagasArgs),
+    /// One saga: its state and data, and its journal as a timeline.
+    Show {
+        /// The saga id.
+        id: String,
+    },
+    /// Time travel: the saga's state and data as they were at a time, rebuilt from its
+    /// journal.
+    At {
+        /// The saga id.
+        id: String,
+        /// The time (RFC 3339, epoch milliseconds, or -DURATION for that long ago).
+        #[arg(long, allow_hyphen_values = true)]
+        time: String,
+    },
+    /// Dead-lettered sagas and poison messages.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Compensate a running saga (through NATS: the runtime applies it).
+    Cancel {
+        /// The saga id.
+        id: String,
+        /// Why (recorded in the journal and the `cancelled` event).
+        #[arg(long, default_value = "cancelled by an operator")]
+        reason: String,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Sagas whose step has waited much longer than it should have.
+    Stuck {
+        /// Flag sagas waiting longer than this; default: more than 3 times what their
+        /// step waits for (its reply timeout, or its retry delay), and at least 1 s.
+        #[arg(long, value_parser = duration_arg)]
+        older_than: Option<Duration>,
+        /// Only this saga type.
+        #[arg(long = "type")]
+        saga_type: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Counts per type, version and status; recent throughput; outbox lag; the oldest
+    /// active saga.
+    Stats {
+        /// The window for throughput.
+        #[arg(long, default_value = "1m", value_parser = duration_arg)]
+        window: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SagasArgs {
+    /// Only these statuses (running, compensating, completed, compensated, failed);
+    /// repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) status: Vec<String>,
+    /// Only this saga type.
+    #[arg(long = "type")]
+    pub(crate) saga_type: Option<String>,
+    /// Only sagas created within this long.
+    #[arg(long, value_parser = duration_arg)]
+    pub(crate) since: Option<Duration>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// Dead letters, newest first (open ones unless --all).
+    List {
+        /// Only this saga type.
+        #[arg(long = "type")]
+        saga_type: Option<String>,
+        /// Include resolved (re-driven) ones.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One dead letter (by its id, or a saga's by the saga id), with the raw message of
+    /// a poison one.
+    Show {
+        /// The dead letter's id or the saga's.
+        id: String,
+    },
+    /// Re-run a dead-lettered saga's failed compensation with a fresh attempt budget.
+    Redrive {
+        /// The saga id (or its dead letter's id).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead-lettered saga (of --type, if given).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this saga type.
+        #[arg(long = "type", requires = "all")]
+        saga_type: Option<String>,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SendArgs {
+    /// How long to wait for a runtime to apply the request.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    pub(crate) wait: Duration,
+    /// Who asks (recorded in the request id, in the journal); default: $USER.
+    #[arg(long)]
+    pub(crate) operator: Option<String>,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    render::parse_duration(s)
+}
