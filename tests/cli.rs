@@ -1,0 +1,492 @@
+//! The `skald` operator CLI, end to end: real sagas run by a runtime on NATS JetStream
+//! and a real store (PostgreSQL, and SQLite), leaving one saga in every state; then the
+//! CLI binary, as an operator would run it, reads them, travels in time, re-drives a
+//! dead-lettered saga to `compensated`, cancels a running one, finds a stuck one, and
+//! fails with the documented exit codes on bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use skald::definition::SagaDefinition;
+use skald::ids::SagaId;
+use skald::machine::SagaStatus;
+use skald::participant::{ParticipantHandle, failure, serve};
+use skald::ports::Bus;
+use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition, subjects};
+use skald::wire::{IncomingCommand, Outcome};
+use skald::{Runtime, RuntimeOptions};
+
+/// Runs the `skald` binary; returns (exit code, stdout, stderr).
+async fn skald(db: &str, nats: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skald"));
+    cmd.env_remove("SKALD_DB").env_remove("SKALD_NATS");
+    cmd.arg("--db").arg(db);
+    if let Some(url) = nats {
+        cmd.arg("--nats").arg(url);
+    }
+    cmd.args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("run the skald binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Like [`skald`], expecting exit code 0 and JSON on stdout.
+async fn skald_json(db: &str, nats: Option<&str>, args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = skald(db, nats, &all).await;
+    assert_eq!(code, 0, "skald {args:?} failed: {err}\n{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("skald {args:?}: not JSON ({e}): {out}"))
+}
+
+/// Participants whose behaviour depends on the order id: `ok-*` succeed (the charge
+/// after 30 ms, so step 1 and step 2 are apart in time), `decline-*` are declined,
+/// `broken-*` are declined and their inventory release fails permanently while
+/// `release_broken` is set, `hang-*` never get a shipping reply.
+async fn participants(
+    bus: &Arc<dyn Bus>,
+    release_broken: Arc<AtomicBool>,
+) -> Vec<ParticipantHandle> {
+    let handler = move |cmd: IncomingCommand| {
+        let release_broken = Arc::clone(&release_broken);
+        async move {
+            let order = cmd.payload["order_id"].as_str().unwrap_or("").to_owned();
+            match cmd.subject.as_str() {
+                subjects::RESERVE => {
+                    Outcome::Success(json!({ "reservation_id": format!("rsv-{order}") }))
+                }
+                subjects::RELEASE
+                    if order.starts_with("broken-") && release_broken.load(Ordering::SeqCst) =>
+                {
+                    failure("warehouse_offline", "the warehouse refused the release")
+                }
+                subjects::CHARGE
+                    if order.starts_with("decline-") || order.starts_with("broken-") =>
+                {
+                    failure("card_declined", "the card was declined")
+                }
+                subjects::CHARGE => {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    Outcome::Success(json!({ "payment_id": format!("pay-{order}") }))
+                }
+                subjects::SHIP if order.starts_with("hang-") => {
+                    std::future::pending::<()>().await;
+                    unreachable!("never replies")
+                }
+                subjects::SHIP => {
+                    Outcome::Success(json!({ "shipment_id": format!("shp-{order}") }))
+                }
+                _ => Outcome::Success(json!({})),
+            }
+        }
+    };
+    let mut handles = Vec::new();
+    for (service, subject) in [
+        ("inventory", "skald.cmd.inventory.>"),
+        ("payment", "skald.cmd.payment.>"),
+        ("shipping", "skald.cmd.shipping.>"),
+    ] {
+        handles.push(
+            serve(Arc::clone(bus), subject, service, 64, handler.clone())
+                .await
+                .expect("serve"),
+        );
+    }
+    handles
+}
+
+async fn runtime(backend: &Backend, checkout: &SagaDefinition<Checkout>) -> Runtime {
+    Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(backend.bus().await)
+        .register(checkout)
+        .options(RuntimeOptions {
+            arbiters: 2,
+            wakeup_poll_interval: Duration::from_millis(50),
+            ..RuntimeOptions::default()
+        })
+        .start()
+        .await
+        .expect("start the runtime")
+}
+
+async fn wait_status(backend: &Backend, id: SagaId, want: SagaStatus) {
+    wait_until(&format!("saga {id} {want}"), || async {
+        let s = backend.store.load(id).await.expect("load")?;
+        (s.state.status == want).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the saga waits on its step `step` (0-based).
+async fn wait_step(backend: &Backend, id: SagaId, step: usize) {
+    wait_until(&format!("saga {id} at step {step}"), || async {
+        let s = backend.store.load(id).await.expect("load")?;
+        (s.state.pending.is_some_and(|p| p.step == step)).then_some(())
+    })
+    .await;
+}
+
+fn order(id: &str) -> Checkout {
+    Checkout::new(
+        id,
+        "customer-1",
+        vec![LineItem {
+            sku: "tea".into(),
+            quantity: 2,
+        }],
+        1_250,
+    )
+}
+
+fn statuses(list: &Value) -> HashMap<String, String> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().expect("id").to_owned(),
+                s["status"].as_str().expect("status").to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn operator_cli_end_to_end(kind: StoreKind) {
+    let backend = Backend::new(kind).await;
+    let db = match &backend.pg {
+        Some(pg) => pg.url(),
+        None => backend.dir.sqlite_url(),
+    };
+    let db = db.as_str();
+    let nats_url = backend.nats.as_ref().expect("a NATS backend").url();
+    let nats = Some(nats_url.as_str());
+    // The definition the `skald` binary knows: the default checkout timing.
+    let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
+    let release_broken = Arc::new(AtomicBool::new(true));
+    let bus = backend.bus().await;
+    let _participants = participants(&bus, Arc::clone(&release_broken)).await;
+    let rt = runtime(&backend, &checkout).await;
+
+    // One saga in every state.
+    let ok = rt
+        .start_saga(&checkout, &order("ok-1"))
+        .await
+        .expect("start");
+    let declined = rt
+        .start_saga(&checkout, &order("decline-1"))
+        .await
+        .expect("start");
+    let broken = rt
+        .start_saga(&checkout, &order("broken-1"))
+        .await
+        .expect("start");
+    let to_cancel = rt
+        .start_saga(&checkout, &order("hang-1"))
+        .await
+        .expect("start");
+    let hanging = rt
+        .start_saga(&checkout, &order("hang-2"))
+        .await
+        .expect("start");
+    wait_status(&backend, ok, SagaStatus::Completed).await;
+    wait_status(&backend, declined, SagaStatus::Compensated).await;
+    wait_status(&backend, broken, SagaStatus::Failed).await;
+    wait_step(&backend, to_cancel, 2).await;
+    wait_step(&backend, hanging, 2).await;
+
+    // --- sagas: every state, filters, the table.
+    let all = skald_json(db, None, &["sagas"]).await;
+    let want: HashMap<String, String> = [
+        (ok, "completed"),
+        (declined, "compensated"),
+        (broken, "failed"),
+        (to_cancel, "running"),
+        (hanging, "running"),
+    ]
+    .into_iter()
+    .map(|(id, s)| (id.to_string(), s.to_owned()))
+    .collect();
+    assert_eq!(statuses(&all), want);
+    let failed = skald_json(db, None, &["sagas", "--status", "failed"]).await;
+    assert_eq!(
+        statuses(&failed).into_keys().collect::<Vec<_>>(),
+        vec![broken.to_string()]
+    );
+    assert_eq!(failed[0]["step"], "reserve_inventory");
+    assert_eq!(failed[0]["kind"], "compensation");
+    let finished = skald_json(
+        db,
+        None,
+        &[
+            "sagas",
+            "--status",
+            "completed,compensated",
+            "--since",
+            "1h",
+        ],
+    )
+    .await;
+    assert_eq!(finished.as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        skald_json(db, None, &["sagas", "--type", "other"]).await,
+        json!([])
+    );
+    let (code, table, _) = skald(db, None, &["sagas"]).await;
+    assert_eq!(code, 0);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "ID", "TYPE", "VER", "STATUS", "STEP", "ATTEMPT", "AGE", "UPDATED"
+        ]
+    );
+    let row = |id: SagaId| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&id.to_string()))
+            .unwrap_or_else(|| panic!("no row for {id} in\n{table}"))
+            .to_owned()
+    };
+    assert!(
+        row(broken).contains("failed") && row(broken).contains("reserve_inventory (undo)"),
+        "{table}"
+    );
+    let cells: Vec<String> = row(hanging).split_whitespace().map(str::to_owned).collect();
+    assert_eq!(
+        cells[1..6],
+        ["checkout", "1", "running", "ship_order", "1"],
+        "{table}"
+    );
+    assert!(row(ok).contains("completed"), "{table}");
+
+    // --- show: state, data and the journal as a timeline.
+    let (code, shown, _) = skald(db, None, &["show", &broken.to_string()]).await;
+    assert_eq!(code, 0);
+    for needle in [
+        "status    failed",
+        "dead letter  reserve_inventory (compensation) gave up after 1 attempts: warehouse_offline",
+        "reply: charge_payment action #1 failed: card_declined",
+        "sent reserve_inventory compensation #1 on skald.cmd.inventory.release",
+        "dead-lettered: reserve_inventory compensation after 1 attempts",
+        "\"order_id\": \"broken-1\"",
+    ] {
+        assert!(shown.contains(needle), "missing {needle:?} in\n{shown}");
+    }
+    let doc = skald_json(db, None, &["show", &broken.to_string()]).await;
+    let journal = backend.store.journal(broken).await.expect("journal");
+    assert_eq!(doc["journal"].as_array().map(Vec::len), Some(journal.len()));
+    assert_eq!(doc["saga"]["status"], "failed");
+    assert_eq!(doc["saga"]["data"]["reservation_id"], "rsv-broken-1");
+
+    // --- at: time travel to between step 1 and step 2 of the completed saga.
+    let journal = backend.store.journal(ok).await.expect("journal");
+    let (after_step_1, after_step_2) = (journal[1].at.as_millis(), journal[2].at.as_millis());
+    assert!(after_step_2 > after_step_1 + 10, "the charge takes 30 ms");
+    let between = (after_step_1 + 10).to_string();
+    let then = skald_json(db, None, &["at", &ok.to_string(), "--time", &between]).await;
+    assert_eq!(then["journal_entries"], 2);
+    assert_eq!(then["state"]["status"], "running");
+    assert_eq!(
+        then["state"]["completed_steps"],
+        json!(["reserve_inventory"])
+    );
+    assert_eq!(then["state"]["step"], "charge_payment");
+    assert_eq!(then["state"]["data"]["reservation_id"], "rsv-ok-1");
+    assert_eq!(then["state"]["data"]["payment_id"], Value::Null);
+    assert_eq!(then["divergence"], Value::Null);
+    let (code, text, _) = skald(db, None, &["at", &ok.to_string(), "--time", &between]).await;
+    assert_eq!(code, 0);
+    assert!(text.contains("done      reserve_inventory\n"), "{text}");
+    let now = skald_json(db, None, &["at", &ok.to_string(), "--time", "-0s"]).await;
+    assert_eq!(now["state"]["status"], "completed");
+    assert_eq!(now["state"]["data"]["shipment_id"], "shp-ok-1");
+    let (code, _, err) = skald(
+        db,
+        None,
+        &["at", &ok.to_string(), "--time", "2000-01-01T00:00:00Z"],
+    )
+    .await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("did not exist yet"), "{err}");
+
+    // --- dlq list / show.
+    let open = skald_json(db, None, &["dlq", "list"]).await;
+    let open = open.as_array().expect("list");
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["saga_id"], broken.to_string());
+    assert_eq!(open[0]["category"], "saga");
+    assert_eq!(open[0]["step"], "reserve_inventory");
+    assert_eq!(open[0]["kind"], "compensation");
+    assert_eq!(open[0]["attempts"], 1);
+    let (code, text, _) = skald(db, None, &["dlq", "show", &broken.to_string()]).await;
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("state        open") && text.contains(&format!("skald dlq redrive {broken}")),
+        "{text}"
+    );
+
+    // --- redrive: refused without NATS, refused for a saga that is not failed; then
+    // with the participant fixed, the dead-lettered saga is compensated.
+    let (code, _, err) = skald(db, None, &["dlq", "redrive", &broken.to_string()]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--nats"), "{err}");
+    let (code, _, err) = skald(db, nats, &["dlq", "redrive", &ok.to_string()]).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("not dead-lettered"), "{err}");
+    release_broken.store(false, Ordering::SeqCst);
+    let redriven = skald_json(
+        db,
+        nats,
+        &["dlq", "redrive", &broken.to_string(), "--operator", "alice"],
+    )
+    .await;
+    assert_eq!(redriven[0]["result"], "applied", "{redriven}");
+    assert_eq!(redriven[0]["detail"], "compensating");
+    assert!(
+        redriven[0]["request_id"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("op:alice:"))
+    );
+    wait_status(&backend, broken, SagaStatus::Compensated).await;
+    assert_eq!(skald_json(db, None, &["dlq", "list"]).await, json!([]));
+    let history = skald_json(db, None, &["dlq", "list", "--all"]).await;
+    assert!(history[0]["resolved_at_ms"].is_u64(), "{history}");
+    let (_, shown, _) = skald(db, None, &["show", &broken.to_string()]).await;
+    assert!(
+        shown.contains("re-driven by an operator [op:alice:"),
+        "{shown}"
+    );
+
+    // --- cancel: a running saga is compensated; a finished one is refused.
+    let cancelled = skald_json(
+        db,
+        nats,
+        &[
+            "cancel",
+            &to_cancel.to_string(),
+            "--reason",
+            "customer called",
+        ],
+    )
+    .await;
+    assert_eq!(cancelled[0]["result"], "applied", "{cancelled}");
+    wait_status(&backend, to_cancel, SagaStatus::Compensated).await;
+    let (code, _, err) = skald(db, nats, &["cancel", &ok.to_string()]).await;
+    assert_eq!(code, 6, "{err}");
+
+    // --- stuck: the saga whose shipping never answers, once it waited 1 s.
+    let stuck = wait_until("the hanging saga to be flagged stuck", || async {
+        let list = skald_json(db, None, &["stuck", "--older-than", "1s"]).await;
+        (!list.as_array().expect("list").is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(
+        statuses(&stuck).into_keys().collect::<Vec<_>>(),
+        vec![hanging.to_string()]
+    );
+    assert!(
+        stuck[0]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("awaiting a reply")),
+        "{stuck}"
+    );
+    // By default (3 times its 10 s timeout) it is not stuck yet.
+    assert_eq!(skald_json(db, None, &["stuck"]).await, json!([]));
+
+    // --- stats.
+    let stats = skald_json(db, None, &["stats"]).await;
+    let count = |status: &str| {
+        stats["counts"]
+            .as_array()
+            .expect("counts")
+            .iter()
+            .find(|c| c["status"] == status)
+            .map_or(0, |c| c["count"].as_u64().unwrap_or(0))
+    };
+    assert_eq!(
+        (count("completed"), count("compensated"), count("running")),
+        (1, 3, 1),
+        "{stats}"
+    );
+    assert_eq!(stats["started"], 5);
+    assert_eq!(stats["finished"], 4);
+    assert_eq!(stats["open_dead_letters"], 0);
+    assert_eq!(stats["oldest_active"]["id"], hanging.to_string());
+
+    // --- a request no runtime is there to apply stays queued, and is applied later.
+    rt.shutdown().await;
+    let (code, out, err) = skald(db, nats, &["cancel", &hanging.to_string(), "--wait", "1s"]).await;
+    assert_eq!(code, 7, "{err}\n{out}");
+    assert!(out.contains("pending"), "{out}");
+    let rt = runtime(&backend, &checkout).await;
+    wait_status(&backend, hanging, SagaStatus::Compensated).await;
+    rt.shutdown().await;
+
+    // --- bad input: the documented exit codes.
+    let (code, _, err) = skald(db, None, &["show", &SagaId::new().to_string()]).await;
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = skald(db, None, &["show", "not-an-id"]).await;
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = skald(db, None, &["sagas", "--status", "sleeping"]).await;
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_on_postgres() {
+    operator_cli_end_to_end(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_on_sqlite() {
+    operator_cli_end_to_end(StoreKind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_names_what_is_wrong_with_the_database() {
+    let dir = TempDir::new();
+    // No such file.
+    let missing = format!("sqlite://{}", dir.0.join("missing.db").display());
+    let (code, _, err) = skald(&missing, None, &["sagas"]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no SQLite database at"), "{err}");
+    // A database without skald's schema.
+    let empty = dir.0.join("empty.db");
+    std::fs::write(&empty, b"").expect("create an empty file");
+    let (code, _, err) = skald(&format!("sqlite://{}", empty.display()), None, &["stats"]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no skald schema"), "{err}");
+    let pg = PgDatabase::create().await;
+    let (code, _, err) = skald(&pg.url(), None, &["stats"]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no skald schema"), "{err}");
+    // Nothing listens there (port 1), and the password is not shown.
+    let (code, _, err) = skald(
+        "postgres://skald:secret@127.0.0.1:1/skald",
+        None,
+        &["sagas"],
+    )
+    .await;
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("cannot connect to PostgreSQL") && !err.contains("secret"),
+        "{err}"
+    );
+    // Not a URL skald knows.
+    let (code, _, err) = skald("mysql://localhost/db", None, &["sagas"]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("unsupported database URL"), "{err}");
+}
