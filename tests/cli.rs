@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -16,10 +15,11 @@ use serde_json::{Value, json};
 use skald::definition::SagaDefinition;
 use skald::ids::SagaId;
 use skald::machine::SagaStatus;
-use skald::participant::{ParticipantHandle, failure, serve};
+use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
-use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition, subjects};
-use skald::wire::{IncomingCommand, Outcome};
+use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald::sagas::scripted::Scripted;
+use skald::sagas::sim::SimServices;
 use skald::{Runtime, RuntimeOptions};
 
 /// Runs the `skald` binary; returns (exit code, stdout, stderr).
@@ -51,57 +51,20 @@ async fn skald_json(db: &str, nats: Option<&str>, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("skald {args:?}: not JSON ({e}): {out}"))
 }
 
-/// Participants whose behaviour depends on the order id: `ok-*` succeed (the charge
-/// after 30 ms, so step 1 and step 2 are apart in time), `decline-*` are declined,
-/// `broken-*` are declined and their inventory release fails permanently while
-/// `release_broken` is set, `hang-*` never get a shipping reply.
-async fn participants(
-    bus: &Arc<dyn Bus>,
-    release_broken: Arc<AtomicBool>,
-) -> Vec<ParticipantHandle> {
-    let handler = move |cmd: IncomingCommand| {
-        let release_broken = Arc::clone(&release_broken);
-        async move {
-            let order = cmd.payload["order_id"].as_str().unwrap_or("").to_owned();
-            match cmd.subject.as_str() {
-                subjects::RESERVE => {
-                    Outcome::Success(json!({ "reservation_id": format!("rsv-{order}") }))
-                }
-                subjects::RELEASE
-                    if order.starts_with("broken-") && release_broken.load(Ordering::SeqCst) =>
-                {
-                    failure("warehouse_offline", "the warehouse refused the release")
-                }
-                subjects::CHARGE
-                    if order.starts_with("decline-") || order.starts_with("broken-") =>
-                {
-                    failure("card_declined", "the card was declined")
-                }
-                subjects::CHARGE => {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    Outcome::Success(json!({ "payment_id": format!("pay-{order}") }))
-                }
-                subjects::SHIP if order.starts_with("hang-") => {
-                    std::future::pending::<()>().await;
-                    unreachable!("never replies")
-                }
-                subjects::SHIP => {
-                    Outcome::Success(json!({ "shipment_id": format!("shp-{order}") }))
-                }
-                _ => Outcome::Success(json!({})),
-            }
-        }
-    };
+/// The scripted participants (`skald::sagas::scripted`): `ok-*` complete, `decline-*`
+/// are compensated, `broken-*` are dead-lettered while the release is broken, `hang-*`
+/// never get a shipping reply.
+async fn participants(bus: &Arc<dyn Bus>, scripted: &Scripted) -> Vec<ParticipantHandle> {
     let mut handles = Vec::new();
-    for (service, subject) in [
-        ("inventory", "skald.cmd.inventory.>"),
-        ("payment", "skald.cmd.payment.>"),
-        ("shipping", "skald.cmd.shipping.>"),
-    ] {
+    for (service, subject) in SimServices::services() {
+        let scripted = scripted.clone();
         handles.push(
-            serve(Arc::clone(bus), subject, service, 64, handler.clone())
-                .await
-                .expect("serve"),
+            serve(Arc::clone(bus), subject, service, 64, move |cmd| {
+                let scripted = scripted.clone();
+                async move { scripted.handle(cmd).await }
+            })
+            .await
+            .expect("serve"),
         );
     }
     handles
@@ -175,9 +138,9 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     let nats = Some(nats_url.as_str());
     // The definition the `skald` binary knows: the default checkout timing.
     let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
-    let release_broken = Arc::new(AtomicBool::new(true));
+    let scripted = Scripted::new(Duration::from_millis(30));
     let bus = backend.bus().await;
-    let _participants = participants(&bus, Arc::clone(&release_broken)).await;
+    let _participants = participants(&bus, &scripted).await;
     let rt = runtime(&backend, &checkout).await;
 
     // One saga in every state.
@@ -347,7 +310,7 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     let (code, _, err) = skald(db, nats, &["dlq", "redrive", &ok.to_string()]).await;
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("not dead-lettered"), "{err}");
-    release_broken.store(false, Ordering::SeqCst);
+    scripted.set_release_broken(false);
     let redriven = skald_json(
         db,
         nats,

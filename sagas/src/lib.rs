@@ -9,6 +9,9 @@
 //!
 //! - [`checkout`]: the saga definition, its data and messages, and the consistency check.
 //! - [`sim`]: the simulated services and an in-memory ledger.
+//! - [`scripted`]: participants scripted by order id, leaving a saga in every state (for
+//!   demos and tests of the operator tools).
 
 pub mod checkout;
+pub mod scripted;
 pub mod sim;

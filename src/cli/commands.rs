@@ -332,7 +332,7 @@ fn describe_entry(cli: &Cli, state: &SagaState, e: &JournalEntry) -> (String, St
             format!("reply: {} {how}: {}", step(), error())
         }
         "timed_out" => format!("timeout: {} got no reply in time", step()),
-        "retry_due" => format!("retry due: {}", step()),
+        "retry_due" => format!("backoff over: {} failed, the next attempt goes out", step()),
         "cancel_requested" => format!(
             "cancel requested: {}",
             input.get("reason").and_then(Value::as_str).unwrap_or("")
@@ -588,9 +588,13 @@ async fn time_travel(
             cli,
             &StoredSaga {
                 state: state.clone(),
-                version: r.entries as u64,
+                version: 0,
             },
         );
+        // The stored version counts commits, which a replay does not see.
+        if let Some(o) = doc.as_object_mut() {
+            o.remove("version");
+        }
         doc["data"] = state.data.clone();
         doc["completed_steps"] = json!(done);
         doc["failure"] = json!(state.failure);
@@ -1167,7 +1171,7 @@ async fn stats(
     }
     let _ = writeln!(
         out,
-        "\nlast {}: {} started ({:.1}/s), {} finished ({:.1}/s)",
+        "\nlast {}: {} started ({:.2}/s), {} finished ({:.2}/s)",
         duration(window),
         st.started_since,
         st.started_since as f64 / secs,

@@ -105,11 +105,20 @@ pub(crate) fn duration(d: Duration) -> String {
     } else if s < 60 {
         format!("{:.1}s", d.as_secs_f64())
     } else if s < 3_600 {
-        format!("{}m{:02}s", s / 60, s % 60)
+        match s % 60 {
+            0 => format!("{}m", s / 60),
+            r => format!("{}m{r:02}s", s / 60),
+        }
     } else if s < 86_400 {
-        format!("{}h{:02}m", s / 3_600, s / 60 % 60)
+        match s / 60 % 60 {
+            0 => format!("{}h", s / 3_600),
+            r => format!("{}h{r:02}m", s / 3_600),
+        }
     } else {
-        format!("{}d{:02}h", s / 86_400, s / 3_600 % 24)
+        match s / 3_600 % 24 {
+            0 => format!("{}d", s / 86_400),
+            r => format!("{}d{r:02}h", s / 86_400),
+        }
     }
 }
 
@@ -283,6 +292,9 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(245)), "4m05s");
         assert_eq!(duration(Duration::from_secs(11_520)), "3h12m");
         assert_eq!(duration(Duration::from_secs(187_200)), "2d04h");
+        assert_eq!(duration(Duration::from_secs(60)), "1m");
+        assert_eq!(duration(Duration::from_secs(7_200)), "2h");
+        assert_eq!(duration(Duration::from_secs(86_400)), "1d");
     }
 
     #[test]
