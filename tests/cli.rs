@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use skald::definition::SagaDefinition;
+use skald::definition::{SagaDefinition, Step};
 use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
@@ -112,6 +112,23 @@ fn order(id: &str) -> Checkout {
         }],
         1_250,
     )
+}
+
+/// The checkout saga (type `checkout`, version 1) with its steps in another order, as a
+/// careless change would leave it.
+fn reordered_checkout() -> SagaDefinition<Checkout> {
+    let step = |name: &str, subject: &str| {
+        Step::new(name).action(
+            subject.to_owned(),
+            |c: &Checkout| json!({ "order_id": c.order_id }),
+        )
+    };
+    SagaDefinition::<Checkout>::builder("checkout", 1)
+        .step(step("charge_payment", "skald.cmd.payment.charge"))
+        .step(step("reserve_inventory", "skald.cmd.inventory.reserve"))
+        .step(step("ship_order", "skald.cmd.shipping.ship"))
+        .build()
+        .expect("valid")
 }
 
 fn statuses(list: &Value) -> HashMap<String, String> {
@@ -398,6 +415,35 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     let rt = runtime(&backend, &checkout).await;
     wait_status(&backend, hanging, SagaStatus::Compensated).await;
     rt.shutdown().await;
+
+    // --- replay: the registered definition takes every saga's recorded path; one with
+    // its steps reordered diverges at the first command.
+    let (code, out, err) = skald(db, None, &["replay", "--type", "checkout", "--all"]).await;
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(out.contains("5 sagas: 5 same, 0 diverged"), "{out}");
+    let reordered = skald::cli::Cli::new().register(&reordered_checkout());
+    let e = reordered
+        .run([
+            "--db", db, "--json", "replay", "--type", "checkout", "--all",
+        ])
+        .await
+        .expect_err("a reordered definition diverges");
+    assert_eq!(e.status, skald::cli::ExitStatus::Diverged, "{}", e.message);
+    let report: Value = serde_json::from_str(&e.output).expect("JSON");
+    for r in report.as_array().expect("list") {
+        assert_eq!(r["result"], "diverged", "{r}");
+        assert_eq!(r["divergence"]["entry"], 0, "{r}");
+        assert_eq!(r["divergence"]["input"], "started", "{r}");
+    }
+    let one = reordered
+        .run(["--db", db, "replay", &ok.to_string()])
+        .await
+        .expect_err("diverges");
+    assert!(
+        one.output.contains("diverges at entry #0 (started"),
+        "{}",
+        one.output
+    );
 
     // --- bad input: the documented exit codes.
     let (code, _, err) = skald(db, None, &["show", &SagaId::new().to_string()]).await;

@@ -248,6 +248,41 @@ pub fn replay(
     Ok(replayed)
 }
 
+/// A replay check: replays the whole journal of `stored` under `definition` and, when
+/// every entry matched, compares the state it ends in with the stored one (a changed
+/// `on_success` mapping shows only there: the journal keeps no payloads).
+pub fn check(
+    definition: &Definition,
+    stored: &SagaState,
+    journal: &[JournalEntry],
+) -> Result<Replayed, ReplayError> {
+    let mut r = replay(definition, stored.id, journal, None)?;
+    if r.divergence.is_none() && r.state != *stored {
+        let reason = match (serde_json::to_value(&r.state), serde_json::to_value(stored)) {
+            (Ok(Value::Object(now)), Ok(Value::Object(then))) => {
+                let mut fields: Vec<&str> = then
+                    .iter()
+                    .filter(|(k, v)| now.get(*k) != Some(v))
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                fields.sort_unstable();
+                format!(
+                    "the journal replays to a different state than the stored one: {} differ",
+                    fields.join(", ")
+                )
+            }
+            _ => "the journal replays to a different state than the stored one".to_owned(),
+        };
+        r.divergence = Some(Divergence {
+            entry: journal.len(),
+            at: r.last_at,
+            input: "(end)".to_owned(),
+            reason,
+        });
+    }
+    Ok(r)
+}
+
 fn show(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
@@ -431,6 +466,31 @@ mod tests {
         // reserve succeeding now completes the saga: status differs at entry 1.
         assert_eq!(d.entry, 1);
         assert!(d.reason.contains("completed"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_check_compares_the_final_state_with_the_stored_one() {
+        let def = definition(&["reserve", "charge"]);
+        let (stored, journal) = run(&def, &inputs());
+        let ok = check(def.definition(), &stored, &journal).expect("check");
+        assert_eq!(ok.divergence, None);
+        // A different on_success mapping sends the same commands but keeps other data.
+        let mapped =
+            ["reserve", "charge"]
+                .iter()
+                .fold(SagaDefinition::<Order>::builder("shop", 1), |b, s| {
+                    b.step(step(s).on_success(|o: &mut Order, r: Receipt| {
+                        o.done.push(r.receipt.to_uppercase())
+                    }))
+                })
+                .build()
+                .expect("valid");
+        let d = check(mapped.definition(), &stored, &journal)
+            .expect("check")
+            .divergence
+            .expect("the data differs");
+        assert_eq!((d.entry, d.input.as_str()), (4, "(end)"));
+        assert!(d.reason.contains("data"), "{}", d.reason);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use skald_runtime::ports::{
     Bus, Clock, DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry,
     MAX_QUERY_ROWS, SagaOrder, SagaQueries, SagaQuery, StoredSaga, SystemClock,
 };
-use skald_runtime::replay::{ReplayError, replay};
+use skald_runtime::replay::{ReplayError, check, replay};
 use skald_runtime::wire::{OperatorAction, OperatorRequest, encode_operator_request};
 use uuid::Uuid;
 
@@ -86,6 +86,40 @@ pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> 
             limit,
         } => stuck(cli, &store, older_than, saga_type, limit, now, json).await,
         Command::Stats { window } => stats(&store, window, now, json).await,
+        Command::Replay {
+            id,
+            saga_type,
+            version,
+            against,
+            all,
+            limit,
+        } => {
+            let targets = match id {
+                Some(id) => vec![load(&store, saga_id(&id)?).await?],
+                None => {
+                    let statuses = if all {
+                        Vec::new()
+                    } else {
+                        vec![
+                            SagaStatus::Running,
+                            SagaStatus::Compensating,
+                            SagaStatus::Failed,
+                        ]
+                    };
+                    let query = SagaQuery {
+                        statuses,
+                        saga_type: self::saga_type(saga_type)?,
+                        order: SagaOrder::NewestFirst,
+                        limit,
+                        ..SagaQuery::default()
+                    };
+                    let mut found = store.query(&query).await?;
+                    found.retain(|s| version.is_none_or(|v| s.state.definition_version == v));
+                    found
+                }
+            };
+            replay_check(cli, &store, targets, against, json).await
+        }
     }
 }
 
@@ -646,6 +680,132 @@ async fn time_travel(
     Ok(out)
 }
 
+/// One saga's replay check.
+#[derive(Debug, serde::Serialize)]
+struct ReplayResult {
+    saga_id: SagaId,
+    saga_type: String,
+    definition_version: u32,
+    /// The definition version replayed against.
+    against: u32,
+    status: SagaStatus,
+    /// `same`, `diverged` or `cannot_replay`.
+    result: &'static str,
+    entries: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    divergence: Option<skald_runtime::replay::Divergence>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn replay_check(
+    cli: &Cli,
+    store: &Store,
+    targets: Vec<StoredSaga>,
+    against: Option<u32>,
+    json: bool,
+) -> Result<String, CliError> {
+    let mut results = Vec::with_capacity(targets.len());
+    for saga in targets {
+        let s = &saga.state;
+        let version = against.unwrap_or(s.definition_version);
+        let mut result = ReplayResult {
+            saga_id: s.id,
+            saga_type: s.saga_type.to_string(),
+            definition_version: s.definition_version,
+            against: version,
+            status: s.status,
+            result: "cannot_replay",
+            entries: 0,
+            divergence: None,
+            error: None,
+        };
+        match cli.definition(&s.saga_type, version) {
+            None => {
+                result.error = Some(format!(
+                    "{} v{version} is not registered in this CLI",
+                    s.saga_type
+                ));
+            }
+            Some(def) => {
+                let journal = store.journal(s.id).await?;
+                match check(def, s, &journal) {
+                    Ok(r) => {
+                        result.entries = r.entries;
+                        result.result = if r.divergence.is_some() {
+                            "diverged"
+                        } else {
+                            "same"
+                        };
+                        result.divergence = r.divergence;
+                    }
+                    Err(e) => result.error = Some(e.to_string()),
+                }
+            }
+        }
+        results.push(result);
+    }
+    let out = if json {
+        to_json(&results)
+    } else if results.is_empty() {
+        "no sagas to replay\n".to_owned()
+    } else {
+        let mut t = Table::new(vec![
+            "SAGA", "TYPE", "VER", "AGAINST", "STATUS", "ENTRIES", "RESULT",
+        ]);
+        for r in &results {
+            let what = match (&r.divergence, &r.error) {
+                (Some(d), _) => format!(
+                    "diverges at entry #{} ({}, {}): {}",
+                    d.entry,
+                    d.input,
+                    time(d.at),
+                    d.reason
+                ),
+                (None, Some(e)) => format!("cannot replay: {e}"),
+                (None, None) => "same path".to_owned(),
+            };
+            t.row(vec![
+                r.saga_id.to_string(),
+                r.saga_type.clone(),
+                r.definition_version.to_string(),
+                r.against.to_string(),
+                r.status.to_string(),
+                r.entries.to_string(),
+                what,
+            ]);
+        }
+        let mut out = t.render();
+        let count = |what: &str| results.iter().filter(|r| r.result == what).count();
+        let _ = writeln!(
+            out,
+            "{} sagas: {} same, {} diverged, {} cannot be replayed",
+            results.len(),
+            count("same"),
+            count("diverged"),
+            count("cannot_replay")
+        );
+        out
+    };
+    let status = if results.iter().any(|r| r.result == "diverged") {
+        Some((ExitStatus::Diverged, "diverge"))
+    } else if results.iter().any(|r| r.result == "cannot_replay") {
+        Some((ExitStatus::CannotReplay, "cannot be replayed"))
+    } else {
+        None
+    };
+    match status {
+        Some((status, what)) => {
+            let n = results.iter().filter(|r| r.result != "same").count();
+            Err(
+                CliError::new(status, format!("{n} of {} sagas {what}", results.len()))
+                    .with_output(out),
+            )
+        }
+        None => Ok(out),
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // dlq
 
@@ -984,14 +1144,13 @@ async fn send_requests(
         None
     };
     match worst {
-        // The table goes to stdout either way: print it, then fail with the code.
         Some(status) => {
-            print!("{out}");
             let n = results.iter().filter(|r| r.result != "applied").count();
             Err(CliError::new(
                 status,
                 format!("{n} of {} requests not applied", results.len()),
-            ))
+            )
+            .with_output(out))
         }
         None => Ok(out),
     }

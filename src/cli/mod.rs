@@ -59,6 +59,9 @@ pub enum ExitStatus {
     /// The saga cannot be rebuilt from its journal: its definition (type and version)
     /// is not registered in this CLI, or its journal cannot be replayed.
     CannotReplay = 8,
+    /// `replay`: at least one saga would not take the path its journal recorded under
+    /// the registered definition.
+    Diverged = 9,
 }
 
 /// A failure, with what the exit code says about it.
@@ -67,8 +70,11 @@ pub enum ExitStatus {
 pub struct CliError {
     /// The exit status.
     pub status: ExitStatus,
-    /// What went wrong, and what to do about it.
+    /// What went wrong, and what to do about it (stderr).
     pub message: String,
+    /// What the command had to show anyway (stdout): the table of requests or replays
+    /// some of which did not succeed.
+    pub output: String,
 }
 
 impl CliError {
@@ -76,7 +82,13 @@ impl CliError {
         CliError {
             status,
             message: message.into(),
+            output: String::new(),
         }
+    }
+
+    pub(crate) fn with_output(mut self, output: String) -> CliError {
+        self.output = output;
+        self
     }
 }
 
@@ -147,10 +159,25 @@ impl Cli {
                 ExitCode::SUCCESS
             }
             Err(e) => {
+                print!("{}", e.output);
                 eprintln!("skald: {}", e.message);
                 ExitCode::from(e.status as u8)
             }
         }
+    }
+
+    /// Runs one command (`args` without the program name) on the caller's tokio
+    /// runtime and returns what it prints, for embedding and tests.
+    pub async fn run<I, T>(&self, args: I) -> Result<String, CliError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args = Arguments::try_parse_from(
+            std::iter::once(OsString::from("skald")).chain(args.into_iter().map(Into::into)),
+        )
+        .map_err(|e| CliError::new(ExitStatus::Usage, e.to_string()))?;
+        commands::run(self, args).await
     }
 
     pub(crate) fn definition(
@@ -173,6 +200,7 @@ Exit codes:
   6  refused: the action does not apply to the saga as it is; nothing changed
   7  sent, but no runtime applied it within --wait (it stays queued in JetStream)
   8  the saga cannot be rebuilt: its definition is not registered in this CLI
+  9  replay: at least one saga diverges from its journal under the registered definition
 
 Durations: 250ms, 30s, 5m, 2h, 7d, 1h30m. Times: RFC 3339 (2026-11-24T03:50:12Z),
 milliseconds since the epoch, or a duration ago (-5m).";
@@ -216,6 +244,30 @@ pub(crate) enum Command {
         /// The time (RFC 3339, epoch milliseconds, or -DURATION for that long ago).
         #[arg(long, allow_hyphen_values = true)]
         time: String,
+    },
+    /// Replay check before a deploy: re-run sagas' journals through the definitions this
+    /// CLI registers and report, per saga, the same path or the first divergence.
+    Replay {
+        /// One saga.
+        #[arg(required_unless_present = "saga_type", conflicts_with = "saga_type")]
+        id: Option<String>,
+        /// Every saga of this type (in flight: running, compensating or failed; all
+        /// with --all).
+        #[arg(long = "type")]
+        saga_type: Option<String>,
+        /// With --type: only sagas on this definition version.
+        #[arg(long, requires = "saga_type")]
+        version: Option<u32>,
+        /// Replay against this definition version instead of each saga's own (can the
+        /// sagas of --version move to it?).
+        #[arg(long)]
+        against: Option<u32>,
+        /// With --type: finished sagas too.
+        #[arg(long, requires = "saga_type")]
+        all: bool,
+        /// At most this many sagas.
+        #[arg(long, default_value_t = 1_000)]
+        limit: usize,
     },
     /// Dead-lettered sagas and poison messages.
     #[command(subcommand)]
