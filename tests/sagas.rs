@@ -632,6 +632,12 @@ impl skald::ports::SagaStore for FlakyStore {
     ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
         self.inner.active_sagas(after, limit).await
     }
+    async fn unfinished_versions(
+        &self,
+        types: &[skald::ids::SagaType],
+    ) -> Result<Vec<(skald::ids::SagaType, u32, u64)>, skald::ports::StoreError> {
+        self.inner.unfinished_versions(types).await
+    }
     async fn record_poison(
         &self,
         record: &skald::ports::DeadLetterRecord,

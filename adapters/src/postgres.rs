@@ -762,6 +762,37 @@ impl SagaStore for PostgresStore {
         ids_of(&rows)
     }
 
+    async fn unfinished_versions(
+        &self,
+        types: &[SagaType],
+    ) -> Result<Vec<(SagaType, u32, u64)>, StoreError> {
+        let names: Vec<&str> = types.iter().map(SagaType::as_str).collect();
+        let rows = sqlx::query(
+            "SELECT saga_type, definition_version, COUNT(*) AS n FROM saga_instances \
+             WHERE status IN ('created', 'running', 'compensating', 'failed') \
+             AND saga_type = ANY($1::text[]) \
+             GROUP BY saga_type, definition_version ORDER BY saga_type, definition_version",
+        )
+        .bind(names)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter()
+            .map(|r| {
+                let ty: String = r.try_get("saga_type").map_err(store_error)?;
+                Ok((
+                    SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
+                    u32::try_from(
+                        r.try_get::<i32, _>("definition_version")
+                            .map_err(store_error)?,
+                    )
+                    .map_err(|e| corrupt("definition version", e))?,
+                    u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
     async fn record_poison(
         &self,
         record: &DeadLetterRecord,

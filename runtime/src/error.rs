@@ -46,9 +46,40 @@ pub enum RuntimeError {
     /// The instance actor could not be reached (it crashed or was stopping).
     #[error("saga {0}: instance actor unavailable")]
     ActorUnavailable(SagaId),
+    /// A saga was started on a definition version older than the latest registered one
+    /// of its type (new sagas start on the latest).
+    #[error(
+        "saga type {saga_type}: version {version} is not the latest registered ({latest}); \
+         new sagas start on the latest version"
+    )]
+    NotLatestVersion {
+        /// The type.
+        saga_type: SagaType,
+        /// The version asked for.
+        version: u32,
+        /// The latest registered.
+        latest: u32,
+    },
+    /// Start-up found unfinished sagas on definition versions this runtime does not
+    /// register: it could not run them.
+    #[error("{}", unregistered_message(.0))]
+    UnregisteredVersions(Vec<(SagaType, u32, u64)>),
     /// The runtime is shutting down or failed to start.
     #[error("runtime: {0}")]
     Runtime(String),
+}
+
+fn unregistered_message(found: &[(SagaType, u32, u64)]) -> String {
+    let list: Vec<String> = found
+        .iter()
+        .map(|(t, v, n)| format!("{n} unfinished {t} saga(s) on definition version {v}"))
+        .collect();
+    format!(
+        "the store holds {}, which this runtime does not register: register those versions \
+         again (.register(&definition) for each) until their sagas finish, or cancel those \
+         sagas (skald sagas --type T, skald cancel ID) from a runtime that registers them",
+        list.join(", ")
+    )
 }
 
 impl RuntimeError {
@@ -60,9 +91,11 @@ impl RuntimeError {
             // Transient, or a process-level problem (schema) an operator fixes: keep the
             // message (the intake dead-letters it after `max_deliveries`).
             RuntimeError::Store(_) => Disposition::Retry,
-            RuntimeError::Bus(_) | RuntimeError::ActorUnavailable(_) | RuntimeError::Runtime(_) => {
-                Disposition::Retry
-            }
+            RuntimeError::Bus(_)
+            | RuntimeError::ActorUnavailable(_)
+            | RuntimeError::Runtime(_)
+            | RuntimeError::UnregisteredVersions(_) => Disposition::Retry,
+            RuntimeError::NotLatestVersion { .. } => Disposition::Refuse,
             // A definition (version) not registered here: a deployment in progress may
             // bring it; keep the message rather than lose it.
             RuntimeError::UnknownSagaType { .. } => Disposition::Retry,

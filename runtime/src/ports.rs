@@ -259,6 +259,13 @@ pub trait SagaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SagaId>, StoreError>;
 
+    /// Unfinished sagas (created, running, compensating or failed) of `types`, counted
+    /// per (type, definition version): what a runtime must be able to run.
+    async fn unfinished_versions(
+        &self,
+        types: &[SagaType],
+    ) -> Result<Vec<(SagaType, u32, u64)>, StoreError>;
+
     /// Records a poison message (a dead letter that belongs to no saga transition), with
     /// the outbox rows announcing it, in one transaction.
     async fn record_poison(

@@ -4,7 +4,6 @@
 //! becomes the I/O runtime (store, bus, group commit, reply intake). The actors run on
 //! their own actix system thread with one arbiter per core.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,11 +16,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actors::{
-    Applied, Apply, Lookup, OutcomeHub, Registry, RetrySupervisor, RuntimeStats, SagaOutcome,
-    Shared, publish_outbox, publisher,
+    Applied, Apply, Definitions, Lookup, OutcomeHub, Registry, RetrySupervisor, RuntimeStats,
+    SagaOutcome, Shared, publish_outbox, publisher,
 };
 use crate::committer::{CommitStats, Committer};
-use crate::definition::{Definition, SagaDefinition};
+use crate::definition::SagaDefinition;
 use crate::error::{Disposition, RuntimeError};
 use crate::ids::{SagaId, SagaType};
 use crate::machine::{Input, SagaState, Timestamp};
@@ -110,16 +109,16 @@ pub struct RuntimeBuilder {
     bus: Option<Arc<dyn Bus>>,
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn JitterSource>,
-    definitions: HashMap<SagaType, Arc<Definition>>,
+    definitions: Definitions,
     options: RuntimeOptions,
-    duplicate_type: Option<SagaType>,
+    duplicate: Option<(SagaType, u32)>,
     outcomes: Arc<OutcomeHub>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeBuilder")
-            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .field("definitions", &self.definitions.pairs())
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
@@ -132,9 +131,9 @@ impl Default for RuntimeBuilder {
             bus: None,
             clock: Arc::new(SystemClock),
             jitter: Arc::new(RandomJitter),
-            definitions: HashMap::new(),
+            definitions: Definitions::default(),
             options: RuntimeOptions::default(),
-            duplicate_type: None,
+            duplicate: None,
             outcomes: Arc::new(OutcomeHub::default()),
         }
     }
@@ -173,12 +172,16 @@ impl RuntimeBuilder {
         self.outcomes.subscribe()
     }
 
-    /// Registers a saga definition. Registering one type twice is an error at start.
+    /// Registers a saga definition. A type may have several versions: a new saga starts
+    /// on the latest, a saga in flight continues on the version it started with (so
+    /// keep registering a version until no saga runs on it: `start` refuses to run
+    /// when unfinished sagas are on a version that is not registered). Registering one
+    /// type and version twice is an error at start.
     pub fn register<D>(mut self, definition: &SagaDefinition<D>) -> Self {
         let def = Arc::clone(definition.definition());
-        let ty = def.saga_type().clone();
-        if self.definitions.insert(ty.clone(), def).is_some() {
-            self.duplicate_type = Some(ty);
+        let key = (def.saga_type().clone(), def.version());
+        if !self.definitions.insert(def) {
+            self.duplicate = Some(key);
         }
         self
     }
@@ -194,15 +197,26 @@ impl RuntimeBuilder {
         let bus = self
             .bus
             .ok_or_else(|| RuntimeError::Runtime("no bus configured: call .bus(..)".into()))?;
-        if let Some(ty) = self.duplicate_type {
+        if let Some((ty, version)) = self.duplicate {
             return Err(RuntimeError::Runtime(format!(
-                "saga type {ty} registered twice"
+                "saga type {ty} version {version} registered twice"
             )));
         }
         if self.definitions.is_empty() {
             return Err(RuntimeError::Runtime(
                 "no saga definition registered: call .register(&definition)".into(),
             ));
+        }
+        // Every unfinished saga of the registered types must have its version here.
+        let types: Vec<SagaType> = self.definitions.types().cloned().collect();
+        let unregistered: Vec<(SagaType, u32, u64)> = store
+            .unfinished_versions(&types)
+            .await?
+            .into_iter()
+            .filter(|(t, v, _)| self.definitions.get(t, *v).is_none())
+            .collect();
+        if !unregistered.is_empty() {
+            return Err(RuntimeError::UnregisteredVersions(unregistered));
         }
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
@@ -244,8 +258,11 @@ impl RuntimeBuilder {
         // Subscribe before anything is sent, so no reply is missed.
         // Only the replies of the registered saga types: several runtimes with different
         // sagas can share one broker.
-        let mut reply_subjects: Vec<String> =
-            shared.definitions.keys().map(wire::reply_subject).collect();
+        let mut reply_subjects: Vec<String> = shared
+            .definitions
+            .types()
+            .map(wire::reply_subject)
+            .collect();
         reply_subjects.sort();
         let replies = shared
             .bus
@@ -404,6 +421,15 @@ impl Runtime {
     {
         let def = definition.definition();
         self.shared.definition(def.saga_type(), def.version())?;
+        if let Some(latest) = self.shared.definitions.latest(def.saga_type())
+            && latest.version() != def.version()
+        {
+            return Err(RuntimeError::NotLatestVersion {
+                saga_type: def.saga_type().clone(),
+                version: def.version(),
+                latest: latest.version(),
+            });
+        }
         let state = SagaState::new(id, def, definition.encode(data)?, self.shared.clock.now());
         deliver(&self.registry, id, Some(state), Input::Started, None).await?;
         Ok(id)
@@ -585,7 +611,7 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             return poison(shared, &message, delivery_count, acker, None, e.to_string()).await;
         }
     };
-    if !shared.definitions.contains_key(&reply.saga_type) {
+    if !shared.definitions.contains_type(&reply.saga_type) {
         let reason = format!("unknown saga type {}", reply.saga_type);
         return poison(
             shared,

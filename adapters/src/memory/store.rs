@@ -225,6 +225,32 @@ impl SagaStore for MemoryStore {
             .collect())
     }
 
+    async fn unfinished_versions(
+        &self,
+        types: &[SagaType],
+    ) -> Result<Vec<(SagaType, u32, u64)>, StoreError> {
+        let data = self.lock()?;
+        let mut counts: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        for s in data.sagas.values() {
+            let st = &s.state;
+            if !st.status.is_terminal() && types.contains(&st.saga_type) {
+                *counts
+                    .entry((st.saga_type.to_string(), st.definition_version))
+                    .or_default() += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|((t, v), n)| {
+                Ok((
+                    SagaType::new(t).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    v,
+                    n,
+                ))
+            })
+            .collect()
+    }
+
     async fn record_poison(
         &self,
         record: &DeadLetterRecord,

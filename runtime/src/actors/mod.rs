@@ -113,9 +113,57 @@ impl RuntimeStats {
     }
 }
 
+/// The definitions a runtime runs: every registered version of every saga type. A new
+/// saga starts on its type's latest version; one in flight continues on the version it
+/// started with for as long as that version is registered.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Definitions {
+    by_type: HashMap<SagaType, std::collections::BTreeMap<u32, Arc<Definition>>>,
+}
+
+impl Definitions {
+    /// Adds a definition; `false` if its type and version were registered already.
+    pub(crate) fn insert(&mut self, def: Arc<Definition>) -> bool {
+        self.by_type
+            .entry(def.saga_type().clone())
+            .or_default()
+            .insert(def.version(), def)
+            .is_none()
+    }
+
+    pub(crate) fn get(&self, saga_type: &SagaType, version: u32) -> Option<&Arc<Definition>> {
+        self.by_type.get(saga_type)?.get(&version)
+    }
+
+    /// The latest (highest) registered version of `saga_type`.
+    pub(crate) fn latest(&self, saga_type: &SagaType) -> Option<&Arc<Definition>> {
+        self.by_type.get(saga_type)?.values().next_back()
+    }
+
+    pub(crate) fn contains_type(&self, saga_type: &SagaType) -> bool {
+        self.by_type.contains_key(saga_type)
+    }
+
+    pub(crate) fn types(&self) -> impl Iterator<Item = &SagaType> {
+        self.by_type.keys()
+    }
+
+    /// Every registered (type, version).
+    pub(crate) fn pairs(&self) -> Vec<(SagaType, u32)> {
+        self.by_type
+            .iter()
+            .flat_map(|(t, versions)| versions.keys().map(move |v| (t.clone(), *v)))
+            .collect()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_type.is_empty()
+    }
+}
+
 /// What every actor of one runtime shares: read-only configuration and handles.
 pub struct Shared {
-    pub(crate) definitions: HashMap<SagaType, Arc<Definition>>,
+    pub(crate) definitions: Definitions,
     pub(crate) store: Arc<dyn SagaStore>,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) committer: Committer,
@@ -136,7 +184,7 @@ pub struct Shared {
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .field("definitions", &self.definitions.pairs())
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
@@ -150,8 +198,7 @@ impl Shared {
         version: u32,
     ) -> Result<&Arc<Definition>, RuntimeError> {
         self.definitions
-            .get(saga_type)
-            .filter(|d| d.version() == version)
+            .get(saga_type, version)
             .ok_or_else(|| RuntimeError::UnknownSagaType {
                 saga_type: saga_type.clone(),
                 version,

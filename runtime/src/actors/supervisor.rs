@@ -58,11 +58,7 @@ impl RetrySupervisor {
         let fut = async move {
             let store = Arc::clone(&shared.store);
             let now = shared.clock.now();
-            let types: Vec<_> = shared
-                .definitions
-                .values()
-                .map(|d| (d.saga_type().clone(), d.version()))
-                .collect();
+            let types = shared.definitions.pairs();
             let lease = shared.options.claim_lease;
             let due = shared
                 .on_io(async move {
