@@ -178,7 +178,8 @@ pub struct Pending {
 }
 
 impl Pending {
-    fn attempts_used(&self) -> u32 {
+    /// Attempts made in the current retry budget, the one in flight included.
+    pub fn attempts_used(&self) -> u32 {
         self.attempt - self.first_attempt + 1
     }
 }

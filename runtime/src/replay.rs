@@ -9,6 +9,14 @@
 //!   took, or the first entry where it would not, and why.
 //!
 //! The first entry (`started`) carries the data and creation time the saga started with.
+//!
+//! **Bounded journals.** A step retried for days must not grow its saga's journal
+//! without limit. The first `window` attempts of a retry run are journaled one by one;
+//! after that, a `snapshot` entry records the state and the retries that follow are not
+//! journaled (the saga row is the snapshot recovery starts from). When the run ends (a
+//! success, a give-up, a cancel), a second `snapshot` holds the state it ended in,
+//! followed by the transition that ended it. Replay jumps to a snapshot's state; time
+//! travel inside a compacted run shows the state at its start.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -97,6 +105,60 @@ pub fn transition_body(
         body["causation"] = Value::String(id.to_owned());
     }
     body
+}
+
+/// What the journal records for one transition (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalPlan {
+    /// The transition entry.
+    Entry,
+    /// Nothing: a retry inside a compacted run.
+    Skip,
+    /// A run just passed the window: the transition entry, then a snapshot of the state
+    /// after it (retries are not journaled from here on).
+    EntryThenSnapshot,
+    /// A compacted run ended: a snapshot of the state before, then the transition entry.
+    SnapshotThenEntry,
+}
+
+/// Inputs that retry the step in flight (rather than end its retry run).
+fn retries(input: &Input) -> bool {
+    matches!(
+        input,
+        Input::TimedOut { .. } | Input::StepFailed { .. } | Input::RetryDue { .. } | Input::Resumed
+    )
+}
+
+/// Decides how the transition from `before` to `after` on `input` is journaled when
+/// retry runs longer than `window` attempts are compacted.
+pub fn journal_plan(
+    input: &Input,
+    before: &SagaState,
+    after: &SagaState,
+    window: u32,
+) -> JournalPlan {
+    let run = |s: &SagaState| s.pending.map(|p| (p.step, p.kind, p.first_attempt));
+    let used = |s: &SagaState| s.pending.map_or(0, |p| p.attempts_used());
+    let same_run = run(before).is_some() && run(before) == run(after);
+    let compacted_before = used(before) > window;
+    if retries(input) && same_run {
+        if compacted_before {
+            JournalPlan::Skip
+        } else if used(after) > window {
+            JournalPlan::EntryThenSnapshot
+        } else {
+            JournalPlan::Entry
+        }
+    } else if compacted_before {
+        JournalPlan::SnapshotThenEntry
+    } else {
+        JournalPlan::Entry
+    }
+}
+
+/// The body of a `snapshot` journal entry.
+pub fn snapshot_body(state: &SagaState, note: &str) -> Value {
+    serde_json::json!({ "snapshot": state, "note": note })
 }
 
 /// Why a journal cannot be replayed at all.
@@ -198,6 +260,27 @@ pub fn replay(
             input: input.to_owned(),
             reason,
         };
+        if entry.kind == "snapshot" {
+            match entry
+                .body
+                .get("snapshot")
+                .map(|v| serde_json::from_value::<SagaState>(v.clone()))
+            {
+                Some(Ok(snapshot)) => {
+                    state = snapshot;
+                    replayed.entries = index + 1;
+                    replayed.last_at = entry.at;
+                    continue;
+                }
+                _ => {
+                    replayed.divergence = Some(diverge(
+                        "snapshot",
+                        "an unreadable snapshot entry".to_owned(),
+                    ));
+                    break;
+                }
+            }
+        }
         let raw_input = entry.body.get("input").cloned().unwrap_or(Value::Null);
         let input: Input = match serde_json::from_value(raw_input) {
             Ok(i) => i,
@@ -257,7 +340,9 @@ pub fn check(
     journal: &[JournalEntry],
 ) -> Result<Replayed, ReplayError> {
     let mut r = replay(definition, stored.id, journal, None)?;
-    if r.divergence.is_none() && r.state != *stored {
+    // A saga inside a compacted retry run is ahead of its journal's last snapshot.
+    let compacting = journal.last().is_some_and(|e| e.kind == "snapshot");
+    if r.divergence.is_none() && !compacting && r.state != *stored {
         let reason = match (serde_json::to_value(&r.state), serde_json::to_value(stored)) {
             (Ok(Value::Object(now)), Ok(Value::Object(then))) => {
                 let mut fields: Vec<&str> = then

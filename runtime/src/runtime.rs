@@ -79,6 +79,10 @@ pub struct RuntimeOptions {
     /// publish within this time is recognised and dropped). Default: 24 h. Since 0.2.
     #[serde(with = "crate::serde_millis")]
     pub inbox_retention: Duration,
+    /// Attempts of one retry run journaled one by one; past them the run is compacted
+    /// (a snapshot, then nothing until the run ends), so a step retried for days keeps
+    /// a bounded journal. Default: 10. Since 0.3.
+    pub journal_retry_window: u32,
 }
 
 impl Default for RuntimeOptions {
@@ -99,6 +103,7 @@ impl Default for RuntimeOptions {
             outbox_poll_interval: Duration::from_millis(500),
             inbox_retention: Duration::from_secs(24 * 3600),
             outbox: None,
+            journal_retry_window: 10,
         }
     }
 }

@@ -331,6 +331,28 @@ async fn sagas(
 
 /// One journal entry in words: what came in, and what it led to.
 fn describe_entry(cli: &Cli, state: &SagaState, e: &JournalEntry) -> (String, String, Vec<String>) {
+    if e.kind == "snapshot" {
+        let snap = e.body.get("snapshot").cloned().unwrap_or(Value::Null);
+        let status = snap
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
+        let mut details = Vec::new();
+        if let Ok(s) = serde_json::from_value::<SagaState>(snap)
+            && let Some(p) = s.pending
+        {
+            details.push(format!(
+                "{} {} at attempt {} ({} in this run)",
+                step_name(cli, &s, p.step),
+                p.kind,
+                p.attempt,
+                p.attempts_used()
+            ));
+        }
+        let note = e.body.get("note").and_then(Value::as_str).unwrap_or("");
+        return (format!("snapshot: {note}"), status, details);
+    }
     let input = e.body.get("input").cloned().unwrap_or(Value::Null);
     let name = input.get("input").and_then(Value::as_str).unwrap_or("?");
     let step = || {

@@ -414,12 +414,41 @@ async fn process(
                     } else {
                         std::mem::take(&mut outbox)
                     };
+                    let journal = {
+                        use crate::replay::{JournalPlan, journal_plan, snapshot_body};
+                        let after = &state;
+                        let window = shared.options.journal_retry_window;
+                        match journal_plan(&input, &saga.state, after, window) {
+                            JournalPlan::Entry => vec![journal_entry(now, "transition", body)],
+                            JournalPlan::Skip => Vec::new(),
+                            JournalPlan::EntryThenSnapshot => vec![
+                                journal_entry(now, "transition", body),
+                                journal_entry(
+                                    now,
+                                    "snapshot",
+                                    snapshot_body(
+                                        after,
+                                        "retries past the journal's window are not journaled \
+                                             one by one",
+                                    ),
+                                ),
+                            ],
+                            JournalPlan::SnapshotThenEntry => vec![
+                                journal_entry(
+                                    saga.state.updated_at,
+                                    "snapshot",
+                                    snapshot_body(&saga.state, "the compacted retries ended here"),
+                                ),
+                                journal_entry(now, "transition", body),
+                            ],
+                        }
+                    };
                     write = SagaWrite {
                         id: saga.state.id,
                         expected_version: saga.version,
                         // Moved, not copied: the committer hands the write back.
                         state: Some(state),
-                        journal: vec![journal_entry(now, "transition", body)],
+                        journal,
                         dead_letter,
                         resolve_dead_letters: matches!(input, Input::Redriven),
                         outbox,
