@@ -117,3 +117,164 @@ async fn a_saga_retried_10000_times_keeps_a_bounded_journal_that_replays() {
     assert_eq!(replayed.divergence, None);
     assert_eq!(replayed.state, saga.state);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
+    use skald::adapters::sqlite::SqliteStore;
+    use skald::machine::Timestamp;
+    use skald::ports::{Clock, ManualClock, SagaQueries, SagaStore};
+    use skald::sagas::checkout::{CheckoutTiming, checkout_definition};
+    use skald::sagas::scripted::Scripted;
+    use skald::sagas::sim::SimServices;
+
+    let dir = TempDir::new();
+    let sqlite = Arc::new(SqliteStore::connect(&dir.sqlite_url()).await.expect("open"));
+    let store: Arc<dyn SagaStore> = sqlite.clone();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
+    let bus: Arc<dyn skald::ports::Bus> = Arc::new(skald::adapters::memory::MemoryBus::new());
+    let scripted = Scripted::new(Duration::ZERO);
+    let mut participants = Vec::new();
+    for (service, subject) in SimServices::services() {
+        let scripted = scripted.clone();
+        participants.push(
+            serve(Arc::clone(&bus), subject, service, 16, move |cmd| {
+                let scripted = scripted.clone();
+                async move { scripted.handle(cmd).await }
+            })
+            .await
+            .expect("serve"),
+        );
+    }
+    let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
+    let retention = Duration::from_secs(3_600);
+    let runtime = Runtime::builder()
+        .store(Arc::clone(&store))
+        .bus(bus)
+        .clock(clock.clone())
+        .register(&checkout)
+        .options(RuntimeOptions {
+            retention: Some(retention),
+            sweep_interval: Duration::from_millis(50),
+            ..options()
+        })
+        .start()
+        .await
+        .expect("start");
+    let order = |id: &str| {
+        Checkout::new(
+            id,
+            "c",
+            vec![LineItem {
+                sku: "tea".into(),
+                quantity: 1,
+            }],
+            100,
+        )
+    };
+    let settle = |id, want: SagaStatus| {
+        let store = Arc::clone(&store);
+        async move {
+            wait_until(&format!("{id} {want}"), || async {
+                let s = store.load(id).await.expect("load")?;
+                (s.state.status == want).then_some(())
+            })
+            .await
+        }
+    };
+    // Old: two completed, one compensated, one dead-lettered, one still running.
+    let mut old_finished = Vec::new();
+    for (name, want) in [
+        ("ok-1", SagaStatus::Completed),
+        ("ok-2", SagaStatus::Completed),
+        ("decline-1", SagaStatus::Compensated),
+    ] {
+        let id = runtime
+            .start_saga(&checkout, &order(name))
+            .await
+            .expect("start");
+        settle(id, want).await;
+        old_finished.push(id);
+    }
+    let old_failed = runtime
+        .start_saga(&checkout, &order("broken-1"))
+        .await
+        .expect("start");
+    settle(old_failed, SagaStatus::Failed).await;
+    let old_running = runtime
+        .start_saga(&checkout, &order("hang-1"))
+        .await
+        .expect("start");
+    wait_until("the hanging saga to wait on shipping", || async {
+        let s = store.load(old_running).await.expect("load")?;
+        s.state.pending.filter(|p| p.step == 2).map(|_| ())
+    })
+    .await;
+
+    // An hour and a minute later: one more completes, recently.
+    clock.advance(retention + Duration::from_secs(60));
+    let recent = runtime
+        .start_saga(&checkout, &order("ok-3"))
+        .await
+        .expect("start");
+    settle(recent, SagaStatus::Completed).await;
+
+    let swept = wait_until("the sweeper to delete the old finished sagas", || async {
+        let stats = sqlite.stats(Timestamp(0)).await.expect("stats");
+        stats
+            .sweeps
+            .first()
+            .filter(|s| s.deleted.sagas >= 3)
+            .cloned()
+    })
+    .await;
+    assert_eq!(swept.deleted.sagas, 3, "{swept:?}");
+    assert!(swept.deleted.journal_entries >= 3 * 4, "{swept:?}");
+    for id in &old_finished {
+        assert!(store.load(*id).await.expect("load").is_none(), "{id} kept");
+        assert!(store.journal(*id).await.expect("journal").is_empty());
+    }
+    for (id, want) in [
+        (old_failed, SagaStatus::Failed),
+        (old_running, SagaStatus::Running),
+        (recent, SagaStatus::Completed),
+    ] {
+        let s = store.load(id).await.expect("load").expect("kept");
+        assert_eq!(s.state.status, want);
+        assert!(!store.journal(id).await.expect("journal").is_empty());
+    }
+    // The dead-lettered saga's dead letter is kept with it.
+    assert_eq!(
+        sqlite
+            .dead_letters_of(*old_failed.as_uuid())
+            .await
+            .expect("dl")
+            .len(),
+        1
+    );
+
+    // One process sweeps: while the runtime holds the lease, nobody else gets it.
+    let stats = sqlite.stats(Timestamp(0)).await.expect("stats");
+    assert_eq!(stats.sweeps.len(), 1, "{:?}", stats.sweeps);
+    let now = clock.now();
+    assert!(
+        !store
+            .acquire_lease("retention", "another-process", now, Duration::from_secs(1))
+            .await
+            .expect("lease")
+    );
+    runtime.shutdown().await;
+    // Once its lease ends, another takes over.
+    clock.advance(Duration::from_secs(3_600));
+    assert!(
+        store
+            .acquire_lease(
+                "retention",
+                "another-process",
+                clock.now(),
+                Duration::from_secs(1)
+            )
+            .await
+            .expect("lease")
+    );
+    drop(participants);
+}

@@ -638,6 +638,31 @@ impl skald::ports::SagaStore for FlakyStore {
     ) -> Result<Vec<(skald::ids::SagaType, u32, u64)>, skald::ports::StoreError> {
         self.inner.unfinished_versions(types).await
     }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: skald::machine::Timestamp,
+        lease: Duration,
+    ) -> Result<bool, skald::ports::StoreError> {
+        self.inner.acquire_lease(name, holder, now, lease).await
+    }
+    async fn purge_finished(
+        &self,
+        before: skald::machine::Timestamp,
+        limit: usize,
+    ) -> Result<skald::ports::PurgeReport, skald::ports::StoreError> {
+        self.inner.purge_finished(before, limit).await
+    }
+    async fn record_sweep(
+        &self,
+        name: &str,
+        holder: &str,
+        at: skald::machine::Timestamp,
+        report: &skald::ports::PurgeReport,
+    ) -> Result<(), skald::ports::StoreError> {
+        self.inner.record_sweep(name, holder, at, report).await
+    }
     async fn record_poison(
         &self,
         record: &skald::ports::DeadLetterRecord,

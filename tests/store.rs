@@ -490,3 +490,296 @@ async fn outbox_and_inbox_on_every_store() {
 async fn sqlite_store_keeps_the_contract() {
     contract(StoreKind::Sqlite).await;
 }
+
+/// The operator's queries and the retention primitives, on `store`: `query` filters and
+/// orders, `stats` counts, dead letters by type and id, unfinished sagas per version,
+/// leases, and `purge_finished` deleting exactly the finished sagas older than a time.
+async fn queries_and_retention(store: &dyn skald::ports::SagaQueries) {
+    use skald::ports::{DeadLetterQuery, PurgeReport, SagaOrder, SagaQuery};
+
+    let alpha = definition("alpha", 1);
+    let alpha2 = definition("alpha", 2);
+    let beta = definition("beta", 1);
+    let finish = |s: &SagaState, status: SagaStatus, at: u64| {
+        let mut s = s.clone();
+        s.status = status;
+        s.pending = None;
+        s.updated_at = Timestamp(at);
+        s
+    };
+    // Old finished (t=1,000..), a recent finished, running ones on two versions, and a
+    // failed one with a dead letter.
+    let old_done = started(&alpha, 1_000);
+    let old_comp = started(&alpha, 1_100);
+    let recent_done = started(&beta, 50_000);
+    let running_v1 = started(&alpha, 2_000);
+    let running_v2 = started(&alpha2, 60_000);
+    let failed = started(&beta, 3_000);
+    for s in [
+        &old_done,
+        &old_comp,
+        &recent_done,
+        &running_v1,
+        &running_v2,
+        &failed,
+    ] {
+        assert_eq!(
+            store
+                .commit(&[write(s, 0, "transition")], &[])
+                .await
+                .expect("create"),
+            vec![WriteOutcome::Committed { version: 1 }]
+        );
+    }
+    let mut writes = vec![
+        write(
+            &finish(&old_done, SagaStatus::Completed, 5_000),
+            1,
+            "transition",
+        ),
+        write(
+            &finish(&old_comp, SagaStatus::Compensated, 6_000),
+            1,
+            "transition",
+        ),
+        write(
+            &finish(&recent_done, SagaStatus::Completed, 70_000),
+            1,
+            "transition",
+        ),
+    ];
+    let mut w = write(&finish(&failed, SagaStatus::Failed, 7_000), 1, "transition");
+    w.dead_letter = Some(DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: DeadLetterCategory::Saga,
+        saga_id: Some(failed.id),
+        saga_type: Some("beta".into()),
+        step: Some("a".into()),
+        kind: None,
+        reason: "gave up".into(),
+        attempts: 3,
+        message: None,
+        at: Timestamp(7_000),
+        resolved_at: None,
+    });
+    writes.push(w);
+    for w in writes {
+        assert_eq!(
+            store.commit(&[w], &[]).await.expect("finish"),
+            vec![WriteOutcome::Committed { version: 2 }]
+        );
+    }
+
+    // Queries.
+    let ids =
+        |v: Vec<skald::ports::StoredSaga>| v.into_iter().map(|s| s.state.id).collect::<Vec<_>>();
+    let running = store
+        .query(&SagaQuery {
+            statuses: vec![SagaStatus::Running],
+            limit: 10,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(
+        ids(running),
+        vec![running_v2.id, running_v1.id],
+        "newest first"
+    );
+    let beta_type = SagaType::new("beta").expect("type");
+    let of_beta = store
+        .query(&SagaQuery {
+            saga_type: Some(beta_type.clone()),
+            limit: 10,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(ids(of_beta), vec![failed.id, recent_done.id]);
+    let stale = store
+        .query(&SagaQuery {
+            statuses: vec![SagaStatus::Running, SagaStatus::Failed],
+            updated_before: Some(Timestamp(10_000)),
+            order: SagaOrder::LeastRecentlyUpdated,
+            limit: 10,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(
+        ids(stale),
+        vec![running_v1.id, failed.id],
+        "least recently updated first"
+    );
+    let created_late = store
+        .query(&SagaQuery {
+            created_after: Some(Timestamp(50_000)),
+            limit: 1,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(created_late.len(), 1, "limit");
+
+    // Stats and unfinished versions.
+    let stats = store.stats(Timestamp(50_000)).await.expect("stats");
+    let count = |t: &str, v: u32, st: SagaStatus| {
+        stats
+            .counts
+            .iter()
+            .find(|c| c.saga_type == t && c.definition_version == v && c.status == st)
+            .map_or(0, |c| c.count)
+    };
+    assert_eq!(count("alpha", 1, SagaStatus::Running), 1);
+    assert_eq!(count("alpha", 2, SagaStatus::Running), 1);
+    assert_eq!(count("beta", 1, SagaStatus::Failed), 1);
+    assert_eq!((stats.started_since, stats.finished_since), (2, 1));
+    assert_eq!(
+        stats.oldest_active.as_ref().map(|o| o.0),
+        Some(running_v1.id)
+    );
+    assert_eq!(stats.open_dead_letters, 1);
+    let unfinished = store
+        .unfinished_versions(&[SagaType::new("alpha").expect("type"), beta_type])
+        .await
+        .expect("unfinished");
+    let unfinished: Vec<(&str, u32, u64)> = unfinished
+        .iter()
+        .map(|(t, v, n)| (t.as_str(), *v, *n))
+        .collect();
+    assert_eq!(
+        unfinished,
+        vec![("alpha", 1, 1), ("alpha", 2, 1), ("beta", 1, 1)]
+    );
+
+    // Dead letters by type, and by the saga's id.
+    let of_alpha = store
+        .find_dead_letters(&DeadLetterQuery {
+            open_only: true,
+            saga_type: Some("alpha".into()),
+            category: None,
+            limit: 10,
+        })
+        .await
+        .expect("dead letters");
+    assert!(of_alpha.is_empty());
+    let by_saga = store
+        .dead_letters_of(*failed.id.as_uuid())
+        .await
+        .expect("of");
+    assert_eq!(by_saga.len(), 1);
+    assert_eq!(
+        store
+            .dead_letters_of(by_saga[0].id)
+            .await
+            .expect("by id")
+            .len(),
+        1
+    );
+
+    // Leases: one holder at a time, renewable by it, free once expired.
+    let l = Duration::from_secs(10);
+    assert!(
+        store
+            .acquire_lease("retention", "p1", Timestamp(100_000), l)
+            .await
+            .expect("lease")
+    );
+    assert!(
+        !store
+            .acquire_lease("retention", "p2", Timestamp(105_000), l)
+            .await
+            .expect("lease")
+    );
+    assert!(
+        store
+            .acquire_lease("retention", "p1", Timestamp(105_000), l)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !store
+            .acquire_lease("retention", "p2", Timestamp(114_000), l)
+            .await
+            .expect("lease")
+    );
+    assert!(
+        store
+            .acquire_lease("retention", "p2", Timestamp(115_001), l)
+            .await
+            .expect("expired")
+    );
+
+    // Purge: exactly the finished sagas last changed before t=10,000, in batches.
+    let first = store
+        .purge_finished(Timestamp(10_000), 1)
+        .await
+        .expect("purge");
+    assert_eq!(
+        (first.sagas, first.journal_entries),
+        (1, 2),
+        "the oldest first, with its journal"
+    );
+    let second = store
+        .purge_finished(Timestamp(10_000), 100)
+        .await
+        .expect("purge");
+    assert_eq!(second.sagas, 1);
+    assert_eq!(
+        store
+            .purge_finished(Timestamp(10_000), 100)
+            .await
+            .expect("purge")
+            .sagas,
+        0
+    );
+    for gone in [&old_done, &old_comp] {
+        assert!(store.load(gone.id).await.expect("load").is_none());
+        assert!(store.journal(gone.id).await.expect("journal").is_empty());
+    }
+    for kept in [&recent_done, &running_v1, &running_v2, &failed] {
+        assert!(store.load(kept.id).await.expect("load").is_some());
+    }
+    assert_eq!(
+        store
+            .dead_letters_of(*failed.id.as_uuid())
+            .await
+            .expect("of")
+            .len(),
+        1
+    );
+
+    // Sweep totals per holder.
+    let mut total = first;
+    total.add(&second);
+    total.inbox = 7;
+    store
+        .record_sweep("retention", "p2", Timestamp(120_000), &first)
+        .await
+        .expect("record");
+    let rest = PurgeReport { inbox: 7, ..second };
+    store
+        .record_sweep("retention", "p2", Timestamp(121_000), &rest)
+        .await
+        .expect("record");
+    let sweeps = store.stats(Timestamp(0)).await.expect("stats").sweeps;
+    assert_eq!(sweeps.len(), 1);
+    assert_eq!((sweeps[0].holder.as_str(), sweeps[0].runs), ("p2", 2));
+    assert_eq!(sweeps[0].last_run, Timestamp(121_000));
+    assert_eq!(sweeps[0].deleted, total);
+}
+
+#[tokio::test]
+async fn operator_queries_and_retention_on_every_store() {
+    queries_and_retention(&skald::adapters::memory::MemoryStore::new()).await;
+    let dir = TempDir::new();
+    let sqlite = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite");
+    queries_and_retention(&sqlite).await;
+    let db = PgDatabase::create().await;
+    let pg = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres");
+    queries_and_retention(&pg).await;
+}

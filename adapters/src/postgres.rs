@@ -28,8 +28,8 @@ use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
     DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
-    OutboxMessage, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary, SagaWrite,
-    StatusCount, StoreError, StoreStats, StoredSaga, WriteOutcome,
+    OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
+    SagaWrite, StatusCount, StoreError, StoreStats, StoredSaga, SweepStats, WriteOutcome,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -793,6 +793,91 @@ impl SagaStore for PostgresStore {
             .collect()
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let got: Option<String> = sqlx::query_scalar(
+            "INSERT INTO skald_leases (name, holder, until_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms \
+             WHERE skald_leases.holder = EXCLUDED.holder OR skald_leases.until_ms < $4 \
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ms(now.plus(lease)))
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(got.as_deref() == Some(holder))
+    }
+
+    async fn purge_finished(
+        &self,
+        before: Timestamp,
+        max: usize,
+    ) -> Result<PurgeReport, StoreError> {
+        // One statement: the batch (locked, skipping rows a writer holds), then its
+        // journal, dead letters and rows.
+        let row = sqlx::query(
+            "WITH batch AS ( \
+                 SELECT id FROM saga_instances \
+                 WHERE status IN ('completed', 'compensated') AND updated_at_ms < $1 \
+                 ORDER BY updated_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             j AS (DELETE FROM saga_journal WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
+             d AS (DELETE FROM dead_letters WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
+             s AS (DELETE FROM saga_instances WHERE id IN (SELECT id FROM batch) RETURNING 1) \
+             SELECT (SELECT COUNT(*) FROM s) AS sagas, (SELECT COUNT(*) FROM j) AS journal, \
+                    (SELECT COUNT(*) FROM d) AS dead",
+        )
+        .bind(ms(before))
+        .bind(limit(max))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let n = |c: &str| -> Result<u64, StoreError> {
+            Ok(u64::try_from(row.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
+        };
+        Ok(PurgeReport {
+            sagas: n("sagas")?,
+            journal_entries: n("journal")?,
+            dead_letters: n("dead")?,
+            inbox: 0,
+        })
+    }
+
+    async fn record_sweep(
+        &self,
+        name: &str,
+        holder: &str,
+        at: Timestamp,
+        r: &PurgeReport,
+    ) -> Result<(), StoreError> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO skald_sweeps AS w (name, holder, runs, last_run_ms, sagas_deleted, \
+             journal_deleted, dead_letters_deleted, inbox_deleted) VALUES ($1, $2, 1, $3, $4, $5, $6, $7) \
+             ON CONFLICT (name, holder) DO UPDATE SET runs = w.runs + 1, last_run_ms = $3, \
+             sagas_deleted = w.sagas_deleted + $4, journal_deleted = w.journal_deleted + $5, \
+             dead_letters_deleted = w.dead_letters_deleted + $6, inbox_deleted = w.inbox_deleted + $7",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ms(at))
+        .bind(n(r.sagas))
+        .bind(n(r.journal_entries))
+        .bind(n(r.dead_letters))
+        .bind(n(r.inbox))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
     async fn record_poison(
         &self,
         record: &DeadLetterRecord,
@@ -814,7 +899,7 @@ impl SagaStore for PostgresStore {
     ) -> Result<Vec<DeadLetterRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id::text AS id, category, saga_id::text AS saga_id, saga_type, step, kind, \
-             reason, attempts, message::text AS message, created_at_ms \
+             reason, attempts, message::text AS message, created_at_ms, resolved_at_ms \
              FROM dead_letters WHERE (NOT $1 OR resolved_at_ms IS NULL) \
              ORDER BY created_at_ms DESC, id DESC LIMIT $2",
         )
@@ -986,6 +1071,18 @@ impl SagaQueries for PostgresStore {
                 .map_err(store_error)?
                 .map(ts),
             open_dead_letters: count("open_dl")?,
+            sweeps: {
+                let rows = sqlx::query(
+                    "SELECT name, holder, runs, last_run_ms, sagas_deleted, journal_deleted, \
+                     dead_letters_deleted, inbox_deleted FROM skald_sweeps ORDER BY name, last_run_ms DESC",
+                )
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(store_error)?;
+                rows.iter()
+                    .map(decode_sweep)
+                    .collect::<Result<Vec<_>, _>>()?
+            },
         })
     }
 
@@ -1022,4 +1119,22 @@ impl SagaQueries for PostgresStore {
             .map_err(store_error)?;
         rows.iter().map(decode_dead_letter).collect()
     }
+}
+
+fn decode_sweep(r: &PgRow) -> Result<SweepStats, StoreError> {
+    let n = |c: &str| -> Result<u64, StoreError> {
+        Ok(u64::try_from(r.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
+    };
+    Ok(SweepStats {
+        name: r.try_get("name").map_err(store_error)?,
+        holder: r.try_get("holder").map_err(store_error)?,
+        runs: n("runs")?,
+        last_run: ts(r.try_get("last_run_ms").map_err(store_error)?),
+        deleted: PurgeReport {
+            sagas: n("sagas_deleted")?,
+            journal_entries: n("journal_deleted")?,
+            dead_letters: n("dead_letters_deleted")?,
+            inbox: n("inbox_deleted")?,
+        },
+    })
 }

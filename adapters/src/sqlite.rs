@@ -12,8 +12,8 @@ use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
     DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
-    OutboxMessage, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary, SagaWrite,
-    StatusCount, StoreError, StoreStats, StoredSaga, WriteOutcome,
+    OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
+    SagaWrite, StatusCount, StoreError, StoreStats, StoredSaga, SweepStats, WriteOutcome,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -839,6 +839,116 @@ impl SagaStore for SqliteStore {
             .collect()
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let until = ms(now.plus(lease));
+        let got: Option<String> = sqlx::query_scalar(
+            "INSERT INTO skald_leases (name, holder, until_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
+             WHERE skald_leases.holder = excluded.holder OR skald_leases.until_ms < ?4 \
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(got.as_deref() == Some(holder))
+    }
+
+    async fn purge_finished(
+        &self,
+        before: Timestamp,
+        max: usize,
+    ) -> Result<PurgeReport, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        // The batch, into a temporary table the three deletes share.
+        sqlx::query("CREATE TEMP TABLE IF NOT EXISTS skald_purge (id TEXT PRIMARY KEY)")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        sqlx::query("DELETE FROM skald_purge")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let sagas = sqlx::query(
+            "INSERT INTO skald_purge (id) SELECT id FROM saga_instances \
+             WHERE status IN ('completed', 'compensated') AND updated_at_ms < ? \
+             ORDER BY updated_at_ms LIMIT ?",
+        )
+        .bind(ms(before))
+        .bind(limit(max))
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        let mut report = PurgeReport {
+            sagas,
+            ..PurgeReport::default()
+        };
+        if sagas > 0 {
+            report.journal_entries = sqlx::query(
+                "DELETE FROM saga_journal WHERE saga_id IN (SELECT id FROM skald_purge)",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+            report.dead_letters = sqlx::query(
+                "DELETE FROM dead_letters WHERE saga_id IN (SELECT id FROM skald_purge)",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+            sqlx::query("DELETE FROM saga_instances WHERE id IN (SELECT id FROM skald_purge)")
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+        sqlx::query("DELETE FROM skald_purge")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(report)
+    }
+
+    async fn record_sweep(
+        &self,
+        name: &str,
+        holder: &str,
+        at: Timestamp,
+        r: &PurgeReport,
+    ) -> Result<(), StoreError> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO skald_sweeps (name, holder, runs, last_run_ms, sagas_deleted, \
+             journal_deleted, dead_letters_deleted, inbox_deleted) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (name, holder) DO UPDATE SET runs = runs + 1, last_run_ms = ?3, \
+             sagas_deleted = sagas_deleted + ?4, journal_deleted = journal_deleted + ?5, \
+             dead_letters_deleted = dead_letters_deleted + ?6, inbox_deleted = inbox_deleted + ?7",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ms(at))
+        .bind(n(r.sagas))
+        .bind(n(r.journal_entries))
+        .bind(n(r.dead_letters))
+        .bind(n(r.inbox))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
     async fn record_poison(
         &self,
         record: &DeadLetterRecord,
@@ -1031,6 +1141,18 @@ impl SagaQueries for SqliteStore {
                 .map_err(store_error)?
                 .map(ts),
             open_dead_letters: count("open_dl")?,
+            sweeps: {
+                let rows = sqlx::query(
+                    "SELECT name, holder, runs, last_run_ms, sagas_deleted, journal_deleted, \
+                     dead_letters_deleted, inbox_deleted FROM skald_sweeps ORDER BY name, last_run_ms DESC",
+                )
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(store_error)?;
+                rows.iter()
+                    .map(decode_sweep)
+                    .collect::<Result<Vec<_>, _>>()?
+            },
         })
     }
 
@@ -1067,4 +1189,22 @@ impl SagaQueries for SqliteStore {
             .map_err(store_error)?;
         rows.iter().map(decode_dead_letter).collect()
     }
+}
+
+fn decode_sweep(r: &SqliteRow) -> Result<SweepStats, StoreError> {
+    let n = |c: &str| -> Result<u64, StoreError> {
+        Ok(u64::try_from(r.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
+    };
+    Ok(SweepStats {
+        name: r.try_get("name").map_err(store_error)?,
+        holder: r.try_get("holder").map_err(store_error)?,
+        runs: n("runs")?,
+        last_run: ts(r.try_get("last_run_ms").map_err(store_error)?),
+        deleted: PurgeReport {
+            sagas: n("sagas_deleted")?,
+            journal_entries: n("journal_deleted")?,
+            dead_letters: n("dead_letters_deleted")?,
+            inbox: n("inbox_deleted")?,
+        },
+    })
 }

@@ -156,6 +156,44 @@ pub enum WriteOutcome {
     Duplicate,
 }
 
+/// What a retention sweep deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReport {
+    /// Finished sagas.
+    pub sagas: u64,
+    /// Their journal entries.
+    pub journal_entries: u64,
+    /// Their dead letters.
+    pub dead_letters: u64,
+    /// Inbox ids past the dedupe window.
+    pub inbox: u64,
+}
+
+impl PurgeReport {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &PurgeReport) {
+        self.sagas += other.sagas;
+        self.journal_entries += other.journal_entries;
+        self.dead_letters += other.dead_letters;
+        self.inbox += other.inbox;
+    }
+}
+
+/// A sweeper's totals, per process that ran it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SweepStats {
+    /// The sweeper (`retention`).
+    pub name: String,
+    /// The process.
+    pub holder: String,
+    /// Runs.
+    pub runs: u64,
+    /// When it last ran.
+    pub last_run: Timestamp,
+    /// What it deleted in all.
+    pub deleted: PurgeReport,
+}
+
 /// A saga's summary row for listings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaSummary {
@@ -266,6 +304,35 @@ pub trait SagaStore: Send + Sync + 'static {
         types: &[SagaType],
     ) -> Result<Vec<(SagaType, u32, u64)>, StoreError>;
 
+    /// Takes, or renews, the lease `name` for `holder` until `now + lease`, if it is free
+    /// (expired) or already `holder`'s. Returns whether `holder` holds it now. Several
+    /// processes sharing the store use it to let one of them do a periodic job.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes up to `limit` finished (completed or compensated) sagas whose last
+    /// transition was before `before`, with their journals and dead letters, oldest
+    /// first, in one transaction. Returns what it deleted (`inbox` is 0).
+    async fn purge_finished(
+        &self,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<PurgeReport, StoreError>;
+
+    /// Adds one run of the sweeper `name` by `holder` at `at` to its totals.
+    async fn record_sweep(
+        &self,
+        name: &str,
+        holder: &str,
+        at: Timestamp,
+        report: &PurgeReport,
+    ) -> Result<(), StoreError>;
+
     /// Records a poison message (a dead letter that belongs to no saga transition), with
     /// the outbox rows announcing it, in one transaction.
     async fn record_poison(
@@ -367,6 +434,8 @@ pub struct StoreStats {
     pub outbox_oldest: Option<Timestamp>,
     /// Dead letters not resolved yet, sagas and poison messages together.
     pub open_dead_letters: u64,
+    /// What the sweepers did, per process.
+    pub sweeps: Vec<SweepStats>,
 }
 
 /// The operator's read side of a store (`skald sagas`, `show`, `stuck`, `stats`, `dlq`):

@@ -79,6 +79,15 @@ pub struct RuntimeOptions {
     /// publish within this time is recognised and dropped). Default: 24 h. Since 0.2.
     #[serde(with = "crate::serde_millis")]
     pub inbox_retention: Duration,
+    /// Finished (completed or compensated) sagas are deleted, with their journals and
+    /// dead letters, this long after their last transition; `None` keeps them forever.
+    /// One process at a time sweeps (a lease in the store). Default: 7 days. Since 0.3.
+    #[serde(default, with = "crate::serde_millis_opt")]
+    pub retention: Option<Duration>,
+    /// How often the retention sweeper runs (it also trims the inbox past
+    /// `inbox_retention`). Default: 60 s. Since 0.3.
+    #[serde(with = "crate::serde_millis")]
+    pub sweep_interval: Duration,
     /// Attempts of one retry run journaled one by one; past them the run is compacted
     /// (a snapshot, then nothing until the run ends), so a step retried for days keeps
     /// a bounded journal. Default: 10. Since 0.3.
@@ -104,6 +113,8 @@ impl Default for RuntimeOptions {
             inbox_retention: Duration::from_secs(24 * 3600),
             outbox: None,
             journal_retry_window: 10,
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -287,13 +298,19 @@ impl RuntimeBuilder {
         let intake = tokio::spawn(intake(Arc::clone(&shared), registry.clone(), replies));
         // What a crashed process left unpublished is published once its lease ends.
         let relay = tokio::spawn(relay(Arc::clone(&shared)));
+        let holder = format!(
+            "pid{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        );
+        let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), holder));
         let runtime = Runtime {
             shared,
             registry,
             system,
             thread: Some(thread),
             // The commit loop last: shutdown stops it after everything else.
-            tasks: vec![intake, relay, publisher, commit_task],
+            tasks: vec![intake, relay, sweeper, publisher, commit_task],
         };
         // The outbox covers a crash between commit and publish. An in-process bus also
         // loses what was published but not yet consumed when the process died: re-send
@@ -828,10 +845,9 @@ async fn poison(
 
 /// Publishes outbox rows their writers left behind (a crash, a broker outage): claims
 /// the available ones for a lease, publishes them in commit order, reports them
-/// published. Prunes the inbox now and then.
+/// published.
 async fn relay(shared: Arc<Shared>) {
     const BATCH: usize = 512;
-    let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
         let now = shared.clock.now();
         match shared
@@ -859,17 +875,78 @@ async fn relay(shared: Arc<Shared>) {
                 warn!(error = %e, "outbox relay: claiming rows failed; will retry");
             }
         }
-        if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            last_prune = Some(tokio::time::Instant::now());
-            let before = Timestamp(now.as_millis().saturating_sub(
-                u64::try_from(shared.options.inbox_retention.as_millis()).unwrap_or(u64::MAX),
-            ));
-            match shared.store.prune_inbox(before).await {
-                Ok(n) if n > 0 => debug!(pruned = n, "inbox pruned"),
-                Ok(_) => {}
-                Err(e) => debug!(error = %e, "pruning the inbox failed; will retry"),
+        tokio::time::sleep(shared.options.outbox_poll_interval).await;
+    }
+}
+
+/// The retention sweeper: every `sweep_interval`, the process holding the `retention`
+/// lease deletes the finished sagas older than `retention` (in batches) and the inbox
+/// ids past `inbox_retention`, and records what it did for `skald stats`. The lease
+/// outlives two intervals, so a dead holder is replaced within that time.
+async fn sweeper(shared: Arc<Shared>, holder: String) {
+    const BATCH: usize = 1_000;
+    const LEASE: &str = "retention";
+    let interval = shared.options.sweep_interval.max(Duration::from_millis(10));
+    let lease = interval * 2 + Duration::from_secs(5);
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let now = shared.clock.now();
+        match shared.store.acquire_lease(LEASE, &holder, now, lease).await {
+            Ok(true) => {
+                let mut report = crate::ports::PurgeReport::default();
+                let mut failed = None;
+                if let Some(retention) = shared.options.retention {
+                    let before = Timestamp(now.as_millis().saturating_sub(ms(retention)));
+                    loop {
+                        match shared.store.purge_finished(before, BATCH).await {
+                            Ok(r) => {
+                                report.add(&r);
+                                if r.sagas < BATCH as u64 {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                let before = Timestamp(
+                    now.as_millis()
+                        .saturating_sub(ms(shared.options.inbox_retention)),
+                );
+                match shared.store.prune_inbox(before).await {
+                    Ok(n) => report.inbox = n,
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+                if let Err(e) = shared
+                    .store
+                    .record_sweep(LEASE, &holder, now, &report)
+                    .await
+                {
+                    failed = failed.or(Some(e));
+                }
+                match failed {
+                    Some(e) => warn!(error = %e, "retention sweep incomplete; will retry"),
+                    None if report.sagas > 0 || report.inbox > 0 => info!(
+                        sagas = report.sagas,
+                        journal_entries = report.journal_entries,
+                        dead_letters = report.dead_letters,
+                        inbox = report.inbox,
+                        "retention sweep"
+                    ),
+                    None => {}
+                }
+            }
+            Ok(false) => debug!("retention sweep: another process holds the lease"),
+            Err(e) => {
+                if let StoreError::Schema(_) = &e {
+                    shared.fatal.send_replace(Some(e.clone()));
+                }
+                warn!(error = %e, "retention sweep: taking the lease failed; will retry");
             }
         }
-        tokio::time::sleep(shared.options.outbox_poll_interval).await;
+        tokio::time::sleep(interval).await;
     }
 }

@@ -1333,6 +1333,11 @@ async fn stats(
                 "age_ms": created.until(now).as_millis() as u64,
             })),
             "open_dead_letters": st.open_dead_letters,
+            "sweeps": st.sweeps.iter().map(|w| json!({
+                "name": w.name, "holder": w.holder, "runs": w.runs,
+                "last_run": time(w.last_run), "last_run_ms": w.last_run.as_millis(),
+                "deleted": w.deleted,
+            })).collect::<Vec<_>>(),
         })));
     }
     let mut out = String::new();
@@ -1377,6 +1382,24 @@ async fn stats(
         None => writeln!(out, "oldest active: none"),
     };
     let _ = writeln!(out, "open dead letters: {}", st.open_dead_letters);
+    if st.sweeps.is_empty() {
+        let _ = writeln!(out, "retention sweeper: has not run yet");
+    }
+    for w in &st.sweeps {
+        let _ = writeln!(
+            out,
+            "{} sweeper ({}): {} runs, the last {} ago; deleted {} finished sagas, {} journal \
+             entries, {} dead letters, {} inbox ids",
+            w.name,
+            w.holder,
+            w.runs,
+            since(w.last_run, now),
+            w.deleted.sagas,
+            w.deleted.journal_entries,
+            w.deleted.dead_letters,
+            w.deleted.inbox
+        );
+    }
     Ok(out)
 }
 

@@ -9,8 +9,8 @@ use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
     DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
-    OutboxMessage, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary, SagaWrite,
-    StatusCount, StoreError, StoreStats, StoredSaga, WriteOutcome,
+    OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
+    SagaWrite, StatusCount, StoreError, StoreStats, StoredSaga, SweepStats, WriteOutcome,
 };
 use uuid::Uuid;
 
@@ -27,6 +27,10 @@ struct Data {
     inbox: HashMap<String, Timestamp>,
     /// Claimed wake-ups: until when. Cleared by the saga's next state change.
     wake_claims: HashMap<SagaId, Timestamp>,
+    /// Leases: holder and until when.
+    leases: HashMap<String, (String, Timestamp)>,
+    /// Sweeper totals per (name, holder).
+    sweeps: BTreeMap<(String, String), SweepStats>,
 }
 
 /// The in-memory store. Cheap to clone; clones share data (so a test can "restart" a
@@ -251,6 +255,75 @@ impl SagaStore for MemoryStore {
             .collect()
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut data = self.lock()?;
+        let free = data
+            .leases
+            .get(name)
+            .is_none_or(|(h, until)| h == holder || *until < now);
+        if free {
+            data.leases
+                .insert(name.to_owned(), (holder.to_owned(), now.plus(lease)));
+        }
+        Ok(free)
+    }
+
+    async fn purge_finished(
+        &self,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<PurgeReport, StoreError> {
+        let mut data = self.lock()?;
+        let mut old: Vec<(Timestamp, SagaId)> = data
+            .sagas
+            .values()
+            .filter(|s| s.state.status.is_terminal() && s.state.updated_at < before)
+            .map(|s| (s.state.updated_at, s.state.id))
+            .collect();
+        old.sort();
+        old.truncate(limit);
+        let mut report = PurgeReport::default();
+        for (_, id) in old {
+            data.sagas.remove(&id);
+            report.sagas += 1;
+            report.journal_entries += data.journal.remove(&id).map_or(0, |j| j.len() as u64);
+            let before_len = data.dead_letters.len();
+            data.dead_letters.retain(|(r, _)| r.saga_id != Some(id));
+            report.dead_letters += (before_len - data.dead_letters.len()) as u64;
+        }
+        Ok(report)
+    }
+
+    async fn record_sweep(
+        &self,
+        name: &str,
+        holder: &str,
+        at: Timestamp,
+        report: &PurgeReport,
+    ) -> Result<(), StoreError> {
+        let mut data = self.lock()?;
+        let entry = data
+            .sweeps
+            .entry((name.to_owned(), holder.to_owned()))
+            .or_insert_with(|| SweepStats {
+                name: name.to_owned(),
+                holder: holder.to_owned(),
+                runs: 0,
+                last_run: at,
+                deleted: PurgeReport::default(),
+            });
+        entry.runs += 1;
+        entry.last_run = at;
+        entry.deleted.add(report);
+        Ok(())
+    }
+
     async fn record_poison(
         &self,
         record: &DeadLetterRecord,
@@ -393,6 +466,7 @@ impl SagaQueries for MemoryStore {
                 .iter()
                 .filter(|(_, resolved)| resolved.is_none())
                 .count() as u64,
+            sweeps: data.sweeps.values().cloned().collect(),
         })
     }
 
