@@ -50,5 +50,7 @@ pub use skald_adapters as adapters;
 pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
 pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
-pub use skald_runtime::{definition, ids, machine, participant, ports, replay, retry, wire};
+pub use skald_runtime::{
+    definition, ids, machine, participant, ports, replay, retry, upcast, wire,
+};
 pub use skald_sagas as sagas;

@@ -152,9 +152,15 @@ pub struct StepDefinition {
     retry: RetryPolicy,
     compensation_retry: RetryPolicy,
     timeout: Duration,
+    schema_version: u32,
 }
 
 impl StepDefinition {
+    /// The schema version of the step's command payloads (the `Skald-Schema-Version`
+    /// header): participants may accept some versions only.
+    pub fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
     /// The step's name.
     pub fn name(&self) -> &StepName {
         &self.name
@@ -208,10 +214,15 @@ impl fmt::Debug for StepDefinition {
 pub struct Definition {
     saga_type: SagaType,
     version: u32,
+    data_version: u32,
     steps: Vec<StepDefinition>,
 }
 
 impl Definition {
+    /// The schema version of the saga data `D` (see [`SagaDefinitionBuilder::data_version`]).
+    pub fn data_version(&self) -> u32 {
+        self.data_version
+    }
     /// The saga type.
     pub fn saga_type(&self) -> &SagaType {
         &self.saga_type
@@ -296,6 +307,7 @@ where
         SagaDefinitionBuilder {
             saga_type: saga_type.into(),
             version,
+            data_version: 1,
             steps: Vec::new(),
         }
     }
@@ -322,6 +334,7 @@ impl<D> SagaDefinition<D> {
 pub struct SagaDefinitionBuilder<D> {
     saga_type: String,
     version: u32,
+    data_version: u32,
     steps: Vec<Step<D>>,
 }
 
@@ -354,6 +367,30 @@ where
     /// ```
     pub fn step(mut self, step: Step<D>) -> Self {
         self.steps.push(step);
+        self
+    }
+
+    /// The schema version of the saga data `D` (default 1). Raise it when `D`'s shape
+    /// changes, and register an upcaster for `<saga_type>.data` from the old version
+    /// (`RuntimeBuilder::upcaster`): a saga stored with older data is brought up when
+    /// its actor loads it. Unlike the definition version, this does not split sagas:
+    /// every saga of the definition runs the new code on upcast data.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::{SagaDefinition, Step};
+    /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
+    /// let def = SagaDefinition::<Order>::builder("order", 1)
+    ///     .data_version(2)
+    ///     .step(Step::new("ship").action("skald.cmd.shipping.ship", |o: &Order| o.id.clone()))
+    ///     .build()
+    ///     .expect("valid");
+    /// assert_eq!(def.definition().data_version(), 2);
+    /// ```
+    pub fn data_version(mut self, version: u32) -> Self {
+        self.data_version = version;
         self
     }
 
@@ -432,12 +469,14 @@ where
                 retry: step.retry,
                 compensation_retry: step.compensation_retry,
                 timeout: step.timeout,
+                schema_version: step.schema_version,
             });
         }
         Ok(SagaDefinition {
             inner: Arc::new(Definition {
                 saga_type,
                 version: self.version,
+                data_version: self.data_version,
                 steps,
             }),
             _data: PhantomData,
@@ -455,6 +494,7 @@ pub struct Step<D> {
     retry: RetryPolicy,
     compensation_retry: RetryPolicy,
     timeout: Duration,
+    schema_version: u32,
     _data: PhantomData<fn(D) -> D>,
 }
 
@@ -498,6 +538,7 @@ where
             compensation: None,
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::default(),
+            schema_version: 1,
             timeout: DEFAULT_TIMEOUT,
             _data: PhantomData,
         }
@@ -633,6 +674,23 @@ where
     /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The schema version of this step's command payloads (default 1), sent in the
+    /// `Skald-Schema-Version` header so a participant can refuse a version it does not
+    /// read (docs/protocol.md). Raise it when the payload's shape changes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_runtime::definition::Step;
+    /// # #[derive(Serialize, Deserialize)] struct Order;
+    /// let step = Step::<Order>::new("charge").schema_version(2);
+    /// ```
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
         self
     }
 }

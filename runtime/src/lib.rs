@@ -14,6 +14,7 @@
 //! - [`ports`]: the `SagaStore`, `Bus` and `Clock` traits the adapters implement.
 //! - [`wire`]: how commands and replies look on the bus (headers and bodies).
 //! - [`replay`]: the journal fed back through the machine: time travel, replay checks.
+//! - [`upcast`]: payload schema versions and the upcasters that bring old payloads up.
 //! - [`committer`]: group commit: many instances' transitions in one store transaction.
 //! - [`actors`]: the actix shell: `SagaInstance`, `Registry`, the wake-up `Scheduler`.
 //! - [`participant`]: a helper to write participant services in Rust.
@@ -34,6 +35,7 @@ pub mod ports;
 pub mod replay;
 pub mod retry;
 pub mod runtime;
+pub mod upcast;
 pub mod wire;
 
 /// Serde helper: a `Duration` as whole milliseconds.

@@ -191,7 +191,7 @@ pub struct DeadLetterInfo {
     pub step: usize,
     /// The step's name.
     pub step_name: StepName,
-    /// Action or compensation (always compensation today).
+    /// Action or compensation (an action only when its data was unreadable).
     pub kind: CommandKind,
     /// The last error.
     pub error: StepError,
@@ -210,6 +210,10 @@ pub struct SagaState {
     pub saga_type: SagaType,
     /// The definition version it started on.
     pub definition_version: u32,
+    /// The schema version of `data` (the definition's `data_version` when it was
+    /// written; older data is upcast when the saga is loaded).
+    #[serde(default = "one")]
+    pub data_version: u32,
     /// The saga data (`D`, serialized).
     pub data: Value,
     /// Where it is.
@@ -237,6 +241,7 @@ impl SagaState {
             id,
             saga_type: definition.saga_type().clone(),
             definition_version: definition.version(),
+            data_version: definition.data_version(),
             data,
             status: SagaStatus::Created,
             completed: 0,
@@ -347,6 +352,13 @@ pub enum Input {
     /// have been lost (a non-durable bus, or a crash between commit and publish), so it
     /// is sent again (same attempt, same keys).
     Resumed,
+    /// The saga's stored data cannot be brought to the definition's data version (no
+    /// upcaster path, or an upcaster refused it): the step in flight is dead-lettered
+    /// with the reason, to be re-driven once an upcaster is registered.
+    DataUnreadable {
+        /// Why (names the payload type and both versions).
+        error: StepError,
+    },
 }
 
 impl Input {
@@ -361,6 +373,7 @@ impl Input {
             Input::CancelRequested { .. } => "cancel_requested",
             Input::Redriven => "redriven",
             Input::Resumed => "resumed",
+            Input::DataUnreadable { .. } => "data_unreadable",
         }
     }
 
@@ -418,6 +431,13 @@ pub struct Command {
     pub message_id: String,
     /// When the attempt times out.
     pub deadline: Timestamp,
+    /// The payload's schema version (the step's).
+    #[serde(default = "one")]
+    pub schema_version: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The lifecycle events published for integration (`skald.evt.<saga_type>.<event>`).
@@ -652,6 +672,7 @@ impl Machine<'_> {
             Input::CancelRequested { reason } => self.on_cancel(reason),
             Input::Redriven => self.on_redriven(),
             Input::Resumed => self.on_resumed(),
+            Input::DataUnreadable { error } => self.on_data_unreadable(error),
         }
     }
 
@@ -808,6 +829,7 @@ impl Machine<'_> {
             subject: template.subject().to_owned(),
             payload,
             deadline,
+            schema_version: def.schema_version(),
         };
         self.state.pending = Some(Pending {
             step,
@@ -979,6 +1001,14 @@ impl Machine<'_> {
         }
     }
 
+    fn on_data_unreadable(&mut self, error: &StepError) -> Result<(), TransitionError> {
+        let Some(p) = self.state.pending else {
+            return Err(self.not_allowed("data_unreadable"));
+        };
+        self.dead_letter(p, error.clone());
+        Ok(())
+    }
+
     fn on_redriven(&mut self) -> Result<(), TransitionError> {
         if self.state.status != SagaStatus::Failed {
             return Err(self.not_allowed("redriven"));
@@ -986,7 +1016,12 @@ impl Machine<'_> {
         let Some(dl) = self.state.dead_letter.clone() else {
             return Err(self.not_allowed("redriven"));
         };
-        self.state.status = SagaStatus::Compensating;
+        // A dead-lettered action (its data was unreadable) runs forward again; a
+        // dead-lettered compensation goes on compensating.
+        self.state.status = match dl.kind {
+            CommandKind::Action => SagaStatus::Running,
+            CommandKind::Compensation => SagaStatus::Compensating,
+        };
         self.state.redrives += 1;
         self.event(
             EventKind::Redriven,

@@ -62,6 +62,10 @@ pub struct ParticipantOptions {
     pub concurrency: Option<usize>,
     /// Answer repeated idempotency keys from here.
     pub dedupe: Option<Arc<dyn DedupeStore>>,
+    /// The command schema versions (`Skald-Schema-Version`) this participant reads;
+    /// another is answered with a permanent `unsupported_schema_version` failure naming
+    /// it, without calling the handler. `None` (the default) accepts every version.
+    pub accept_versions: Option<Vec<u32>>,
 }
 
 impl std::fmt::Debug for ParticipantOptions {
@@ -69,6 +73,7 @@ impl std::fmt::Debug for ParticipantOptions {
         f.debug_struct("ParticipantOptions")
             .field("concurrency", &self.concurrency)
             .field("dedupe", &self.dedupe.is_some())
+            .field("accept_versions", &self.accept_versions)
             .finish()
     }
 }
@@ -107,7 +112,7 @@ where
 {
     let options = ParticipantOptions {
         concurrency: Some(concurrency),
-        dedupe: None,
+        ..ParticipantOptions::default()
     };
     serve_with(bus, subject, group, options, handler).await
 }
@@ -132,6 +137,7 @@ where
     let handler = Arc::new(handler);
     let limit = Arc::new(Semaphore::new(options.concurrency.unwrap_or(64).max(1)));
     let dedupe = options.dedupe;
+    let accept: Option<Arc<[u32]>> = options.accept_versions.map(Into::into);
     let task = tokio::spawn(async move {
         while let Some(delivery) = sub.next().await {
             let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
@@ -140,8 +146,16 @@ where
             let bus = Arc::clone(&bus);
             let handler = Arc::clone(&handler);
             let dedupe = dedupe.clone();
+            let accept = accept.clone();
             tokio::spawn(async move {
-                handle(bus, delivery, handler.as_ref(), dedupe.as_deref()).await;
+                handle(
+                    bus,
+                    delivery,
+                    handler.as_ref(),
+                    dedupe.as_deref(),
+                    accept.as_deref(),
+                )
+                .await;
                 drop(permit);
             });
         }
@@ -180,6 +194,7 @@ async fn handle<H, F>(
     delivery: Delivery,
     handler: &H,
     dedupe: Option<&dyn DedupeStore>,
+    accept: Option<&[u32]>,
 ) where
     H: Fn(IncomingCommand) -> F,
     F: Future<Output = Outcome>,
@@ -217,7 +232,10 @@ async fn handle<H, F>(
         let outcome = match remembered {
             Some(output) => Outcome::Success(output),
             None => {
-                let outcome = handler(command.clone()).await;
+                let outcome = match refuse_version(&command, accept) {
+                    Some(refusal) => return reply_and_settle(bus, &command, &refusal, acker).await,
+                    None => handler(command.clone()).await,
+                };
                 if let (Some(d), Outcome::Success(output)) = (dedupe, &outcome)
                     && let Err(e) = d.put(&key, output).await
                 {
@@ -228,19 +246,48 @@ async fn handle<H, F>(
                 outcome
             }
         };
-        let reply = wire::encode_reply(&command, &outcome);
-        match bus.publish(reply).await {
-            Ok(()) => {
-                settle(acker.ack().await);
-            }
-            Err(e) => {
-                warn!(error = %e, "publishing the reply failed; the command will be redelivered");
-                settle(acker.nak(Duration::from_millis(200)).await);
-            }
-        }
+        reply_and_settle(bus, &command, &outcome, acker).await;
     }
     .instrument(span)
     .await
+}
+
+/// A permanent failure for a command whose schema version is not in `accept`.
+fn refuse_version(command: &IncomingCommand, accept: Option<&[u32]>) -> Option<Outcome> {
+    let accept = accept?;
+    if accept.contains(&command.schema_version) {
+        return None;
+    }
+    let accepted: Vec<String> = accept.iter().map(u32::to_string).collect();
+    Some(Outcome::Failure(StepError::new(
+        "unsupported_schema_version",
+        format!(
+            "command schema version {} on {} is not accepted (this participant reads {})",
+            command.schema_version,
+            command.subject,
+            accepted.join(", ")
+        ),
+    )))
+}
+
+/// Publishes the reply, then acknowledges the command (or has it redelivered when the
+/// reply could not be published).
+async fn reply_and_settle(
+    bus: Arc<dyn Bus>,
+    command: &IncomingCommand,
+    outcome: &Outcome,
+    acker: Box<dyn crate::ports::Acker>,
+) {
+    let reply = wire::encode_reply(command, outcome);
+    match bus.publish(reply).await {
+        Ok(()) => {
+            settle(acker.ack().await);
+        }
+        Err(e) => {
+            warn!(error = %e, "publishing the reply failed; the command will be redelivered");
+            settle(acker.nak(Duration::from_millis(200)).await);
+        }
+    }
 }
 
 /// Logs a settlement that failed: the broker redelivers the command, and the
@@ -321,6 +368,10 @@ mod tests {
     }
 
     fn command(key: &str, attempt: u32, payload: Value) -> Message {
+        command_v(key, attempt, payload, 1)
+    }
+
+    fn command_v(key: &str, attempt: u32, payload: Value, schema_version: u32) -> Message {
         let saga_id = SagaId::new();
         wire::encode_command(&Command {
             saga_id,
@@ -333,6 +384,7 @@ mod tests {
             idempotency_key: key.into(),
             message_id: format!("m{attempt}"),
             deadline: Timestamp(0),
+            schema_version,
         })
         .expect("encode")
     }
@@ -362,6 +414,7 @@ mod tests {
             ParticipantOptions {
                 concurrency: Some(1),
                 dedupe: Some(Arc::new(MemoryDedupe::default())),
+                accept_versions: None,
             },
             typed(move |_cmd, p: Amount| {
                 let n = counted.fetch_add(1, Ordering::SeqCst);
@@ -394,6 +447,63 @@ mod tests {
         }
         // The command without headers got no reply at all (terminated).
         assert_eq!(replies.len(), 3);
+        handle.stop();
+    }
+
+    #[tokio::test]
+    async fn a_schema_version_not_accepted_is_refused_by_name_without_calling_the_handler() {
+        let bus = Arc::new(Scripted::default());
+        *bus.commands.lock().expect("lock") = vec![
+            command_v("k1", 1, serde_json::json!({"cents": 5}), 2),
+            command_v("k2", 1, serde_json::json!({"cents": 5}), 3),
+        ];
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let handle = serve_with(
+            bus.clone(),
+            "skald.cmd.svc.>",
+            "svc",
+            ParticipantOptions {
+                concurrency: Some(1),
+                accept_versions: Some(vec![1, 2]),
+                ..ParticipantOptions::default()
+            },
+            move |_cmd| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Outcome::Success(serde_json::json!({})) }
+            },
+        )
+        .await
+        .expect("serve");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while bus.replies.lock().expect("lock").len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "replies in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let replies = bus.replies.lock().expect("lock").clone();
+        let outcomes: Vec<Outcome> = replies
+            .iter()
+            .map(|m| wire::decode_reply(m).expect("reply").outcome)
+            .collect();
+        assert!(outcomes.contains(&Outcome::Success(serde_json::json!({}))));
+        let refusal = outcomes
+            .iter()
+            .find_map(|o| match o {
+                Outcome::Failure(e) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("a refusal");
+        assert_eq!(refusal.code, "unsupported_schema_version");
+        assert!(
+            refusal.message.contains("schema version 3") && refusal.message.contains("reads 1, 2"),
+            "{}",
+            refusal.message
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the handler saw only the accepted one"
+        );
         handle.stop();
     }
 }

@@ -25,6 +25,7 @@ use crate::definition::Definition;
 use crate::ids::SagaId;
 use crate::machine::{self, Effect, Input, SagaState, SagaStatus, Timestamp};
 use crate::ports::JournalEntry;
+use crate::upcast::Upcasters;
 
 /// An effect as the journal records it: what was done, without the payloads. A
 /// command's body is serialised once, into its message (the outbox); the journal keeps
@@ -99,6 +100,7 @@ pub fn transition_body(
     });
     if let Some(start) = start {
         body["data"] = start.data.clone();
+        body["data_version"] = serde_json::json!(start.data_version);
         body["created_at"] = serde_json::json!(start.created_at);
     }
     if let Some(id) = causation {
@@ -172,6 +174,15 @@ pub enum ReplayError {
     /// written before skald recorded it, or a truncated one).
     #[error("saga {0}: the journal's first entry does not hold the data the saga started with")]
     NoStart(SagaId),
+    /// The data the journal starts from (or a snapshot's) is of an older schema version
+    /// and cannot be brought up (no upcaster path).
+    #[error("saga {id}: {reason}")]
+    Unreadable {
+        /// The saga.
+        id: SagaId,
+        /// Why (names the payload type and both versions).
+        reason: String,
+    },
     /// `until` is before the saga was created.
     #[error("saga {id} did not exist yet at {at} ms (it was created at {created} ms)")]
     BeforeCreation {
@@ -221,6 +232,39 @@ pub fn replay(
     journal: &[JournalEntry],
     until: Option<Timestamp>,
 ) -> Result<Replayed, ReplayError> {
+    replay_with(definition, id, journal, until, &Upcasters::default())
+}
+
+/// Brings a replayed state's data to the definition's data version.
+fn upcast_state(
+    definition: &Definition,
+    upcasters: &Upcasters,
+    state: &mut SagaState,
+) -> Result<(), ReplayError> {
+    let want = definition.data_version();
+    if state.data_version == want {
+        return Ok(());
+    }
+    let payload_type = crate::upcast::data_payload_type(state.saga_type.as_str());
+    state.data = upcasters
+        .upcast(&payload_type, state.data.take(), state.data_version, want)
+        .map_err(|e| ReplayError::Unreadable {
+            id: state.id,
+            reason: e.to_string(),
+        })?;
+    state.data_version = want;
+    Ok(())
+}
+
+/// Like [`replay`], bringing data stored at an older schema version (the journal's
+/// starting data, snapshots) up to the definition's with `upcasters`.
+pub fn replay_with(
+    definition: &Definition,
+    id: SagaId,
+    journal: &[JournalEntry],
+    until: Option<Timestamp>,
+    upcasters: &Upcasters,
+) -> Result<Replayed, ReplayError> {
     let first = journal.first().ok_or(ReplayError::Empty(id))?;
     let (Some(data), true) = (
         first.body.get("data"),
@@ -244,6 +288,13 @@ pub fn replay(
         });
     }
     let mut state = SagaState::new(id, definition, data.clone(), created);
+    state.data_version = first
+        .body
+        .get("data_version")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(1);
+    upcast_state(definition, upcasters, &mut state)?;
     let mut replayed = Replayed {
         state: state.clone(),
         entries: 0,
@@ -268,6 +319,7 @@ pub fn replay(
             {
                 Some(Ok(snapshot)) => {
                     state = snapshot;
+                    upcast_state(definition, upcasters, &mut state)?;
                     replayed.entries = index + 1;
                     replayed.last_at = entry.at;
                     continue;
@@ -339,7 +391,21 @@ pub fn check(
     stored: &SagaState,
     journal: &[JournalEntry],
 ) -> Result<Replayed, ReplayError> {
-    let mut r = replay(definition, stored.id, journal, None)?;
+    check_with(definition, stored, journal, &Upcasters::default())
+}
+
+/// Like [`check`], with `upcasters` for data stored at older schema versions.
+pub fn check_with(
+    definition: &Definition,
+    stored: &SagaState,
+    journal: &[JournalEntry],
+    upcasters: &Upcasters,
+) -> Result<Replayed, ReplayError> {
+    let mut r = replay_with(definition, stored.id, journal, None, upcasters)?;
+    // Compare like with like: the stored data brought to the same version.
+    let mut upcast = stored.clone();
+    upcast_state(definition, upcasters, &mut upcast)?;
+    let stored = &upcast;
     // A saga inside a compacted retry run is ahead of its journal's last snapshot.
     let compacting = journal.last().is_some_and(|e| e.kind == "snapshot");
     if r.divergence.is_none() && !compacting && r.state != *stored {

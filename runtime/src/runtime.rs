@@ -126,6 +126,7 @@ pub struct RuntimeBuilder {
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn JitterSource>,
     definitions: Definitions,
+    upcasters: crate::upcast::Upcasters,
     options: RuntimeOptions,
     duplicate: Option<(SagaType, u32)>,
     outcomes: Arc<OutcomeHub>,
@@ -148,6 +149,7 @@ impl Default for RuntimeBuilder {
             clock: Arc::new(SystemClock),
             jitter: Arc::new(RandomJitter),
             definitions: Definitions::default(),
+            upcasters: crate::upcast::Upcasters::default(),
             options: RuntimeOptions::default(),
             duplicate: None,
             outcomes: Arc::new(OutcomeHub::default()),
@@ -199,6 +201,30 @@ impl RuntimeBuilder {
         if !self.definitions.insert(def) {
             self.duplicate = Some(key);
         }
+        self
+    }
+
+    /// Registers an upcaster for stored payloads of `payload_type` from schema version
+    /// `from` to `to` (see [`crate::upcast`]). Saga data is `<saga_type>.data`
+    /// ([`crate::upcast::data_payload_type`]), at the definition's `data_version`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use skald_runtime::runtime::Runtime;
+    /// let builder = Runtime::builder().upcaster("checkout.data", 1, 2, |mut data| {
+    ///     data["currency"] = serde_json::json!("EUR");
+    ///     Ok(data)
+    /// });
+    /// ```
+    pub fn upcaster(
+        mut self,
+        payload_type: impl Into<String>,
+        from: u32,
+        to: u32,
+        f: impl Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.upcasters.register(payload_type, from, to, f);
         self
     }
 
@@ -256,6 +282,7 @@ impl RuntimeBuilder {
         });
         let shared = Arc::new(Shared {
             definitions: self.definitions,
+            upcasters: self.upcasters,
             store,
             bus,
             committer,

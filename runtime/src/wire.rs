@@ -120,6 +120,8 @@ pub const H_OUTCOME: &str = "Skald-Outcome";
 pub const H_MSG_ID: &str = "Nats-Msg-Id";
 /// Header: W3C trace context.
 pub const H_TRACEPARENT: &str = "traceparent";
+/// Header (commands): the schema version of the payload (the step's; 1 by default).
+pub const H_SCHEMA_VERSION: &str = "Skald-Schema-Version";
 
 /// Prefix of command subjects: `skald.cmd.<service>.<action>`.
 pub const COMMAND_PREFIX: &str = "skald.cmd";
@@ -285,6 +287,7 @@ pub fn encode_command(command: &Command) -> Result<Message, serde_json::Error> {
     h.insert(H_IDEMPOTENCY_KEY, command.idempotency_key.as_str());
     h.insert(H_REPLY_TO, reply_subject(&command.saga_type));
     h.insert(H_DEADLINE, command.deadline.as_millis().to_string());
+    h.insert(H_SCHEMA_VERSION, command.schema_version.to_string());
     h.insert(H_MSG_ID, command.message_id.as_str());
     h.insert(
         H_TRACEPARENT,
@@ -443,6 +446,8 @@ pub struct IncomingCommand {
     pub reply_to: String,
     /// The W3C trace context, if any.
     pub traceparent: Option<String>,
+    /// The payload's schema version (`Skald-Schema-Version`; 1 when absent).
+    pub schema_version: u32,
     /// The JSON payload.
     pub payload: Value,
 }
@@ -459,6 +464,10 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
         subject: m.subject.clone(),
         reply_to: header(m, WHAT, H_REPLY_TO)?.to_owned(),
         traceparent: m.headers.get(H_TRACEPARENT).map(str::to_owned),
+        schema_version: match m.headers.get(H_SCHEMA_VERSION) {
+            Some(_) => parse(m, WHAT, H_SCHEMA_VERSION)?,
+            None => 1,
+        },
         envelope,
         payload,
     })
@@ -513,6 +522,7 @@ mod tests {
             idempotency_key: format!("{saga_id}:charge_payment:action"),
             message_id: format!("{saga_id}:charge_payment:action:2"),
             deadline: Timestamp(1_000),
+            schema_version: 2,
         }
     }
 

@@ -60,7 +60,8 @@ pub enum ExitStatus {
     /// is not registered in this CLI, or its journal cannot be replayed.
     CannotReplay = 8,
     /// `replay`: at least one saga would not take the path its journal recorded under
-    /// the registered definition.
+    /// the registered definition; `migrate-payloads`: at least one saga's data could not
+    /// be migrated.
     Diverged = 9,
 }
 
@@ -107,6 +108,7 @@ impl From<StoreError> for CliError {
 #[derive(Debug, Default, Clone)]
 pub struct Cli {
     definitions: HashMap<(SagaType, u32), Arc<Definition>>,
+    upcasters: skald_runtime::upcast::Upcasters,
 }
 
 impl Cli {
@@ -122,6 +124,24 @@ impl Cli {
         self.definitions
             .insert((def.saga_type().clone(), def.version()), def);
         self
+    }
+
+    /// Registers an upcaster, as the runtimes do (`RuntimeBuilder::upcaster`): `at`,
+    /// `replay` and `migrate-payloads` bring stored data of older schema versions up
+    /// with it.
+    pub fn upcaster(
+        mut self,
+        payload_type: impl Into<String>,
+        from: u32,
+        to: u32,
+        f: impl Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync + 'static,
+    ) -> Cli {
+        self.upcasters.register(payload_type, from, to, f);
+        self
+    }
+
+    pub(crate) fn upcasters(&self) -> &skald_runtime::upcast::Upcasters {
+        &self.upcasters
     }
 
     /// Parses the process's arguments, runs the command on a tokio runtime of its own,
@@ -200,7 +220,8 @@ Exit codes:
   6  refused: the action does not apply to the saga as it is; nothing changed
   7  sent, but no runtime applied it within --wait (it stays queued in JetStream)
   8  the saga cannot be rebuilt: its definition is not registered in this CLI
-  9  replay: at least one saga diverges from its journal under the registered definition
+  9  replay: at least one saga diverges from its journal under the registered definition;
+     migrate-payloads: at least one saga's data could not be migrated
 
 Durations: 250ms, 30s, 5m, 2h, 7d, 1h30m. Times: RFC 3339 (2026-11-24T03:50:12Z),
 milliseconds since the epoch, or a duration ago (-5m).";
@@ -268,6 +289,23 @@ pub(crate) enum Command {
         /// At most this many sagas.
         #[arg(long, default_value_t = 1_000)]
         limit: usize,
+    },
+    /// Rewrite stored saga data to its definition's latest schema version with the
+    /// registered upcasters, in batches; resumable (what is done stays done) and
+    /// idempotent.
+    MigratePayloads {
+        /// Only this saga type.
+        #[arg(long = "type")]
+        saga_type: Option<String>,
+        /// Count what would be migrated; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Sagas read per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Stop after migrating this many (the rest on the next run).
+        #[arg(long)]
+        max: Option<u64>,
     },
     /// Dead-lettered sagas and poison messages.
     #[command(subcommand)]

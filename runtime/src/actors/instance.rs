@@ -370,123 +370,142 @@ async fn process(
     input: Input,
     inbox: Option<String>,
 ) -> (Option<StoredSaga>, Result<Applied, RuntimeError>) {
+    let original = input;
     for _ in 0..MAX_CONFLICT_RETRIES {
         let now = shared.clock.now();
         let write;
         let mut direct: Vec<OutboxMessage> = Vec::new();
-        let next: Result<Vec<Effect>, String> =
-            match machine::transition(&def, &saga.state, &input, now) {
-                Ok((state, effects)) => {
-                    let body = crate::replay::transition_body(
-                        &input,
-                        &state,
-                        &effects,
-                        (saga.version == 0).then_some(&saga.state),
-                        inbox.as_deref(),
-                    );
-                    let dead_letter = effects.iter().find_map(|e| match e {
-                        Effect::DeadLetter(info) => Some(DeadLetterRecord {
-                            id: uuid::Uuid::now_v7(),
-                            category: DeadLetterCategory::Saga,
-                            saga_id: Some(state.id),
-                            saga_type: Some(state.saga_type.to_string()),
-                            step: Some(info.step_name.to_string()),
-                            kind: Some(info.kind),
-                            reason: info.error.to_string(),
-                            attempts: info.attempts,
-                            message: None,
-                            at: now,
-                            resolved_at: None,
-                        }),
-                        _ => None,
-                    });
-                    // What caused this transition, for its lifecycle events: the reply's
-                    // id, or the input and the version it produces.
-                    let causation = match &inbox {
-                        Some(id) => id.clone(),
-                        None => format!("{}:{}:{}", input.name(), state.id, saga.version + 1),
-                    };
-                    let mut outbox = outbox_messages(&shared, &state, &effects, now, &causation);
-                    // An in-process bus loses everything with the process anyway (a start
-                    // re-sends what unfinished sagas wait on): no outbox rows to store.
-                    direct = if shared.outbox_stored {
-                        Vec::new()
-                    } else {
-                        std::mem::take(&mut outbox)
-                    };
-                    let journal = {
-                        use crate::replay::{JournalPlan, journal_plan, snapshot_body};
-                        let after = &state;
-                        let window = shared.options.journal_retry_window;
-                        match journal_plan(&input, &saga.state, after, window) {
-                            JournalPlan::Entry => vec![journal_entry(now, "transition", body)],
-                            JournalPlan::Skip => Vec::new(),
-                            JournalPlan::EntryThenSnapshot => vec![
-                                journal_entry(now, "transition", body),
-                                journal_entry(
-                                    now,
-                                    "snapshot",
-                                    snapshot_body(
-                                        after,
-                                        "retries past the journal's window are not journaled \
+        // Data stored by an older build is brought up to the definition's data version
+        // first. When it cannot be, a participant's reply or a timer dead-letters the
+        // step in flight (re-drive it once an upcaster is registered); a request is
+        // refused with the reason.
+        let mut input: std::borrow::Cow<'_, Input> = std::borrow::Cow::Borrowed(&original);
+        let mut refused = None;
+        if let Err(reason) = bring_data_up(&shared, &def, &mut saga.state) {
+            if is_request(&input) {
+                refused = Some(Refusal::Unreadable(reason));
+            } else {
+                input = std::borrow::Cow::Owned(Input::DataUnreadable {
+                    error: machine::StepError::new("data_unreadable", reason),
+                });
+            }
+        }
+        let attempt = match refused {
+            Some(r) => Err(r),
+            None => machine::transition(&def, &saga.state, &input, now).map_err(Refusal::Machine),
+        };
+        let next: Result<Vec<Effect>, String> = match attempt {
+            Ok((state, effects)) => {
+                let body = crate::replay::transition_body(
+                    &input,
+                    &state,
+                    &effects,
+                    (saga.version == 0).then_some(&saga.state),
+                    inbox.as_deref(),
+                );
+                let dead_letter = effects.iter().find_map(|e| match e {
+                    Effect::DeadLetter(info) => Some(DeadLetterRecord {
+                        id: uuid::Uuid::now_v7(),
+                        category: DeadLetterCategory::Saga,
+                        saga_id: Some(state.id),
+                        saga_type: Some(state.saga_type.to_string()),
+                        step: Some(info.step_name.to_string()),
+                        kind: Some(info.kind),
+                        reason: info.error.to_string(),
+                        attempts: info.attempts,
+                        message: None,
+                        at: now,
+                        resolved_at: None,
+                    }),
+                    _ => None,
+                });
+                // What caused this transition, for its lifecycle events: the reply's
+                // id, or the input and the version it produces.
+                let causation = match &inbox {
+                    Some(id) => id.clone(),
+                    None => format!("{}:{}:{}", input.name(), state.id, saga.version + 1),
+                };
+                let mut outbox = outbox_messages(&shared, &state, &effects, now, &causation);
+                // An in-process bus loses everything with the process anyway (a start
+                // re-sends what unfinished sagas wait on): no outbox rows to store.
+                direct = if shared.outbox_stored {
+                    Vec::new()
+                } else {
+                    std::mem::take(&mut outbox)
+                };
+                let journal = {
+                    use crate::replay::{JournalPlan, journal_plan, snapshot_body};
+                    let after = &state;
+                    let window = shared.options.journal_retry_window;
+                    match journal_plan(&input, &saga.state, after, window) {
+                        JournalPlan::Entry => vec![journal_entry(now, "transition", body)],
+                        JournalPlan::Skip => Vec::new(),
+                        JournalPlan::EntryThenSnapshot => vec![
+                            journal_entry(now, "transition", body),
+                            journal_entry(
+                                now,
+                                "snapshot",
+                                snapshot_body(
+                                    after,
+                                    "retries past the journal's window are not journaled \
                                              one by one",
-                                    ),
                                 ),
-                            ],
-                            JournalPlan::SnapshotThenEntry => vec![
-                                journal_entry(
-                                    saga.state.updated_at,
-                                    "snapshot",
-                                    snapshot_body(&saga.state, "the compacted retries ended here"),
-                                ),
-                                journal_entry(now, "transition", body),
-                            ],
-                        }
-                    };
-                    write = SagaWrite {
-                        id: saga.state.id,
-                        expected_version: saga.version,
-                        // Moved, not copied: the committer hands the write back.
-                        state: Some(state),
-                        journal,
-                        dead_letter,
-                        resolve_dead_letters: matches!(input, Input::Redriven),
-                        outbox,
-                        inbox: inbox.clone(),
-                    };
-                    Ok(effects)
-                }
-                // Late, repeated or out-of-order replies and timers are recorded and
-                // acknowledged; an operator's request on a finished saga is refused.
-                // An operator's request that came over the bus is refused the same way,
-                // journaled with its id, for the operator's tool to find.
-                Err(e)
-                    if saga.version > 0
-                        && if is_request(&input) {
-                            inbox.is_some()
-                        } else {
-                            e.is_ignorable()
-                        } =>
-                {
-                    let mut body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
-                    if let Some(id) = &inbox {
-                        body["causation"] = serde_json::Value::String(id.clone());
+                            ),
+                        ],
+                        JournalPlan::SnapshotThenEntry => vec![
+                            journal_entry(
+                                saga.state.updated_at,
+                                "snapshot",
+                                snapshot_body(&saga.state, "the compacted retries ended here"),
+                            ),
+                            journal_entry(now, "transition", body),
+                        ],
                     }
-                    write = SagaWrite {
-                        id: saga.state.id,
-                        expected_version: saga.version,
-                        state: None,
-                        journal: vec![journal_entry(now, "ignored", body)],
-                        dead_letter: None,
-                        resolve_dead_letters: false,
-                        outbox: Vec::new(),
-                        inbox: inbox.clone(),
-                    };
-                    debug!(reason = %e, "input ignored");
-                    Err(e.to_string())
+                };
+                write = SagaWrite {
+                    id: saga.state.id,
+                    expected_version: saga.version,
+                    // Moved, not copied: the committer hands the write back.
+                    state: Some(state),
+                    journal,
+                    dead_letter,
+                    resolve_dead_letters: matches!(*input, Input::Redriven),
+                    outbox,
+                    inbox: inbox.clone(),
+                };
+                Ok(effects)
+            }
+            // Late, repeated or out-of-order replies and timers are recorded and
+            // acknowledged; an operator's request on a finished saga is refused.
+            // An operator's request that came over the bus is refused the same way,
+            // journaled with its id, for the operator's tool to find.
+            Err(e)
+                if saga.version > 0
+                    && if is_request(&input) {
+                        inbox.is_some()
+                    } else {
+                        e.is_ignorable()
+                    } =>
+            {
+                let mut body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
+                if let Some(id) = &inbox {
+                    body["causation"] = serde_json::Value::String(id.clone());
                 }
-                Err(e) => return (Some(saga), Err(e.into())),
-            };
+                write = SagaWrite {
+                    id: saga.state.id,
+                    expected_version: saga.version,
+                    state: None,
+                    journal: vec![journal_entry(now, "ignored", body)],
+                    dead_letter: None,
+                    resolve_dead_letters: false,
+                    outbox: Vec::new(),
+                    inbox: inbox.clone(),
+                };
+                debug!(reason = %e, "input ignored");
+                Err(e.to_string())
+            }
+            Err(e) => return (Some(saga), Err(e.into())),
+        };
         match shared.committer.commit(write).await {
             Ok((WriteOutcome::Committed { version }, mut write)) => {
                 let (state, effects) = match (next, write.state.take()) {
@@ -733,5 +752,67 @@ fn outcome_of(state: &SagaState) -> SagaOutcome {
         status: state.status,
         created_at: state.created_at,
         at: state.updated_at,
+    }
+}
+
+/// Why an input was not applied: the machine refused it, or the saga's data could not
+/// be read.
+#[derive(Debug)]
+enum Refusal {
+    Machine(machine::TransitionError),
+    Unreadable(String),
+}
+
+impl Refusal {
+    fn is_ignorable(&self) -> bool {
+        match self {
+            Refusal::Machine(e) => e.is_ignorable(),
+            Refusal::Unreadable(_) => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Machine(e) => e.fmt(f),
+            Refusal::Unreadable(reason) => write!(f, "the saga's data cannot be read: {reason}"),
+        }
+    }
+}
+
+impl From<Refusal> for RuntimeError {
+    fn from(r: Refusal) -> RuntimeError {
+        match r {
+            Refusal::Machine(e) => e.into(),
+            Refusal::Unreadable(reason) => {
+                RuntimeError::Runtime(format!("the saga's data cannot be read: {reason}"))
+            }
+        }
+    }
+}
+
+/// Upcasts the saga's data to the definition's data version, if it is older (and the
+/// saga can still take inputs). `Err` names the payload type and both versions.
+fn bring_data_up(shared: &Shared, def: &Definition, state: &mut SagaState) -> Result<(), String> {
+    let want = def.data_version();
+    if state.data_version == want || state.status.is_terminal() {
+        return Ok(());
+    }
+    let payload_type = crate::upcast::data_payload_type(state.saga_type.as_str());
+    let data = std::mem::take(&mut state.data);
+    match shared
+        .upcasters
+        .upcast(&payload_type, data.clone(), state.data_version, want)
+    {
+        Ok(up) => {
+            state.data = up;
+            state.data_version = want;
+            Ok(())
+        }
+        Err(e) => {
+            state.data = data;
+            Err(e.to_string())
+        }
     }
 }

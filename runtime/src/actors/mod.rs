@@ -164,6 +164,8 @@ impl Definitions {
 /// What every actor of one runtime shares: read-only configuration and handles.
 pub struct Shared {
     pub(crate) definitions: Definitions,
+    /// Upcasters for stored payloads of older schema versions.
+    pub(crate) upcasters: crate::upcast::Upcasters,
     pub(crate) store: Arc<dyn SagaStore>,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) committer: Committer,
