@@ -1572,6 +1572,7 @@ mod tests {
             id: SagaId::new(),
             saga_type: SagaType::new("checkout").expect("type"),
             definition_version: 1,
+            data_version: 1,
             data: json!({}),
             status,
             completed: 0,
