@@ -355,8 +355,11 @@ pub fn replay_with(
                         show(recorded_status),
                         state.status
                     ))
-                } else if *recorded_effects != now_effects {
-                    Some(first_difference(recorded_effects, &now_effects))
+                } else if untimed(recorded_effects) != untimed(&now_effects) {
+                    Some(first_difference(
+                        &untimed(recorded_effects),
+                        &untimed(&now_effects),
+                    ))
                 } else {
                     None
                 }
@@ -408,8 +411,11 @@ pub fn check_with(
     let stored = &upcast;
     // A saga inside a compacted retry run is ahead of its journal's last snapshot.
     let compacting = journal.last().is_some_and(|e| e.kind == "snapshot");
-    if r.divergence.is_none() && !compacting && r.state != *stored {
-        let reason = match (serde_json::to_value(&r.state), serde_json::to_value(stored)) {
+    if r.divergence.is_none() && !compacting && untimed_state(&r.state) != untimed_state(stored) {
+        let reason = match (
+            serde_json::to_value(untimed_state(&r.state)),
+            serde_json::to_value(untimed_state(stored)),
+        ) {
             (Ok(Value::Object(now)), Ok(Value::Object(then))) => {
                 let mut fields: Vec<&str> = then
                     .iter()
@@ -432,6 +438,37 @@ pub fn check_with(
         });
     }
     Ok(r)
+}
+
+/// An effect summary without its times (reply deadlines, wake-ups): a changed timeout
+/// or retry delay changes when things happen, not which path a saga takes.
+fn untimed(effects: &Value) -> Value {
+    let mut v = effects.clone();
+    for e in v.as_array_mut().into_iter().flatten() {
+        if let Some(o) = e.as_object_mut() {
+            o.remove("deadline");
+            if o.get("effect").and_then(Value::as_str) == Some("schedule_wakeup") {
+                o.remove("at");
+            }
+        }
+    }
+    v
+}
+
+/// A state without its timers' times (see [`untimed`]).
+fn untimed_state(state: &SagaState) -> SagaState {
+    let mut s = state.clone();
+    if let Some(p) = &mut s.pending {
+        p.phase = match p.phase {
+            crate::machine::Phase::AwaitingReply { .. } => crate::machine::Phase::AwaitingReply {
+                deadline: Timestamp(0),
+            },
+            crate::machine::Phase::Backoff { .. } => {
+                crate::machine::Phase::Backoff { due: Timestamp(0) }
+            }
+        };
+    }
+    s
 }
 
 fn show(v: Option<&Value>) -> String {
@@ -642,6 +679,21 @@ mod tests {
             .expect("the data differs");
         assert_eq!((d.entry, d.input.as_str()), (4, "(end)"));
         assert!(d.reason.contains("data"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_changed_timeout_is_the_same_path() {
+        let def = definition(&["reserve", "charge"]);
+        let (stored, journal) = run(&def, &inputs()[..3]);
+        let slower = ["reserve", "charge"]
+            .iter()
+            .fold(SagaDefinition::<Order>::builder("shop", 1), |b, s| {
+                b.step(step(s).timeout(Duration::from_secs(60)))
+            })
+            .build()
+            .expect("valid");
+        let r = check(slower.definition(), &stored, &journal).expect("check");
+        assert_eq!(r.divergence, None);
     }
 
     #[test]
