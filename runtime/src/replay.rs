@@ -479,6 +479,26 @@ fn show(v: Option<&Value>) -> String {
     }
 }
 
+/// One effect of a summary, in words.
+fn describe_effect(e: &Value) -> String {
+    let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?");
+    let n = |k: &str| e.get(k).and_then(Value::as_u64).unwrap_or(0);
+    match s("effect") {
+        "send_command" => format!(
+            "send {} {} #{} on {}",
+            s("step"),
+            s("kind"),
+            n("attempt"),
+            s("subject")
+        ),
+        "schedule_wakeup" => "schedule a wake-up".to_owned(),
+        "emit_lifecycle_event" => format!("emit {}", s("event")),
+        "dead_letter" => format!("dead-letter {} {}", s("step_name"), s("kind")),
+        "finished" => format!("finish as {}", s("status")),
+        _ => e.to_string(),
+    }
+}
+
 /// The first effect that differs between two summaries, in words.
 fn first_difference(recorded: &Value, now: &Value) -> String {
     let empty = Vec::new();
@@ -488,11 +508,23 @@ fn first_difference(recorded: &Value, now: &Value) -> String {
         match (a.get(i), b.get(i)) {
             (Some(x), Some(y)) if x == y => continue,
             (Some(x), Some(y)) => {
-                return format!("effect {i}: recorded {x}, the definition now gives {y}");
+                return format!(
+                    "the journal recorded: {}; the definition now does: {}",
+                    describe_effect(x),
+                    describe_effect(y)
+                );
             }
-            (Some(x), None) => return format!("effect {i}: recorded {x}, now absent"),
+            (Some(x), None) => {
+                return format!(
+                    "the journal recorded: {}; the definition now does nothing more",
+                    describe_effect(x)
+                );
+            }
             (None, Some(y)) => {
-                return format!("effect {i}: not recorded, the definition now adds {y}");
+                return format!(
+                    "the definition now also does: {}, which the journal does not record",
+                    describe_effect(y)
+                );
             }
             (None, None) => break,
         }

@@ -202,15 +202,33 @@ impl Default for CheckoutTiming {
 pub fn checkout_definition(
     timing: CheckoutTiming,
 ) -> Result<SagaDefinition<Checkout>, DefinitionError> {
+    checkout_definition_named(
+        timing,
+        1,
+        [
+            steps::RESERVE_INVENTORY,
+            steps::CHARGE_PAYMENT,
+            steps::SHIP_ORDER,
+        ],
+    )
+}
+
+/// The checkout saga as version `version`, with its three steps named `names` (the
+/// worked example of docs/versioning.md renames one in a new version).
+pub fn checkout_definition_named(
+    timing: CheckoutTiming,
+    version: u32,
+    names: [&str; 3],
+) -> Result<SagaDefinition<Checkout>, DefinitionError> {
     let step = |name: &str| {
         Step::<Checkout>::new(name)
             .retry(timing.retry)
             .compensation_retry(timing.compensation_retry)
             .timeout(timing.timeout)
     };
-    SagaDefinition::<Checkout>::builder(SAGA_TYPE, 1)
+    SagaDefinition::<Checkout>::builder(SAGA_TYPE, version)
         .step(
-            step(steps::RESERVE_INVENTORY)
+            step(names[0])
                 .action(subjects::RESERVE, |c: &Checkout| ReserveInventory {
                     order_id: c.order_id.clone(),
                     items: c.items.clone(),
@@ -224,7 +242,7 @@ pub fn checkout_definition(
                 }),
         )
         .step(
-            step(steps::CHARGE_PAYMENT)
+            step(names[1])
                 .action(subjects::CHARGE, |c: &Checkout| ChargePayment {
                     order_id: c.order_id.clone(),
                     customer_id: c.customer_id.clone(),
@@ -238,7 +256,7 @@ pub fn checkout_definition(
                 }),
         )
         .step(
-            step(steps::SHIP_ORDER)
+            step(names[2])
                 .action(subjects::SHIP, |c: &Checkout| ShipOrder {
                     order_id: c.order_id.clone(),
                     items: c.items.clone(),
