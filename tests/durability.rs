@@ -250,12 +250,30 @@ async fn two_runtimes_share_the_sagas_and_one_finishes_what_a_dropped_one_left()
         }
     })
     .await;
-    assert!(
-        statuses
-            .iter()
-            .all(|(_, s)| matches!(s, SagaStatus::Completed | SagaStatus::Compensated)),
-        "none dead-lettered: {statuses:?}"
-    );
+    let failed: Vec<skald::ids::SagaId> = statuses
+        .iter()
+        .filter(|(_, s)| !matches!(s, SagaStatus::Completed | SagaStatus::Compensated))
+        .map(|(id, _)| *id)
+        .collect();
+    if !failed.is_empty() {
+        let letters = backend
+            .store
+            .dead_letters(false, 100)
+            .await
+            .expect("dead letters");
+        let mut why = Vec::new();
+        for id in &failed {
+            why.push(format!(
+                "{id}: {:?} journal {:?}",
+                letters
+                    .iter()
+                    .find(|d| d.saga_id == Some(*id))
+                    .map(|d| &d.reason),
+                journal_inputs(backend.store.as_ref(), *id).await
+            ));
+        }
+        panic!("none dead-lettered, but {} were: {why:#?}", failed.len());
+    }
     let records = skald::sagas::sim::Ledger::records(&ledger)
         .await
         .expect("records");

@@ -24,8 +24,11 @@ use serde_json::Value;
 use crate::definition::Definition;
 use crate::ids::SagaId;
 use crate::machine::{self, Effect, Input, SagaState, SagaStatus, Timestamp};
-use crate::ports::JournalEntry;
+use crate::ports::{JOURNAL_SCHEMA_VERSION, JournalEntry};
 use crate::upcast::Upcasters;
+
+/// The payload type of journal entry bodies, for upcasters of older journal formats.
+pub const JOURNAL_PAYLOAD_TYPE: &str = "skald.journal";
 
 /// An effect as the journal records it: what was done, without the payloads. A
 /// command's body is serialised once, into its message (the outbox); the journal keeps
@@ -265,6 +268,37 @@ pub fn replay_with(
     until: Option<Timestamp>,
     upcasters: &Upcasters,
 ) -> Result<Replayed, ReplayError> {
+    // Entries written in an older journal format are brought up first.
+    let upcast_entries: Vec<JournalEntry>;
+    let journal = if journal
+        .iter()
+        .any(|e| e.schema_version != JOURNAL_SCHEMA_VERSION)
+    {
+        upcast_entries = journal
+            .iter()
+            .map(|e| {
+                let body = upcasters
+                    .upcast(
+                        JOURNAL_PAYLOAD_TYPE,
+                        e.body.clone(),
+                        u32::from(e.schema_version),
+                        u32::from(JOURNAL_SCHEMA_VERSION),
+                    )
+                    .map_err(|err| ReplayError::Unreadable {
+                        id,
+                        reason: err.to_string(),
+                    })?;
+                Ok(JournalEntry {
+                    body,
+                    schema_version: JOURNAL_SCHEMA_VERSION,
+                    ..e.clone()
+                })
+            })
+            .collect::<Result<_, ReplayError>>()?;
+        upcast_entries.as_slice()
+    } else {
+        journal
+    };
     let first = journal.first().ok_or(ReplayError::Empty(id))?;
     let (Some(data), true) = (
         first.body.get("data"),
@@ -726,6 +760,47 @@ mod tests {
             .expect("valid");
         let r = check(slower.definition(), &stored, &journal).expect("check");
         assert_eq!(r.divergence, None);
+    }
+
+    #[test]
+    fn journal_entries_of_an_older_format_are_upcast_on_read() {
+        let def = definition(&["reserve", "charge"]);
+        let (stored, journal) = run(&def, &inputs());
+        // The same journal as an imaginary format 0 wrote it: the input under "event".
+        let old: Vec<JournalEntry> = journal
+            .iter()
+            .map(|e| {
+                let mut body = e.body.clone();
+                if let Some(o) = body.as_object_mut()
+                    && let Some(input) = o.remove("input")
+                {
+                    o.insert("event".into(), input);
+                }
+                JournalEntry {
+                    schema_version: 0,
+                    body,
+                    ..e.clone()
+                }
+            })
+            .collect();
+        let e = replay(def.definition(), stored.id, &old, None).expect_err("no upcaster");
+        assert!(
+            e.to_string()
+                .contains("no upcaster path for skald.journal from schema version 0 to 1"),
+            "{e}"
+        );
+        let mut upcasters = Upcasters::new();
+        upcasters.register(JOURNAL_PAYLOAD_TYPE, 0, 1, |mut body| {
+            if let Some(o) = body.as_object_mut()
+                && let Some(input) = o.remove("event")
+            {
+                o.insert("input".into(), input);
+            }
+            Ok(body)
+        });
+        let r = check_with(def.definition(), &stored, &old, &upcasters).expect("replay");
+        assert_eq!(r.divergence, None);
+        assert_eq!(r.state, stored);
     }
 
     #[test]
