@@ -19,10 +19,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tracing::field::Empty;
 use tracing::{Instrument, info_span, warn};
 
 use crate::machine::StepError;
 use crate::ports::{Bus, BusError, Delivery};
+use crate::trace::TraceContext;
 use crate::wire::{self, IncomingCommand, Outcome};
 
 /// Remembers successful outputs per idempotency key.
@@ -208,14 +210,29 @@ async fn handle<H, F>(
             return;
         }
     };
+    // One span per command handled, in the saga's trace: a child of the step span that
+    // sent the command, with the id the reply's traceparent names (see
+    // `wire::reply_traceparent`).
     let span = info_span!(
         "participant",
         saga.id = %command.envelope.saga_id,
         saga.r#type = %command.envelope.saga_type,
         saga.step = %command.envelope.step,
-        kind = %command.envelope.kind,
-        attempt = command.envelope.attempt,
+        step.kind = %command.envelope.kind,
+        step.attempt = command.envelope.attempt,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
     );
+    if let (Some(parent), Some(own)) = (
+        command
+            .traceparent
+            .as_deref()
+            .and_then(|tp| TraceContext::parse(tp).ok()),
+        wire::reply_traceparent(&command),
+    ) {
+        crate::trace::annotate(&span, &own, Some(&parent));
+    }
     async move {
         let key = command.envelope.idempotency_key.clone();
         let remembered = match dedupe {
