@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::metrics::{
-    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge,
-    describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 use tracing::debug;
 
@@ -69,10 +69,7 @@ pub const LABEL_KIND: &str = "kind";
 /// Registers the help text and units of every metric with the installed recorder.
 pub fn describe() {
     describe_counter!(SAGAS_STARTED, "Sagas started.");
-    describe_counter!(
-        SAGAS_COMPLETED,
-        "Sagas finished with every step succeeded."
-    );
+    describe_counter!(SAGAS_COMPLETED, "Sagas finished with every step succeeded.");
     describe_counter!(
         SAGAS_COMPENSATED,
         "Sagas finished after compensating their completed steps."
@@ -290,10 +287,7 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
         match shared.store.in_flight_counts().await {
             Ok(counts) => {
                 for (ty, tm) in &m.types {
-                    let n = counts
-                        .iter()
-                        .find(|(t, _)| t == ty)
-                        .map_or(0, |(_, n)| *n);
+                    let n = counts.iter().find(|(t, _)| t == ty).map_or(0, |(_, n)| *n);
                     tm.in_flight.set(n as f64);
                 }
             }

@@ -295,7 +295,10 @@ mod tests {
         assert_eq!(cx.to_string(), tp);
         // A future version may carry more fields: the first four are read.
         let future = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-what-ever";
-        assert_eq!(TraceContext::parse(future).expect("future").span_id, cx.span_id);
+        assert_eq!(
+            TraceContext::parse(future).expect("future").span_id,
+            cx.span_id
+        );
     }
 
     #[test]
@@ -320,8 +323,8 @@ mod tests {
         ] {
             assert!(TraceContext::parse(&bad).is_err(), "accepted {bad:?}");
         }
-        let err = TraceContext::parse(&format!("00-{t}-{}-01", "0".repeat(16)))
-            .expect_err("zero span");
+        let err =
+            TraceContext::parse(&format!("00-{t}-{}-01", "0".repeat(16))).expect_err("zero span");
         assert!(err.to_string().contains("all zeros"), "{err}");
     }
 

@@ -551,7 +551,10 @@ mod tests {
         let tp = incoming.traceparent.clone().expect("traceparent");
         assert_eq!(tp.len(), 55, "{tp}");
         let sent = TraceContext::parse(&tp).expect("valid traceparent");
-        assert_eq!(sent.trace_id_hex(), cmd.saga_id.as_uuid().simple().to_string());
+        assert_eq!(
+            sent.trace_id_hex(),
+            cmd.saga_id.as_uuid().simple().to_string()
+        );
         assert_eq!(sent.span_id, span_id_of(&cmd.message_id));
 
         for outcome in [
