@@ -145,19 +145,32 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the process's subscriber: logs in `format` filtered by `RUST_LOG` (default
-/// `info`) and, when `otlp` is given (cargo feature `otlp`), trace export. Call once,
-/// early in `main`; keep the guard until the end.
+/// Installs the process's subscriber: logs on stderr in `format`, filtered by
+/// `RUST_LOG` (default `info`), and, when `otlp` is given (cargo feature `otlp`), trace
+/// export. Call once, early in `main`; keep the guard until the end.
 pub fn init(
     format: LogFormat,
     otlp: Option<OtlpOptions>,
 ) -> Result<TelemetryGuard, TelemetryError> {
+    init_with_filter("info", format, otlp)
+}
+
+/// [`init`], with `default_filter` (an `EnvFilter` directive such as `warn` or
+/// `skald=debug`) used when `RUST_LOG` is unset.
+pub fn init_with_filter(
+    default_filter: &str,
+    format: LogFormat,
+    otlp: Option<OtlpOptions>,
+) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new("info"))
+        .or_else(|_| EnvFilter::try_new(default_filter))
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .with_current_span(true)
             .with_span_list(true)

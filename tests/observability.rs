@@ -434,7 +434,7 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
                 let incoming = get(wire::H_TRACEPARENT);
                 let n: Probe = serde_json::from_slice(&msg.payload).expect("probe payload");
                 let trace = incoming.split('-').nth(1).unwrap_or_default().to_owned();
-                let answer = if n.n % 2 == 0 {
+                let answer = if n.n.is_multiple_of(2) {
                     format!("00-{trace}-00f067aa0ba902b7-01")
                 } else {
                     "00-not-a-traceparent".to_owned()
@@ -520,7 +520,7 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
             reply.get("trace_id"),
             Some(id.as_uuid().simple().to_string().as_str())
         );
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let answered = TraceContext::parse(&answer).expect("valid");
             assert_eq!(
                 reply.get("parent_span_id"),

@@ -59,6 +59,13 @@ pub const COMMIT_DURATION: &str = "skald_store_commit_duration_seconds";
 /// `skald_store_commit_batch_size`: writes in one group commit.
 pub const COMMIT_BATCH_SIZE: &str = "skald_store_commit_batch_size";
 
+/// `skald_participant_commands_total{group,outcome}`: commands a participant built with
+/// [`crate::participant`] answered, by outcome (`success`, `failure`, `retryable`).
+pub const PARTICIPANT_COMMANDS: &str = "skald_participant_commands_total";
+/// `skald_participant_command_duration_seconds{group,outcome}`: command received to
+/// reply published, in a participant built with [`crate::participant`].
+pub const PARTICIPANT_DURATION: &str = "skald_participant_command_duration_seconds";
+
 /// Label: the saga type.
 pub const LABEL_SAGA_TYPE: &str = "saga_type";
 /// Label: the step name.
@@ -108,6 +115,46 @@ pub fn describe() {
         "Group commit store transactions."
     );
     describe_histogram!(COMMIT_BATCH_SIZE, "Writes per group commit.");
+    describe_counter!(
+        PARTICIPANT_COMMANDS,
+        "Commands answered by a participant, by outcome."
+    );
+    describe_histogram!(
+        PARTICIPANT_DURATION,
+        Unit::Seconds,
+        "Participant: command received to reply published."
+    );
+}
+
+/// A participant's handles, one per outcome (registered when it starts serving).
+pub(crate) struct ParticipantMetrics {
+    by_outcome: [(Counter, Histogram); 3],
+}
+
+impl ParticipantMetrics {
+    pub(crate) fn new(group: &str) -> Self {
+        let make = |outcome: &'static str| {
+            let labels = [("group", group.to_owned()), ("outcome", outcome.to_owned())];
+            (
+                counter!(PARTICIPANT_COMMANDS, &labels),
+                histogram!(PARTICIPANT_DURATION, &labels),
+            )
+        };
+        ParticipantMetrics {
+            by_outcome: [make("success"), make("failure"), make("retryable")],
+        }
+    }
+
+    pub(crate) fn record(&self, outcome: &crate::wire::Outcome, took: Duration) {
+        use crate::wire::Outcome;
+        let (count, duration) = &self.by_outcome[match outcome {
+            Outcome::Success(_) => 0,
+            Outcome::Failure(_) => 1,
+            Outcome::Retryable(_) => 2,
+        }];
+        count.increment(1);
+        duration.record(took.as_secs_f64());
+    }
 }
 
 struct KindMetrics {

@@ -140,6 +140,7 @@ where
     let limit = Arc::new(Semaphore::new(options.concurrency.unwrap_or(64).max(1)));
     let dedupe = options.dedupe;
     let accept: Option<Arc<[u32]>> = options.accept_versions.map(Into::into);
+    let metrics = Arc::new(crate::metrics::ParticipantMetrics::new(group));
     let task = tokio::spawn(async move {
         while let Some(delivery) = sub.next().await {
             let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
@@ -149,6 +150,7 @@ where
             let handler = Arc::clone(&handler);
             let dedupe = dedupe.clone();
             let accept = accept.clone();
+            let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {
                 handle(
                     bus,
@@ -156,6 +158,7 @@ where
                     handler.as_ref(),
                     dedupe.as_deref(),
                     accept.as_deref(),
+                    &metrics,
                 )
                 .await;
                 drop(permit);
@@ -197,10 +200,12 @@ async fn handle<H, F>(
     handler: &H,
     dedupe: Option<&dyn DedupeStore>,
     accept: Option<&[u32]>,
+    metrics: &crate::metrics::ParticipantMetrics,
 ) where
     H: Fn(IncomingCommand) -> F,
     F: Future<Output = Outcome>,
 {
+    let received = std::time::Instant::now();
     let (message, _, acker) = delivery.into_parts();
     let command = match wire::decode_command(&message) {
         Ok(c) => c,
@@ -250,7 +255,12 @@ async fn handle<H, F>(
             Some(output) => Outcome::Success(output),
             None => {
                 let outcome = match refuse_version(&command, accept) {
-                    Some(refusal) => return reply_and_settle(bus, &command, &refusal, acker).await,
+                    Some(refusal) => {
+                        if reply_and_settle(bus, &command, &refusal, acker).await {
+                            metrics.record(&refusal, received.elapsed());
+                        }
+                        return;
+                    }
                     None => handler(command.clone()).await,
                 };
                 if let (Some(d), Outcome::Success(output)) = (dedupe, &outcome)
@@ -263,7 +273,9 @@ async fn handle<H, F>(
                 outcome
             }
         };
-        reply_and_settle(bus, &command, &outcome, acker).await;
+        if reply_and_settle(bus, &command, &outcome, acker).await {
+            metrics.record(&outcome, received.elapsed());
+        }
     }
     .instrument(span)
     .await
@@ -288,21 +300,23 @@ fn refuse_version(command: &IncomingCommand, accept: Option<&[u32]>) -> Option<O
 }
 
 /// Publishes the reply, then acknowledges the command (or has it redelivered when the
-/// reply could not be published).
+/// reply could not be published). Whether the reply was published.
 async fn reply_and_settle(
     bus: Arc<dyn Bus>,
     command: &IncomingCommand,
     outcome: &Outcome,
     acker: Box<dyn crate::ports::Acker>,
-) {
+) -> bool {
     let reply = wire::encode_reply(command, outcome);
     match bus.publish(reply).await {
         Ok(()) => {
             settle(acker.ack().await);
+            true
         }
         Err(e) => {
             warn!(error = %e, "publishing the reply failed; the command will be redelivered");
             settle(acker.nak(Duration::from_millis(200)).await);
+            false
         }
     }
 }
