@@ -198,7 +198,6 @@ pub(crate) struct Metrics {
     pub(crate) live_actors: Gauge,
     outbox_backlog: Gauge,
     outbox_lag: Gauge,
-    reply_lag: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -242,7 +241,6 @@ impl Metrics {
             live_actors: gauge!(LIVE_ACTORS),
             outbox_backlog: gauge!(OUTBOX_BACKLOG),
             outbox_lag: gauge!(OUTBOX_LAG),
-            reply_lag: gauge!(REPLY_CONSUMER_LAG),
         }
     }
 
@@ -355,7 +353,9 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
                 .consumer_lag(subject, &shared.options.reply_group)
                 .await
             {
-                Ok(Some(lag)) => m.reply_lag.set(lag as f64),
+                // Registered on the first answer: a bus that cannot tell (the
+                // in-process one) shows no series rather than a misleading 0.
+                Ok(Some(lag)) => gauge!(REPLY_CONSUMER_LAG).set(lag as f64),
                 Ok(None) => {}
                 Err(e) => debug!(error = %e, "metrics: reading the reply consumer's lag failed"),
             }
