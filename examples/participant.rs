@@ -20,6 +20,16 @@
 //!
 //! Stops on Ctrl-C or SIGTERM; unacknowledged commands are redelivered to a replica
 //! after `--ack-wait-secs`.
+//!
+//! Observability: `--metrics-addr ADDR` serves Prometheus metrics on
+//! `http://ADDR/metrics` (off by default); `--log-format text|json` picks the log lines'
+//! shape (stderr, `RUST_LOG`, default `info`); in builds with the `otlp` feature,
+//! `--otlp-endpoint URL` exports this participant's spans, which join each saga's trace
+//! through the commands' `traceparent` (docs/observability.md).
+//!
+//! ```text
+//! cargo run --example participant -- payment --metrics-addr 127.0.0.1:9465 --log-format json
+//! ```
 
 #[path = "checkout/ledger.rs"]
 mod ledger;
@@ -90,6 +100,19 @@ struct Args {
     #[arg(long, default_value_t = 30, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..))]
     ack_wait_secs: u64,
+    /// Serve Prometheus metrics (commands handled, by outcome, and how long they took)
+    /// at http://ADDR/metrics. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines on stderr as `text` or `json` (JSON lines carry the span fields:
+    /// saga.id, saga.step, trace_id, ...). RUST_LOG filters (default: info).
+    #[arg(long, default_value_t = skald::telemetry::LogFormat::Text, value_name = "FORMAT")]
+    log_format: skald::telemetry::LogFormat,
+    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318);
+    /// the participant's spans join each saga's trace. Builds with `otlp` only.
+    #[cfg(feature = "otlp")]
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// The simulated service time of the command with `key`: uniform in [0, 2 ·
@@ -113,13 +136,22 @@ fn service_time(seed: u64, key: &str, latency_ms: u64) -> Duration {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    #[cfg(feature = "otlp")]
+    let otlp = args
+        .otlp_endpoint
+        .as_deref()
+        .map(|e| skald::telemetry::OtlpOptions::new(e, format!("skald-{}", args.service.name())));
+    #[cfg(not(feature = "otlp"))]
+    let otlp = None;
+    let _telemetry = match skald::telemetry::init(args.log_format, otlp) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -130,6 +162,14 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let name = args.service.name();
+    let _metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            skald::metrics::serve(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let db = ledger::redact(&args.db);
     let ledger = ledger::open_ledger(&args.db).await?;
     let bus: Arc<dyn Bus> = Arc::new(

@@ -20,7 +20,10 @@
 //! - [`adapters`]: in-memory bus and store, SQLite store (`skald-adapters`);
 //! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`);
 //! - `cli` (feature `cli`, on by default): the `skald` operator CLI as a library, for a
-//!   binary with your own definitions registered.
+//!   binary with your own definitions registered;
+//! - [`metrics`]: the Prometheus `/metrics` endpoint; [`trace`]: W3C trace context and
+//!   skald's span ids; [`telemetry`]: the subscriber (text or JSON logs, OTLP traces
+//!   with the `otlp` feature) for binaries.
 //!
 //! # Examples
 //!
@@ -45,12 +48,14 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod metrics;
+pub mod telemetry;
 
 pub use skald_adapters as adapters;
 pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
 pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
 pub use skald_runtime::{
-    definition, ids, machine, participant, ports, replay, retry, upcast, wire,
+    definition, ids, machine, participant, ports, replay, retry, trace, upcast, wire,
 };
 pub use skald_sagas as sagas;

@@ -455,6 +455,20 @@ impl Bus for NatsBus {
     fn is_durable(&self) -> bool {
         true
     }
+
+    async fn consumer_lag(&self, subject: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let stream_name = self.stream_for(subject)?;
+        let stream = self
+            .js
+            .get_stream_no_info(&stream_name)
+            .await
+            .map_err(|e| other(format!("stream {stream_name}: {e}")))?;
+        let info = stream
+            .consumer_info(consumer_name(group))
+            .await
+            .map_err(|e| other(format!("consumer {group} on {stream_name}: {e}")))?;
+        Ok(Some(info.num_pending + info.num_ack_pending as u64))
+    }
 }
 
 /// Moves messages from the consumer to the subscription's channel until the

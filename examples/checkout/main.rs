@@ -13,7 +13,16 @@
 //! cargo run --release --example checkout -- --resume         # finish a killed run
 //! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222   # over JetStream
 //! cargo run --release --example checkout -- --db postgres://postgres@127.0.0.1:5432/skald
+//! cargo run --release --example checkout -- --metrics-addr 127.0.0.1:9464   # GET /metrics
+//! cargo run --release --example checkout -- --log-format json                # JSON log lines
+//! cargo run --release --example checkout --features otlp -- \
+//!     --otlp-endpoint http://127.0.0.1:4318                                     # traces, OTLP/HTTP
 //! ```
+//!
+//! `--metrics-addr ADDR` serves Prometheus metrics on `http://ADDR/metrics` (off by
+//! default); `--log-format text|json` picks the log lines' shape (stderr, filtered by
+//! `RUST_LOG`, default `warn`); `--otlp-endpoint URL` (builds with the `otlp` feature)
+//! exports traces. docs/observability.md lists the metrics and spans.
 //!
 //! `--db` picks the store by the URL's scheme: `sqlite:` (SQLite file, the default) or
 //! `postgres:` / `postgresql:` (PostgreSQL; the migrations are applied at start-up).
@@ -111,6 +120,20 @@ struct Args {
     /// read); the summary then says "consistent": null.
     #[arg(long)]
     no_check: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by
+    /// default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines on stderr as `text` or `json` (JSON lines carry the fields of every
+    /// enclosing span: saga.id, saga.type, saga.step, trace_id, ...). RUST_LOG filters
+    /// (default: warn).
+    #[arg(long, default_value_t = skald::telemetry::LogFormat::Text, value_name = "FORMAT")]
+    log_format: skald::telemetry::LogFormat,
+    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
+    /// Only in builds with the `otlp` feature.
+    #[cfg(feature = "otlp")]
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -219,13 +242,22 @@ fn summarize(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    #[cfg(feature = "otlp")]
+    let otlp = args
+        .otlp_endpoint
+        .as_deref()
+        .map(|e| skald::telemetry::OtlpOptions::new(e, "skald-checkout"));
+    #[cfg(not(feature = "otlp"))]
+    let otlp = None;
+    let _telemetry = match skald::telemetry::init_with_filter("warn", args.log_format, otlp) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -315,6 +347,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let checkout = checkout_definition(CheckoutTiming::default())?;
     let unfinished_before = store.active_sagas(None, 1).await?.len();
     let started_at = Instant::now();
+    // Before the runtime starts: it registers its metrics with the recorder it finds.
+    let _metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            skald::metrics::serve(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let builder = Runtime::builder()
         .store(store.clone())
         .bus(bus.clone())

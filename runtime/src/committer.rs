@@ -143,6 +143,8 @@ async fn run(
     let mut failing: u32 = 0;
     // Every committer handle is gone (shutdown): flush what was published once, then end.
     let mut closing = false;
+    let commit_duration = ::metrics::histogram!(crate::metrics::COMMIT_DURATION);
+    let commit_batch = ::metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE);
     loop {
         // Wait for a write; published rows alone are flushed after a short pause.
         let first = if closing {
@@ -198,8 +200,14 @@ async fn run(
             .collect();
         let started = Instant::now();
         let result = store.commit(&writes, &published).await;
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = started.elapsed();
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
+        commit_duration.record(elapsed.as_secs_f64());
+        if !writes.is_empty() {
+            // Transactions that only delete published outbox rows carry no write.
+            commit_batch.record(writes.len() as f64);
+        }
         debug!(
             writes = writes.len(),
             published = published.len(),

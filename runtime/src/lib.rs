@@ -18,6 +18,8 @@
 //! - [`committer`]: group commit: many instances' transitions in one store transaction.
 //! - [`actors`]: the actix shell: `SagaInstance`, `Registry`, the wake-up `Scheduler`.
 //! - [`participant`]: a helper to write participant services in Rust.
+//! - [`metrics`]: what the runtime measures (through the `metrics` facade).
+//! - [`trace`]: W3C trace context and the ids of skald's spans.
 //! - [`runtime`]: [`Runtime`], which wires the above together.
 //! - [`error`]: the runtime's error type.
 //!
@@ -30,11 +32,13 @@ pub mod definition;
 pub mod error;
 pub mod ids;
 pub mod machine;
+pub mod metrics;
 pub mod participant;
 pub mod ports;
 pub mod replay;
 pub mod retry;
 pub mod runtime;
+pub mod trace;
 pub mod upcast;
 pub mod wire;
 

@@ -19,10 +19,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tracing::field::Empty;
 use tracing::{Instrument, info_span, warn};
 
 use crate::machine::StepError;
 use crate::ports::{Bus, BusError, Delivery};
+use crate::trace::TraceContext;
 use crate::wire::{self, IncomingCommand, Outcome};
 
 /// Remembers successful outputs per idempotency key.
@@ -138,6 +140,7 @@ where
     let limit = Arc::new(Semaphore::new(options.concurrency.unwrap_or(64).max(1)));
     let dedupe = options.dedupe;
     let accept: Option<Arc<[u32]>> = options.accept_versions.map(Into::into);
+    let metrics = Arc::new(crate::metrics::ParticipantMetrics::new(group));
     let task = tokio::spawn(async move {
         while let Some(delivery) = sub.next().await {
             let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
@@ -147,6 +150,7 @@ where
             let handler = Arc::clone(&handler);
             let dedupe = dedupe.clone();
             let accept = accept.clone();
+            let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {
                 handle(
                     bus,
@@ -154,6 +158,7 @@ where
                     handler.as_ref(),
                     dedupe.as_deref(),
                     accept.as_deref(),
+                    &metrics,
                 )
                 .await;
                 drop(permit);
@@ -195,10 +200,12 @@ async fn handle<H, F>(
     handler: &H,
     dedupe: Option<&dyn DedupeStore>,
     accept: Option<&[u32]>,
+    metrics: &crate::metrics::ParticipantMetrics,
 ) where
     H: Fn(IncomingCommand) -> F,
     F: Future<Output = Outcome>,
 {
+    let received = std::time::Instant::now();
     let (message, _, acker) = delivery.into_parts();
     let command = match wire::decode_command(&message) {
         Ok(c) => c,
@@ -208,14 +215,29 @@ async fn handle<H, F>(
             return;
         }
     };
+    // One span per command handled, in the saga's trace: a child of the step span that
+    // sent the command, with the id the reply's traceparent names (see
+    // `wire::reply_traceparent`).
     let span = info_span!(
         "participant",
         saga.id = %command.envelope.saga_id,
         saga.r#type = %command.envelope.saga_type,
         saga.step = %command.envelope.step,
-        kind = %command.envelope.kind,
-        attempt = command.envelope.attempt,
+        step.kind = %command.envelope.kind,
+        step.attempt = command.envelope.attempt,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
     );
+    if let (Some(parent), Some(own)) = (
+        command
+            .traceparent
+            .as_deref()
+            .and_then(|tp| TraceContext::parse(tp).ok()),
+        wire::reply_traceparent(&command),
+    ) {
+        crate::trace::annotate(&span, &own, Some(&parent));
+    }
     async move {
         let key = command.envelope.idempotency_key.clone();
         let remembered = match dedupe {
@@ -233,7 +255,12 @@ async fn handle<H, F>(
             Some(output) => Outcome::Success(output),
             None => {
                 let outcome = match refuse_version(&command, accept) {
-                    Some(refusal) => return reply_and_settle(bus, &command, &refusal, acker).await,
+                    Some(refusal) => {
+                        if reply_and_settle(bus, &command, &refusal, acker).await {
+                            metrics.record(&refusal, received.elapsed());
+                        }
+                        return;
+                    }
                     None => handler(command.clone()).await,
                 };
                 if let (Some(d), Outcome::Success(output)) = (dedupe, &outcome)
@@ -246,7 +273,9 @@ async fn handle<H, F>(
                 outcome
             }
         };
-        reply_and_settle(bus, &command, &outcome, acker).await;
+        if reply_and_settle(bus, &command, &outcome, acker).await {
+            metrics.record(&outcome, received.elapsed());
+        }
     }
     .instrument(span)
     .await
@@ -271,21 +300,23 @@ fn refuse_version(command: &IncomingCommand, accept: Option<&[u32]>) -> Option<O
 }
 
 /// Publishes the reply, then acknowledges the command (or has it redelivered when the
-/// reply could not be published).
+/// reply could not be published). Whether the reply was published.
 async fn reply_and_settle(
     bus: Arc<dyn Bus>,
     command: &IncomingCommand,
     outcome: &Outcome,
     acker: Box<dyn crate::ports::Acker>,
-) {
+) -> bool {
     let reply = wire::encode_reply(command, outcome);
     match bus.publish(reply).await {
         Ok(()) => {
             settle(acker.ack().await);
+            true
         }
         Err(e) => {
             warn!(error = %e, "publishing the reply failed; the command will be redelivered");
             settle(acker.nak(Duration::from_millis(200)).await);
+            false
         }
     }
 }

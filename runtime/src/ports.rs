@@ -358,6 +358,31 @@ pub trait SagaStore: Send + Sync + 'static {
         after: Option<SagaId>,
         limit: usize,
     ) -> Result<Vec<SagaSummary>, StoreError>;
+
+    /// How many sagas of each type are in flight (running or compensating), for the
+    /// `skald_sagas_in_flight` gauge. The default pages through [`SagaStore::list`];
+    /// stores with a cheaper count override it.
+    async fn in_flight_counts(&self) -> Result<Vec<(SagaType, u64)>, StoreError> {
+        const PAGE: usize = 1_000;
+        let mut counts: Vec<(SagaType, u64)> = Vec::new();
+        for status in [SagaStatus::Running, SagaStatus::Compensating] {
+            let mut after = None;
+            loop {
+                let page = self.list(Some(status), after, PAGE).await?;
+                for s in &page {
+                    match counts.iter_mut().find(|(t, _)| *t == s.saga_type) {
+                        Some((_, n)) => *n += 1,
+                        None => counts.push((s.saga_type.clone(), 1)),
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() == PAGE => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        Ok(counts)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -629,6 +654,15 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether published messages survive a process restart.
     fn is_durable(&self) -> bool;
+
+    /// How far consumer group `group` on `subject` is behind: messages not yet delivered
+    /// plus those delivered and not yet acknowledged. `None` when the bus cannot tell
+    /// (the default). Sampled now and then for `skald_reply_consumer_lag`, never per
+    /// message.
+    async fn consumer_lag(&self, subject: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let _ = (subject, group);
+        Ok(None)
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::actors::{
     Applied, Apply, Definitions, Lookup, OutcomeHub, Registry, RetrySupervisor, RuntimeStats,
@@ -92,6 +92,11 @@ pub struct RuntimeOptions {
     /// (a snapshot, then nothing until the run ends), so a step retried for days keeps
     /// a bounded journal. Default: 10. Since 0.3.
     pub journal_retry_window: u32,
+    /// How often the sampled gauges (sagas in flight, outbox backlog and lag, reply
+    /// consumer lag) are read from the store and the broker; zero never samples them.
+    /// Default: 10 s. Since 0.3.
+    #[serde(with = "crate::serde_millis")]
+    pub metrics_interval: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -115,6 +120,7 @@ impl Default for RuntimeOptions {
             journal_retry_window: 10,
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             sweep_interval: Duration::from_secs(60),
+            metrics_interval: Duration::from_secs(10),
         }
     }
 }
@@ -280,7 +286,14 @@ impl RuntimeBuilder {
                 error!(error = %e, "the commit loop panicked: no transition can be committed any more");
             }
         });
+        let metrics = crate::metrics::Metrics::new(
+            self.definitions
+                .pairs()
+                .iter()
+                .filter_map(|(ty, version)| self.definitions.get(ty, *version)),
+        );
         let shared = Arc::new(Shared {
+            metrics,
             definitions: self.definitions,
             upcasters: self.upcasters,
             store,
@@ -331,13 +344,14 @@ impl RuntimeBuilder {
             uuid::Uuid::now_v7().simple()
         );
         let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), holder));
+        let sampler = tokio::spawn(crate::metrics::sampler(Arc::clone(&shared)));
         let runtime = Runtime {
             shared,
             registry,
             system,
             thread: Some(thread),
             // The commit loop last: shutdown stops it after everything else.
-            tasks: vec![intake, relay, sweeper, publisher, commit_task],
+            tasks: vec![sampler, intake, relay, sweeper, publisher, commit_task],
         };
         // The outbox covers a crash between commit and publish. An in-process bus also
         // loses what was published but not yet consumed when the process died: re-send
@@ -422,6 +436,7 @@ async fn deliver(
             .send(Apply {
                 input: input.clone(),
                 inbox: inbox.clone(),
+                span: tracing::Span::current(),
             })
             .await
         {
@@ -480,7 +495,10 @@ impl Runtime {
             });
         }
         let state = SagaState::new(id, def, definition.encode(data)?, self.shared.clock.now());
-        deliver(&self.registry, id, Some(state), Input::Started, None).await?;
+        let span = crate::trace::saga_span(&id, def.saga_type());
+        deliver(&self.registry, id, Some(state), Input::Started, None)
+            .instrument(span)
+            .await?;
         Ok(id)
     }
 
@@ -672,6 +690,7 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
         )
         .await;
     }
+    let span = crate::trace::reply_span(&reply, &message);
     let retryable = matches!(reply.outcome, Outcome::Retryable(_));
     let input = match reply.outcome {
         Outcome::Success(output) => Input::StepSucceeded {
@@ -689,7 +708,10 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             jitter: shared.jitter.draw(),
         },
     };
-    match deliver(registry, reply.saga_id, None, input, inbox).await {
+    match deliver(registry, reply.saga_id, None, input, inbox)
+        .instrument(span)
+        .await
+    {
         Ok(_) => settle(acker.ack().await),
         Err(e) => match e.disposition() {
             // The store is down or busy: keep the reply for as long as that lasts (not

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::ids::{CommandKind, SagaId, SagaType, StepName};
 use crate::machine::{Command, LifecycleEvent, StepError};
 use crate::ports::{Headers, Message};
+use crate::trace::{TraceContext, span_id_of};
 
 /// The lifecycle events' public schema: the `schema` field of every event body and the
 /// `Skald-Event-Schema` header. A change that is not purely additive gets a new version.
@@ -264,16 +265,11 @@ pub fn event_subject(saga_type: &SagaType, event: &str) -> String {
 }
 
 /// A W3C `traceparent` derived from the saga id (trace) and the message id (span), so
-/// every command of one saga shares one trace.
+/// every command of one saga shares one trace (see [`crate::trace`]).
 pub fn traceparent(saga_id: &SagaId, message_id: &str) -> String {
-    let trace = saga_id.as_uuid().simple().to_string();
-    // FNV-1a over the message id: a stable, non-zero 64-bit span id.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in message_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("00-{trace}-{:016x}-01", h.max(1))
+    TraceContext::for_saga(saga_id)
+        .child(span_id_of(message_id))
+        .to_string()
 }
 
 /// Encodes a command as a bus message.
@@ -473,6 +469,20 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
     })
 }
 
+/// The trace context of the participant's handling of `command`: the command's trace,
+/// with a span id derived from the reply's message id; `None` when the command carries
+/// no valid `traceparent`.
+pub fn reply_traceparent(command: &IncomingCommand) -> Option<TraceContext> {
+    let parent = TraceContext::parse(command.traceparent.as_deref()?).ok()?;
+    let env = &command.envelope;
+    Some(parent.child(crate::trace::span_id_of_parts(&[
+        "reply:",
+        &env.idempotency_key,
+        ":",
+        &env.attempt.to_string(),
+    ])))
+}
+
 /// Encodes the reply to `command` (participant side).
 pub fn encode_reply(command: &IncomingCommand, outcome: &Outcome) -> Message {
     let env = &command.envelope;
@@ -488,8 +498,10 @@ pub fn encode_reply(command: &IncomingCommand, outcome: &Outcome) -> Message {
         H_MSG_ID,
         format!("reply:{}:{}", env.idempotency_key, env.attempt),
     );
-    if let Some(tp) = &command.traceparent {
-        h.insert(H_TRACEPARENT, tp.as_str());
+    // The reply continues the command's trace as a child of it: the span that handled
+    // the command, whose id is derived from the reply's message id.
+    if let Some(tp) = reply_traceparent(command) {
+        h.insert(H_TRACEPARENT, tp.to_string());
     }
     let body = match outcome {
         Outcome::Success(v) => serde_json::to_vec(v),
@@ -538,6 +550,12 @@ mod tests {
         assert_eq!(incoming.payload, cmd.payload);
         let tp = incoming.traceparent.clone().expect("traceparent");
         assert_eq!(tp.len(), 55, "{tp}");
+        let sent = TraceContext::parse(&tp).expect("valid traceparent");
+        assert_eq!(
+            sent.trace_id_hex(),
+            cmd.saga_id.as_uuid().simple().to_string()
+        );
+        assert_eq!(sent.span_id, span_id_of(&cmd.message_id));
 
         for outcome in [
             Outcome::Success(serde_json::json!({"payment_id": "p1"})),
@@ -550,6 +568,26 @@ mod tests {
             assert_eq!(reply.attempt, 2);
             assert_eq!(reply.outcome, outcome);
         }
+        // The reply continues the trace, from a span of its own.
+        let reply = encode_reply(&incoming, &Outcome::Success(Value::Null));
+        let continued =
+            TraceContext::parse(reply.headers.get(H_TRACEPARENT).expect("reply traceparent"))
+                .expect("valid");
+        assert_eq!(continued.trace_id, sent.trace_id);
+        assert_ne!(continued.span_id, sent.span_id);
+        assert_eq!(
+            continued.span_id,
+            span_id_of(reply.headers.get(H_MSG_ID).expect("msg id"))
+        );
+        // A command without a valid traceparent gets a reply without one.
+        let mut bare = incoming.clone();
+        bare.traceparent = Some("00-garbage".into());
+        assert!(
+            encode_reply(&bare, &Outcome::Success(Value::Null))
+                .headers
+                .get(H_TRACEPARENT)
+                .is_none()
+        );
     }
 
     #[test]

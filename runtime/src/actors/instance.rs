@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use tracing::field::Empty;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::registry::{Passivated, Registry};
@@ -16,6 +17,7 @@ use crate::ports::{
     DeadLetterCategory, DeadLetterRecord, Headers, JOURNAL_SCHEMA_VERSION, JournalEntry, Message,
     OutboxMessage, SagaWrite, StoredSaga, WriteOutcome,
 };
+use crate::trace::{self, TraceContext};
 use crate::wire;
 
 /// How many times a version conflict is resolved by reloading before giving up.
@@ -31,6 +33,10 @@ pub struct Apply {
     /// The id of the message it came from (a reply), recorded in the inbox with the
     /// transition: a message applied once is never applied again.
     pub inbox: Option<String>,
+    /// The sender's span (a reply's, a start's): the parent of the span applying the
+    /// input. A disabled span (`Span::none()`) makes that span a child of the saga's
+    /// root span instead.
+    pub span: tracing::Span,
 }
 
 /// Check whether a wake-up (reply deadline or retry) is due, and act on it.
@@ -85,6 +91,9 @@ pub struct SagaInstance {
     /// address) serves that message and lets the actor go, instead of keeping it alive
     /// beside the new activation the registry may have made.
     passivated: bool,
+    /// Counted in the `skald_live_actors` gauge (between `started` and `stopped`, or
+    /// the drop of an actor that died in a panic).
+    live: bool,
 }
 
 impl std::fmt::Debug for SagaInstance {
@@ -117,6 +126,7 @@ impl SagaInstance {
             idle_timer: None,
             wake_failures: 0,
             passivated: false,
+            live: false,
         }
     }
 
@@ -241,6 +251,7 @@ impl SagaInstance {
         &mut self,
         input: Option<Input>,
         inbox: Option<String>,
+        parent: tracing::Span,
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<Applied, RuntimeError>> {
         let (saga, def) = match self.take() {
@@ -279,12 +290,29 @@ impl SagaInstance {
             .map(|s| s.name().as_str().to_owned())
             .unwrap_or_default();
         let span = info_span!(
-            "saga",
+            parent: &parent,
+            "apply",
             saga.id = %self.id,
             saga.r#type = %saga.state.saga_type,
             saga.step = %step,
             input = input.name(),
+            trace_id = Empty,
+            span_id = Empty,
+            parent_span_id = Empty,
         );
+        if parent.is_disabled() {
+            // A wake-up (timeout, retry) or an operator's request: no sender's span to
+            // continue, so a child of the saga's root span, with an id of its own.
+            let root = TraceContext::for_saga(&self.id);
+            let own = root.child(trace::span_id_of_parts(&[
+                input.name(),
+                ":",
+                &self.id.to_string(),
+                ":",
+                &saga.version.to_string(),
+            ]));
+            trace::annotate(&span, &own, Some(&root));
+        }
         let fut = process(shared, def, saga, input, inbox).instrument(span);
         Box::pin(fut.into_actor(self).map(|(saga, result), act, ctx| {
             act.put_back(saga, ctx);
@@ -300,11 +328,35 @@ impl Actor for SagaInstance {
         if !self.passivated {
             self.keep_alive = Some(ctx.address());
         }
+        if !self.live {
+            self.live = true;
+            self.shared.metrics.live_actors.increment(1.0);
+        }
         RuntimeStats::incr(&self.shared.stats.activations);
         match self.load {
             Load::Ready(_) => self.after_change(ctx),
             _ => self.load_from_store(ctx),
         }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.not_live();
+    }
+}
+
+impl SagaInstance {
+    fn not_live(&mut self) {
+        if self.live {
+            self.live = false;
+            self.shared.metrics.live_actors.decrement(1.0);
+        }
+    }
+}
+
+impl Drop for SagaInstance {
+    /// An actor that died in a panic never ran `stopped`.
+    fn drop(&mut self) {
+        self.not_live();
     }
 }
 
@@ -322,7 +374,7 @@ impl Handler<Apply> for SagaInstance {
     type Result = AtomicResponse<Self, Result<Applied, RuntimeError>>;
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
-        AtomicResponse::new(self.run(Some(msg.input), msg.inbox, ctx))
+        AtomicResponse::new(self.run(Some(msg.input), msg.inbox, msg.span, ctx))
     }
 }
 
@@ -331,7 +383,7 @@ impl Handler<Wake> for SagaInstance {
 
     fn handle(&mut self, _msg: Wake, ctx: &mut Context<Self>) -> Self::Result {
         let id = self.id;
-        let inner = self.run(None, None, ctx);
+        let inner = self.run(None, None, tracing::Span::none(), ctx);
         AtomicResponse::new(Box::pin(inner.map(move |res, act, ctx| match res {
             Ok(_) => act.wake_failures = 0,
             Err(e) => {
@@ -525,6 +577,9 @@ async fn process(
                     }
                 };
                 RuntimeStats::incr(&shared.stats.transitions);
+                shared
+                    .metrics
+                    .transition(&def, &saga.state, &input, &effects, now);
                 let status = state.status;
                 let saga = StoredSaga { state, version };
                 let (rows, stored) = if direct.is_empty() {
@@ -653,6 +708,11 @@ fn perform(
     rows: Vec<OutboxMessage>,
     stored: bool,
 ) {
+    for effect in effects {
+        if let Effect::SendCommand(cmd) = effect {
+            step_span(cmd);
+        }
+    }
     if !rows.is_empty() && shared.publisher.send(PublishJob { rows, stored }).is_err() {
         // Shutting down: the rows stay in the outbox for the next start's relay.
         debug!("publisher stopped; messages left in the outbox");
@@ -663,6 +723,34 @@ fn perform(
     {
         shared.outcomes.publish(&outcome_of(state));
     }
+}
+
+/// The span of a step attempt, opened as its command goes to the publisher. Its id is
+/// the parent-id of the command's `traceparent` (derived from the message id), and its
+/// parent the saga's root span, so a participant's span joins the saga's trace under
+/// the attempt it handles.
+fn step_span(cmd: &machine::Command) {
+    let span = info_span!(
+        "step",
+        saga.id = %cmd.saga_id,
+        saga.r#type = %cmd.saga_type,
+        saga.step = %cmd.step,
+        step.kind = %cmd.kind,
+        step.attempt = cmd.attempt,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+    );
+    if span.is_disabled() {
+        return;
+    }
+    let root = TraceContext::for_saga(&cmd.saga_id);
+    trace::annotate(
+        &span,
+        &root.child(trace::span_id_of(&cmd.message_id)),
+        Some(&root),
+    );
+    span.in_scope(|| debug!(subject = %cmd.subject, "command sent"));
 }
 
 /// Messages to publish, in order.

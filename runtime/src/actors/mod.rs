@@ -174,6 +174,8 @@ pub struct Shared {
     pub(crate) io: tokio::runtime::Handle,
     pub(crate) outcomes: Arc<OutcomeHub>,
     pub(crate) stats: RuntimeStats,
+    /// Metric handles, registered at start.
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) options: RuntimeOptions,
     /// Whether transitions store their messages in the outbox (`RuntimeOptions::outbox`).
     pub(crate) outbox_stored: bool,
