@@ -359,3 +359,74 @@ async fn migrate_payloads_is_resumable_and_idempotent() {
         .expect("every saga replays");
     assert!(replayed.contains("10 sagas: 10 same"), "{replayed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_left_in_the_outbox_by_an_older_build_goes_out_upcast() {
+    use skald::ports::{DeadLetterCategory, DeadLetterRecord, Headers, Message, OutboxMessage};
+    let shop = Shop::new().await;
+    shop.open.store(true, Ordering::SeqCst);
+    // A charge command as a v1 build wrote it to the outbox and crashed before
+    // publishing (written here through record_poison, which stores outbox rows as is).
+    let mut headers = Headers::new();
+    for (name, value) in [
+        (skald::wire::H_SAGA_ID, SagaId::new().to_string()),
+        (skald::wire::H_SAGA_TYPE, "shop".to_owned()),
+        (skald::wire::H_STEP, "charge".to_owned()),
+        (skald::wire::H_KIND, "action".to_owned()),
+        (skald::wire::H_ATTEMPT, "1".to_owned()),
+        (skald::wire::H_IDEMPOTENCY_KEY, "k".to_owned()),
+        (skald::wire::H_REPLY_TO, "skald.reply.shop".to_owned()),
+        (skald::wire::H_DEFINITION_VERSION, "1".to_owned()),
+        (skald::wire::H_SCHEMA_VERSION, "1".to_owned()),
+    ] {
+        headers.insert(name, value);
+    }
+    let row = OutboxMessage {
+        id: uuid::Uuid::now_v7(),
+        message: Message {
+            subject: "skald.cmd.shop.charge".into(),
+            headers,
+            payload: bytes::Bytes::from_static(b"{\"cents\":5}"),
+        },
+        available_at: skald::machine::Timestamp(0),
+    };
+    let marker = DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: DeadLetterCategory::Poison,
+        saga_id: None,
+        saga_type: None,
+        step: None,
+        kind: None,
+        reason: "test fixture".into(),
+        attempts: 1,
+        message: None,
+        at: skald::machine::Timestamp(0),
+        resolved_at: None,
+    };
+    shop.store
+        .record_poison(&marker, &[row])
+        .await
+        .expect("store the row");
+    // The v3 build relays it, upcast by the upcaster registered for its subject.
+    let rt = Runtime::builder()
+        .store(Arc::clone(&shop.store))
+        .bus(Arc::clone(&shop.bus))
+        .register(&definition(3))
+        .upcaster("skald.cmd.shop.charge", 1, 3, |mut p| {
+            p["currency"] = json!("EUR");
+            Ok(p)
+        })
+        .options(options())
+        .start()
+        .await
+        .expect("start");
+    let charges = Arc::clone(&shop.charges);
+    wait_until("the relayed command to reach the participant", || async {
+        let seen = charges.lock().expect("lock").clone();
+        (!seen.is_empty()).then_some(())
+    })
+    .await;
+    let seen = shop.charges.lock().expect("lock").clone();
+    assert_eq!(seen, vec![(3, json!({ "cents": 5, "currency": "EUR" }))]);
+    rt.shutdown().await;
+}

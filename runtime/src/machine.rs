@@ -434,6 +434,10 @@ pub struct Command {
     /// The payload's schema version (the step's).
     #[serde(default = "one")]
     pub schema_version: u32,
+    /// The definition version of the saga (so an upcaster can find the step's current
+    /// schema version for a command stored by an older build).
+    #[serde(default = "one")]
+    pub definition_version: u32,
 }
 
 fn one() -> u32 {
@@ -830,6 +834,7 @@ impl Machine<'_> {
             payload,
             deadline,
             schema_version: def.schema_version(),
+            definition_version: self.state.definition_version,
         };
         self.state.pending = Some(Pending {
             step,

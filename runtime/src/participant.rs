@@ -416,6 +416,7 @@ mod tests {
             message_id: format!("m{attempt}"),
             deadline: Timestamp(0),
             schema_version,
+            definition_version: 1,
         })
         .expect("encode")
     }

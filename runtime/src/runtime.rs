@@ -850,6 +850,7 @@ async fn poison(
         .and_then(|t| SagaType::new(t).ok());
     let mut headers = crate::ports::Headers::new();
     headers.insert(wire::H_MSG_ID, format!("dlq:poison:{}", record.id));
+    headers.insert(wire::H_SCHEMA_VERSION, "1");
     let outbox: Vec<OutboxMessage> = serde_json::to_vec(&record)
         .ok()
         .map(|body| OutboxMessage {
@@ -906,6 +907,10 @@ async fn relay(shared: Arc<Shared>) {
         {
             Ok(rows) if !rows.is_empty() => {
                 let claimed = rows.len();
+                let rows = rows
+                    .into_iter()
+                    .map(|r| upcast_command(&shared, r))
+                    .collect();
                 let published = publish_outbox(&shared, rows).await;
                 shared
                     .stats
@@ -998,4 +1003,58 @@ async fn sweeper(shared: Arc<Shared>, holder: String) {
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+/// A command row left in the outbox by an older build may carry a payload of an older
+/// schema version than its step now declares: brings it up with the upcasters
+/// registered for its subject. (The writer's own rows are always current; events and
+/// dead letters have public schemas of their own.) If no path exists the row goes out
+/// as it was, with its version header, for the participant to accept or refuse by name.
+fn upcast_command(shared: &Shared, mut row: OutboxMessage) -> OutboxMessage {
+    let m = &row.message;
+    if !m.subject.starts_with(wire::COMMAND_PREFIX) {
+        return row;
+    }
+    let header = |name: &str| m.headers.get(name);
+    let number = |name: &str| header(name).and_then(|v| v.parse::<u32>().ok());
+    let (Some(ty), Some(step), Some(dv), Some(from)) = (
+        header(wire::H_SAGA_TYPE).and_then(|t| SagaType::new(t).ok()),
+        header(wire::H_STEP),
+        number(wire::H_DEFINITION_VERSION),
+        number(wire::H_SCHEMA_VERSION),
+    ) else {
+        return row;
+    };
+    let Some(to) = shared
+        .definitions
+        .get(&ty, dv)
+        .and_then(|d| d.steps().iter().find(|s| s.name().as_str() == step))
+        .map(|s| s.schema_version())
+    else {
+        return row;
+    };
+    if from >= to {
+        return row;
+    }
+    let payload = match serde_json::from_slice::<serde_json::Value>(&m.payload) {
+        Ok(p) => p,
+        Err(_) => return row,
+    };
+    match shared.upcasters.upcast(&m.subject, payload, from, to) {
+        Ok(up) => match serde_json::to_vec(&up) {
+            Ok(bytes) => {
+                row.message.payload = bytes.into();
+                row.message
+                    .headers
+                    .insert(wire::H_SCHEMA_VERSION, to.to_string());
+            }
+            Err(e) => {
+                warn!(subject = %row.message.subject, error = %e, "re-encoding an upcast command failed; sent as stored")
+            }
+        },
+        Err(e) => {
+            warn!(subject = %row.message.subject, error = %e, "an outbox command of an older schema version is sent as stored");
+        }
+    }
+    row
 }

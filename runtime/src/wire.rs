@@ -121,8 +121,11 @@ pub const H_OUTCOME: &str = "Skald-Outcome";
 pub const H_MSG_ID: &str = "Nats-Msg-Id";
 /// Header: W3C trace context.
 pub const H_TRACEPARENT: &str = "traceparent";
-/// Header (commands): the schema version of the payload (the step's; 1 by default).
+/// Header (commands, dead letters): the schema version of the payload (a command's is
+/// its step's; 1 by default).
 pub const H_SCHEMA_VERSION: &str = "Skald-Schema-Version";
+/// Header (commands): the definition version of the saga that sent it.
+pub const H_DEFINITION_VERSION: &str = "Skald-Definition-Version";
 
 /// Prefix of command subjects: `skald.cmd.<service>.<action>`.
 pub const COMMAND_PREFIX: &str = "skald.cmd";
@@ -284,6 +287,7 @@ pub fn encode_command(command: &Command) -> Result<Message, serde_json::Error> {
     h.insert(H_REPLY_TO, reply_subject(&command.saga_type));
     h.insert(H_DEADLINE, command.deadline.as_millis().to_string());
     h.insert(H_SCHEMA_VERSION, command.schema_version.to_string());
+    h.insert(H_DEFINITION_VERSION, command.definition_version.to_string());
     h.insert(H_MSG_ID, command.message_id.as_str());
     h.insert(
         H_TRACEPARENT,
@@ -535,6 +539,7 @@ mod tests {
             message_id: format!("{saga_id}:charge_payment:action:2"),
             deadline: Timestamp(1_000),
             schema_version: 2,
+            definition_version: 1,
         }
     }
 

@@ -682,6 +682,7 @@ fn outbox_messages(
                     wire::H_MSG_ID,
                     format!("dlq:{}:{}:{}", state.id, info.step_name, info.last_attempt),
                 );
+                headers.insert(wire::H_SCHEMA_VERSION, "1");
                 push(Message {
                     subject: wire::dlq_subject(Some(&state.saga_type)),
                     headers,
