@@ -54,20 +54,26 @@ fn definition(data_version: u32) -> SagaDefinition<Value> {
         .expect("valid")
 }
 
+/// Shop data v1 → v2: a currency.
+fn v1_to_v2(mut d: Value) -> Result<Value, String> {
+    d["currency"] = json!("EUR");
+    Ok(d)
+}
+
+/// Shop data v2 → v3: the amount nests with its currency.
+fn v2_to_v3(mut d: Value) -> Result<Value, String> {
+    let cents = d["amount"].take();
+    let currency = d["currency"].take();
+    d["amount"] = json!({ "cents": cents, "currency": currency });
+    if let Some(o) = d.as_object_mut() {
+        o.remove("currency");
+    }
+    Ok(d)
+}
+
 fn upcasters(b: RuntimeBuilder) -> RuntimeBuilder {
-    b.upcaster("shop.data", 1, 2, |mut d| {
-        d["currency"] = json!("EUR");
-        Ok(d)
-    })
-    .upcaster("shop.data", 2, 3, |mut d| {
-        let cents = d["amount"].take();
-        let currency = d["currency"].take();
-        d["amount"] = json!({ "cents": cents, "currency": currency });
-        if let Some(o) = d.as_object_mut() {
-            o.remove("currency");
-        }
-        Ok(d)
-    })
+    b.upcaster("shop.data", 1, 2, v1_to_v2)
+        .upcaster("shop.data", 2, 3, v2_to_v3)
 }
 
 struct Shop {
@@ -231,19 +237,8 @@ async fn data_written_at_v1_is_read_at_v3_and_a_missing_path_dead_letters_the_sa
     }
     // The journal, which starts from v1 data, replays at v3 through the same chain.
     let mut chain = skald::upcast::Upcasters::new();
-    chain.register("shop.data", 1, 2, |mut d| {
-        d["currency"] = json!("EUR");
-        Ok(d)
-    });
-    chain.register("shop.data", 2, 3, |mut d| {
-        let cents = d["amount"].take();
-        let currency = d["currency"].take();
-        d["amount"] = json!({ "cents": cents, "currency": currency });
-        if let Some(o) = d.as_object_mut() {
-            o.remove("currency");
-        }
-        Ok(d)
-    });
+    chain.register("shop.data", 1, 2, v1_to_v2);
+    chain.register("shop.data", 2, 3, v2_to_v3);
     let s = shop
         .store
         .load(upcast)
@@ -282,19 +277,8 @@ async fn migrate_payloads_is_resumable_and_idempotent() {
     let v3 = definition(3);
     let cli = skald::cli::Cli::new()
         .register(&v3)
-        .upcaster("shop.data", 1, 2, |mut d| {
-            d["currency"] = json!("EUR");
-            Ok(d)
-        })
-        .upcaster("shop.data", 2, 3, |mut d| {
-            let cents = d["amount"].take();
-            let currency = d["currency"].take();
-            d["amount"] = json!({ "cents": cents, "currency": currency });
-            if let Some(o) = d.as_object_mut() {
-                o.remove("currency");
-            }
-            Ok(d)
-        });
+        .upcaster("shop.data", 1, 2, v1_to_v2)
+        .upcaster("shop.data", 2, 3, v2_to_v3);
     let db = shop.dir.sqlite_url();
     let run = |args: &'static [&'static str]| {
         let cli = cli.clone();
