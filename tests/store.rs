@@ -596,6 +596,16 @@ async fn queries_and_retention(store: &dyn skald::ports::SagaQueries) {
         .await
         .expect("query");
     assert_eq!(ids(of_beta), vec![failed.id, recent_done.id]);
+    let of_v2 = store
+        .query(&SagaQuery {
+            saga_type: Some(SagaType::new("alpha").expect("type")),
+            definition_version: Some(2),
+            limit: 10,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(ids(of_v2), vec![running_v2.id]);
     let stale = store
         .query(&SagaQuery {
             statuses: vec![SagaStatus::Running, SagaStatus::Failed],

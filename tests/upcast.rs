@@ -360,8 +360,7 @@ async fn a_command_left_in_the_outbox_by_an_older_build_goes_out_upcast() {
         (skald::wire::H_ATTEMPT, "1".to_owned()),
         (skald::wire::H_IDEMPOTENCY_KEY, "k".to_owned()),
         (skald::wire::H_REPLY_TO, "skald.reply.shop".to_owned()),
-        (skald::wire::H_DEFINITION_VERSION, "1".to_owned()),
-        (skald::wire::H_SCHEMA_VERSION, "1".to_owned()),
+        // As a build before schema versions wrote it: no version headers at all.
     ] {
         headers.insert(name, value);
     }
@@ -412,5 +411,49 @@ async fn a_command_left_in_the_outbox_by_an_older_build_goes_out_upcast() {
     .await;
     let seen = shop.charges.lock().expect("lock").clone();
     assert_eq!(seen, vec![(3, json!({ "cents": 5, "currency": "EUR" }))]);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_written_by_a_newer_build_is_left_to_it_not_dead_lettered() {
+    let shop = Shop::new().await;
+    let (v1, v3) = (definition(1), definition(3));
+    // A v3 build starts a saga (its data at v3) that waits on the closed bank.
+    let rt = shop.runtime(&v3, true).await;
+    let id = rt
+        .start_saga(
+            &v3,
+            &json!({ "order": "o-9", "amount": { "cents": 5, "currency": "EUR" } }),
+        )
+        .await
+        .expect("start");
+    shop.wait(id, "waiting on the charge", |s| {
+        s.state
+            .pending
+            .is_some_and(|p| p.step == 1 && p.attempt >= 2)
+    })
+    .await;
+    rt.shutdown().await;
+    // An older build (data v1) sees its timers fire: it cannot read v3 data, and must
+    // not dead-letter the saga for it.
+    let old = shop.runtime(&v1, false).await;
+    let before = shop.store.load(id).await.expect("load").expect("stored");
+    wait_until("the older build to defer the saga's timer", || async {
+        (old.stats().deferred.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    let after = shop.store.load(id).await.expect("load").expect("stored");
+    assert_eq!(after.state.status, SagaStatus::Running);
+    assert_eq!(after.state.data_version, 3);
+    assert_eq!(
+        after.version, before.version,
+        "the older build changed nothing"
+    );
+    old.shutdown().await;
+    // The v3 build takes it from there.
+    shop.open.store(true, Ordering::SeqCst);
+    let rt = shop.runtime(&v3, true).await;
+    shop.wait(id, "completed", |s| s.state.status == SagaStatus::Completed)
+        .await;
     rt.shutdown().await;
 }

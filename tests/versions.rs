@@ -227,7 +227,18 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
     // Nothing unfinished on v1 any more: a runtime with v2 alone starts.
     rt.shutdown().await;
     let rt = start(&backend, &[&v2]).await.expect("v1 drained");
+    // A v2 saga in flight does not stop an older build (v1 only) from starting: a
+    // rollback, or an old pod restarting during a rolling deploy.
+    gate.store(false, Ordering::SeqCst);
+    let newer = rt.start_saga(&v2, &order("newer")).await.expect("start");
+    wait_until("the v2 saga to retry its shipping", || async {
+        let s = backend.store.load(newer).await.expect("load")?;
+        s.state.pending.filter(|p| p.step == 2).map(|_| ())
+    })
+    .await;
     rt.shutdown().await;
+    let old_build = start(&backend, &[&v1]).await.expect("a rollback starts");
+    old_build.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

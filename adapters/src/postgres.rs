@@ -793,6 +793,22 @@ impl SagaStore for PostgresStore {
             .collect()
     }
 
+    async fn in_flight_counts(&self) -> Result<Vec<(SagaType, u64)>, StoreError> {
+        let rows = sqlx::query(crate::sql::IN_FLIGHT_COUNTS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter()
+            .map(|r| {
+                let ty: String = r.try_get("saga_type").map_err(store_error)?;
+                Ok((
+                    SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
+                    u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
     async fn acquire_lease(
         &self,
         name: &str,
@@ -861,7 +877,7 @@ impl SagaStore for PostgresStore {
         sqlx::query(
             "INSERT INTO skald_sweeps AS w (name, holder, runs, last_run_ms, sagas_deleted, \
              journal_deleted, dead_letters_deleted, inbox_deleted) VALUES ($1, $2, 1, $3, $4, $5, $6, $7) \
-             ON CONFLICT (name, holder) DO UPDATE SET runs = w.runs + 1, last_run_ms = $3, \
+             ON CONFLICT (name) DO UPDATE SET holder = $2, runs = w.runs + 1, last_run_ms = $3, \
              sagas_deleted = w.sagas_deleted + $4, journal_deleted = w.journal_deleted + $5, \
              dead_letters_deleted = w.dead_letters_deleted + $6, inbox_deleted = w.inbox_deleted + $7",
         )
@@ -982,7 +998,8 @@ impl SagaQueries for PostgresStore {
              WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
              AND ($2::text IS NULL OR saga_type = $2) \
              AND ($3::int8 IS NULL OR created_at_ms >= $3) \
-             AND ($4::int8 IS NULL OR updated_at_ms < $4) ";
+             AND ($4::int8 IS NULL OR updated_at_ms < $4) \
+             AND ($6::int4 IS NULL OR definition_version = $6) ";
         let sql = match q.order {
             SagaOrder::LeastRecentlyUpdated => {
                 format!("{FILTER}ORDER BY updated_at_ms, id LIMIT $5")
@@ -996,6 +1013,7 @@ impl SagaQueries for PostgresStore {
             .bind(q.created_after.map(ms))
             .bind(q.updated_before.map(ms))
             .bind(limit(q.limit.min(MAX_QUERY_ROWS)))
+            .bind(q.definition_version.and_then(|v| i32::try_from(v).ok()))
             .fetch_all(&self.pool)
             .await
             .map_err(store_error)?;

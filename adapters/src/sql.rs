@@ -257,3 +257,7 @@ pub(crate) fn is_missing_table(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// Sagas in flight per type (one statement both SQL dialects read alike).
+pub(crate) const IN_FLIGHT_COUNTS: &str = "SELECT saga_type, COUNT(*) AS n FROM saga_instances \
+     WHERE status IN ('running', 'compensating') GROUP BY saga_type";

@@ -839,6 +839,22 @@ impl SagaStore for SqliteStore {
             .collect()
     }
 
+    async fn in_flight_counts(&self) -> Result<Vec<(SagaType, u64)>, StoreError> {
+        let rows = sqlx::query(crate::sql::IN_FLIGHT_COUNTS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter()
+            .map(|r| {
+                let ty: String = r.try_get("saga_type").map_err(store_error)?;
+                Ok((
+                    SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
+                    u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
     async fn acquire_lease(
         &self,
         name: &str,
@@ -868,7 +884,13 @@ impl SagaStore for SqliteStore {
         before: Timestamp,
         max: usize,
     ) -> Result<PurgeReport, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        // IMMEDIATE: a deferred transaction that reads, then writes, fails with
+        // SQLITE_BUSY_SNAPSHOT when a commit lands in between (busy_timeout cannot help).
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store_error)?;
         // The batch, into a temporary table the three deletes share.
         sqlx::query("CREATE TEMP TABLE IF NOT EXISTS skald_purge (id TEXT PRIMARY KEY)")
             .execute(&mut *tx)
@@ -932,7 +954,7 @@ impl SagaStore for SqliteStore {
         sqlx::query(
             "INSERT INTO skald_sweeps (name, holder, runs, last_run_ms, sagas_deleted, \
              journal_deleted, dead_letters_deleted, inbox_deleted) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7) \
-             ON CONFLICT (name, holder) DO UPDATE SET runs = runs + 1, last_run_ms = ?3, \
+             ON CONFLICT (name) DO UPDATE SET holder = ?2, runs = runs + 1, last_run_ms = ?3, \
              sagas_deleted = sagas_deleted + ?4, journal_deleted = journal_deleted + ?5, \
              dead_letters_deleted = dead_letters_deleted + ?6, inbox_deleted = inbox_deleted + ?7",
         )
@@ -1052,7 +1074,8 @@ impl SagaQueries for SqliteStore {
              WHERE (json_array_length(?1) = 0 OR status IN (SELECT value FROM json_each(?1))) \
              AND (?2 IS NULL OR saga_type = ?2) \
              AND (?3 IS NULL OR created_at_ms >= ?3) \
-             AND (?4 IS NULL OR updated_at_ms < ?4) ";
+             AND (?4 IS NULL OR updated_at_ms < ?4) \
+             AND (?6 IS NULL OR definition_version = ?6) ";
         let sql = match q.order {
             SagaOrder::LeastRecentlyUpdated => {
                 format!("{FILTER}ORDER BY updated_at_ms, id LIMIT ?5")
@@ -1066,6 +1089,7 @@ impl SagaQueries for SqliteStore {
             .bind(q.created_after.map(ms))
             .bind(q.updated_before.map(ms))
             .bind(limit(q.limit.min(MAX_QUERY_ROWS)))
+            .bind(q.definition_version.map(i64::from))
             .fetch_all(&self.pool)
             .await
             .map_err(store_error)?;

@@ -64,6 +64,10 @@ pub enum RuntimeError {
     /// register: it could not run them.
     #[error("{}", unregistered_message(.0))]
     UnregisteredVersions(Vec<(SagaType, u32, u64)>),
+    /// The saga's data was written by a newer build (a higher data schema version than
+    /// this build's definition declares): a runtime of that build must apply the input.
+    #[error("{0}")]
+    DataTooNew(String),
     /// The runtime is shutting down or failed to start.
     #[error("runtime: {0}")]
     Runtime(String),
@@ -75,9 +79,10 @@ fn unregistered_message(found: &[(SagaType, u32, u64)]) -> String {
         .map(|(t, v, n)| format!("{n} unfinished {t} saga(s) on definition version {v}"))
         .collect();
     format!(
-        "the store holds {}, which this runtime does not register: register those versions \
-         again (.register(&definition) for each) until their sagas finish, or cancel those \
-         sagas (skald sagas --type T, skald cancel ID) from a runtime that registers them",
+        "the store holds {}, older than this runtime's latest and not registered: register \
+         those versions again (.register(&definition) for each) until their sagas finish; \
+         dead-lettered ones need a re-drive (skald dlq redrive) or, if running, can be \
+         cancelled (skald cancel ID) while their version is registered",
         list.join(", ")
     )
 }
@@ -94,7 +99,8 @@ impl RuntimeError {
             RuntimeError::Bus(_)
             | RuntimeError::ActorUnavailable(_)
             | RuntimeError::Runtime(_)
-            | RuntimeError::UnregisteredVersions(_) => Disposition::Retry,
+            | RuntimeError::UnregisteredVersions(_)
+            | RuntimeError::DataTooNew(_) => Disposition::Retry,
             RuntimeError::NotLatestVersion { .. } => Disposition::Refuse,
             // A definition (version) not registered here: a deployment in progress may
             // bring it; keep the message rather than lose it.

@@ -179,12 +179,12 @@ impl PurgeReport {
     }
 }
 
-/// A sweeper's totals, per process that ran it.
+/// A sweeper's totals (over every process that ran it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SweepStats {
     /// The sweeper (`retention`).
     pub name: String,
-    /// The process.
+    /// The process that ran it last.
     pub holder: String,
     /// Runs.
     pub runs: u64,
@@ -406,6 +406,8 @@ pub struct SagaQuery {
     pub statuses: Vec<SagaStatus>,
     /// Only this type.
     pub saga_type: Option<SagaType>,
+    /// Only sagas on this definition version.
+    pub definition_version: Option<u32>,
     /// Only sagas created at or after this time.
     pub created_after: Option<Timestamp>,
     /// Only sagas whose last transition was before this time.
@@ -459,7 +461,7 @@ pub struct StoreStats {
     pub outbox_oldest: Option<Timestamp>,
     /// Dead letters not resolved yet, sagas and poison messages together.
     pub open_dead_letters: u64,
-    /// What the sweepers did, per process.
+    /// What the sweepers did.
     pub sweeps: Vec<SweepStats>,
 }
 

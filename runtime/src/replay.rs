@@ -335,6 +335,7 @@ pub fn replay_with(
         last_at: created,
         divergence: None,
     };
+    let mut after_snapshot = false;
     for (index, entry) in journal.iter().enumerate() {
         if until.is_some_and(|t| entry.at > t) {
             break;
@@ -354,6 +355,7 @@ pub fn replay_with(
                 Some(Ok(snapshot)) => {
                     state = snapshot;
                     upcast_state(definition, upcasters, &mut state)?;
+                    after_snapshot = true;
                     replayed.entries = index + 1;
                     replayed.last_at = entry.at;
                     continue;
@@ -366,6 +368,21 @@ pub fn replay_with(
                     break;
                 }
             }
+        }
+        // Between a snapshot and the next transition the state held here may be behind
+        // the saga's (retries not journaled one by one): an input ignored then cannot be
+        // judged against it. Nor can a request refused for unreadable data, which the
+        // data's upcasters (if registered now) would let through.
+        if entry.kind == "ignored"
+            && (after_snapshot
+                || entry.body.get("refused").and_then(Value::as_str) == Some("data_unreadable"))
+        {
+            replayed.entries = index + 1;
+            replayed.last_at = entry.at;
+            continue;
+        }
+        if entry.kind == "transition" {
+            after_snapshot = false;
         }
         let raw_input = entry.body.get("input").cloned().unwrap_or(Value::Null);
         let input: Input = match serde_json::from_value(raw_input) {
@@ -444,7 +461,11 @@ pub fn check_with(
     upcast_state(definition, upcasters, &mut upcast)?;
     let stored = &upcast;
     // A saga inside a compacted retry run is ahead of its journal's last snapshot.
-    let compacting = journal.last().is_some_and(|e| e.kind == "snapshot");
+    let compacting = journal
+        .iter()
+        .rev()
+        .find(|e| e.kind != "ignored")
+        .is_some_and(|e| e.kind == "snapshot");
     if r.divergence.is_none() && !compacting && untimed_state(&r.state) != untimed_state(stored) {
         let reason = match (
             serde_json::to_value(untimed_state(&r.state)),
@@ -801,6 +822,48 @@ mod tests {
         let r = check_with(def.definition(), &stored, &old, &upcasters).expect("replay");
         assert_eq!(r.divergence, None);
         assert_eq!(r.state, stored);
+    }
+
+    #[test]
+    fn a_late_reply_inside_a_compacted_run_is_not_a_divergence() {
+        use crate::machine::{Pending, Phase};
+        let def = definition(&["reserve", "charge"]);
+        // Started, reserve succeeded: the charge's attempt 1 is in flight.
+        let (mut stored, mut journal) = run(&def, &inputs()[..2]);
+        let at_attempt = |state: &SagaState, attempt: u32| {
+            let mut s = state.clone();
+            s.pending = Some(Pending {
+                attempt,
+                phase: Phase::AwaitingReply {
+                    deadline: Timestamp(9_000),
+                },
+                ..s.pending.expect("pending")
+            });
+            s
+        };
+        // The run is compacted at attempt 11; attempts 12.. are not journaled; attempt
+        // 11's late reply arrives while attempt 15 is in flight and is ignored (stale).
+        journal.push(JournalEntry {
+            at: Timestamp(2_000),
+            schema_version: JOURNAL_SCHEMA_VERSION,
+            kind: "snapshot".into(),
+            body: snapshot_body(&at_attempt(&stored, 11), "compacted"),
+        });
+        let late = Input::StepSucceeded {
+            step: StepName::new("charge").expect("name"),
+            kind: CommandKind::Action,
+            attempt: 11,
+            output: json!({ "receipt": "c-late" }),
+        };
+        journal.push(JournalEntry {
+            at: Timestamp(3_000),
+            schema_version: JOURNAL_SCHEMA_VERSION,
+            kind: "ignored".into(),
+            body: json!({ "input": late, "ignored": "stale reply" }),
+        });
+        stored = at_attempt(&stored, 15);
+        let r = check(def.definition(), &stored, &journal).expect("check");
+        assert_eq!(r.divergence, None);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub struct RuntimeOptions {
     /// Finished (completed or compensated) sagas are deleted, with their journals and
     /// dead letters, this long after their last transition; `None` keeps them forever.
     /// One process at a time sweeps (a lease in the store). Default: 7 days. Since 0.3.
-    #[serde(default, with = "crate::serde_millis_opt")]
+    #[serde(with = "crate::serde_millis_opt")]
     pub retention: Option<Duration>,
     /// How often the retention sweeper runs (it also trims the inbox past
     /// `inbox_retention`). Default: 60 s. Since 0.3.
@@ -257,14 +257,23 @@ impl RuntimeBuilder {
         }
         // Every unfinished saga of the registered types must have its version here.
         let types: Vec<SagaType> = self.definitions.types().cloned().collect();
-        let unregistered: Vec<(SagaType, u32, u64)> = store
-            .unfinished_versions(&types)
-            .await?
-            .into_iter()
-            .filter(|(t, v, _)| self.definitions.get(t, *v).is_none())
-            .collect();
-        if !unregistered.is_empty() {
-            return Err(RuntimeError::UnregisteredVersions(unregistered));
+        // Sagas on an older version nobody registers any more would wait forever: refuse.
+        // Sagas on a newer version belong to a newer build running beside this one (a
+        // rolling deploy, or a rollback): their replies are left to it.
+        let mut stranded: Vec<(SagaType, u32, u64)> = Vec::new();
+        for (t, v, n) in store.unfinished_versions(&types).await? {
+            if self.definitions.get(&t, v).is_some() {
+                continue;
+            }
+            let latest = self.definitions.latest(&t).map_or(0, |d| d.version());
+            if v < latest {
+                stranded.push((t, v, n));
+            } else {
+                warn!(saga.r#type = %t, version = v, count = n, "unfinished sagas on a newer definition version than this build registers: a newer build must run them");
+            }
+        }
+        if !stranded.is_empty() {
+            return Err(RuntimeError::UnregisteredVersions(stranded));
         }
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
@@ -769,7 +778,11 @@ async fn handle_operator_request(
             info!(saga.id = %saga_id, request = %request_id, ?applied, "operator request applied");
             settle(acker.ack().await)
         }
-        Err(e) if is_store_outage(&e) || e.disposition() == Disposition::Retry => {
+        Err(e)
+            if is_store_outage(&e)
+                || (e.disposition() == Disposition::Retry
+                    && delivery_count < shared.options.max_deliveries) =>
+        {
             if let RuntimeError::Store(err @ StoreError::Schema(_)) = &e {
                 shared.fatal.send_replace(Some(err.clone()));
             }
@@ -1017,20 +1030,38 @@ fn upcast_command(shared: &Shared, mut row: OutboxMessage) -> OutboxMessage {
     }
     let header = |name: &str| m.headers.get(name);
     let number = |name: &str| header(name).and_then(|v| v.parse::<u32>().ok());
-    let (Some(ty), Some(step), Some(dv), Some(from)) = (
+    let (Some(ty), Some(step)) = (
         header(wire::H_SAGA_TYPE).and_then(|t| SagaType::new(t).ok()),
         header(wire::H_STEP),
-        number(wire::H_DEFINITION_VERSION),
-        number(wire::H_SCHEMA_VERSION),
     ) else {
         return row;
     };
-    let Some(to) = shared
-        .definitions
-        .get(&ty, dv)
-        .and_then(|d| d.steps().iter().find(|s| s.name().as_str() == step))
-        .map(|s| s.schema_version())
-    else {
+    // Builds before schema versions sent neither header: their payloads are version 1,
+    // and the step is found in the one registered version that has it.
+    let from = number(wire::H_SCHEMA_VERSION).unwrap_or(1);
+    let step_of = |d: &Arc<crate::definition::Definition>| {
+        d.steps()
+            .iter()
+            .find(|s| s.name().as_str() == step)
+            .map(|s| s.schema_version())
+    };
+    let to = match number(wire::H_DEFINITION_VERSION) {
+        Some(dv) => shared.definitions.get(&ty, dv).and_then(step_of),
+        None => {
+            let candidates: Vec<u32> = shared
+                .definitions
+                .pairs()
+                .into_iter()
+                .filter(|(t, _)| *t == ty)
+                .filter_map(|(t, v)| shared.definitions.get(&t, v).and_then(step_of))
+                .collect();
+            match candidates.as_slice() {
+                [only] => Some(*only),
+                _ => None,
+            }
+        }
+    };
+    let Some(to) = to else {
         return row;
     };
     if from >= to {

@@ -118,12 +118,19 @@ pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> 
                     let query = SagaQuery {
                         statuses,
                         saga_type: self::saga_type(saga_type)?,
+                        definition_version: version,
                         order: SagaOrder::NewestFirst,
                         limit,
                         ..SagaQuery::default()
                     };
-                    let mut found = store.query(&query).await?;
-                    found.retain(|s| version.is_none_or(|v| s.state.definition_version == v));
+                    let found = store.query(&query).await?;
+                    if found.len() >= limit.min(MAX_QUERY_ROWS) {
+                        return Err(usage(format!(
+                            "more than {} sagas match: raise --limit (at most {MAX_QUERY_ROWS}) \
+                             or narrow with --version, so none goes unchecked",
+                            found.len()
+                        )));
+                    }
                     found
                 }
             };
@@ -291,6 +298,7 @@ async fn sagas(
     let query = SagaQuery {
         statuses,
         saga_type: saga_type(a.saga_type)?,
+        definition_version: None,
         created_after: a.since.map(|d| {
             Timestamp(
                 now.as_millis()
@@ -1248,6 +1256,7 @@ async fn send_requests(
         sent.push(request);
     }
     let deadline = tokio::time::Instant::now() + send.wait;
+    let mut poll = Duration::from_millis(100);
     let mut results: Vec<Option<RequestResult>> = sent.iter().map(|_| None).collect();
     loop {
         for (slot, request) in results.iter_mut().zip(&sent) {
@@ -1281,7 +1290,9 @@ async fn send_requests(
         if results.iter().all(Option::is_some) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Gentle on a production store: 100 ms, doubling to 2 s between looks.
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(Duration::from_secs(2));
     }
     let results: Vec<RequestResult> = results
         .into_iter()
@@ -1402,6 +1413,7 @@ async fn stuck(
             saga_type: saga_type
                 .map(|t| SagaType::new(t).map_err(|e| usage(format!("--type: {e}"))))
                 .transpose()?,
+            definition_version: None,
             created_after: None,
             updated_before: Some(Timestamp(
                 now.as_millis()
@@ -1544,12 +1556,12 @@ async fn stats(
     for w in &st.sweeps {
         let _ = writeln!(
             out,
-            "{} sweeper ({}): {} runs, the last {} ago; deleted {} finished sagas, {} journal \
+            "{} sweeper: {} runs, the last {} ago by {}; deleted {} finished sagas, {} journal \
              entries, {} dead letters, {} inbox ids",
             w.name,
-            w.holder,
             w.runs,
             since(w.last_run, now),
+            w.holder,
             w.deleted.sagas,
             w.deleted.journal_entries,
             w.deleted.dead_letters,

@@ -29,8 +29,8 @@ struct Data {
     wake_claims: HashMap<SagaId, Timestamp>,
     /// Leases: holder and until when.
     leases: HashMap<String, (String, Timestamp)>,
-    /// Sweeper totals per (name, holder).
-    sweeps: BTreeMap<(String, String), SweepStats>,
+    /// Sweeper totals per name.
+    sweeps: BTreeMap<String, SweepStats>,
 }
 
 /// The in-memory store. Cheap to clone; clones share data (so a test can "restart" a
@@ -310,7 +310,7 @@ impl SagaStore for MemoryStore {
         let mut data = self.lock()?;
         let entry = data
             .sweeps
-            .entry((name.to_owned(), holder.to_owned()))
+            .entry(name.to_owned())
             .or_insert_with(|| SweepStats {
                 name: name.to_owned(),
                 holder: holder.to_owned(),
@@ -320,6 +320,7 @@ impl SagaStore for MemoryStore {
             });
         entry.runs += 1;
         entry.last_run = at;
+        holder.clone_into(&mut entry.holder);
         entry.deleted.add(report);
         Ok(())
     }
@@ -402,6 +403,8 @@ impl SagaQueries for MemoryStore {
                 let st = &s.state;
                 (q.statuses.is_empty() || q.statuses.contains(&st.status))
                     && q.saga_type.as_ref().is_none_or(|t| *t == st.saga_type)
+                    && q.definition_version
+                        .is_none_or(|v| v == st.definition_version)
                     && q.created_after.is_none_or(|t| st.created_at >= t)
                     && q.updated_before.is_none_or(|t| st.updated_at < t)
             })

@@ -433,14 +433,23 @@ async fn process(
         // refused with the reason.
         let mut input: std::borrow::Cow<'_, Input> = std::borrow::Cow::Borrowed(&original);
         let mut refused = None;
-        if let Err(reason) = bring_data_up(&shared, &def, &mut saga.state) {
-            if is_request(&input) {
-                refused = Some(Refusal::Unreadable(reason));
-            } else {
+        match bring_data_up(&shared, &def, &mut saga.state) {
+            Ok(()) => {}
+            // Written by a newer build running beside this one: leave the input to it.
+            Err(e @ crate::upcast::UpcastError::Newer { .. }) => {
+                RuntimeStats::incr(&shared.stats.deferred);
+                return (Some(saga), Err(RuntimeError::DataTooNew(e.to_string())));
+            }
+            Err(e) if is_request(&input) => refused = Some(Refusal::Unreadable(e.to_string())),
+            // Only an input that would use the data (the pending step's reply or timer,
+            // a resume) dead-letters the step; a stale or duplicate one is refused by
+            // the machine before any data is read, as usual.
+            Err(e) if targets_pending(&def, &saga.state, &input) => {
                 input = std::borrow::Cow::Owned(Input::DataUnreadable {
-                    error: machine::StepError::new("data_unreadable", reason),
+                    error: machine::StepError::new("data_unreadable", e.to_string()),
                 });
             }
+            Err(_) => {}
         }
         let attempt = match refused {
             Some(r) => Err(r),
@@ -540,6 +549,9 @@ async fn process(
                     } =>
             {
                 let mut body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
+                if matches!(e, Refusal::Unreadable(_)) {
+                    body["refused"] = serde_json::Value::String("data_unreadable".into());
+                }
                 if let Some(id) = &inbox {
                     body["causation"] = serde_json::Value::String(id.clone());
                 }
@@ -883,7 +895,11 @@ impl From<Refusal> for RuntimeError {
 
 /// Upcasts the saga's data to the definition's data version, if it is older (and the
 /// saga can still take inputs). `Err` names the payload type and both versions.
-fn bring_data_up(shared: &Shared, def: &Definition, state: &mut SagaState) -> Result<(), String> {
+fn bring_data_up(
+    shared: &Shared,
+    def: &Definition,
+    state: &mut SagaState,
+) -> Result<(), crate::upcast::UpcastError> {
     let want = def.data_version();
     if state.data_version == want || state.status.is_terminal() {
         return Ok(());
@@ -901,7 +917,23 @@ fn bring_data_up(shared: &Shared, def: &Definition, state: &mut SagaState) -> Re
         }
         Err(e) => {
             state.data = data;
-            Err(e.to_string())
+            Err(e)
         }
+    }
+}
+
+/// Whether `input` is about the step in flight (its reply or timer for the current
+/// attempt, or a resume), so applying it would read the saga's data.
+fn targets_pending(def: &Definition, state: &SagaState, input: &Input) -> bool {
+    let Some(p) = state.pending else {
+        return false;
+    };
+    match input.target() {
+        Some((step, kind, attempt)) => {
+            def.step(p.step).is_some_and(|s| s.name() == step)
+                && kind == p.kind
+                && attempt == p.attempt
+        }
+        None => matches!(input, Input::Resumed),
     }
 }

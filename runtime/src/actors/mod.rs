@@ -105,6 +105,8 @@ pub struct RuntimeStats {
     pub relayed: AtomicU64,
     /// Wake-ups claimed by the sweep (sagas not in memory, or in another process).
     pub wakeups_claimed: AtomicU64,
+    /// Inputs left to another build: the saga's data was written by a newer one.
+    pub deferred: AtomicU64,
 }
 
 impl RuntimeStats {
