@@ -1286,6 +1286,20 @@ async fn send_requests(
                     detail,
                 }
             });
+            if slot.is_none() {
+                // A runtime that could not apply the request at all (the saga is gone,
+                // the request undecodable) dead-letters it, naming the request id.
+                let letters = store.dead_letters_of(*request.saga_id.as_uuid()).await?;
+                *slot = letters
+                    .iter()
+                    .find(|d| d.reason.contains(request.request_id.as_str()))
+                    .map(|d| RequestResult {
+                        saga_id: request.saga_id,
+                        request_id: request.request_id.clone(),
+                        result: "refused",
+                        detail: format!("dead-lettered by the runtime: {}", d.reason),
+                    });
+            }
         }
         if results.iter().all(Option::is_some) || tokio::time::Instant::now() >= deadline {
             break;
