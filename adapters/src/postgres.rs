@@ -29,7 +29,7 @@ use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
     DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
     OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
-    SagaWrite, StatusCount, StoreError, StoreStats, StoredSaga, SweepStats, WriteOutcome,
+    SagaWrite, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -768,7 +768,7 @@ impl SagaStore for PostgresStore {
     ) -> Result<Vec<(SagaType, u32, u64)>, StoreError> {
         let names: Vec<&str> = types.iter().map(SagaType::as_str).collect();
         let rows = sqlx::query(
-            "SELECT saga_type, definition_version, COUNT(*) AS n FROM saga_instances \
+            "SELECT saga_type, definition_version::int8 AS definition_version, COUNT(*) AS n FROM saga_instances \
              WHERE status IN ('created', 'running', 'compensating', 'failed') \
              AND saga_type = ANY($1::text[]) \
              GROUP BY saga_type, definition_version ORDER BY saga_type, definition_version",
@@ -777,20 +777,7 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let ty: String = r.try_get("saga_type").map_err(store_error)?;
-                Ok((
-                    SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
-                    u32::try_from(
-                        r.try_get::<i32, _>("definition_version")
-                            .map_err(store_error)?,
-                    )
-                    .map_err(|e| corrupt("definition version", e))?,
-                    u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?).unwrap_or(0),
-                ))
-            })
-            .collect()
+        rows.iter().map(crate::sql::decode_version_count).collect()
     }
 
     async fn in_flight_counts(&self) -> Result<Vec<(SagaType, u64)>, StoreError> {
@@ -798,15 +785,7 @@ impl SagaStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let ty: String = r.try_get("saga_type").map_err(store_error)?;
-                Ok((
-                    SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
-                    u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?).unwrap_or(0),
-                ))
-            })
-            .collect()
+        rows.iter().map(crate::sql::decode_type_count).collect()
     }
 
     async fn acquire_lease(
@@ -1022,31 +1001,14 @@ impl SagaQueries for PostgresStore {
 
     async fn stats(&self, since: Timestamp) -> Result<StoreStats, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(store_error)?;
-        let rows = sqlx::query(
-            "SELECT saga_type, definition_version, status, COUNT(*) AS n FROM saga_instances \
-             GROUP BY saga_type, definition_version, status \
+        let counts = sqlx::query(
+            "SELECT saga_type, definition_version::int8 AS definition_version, status, COUNT(*) AS n \
+             FROM saga_instances GROUP BY saga_type, definition_version, status \
              ORDER BY saga_type, definition_version, status",
         )
         .fetch_all(&mut *conn)
         .await
         .map_err(store_error)?;
-        let counts = rows
-            .iter()
-            .map(|r| {
-                let status: String = r.try_get("status").map_err(store_error)?;
-                Ok(StatusCount {
-                    saga_type: r.try_get("saga_type").map_err(store_error)?,
-                    definition_version: u32::try_from(
-                        r.try_get::<i32, _>("definition_version")
-                            .map_err(store_error)?,
-                    )
-                    .map_err(|e| corrupt("definition version", e))?,
-                    status: SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-                    count: u64::try_from(r.try_get::<i64, _>("n").map_err(store_error)?)
-                        .unwrap_or(0),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
         let activity = sqlx::query(
             "SELECT \
                (SELECT COUNT(*) FROM saga_instances WHERE created_at_ms >= $1) AS started, \
@@ -1060,9 +1022,6 @@ impl SagaQueries for PostgresStore {
         .fetch_one(&mut *conn)
         .await
         .map_err(store_error)?;
-        let count = |c: &str| -> Result<u64, StoreError> {
-            Ok(u64::try_from(activity.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
-        };
         let oldest = sqlx::query(
             "SELECT id::text AS id, saga_type, created_at_ms FROM saga_instances \
              WHERE status IN ('running', 'compensating') ORDER BY id LIMIT 1",
@@ -1070,38 +1029,22 @@ impl SagaQueries for PostgresStore {
         .fetch_optional(&mut *conn)
         .await
         .map_err(store_error)?;
-        let oldest_active = match oldest {
-            Some(r) => Some((
-                parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
-                r.try_get("saga_type").map_err(store_error)?,
-                ts(r.try_get("created_at_ms").map_err(store_error)?),
-            )),
-            None => None,
-        };
-        Ok(StoreStats {
-            counts,
-            started_since: count("started")?,
-            finished_since: count("finished")?,
-            oldest_active,
-            outbox_backlog: count("outbox_n")?,
-            outbox_oldest: activity
-                .try_get::<Option<i64>, _>("outbox_oldest")
-                .map_err(store_error)?
-                .map(ts),
-            open_dead_letters: count("open_dl")?,
-            sweeps: {
-                let rows = sqlx::query(
-                    "SELECT name, holder, runs, last_run_ms, sagas_deleted, journal_deleted, \
-                     dead_letters_deleted, inbox_deleted FROM skald_sweeps ORDER BY name, last_run_ms DESC",
-                )
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(store_error)?;
-                rows.iter()
-                    .map(decode_sweep)
-                    .collect::<Result<Vec<_>, _>>()?
-            },
-        })
+        let sweeps = sqlx::query(crate::sql::SWEEPS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(store_error)?;
+        crate::sql::store_stats(
+            counts
+                .iter()
+                .map(crate::sql::decode_status_count)
+                .collect::<Result<_, _>>()?,
+            &activity,
+            oldest.as_ref(),
+            sweeps
+                .iter()
+                .map(crate::sql::decode_sweep)
+                .collect::<Result<_, _>>()?,
+        )
     }
 
     async fn find_dead_letters(
@@ -1139,20 +1082,14 @@ impl SagaQueries for PostgresStore {
     }
 }
 
-fn decode_sweep(r: &PgRow) -> Result<SweepStats, StoreError> {
-    let n = |c: &str| -> Result<u64, StoreError> {
-        Ok(u64::try_from(r.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
-    };
-    Ok(SweepStats {
-        name: r.try_get("name").map_err(store_error)?,
-        holder: r.try_get("holder").map_err(store_error)?,
-        runs: n("runs")?,
-        last_run: ts(r.try_get("last_run_ms").map_err(store_error)?),
-        deleted: PurgeReport {
-            sagas: n("sagas_deleted")?,
-            journal_entries: n("journal_deleted")?,
-            dead_letters: n("dead_letters_deleted")?,
-            inbox: n("inbox_deleted")?,
-        },
-    })
+impl crate::sql::QueryRow for PgRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(store_error)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.try_get(column).map_err(store_error)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(store_error)
+    }
 }

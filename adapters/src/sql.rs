@@ -2,9 +2,11 @@
 //! classification of sqlx errors into the port's [`StoreError`].
 
 use serde::Serialize;
-use skald_runtime::ids::{CommandKind, SagaId};
-use skald_runtime::machine::{SagaState, Timestamp};
-use skald_runtime::ports::{Headers, SagaWrite, StoreError};
+use skald_runtime::ids::{CommandKind, SagaId, SagaType};
+use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
+use skald_runtime::ports::{
+    Headers, PurgeReport, SagaWrite, StatusCount, StoreError, StoreStats, SweepStats,
+};
 use uuid::Uuid;
 
 pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -261,3 +263,104 @@ pub(crate) fn is_missing_table(e: &sqlx::Error) -> bool {
 /// Sagas in flight per type (one statement both SQL dialects read alike).
 pub(crate) const IN_FLIGHT_COUNTS: &str = "SELECT saga_type, COUNT(*) AS n FROM saga_instances \
      WHERE status IN ('running', 'compensating') GROUP BY saga_type";
+
+/// The columns the operator queries read, the same in both SQL stores: text and 64-bit
+/// integers (PostgreSQL's int4 columns are cast to int8 in those queries). Each store
+/// implements it for its row type, so the decoders below serve both.
+pub(crate) trait QueryRow {
+    /// A text column.
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    /// A 64-bit integer column.
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    /// A nullable 64-bit integer column.
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+
+    /// A count column (negative reads as 0).
+    fn count(&self, column: &str) -> Result<u64, StoreError> {
+        Ok(u64::try_from(self.int(column)?).unwrap_or(0))
+    }
+
+    /// A saga type column.
+    fn saga_type(&self, column: &str) -> Result<SagaType, StoreError> {
+        SagaType::new(self.text(column)?).map_err(|e| corrupt("saga type", e))
+    }
+
+    /// A definition version column.
+    fn version(&self, column: &str) -> Result<u32, StoreError> {
+        u32::try_from(self.int(column)?).map_err(|e| corrupt("definition version", e))
+    }
+}
+
+/// `saga_type, n`: sagas in flight per type.
+pub(crate) fn decode_type_count(r: &impl QueryRow) -> Result<(SagaType, u64), StoreError> {
+    Ok((r.saga_type("saga_type")?, r.count("n")?))
+}
+
+/// `saga_type, definition_version, n`: unfinished sagas per type and version.
+pub(crate) fn decode_version_count(r: &impl QueryRow) -> Result<(SagaType, u32, u64), StoreError> {
+    Ok((
+        r.saga_type("saga_type")?,
+        r.version("definition_version")?,
+        r.count("n")?,
+    ))
+}
+
+/// `saga_type, definition_version, status, n`: the counts of `skald stats`.
+pub(crate) fn decode_status_count(r: &impl QueryRow) -> Result<StatusCount, StoreError> {
+    let status = r.text("status")?;
+    Ok(StatusCount {
+        saga_type: r.text("saga_type")?,
+        definition_version: r.version("definition_version")?,
+        status: SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        count: r.count("n")?,
+    })
+}
+
+/// A `skald_sweeps` row.
+pub(crate) fn decode_sweep(r: &impl QueryRow) -> Result<SweepStats, StoreError> {
+    Ok(SweepStats {
+        name: r.text("name")?,
+        holder: r.text("holder")?,
+        runs: r.count("runs")?,
+        last_run: ts(r.int("last_run_ms")?),
+        deleted: PurgeReport {
+            sagas: r.count("sagas_deleted")?,
+            journal_entries: r.count("journal_deleted")?,
+            dead_letters: r.count("dead_letters_deleted")?,
+            inbox: r.count("inbox_deleted")?,
+        },
+    })
+}
+
+/// The sweepers' totals, as `decode_sweep` reads them.
+pub(crate) const SWEEPS: &str = "SELECT name, holder, runs, last_run_ms, sagas_deleted, \
+     journal_deleted, dead_letters_deleted, inbox_deleted FROM skald_sweeps ORDER BY name";
+
+/// `skald stats` from its three reads: the counts, the activity row (`started`,
+/// `finished`, `outbox_n`, `outbox_oldest`, `open_dl`) and the oldest active saga (`id`,
+/// `saga_type`, `created_at_ms`), and the sweepers.
+pub(crate) fn store_stats(
+    counts: Vec<StatusCount>,
+    activity: &impl QueryRow,
+    oldest: Option<&impl QueryRow>,
+    sweeps: Vec<SweepStats>,
+) -> Result<StoreStats, StoreError> {
+    let oldest_active = match oldest {
+        Some(r) => Some((
+            parse_id(&r.text("id")?)?,
+            r.text("saga_type")?,
+            ts(r.int("created_at_ms")?),
+        )),
+        None => None,
+    };
+    Ok(StoreStats {
+        counts,
+        started_since: activity.count("started")?,
+        finished_since: activity.count("finished")?,
+        oldest_active,
+        outbox_backlog: activity.count("outbox_n")?,
+        outbox_oldest: activity.opt_int("outbox_oldest")?.map(ts),
+        open_dead_letters: activity.count("open_dl")?,
+        sweeps,
+    })
+}
