@@ -283,35 +283,35 @@ impl SagaInstance {
             }
         };
         let shared = Arc::clone(&self.shared);
-        let step = saga
-            .state
-            .pending
-            .and_then(|p| def.step(p.step))
-            .map(|s| s.name().as_str().to_owned())
-            .unwrap_or_default();
         let span = info_span!(
             parent: &parent,
             "apply",
             saga.id = %self.id,
             saga.r#type = %saga.state.saga_type,
-            saga.step = %step,
+            saga.step = Empty,
             input = input.name(),
             trace_id = Empty,
             span_id = Empty,
             parent_span_id = Empty,
         );
-        if parent.is_disabled() {
-            // A wake-up (timeout, retry) or an operator's request: no sender's span to
-            // continue, so a child of the saga's root span, with an id of its own.
-            let root = TraceContext::for_saga(&self.id);
-            let own = root.child(trace::span_id_of_parts(&[
-                input.name(),
-                ":",
-                &self.id.to_string(),
-                ":",
-                &saga.version.to_string(),
-            ]));
-            trace::annotate(&span, &own, Some(&root));
+        // Only for a span that is on: this runs once per input.
+        if !span.is_disabled() {
+            if let Some(step) = saga.state.pending.and_then(|p| def.step(p.step)) {
+                span.record("saga.step", step.name().as_str());
+            }
+            if parent.is_disabled() {
+                // A wake-up (timeout, retry) or an operator's request: no sender's span
+                // to continue, so a child of the saga's root span, with an id of its own.
+                let root = TraceContext::for_saga(&self.id);
+                let own = root.child(trace::span_id_of_parts(&[
+                    input.name(),
+                    ":",
+                    &self.id.to_string(),
+                    ":",
+                    &saga.version.to_string(),
+                ]));
+                trace::annotate(&span, &own, Some(&root));
+            }
         }
         let fut = process(shared, def, saga, input, inbox).instrument(span);
         Box::pin(fut.into_actor(self).map(|(saga, result), act, ctx| {
