@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
+use skald::Runtime;
 use skald::adapters::memory::MemoryBus;
 use skald::adapters::sqlite::SqliteStore;
 use skald::definition::{SagaDefinition, Step};
@@ -21,7 +22,6 @@ use skald::participant::serve;
 use skald::ports::{Bus, SagaStore};
 use skald::retry::RetryPolicy;
 use skald::wire::Outcome;
-use skald::{Runtime, RuntimeBuilder};
 
 /// The `shop` saga: reserve, then charge. Its data is `{"order": .., "amount": 5}` at
 /// v1, gains a currency at v2, and nests the amount at v3; the charge reads the v3
@@ -71,9 +71,12 @@ fn v2_to_v3(mut d: Value) -> Result<Value, String> {
     Ok(d)
 }
 
-fn upcasters(b: RuntimeBuilder) -> RuntimeBuilder {
-    b.upcaster("shop.data", 1, 2, v1_to_v2)
-        .upcaster("shop.data", 2, 3, v2_to_v3)
+/// The chain the runtimes and the CLI share.
+fn chain() -> skald::upcast::Upcasters {
+    let mut chain = skald::upcast::Upcasters::new();
+    chain.register("shop.data", 1, 2, v1_to_v2);
+    chain.register("shop.data", 2, 3, v2_to_v3);
+    chain
 }
 
 struct Shop {
@@ -136,7 +139,11 @@ impl Shop {
             .bus(Arc::clone(&self.bus))
             .register(def)
             .options(options());
-        let b = if with_upcasters { upcasters(b) } else { b };
+        let b = if with_upcasters {
+            b.upcasters(chain())
+        } else {
+            b
+        };
         b.start().await.expect("start")
     }
 
@@ -236,9 +243,6 @@ async fn data_written_at_v1_is_read_at_v3_and_a_missing_path_dead_letters_the_sa
         assert_eq!(payload, json!({ "cents": 5, "currency": "EUR" }));
     }
     // The journal, which starts from v1 data, replays at v3 through the same chain.
-    let mut chain = skald::upcast::Upcasters::new();
-    chain.register("shop.data", 1, 2, v1_to_v2);
-    chain.register("shop.data", 2, 3, v2_to_v3);
     let s = shop
         .store
         .load(upcast)
@@ -247,7 +251,7 @@ async fn data_written_at_v1_is_read_at_v3_and_a_missing_path_dead_letters_the_sa
         .expect("stored");
     let journal = shop.store.journal(upcast).await.expect("journal");
     assert_eq!(journal[0].body["data_version"], 1);
-    let r = skald::replay::replay_with(v3.definition(), upcast, &journal, None, &chain)
+    let r = skald::replay::replay_with(v3.definition(), upcast, &journal, None, &chain())
         .expect("replay");
     assert_eq!(r.state.data, s.state.data);
     assert_eq!(r.state.status, SagaStatus::Completed);
@@ -275,10 +279,7 @@ async fn migrate_payloads_is_resumable_and_idempotent() {
     rt.shutdown().await;
 
     let v3 = definition(3);
-    let cli = skald::cli::Cli::new()
-        .register(&v3)
-        .upcaster("shop.data", 1, 2, v1_to_v2)
-        .upcaster("shop.data", 2, 3, v2_to_v3);
+    let cli = skald::cli::Cli::new().register(&v3).with_upcasters(chain());
     let db = shop.dir.sqlite_url();
     let run = |args: &'static [&'static str]| {
         let cli = cli.clone();

@@ -234,6 +234,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Uses `upcasters` (replacing any registered so far): one [`crate::upcast::Upcasters`]
+    /// can serve the runtimes and the operator CLI alike.
+    pub fn upcasters(mut self, upcasters: crate::upcast::Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
+    }
+
     /// Starts the runtime: the commit loop, the outbox relay and the reply intake on the
     /// current tokio runtime, the actors on their own threads. On a bus that does not
     /// keep messages across a restart (the in-process bus), it then re-activates the

@@ -126,17 +126,13 @@ impl Cli {
         self
     }
 
-    /// Registers an upcaster, as the runtimes do (`RuntimeBuilder::upcaster`): `at`,
-    /// `replay` and `migrate-payloads` bring stored data of older schema versions up
-    /// with it.
-    pub fn upcaster(
-        mut self,
-        payload_type: impl Into<String>,
-        from: u32,
-        to: u32,
-        f: impl Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync + 'static,
-    ) -> Cli {
-        self.upcasters.register(payload_type, from, to, f);
+    /// The upcasters the runtimes use (build one [`Upcasters`] and hand it to both, with
+    /// `RuntimeBuilder::upcasters`): `at`, `replay` and `migrate-payloads` bring stored
+    /// data of older schema versions up with them.
+    ///
+    /// [`Upcasters`]: skald_runtime::upcast::Upcasters
+    pub fn with_upcasters(mut self, upcasters: skald_runtime::upcast::Upcasters) -> Cli {
+        self.upcasters = upcasters;
         self
     }
 
