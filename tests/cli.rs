@@ -17,7 +17,7 @@ use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
-use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald::sagas::checkout::{Checkout, CheckoutTiming, checkout_definition};
 use skald::sagas::scripted::Scripted;
 use skald::sagas::sim::SimServices;
 use skald::{Runtime, RuntimeOptions};
@@ -85,35 +85,6 @@ async fn runtime(backend: &Backend, checkout: &SagaDefinition<Checkout>) -> Runt
         .expect("start the runtime")
 }
 
-async fn wait_status(backend: &Backend, id: SagaId, want: SagaStatus) {
-    wait_until(&format!("saga {id} {want}"), || async {
-        let s = backend.store.load(id).await.expect("load")?;
-        (s.state.status == want).then_some(())
-    })
-    .await;
-}
-
-/// Waits until the saga waits on its step `step` (0-based).
-async fn wait_step(backend: &Backend, id: SagaId, step: usize) {
-    wait_until(&format!("saga {id} at step {step}"), || async {
-        let s = backend.store.load(id).await.expect("load")?;
-        (s.state.pending.is_some_and(|p| p.step == step)).then_some(())
-    })
-    .await;
-}
-
-fn order(id: &str) -> Checkout {
-    Checkout::new(
-        id,
-        "customer-1",
-        vec![LineItem {
-            sku: "tea".into(),
-            quantity: 2,
-        }],
-        1_250,
-    )
-}
-
 /// The checkout saga (type `checkout`, version 1) with its steps in another order, as a
 /// careless change would leave it.
 fn reordered_checkout() -> SagaDefinition<Checkout> {
@@ -162,30 +133,36 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
 
     // One saga in every state.
     let ok = rt
-        .start_saga(&checkout, &order("ok-1"))
+        .start_saga(&checkout, &tea_order("ok-1"))
         .await
         .expect("start");
     let declined = rt
-        .start_saga(&checkout, &order("decline-1"))
+        .start_saga(&checkout, &tea_order("decline-1"))
         .await
         .expect("start");
     let broken = rt
-        .start_saga(&checkout, &order("broken-1"))
+        .start_saga(&checkout, &tea_order("broken-1"))
         .await
         .expect("start");
     let to_cancel = rt
-        .start_saga(&checkout, &order("hang-1"))
+        .start_saga(&checkout, &tea_order("hang-1"))
         .await
         .expect("start");
     let hanging = rt
-        .start_saga(&checkout, &order("hang-2"))
+        .start_saga(&checkout, &tea_order("hang-2"))
         .await
         .expect("start");
-    wait_status(&backend, ok, SagaStatus::Completed).await;
-    wait_status(&backend, declined, SagaStatus::Compensated).await;
-    wait_status(&backend, broken, SagaStatus::Failed).await;
-    wait_step(&backend, to_cancel, 2).await;
-    wait_step(&backend, hanging, 2).await;
+    wait_status(backend.store.as_ref(), ok, SagaStatus::Completed).await;
+    wait_status(backend.store.as_ref(), declined, SagaStatus::Compensated).await;
+    wait_status(backend.store.as_ref(), broken, SagaStatus::Failed).await;
+    wait_saga(backend.store.as_ref(), to_cancel, "at step 2", |s| {
+        s.state.pending.is_some_and(|p| p.step == 2)
+    })
+    .await;
+    wait_saga(backend.store.as_ref(), hanging, "at step 2", |s| {
+        s.state.pending.is_some_and(|p| p.step == 2)
+    })
+    .await;
 
     // --- sagas: every state, filters, the table.
     let all = skald_json(db, None, &["sagas"]).await;
@@ -341,7 +318,7 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
             .as_str()
             .is_some_and(|r| r.starts_with("op:alice:"))
     );
-    wait_status(&backend, broken, SagaStatus::Compensated).await;
+    wait_status(backend.store.as_ref(), broken, SagaStatus::Compensated).await;
     assert_eq!(skald_json(db, None, &["dlq", "list"]).await, json!([]));
     let history = skald_json(db, None, &["dlq", "list", "--all"]).await;
     assert!(history[0]["resolved_at_ms"].is_u64(), "{history}");
@@ -364,7 +341,7 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     )
     .await;
     assert_eq!(cancelled[0]["result"], "applied", "{cancelled}");
-    wait_status(&backend, to_cancel, SagaStatus::Compensated).await;
+    wait_status(backend.store.as_ref(), to_cancel, SagaStatus::Compensated).await;
     let (code, _, err) = skald(db, nats, &["cancel", &ok.to_string()]).await;
     assert_eq!(code, 6, "{err}");
 
@@ -413,7 +390,7 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     assert_eq!(code, 7, "{err}\n{out}");
     assert!(out.contains("pending"), "{out}");
     let rt = runtime(&backend, &checkout).await;
-    wait_status(&backend, hanging, SagaStatus::Compensated).await;
+    wait_status(backend.store.as_ref(), hanging, SagaStatus::Compensated).await;
     rt.shutdown().await;
 
     // --- replay: the registered definition takes every saga's recorded path; one with

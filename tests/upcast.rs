@@ -148,11 +148,7 @@ impl Shop {
     }
 
     async fn wait(&self, id: SagaId, what: &str, f: impl Fn(&skald::ports::StoredSaga) -> bool) {
-        wait_until(what, || async {
-            let s = self.store.load(id).await.expect("load")?;
-            f(&s).then_some(())
-        })
-        .await;
+        wait_saga(self.store.as_ref(), id, what, f).await;
     }
 }
 

@@ -16,7 +16,7 @@ use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{Checkout, LineItem, subjects};
+use skald::sagas::checkout::{Checkout, subjects};
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeError};
 
@@ -95,18 +95,6 @@ async fn start(
     builder.start().await
 }
 
-fn order(id: &str) -> Checkout {
-    Checkout::new(
-        id,
-        "customer-1",
-        vec![LineItem {
-            sku: "tea".into(),
-            quantity: 1,
-        }],
-        100,
-    )
-}
-
 async fn steps_sent(backend: &Backend, id: SagaId) -> Vec<String> {
     let journal = backend.store.journal(id).await.expect("journal");
     journal
@@ -115,14 +103,6 @@ async fn steps_sent(backend: &Backend, id: SagaId) -> Vec<String> {
         .filter(|e| e["effect"] == "send_command")
         .map(|e| e["step"].as_str().unwrap_or("?").to_owned())
         .collect()
-}
-
-async fn wait_status(backend: &Backend, id: SagaId, want: SagaStatus) {
-    wait_until(&format!("saga {id} {want}"), || async {
-        let s = backend.store.load(id).await.expect("load")?;
-        (s.state.status == want).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +115,7 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
 
     // A v1 saga gets stuck retrying its shipping while the first runtime runs.
     let rt = start(&backend, &[&v1]).await.expect("start on v1");
-    let old = rt.start_saga(&v1, &order("old")).await.expect("start");
+    let old = rt.start_saga(&v1, &tea_order("old")).await.expect("start");
     wait_until("the v1 saga to retry its shipping", || async {
         let s = backend.store.load(old).await.expect("load")?;
         s.state
@@ -172,7 +152,7 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
         .await
         .expect("start on v1 and v2");
     let e = rt
-        .start_saga(&v1, &order("too-old"))
+        .start_saga(&v1, &tea_order("too-old"))
         .await
         .expect_err("v1 is not the latest");
     assert!(
@@ -187,12 +167,12 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
         "{e}"
     );
     let new = rt
-        .start_saga(&v2, &order("new"))
+        .start_saga(&v2, &tea_order("new"))
         .await
         .expect("start on v2");
     gate.store(true, Ordering::SeqCst);
-    wait_status(&backend, old, SagaStatus::Completed).await;
-    wait_status(&backend, new, SagaStatus::Completed).await;
+    wait_status(backend.store.as_ref(), old, SagaStatus::Completed).await;
+    wait_status(backend.store.as_ref(), new, SagaStatus::Completed).await;
 
     let old_saga = backend
         .store
@@ -230,7 +210,10 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
     // A v2 saga in flight does not stop an older build (v1 only) from starting: a
     // rollback, or an old pod restarting during a rolling deploy.
     gate.store(false, Ordering::SeqCst);
-    let newer = rt.start_saga(&v2, &order("newer")).await.expect("start");
+    let newer = rt
+        .start_saga(&v2, &tea_order("newer"))
+        .await
+        .expect("start");
     wait_until("the v2 saga to retry its shipping", || async {
         let s = backend.store.load(newer).await.expect("load")?;
         s.state.pending.filter(|p| p.step == 2).map(|_| ())

@@ -550,3 +550,38 @@ pub async fn journal_inputs(store: &dyn SagaStore, id: SagaId) -> Vec<String> {
         })
         .collect()
 }
+
+/// A one-line checkout order with id `id` (for tests whose participants decide by id).
+pub fn tea_order(id: &str) -> Checkout {
+    Checkout::new(
+        id,
+        "customer-1",
+        vec![LineItem {
+            sku: "tea".into(),
+            quantity: 1,
+        }],
+        1_250,
+    )
+}
+
+/// Waits until the stored saga satisfies `pred`, failing the test after [`DEADLINE`].
+pub async fn wait_saga(
+    store: &dyn SagaStore,
+    id: SagaId,
+    what: &str,
+    pred: impl Fn(&skald::ports::StoredSaga) -> bool,
+) {
+    wait_until(&format!("saga {id}: {what}"), || async {
+        let s = store.load(id).await.expect("load")?;
+        pred(&s).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the stored saga has status `want`.
+pub async fn wait_status(store: &dyn SagaStore, id: SagaId, want: SagaStatus) {
+    wait_saga(store, id, &format!("status {want}"), |s| {
+        s.state.status == want
+    })
+    .await;
+}
