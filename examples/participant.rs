@@ -33,6 +33,8 @@
 
 #[path = "checkout/ledger.rs"]
 mod ledger;
+#[path = "checkout/telemetry.rs"]
+mod telemetry;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -100,19 +102,8 @@ struct Args {
     #[arg(long, default_value_t = 30, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..))]
     ack_wait_secs: u64,
-    /// Serve Prometheus metrics (commands handled, by outcome, and how long they took)
-    /// at http://ADDR/metrics. Off by default.
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<std::net::SocketAddr>,
-    /// Log lines on stderr as `text` or `json` (JSON lines carry the span fields:
-    /// saga.id, saga.step, trace_id, ...). RUST_LOG filters (default: info).
-    #[arg(long, default_value_t = skald::telemetry::LogFormat::Text, value_name = "FORMAT")]
-    log_format: skald::telemetry::LogFormat,
-    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318);
-    /// the participant's spans join each saga's trace. Builds with `otlp` only.
-    #[cfg(feature = "otlp")]
-    #[arg(long, value_name = "URL")]
-    otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    telemetry: telemetry::TelemetryArgs,
 }
 
 /// The simulated service time of the command with `key`: uniform in [0, 2 ·
@@ -137,14 +128,10 @@ fn service_time(seed: u64, key: &str, latency_ms: u64) -> Duration {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    #[cfg(feature = "otlp")]
-    let otlp = args
-        .otlp_endpoint
-        .as_deref()
-        .map(|e| skald::telemetry::OtlpOptions::new(e, format!("skald-{}", args.service.name())));
-    #[cfg(not(feature = "otlp"))]
-    let otlp = None;
-    let _telemetry = match skald::telemetry::init(args.log_format, otlp) {
+    let _telemetry = match args
+        .telemetry
+        .init_logs("info", &format!("skald-{}", args.service.name()))
+    {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e}");
@@ -162,14 +149,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let name = args.service.name();
-    let _metrics = match args.metrics_addr {
-        Some(addr) => Some(
-            skald::metrics::serve(addr)
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    let _metrics = args.telemetry.serve_metrics().await?;
     let db = ledger::redact(&args.db);
     let ledger = ledger::open_ledger(&args.db).await?;
     let bus: Arc<dyn Bus> = Arc::new(

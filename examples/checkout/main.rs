@@ -32,6 +32,7 @@
 
 mod ledger;
 mod stats;
+mod telemetry;
 
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
@@ -120,20 +121,8 @@ struct Args {
     /// read); the summary then says "consistent": null.
     #[arg(long)]
     no_check: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by
-    /// default.
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<std::net::SocketAddr>,
-    /// Log lines on stderr as `text` or `json` (JSON lines carry the fields of every
-    /// enclosing span: saga.id, saga.type, saga.step, trace_id, ...). RUST_LOG filters
-    /// (default: warn).
-    #[arg(long, default_value_t = skald::telemetry::LogFormat::Text, value_name = "FORMAT")]
-    log_format: skald::telemetry::LogFormat,
-    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
-    /// Only in builds with the `otlp` feature.
-    #[cfg(feature = "otlp")]
-    #[arg(long, value_name = "URL")]
-    otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    telemetry: telemetry::TelemetryArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -243,14 +232,7 @@ fn summarize(
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    #[cfg(feature = "otlp")]
-    let otlp = args
-        .otlp_endpoint
-        .as_deref()
-        .map(|e| skald::telemetry::OtlpOptions::new(e, "skald-checkout"));
-    #[cfg(not(feature = "otlp"))]
-    let otlp = None;
-    let _telemetry = match skald::telemetry::init_with_filter("warn", args.log_format, otlp) {
+    let _telemetry = match args.telemetry.init_logs("warn", "skald-checkout") {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e}");
@@ -348,14 +330,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let unfinished_before = store.active_sagas(None, 1).await?.len();
     let started_at = Instant::now();
     // Before the runtime starts: it registers its metrics with the recorder it finds.
-    let _metrics = match args.metrics_addr {
-        Some(addr) => Some(
-            skald::metrics::serve(addr)
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    let _metrics = args.telemetry.serve_metrics().await?;
     let builder = Runtime::builder()
         .store(store.clone())
         .bus(bus.clone())
