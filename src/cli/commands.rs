@@ -1243,17 +1243,19 @@ async fn send_requests(
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "operator".into());
     let mut sent = Vec::new();
+    // A broker failure part-way: the requests already sent are still followed up and
+    // reported (they will be applied), the rest are named as not sent.
+    let mut unsent: Option<(String, Vec<SagaId>)> = None;
     for (state, action) in targets {
+        if let Some((_, rest)) = &mut unsent {
+            rest.push(state.id);
+            continue;
+        }
         let request = OperatorRequest::new(state.id, state.saga_type.clone(), action, &operator);
-        bus.publish(encode_operator_request(&request))
-            .await
-            .map_err(|e| {
-                CliError::new(
-                    ExitStatus::Broker,
-                    format!("sending the request for saga {}: {e}", state.id),
-                )
-            })?;
-        sent.push(request);
+        match bus.publish(encode_operator_request(&request)).await {
+            Ok(()) => sent.push(request),
+            Err(e) => unsent = Some((e.to_string(), vec![state.id])),
+        }
     }
     let deadline = tokio::time::Instant::now() + send.wait;
     let mut poll = Duration::from_millis(100);
@@ -1339,6 +1341,20 @@ async fn send_requests(
         }
         t.render()
     };
+    if let Some((error, rest)) = unsent {
+        let list: Vec<String> = rest.iter().map(SagaId::to_string).collect();
+        return Err(CliError::new(
+            ExitStatus::Broker,
+            format!(
+                "NATS failed part-way ({error}): {} requests not sent, for sagas {}; the {} \
+                 above were sent",
+                rest.len(),
+                list.join(", "),
+                results.len()
+            ),
+        )
+        .with_output(out));
+    }
     let worst = if results.iter().any(|r| r.result == "refused") {
         Some(ExitStatus::Refused)
     } else if results.iter().any(|r| r.result == "pending") {
