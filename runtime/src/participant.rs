@@ -2,59 +2,63 @@
 //! consumer group (replicas share the work), decode the payload, call a handler, publish
 //! its outcome with the right headers, then acknowledge.
 //!
-//! Commands are delivered at least once and every retry of a step carries the same
-//! idempotency key. Give [`ParticipantOptions::dedupe`] a [`DedupeStore`] and repeated
-//! keys are answered with the first success without calling the handler again (failures
-//! are not remembered: a later attempt may succeed); without one, the handler itself
-//! must be idempotent per key.
+//! Commands are delivered at least once, every retry of a step carries the same
+//! idempotency key, and a compensation may overtake the action it undoes. Give
+//! [`ParticipantOptions::fence`] a [`Fence`] (the TCC fence, see [`fence`]) and the
+//! helper keeps its rules around the handler:
+//!
+//! - an action is claimed atomically before its handler runs: a key with a final outcome
+//!   is answered with it, a key being handled elsewhere is answered `retryable`
+//!   (`in_progress`), a key whose compensation came first is refused (`compensated`);
+//! - a compensation of an action that never took effect is answered success without
+//!   calling the handler, and leaves a tombstone that refuses the action if it comes
+//!   later; a compensation of a succeeded action calls the handler, which reads the
+//!   action's recorded output with [`action_output`];
+//! - the fence being unreachable leaves the command unacknowledged: it is redelivered.
+//!
+//! Without a fence, the handler itself must be idempotent per key and cope with a
+//! compensation arriving first.
 
-use std::collections::HashMap;
+pub mod fence;
+
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::field::Empty;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
+pub use self::fence::{
+    ActionClaim, CompensationClaim, DEFAULT_LEASE, Fence, FenceError, FenceRecord, MemoryFence,
+};
+use crate::ids::CommandKind;
 use crate::machine::StepError;
 use crate::ports::{Bus, BusError, Delivery};
 use crate::trace::TraceContext;
 use crate::wire::{self, IncomingCommand, Outcome};
 
-/// Remembers successful outputs per idempotency key.
-#[async_trait]
-pub trait DedupeStore: Send + Sync + 'static {
-    /// The output of an earlier success with this key.
-    async fn get(&self, key: &str) -> Result<Option<Value>, String>;
-    /// Records a success.
-    async fn put(&self, key: &str, output: &Value) -> Result<(), String>;
+tokio::task_local! {
+    /// The recorded output of the action a compensation handler undoes.
+    static ACTION_OUTPUT: Option<Value>;
 }
 
-/// An in-memory [`DedupeStore`] (lost on restart: use a durable one in production).
-#[derive(Debug, Default)]
-pub struct MemoryDedupe {
-    // A std mutex: short critical sections, no await inside.
-    done: Mutex<HashMap<String, Value>>,
-}
-
-#[async_trait]
-impl DedupeStore for MemoryDedupe {
-    async fn get(&self, key: &str) -> Result<Option<Value>, String> {
-        let done = self.done.lock().map_err(|e| e.to_string())?;
-        Ok(done.get(key).cloned())
-    }
-
-    async fn put(&self, key: &str, output: &Value) -> Result<(), String> {
-        let mut done = self.done.lock().map_err(|e| e.to_string())?;
-        done.insert(key.to_owned(), output.clone());
-        Ok(())
-    }
+/// In a compensation handler called by the helper with a fence: the recorded success
+/// output of the action it undoes (say the `payment_id` a refund needs).
+///
+/// `None` outside such a handler, without a fence, and when the action's outcome is
+/// unknown: its claim's lease passed while it was running (a crashed or stuck replica),
+/// so it may or may not have taken effect: undo by action key
+/// ([`IncomingCommand::action_key`]), and succeed when there is nothing to undo.
+///
+/// A task-local: read it in the handler (before or after an `.await`), not in a task
+/// the handler spawns.
+pub fn action_output() -> Option<Value> {
+    ACTION_OUTPUT.try_with(Clone::clone).ok().flatten()
 }
 
 /// How a participant consumes.
@@ -62,11 +66,15 @@ impl DedupeStore for MemoryDedupe {
 pub struct ParticipantOptions {
     /// Commands handled at once (default 64).
     pub concurrency: Option<usize>,
-    /// Answer repeated idempotency keys from here.
-    pub dedupe: Option<Arc<dyn DedupeStore>>,
+    /// The TCC fence kept around the handler (see the module documentation): a durable
+    /// one (`skald-adapters`' SQLite or PostgreSQL fence) when the participant has
+    /// replicas or its effects outlive the process; [`MemoryFence`] otherwise. `None`:
+    /// every delivery calls the handler.
+    pub fence: Option<Arc<dyn Fence>>,
     /// The command schema versions (`Skald-Schema-Version`) this participant reads;
     /// another is answered with a permanent `unsupported_schema_version` failure naming
-    /// it, without calling the handler. `None` (the default) accepts every version.
+    /// it, without calling the handler (nor consulting the fence). `None` (the default)
+    /// accepts every version.
     pub accept_versions: Option<Vec<u32>>,
 }
 
@@ -74,7 +82,7 @@ impl std::fmt::Debug for ParticipantOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ParticipantOptions")
             .field("concurrency", &self.concurrency)
-            .field("dedupe", &self.dedupe.is_some())
+            .field("fence", &self.fence.is_some())
             .field("accept_versions", &self.accept_versions)
             .finish()
     }
@@ -138,7 +146,7 @@ where
     let mut sub = bus.subscribe(&[subject.to_owned()], group).await?;
     let handler = Arc::new(handler);
     let limit = Arc::new(Semaphore::new(options.concurrency.unwrap_or(64).max(1)));
-    let dedupe = options.dedupe;
+    let fence = options.fence;
     let accept: Option<Arc<[u32]>> = options.accept_versions.map(Into::into);
     let metrics = Arc::new(crate::metrics::ParticipantMetrics::new(group));
     let task = tokio::spawn(async move {
@@ -148,7 +156,7 @@ where
             };
             let bus = Arc::clone(&bus);
             let handler = Arc::clone(&handler);
-            let dedupe = dedupe.clone();
+            let fence = fence.clone();
             let accept = accept.clone();
             let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {
@@ -156,7 +164,7 @@ where
                     bus,
                     delivery,
                     handler.as_ref(),
-                    dedupe.as_deref(),
+                    fence.as_deref(),
                     accept.as_deref(),
                     &metrics,
                 )
@@ -198,7 +206,7 @@ async fn handle<H, F>(
     bus: Arc<dyn Bus>,
     delivery: Delivery,
     handler: &H,
-    dedupe: Option<&dyn DedupeStore>,
+    fence: Option<&dyn Fence>,
     accept: Option<&[u32]>,
     metrics: &crate::metrics::ParticipantMetrics,
 ) where
@@ -239,39 +247,22 @@ async fn handle<H, F>(
         crate::trace::annotate(&span, &own, Some(&parent));
     }
     async move {
-        let key = command.envelope.idempotency_key.clone();
-        let remembered = match dedupe {
-            Some(d) => match d.get(&key).await {
-                Ok(found) => found,
+        if let Some(refusal) = refuse_version(&command, accept) {
+            if reply_and_settle(bus, &command, &refusal, acker).await {
+                metrics.record(&refusal, received.elapsed());
+            }
+            return;
+        }
+        let outcome = match fence {
+            None => handler(command.clone()).await,
+            Some(fence) => match fenced(fence, &command, handler).await {
+                Ok(outcome) => outcome,
                 Err(e) => {
-                    warn!(error = %e, "dedupe store unavailable; the command will be redelivered");
+                    warn!(error = %e, "the fence is unavailable; the command will be redelivered");
                     settle(acker.nak(Duration::from_millis(500)).await);
                     return;
                 }
             },
-            None => None,
-        };
-        let outcome = match remembered {
-            Some(output) => Outcome::Success(output),
-            None => {
-                let outcome = match refuse_version(&command, accept) {
-                    Some(refusal) => {
-                        if reply_and_settle(bus, &command, &refusal, acker).await {
-                            metrics.record(&refusal, received.elapsed());
-                        }
-                        return;
-                    }
-                    None => handler(command.clone()).await,
-                };
-                if let (Some(d), Outcome::Success(output)) = (dedupe, &outcome)
-                    && let Err(e) = d.put(&key, output).await
-                {
-                    warn!(error = %e, "recording the result failed; the command will be redelivered");
-                    settle(acker.nak(Duration::from_millis(500)).await);
-                    return;
-                }
-                outcome
-            }
         };
         if reply_and_settle(bus, &command, &outcome, acker).await {
             metrics.record(&outcome, received.elapsed());
@@ -279,6 +270,79 @@ async fn handle<H, F>(
     }
     .instrument(span)
     .await
+}
+
+/// Handles `command` inside the fence: claim, run the handler if the claim says so,
+/// record its outcome. What to reply; an error when the fence could not be consulted or
+/// written (nothing is lost: the command is redelivered).
+async fn fenced<H, F>(
+    fence: &dyn Fence,
+    command: &IncomingCommand,
+    handler: &H,
+) -> Result<Outcome, FenceError>
+where
+    H: Fn(IncomingCommand) -> F,
+    F: Future<Output = Outcome>,
+{
+    let key = command.action_key();
+    match command.envelope.kind {
+        CommandKind::Action => {
+            let attempt = command.envelope.attempt;
+            match fence.claim_action(&key, attempt).await? {
+                ActionClaim::Answer(answer) => {
+                    debug!(outcome = answer.as_str(), "answered by the fence");
+                    Ok(answer)
+                }
+                ActionClaim::Run => {
+                    let outcome = call(handler, command, None).await;
+                    persist(|| fence.finish_action(&key, attempt, &outcome)).await
+                }
+            }
+        }
+        CommandKind::Compensation => match fence.claim_compensation(&key).await? {
+            CompensationClaim::Answer(answer) => {
+                debug!(outcome = answer.as_str(), "answered by the fence");
+                Ok(answer)
+            }
+            CompensationClaim::Undo { action_output } => {
+                let outcome = call(handler, command, action_output).await;
+                persist(|| fence.finish_compensation(&key, &outcome)).await
+            }
+        },
+    }
+}
+
+/// Calls the handler with `action_output` readable through [`action_output`], both while
+/// the handler builds its future and while the future runs.
+async fn call<H, F>(handler: &H, command: &IncomingCommand, action_output: Option<Value>) -> Outcome
+where
+    H: Fn(IncomingCommand) -> F,
+    F: Future<Output = Outcome>,
+{
+    let future = ACTION_OUTPUT.sync_scope(action_output.clone(), || handler(command.clone()));
+    ACTION_OUTPUT.scope(action_output, future).await
+}
+
+/// Records a handler's outcome, trying a fence that is unavailable a few times more
+/// (the effect is done: the record is worth a short wait) before giving up. Given up,
+/// the claim stays until its lease passes and the command is redelivered.
+async fn persist<'a, W>(mut write: W) -> Result<Outcome, FenceError>
+where
+    W: FnMut() -> futures_util::future::BoxFuture<'a, Result<Outcome, FenceError>>,
+{
+    let mut wait = Duration::from_millis(50);
+    let mut tries = 0;
+    loop {
+        match write().await {
+            Err(e) if e.is_retryable() && tries < 3 => {
+                tries += 1;
+                warn!(error = %e, "recording the outcome in the fence failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 4;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// A permanent failure for a command whose schema version is not in `accept`.
@@ -341,32 +405,47 @@ pub fn retryable(code: &str, message: impl Into<String>) -> Outcome {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use async_trait::async_trait;
+
     use super::*;
-    use crate::ids::{CommandKind, SagaId, SagaType, StepName};
+    use crate::ids::{SagaId, SagaType, StepName};
     use crate::machine::{Command, Timestamp};
-    use crate::ports::{Headers, Message, Subscription};
+    use crate::ports::{Headers, ManualClock, Message, Subscription};
 
     /// A bus that hands out pre-loaded commands and records published replies.
     #[derive(Default)]
     struct Scripted {
         commands: Mutex<Vec<Message>>,
         replies: Mutex<Vec<Message>>,
+        settled: Arc<Mutex<Vec<&'static str>>>,
     }
 
-    struct NoAck;
+    /// Records how each delivery was settled (`ack`, `nak`, `term`) in `Scripted::settled`.
+    struct Recording(Arc<Mutex<Vec<&'static str>>>);
+
+    impl Recording {
+        fn push(&self, what: &'static str) -> Result<(), BusError> {
+            self.0
+                .lock()
+                .map_err(|e| BusError::Other(e.to_string()))?
+                .push(what);
+            Ok(())
+        }
+    }
 
     #[async_trait]
-    impl crate::ports::Acker for NoAck {
+    impl crate::ports::Acker for Recording {
         async fn ack(self: Box<Self>) -> Result<(), BusError> {
-            Ok(())
+            self.push("ack")
         }
         async fn nak(self: Box<Self>, _: Duration) -> Result<(), BusError> {
-            Ok(())
+            self.push("nak")
         }
         async fn term(self: Box<Self>, _: &str) -> Result<(), BusError> {
-            Ok(())
+            self.push("term")
         }
     }
 
@@ -386,9 +465,10 @@ mod tests {
                     .lock()
                     .map_err(|e| BusError::Other(e.to_string()))?,
             );
+            let settled = Arc::clone(&self.settled);
             let deliveries = msgs
                 .into_iter()
-                .map(|m| Delivery::new(m, 1, Box::new(NoAck)));
+                .map(move |m| Delivery::new(m, 1, Box::new(Recording(Arc::clone(&settled)))));
             Ok(Box::pin(
                 futures_util::stream::iter(deliveries).chain(futures_util::stream::pending()),
             ))
@@ -403,12 +483,42 @@ mod tests {
     }
 
     fn command_v(key: &str, attempt: u32, payload: Value, schema_version: u32) -> Message {
+        encode(
+            key,
+            CommandKind::Action,
+            None,
+            attempt,
+            payload,
+            schema_version,
+        )
+    }
+
+    /// A compensation undoing the action of idempotency key `action_key`.
+    fn compensation(key: &str, action_key: &str, attempt: u32) -> Message {
+        encode(
+            key,
+            CommandKind::Compensation,
+            Some(action_key),
+            attempt,
+            serde_json::json!({}),
+            1,
+        )
+    }
+
+    fn encode(
+        key: &str,
+        kind: CommandKind,
+        action_key: Option<&str>,
+        attempt: u32,
+        payload: Value,
+        schema_version: u32,
+    ) -> Message {
         let saga_id = SagaId::new();
         wire::encode_command(&Command {
             saga_id,
             saga_type: SagaType::new("t").expect("name"),
             step: StepName::new("s").expect("name"),
-            kind: CommandKind::Action,
+            kind,
             attempt,
             subject: "skald.cmd.svc.do".into(),
             payload,
@@ -417,8 +527,25 @@ mod tests {
             deadline: Timestamp(0),
             schema_version,
             definition_version: 1,
+            action_key: action_key.map(str::to_owned),
+            in_doubt: false,
         })
         .expect("encode")
+    }
+
+    /// Waits until `bus` has `n` replies, then decodes them.
+    async fn replies(bus: &Scripted, n: usize) -> Vec<wire::Reply> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while bus.replies.lock().expect("lock").len() < n {
+            assert!(tokio::time::Instant::now() < deadline, "replies in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        bus.replies
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|m| wire::decode_reply(m).expect("reply"))
+            .collect()
     }
 
     #[derive(serde::Deserialize)]
@@ -427,7 +554,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dedupes_successes_and_decodes_typed_payloads() {
+    async fn the_fence_answers_repeated_keys_and_typed_payloads_decode() {
         let bus = Arc::new(Scripted::default());
         let mut garbage = command("k3", 1, serde_json::json!({"cents": 5}));
         garbage.headers = Headers::new();
@@ -445,7 +572,7 @@ mod tests {
             "svc",
             ParticipantOptions {
                 concurrency: Some(1),
-                dedupe: Some(Arc::new(MemoryDedupe::default())),
+                fence: Some(Arc::new(MemoryFence::new())),
                 accept_versions: None,
             },
             typed(move |_cmd, p: Amount| {
@@ -537,5 +664,306 @@ mod tests {
             "the handler saw only the accepted one"
         );
         handle.stop();
+    }
+
+    #[tokio::test]
+    async fn compensations_get_the_action_output_and_a_compensation_first_refuses_the_action() {
+        let bus = Arc::new(Scripted::default());
+        *bus.commands.lock().expect("lock") = vec![
+            command("a1", 1, serde_json::json!({})),
+            compensation("c1", "a1", 1),
+            compensation("c1", "a1", 2),
+            compensation("c2", "a2", 1),
+            command("a2", 1, serde_json::json!({})),
+        ];
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&calls);
+        let handle = serve_with(
+            bus.clone(),
+            "skald.cmd.svc.>",
+            "svc",
+            ParticipantOptions {
+                concurrency: Some(1),
+                fence: Some(Arc::new(MemoryFence::new())),
+                ..ParticipantOptions::default()
+            },
+            move |cmd: IncomingCommand| {
+                seen.lock()
+                    .expect("lock")
+                    .push(cmd.envelope.idempotency_key.clone());
+                async move {
+                    tokio::task::yield_now().await;
+                    match cmd.envelope.kind {
+                        CommandKind::Action => {
+                            Outcome::Success(serde_json::json!({"payment_id": "p1"}))
+                        }
+                        CommandKind::Compensation => {
+                            Outcome::Success(serde_json::json!({ "undid": action_output() }))
+                        }
+                    }
+                }
+            },
+        )
+        .await
+        .expect("serve");
+        let outcomes: Vec<Outcome> = replies(&bus, 5)
+            .await
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        let undone = Outcome::Success(serde_json::json!({"undid": {"payment_id": "p1"}}));
+        assert_eq!(
+            outcomes[1], undone,
+            "the action's output reached the handler"
+        );
+        assert_eq!(
+            outcomes[2], undone,
+            "the second delivery got the recorded answer"
+        );
+        assert_eq!(
+            outcomes[3],
+            Outcome::Success(Value::Null),
+            "an empty rollback"
+        );
+        assert_eq!(outcomes[4], fence::refused(), "the late action is refused");
+        assert_eq!(*calls.lock().expect("lock"), vec!["a1", "c1"]);
+        assert_eq!(action_output(), None, "nothing outside a handler");
+        handle.stop();
+    }
+
+    #[tokio::test]
+    async fn two_deliveries_of_one_key_at_once_run_the_handler_once() {
+        let bus = Arc::new(Scripted::default());
+        *bus.commands.lock().expect("lock") = vec![
+            command("k", 1, serde_json::json!({})),
+            command("k", 2, serde_json::json!({})),
+        ];
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let handle = serve_with(
+            bus.clone(),
+            "skald.cmd.svc.>",
+            "svc",
+            ParticipantOptions {
+                concurrency: Some(2),
+                fence: Some(Arc::new(MemoryFence::new())),
+                ..ParticipantOptions::default()
+            },
+            move |_cmd| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Outcome::Success(serde_json::json!("done"))
+                }
+            },
+        )
+        .await
+        .expect("serve");
+        let outcomes: Vec<Outcome> = replies(&bus, 2)
+            .await
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(outcomes.contains(&Outcome::Success(serde_json::json!("done"))));
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Outcome::Retryable(e) if e.code == "in_progress")),
+            "{outcomes:?}"
+        );
+        handle.stop();
+    }
+
+    /// A fence that fails: every claim, or (`claims`) only the writes after the handler.
+    struct Broken {
+        claims: bool,
+    }
+
+    #[async_trait]
+    impl Fence for Broken {
+        async fn claim_action(&self, _: &str, _: u32) -> Result<ActionClaim, FenceError> {
+            if self.claims {
+                Ok(ActionClaim::Run)
+            } else {
+                Err(FenceError::Unavailable("down".into()))
+            }
+        }
+        async fn finish_action(&self, _: &str, _: u32, _: &Outcome) -> Result<Outcome, FenceError> {
+            Err(FenceError::Unavailable("down".into()))
+        }
+        async fn claim_compensation(&self, _: &str) -> Result<CompensationClaim, FenceError> {
+            Err(FenceError::Unavailable("down".into()))
+        }
+        async fn finish_compensation(&self, _: &str, _: &Outcome) -> Result<Outcome, FenceError> {
+            Err(FenceError::Unavailable("down".into()))
+        }
+        async fn record(&self, _: &str) -> Result<Option<FenceRecord>, FenceError> {
+            Err(FenceError::Unavailable("down".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fence_that_fails_leaves_the_command_to_be_redelivered() {
+        for claims in [false, true] {
+            let bus = Arc::new(Scripted::default());
+            *bus.commands.lock().expect("lock") = vec![
+                command("k", 1, serde_json::json!({})),
+                compensation("c", "k", 1),
+            ];
+            let calls = Arc::new(AtomicUsize::new(0));
+            let counted = Arc::clone(&calls);
+            let handle = serve_with(
+                bus.clone(),
+                "skald.cmd.svc.>",
+                "svc",
+                ParticipantOptions {
+                    concurrency: Some(1),
+                    fence: Some(Arc::new(Broken { claims })),
+                    ..ParticipantOptions::default()
+                },
+                move |_cmd| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { Outcome::Success(Value::Null) }
+                },
+            )
+            .await
+            .expect("serve");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while bus.settled.lock().expect("lock").len() < 2 {
+                assert!(tokio::time::Instant::now() < deadline, "settled in time");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(*bus.settled.lock().expect("lock"), vec!["nak", "nak"]);
+            assert!(bus.replies.lock().expect("lock").is_empty(), "no reply");
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                usize::from(claims),
+                "the handler ran only when the claim worked"
+            );
+            handle.stop();
+        }
+    }
+
+    /// The rules of the fence, on [`MemoryFence`] (the SQL fences run the same checks in
+    /// tests/fence.rs).
+    mod memory_fence {
+        use super::*;
+        use crate::participant::fence::conformance::{self, Subject};
+
+        const LEASE: Duration = Duration::from_secs(30);
+
+        async fn check<'a, F>(check: impl FnOnce(Subject<'a>) -> F)
+        where
+            F: Future<Output = Result<(), String>> + 'a,
+        {
+            let clock: &'static ManualClock =
+                Box::leak(Box::new(ManualClock::new(Timestamp(1_000_000))));
+            let fence: &'static MemoryFence = Box::leak(Box::new(
+                MemoryFence::new()
+                    .with_lease(LEASE)
+                    .with_clock(Arc::new(clock.clone())),
+            ));
+            let subject = Subject {
+                fence,
+                clock,
+                lease: LEASE,
+            };
+            if let Err(e) = check(subject).await {
+                panic!("{e}");
+            }
+        }
+
+        #[tokio::test]
+        async fn rule_1_2_a_success_is_answered_to_every_delivery() {
+            check(conformance::success_is_answered_to_every_delivery).await;
+        }
+
+        #[tokio::test]
+        async fn rule_1_2_a_failure_is_answered_to_every_delivery() {
+            check(conformance::failure_is_answered_to_every_delivery).await;
+        }
+
+        #[tokio::test]
+        async fn rule_1_a_live_claim_is_in_progress() {
+            check(conformance::a_live_claim_is_in_progress).await;
+        }
+
+        #[tokio::test]
+        async fn rule_1_2_retryable_is_remembered_per_attempt() {
+            check(conformance::retryable_is_remembered_per_attempt).await;
+        }
+
+        #[tokio::test]
+        async fn rule_3_a_compensation_undoes_a_success_once() {
+            check(conformance::compensation_undoes_a_success_once).await;
+        }
+
+        #[tokio::test]
+        async fn rule_3_a_failed_compensation_is_retried() {
+            check(conformance::a_failed_compensation_is_retried).await;
+        }
+
+        #[tokio::test]
+        async fn rule_3_1_a_compensation_first_refuses_the_action() {
+            check(conformance::compensation_first_refuses_the_action).await;
+        }
+
+        #[tokio::test]
+        async fn rule_3_nothing_applied_is_an_empty_rollback() {
+            check(conformance::nothing_applied_is_an_empty_rollback).await;
+        }
+
+        #[tokio::test]
+        async fn rule_3_a_compensation_waits_for_a_running_action() {
+            check(conformance::compensation_waits_for_a_running_action).await;
+        }
+
+        #[tokio::test]
+        async fn rule_4_an_expired_action_claim_is_taken_over() {
+            check(conformance::an_expired_action_claim_is_taken_over).await;
+        }
+
+        #[tokio::test]
+        async fn rule_4_a_compensation_takes_over_an_expired_action() {
+            check(conformance::compensation_takes_over_an_expired_action).await;
+        }
+
+        #[tokio::test]
+        async fn rule_4_an_expired_compensation_claim_is_taken_over() {
+            check(conformance::an_expired_compensation_claim_is_taken_over).await;
+        }
+
+        #[tokio::test]
+        async fn every_rule_in_turn() {
+            check(conformance::check_all).await;
+        }
+
+        #[tokio::test]
+        async fn concurrent_claimers_run_each_key_once() {
+            let fence = Arc::new(MemoryFence::new());
+            let runs = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let fence = Arc::clone(&fence);
+                let runs = Arc::clone(&runs);
+                tasks.push(tokio::spawn(async move {
+                    for k in 0..50 {
+                        let key = format!("k{k}");
+                        if fence.claim_action(&key, 1).await.expect("claim") == ActionClaim::Run {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            fence
+                                .finish_action(&key, 1, &Outcome::Success(Value::Null))
+                                .await
+                                .expect("finish");
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task");
+            }
+            assert_eq!(runs.load(Ordering::SeqCst), 50);
+        }
     }
 }
