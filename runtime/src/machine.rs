@@ -8,7 +8,16 @@
 //! - forward steps run in order; a retryable failure or a timeout retries per the step's
 //!   policy, and attempts never exceed it;
 //! - a permanent failure, spent retries or a cancel request start compensation: the
-//!   compensations of exactly the completed steps that have one, in reverse order;
+//!   compensations of every step that *may* have taken effect, in reverse order: the
+//!   completed steps that have one, and the action pending when compensation began if
+//!   its outcome is unknown (an attempt timed out with no definite answer since, or a
+//!   cancel arrived while it was in flight). An in-doubt step without a compensation
+//!   dead-letters the saga instead of letting it end `compensated` around an effect;
+//! - a success for *any* attempt of the pending action is accepted (every attempt shares
+//!   one idempotency key, so one effect); a success whose output the definition cannot
+//!   decode dead-letters the saga (the step did take effect) for an operator;
+//! - a cancel while an action is in flight waits for that action's outcome or deadline,
+//!   then compensates, the action included when it may have happened;
 //! - a compensation that fails permanently or spends its retries dead-letters the saga
 //!   (`Failed`), to be re-driven by an operator (`Redriven` resumes that compensation
 //!   with a fresh attempt budget);
@@ -24,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::definition::{DataError, Definition, StepDefinition};
-use crate::ids::{CommandKind, SagaId, SagaType, StepName};
+use crate::ids::{self, CommandKind, SagaId, SagaType, StepName};
 use crate::retry::{Jitter, RetryPolicy};
 
 /// Milliseconds since the Unix epoch. The machine never reads a clock: the shell passes
@@ -175,6 +184,16 @@ pub struct Pending {
     /// What it waits for.
     #[serde(flatten)]
     pub phase: Phase,
+    /// The action may have taken effect although no success was applied: an attempt of
+    /// it timed out (or was cut short by a cancel) and no definite answer came since. If
+    /// compensation begins while this is set, the step is compensated like a completed
+    /// one. Always `false` for compensations. Absent in rows written before 0.1 kept it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub in_doubt: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Pending {
@@ -199,6 +218,10 @@ pub struct DeadLetterInfo {
     pub attempts: u32,
     /// The last attempt number, so a re-drive continues the numbering.
     pub last_attempt: u32,
+    /// A dead-lettered action whose outcome is unknown (it may have taken effect): its
+    /// re-drive keeps it in doubt until a definite answer comes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub in_doubt: bool,
 }
 
 /// The persistent state of one saga instance.
@@ -226,6 +249,15 @@ pub struct SagaState {
     pub failure: Option<StepError>,
     /// Set while `Failed`: the dead-lettered compensation.
     pub dead_letter: Option<DeadLetterInfo>,
+    /// Set while a cancel waits for the action in flight to answer or time out (the
+    /// saga stays `Running` meanwhile): the reason, with code `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<StepError>,
+    /// Set when compensation began while the pending action's outcome was unknown: that
+    /// step's index. It is compensated like a completed step, so the compensation bound
+    /// is `completed + 1` (see [`SagaState::compensation_bound`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt: Option<usize>,
     /// How many times an operator re-drove it.
     pub redrives: u32,
     /// When it was created.
@@ -248,10 +280,18 @@ impl SagaState {
             pending: None,
             failure: None,
             dead_letter: None,
+            cancel: None,
+            in_doubt: None,
             redrives: 0,
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// Steps `0..bound` may have taken effect: the completed ones, and the in-doubt one
+    /// when compensation began around it.
+    pub fn compensation_bound(&self) -> usize {
+        self.completed + usize::from(self.in_doubt.is_some())
     }
 
     /// When the saga next needs a wake-up (a reply deadline or a retry), if ever.
@@ -438,6 +478,14 @@ pub struct Command {
     /// schema version for a command stored by an older build).
     #[serde(default = "one")]
     pub definition_version: u32,
+    /// Compensations only: the idempotency key of the action they undo, so a participant
+    /// undoes by that key (its payload may lack what only the action's reply taught).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_key: Option<String>,
+    /// Compensations only: the action's outcome was unknown when compensation began (it
+    /// may never have run: the participant then records a tombstone and succeeds).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub in_doubt: bool,
 }
 
 fn one() -> u32 {
@@ -581,7 +629,16 @@ pub enum TransitionError {
         /// The current status.
         status: SagaStatus,
     },
-    /// The reply's output or the saga data could not be (de)serialized.
+    /// A second cancel while the first still waits for the action in flight.
+    #[error("a cancel already waits for {kind} of step {step:?} to answer or time out")]
+    CancelPending {
+        /// The step in flight.
+        step: StepName,
+        /// Its kind (always an action).
+        kind: CommandKind,
+    },
+    /// The saga data could not be (de)serialized (e.g. a command payload could not be
+    /// built from it).
     #[error("data error: {0}")]
     Data(#[from] DataError),
 }
@@ -595,6 +652,7 @@ impl TransitionError {
             TransitionError::Finished { .. }
                 | TransitionError::Duplicate { .. }
                 | TransitionError::Stale { .. }
+                | TransitionError::CancelPending { .. }
         )
     }
 
@@ -659,18 +717,23 @@ impl Machine<'_> {
                 ..
             } => {
                 let p = self.expect_reply(input)?;
-                self.on_failed(p, *retryable, error.clone(), *jitter)
+                let outcome = if *retryable {
+                    Failure::Retryable
+                } else {
+                    Failure::Permanent
+                };
+                self.on_failed(p, outcome, error.clone(), *jitter)
             }
             Input::TimedOut { jitter, .. } => {
-                let p = self.expect_timer(input, false)?;
+                let p = self.expect_timer(input, Awaits::Deadline)?;
                 let error = StepError::new(
                     "timeout",
                     format!("no reply within {:?}", self.step_def(p.step).timeout()),
                 );
-                self.on_failed(p, true, error, *jitter)
+                self.on_failed(p, Failure::TimedOut, error, *jitter)
             }
             Input::RetryDue { .. } => {
-                let p = self.expect_timer(input, true)?;
+                let p = self.expect_timer(input, Awaits::BackoffEnd)?;
                 self.on_retry_due(p)
             }
             Input::CancelRequested { reason } => self.on_cancel(reason),
@@ -693,11 +756,12 @@ impl Machine<'_> {
     }
 
     /// Resolves the step a reply or timer names and checks that it is the pending one.
-    fn check_target(
-        &self,
-        input: &Input,
-        want_backoff: Option<bool>,
-    ) -> Result<Pending, TransitionError> {
+    ///
+    /// A success is accepted for any attempt of the pending step and kind that was sent,
+    /// in either phase: every attempt carries the same idempotency key, so a late success
+    /// of an earlier attempt reports the one effect. A failure or a timer must name the
+    /// attempt in flight, in the phase it answers.
+    fn check_target(&self, input: &Input, answers: Awaits) -> Result<Pending, TransitionError> {
         let (step, kind, attempt) = input
             .target()
             .ok_or_else(|| self.not_allowed(input.name()))?;
@@ -734,7 +798,7 @@ impl Machine<'_> {
             CommandKind::Compensation => {
                 self.state.status == SagaStatus::Compensating
                     && index > p.step
-                    && index < self.state.completed
+                    && index < self.state.compensation_bound()
                     && self.step_def(index).compensation().is_some()
             }
         };
@@ -757,29 +821,38 @@ impl Machine<'_> {
                 stale(expected())
             });
         }
-        if attempt != p.attempt {
-            return Err(stale(expected()));
-        }
         let in_backoff = matches!(p.phase, Phase::Backoff { .. });
-        match want_backoff {
-            Some(want) if want != in_backoff => Err(stale(expected())),
-            None if in_backoff => Err(stale(expected())),
+        match answers {
+            Awaits::Success if attempt <= p.attempt => Ok(p),
+            _ if attempt != p.attempt => Err(stale(expected())),
+            Awaits::Success | Awaits::Reply if in_backoff => Err(stale(expected())),
+            Awaits::Success | Awaits::Reply => Ok(p),
+            Awaits::Deadline if in_backoff => Err(stale(expected())),
+            Awaits::BackoffEnd if !in_backoff => Err(stale(expected())),
             // A timer that fires early (a clock step, a skewed node) is not yet due.
-            Some(_) if self.state.wake_at().is_some_and(|at| at > self.now) => Err(stale(format!(
-                "{} (not due before {})",
-                expected(),
-                self.state.wake_at().unwrap_or_default()
-            ))),
-            _ => Ok(p),
+            Awaits::Deadline | Awaits::BackoffEnd
+                if self.state.wake_at().is_some_and(|at| at > self.now) =>
+            {
+                Err(stale(format!(
+                    "{} (not due before {})",
+                    expected(),
+                    self.state.wake_at().unwrap_or_default()
+                )))
+            }
+            Awaits::Deadline | Awaits::BackoffEnd => Ok(p),
         }
     }
 
     fn expect_reply(&self, input: &Input) -> Result<Pending, TransitionError> {
-        self.check_target(input, None)
+        let answers = match input {
+            Input::StepSucceeded { .. } => Awaits::Success,
+            _ => Awaits::Reply,
+        };
+        self.check_target(input, answers)
     }
 
-    fn expect_timer(&self, input: &Input, backoff: bool) -> Result<Pending, TransitionError> {
-        self.check_target(input, Some(backoff))
+    fn expect_timer(&self, input: &Input, answers: Awaits) -> Result<Pending, TransitionError> {
+        self.check_target(input, answers)
     }
 
     fn event(
@@ -805,13 +878,15 @@ impl Machine<'_> {
             }));
     }
 
-    /// Sends attempt `attempt` of (`step`, `kind`) and waits for its reply.
+    /// Sends attempt `attempt` of (`step`, `kind`) and waits for its reply. `in_doubt`
+    /// carries an action's unknown outcome from earlier attempts into this one.
     fn send(
         &mut self,
         step: usize,
         kind: CommandKind,
         attempt: u32,
         first_attempt: u32,
+        in_doubt: bool,
     ) -> Result<(), TransitionError> {
         let def = self.step_def(step);
         let template = match kind {
@@ -822,11 +897,22 @@ impl Machine<'_> {
         let payload = template.payload(&self.state.data)?;
         let deadline = self.now.plus(def.timeout());
         let name = def.name().clone();
+        let (action_key, compensating_in_doubt) = match kind {
+            CommandKind::Action => (None, false),
+            CommandKind::Compensation => (
+                Some(ids::idempotency_key(
+                    &self.state.id,
+                    &name,
+                    CommandKind::Action,
+                )),
+                self.state.in_doubt == Some(step),
+            ),
+        };
         let command = Command {
             saga_id: self.state.id,
             saga_type: self.state.saga_type.clone(),
-            idempotency_key: format!("{}:{}:{}", self.state.id, name, kind),
-            message_id: format!("{}:{}:{}:{}", self.state.id, name, kind, attempt),
+            idempotency_key: ids::idempotency_key(&self.state.id, &name, kind),
+            message_id: ids::command_message_id(&self.state.id, &name, kind, attempt),
             step: name,
             kind,
             attempt,
@@ -835,6 +921,8 @@ impl Machine<'_> {
             deadline,
             schema_version: def.schema_version(),
             definition_version: self.state.definition_version,
+            action_key,
+            in_doubt: compensating_in_doubt,
         };
         self.state.pending = Some(Pending {
             step,
@@ -842,6 +930,7 @@ impl Machine<'_> {
             attempt,
             first_attempt,
             phase: Phase::AwaitingReply { deadline },
+            in_doubt: in_doubt && kind == CommandKind::Action,
         });
         self.effects.push(Effect::SendCommand(command));
         self.effects.push(Effect::ScheduleWakeup { at: deadline });
@@ -854,17 +943,30 @@ impl Machine<'_> {
         }
         self.state.status = SagaStatus::Running;
         self.event(EventKind::Started, None, None);
-        self.send(0, CommandKind::Action, 1, 1)
+        self.send(0, CommandKind::Action, 1, 1, false)
     }
 
     fn on_succeeded(&mut self, p: Pending, output: &Value) -> Result<(), TransitionError> {
         match p.kind {
             CommandKind::Action => {
-                if let Some(data) = self
-                    .step_def(p.step)
-                    .apply_output(&self.state.data, output)?
-                {
-                    self.state.data = data;
+                match self.step_def(p.step).apply_output(&self.state.data, output) {
+                    Ok(Some(data)) => self.state.data = data,
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The participant applied the effect, but its output does not fit
+                        // the definition: the saga stops here for an operator (fix the
+                        // participant or the definition, then re-drive: the same key
+                        // brings the same success back). Never compensate around it.
+                        let error = StepError::new(
+                            "undecodable_output",
+                            format!(
+                                "the success output of step {:?} does not decode: {e}",
+                                self.step_def(p.step).name().as_str()
+                            ),
+                        );
+                        self.dead_letter(Pending { in_doubt: true, ..p }, error);
+                        return Ok(());
+                    }
                 }
                 self.state.completed = p.step + 1;
                 self.event(
@@ -873,10 +975,14 @@ impl Machine<'_> {
                     None,
                 );
                 if self.state.completed == self.def.steps().len() {
+                    // Every step took effect: a cancel that waited on the last one came
+                    // too late, and the saga is what happened, completed.
                     self.finish(SagaStatus::Completed);
                     Ok(())
+                } else if let Some(cancel) = self.state.cancel.clone() {
+                    self.start_compensation(cancel, None)
                 } else {
-                    self.send(p.step + 1, CommandKind::Action, 1, 1)
+                    self.send(p.step + 1, CommandKind::Action, 1, 1, false)
                 }
             }
             CommandKind::Compensation => {
@@ -901,7 +1007,7 @@ impl Machine<'_> {
     fn on_failed(
         &mut self,
         p: Pending,
-        retryable: bool,
+        failure: Failure,
         error: StepError,
         jitter: Jitter,
     ) -> Result<(), TransitionError> {
@@ -910,15 +1016,29 @@ impl Machine<'_> {
             Some((p.step, p.kind, p.attempt)),
             Some(error.clone()),
         );
-        let delay = if retryable {
-            self.policy(&p).next_delay(p.attempts_used(), jitter)
-        } else {
+        // A timeout leaves the attempt's outcome unknown; a retryable answer says that
+        // attempt applied nothing (earlier doubt stays); a permanent failure is the key's
+        // final answer (a fenced participant never applies that key afterwards).
+        let in_doubt = p.kind == CommandKind::Action
+            && match failure {
+                Failure::TimedOut => true,
+                Failure::Retryable => p.in_doubt,
+                Failure::Permanent => false,
+            };
+        if let Some(cancel) = self.state.cancel.clone() {
+            // A cancel waited for this action's outcome: no further attempt.
+            return self.start_compensation(cancel, in_doubt.then_some(p.step));
+        }
+        let delay = if failure == Failure::Permanent {
             None
+        } else {
+            self.policy(&p).next_delay(p.attempts_used(), jitter)
         };
         if let Some(delay) = delay {
             let due = self.now.plus(delay);
             self.state.pending = Some(Pending {
                 phase: Phase::Backoff { due },
+                in_doubt,
                 ..p
             });
             self.event(
@@ -930,7 +1050,7 @@ impl Machine<'_> {
             return Ok(());
         }
         match p.kind {
-            CommandKind::Action => self.start_compensation(error),
+            CommandKind::Action => self.start_compensation(error, in_doubt.then_some(p.step)),
             CommandKind::Compensation => {
                 self.dead_letter(p, error);
                 Ok(())
@@ -939,24 +1059,51 @@ impl Machine<'_> {
     }
 
     fn on_retry_due(&mut self, p: Pending) -> Result<(), TransitionError> {
-        self.send(p.step, p.kind, p.attempt + 1, p.first_attempt)
+        self.send(p.step, p.kind, p.attempt + 1, p.first_attempt, p.in_doubt)
     }
 
-    fn start_compensation(&mut self, reason: StepError) -> Result<(), TransitionError> {
-        self.state.status = SagaStatus::Compensating;
+    /// Begins compensating: every completed step with a compensation, and `in_doubt`
+    /// (the pending action, whose outcome is unknown) too. An in-doubt step with no
+    /// compensation cannot be undone: the saga is dead-lettered at that action instead of
+    /// ending `compensated` around an effect that may exist.
+    fn start_compensation(
+        &mut self,
+        reason: StepError,
+        in_doubt: Option<usize>,
+    ) -> Result<(), TransitionError> {
         self.state.failure = Some(reason.clone());
+        self.state.cancel = None;
+        if let Some(step) = in_doubt {
+            if self.step_def(step).compensation().is_none() {
+                let p = self.state.pending.ok_or_else(|| self.not_allowed("compensate"))?;
+                let error = StepError::new(
+                    "in_doubt_without_compensation",
+                    format!(
+                        "step {:?} may have taken effect (its outcome is unknown: {}) and has \
+                         no compensation; find out from its participant, then re-drive (the \
+                         action is sent again with the same idempotency key)",
+                        self.step_def(step).name().as_str(),
+                        reason
+                    ),
+                );
+                self.dead_letter(Pending { in_doubt: true, ..p }, error);
+                return Ok(());
+            }
+            self.state.in_doubt = Some(step);
+        }
+        self.state.status = SagaStatus::Compensating;
         self.event(EventKind::Compensating, None, Some(reason));
-        self.compensate_below(self.state.completed)
+        self.compensate_below(self.state.compensation_bound())
     }
 
-    /// Compensates the highest completed step below `below` that has a compensation, or
-    /// finishes as `Compensated` when none is left.
+    /// Compensates the highest step below `below` that may have taken effect and has a
+    /// compensation, or finishes as `Compensated` when none is left.
     fn compensate_below(&mut self, below: usize) -> Result<(), TransitionError> {
-        let next = (0..below.min(self.state.completed))
+        let next = (0..below.min(self.state.compensation_bound()))
             .rev()
             .find(|&i| self.step_def(i).compensation().is_some());
         match next {
-            Some(i) => self.send(i, CommandKind::Compensation, 1, 1),
+            Some(i) => self.send(i, CommandKind::Compensation, 1, 1, false),
             None => {
                 self.finish(SagaStatus::Compensated);
                 Ok(())
@@ -972,6 +1119,7 @@ impl Machine<'_> {
             error: error.clone(),
             attempts: p.attempts_used(),
             last_attempt: p.attempt,
+            in_doubt: p.in_doubt && p.kind == CommandKind::Action,
         };
         self.state.status = SagaStatus::Failed;
         self.state.pending = None;
@@ -987,6 +1135,7 @@ impl Machine<'_> {
     fn finish(&mut self, status: SagaStatus) {
         self.state.status = status;
         self.state.pending = None;
+        self.state.cancel = None;
         let event = match status {
             SagaStatus::Completed => EventKind::Completed,
             _ => EventKind::Compensated,
@@ -997,10 +1146,32 @@ impl Machine<'_> {
 
     fn on_cancel(&mut self, reason: &str) -> Result<(), TransitionError> {
         let error = StepError::new("cancelled", reason);
-        match self.state.status {
-            SagaStatus::Created | SagaStatus::Running => {
+        match (self.state.status, self.state.pending) {
+            (SagaStatus::Created, _) => {
                 self.event(EventKind::Cancelled, None, Some(error.clone()));
-                self.start_compensation(error)
+                self.start_compensation(error, None)
+            }
+            (SagaStatus::Running, Some(p)) => {
+                if self.state.cancel.is_some() {
+                    return Err(TransitionError::CancelPending {
+                        step: self.step_def(p.step).name().clone(),
+                        kind: p.kind,
+                    });
+                }
+                self.event(EventKind::Cancelled, None, Some(error.clone()));
+                match p.phase {
+                    // The action is in flight: it may be taking effect right now. Wait
+                    // for its answer or its deadline, then compensate (it included, when
+                    // it may have happened).
+                    Phase::AwaitingReply { deadline } => {
+                        self.state.cancel = Some(error);
+                        self.effects.push(Effect::ScheduleWakeup { at: deadline });
+                        Ok(())
+                    }
+                    Phase::Backoff { .. } => {
+                        self.start_compensation(error, p.in_doubt.then_some(p.step))
+                    }
+                }
             }
             _ => Err(self.not_allowed("cancel_requested")),
         }
@@ -1021,10 +1192,15 @@ impl Machine<'_> {
         let Some(dl) = self.state.dead_letter.clone() else {
             return Err(self.not_allowed("redriven"));
         };
-        // A dead-lettered action (its data was unreadable) runs forward again; a
-        // dead-lettered compensation goes on compensating.
+        // A dead-lettered action (its data was unreadable, its output undecodable or its
+        // outcome unknown with nothing to undo it) runs forward again; a dead-lettered
+        // compensation goes on compensating.
         self.state.status = match dl.kind {
-            CommandKind::Action => SagaStatus::Running,
+            CommandKind::Action => {
+                self.state.failure = None;
+                self.state.in_doubt = None;
+                SagaStatus::Running
+            }
             CommandKind::Compensation => SagaStatus::Compensating,
         };
         self.state.redrives += 1;
@@ -1034,7 +1210,7 @@ impl Machine<'_> {
             None,
         );
         let first = dl.last_attempt + 1;
-        self.send(dl.step, dl.kind, first, first)?;
+        self.send(dl.step, dl.kind, first, first, dl.in_doubt)?;
         self.state.dead_letter = None;
         Ok(())
     }
@@ -1044,13 +1220,39 @@ impl Machine<'_> {
             return Err(self.not_allowed("resumed"));
         };
         match p.phase {
-            Phase::AwaitingReply { .. } => self.send(p.step, p.kind, p.attempt, p.first_attempt),
+            Phase::AwaitingReply { .. } => {
+                self.send(p.step, p.kind, p.attempt, p.first_attempt, p.in_doubt)
+            }
             Phase::Backoff { due } => {
                 self.effects.push(Effect::ScheduleWakeup { at: due });
                 Ok(())
             }
         }
     }
+}
+
+/// What an input answers, for [`Machine::check_target`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaits {
+    /// A success: any attempt sent of the pending step and kind, in either phase.
+    Success,
+    /// A failure: the attempt in flight, awaiting its reply.
+    Reply,
+    /// A reply deadline: the attempt in flight, awaiting its reply.
+    Deadline,
+    /// The end of a backoff.
+    BackoffEnd,
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The participant says it will never succeed: final for the key.
+    Permanent,
+    /// The participant says this attempt applied nothing and another may succeed.
+    Retryable,
+    /// No answer before the deadline: the attempt's outcome is unknown.
+    TimedOut,
 }
 
 fn input_is_reply(input: &Input) -> bool {

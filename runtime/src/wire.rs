@@ -127,6 +127,15 @@ pub const H_SCHEMA_VERSION: &str = "Skald-Schema-Version";
 /// Header (commands): the definition version of the saga that sent it.
 pub const H_DEFINITION_VERSION: &str = "Skald-Definition-Version";
 
+/// Header (compensations): the idempotency key of the action the compensation undoes.
+/// A participant undoes by this key: the payload may lack what only the action's reply
+/// would have taught (say a `payment_id`) when the action's outcome was unknown.
+pub const H_ACTION_KEY: &str = "Skald-Action-Key";
+/// Header (compensations): `true` when the action's outcome was unknown when compensation
+/// began (it timed out on every attempt, or a cancel cut it short): the action may never
+/// have run, or may still be running. Absent (or `false`) when the action succeeded.
+pub const H_IN_DOUBT: &str = "Skald-In-Doubt";
+
 /// Prefix of command subjects: `skald.cmd.<service>.<action>`.
 pub const COMMAND_PREFIX: &str = "skald.cmd";
 
@@ -288,6 +297,10 @@ pub fn encode_command(command: &Command) -> Result<Message, serde_json::Error> {
     h.insert(H_DEADLINE, command.deadline.as_millis().to_string());
     h.insert(H_SCHEMA_VERSION, command.schema_version.to_string());
     h.insert(H_DEFINITION_VERSION, command.definition_version.to_string());
+    if let Some(key) = &command.action_key {
+        h.insert(H_ACTION_KEY, key.as_str());
+        h.insert(H_IN_DOUBT, if command.in_doubt { "true" } else { "false" });
+    }
     h.insert(H_MSG_ID, command.message_id.as_str());
     h.insert(
         H_TRACEPARENT,
@@ -448,8 +461,33 @@ pub struct IncomingCommand {
     pub traceparent: Option<String>,
     /// The payload's schema version (`Skald-Schema-Version`; 1 when absent).
     pub schema_version: u32,
+    /// Compensations: the idempotency key of the action to undo (`Skald-Action-Key`).
+    pub action_key: Option<String>,
+    /// Compensations: the action's outcome was unknown when compensation began
+    /// (`Skald-In-Doubt: true`).
+    pub in_doubt: bool,
+    /// When skald stops waiting for this attempt (`Skald-Deadline`, ms since the epoch;
+    /// 0 when absent).
+    pub deadline_ms: u64,
     /// The JSON payload.
     pub payload: Value,
+}
+
+impl IncomingCommand {
+    /// The idempotency key of the action this command is about: its own key for an
+    /// action, the `Skald-Action-Key` for a compensation (derived from the saga and step
+    /// when an older orchestrator did not send the header).
+    pub fn action_key(&self) -> String {
+        match (&self.action_key, self.envelope.kind) {
+            (Some(k), _) => k.clone(),
+            (None, CommandKind::Action) => self.envelope.idempotency_key.clone(),
+            (None, CommandKind::Compensation) => crate::ids::idempotency_key(
+                &self.envelope.saga_id,
+                &self.envelope.step,
+                CommandKind::Action,
+            ),
+        }
+    }
 }
 
 /// Decodes a command message (participant side).
@@ -467,6 +505,15 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
         schema_version: match m.headers.get(H_SCHEMA_VERSION) {
             Some(_) => parse(m, WHAT, H_SCHEMA_VERSION)?,
             None => 1,
+        },
+        action_key: m.headers.get(H_ACTION_KEY).map(str::to_owned),
+        in_doubt: match m.headers.get(H_IN_DOUBT) {
+            Some(_) => parse(m, WHAT, H_IN_DOUBT)?,
+            None => false,
+        },
+        deadline_ms: match m.headers.get(H_DEADLINE) {
+            Some(_) => parse(m, WHAT, H_DEADLINE)?,
+            None => 0,
         },
         envelope,
         payload,
@@ -500,7 +547,7 @@ pub fn encode_reply(command: &IncomingCommand, outcome: &Outcome) -> Message {
     h.insert(H_OUTCOME, outcome.as_str());
     h.insert(
         H_MSG_ID,
-        format!("reply:{}:{}", env.idempotency_key, env.attempt),
+        crate::ids::reply_message_id(&env.idempotency_key, env.attempt, outcome.as_str()),
     );
     // The reply continues the command's trace as a child of it: the span that handled
     // the command, whose id is derived from the reply's message id.
@@ -540,6 +587,8 @@ mod tests {
             deadline: Timestamp(1_000),
             schema_version: 2,
             definition_version: 1,
+            action_key: None,
+            in_doubt: false,
         }
     }
 
@@ -580,10 +629,17 @@ mod tests {
                 .expect("valid");
         assert_eq!(continued.trace_id, sent.trace_id);
         assert_ne!(continued.span_id, sent.span_id);
+        // The span id is the handling's, whatever the outcome: `reply:<key>:<attempt>`;
+        // the message id adds the outcome, so two outcomes of one attempt are not
+        // de-duplicated into one.
+        let key = &incoming.envelope.idempotency_key;
+        assert_eq!(continued.span_id, span_id_of(&format!("reply:{key}:2")));
         assert_eq!(
-            continued.span_id,
-            span_id_of(reply.headers.get(H_MSG_ID).expect("msg id"))
+            reply.headers.get(H_MSG_ID),
+            Some(format!("reply:{key}:2:success").as_str())
         );
+        let retry = encode_reply(&incoming, &Outcome::Retryable(StepError::new("busy", "x")));
+        assert_ne!(retry.headers.get(H_MSG_ID), reply.headers.get(H_MSG_ID));
         // A command without a valid traceparent gets a reply without one.
         let mut bare = incoming.clone();
         bare.traceparent = Some("00-garbage".into());

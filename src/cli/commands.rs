@@ -1621,6 +1621,8 @@ mod tests {
             pending,
             failure: None,
             dead_letter: None,
+            cancel: None,
+            in_doubt: None,
             redrives: 0,
             created_at: Timestamp(0),
             updated_at: Timestamp(updated),
@@ -1636,6 +1638,7 @@ mod tests {
             phase: Phase::AwaitingReply {
                 deadline: Timestamp(deadline),
             },
+            in_doubt: false,
         })
     }
 
@@ -1675,6 +1678,7 @@ mod tests {
                     error: StepError::new("x", "y"),
                     attempts: 3,
                     last_attempt: 3,
+                    in_doubt: false,
                 });
             }
             assert_eq!(
@@ -1697,6 +1701,7 @@ mod tests {
                 phase: Phase::Backoff {
                     due: Timestamp(1_050),
                 },
+                in_doubt: false,
             }),
         );
         assert_eq!(stuck_reason(&s, Timestamp(1_900), None), None);

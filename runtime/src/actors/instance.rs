@@ -853,6 +853,8 @@ fn outcome_of(state: &SagaState) -> SagaOutcome {
         status: state.status,
         created_at: state.created_at,
         at: state.updated_at,
+        in_doubt: state.in_doubt.is_some()
+            || state.dead_letter.as_ref().is_some_and(|d| d.in_doubt),
     }
 }
 
@@ -923,7 +925,8 @@ fn bring_data_up(
 }
 
 /// Whether `input` is about the step in flight (its reply or timer for the current
-/// attempt, or a resume), so applying it would read the saga's data.
+/// attempt, a success for any attempt of it, or a resume), so applying it would read the
+/// saga's data.
 fn targets_pending(def: &Definition, state: &SagaState, input: &Input) -> bool {
     let Some(p) = state.pending else {
         return false;
@@ -932,7 +935,8 @@ fn targets_pending(def: &Definition, state: &SagaState, input: &Input) -> bool {
         Some((step, kind, attempt)) => {
             def.step(p.step).is_some_and(|s| s.name() == step)
                 && kind == p.kind
-                && attempt == p.attempt
+                && (attempt == p.attempt
+                    || matches!(input, Input::StepSucceeded { .. }) && attempt <= p.attempt)
         }
         None => matches!(input, Input::Resumed),
     }

@@ -53,6 +53,10 @@ pub struct SagaOutcome {
     pub created_at: Timestamp,
     /// When it settled.
     pub at: Timestamp,
+    /// Compensation began around a step whose outcome was unknown (it timed out on every
+    /// attempt, or a cancel cut it short): that step was compensated too (or, with no
+    /// compensation, the saga was dead-lettered).
+    pub in_doubt: bool,
 }
 
 /// Fans settled-saga notifications out to in-process subscribers.

@@ -329,6 +329,7 @@ fn refunding(def: &Definition) -> SagaState {
             phase: Phase::AwaitingReply {
                 deadline: at(3_000).plus(TIMEOUT)
             },
+            in_doubt: false,
         }
     );
     s
@@ -355,6 +356,7 @@ fn started_sends_first_action_schedules_its_deadline_and_announces_the_start() {
             attempt: 1,
             first_attempt: 1,
             phase: Phase::AwaitingReply { deadline },
+            in_doubt: false,
         })
     );
     let c = the_command(&fx);
@@ -461,6 +463,7 @@ fn retryable_failure_schedules_a_backoff_and_the_retry_keeps_the_idempotency_key
             attempt: 1,
             first_attempt: 1,
             phase: Phase::Backoff { due },
+            in_doubt: false,
         })
     );
     assert!(commands(&fx).is_empty(), "nothing is sent during a backoff");
@@ -496,6 +499,7 @@ fn retryable_failure_schedules_a_backoff_and_the_retry_keeps_the_idempotency_key
             phase: Phase::AwaitingReply {
                 deadline: due.plus(TIMEOUT)
             },
+            in_doubt: false,
         })
     );
     assert_eq!(wakeups(&fx), vec![due.plus(TIMEOUT)]);
@@ -536,6 +540,7 @@ fn timeout_is_a_retryable_failure_with_code_timeout() {
     let due = deadline.plus(Duration::from_millis(50));
     assert_eq!(s.status, SagaStatus::Running);
     assert_eq!(pending(&s).phase, Phase::Backoff { due });
+    assert!(pending(&s).in_doubt, "a timed-out attempt may have taken effect");
     assert_eq!(wakeups(&fx), vec![due]);
     let failed_event = lifecycle(&fx)[0].clone();
     assert_eq!(failed_event.event, EventKind::StepFailed);
@@ -702,6 +707,7 @@ fn compensation_failing_permanently_dead_letters_the_saga() {
         error,
         attempts: 1,
         last_attempt: 1,
+        in_doubt: false,
     };
     assert_eq!(s.status, SagaStatus::Failed);
     assert_eq!(s.pending, None);
@@ -764,19 +770,29 @@ fn compensation_spending_its_retries_dead_letters_and_a_redrive_grants_a_fresh_b
             phase: Phase::AwaitingReply {
                 deadline: redriven_at.plus(TIMEOUT)
             },
+            in_doubt: false,
         })
     );
     assert_eq!(target(the_command(&fx)), ("charge", Compensation, 3));
     assert_eq!(events(&fx), vec![EventKind::Redriven]);
     assert_eq!(lifecycle(&fx)[0].attempt, Some(3));
 
-    // a late reply for the pre-re-drive attempt is stale
-    let err = refuse(def, &s, &ok("charge", Compensation, 2), at(10_001));
+    // a late failure of the pre-re-drive attempt is stale...
+    let err = refuse(
+        def,
+        &s,
+        &failed("charge", Compensation, 2, false),
+        at(10_001),
+    );
     assert!(err.is_ignorable());
     assert!(
         matches!(err, TransitionError::Stale { attempt: 2, .. }),
         "{err}"
     );
+    // ...but its late success reports the refund (one key, one effect): accepted
+    let (refunded, fx) = apply(def, &s, &ok("charge", Compensation, 2), at(10_001));
+    assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
+    assert_eq!(refunded.status, SagaStatus::Compensating);
 
     // the fresh budget allows max_attempts (2) more attempts before dead-lettering again
     let (s, fx) = apply(
@@ -902,7 +918,7 @@ fn duplicate_reply_for_a_finished_compensation_is_a_duplicate() {
 }
 
 #[test]
-fn reply_for_an_old_attempt_is_stale() {
+fn a_failure_or_timer_for_an_old_attempt_is_stale() {
     let def = checkout();
     let def = def.definition();
     let s = run(
@@ -914,7 +930,10 @@ fn reply_for_an_old_attempt_is_stale() {
         ],
     );
     assert_eq!(pending(&s).attempt, 2);
-    for input in [ok("reserve", Action, 1), timed_out("reserve", Action, 1)] {
+    for input in [
+        failed("reserve", Action, 1, false),
+        timed_out("reserve", Action, 1),
+    ] {
         let err = refuse(def, &s, &input, at(5_000));
         assert!(
             matches!(err, TransitionError::Stale { attempt: 1, .. }),
@@ -925,13 +944,46 @@ fn reply_for_an_old_attempt_is_stale() {
 }
 
 #[test]
-fn reply_or_timeout_during_a_backoff_is_stale_and_retry_due_while_awaiting_is_stale() {
+fn a_late_success_of_an_earlier_attempt_is_accepted_in_either_phase() {
+    let def = checkout();
+    let def = def.definition();
+    // attempt 1 timed out; attempt 2 is in flight; attempt 1's success arrives late
+    let awaiting = run(
+        def,
+        started(def),
+        &[
+            timed_out("reserve", Action, 1),
+            retry_due("reserve", Action, 1),
+        ],
+    );
+    assert_eq!(pending(&awaiting).attempt, 2);
+    let (s, fx) = apply(def, &awaiting, &ok("reserve", Action, 1), at(60_000));
+    assert_eq!(s.completed, 1);
+    assert_eq!(decode(&s).done, vec!["r-reserve"]);
+    assert_eq!(target(the_command(&fx)), ("charge", Action, 1));
+    // attempt 2's own success, later, is a duplicate of the done step
+    let err = refuse(def, &s, &ok("reserve", Action, 2), at(61_000));
+    assert!(matches!(err, TransitionError::Duplicate { .. }), "{err}");
+
+    // the same success during the backoff after attempt 1 timed out
+    let backoff = run(def, started(def), &[timed_out("reserve", Action, 1)]);
+    assert!(matches!(pending(&backoff).phase, Phase::Backoff { .. }));
+    let (s, _) = apply(def, &backoff, &ok("reserve", Action, 1), at(60_000));
+    assert_eq!(s.completed, 1);
+    // an attempt that was never sent is not a success of this key
+    let err = refuse(def, &backoff, &ok("reserve", Action, 2), at(60_000));
+    assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
+}
+
+#[test]
+fn a_failure_or_timeout_during_a_backoff_is_stale_and_retry_due_while_awaiting_is_stale() {
     let def = checkout();
     let def = def.definition();
     let awaiting = started(def);
     let backoff = run(def, awaiting.clone(), &[failed("reserve", Action, 1, true)]);
+    // (a success of the attempt that failed is accepted: see
+    // `a_late_success_of_an_earlier_attempt_is_accepted_in_either_phase`)
     for input in [
-        ok("reserve", Action, 1),
         failed("reserve", Action, 1, true),
         timed_out("reserve", Action, 1),
     ] {
@@ -969,23 +1021,36 @@ fn reply_for_an_unknown_step_is_poison() {
 }
 
 #[test]
-fn undecodable_output_is_poison_and_changes_nothing() {
+fn an_undecodable_success_dead_letters_the_saga_not_the_message() {
     let def = checkout();
     let def = def.definition();
-    let s = started(def);
+    let s = run(def, started(def), &[ok("reserve", Action, 1)]);
     let input = Input::StepSucceeded {
-        step: name("reserve"),
+        step: name("charge"),
         kind: Action,
         attempt: 1,
         output: json!({ "not_a_receipt": true }),
     };
-    let err = refuse(def, &s, &input, at(1));
-    assert!(matches!(err, TransitionError::Data(_)), "{err}");
-    assert!(err.is_poison());
-    assert!(!err.is_ignorable());
-    // the saga still waits for a proper reply
-    let (s, _) = apply(def, &s, &ok("reserve", Action, 1), at(2));
-    assert_eq!(decode(&s).done, vec!["r-reserve"]);
+    // The charge took effect: the saga must neither move on nor compensate around it.
+    let (s, fx) = apply(def, &s, &input, at(2_000));
+    assert_eq!(s.status, SagaStatus::Failed);
+    let dl = s.dead_letter.clone().expect("dead letter");
+    assert_eq!((dl.step_name.as_str(), dl.kind), ("charge", Action));
+    assert_eq!(dl.error.code, "undecodable_output");
+    assert!(dl.error.message.contains("receipt"), "{}", dl.error.message);
+    assert!(dl.in_doubt);
+    assert!(commands(&fx).is_empty());
+    assert_eq!(dead_letters(&fx), vec![&dl]);
+    // Fixed (a new build of the participant or the definition): a re-drive re-sends the
+    // charge with the same key, and its success goes on.
+    let (s, fx) = apply(def, &s, &Input::Redriven, at(3_000));
+    let c = the_command(&fx);
+    assert_eq!(target(c), ("charge", Action, 2));
+    assert_eq!(c.idempotency_key, format!("{}:charge:action", saga_id()));
+    assert!(pending(&s).in_doubt);
+    let (s, _) = apply(def, &s, &ok("charge", Action, 2), at(4_000));
+    assert_eq!(decode(&s).done, vec!["r-reserve", "r-charge"]);
+    assert_eq!(s.status, SagaStatus::Running);
 }
 
 #[test]
@@ -1007,24 +1072,155 @@ fn started_twice_is_not_allowed() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn cancel_while_running_compensates_the_completed_steps() {
+fn cancel_while_an_action_is_in_flight_waits_for_its_outcome() {
     let def = checkout();
     let def = def.definition();
     let s = run(def, started(def), &[ok("reserve", Action, 1)]);
-    let (s, fx) = apply(def, &s, &cancel("customer changed their mind"), at(5_000));
-    assert_eq!(s.status, SagaStatus::Compensating);
+    let (waiting, fx) = apply(def, &s, &cancel("customer changed their mind"), at(5_000));
+    // the charge may be taking effect right now: nothing is compensated yet
+    assert_eq!(waiting.status, SagaStatus::Running);
     assert_eq!(
-        s.failure,
+        waiting.cancel,
         Some(StepError::new("cancelled", "customer changed their mind"))
     );
+    assert!(commands(&fx).is_empty());
+    assert_eq!(events(&fx), vec![EventKind::Cancelled]);
+    assert_eq!(wakeups(&fx), vec![waiting.wake_at().expect("deadline")]);
+    // a second cancel is ignored, saying why
+    let err = refuse(def, &waiting, &cancel("again"), at(5_001));
+    assert!(matches!(err, TransitionError::CancelPending { .. }), "{err}");
+    assert!(err.is_ignorable());
+
+    // the charge succeeds: it is refunded, then the reservation released
+    let (s, fx) = apply(def, &waiting, &ok("charge", Action, 1), at(5_002));
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(s.failure.as_ref().map(|f| f.code.as_str()), Some("cancelled"));
+    assert_eq!(s.cancel, None);
+    let c = the_command(&fx);
+    assert_eq!(target(c), ("charge", Compensation, 1));
+    assert_eq!(c.action_key, Some(format!("{}:charge:action", saga_id())));
+    assert!(!c.in_doubt, "the charge's outcome is known");
+
+    // it fails for good: only the reservation is released
+    let (s, fx) = apply(def, &waiting, &failed("charge", Action, 1, false), at(5_002));
+    assert_eq!(s.status, SagaStatus::Compensating);
     assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
-    assert_eq!(
-        events(&fx),
-        vec![EventKind::Cancelled, EventKind::Compensating]
+
+    // it answers retryable: no retry after a cancel, and that attempt applied nothing
+    let (s, fx) = apply(def, &waiting, &failed("charge", Action, 1, true), at(5_002));
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
+
+    // no answer before the deadline: the charge is in doubt and refunded by its key
+    let deadline = waiting.wake_at().expect("deadline");
+    let (s, fx) = apply(def, &waiting, &timed_out("charge", Action, 1), deadline);
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(s.in_doubt, Some(1));
+    let c = the_command(&fx);
+    assert_eq!(target(c), ("charge", Compensation, 1));
+    assert!(c.in_doubt);
+    assert_eq!(c.action_key, Some(format!("{}:charge:action", saga_id())));
+    assert!(!events(&fx).contains(&EventKind::RetryScheduled));
+}
+
+#[test]
+fn a_cancel_that_waited_on_the_last_step_completes_when_it_succeeds() {
+    let def = checkout();
+    let def = def.definition();
+    let s = run(
+        def,
+        started(def),
+        &[ok("reserve", Action, 1), ok("charge", Action, 1)],
     );
-    // the charge that was in flight is no longer awaited
-    let err = refuse(def, &s, &ok("charge", Action, 1), at(5_001));
-    assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
+    let (s, _) = apply(def, &s, &cancel("too late"), at(9_000));
+    let (s, fx) = apply(def, &s, &ok("ship", Action, 1), at(9_001));
+    assert_eq!(s.status, SagaStatus::Completed);
+    assert_eq!(finished(&fx), vec![SagaStatus::Completed]);
+    assert_eq!(s.cancel, None);
+}
+
+#[test]
+fn an_in_doubt_step_without_a_compensation_dead_letters_the_saga() {
+    let def = checkout();
+    let def = def.definition();
+    // ship (no compensation) times out on every attempt
+    let mut s = run(
+        def,
+        started(def),
+        &[ok("reserve", Action, 1), ok("charge", Action, 1)],
+    );
+    for attempt in 1..=3 {
+        let deadline = s.wake_at().expect("deadline");
+        s = apply(def, &s, &timed_out("ship", Action, attempt), deadline).0;
+        if attempt < 3 {
+            let due = s.wake_at().expect("due");
+            s = apply(def, &s, &retry_due("ship", Action, attempt), due).0;
+        }
+    }
+    assert_eq!(s.status, SagaStatus::Failed, "never `compensated` around a shipment");
+    let dl = s.dead_letter.clone().expect("dead letter");
+    assert_eq!((dl.step_name.as_str(), dl.kind), ("ship", Action));
+    assert_eq!(dl.error.code, "in_doubt_without_compensation");
+    assert!(dl.error.message.contains("ship"), "{}", dl.error.message);
+    assert!(dl.in_doubt);
+    // re-driven: the shipment is asked again with the same key, and its answer decides
+    let (s, fx) = apply(def, &s, &Input::Redriven, at(99_000));
+    assert_eq!(s.status, SagaStatus::Running);
+    assert_eq!(s.failure, None);
+    assert_eq!(target(the_command(&fx)), ("ship", Action, 4));
+    let (s, _) = apply(def, &s, &ok("ship", Action, 4), at(99_001));
+    assert_eq!(s.status, SagaStatus::Completed);
+}
+
+#[test]
+fn spent_retries_after_a_timeout_compensate_the_step_in_doubt() {
+    let def = checkout();
+    let def = def.definition();
+    let s = run(def, started(def), &[ok("reserve", Action, 1)]);
+    // attempt 1 times out, attempts 2 and 3 answer retryable (the participant says
+    // attempt 1 still holds the key): the charge may have happened
+    let deadline = s.wake_at().expect("deadline");
+    let (s, _) = apply(def, &s, &timed_out("charge", Action, 1), deadline);
+    let s = run(
+        def,
+        s,
+        &[
+            retry_due("charge", Action, 1),
+            failed("charge", Action, 2, true),
+            retry_due("charge", Action, 2),
+        ],
+    );
+    assert!(pending(&s).in_doubt, "a retryable answer does not clear the doubt");
+    let (s, fx) = apply(def, &s, &failed("charge", Action, 3, true), at(90_000));
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(s.in_doubt, Some(1));
+    assert_eq!(s.compensation_bound(), 2);
+    let c = the_command(&fx);
+    assert_eq!(target(c), ("charge", Compensation, 1));
+    assert!(c.in_doubt);
+    // the charge's late success changes nothing: it is being refunded
+    let err = refuse(def, &s, &ok("charge", Action, 1), at(90_001));
+    assert!(err.is_ignorable(), "{err}");
+    let s = run(
+        def,
+        s,
+        &[ok("charge", Compensation, 1), ok("reserve", Compensation, 1)],
+    );
+    assert_eq!(s.status, SagaStatus::Compensated);
+}
+
+#[test]
+fn a_permanent_failure_clears_the_doubt() {
+    let def = checkout();
+    let def = def.definition();
+    let s = run(def, started(def), &[ok("reserve", Action, 1)]);
+    let deadline = s.wake_at().expect("deadline");
+    let (s, _) = apply(def, &s, &timed_out("charge", Action, 1), deadline);
+    let s = run(def, s, &[retry_due("charge", Action, 1)]);
+    // the fenced participant's final answer for the key: it never applies it
+    let (s, fx) = apply(def, &s, &failed("charge", Action, 2, false), at(90_000));
+    assert_eq!(s.in_doubt, None);
+    assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
 }
 
 #[test]
@@ -1039,6 +1235,21 @@ fn cancel_during_a_backoff_compensates_too() {
     let (s, fx) = apply(def, &s, &cancel("timeout of the order"), at(5_000));
     assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
     assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(s.in_doubt, None, "the attempt that failed applied nothing");
+}
+
+#[test]
+fn cancel_during_a_backoff_after_a_timeout_compensates_the_step_in_doubt() {
+    let def = checkout();
+    let def = def.definition();
+    let s = run(def, started(def), &[ok("reserve", Action, 1)]);
+    let deadline = s.wake_at().expect("deadline");
+    let (s, _) = apply(def, &s, &timed_out("charge", Action, 1), deadline);
+    let (s, fx) = apply(def, &s, &cancel("order expired"), at(99_000));
+    assert_eq!(s.in_doubt, Some(1));
+    let c = the_command(&fx);
+    assert_eq!(target(c), ("charge", Compensation, 1));
+    assert!(c.in_doubt);
 }
 
 #[test]
@@ -1229,15 +1440,16 @@ fn refund_refused_then_redriven() -> Vec<Input> {
     ]
 }
 
-/// The customer cancels while the charge is in flight; its reply arrives late:
+/// The customer cancels while the charge is in flight; the charge then succeeds:
 /// 1. started
 /// 2. reserve action succeeded (attempt 1)
-/// 3. cancel requested
-/// 4. charge action succeeded (attempt 1) -> stale, ignored
+/// 3. cancel requested -> waits for the charge in flight
+/// 4. charge action succeeded (attempt 1) -> compensation begins
 /// 5. reserve action succeeded again (attempt 1) -> duplicate, ignored
-/// 6. reserve compensation succeeded (attempt 1)
+/// 6. charge compensation succeeded (attempt 1): refunded
+/// 7. reserve compensation succeeded (attempt 1)
 ///
-/// Ends `Compensated`; the charge was never confirmed, so it is not refunded.
+/// Ends `Compensated`; the charge took effect, so it is refunded.
 fn cancelled_mid_flight() -> Vec<Input> {
     vec![
         Input::Started,
@@ -1245,6 +1457,7 @@ fn cancelled_mid_flight() -> Vec<Input> {
         cancel("customer"),
         ok("charge", Action, 1),
         ok("reserve", Action, 1),
+        ok("charge", Compensation, 1),
         ok("reserve", Compensation, 1),
     ]
 }
@@ -1255,7 +1468,9 @@ fn cancelled_mid_flight() -> Vec<Input> {
 /// 3. reserve retry due
 /// 4. reserve timed out (attempt 2)
 /// 5. reserve retry due
-/// 6. reserve timed out (attempt 3) -> retries spent, nothing to undo
+/// 6. reserve timed out (attempt 3) -> retries spent; the reservation may exist
+/// 7. reserve compensation succeeded (attempt 1): released by the action's key (or a
+///    tombstone, if it never ran)
 ///
 /// Ends `Compensated`.
 fn inventory_never_answers() -> Vec<Input> {
@@ -1266,6 +1481,39 @@ fn inventory_never_answers() -> Vec<Input> {
         timed_out("reserve", Action, 2),
         retry_due("reserve", Action, 2),
         timed_out("reserve", Action, 3),
+        ok("reserve", Compensation, 1),
+    ]
+}
+
+/// The payment service applies the charge but answers only after skald gave up on it:
+/// 1. started
+/// 2. reserve action succeeded (attempt 1)
+/// 3. charge timed out (attempt 1)
+/// 4. charge retry due
+/// 5. charge action failed, retryable `in_progress` (attempt 2: attempt 1 holds the key)
+/// 6. charge retry due
+/// 7. charge timed out (attempt 3) -> retries spent; the charge is in doubt
+/// 8. charge compensation failed, retryable `action_in_progress` (attempt 1)
+/// 9. charge action succeeded (attempt 1), late -> ignored: it is being refunded
+/// 10. charge compensation retry due
+/// 11. charge compensation succeeded (attempt 2): refunded by the action's key
+/// 12. reserve compensation succeeded (attempt 1)
+///
+/// Ends `Compensated`, with the charge refunded.
+fn late_charge_refunded() -> Vec<Input> {
+    vec![
+        Input::Started,
+        ok("reserve", Action, 1),
+        timed_out("charge", Action, 1),
+        retry_due("charge", Action, 1),
+        failed("charge", Action, 2, true),
+        retry_due("charge", Action, 2),
+        timed_out("charge", Action, 3),
+        failed("charge", Compensation, 1, true),
+        ok("charge", Action, 1),
+        retry_due("charge", Compensation, 1),
+        ok("charge", Compensation, 2),
+        ok("reserve", Compensation, 1),
     ]
 }
 
@@ -1314,7 +1562,7 @@ fn replay(def: &Definition, journal: &[Input]) -> (SagaState, Vec<Replayed>) {
 fn canned_journals_replay_to_their_documented_end() {
     let def = checkout();
     let def = def.definition();
-    let cases: [(&str, Vec<Input>, SagaStatus); 5] = [
+    let cases: [(&str, Vec<Input>, SagaStatus); 6] = [
         (
             "all_steps_succeed",
             all_steps_succeed(),
@@ -1338,6 +1586,11 @@ fn canned_journals_replay_to_their_documented_end() {
         (
             "inventory_never_answers",
             inventory_never_answers(),
+            SagaStatus::Compensated,
+        ),
+        (
+            "late_charge_refunded",
+            late_charge_refunded(),
             SagaStatus::Compensated,
         ),
     ];
@@ -1381,11 +1634,14 @@ fn refund_refused_then_redriven_refunds_with_attempt_two() {
 }
 
 #[test]
-fn cancelled_mid_flight_ignores_the_late_replies() {
+fn cancelled_mid_flight_refunds_the_charge_that_succeeded() {
     let def = checkout();
     let def = def.definition();
     let (state, outcomes) = replay(def, &cancelled_mid_flight());
-    assert!(matches!(outcomes[3], Err(TransitionError::Stale { .. })));
+    let Ok(fx) = &outcomes[3] else {
+        panic!("the charge's success is accepted: {:?}", outcomes[3]);
+    };
+    assert_eq!(target(the_command(fx)), ("charge", Compensation, 1));
     assert!(matches!(
         outcomes[4],
         Err(TransitionError::Duplicate { .. })
@@ -1394,7 +1650,23 @@ fn cancelled_mid_flight_ignores_the_late_replies() {
         state.failure.as_ref().map(|f| f.code.as_str()),
         Some("cancelled")
     );
-    assert_eq!(decode(&state).done, vec!["r-reserve"]);
+    assert_eq!(decode(&state).done, vec!["r-reserve", "r-charge"]);
+}
+
+#[test]
+fn late_charge_refunded_compensates_by_the_action_key() {
+    let def = checkout();
+    let def = def.definition();
+    let (state, outcomes) = replay(def, &late_charge_refunded());
+    assert_eq!(state.in_doubt, Some(1));
+    let Ok(fx) = &outcomes[6] else {
+        panic!("the last timeout is accepted: {:?}", outcomes[6]);
+    };
+    let c = the_command(fx);
+    assert_eq!(target(c), ("charge", Compensation, 1));
+    assert!(c.in_doubt);
+    assert_eq!(c.action_key, Some(format!("{}:charge:action", saga_id())));
+    assert!(outcomes[8].as_ref().is_err_and(TransitionError::is_ignorable));
 }
 
 #[test]
@@ -1412,11 +1684,12 @@ fn inventory_never_answers_spends_exactly_three_attempts() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(sent, vec![1, 2, 3]);
+    assert_eq!(sent, vec![1, 2, 3, 1], "three reserves, then one release");
     assert_eq!(
         state.failure.as_ref().map(|f| f.code.as_str()),
         Some("timeout")
     );
+    assert_eq!(state.in_doubt, Some(0));
 }
 
 #[test]
@@ -1429,6 +1702,7 @@ fn the_machine_is_deterministic() {
         refund_refused_then_redriven(),
         cancelled_mid_flight(),
         inventory_never_answers(),
+        late_charge_refunded(),
     ] {
         assert_eq!(replay(def, &journal), replay(def, &journal));
     }
@@ -1602,6 +1876,7 @@ mod props {
             Err(TransitionError::Stale { .. }) => "stale",
             Err(TransitionError::UnknownStep { .. }) => "unknown_step",
             Err(TransitionError::NotAllowed { .. }) => "not_allowed",
+            Err(TransitionError::CancelPending { .. }) => "cancel_pending",
             Err(TransitionError::Data(_)) => "data",
         }
     }
@@ -1615,6 +1890,8 @@ mod props {
         /// Stale or duplicate.
         Ignored,
         NotAllowed,
+        /// A cancel while another waits for the action in flight.
+        CancelPending,
     }
 
     struct Driver<'a> {
@@ -1636,6 +1913,9 @@ mod props {
         last_compensation: Option<usize>,
         /// Steps whose compensation succeeded.
         compensated: BTreeSet<usize>,
+        /// The model of the unknown outcome: the pending action whose attempt timed out
+        /// with no definite answer since (a success or a permanent failure ends it).
+        doubt: Option<usize>,
     }
 
     impl<'a> Driver<'a> {
@@ -1655,6 +1935,7 @@ mod props {
                 last_action: None,
                 last_compensation: None,
                 compensated: BTreeSet::new(),
+                doubt: None,
             }
         }
 
@@ -1691,6 +1972,17 @@ mod props {
             }
         }
 
+        fn awaiting_in(&self, s: &SagaState) -> bool {
+            matches!(
+                s.pending,
+                Some(Pending {
+                    kind: Action,
+                    phase: Phase::AwaitingReply { .. },
+                    ..
+                })
+            )
+        }
+
         fn awaiting(&self) -> Option<Timestamp> {
             match self.state.pending?.phase {
                 Phase::AwaitingReply { deadline } => Some(deadline),
@@ -1705,7 +1997,17 @@ mod props {
             }
         }
 
-        /// A reply expectation: accepted while a reply is awaited, stale otherwise.
+        /// A success's expectation: accepted for any sent attempt of what is pending, in
+        /// either phase (one key, one effect); stale when nothing is.
+        fn success_expect(&self) -> Expect {
+            if self.state.pending.is_some() {
+                Expect::Accept
+            } else {
+                Expect::Stale
+            }
+        }
+
+        /// A failure's expectation: accepted while a reply is awaited, stale otherwise.
         fn reply_expect(&self) -> Expect {
             if self.awaiting().is_some() {
                 Expect::Accept
@@ -1718,7 +2020,7 @@ mod props {
             let (step, kind, attempt) = self.addressed();
             let status = self.state.status;
             Ok(match act {
-                Act::Succeed => (self.success(step, kind, attempt), self.reply_expect()),
+                Act::Succeed => (self.success(step, kind, attempt), self.success_expect()),
                 Act::FailPermanently | Act::FailRetryably(_) => {
                     let (retryable, draw) = match act {
                         Act::FailRetryably(d) => (true, *d),
@@ -1807,7 +2109,8 @@ mod props {
                         .range(..attempt)
                         .copied()
                         .collect();
-                    (self.success(step, kind, *i.get(&older)), Expect::Stale)
+                    // a late success of an earlier attempt reports the same effect
+                    (self.success(step, kind, *i.get(&older)), self.success_expect())
                 }
                 Act::Duplicate(i) | Act::Stale(i, _) => {
                     let others: Vec<(usize, CommandKind)> = (0..self.specs.len())
@@ -1826,10 +2129,12 @@ mod props {
                     Input::CancelRequested {
                         reason: "generated".into(),
                     },
-                    if status == SagaStatus::Running {
-                        Expect::Accept
-                    } else {
+                    if status != SagaStatus::Running {
                         Expect::NotAllowed
+                    } else if self.state.cancel.is_some() {
+                        Expect::CancelPending
+                    } else {
+                        Expect::Accept
                     },
                 ),
                 Act::Redrive => (
@@ -1892,6 +2197,15 @@ mod props {
             prop_assert_eq!(again.as_ref(), Ok(&result));
             let (next, effects) = result;
             self.check_accepted(&input, &next, &effects)?;
+            if before.in_doubt.is_none() && next.in_doubt.is_some() {
+                coverage.insert((next.status.as_str(), "compensation", "in_doubt"));
+            }
+            if let Some(dl) = next.dead_letter.as_ref().filter(|d| d.in_doubt) {
+                coverage.insert(("failed", "dead_letter", dl.kind.as_str()));
+            }
+            if before.cancel.is_none() && next.cancel.is_some() {
+                coverage.insert(("running", "cancel", "waits"));
+            }
             self.state = next;
             Ok(())
         }
@@ -1904,6 +2218,22 @@ mod props {
         ) -> TestCaseResult {
             let status = self.state.status;
             prop_assert!(!err.is_poison(), "{}: {err}", input.name());
+            // a success is never ignored while its step's key is pending
+            if let (
+                Input::StepSucceeded {
+                    step,
+                    kind,
+                    attempt,
+                    ..
+                },
+                Some(p),
+            ) = (input, self.state.pending)
+            {
+                prop_assert!(
+                    !(self.name(p.step) == *step && p.kind == *kind && *attempt <= p.attempt),
+                    "a success of the pending key was ignored: {err}"
+                );
+            }
             if status.is_terminal() {
                 prop_assert_eq!(err, &TransitionError::Finished { status });
                 prop_assert!(err.is_ignorable());
@@ -1937,10 +2267,16 @@ mod props {
                         }
                     );
                 }
+                Expect::CancelPending => {
+                    prop_assert!(matches!(err, TransitionError::CancelPending { .. }), "{err}");
+                }
             }
             prop_assert_eq!(
                 err.is_ignorable(),
-                matches!(expect, Expect::Stale | Expect::Duplicate | Expect::Ignored)
+                matches!(
+                    expect,
+                    Expect::Stale | Expect::Duplicate | Expect::Ignored | Expect::CancelPending
+                )
             );
             Ok(())
         }
@@ -1975,10 +2311,21 @@ mod props {
                     }
                     Compensation => {
                         prop_assert_eq!(s.status, SagaStatus::Compensating);
-                        prop_assert!(p.step < s.completed);
+                        prop_assert!(p.step < s.compensation_bound());
                         prop_assert!(self.specs[p.step].compensable);
+                        prop_assert!(!p.in_doubt, "only actions are in doubt");
                     }
                 }
+            }
+            // a cancel waits only while an action is awaited
+            if s.cancel.is_some() {
+                prop_assert_eq!(s.status, SagaStatus::Running);
+                prop_assert!(self.awaiting_in(s), "a cancel waits on an action in flight");
+            }
+            // the step in doubt is the one after the completed ones, and compensable
+            if let Some(d) = s.in_doubt {
+                prop_assert_eq!(d, s.completed);
+                prop_assert!(self.specs[d].compensable);
             }
             // on_success ran exactly once per completed step that has one
             let applied = self.specs[..s.completed]
@@ -2003,18 +2350,46 @@ mod props {
             fx: &[Effect],
         ) -> TestCaseResult {
             let s0 = self.state.clone();
+            // the model of the unknown outcome, moved by this input (an accepted reply or
+            // timer of an action always names the pending one)
+            if let Some(p) = s0.pending.filter(|p| p.kind == Action) {
+                match input {
+                    Input::TimedOut { .. } => self.doubt = Some(p.step),
+                    Input::StepFailed {
+                        retryable: false, ..
+                    }
+                    | Input::StepSucceeded { .. } => self.doubt = None,
+                    _ => {}
+                }
+            }
             self.check_state(s1)?;
             prop_assert_eq!(s1.updated_at, self.now);
+            if let Some(p) = s1.pending.filter(|p| p.kind == Action) {
+                prop_assert_eq!(p.in_doubt, self.doubt == Some(p.step), "{:?}", p);
+            }
 
             // status moves only along the designed edges
             use SagaStatus::*;
             let edge_ok = matches!(
                 (s0.status, s1.status),
                 (Created, Running)
-                    | (Running, Running | Compensating | Completed | Compensated)
+                    | (Running, Running | Compensating | Completed | Compensated | Failed)
                     | (Compensating, Compensating | Compensated | Failed)
-                    | (Failed, Compensating)
+                    | (Failed, Compensating | Running)
             );
+            // Running -> Failed: only an in-doubt action with nothing to undo it;
+            // Failed -> Running: only its forward re-drive
+            if (s0.status, s1.status) == (Running, Failed) {
+                let dl = s1
+                    .dead_letter
+                    .as_ref()
+                    .ok_or_else(|| TestCaseError::fail("no dead letter"))?;
+                prop_assert_eq!(dl.kind, Action);
+                prop_assert!(dl.in_doubt);
+                prop_assert_eq!(&dl.error.code, "in_doubt_without_compensation");
+                prop_assert!(!self.specs[dl.step].compensable);
+                prop_assert_eq!(Some(dl.step), self.doubt);
+            }
             prop_assert!(
                 edge_ok,
                 "{} -> {} on {}",
@@ -2047,7 +2422,8 @@ mod props {
                     .pending
                     .ok_or_else(|| TestCaseError::fail("failure without pending"))?;
                 let used = p.attempt - p.first_attempt + 1;
-                let delay = if retryable {
+                // a cancel that waited for this action's outcome allows no retry
+                let delay = if retryable && s0.cancel.is_none() {
                     self.policy(p.step, p.kind).next_delay(used, jitter)
                 } else {
                     None
@@ -2061,19 +2437,21 @@ mod props {
                                 phase: Phase::Backoff {
                                     due: self.now.plus(d)
                                 },
+                                in_doubt: p.kind == Action && self.doubt == Some(p.step),
                                 ..p
                             })
                         );
                     }
                     (None, Action) => {
                         prop_assert!(
-                            matches!(s1.status, Compensating | Compensated),
+                            matches!(s1.status, Compensating | Compensated | Failed),
                             "{}",
                             s1.status
                         );
+                        let want = if s0.cancel.is_some() { "cancelled" } else { code.as_str() };
                         prop_assert_eq!(
                             s1.failure.as_ref().map(|f| f.code.as_str()),
-                            Some(code.as_str())
+                            Some(want)
                         );
                     }
                     (None, Compensation) => {
@@ -2175,12 +2553,19 @@ mod props {
                 prop_assert!(letters.is_empty());
             }
 
-            // compensated means: exactly the completed compensable steps were undone
+            // compensated means: exactly the steps that may have taken effect and have a
+            // compensation were undone: the completed ones and the one in doubt
             if s1.status == Compensated {
                 let expected: BTreeSet<usize> = (0..s1.completed)
                     .filter(|&i| self.specs[i].compensable)
+                    .chain(self.doubt)
                     .collect();
                 prop_assert_eq!(&self.compensated, &expected);
+                prop_assert_eq!(s1.in_doubt, self.doubt);
+            }
+            // compensation began around exactly the modelled doubt
+            if s0.status == Running && s1.status == Compensating {
+                prop_assert_eq!(s1.in_doubt, self.doubt);
             }
             if s1.status == Completed {
                 prop_assert!(self.compensated.is_empty());
@@ -2257,11 +2642,21 @@ mod props {
                 }
                 Compensation => {
                     prop_assert_eq!(s1.status, SagaStatus::Compensating);
-                    prop_assert!(step < s1.completed, "compensating a step never completed");
+                    prop_assert!(
+                        step < s1.compensation_bound(),
+                        "compensating a step that cannot have taken effect"
+                    );
                     prop_assert!(self.specs[step].compensable);
                     prop_assert!(!self.compensated.contains(&step), "already compensated");
-                    // every compensable completed step above it was compensated first
-                    for j in step + 1..s1.completed {
+                    // the participant undoes by the action's key, told whether it is known
+                    prop_assert_eq!(
+                        c.action_key.clone(),
+                        Some(format!("{}:{}:action", s1.id, c.step))
+                    );
+                    prop_assert_eq!(c.in_doubt, s1.in_doubt == Some(step));
+                    // every compensable step above it that may have taken effect was
+                    // compensated first
+                    for j in step + 1..s1.compensation_bound() {
                         if self.specs[j].compensable {
                             prop_assert!(
                                 self.compensated.contains(&j),
@@ -2344,6 +2739,11 @@ mod props {
             ("running", "retry_due", "stale"),
             ("running", "redriven", "not_allowed"),
             ("running", "started", "not_allowed"),
+            ("running", "cancel_requested", "cancel_pending"),
+            ("running", "cancel", "waits"),
+            ("compensating", "compensation", "in_doubt"),
+            ("failed", "dead_letter", "action"),
+            ("failed", "redriven", "ok"),
             ("compensating", "step_succeeded", "ok"),
             ("compensating", "step_failed", "ok"),
             ("compensating", "timed_out", "ok"),
