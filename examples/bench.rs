@@ -283,6 +283,7 @@ fn reliable() -> SimConfig {
         seed: 1,
         decline_rate: 0.0,
         flaky_rate: 0.0,
+        ..SimConfig::default()
     }
 }
 

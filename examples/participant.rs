@@ -167,6 +167,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             seed: args.seed,
             decline_rate: args.decline_rate,
             flaky_rate: args.flaky_rate,
+            ..SimConfig::default()
         },
     );
     let subject = format!("skald.cmd.{name}.>");

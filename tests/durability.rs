@@ -198,6 +198,7 @@ async fn two_runtimes_share_the_sagas_and_one_finishes_what_a_dropped_one_left()
             seed: 3,
             decline_rate: 0.1,
             flaky_rate: 0.1,
+            ..skald::sagas::sim::SimConfig::default()
         },
         no_script(),
         ALL_SERVICES,

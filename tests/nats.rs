@@ -322,6 +322,7 @@ async fn lifecycle_events_reach_a_plain_subscriber_in_order_per_saga() {
         seed: 11,
         decline_rate: 0.4,
         flaky_rate: 0.0,
+        ..skald::sagas::sim::SimConfig::default()
     };
     let mut env = TestEnv::start(&backend, MemoryLedger::new(), config, no_script()).await;
     let mut ids = Vec::new();

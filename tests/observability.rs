@@ -233,6 +233,7 @@ async fn metrics_endpoint_after_a_run_and_trace_ids_through_the_participant_help
         seed: 7,
         decline_rate: 0.35,
         flaky_rate: 0.1,
+        ..SimConfig::default()
     };
     let participants = start_participants(
         bus.clone(),

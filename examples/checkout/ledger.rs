@@ -90,7 +90,7 @@ enum Op {
         id: String,
     },
     Release {
-        reservation_id: String,
+        action_key: String,
     },
     Charge {
         key: String,
@@ -100,7 +100,7 @@ enum Op {
         amount: i64,
     },
     Refund {
-        payment_id: String,
+        action_key: String,
     },
     Ship {
         key: String,
@@ -147,10 +147,10 @@ async fn apply(
         .bind(saga)
         .bind(order)
         .bind(id),
-        Op::Release { reservation_id } => sqlx::query(
-            "UPDATE sim_inventory_reservations SET released = 1 WHERE reservation_id = ?",
-        )
-        .bind(reservation_id),
+        Op::Release { action_key } => {
+            sqlx::query("UPDATE sim_inventory_reservations SET released = 1 WHERE key = ?")
+                .bind(action_key)
+        }
         Op::Charge {
             key,
             saga,
@@ -166,9 +166,9 @@ async fn apply(
         .bind(order)
         .bind(id)
         .bind(*amount),
-        Op::Refund { payment_id } => {
-            sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE payment_id = ?")
-                .bind(payment_id)
+        Op::Refund { action_key } => {
+            sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE key = ?")
+                .bind(action_key)
         }
         Op::Ship {
             key,
@@ -266,14 +266,9 @@ impl Ledger for SqliteLedger {
         Ok(id)
     }
 
-    async fn release(
-        &self,
-        _key: &str,
-        _saga: SagaId,
-        reservation_id: &str,
-    ) -> Result<(), LedgerError> {
+    async fn release(&self, action_key: &str, _saga: SagaId) -> Result<(), LedgerError> {
         self.write(Op::Release {
-            reservation_id: reservation_id.into(),
+            action_key: action_key.into(),
         })
         .await
     }
@@ -298,9 +293,9 @@ impl Ledger for SqliteLedger {
         Ok(id)
     }
 
-    async fn refund(&self, _key: &str, _saga: SagaId, payment_id: &str) -> Result<(), LedgerError> {
+    async fn refund(&self, action_key: &str, _saga: SagaId) -> Result<(), LedgerError> {
         self.write(Op::Refund {
-            payment_id: payment_id.into(),
+            action_key: action_key.into(),
         })
         .await
     }
@@ -489,17 +484,10 @@ impl Ledger for PgLedger {
         Ok(id)
     }
 
-    async fn release(
-        &self,
-        _key: &str,
-        _saga: SagaId,
-        reservation_id: &str,
-    ) -> Result<(), LedgerError> {
+    async fn release(&self, action_key: &str, _saga: SagaId) -> Result<(), LedgerError> {
         self.execute(
-            sqlx::query(
-                "UPDATE sim_inventory_reservations SET released = 1 WHERE reservation_id = $1",
-            )
-            .bind(reservation_id),
+            sqlx::query("UPDATE sim_inventory_reservations SET released = 1 WHERE key = $1")
+                .bind(action_key),
         )
         .await
     }
@@ -528,10 +516,10 @@ impl Ledger for PgLedger {
         Ok(id)
     }
 
-    async fn refund(&self, _key: &str, _saga: SagaId, payment_id: &str) -> Result<(), LedgerError> {
+    async fn refund(&self, action_key: &str, _saga: SagaId) -> Result<(), LedgerError> {
         self.execute(
-            sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE payment_id = $1")
-                .bind(payment_id),
+            sqlx::query("UPDATE sim_payment_charges SET refunded = 1 WHERE key = $1")
+                .bind(action_key),
         )
         .await
     }

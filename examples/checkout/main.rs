@@ -306,6 +306,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             seed: args.seed,
             decline_rate: args.decline_rate,
             flaky_rate: args.flaky_rate,
+            ..SimConfig::default()
         },
     );
     let mut participants = Vec::new();

@@ -1,20 +1,31 @@
 //! Simulated inventory, payment and shipping services for the checkout saga.
 //!
 //! Each keeps its records (reservations, charges, shipments) in a [`Ledger`], keyed by
-//! the command's idempotency key, so a repeated command changes nothing and returns the
-//! same result. Failures are seeded, so a run is reproducible:
+//! the action's idempotency key, so a repeated command changes nothing and returns the
+//! same result, and a compensation undoes by the action's key (`Skald-Action-Key`): its
+//! payload lacks the reservation or payment id when the action's outcome was unknown.
+//! Serve them through the participant helper with a fence
+//! ([`skald_runtime::participant::ParticipantOptions::fence`]): it refuses an action whose
+//! compensation came first and answers repeated keys from its record.
+//!
+//! Failures are seeded, so a run is reproducible:
 //! - a payment is declined (permanent failure) for a fraction `decline_rate` of orders,
 //!   decided by the order id;
 //! - any command fails retryably (before doing anything) for a fraction `flaky_rate` of
 //!   attempts, decided by the idempotency key and the attempt number, so a retry can
-//!   succeed.
+//!   succeed;
+//! - for a fraction `late_rate` of orders, the reserve or the charge (drawn per order) is
+//!   applied at once but every answer for it is held back for `late_hold` after its first
+//!   delivery ([`SimServices::hold_reply`]): skald's whole retry budget passes without an
+//!   answer, the step is in doubt, and its compensation must undo it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
-use skald_runtime::ids::SagaId;
+use skald_runtime::ids::{CommandKind, SagaId};
 use skald_runtime::machine::StepError;
 use skald_runtime::wire::{IncomingCommand, Outcome};
 
@@ -40,13 +51,9 @@ pub trait Ledger: Send + Sync + 'static {
         order_id: &str,
         items: &[LineItem],
     ) -> Result<String, LedgerError>;
-    /// Releases a reservation (no-op if unknown or already released).
-    async fn release(
-        &self,
-        key: &str,
-        saga: SagaId,
-        reservation_id: &str,
-    ) -> Result<(), LedgerError>;
+    /// Releases the reservation made by the action with idempotency key `action_key`
+    /// (no-op if unknown or already released).
+    async fn release(&self, action_key: &str, saga: SagaId) -> Result<(), LedgerError>;
     /// Charges; returns the payment id (the same one for a repeated key).
     async fn charge(
         &self,
@@ -55,8 +62,9 @@ pub trait Ledger: Send + Sync + 'static {
         order_id: &str,
         amount_cents: u64,
     ) -> Result<String, LedgerError>;
-    /// Refunds a payment (no-op if unknown or already refunded).
-    async fn refund(&self, key: &str, saga: SagaId, payment_id: &str) -> Result<(), LedgerError>;
+    /// Refunds the charge made by the action with idempotency key `action_key` (no-op if
+    /// unknown or already refunded).
+    async fn refund(&self, action_key: &str, saga: SagaId) -> Result<(), LedgerError>;
     /// Ships; returns the shipment id (the same one for a repeated key).
     async fn ship(&self, key: &str, saga: SagaId, order_id: &str) -> Result<String, LedgerError>;
     /// Every saga's records.
@@ -95,6 +103,12 @@ pub struct SimConfig {
     pub decline_rate: f64,
     /// Fraction of attempts that fail retryably. Default 0.05.
     pub flaky_rate: f64,
+    /// Fraction of orders whose reserve or charge answers late (see [`SimServices`]).
+    /// Default 0.
+    pub late_rate: f64,
+    /// How long a late step's answers are held after its first delivery: longer than
+    /// skald's whole retry budget for the step. Default 5 s.
+    pub late_hold: Duration,
 }
 
 impl Default for SimConfig {
@@ -103,6 +117,8 @@ impl Default for SimConfig {
             seed: 42,
             decline_rate: 0.1,
             flaky_rate: 0.05,
+            late_rate: 0.0,
+            late_hold: Duration::from_secs(5),
         }
     }
 }
@@ -117,6 +133,19 @@ impl SimConfig {
     pub fn flakes(&self, idempotency_key: &str, attempt: u32) -> bool {
         draw(self.seed, &["flaky", idempotency_key, &attempt.to_string()]) < self.flaky_rate
     }
+
+    /// The subject of the order's step that answers late, if any: the reserve or the
+    /// charge, drawn per order.
+    pub fn late_subject(&self, order_id: &str) -> Option<&'static str> {
+        if draw(self.seed, &["late", order_id]) >= self.late_rate {
+            return None;
+        }
+        Some(if draw(self.seed, &["late-step", order_id]) < 0.5 {
+            subjects::RESERVE
+        } else {
+            subjects::CHARGE
+        })
+    }
 }
 
 /// The three simulated services behind one command handler.
@@ -124,6 +153,9 @@ impl SimConfig {
 pub struct SimServices {
     ledger: Arc<dyn Ledger>,
     config: SimConfig,
+    /// When each late step's first delivery arrived (idempotency key -> instant).
+    // A std mutex: short critical sections, no await inside.
+    late_since: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl std::fmt::Debug for SimServices {
@@ -150,7 +182,33 @@ fn unavailable(e: LedgerError) -> Outcome {
 impl SimServices {
     /// The services over `ledger`.
     pub fn new(ledger: Arc<dyn Ledger>, config: SimConfig) -> Self {
-        SimServices { ledger, config }
+        SimServices {
+            ledger,
+            config,
+            late_since: Arc::default(),
+        }
+    }
+
+    /// How long to hold the answer to `cmd` (for the participant helper's
+    /// `ParticipantOptions::hold_reply`): for an action of a late step, until `late_hold`
+    /// after its key was first seen, so every attempt of it goes unanswered through
+    /// skald's whole retry budget; `None` for everything else.
+    pub fn hold_reply(&self, cmd: &IncomingCommand) -> Option<Duration> {
+        if self.config.late_rate <= 0.0 || cmd.envelope.kind != CommandKind::Action {
+            return None;
+        }
+        let order_id = cmd.payload.get("order_id")?.as_str()?;
+        if self.config.late_subject(order_id) != Some(cmd.subject.as_str()) {
+            return None;
+        }
+        let now = Instant::now();
+        let first = *self
+            .late_since
+            .lock()
+            .ok()?
+            .entry(cmd.envelope.idempotency_key.clone())
+            .or_insert(now);
+        (first + self.config.late_hold).checked_duration_since(now)
     }
 
     /// Which services exist, with the subject filter each consumes.
@@ -191,13 +249,13 @@ impl SimServices {
                 ok(serde_json::json!(Reserved { reservation_id: id }))
             }
             subjects::RELEASE => {
-                let p: ReleaseInventory = decode(cmd)?;
-                if let Some(r) = &p.reservation_id {
-                    self.ledger
-                        .release(key, saga, r)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                // Undo by the action's key: the payload's reservation id is absent when
+                // the reserve's outcome was unknown.
+                let _: ReleaseInventory = decode(cmd)?;
+                self.ledger
+                    .release(&cmd.action_key(), saga)
+                    .await
+                    .map_err(unavailable)?;
                 ok(serde_json::Value::Null)
             }
             subjects::CHARGE => {
@@ -216,13 +274,11 @@ impl SimServices {
                 ok(serde_json::json!(Charged { payment_id: id }))
             }
             subjects::REFUND => {
-                let p: RefundPayment = decode(cmd)?;
-                if let Some(id) = &p.payment_id {
-                    self.ledger
-                        .refund(key, saga, id)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                let _: RefundPayment = decode(cmd)?;
+                self.ledger
+                    .refund(&cmd.action_key(), saga)
+                    .await
+                    .map_err(unavailable)?;
                 ok(serde_json::Value::Null)
             }
             subjects::SHIP => {
@@ -292,18 +348,9 @@ impl Ledger for MemoryLedger {
         })
     }
 
-    async fn release(
-        &self,
-        _key: &str,
-        _saga: SagaId,
-        reservation_id: &str,
-    ) -> Result<(), LedgerError> {
+    async fn release(&self, action_key: &str, _saga: SagaId) -> Result<(), LedgerError> {
         self.with(|b| {
-            for r in b
-                .reservations
-                .values_mut()
-                .filter(|r| r.1 == reservation_id)
-            {
+            if let Some(r) = b.reservations.get_mut(action_key) {
                 r.2 = true;
             }
         })
@@ -325,9 +372,9 @@ impl Ledger for MemoryLedger {
         })
     }
 
-    async fn refund(&self, _key: &str, _saga: SagaId, payment_id: &str) -> Result<(), LedgerError> {
+    async fn refund(&self, action_key: &str, _saga: SagaId) -> Result<(), LedgerError> {
         self.with(|b| {
-            for c in b.charges.values_mut().filter(|c| c.1 == payment_id) {
+            if let Some(c) = b.charges.get_mut(action_key) {
                 c.2 = true;
             }
         })
@@ -370,6 +417,7 @@ mod tests {
             seed: 7,
             decline_rate: 0.1,
             flaky_rate: 0.05,
+            ..SimConfig::default()
         };
         let declined = (0..10_000)
             .filter(|i| c.declines(&format!("order-{i}")))
@@ -391,10 +439,11 @@ mod tests {
         let a = l.reserve("k1", s, "o", &[]).await.expect("reserve");
         let b = l.reserve("k1", s, "o", &[]).await.expect("reserve");
         assert_eq!(a, b);
-        l.release("k2", s, &a).await.expect("release");
-        l.release("k2", s, &a).await.expect("release again");
-        let p = l.charge("k3", s, "o", 10).await.expect("charge");
-        l.refund("k4", s, &p).await.expect("refund");
+        l.release("k1", s).await.expect("release");
+        l.release("k1", s).await.expect("release again");
+        l.release("unknown", s).await.expect("release of nothing");
+        l.charge("k3", s, "o", 10).await.expect("charge");
+        l.refund("k3", s).await.expect("refund");
         let r = l.records().await.expect("records")[&s];
         assert_eq!(
             r,

@@ -395,6 +395,7 @@ pub fn reliable() -> SimConfig {
         seed: 1,
         decline_rate: 0.0,
         flaky_rate: 0.0,
+        ..SimConfig::default()
     }
 }
 
