@@ -76,7 +76,17 @@ pub struct ParticipantOptions {
     /// it, without calling the handler (nor consulting the fence). `None` (the default)
     /// accepts every version.
     pub accept_versions: Option<Vec<u32>>,
+    /// A simulation hook: how long to hold back the answer to a command (`None`: reply
+    /// at once). Asked when the command arrives; the effect is applied (or the fence
+    /// consulted) at once, and the reply published and the command acknowledged only
+    /// once that time has passed, without holding one of the `concurrency` slots. Used
+    /// to play a participant whose answers are late (skald times the step out and
+    /// compensates it while it has in fact been applied).
+    pub hold_reply: Option<HoldReply>,
 }
+
+/// See [`ParticipantOptions::hold_reply`].
+pub type HoldReply = Arc<dyn Fn(&IncomingCommand) -> Option<Duration> + Send + Sync>;
 
 impl std::fmt::Debug for ParticipantOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,6 +94,7 @@ impl std::fmt::Debug for ParticipantOptions {
             .field("concurrency", &self.concurrency)
             .field("fence", &self.fence.is_some())
             .field("accept_versions", &self.accept_versions)
+            .field("hold_reply", &self.hold_reply.is_some())
             .finish()
     }
 }
@@ -146,9 +157,12 @@ where
     let mut sub = bus.subscribe(&[subject.to_owned()], group).await?;
     let handler = Arc::new(handler);
     let limit = Arc::new(Semaphore::new(options.concurrency.unwrap_or(64).max(1)));
-    let fence = options.fence;
-    let accept: Option<Arc<[u32]>> = options.accept_versions.map(Into::into);
-    let metrics = Arc::new(crate::metrics::ParticipantMetrics::new(group));
+    let setup = Arc::new(Setup {
+        fence: options.fence,
+        accept: options.accept_versions.map(Into::into),
+        hold_reply: options.hold_reply,
+        metrics: crate::metrics::ParticipantMetrics::new(group),
+    });
     let task = tokio::spawn(async move {
         while let Some(delivery) = sub.next().await {
             let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
@@ -156,20 +170,9 @@ where
             };
             let bus = Arc::clone(&bus);
             let handler = Arc::clone(&handler);
-            let fence = fence.clone();
-            let accept = accept.clone();
-            let metrics = Arc::clone(&metrics);
+            let setup = Arc::clone(&setup);
             tokio::spawn(async move {
-                handle(
-                    bus,
-                    delivery,
-                    handler.as_ref(),
-                    fence.as_deref(),
-                    accept.as_deref(),
-                    &metrics,
-                )
-                .await;
-                drop(permit);
+                handle(bus, delivery, handler.as_ref(), &setup, permit).await;
             });
         }
     });
@@ -202,13 +205,20 @@ where
     }
 }
 
+/// What every command of one participant is handled with.
+struct Setup {
+    fence: Option<Arc<dyn Fence>>,
+    accept: Option<Arc<[u32]>>,
+    hold_reply: Option<HoldReply>,
+    metrics: crate::metrics::ParticipantMetrics,
+}
+
 async fn handle<H, F>(
     bus: Arc<dyn Bus>,
     delivery: Delivery,
     handler: &H,
-    fence: Option<&dyn Fence>,
-    accept: Option<&[u32]>,
-    metrics: &crate::metrics::ParticipantMetrics,
+    setup: &Setup,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) where
     H: Fn(IncomingCommand) -> F,
     F: Future<Output = Outcome>,
@@ -246,26 +256,33 @@ async fn handle<H, F>(
     ) {
         crate::trace::annotate(&span, &own, Some(&parent));
     }
+    let hold_until = setup
+        .hold_reply
+        .as_ref()
+        .and_then(|hold| hold(&command))
+        .map(|d| tokio::time::Instant::now() + d);
     async move {
-        if let Some(refusal) = refuse_version(&command, accept) {
-            if reply_and_settle(bus, &command, &refusal, acker).await {
-                metrics.record(&refusal, received.elapsed());
-            }
-            return;
-        }
-        let outcome = match fence {
-            None => handler(command.clone()).await,
-            Some(fence) => match fenced(fence, &command, handler).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    warn!(error = %e, "the fence is unavailable; the command will be redelivered");
-                    settle(acker.nak(Duration::from_millis(500)).await);
-                    return;
-                }
+        let outcome = match refuse_version(&command, setup.accept.as_deref()) {
+            Some(refusal) => refusal,
+            None => match setup.fence.as_deref() {
+                None => handler(command.clone()).await,
+                Some(fence) => match fenced(fence, &command, handler).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        warn!(error = %e, "the fence is unavailable; the command will be redelivered");
+                        settle(acker.nak(Duration::from_millis(500)).await);
+                        return;
+                    }
+                },
             },
         };
+        let took = received.elapsed();
+        if let Some(until) = hold_until {
+            drop(permit);
+            tokio::time::sleep_until(until).await;
+        }
         if reply_and_settle(bus, &command, &outcome, acker).await {
-            metrics.record(&outcome, received.elapsed());
+            setup.metrics.record(&outcome, took);
         }
     }
     .instrument(span)
@@ -574,6 +591,7 @@ mod tests {
                 concurrency: Some(1),
                 fence: Some(Arc::new(MemoryFence::new())),
                 accept_versions: None,
+                hold_reply: None,
             },
             typed(move |_cmd, p: Amount| {
                 let n = counted.fetch_add(1, Ordering::SeqCst);
@@ -772,6 +790,46 @@ mod tests {
                 .any(|o| matches!(o, Outcome::Retryable(e) if e.code == "in_progress")),
             "{outcomes:?}"
         );
+        handle.stop();
+    }
+
+    #[tokio::test]
+    async fn a_held_reply_comes_late_without_holding_a_slot() {
+        let bus = Arc::new(Scripted::default());
+        *bus.commands.lock().expect("lock") = vec![
+            command("late", 1, serde_json::json!({})),
+            command("prompt", 1, serde_json::json!({})),
+        ];
+        let started = tokio::time::Instant::now();
+        let handle = serve_with(
+            bus.clone(),
+            "skald.cmd.svc.>",
+            "svc",
+            ParticipantOptions {
+                concurrency: Some(1),
+                fence: Some(Arc::new(MemoryFence::new())),
+                hold_reply: Some(Arc::new(|cmd: &IncomingCommand| {
+                    (cmd.envelope.idempotency_key == "late").then_some(Duration::from_millis(300))
+                })),
+                ..ParticipantOptions::default()
+            },
+            |cmd: IncomingCommand| async move {
+                Outcome::Success(serde_json::json!(cmd.envelope.idempotency_key))
+            },
+        )
+        .await
+        .expect("serve");
+        let first = replies(&bus, 1).await;
+        assert_eq!(
+            first[0].outcome,
+            Outcome::Success(serde_json::json!("prompt")),
+            "the held command does not hold the only slot"
+        );
+        assert!(started.elapsed() < Duration::from_millis(300));
+        let both = replies(&bus, 2).await;
+        assert_eq!(both[1].outcome, Outcome::Success(serde_json::json!("late")));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(*bus.settled.lock().expect("lock"), vec!["ack", "ack"]);
         handle.stop();
     }
 
