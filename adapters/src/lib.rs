@@ -7,10 +7,14 @@
 //! - `sqlite`: [`sqlite::SqliteStore`], the embedded default (a file, WAL mode);
 //! - `postgres`: [`postgres::PostgresStore`], the production store (several skald
 //!   processes may share it);
-//! - `nats`: [`nats::NatsBus`], NATS JetStream, the production transport.
+//! - `nats`: [`nats::NatsBus`], NATS JetStream, the production transport;
+//! - `sqlite` / `postgres`: [`fence::SqliteFence`] and [`fence::PgFence`], the durable
+//!   TCC fences of participant services (`skald_runtime::participant::fence`).
 //!
 //! Adapters convert their foreign errors into the port's error at the boundary.
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod fence;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "nats")]
