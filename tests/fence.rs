@@ -248,13 +248,15 @@ async fn actions_racing_their_compensations_are_never_left_applied(kind: Kind) {
         let key = format!("pair:{i}:action");
         let (fence, applied, k) = (Arc::clone(&a), Arc::clone(&applied), key.clone());
         tasks.push(tokio::spawn(async move {
-            loop {
-                match fence.claim_action(&k, 1).await.expect("claim") {
+            // A retryable answer is remembered for its attempt: retry with the next one,
+            // as skald does.
+            for attempt in 1.. {
+                match fence.claim_action(&k, attempt).await.expect("claim") {
                     ActionClaim::Run => {
                         *applied.lock().expect("lock").entry(k.clone()).or_default() += 1;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         fence
-                            .finish_action(&k, 1, &Outcome::Success(json!({"id": k})))
+                            .finish_action(&k, attempt, &Outcome::Success(json!({"id": k})))
                             .await
                             .expect("finish");
                         return;
@@ -269,8 +271,8 @@ async fn actions_racing_their_compensations_are_never_left_applied(kind: Kind) {
         }));
         let (fence, undone, k) = (Arc::clone(&b), Arc::clone(&undone), key);
         tasks.push(tokio::spawn(async move {
-            loop {
-                match fence.claim_compensation(&k).await.expect("claim") {
+            for attempt in 1.. {
+                match fence.claim_compensation(&k, attempt).await.expect("claim") {
                     CompensationClaim::Undo { action_output } => {
                         undone
                             .lock()
@@ -279,7 +281,7 @@ async fn actions_racing_their_compensations_are_never_left_applied(kind: Kind) {
                             .or_default()
                             .push(action_output);
                         fence
-                            .finish_compensation(&k, &Outcome::Success(json!("refunded")))
+                            .finish_compensation(&k, attempt, &Outcome::Success(json!("refunded")))
                             .await
                             .expect("finish");
                         return;
@@ -342,7 +344,7 @@ async fn a_compensation_first_refuses_the_action_on_another_replica(kind: Kind) 
     let b = db.fence(DEFAULT_LEASE, None).await;
     let key = "first:action";
     assert_eq!(
-        a.claim_compensation(key).await.expect("claim"),
+        a.claim_compensation(key, 1).await.expect("claim"),
         CompensationClaim::Answer(Outcome::Success(Value::Null))
     );
     for attempt in [1, 2, 3] {
@@ -393,9 +395,19 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
         other => panic!("expected in_progress, got {other:?}"),
     }
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    // Attempt 2 was answered `in_progress`, and keeps that answer; skald's next attempt
+    // takes the claim over.
+    match survivor
+        .claim_action("lease:action", 2)
+        .await
+        .expect("claim")
+    {
+        ActionClaim::Answer(Outcome::Retryable(e)) => assert_eq!(e.code, IN_PROGRESS_CODE),
+        other => panic!("expected the remembered in_progress, got {other:?}"),
+    }
     assert_eq!(
         survivor
-            .claim_action("lease:action", 2)
+            .claim_action("lease:action", 3)
             .await
             .expect("claim"),
         ActionClaim::Run,
@@ -403,7 +415,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
     );
     let done = Outcome::Success(json!("second"));
     survivor
-        .finish_action("lease:action", 2, &done)
+        .finish_action("lease:action", 3, &done)
         .await
         .expect("finish");
     // The crashed holder coming back late gets the recorded answer.
@@ -423,7 +435,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
         ActionClaim::Run
     );
     match survivor
-        .claim_compensation("lease2:action")
+        .claim_compensation("lease2:action", 1)
         .await
         .expect("claim")
     {
@@ -435,7 +447,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
     assert_eq!(
         survivor
-            .claim_compensation("lease2:action")
+            .claim_compensation("lease2:action", 2)
             .await
             .expect("claim"),
         CompensationClaim::Undo {
@@ -444,7 +456,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
         "the action may have been applied: undo it by key"
     );
     survivor
-        .finish_compensation("lease2:action", &Outcome::Success(json!("undone")))
+        .finish_compensation("lease2:action", 2, &Outcome::Success(json!("undone")))
         .await
         .expect("finish");
     assert_eq!(
@@ -642,7 +654,10 @@ async fn postgres_purge_forgets_only_settled_old_records() {
         .expect("finish");
     fence.claim_action("held:action", 1).await.expect("claim");
     clock.advance(Duration::from_secs(3_600));
-    fence.claim_compensation("new:action").await.expect("claim");
+    fence
+        .claim_compensation("new:action", 1)
+        .await
+        .expect("claim");
     let purged = fence
         .purge_before(Timestamp(1_000_000 + 60_000))
         .await

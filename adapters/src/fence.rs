@@ -1,4 +1,4 @@
-//! Durable TCC fences for participant services (see `skald_runtime::participant::fence`
+//! Durable TCC fences for participant services (see [`skald_runtime::participant::fence`]
 //! for the rules): [`SqliteFence`] (feature `sqlite`) and [`PgFence`] (feature
 //! `postgres`).
 //!
@@ -17,6 +17,9 @@
 //!     comp_state           TEXT NOT NULL,          -- none | running | compensated | tombstone
 //!     comp_output          TEXT,                   -- JSON: the compensation's output
 //!     comp_claimed_at_ms   BIGINT NOT NULL,        -- the compensation claim's start
+//!     comp_retried_through BIGINT NOT NULL,        -- highest compensation attempt
+//!                                                  -- answered retryable
+//!     comp_error           TEXT,                   -- JSON: its latest retryable error
 //!     updated_at_ms        BIGINT NOT NULL         -- last change (for `purge_before`)
 //! );
 //! ```
@@ -24,9 +27,9 @@
 //! Every operation is one transaction that locks the key's row before reading it
 //! (SQLite: `BEGIN IMMEDIATE`, which takes the database's write lock; PostgreSQL: an
 //! `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` that creates or row-locks the key),
-//! applies the rule ([`FenceRecord`]'s methods, the same code as the in-memory fence) and
+//! applies the rule (`FenceRecord`'s methods, the same code as the in-memory fence) and
 //! writes the row back before committing: two replicas racing on one key get exactly one
-//! [`ActionClaim::Run`].
+//! `ActionClaim::Run`.
 //!
 //! Times (the leases) are read from the participant's clock, not the database's: keep
 //! the replicas' clocks within a small fraction of the lease of each other.
@@ -53,7 +56,8 @@ mod imp {
     macro_rules! columns {
         () => {
             "action_state, action_attempt, action_output, action_error, retried_through, \
-             action_claimed_at_ms, comp_state, comp_output, comp_claimed_at_ms"
+             action_claimed_at_ms, comp_state, comp_output, comp_claimed_at_ms, \
+             comp_retried_through, comp_error"
         };
     }
     pub(super) use columns;
@@ -77,6 +81,8 @@ mod imp {
                  comp_state = excluded.comp_state, \
                  comp_output = excluded.comp_output, \
                  comp_claimed_at_ms = excluded.comp_claimed_at_ms, \
+                 comp_retried_through = excluded.comp_retried_through, \
+                 comp_error = excluded.comp_error, \
                  updated_at_ms = excluded.updated_at_ms"
             )
         };
@@ -109,8 +115,8 @@ mod imp {
     pub(super) enum Op<'a> {
         ClaimAction(u32),
         FinishAction(u32, &'a skald_runtime::wire::Outcome),
-        ClaimCompensation,
-        FinishCompensation(&'a skald_runtime::wire::Outcome),
+        ClaimCompensation(u32),
+        FinishCompensation(u32, &'a skald_runtime::wire::Outcome),
     }
 
     /// What an [`Op`] answered.
@@ -130,11 +136,11 @@ mod imp {
                 Op::FinishAction(attempt, outcome) => {
                     Answer::Finished(record.finish_action(*attempt, outcome))
                 }
-                Op::ClaimCompensation => {
-                    Answer::Compensation(record.claim_compensation(now, timing.lease))
+                Op::ClaimCompensation(attempt) => {
+                    Answer::Compensation(record.claim_compensation(*attempt, now, timing.lease))
                 }
-                Op::FinishCompensation(outcome) => {
-                    Answer::Finished(record.finish_compensation(outcome))
+                Op::FinishCompensation(attempt, outcome) => {
+                    Answer::Finished(record.finish_compensation(*attempt, outcome))
                 }
             }
         }
@@ -213,6 +219,8 @@ mod imp {
             comp_state: text("comp_state")?.parse()?,
             comp_output: json::<Value>("comp_output", opt("comp_output")?)?,
             comp_claimed_at: Timestamp(number("comp_claimed_at_ms", int("comp_claimed_at_ms")?)?),
+            comp_retried_through: number("comp_retried_through", int("comp_retried_through")?)?,
+            comp_error: json::<StepError>("comp_error", opt("comp_error")?)?,
         })
     }
 
@@ -227,6 +235,8 @@ mod imp {
         pub(super) comp_state: &'static str,
         pub(super) comp_output: Option<String>,
         pub(super) comp_claimed_at_ms: i64,
+        pub(super) comp_retried_through: i64,
+        pub(super) comp_error: Option<String>,
         pub(super) updated_at_ms: i64,
     }
 
@@ -251,6 +261,8 @@ mod imp {
             comp_state: r.comp_state.as_str(),
             comp_output: to_json(&r.comp_output)?,
             comp_claimed_at_ms: ms(r.comp_claimed_at),
+            comp_retried_through: i64::from(r.comp_retried_through),
+            comp_error: to_json(&r.comp_error)?,
             updated_at_ms: ms(now),
         })
     }
@@ -292,12 +304,16 @@ mod sqlite_fence {
             CHECK (comp_state IN ('none', 'running', 'compensated', 'tombstone')),
         comp_output          TEXT,
         comp_claimed_at_ms   INTEGER NOT NULL DEFAULT 0,
+        comp_retried_through INTEGER NOT NULL DEFAULT 0,
+        comp_error           TEXT,
         updated_at_ms        INTEGER NOT NULL DEFAULT 0
     )";
     const CREATE_INDEX: &str =
         "CREATE INDEX IF NOT EXISTS skald_fence_updated ON skald_fence (updated_at_ms)";
     const SELECT: &str = concat!("SELECT ", columns!(), " FROM skald_fence WHERE key = ?");
-    const UPSERT: &str = upsert!("?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?");
+    const UPSERT: &str = upsert!(
+        "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?"
+    );
 
     /// The TCC fence in a SQLite database (a file; see the module documentation). Replicas
     /// on one machine may share the file; each operation is a `BEGIN IMMEDIATE`
@@ -410,6 +426,8 @@ mod sqlite_fence {
                     .bind(e.comp_state)
                     .bind(e.comp_output)
                     .bind(e.comp_claimed_at_ms)
+                    .bind(e.comp_retried_through)
+                    .bind(e.comp_error)
                     .bind(e.updated_at_ms)
                     .execute(&mut *conn)
                     .await
@@ -452,8 +470,9 @@ mod sqlite_fence {
         async fn claim_compensation(
             &self,
             action_key: &str,
+            attempt: u32,
         ) -> Result<CompensationClaim, FenceError> {
-            self.apply(action_key, Op::ClaimCompensation)
+            self.apply(action_key, Op::ClaimCompensation(attempt))
                 .await?
                 .compensation()
         }
@@ -461,9 +480,10 @@ mod sqlite_fence {
         async fn finish_compensation(
             &self,
             action_key: &str,
+            attempt: u32,
             outcome: &Outcome,
         ) -> Result<Outcome, FenceError> {
-            self.apply(action_key, Op::FinishCompensation(outcome))
+            self.apply(action_key, Op::FinishCompensation(attempt, outcome))
                 .await?
                 .finished()
         }
@@ -521,6 +541,8 @@ mod postgres_fence {
             CHECK (comp_state IN ('none', 'running', 'compensated', 'tombstone')),
         comp_output          text,
         comp_claimed_at_ms   bigint NOT NULL DEFAULT 0,
+        comp_retried_through bigint NOT NULL DEFAULT 0,
+        comp_error           text,
         updated_at_ms        bigint NOT NULL DEFAULT 0
     )";
     const CREATE_INDEX: &str =
@@ -534,7 +556,7 @@ mod postgres_fence {
     );
     const SELECT: &str = concat!("SELECT ", columns!(), " FROM skald_fence WHERE key = $1");
     const UPSERT: &str = upsert!(
-        "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11"
+        "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11", "$12", "$13"
     );
 
     /// The TCC fence in a PostgreSQL database, shared by any number of replicas (see the
@@ -654,6 +676,8 @@ mod postgres_fence {
                     .bind(e.comp_state)
                     .bind(e.comp_output)
                     .bind(e.comp_claimed_at_ms)
+                    .bind(e.comp_retried_through)
+                    .bind(e.comp_error)
                     .bind(e.updated_at_ms)
                     .execute(&mut *conn)
                     .await
@@ -690,8 +714,9 @@ mod postgres_fence {
         async fn claim_compensation(
             &self,
             action_key: &str,
+            attempt: u32,
         ) -> Result<CompensationClaim, FenceError> {
-            self.apply(action_key, Op::ClaimCompensation)
+            self.apply(action_key, Op::ClaimCompensation(attempt))
                 .await?
                 .compensation()
         }
@@ -699,9 +724,10 @@ mod postgres_fence {
         async fn finish_compensation(
             &self,
             action_key: &str,
+            attempt: u32,
             outcome: &Outcome,
         ) -> Result<Outcome, FenceError> {
-            self.apply(action_key, Op::FinishCompensation(outcome))
+            self.apply(action_key, Op::FinishCompensation(attempt, outcome))
                 .await?
                 .finished()
         }

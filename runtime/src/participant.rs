@@ -38,9 +38,13 @@ pub use self::fence::{
 };
 use crate::ids::CommandKind;
 use crate::machine::StepError;
-use crate::ports::{Bus, BusError, Delivery};
+use crate::ports::{Bus, BusError, Clock, Delivery, SystemClock};
 use crate::trace::TraceContext;
 use crate::wire::{self, IncomingCommand, Outcome};
+
+/// The code of the `retryable` answer to a command whose deadline passed before its
+/// handler would start.
+pub const DEADLINE_PASSED_CODE: &str = "deadline_passed";
 
 tokio::task_local! {
     /// The recorded output of the action a compensation handler undoes.
@@ -83,6 +87,12 @@ pub struct ParticipantOptions {
     /// to play a participant whose answers are late (skald times the step out and
     /// compensates it while it has in fact been applied).
     pub hold_reply: Option<HoldReply>,
+    /// The clock a command's `Skald-Deadline` is compared with (default: the system
+    /// clock; skald's deadlines are its wall clock). A command whose deadline has passed
+    /// before its handler would start is answered `retryable`, code `deadline_passed`,
+    /// without calling the handler (skald has stopped waiting for that attempt and sends
+    /// another); with a fence, that answer is remembered for the attempt.
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 /// See [`ParticipantOptions::hold_reply`].
@@ -95,6 +105,7 @@ impl std::fmt::Debug for ParticipantOptions {
             .field("fence", &self.fence.is_some())
             .field("accept_versions", &self.accept_versions)
             .field("hold_reply", &self.hold_reply.is_some())
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -161,6 +172,7 @@ where
         fence: options.fence,
         accept: options.accept_versions.map(Into::into),
         hold_reply: options.hold_reply,
+        clock: options.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         metrics: crate::metrics::ParticipantMetrics::new(group),
     });
     let task = tokio::spawn(async move {
@@ -210,6 +222,7 @@ struct Setup {
     fence: Option<Arc<dyn Fence>>,
     accept: Option<Arc<[u32]>>,
     hold_reply: Option<HoldReply>,
+    clock: Arc<dyn Clock>,
     metrics: crate::metrics::ParticipantMetrics,
 }
 
@@ -265,8 +278,11 @@ async fn handle<H, F>(
         let outcome = match refuse_version(&command, setup.accept.as_deref()) {
             Some(refusal) => refusal,
             None => match setup.fence.as_deref() {
-                None => handler(command.clone()).await,
-                Some(fence) => match fenced(fence, &command, handler).await {
+                None => match past_deadline(&command, setup.clock.as_ref()) {
+                    Some(late) => Outcome::Retryable(late),
+                    None => handler(command.clone()).await,
+                },
+                Some(fence) => match fenced(fence, &command, handler, setup.clock.as_ref()).await {
                     Ok(outcome) => outcome,
                     Err(e) => {
                         warn!(error = %e, "the fence is unavailable; the command will be redelivered");
@@ -296,37 +312,55 @@ async fn fenced<H, F>(
     fence: &dyn Fence,
     command: &IncomingCommand,
     handler: &H,
+    clock: &dyn Clock,
 ) -> Result<Outcome, FenceError>
 where
     H: Fn(IncomingCommand) -> F,
     F: Future<Output = Outcome>,
 {
     let key = command.action_key();
+    let attempt = command.envelope.attempt;
     match command.envelope.kind {
-        CommandKind::Action => {
-            let attempt = command.envelope.attempt;
-            match fence.claim_action(&key, attempt).await? {
-                ActionClaim::Answer(answer) => {
-                    debug!(outcome = answer.as_str(), "answered by the fence");
-                    Ok(answer)
-                }
-                ActionClaim::Run => {
-                    let outcome = call(handler, command, None).await;
-                    persist(|| fence.finish_action(&key, attempt, &outcome)).await
-                }
+        CommandKind::Action => match fence.claim_action(&key, attempt).await? {
+            ActionClaim::Answer(answer) => {
+                debug!(outcome = answer.as_str(), "answered by the fence");
+                Ok(answer)
             }
-        }
-        CommandKind::Compensation => match fence.claim_compensation(&key).await? {
+            ActionClaim::Run => {
+                // Past its deadline: give the claim back with a `retryable` remembered
+                // for this attempt, without starting the work.
+                let outcome = match past_deadline(command, clock) {
+                    Some(late) => Outcome::Retryable(late),
+                    None => call(handler, command, None).await,
+                };
+                persist(|| fence.finish_action(&key, attempt, &outcome)).await
+            }
+        },
+        CommandKind::Compensation => match fence.claim_compensation(&key, attempt).await? {
             CompensationClaim::Answer(answer) => {
                 debug!(outcome = answer.as_str(), "answered by the fence");
                 Ok(answer)
             }
             CompensationClaim::Undo { action_output } => {
-                let outcome = call(handler, command, action_output).await;
-                persist(|| fence.finish_compensation(&key, &outcome)).await
+                let outcome = match past_deadline(command, clock) {
+                    Some(late) => Outcome::Retryable(late),
+                    None => call(handler, command, action_output).await,
+                };
+                persist(|| fence.finish_compensation(&key, attempt, &outcome)).await
             }
         },
     }
+}
+
+/// The `deadline_passed` error of a command whose `Skald-Deadline` has passed by `clock`.
+fn past_deadline(command: &IncomingCommand, clock: &dyn Clock) -> Option<StepError> {
+    let deadline = command.deadline_ms;
+    (deadline != 0 && clock.now().as_millis() > deadline).then(|| {
+        StepError::new(
+            DEADLINE_PASSED_CODE,
+            format!("not started before its deadline ({deadline} ms since the epoch)"),
+        )
+    })
 }
 
 /// Calls the handler with `action_output` readable through [`action_output`], both while
@@ -590,8 +624,7 @@ mod tests {
             ParticipantOptions {
                 concurrency: Some(1),
                 fence: Some(Arc::new(MemoryFence::new())),
-                accept_versions: None,
-                hold_reply: None,
+                ..ParticipantOptions::default()
             },
             typed(move |_cmd, p: Amount| {
                 let n = counted.fetch_add(1, Ordering::SeqCst);
@@ -833,6 +866,74 @@ mod tests {
         handle.stop();
     }
 
+    #[tokio::test]
+    async fn a_command_past_its_deadline_is_not_started_and_the_answer_is_remembered() {
+        let bus = Arc::new(Scripted::default());
+        let late = |attempt: u32, deadline: u64| {
+            let mut m = command("k", attempt, serde_json::json!({}));
+            m.headers.insert(wire::H_DEADLINE, deadline.to_string());
+            m
+        };
+        let future = u64::MAX / 2;
+        *bus.commands.lock().expect("lock") = vec![
+            late(1, 1),
+            // Another delivery of attempt 1 (say its deadline now reads later): the same
+            // answer, never the work.
+            late(1, future),
+            late(2, future),
+        ];
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let handle = serve_with(
+            bus.clone(),
+            "skald.cmd.svc.>",
+            "svc",
+            ParticipantOptions {
+                concurrency: Some(1),
+                fence: Some(Arc::new(MemoryFence::new())),
+                ..ParticipantOptions::default()
+            },
+            move |_cmd| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Outcome::Success(serde_json::json!("done")) }
+            },
+        )
+        .await
+        .expect("serve");
+        let outcomes: Vec<Outcome> = replies(&bus, 3)
+            .await
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        for o in &outcomes[..2] {
+            match o {
+                Outcome::Retryable(e) => assert_eq!(e.code, DEADLINE_PASSED_CODE),
+                other => panic!("expected deadline_passed, got {other:?}"),
+            }
+        }
+        assert_eq!(outcomes[2], Outcome::Success(serde_json::json!("done")));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "only attempt 2 ran");
+        handle.stop();
+
+        // Without a fence, too (nothing to remember it in).
+        let bus = Arc::new(Scripted::default());
+        *bus.commands.lock().expect("lock") = vec![late(1, 1)];
+        let handle = serve_with(
+            bus.clone(),
+            "skald.cmd.svc.>",
+            "svc",
+            ParticipantOptions::default(),
+            |_cmd| async { Outcome::Success(Value::Null) },
+        )
+        .await
+        .expect("serve");
+        match &replies(&bus, 1).await[0].outcome {
+            Outcome::Retryable(e) => assert_eq!(e.code, DEADLINE_PASSED_CODE),
+            other => panic!("expected deadline_passed, got {other:?}"),
+        }
+        handle.stop();
+    }
+
     /// A fence that fails: every claim, or (`claims`) only the writes after the handler.
     struct Broken {
         claims: bool,
@@ -850,10 +951,19 @@ mod tests {
         async fn finish_action(&self, _: &str, _: u32, _: &Outcome) -> Result<Outcome, FenceError> {
             Err(FenceError::Unavailable("down".into()))
         }
-        async fn claim_compensation(&self, _: &str) -> Result<CompensationClaim, FenceError> {
+        async fn claim_compensation(
+            &self,
+            _: &str,
+            _: u32,
+        ) -> Result<CompensationClaim, FenceError> {
             Err(FenceError::Unavailable("down".into()))
         }
-        async fn finish_compensation(&self, _: &str, _: &Outcome) -> Result<Outcome, FenceError> {
+        async fn finish_compensation(
+            &self,
+            _: &str,
+            _: u32,
+            _: &Outcome,
+        ) -> Result<Outcome, FenceError> {
             Err(FenceError::Unavailable("down".into()))
         }
         async fn record(&self, _: &str) -> Result<Option<FenceRecord>, FenceError> {

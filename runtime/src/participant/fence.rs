@@ -11,25 +11,29 @@
 //! compensation names it in `Skald-Action-Key`) changed only by atomic operations:
 //!
 //! 1. An action delivery **claims** the key before the handler runs
-//!    ([`Fence::claim_action`]). A key with a final outcome (success or permanent
-//!    failure) is answered with that outcome and the handler does not run; a key another
-//!    delivery holds a live claim on is answered `retryable` (`in_progress`); a key a
-//!    compensation came first for (a tombstone), or that was compensated, is refused:
-//!    a permanent `compensated` failure. An attempt number already answered `retryable`
-//!    gets that same answer again; a later attempt runs.
+//!    ([`Fence::claim_action`]). A key a compensation came first for (a tombstone), or
+//!    that was compensated, is refused: a permanent `compensated` failure
+//!    ("anti-suspension"). A key with a final outcome (success or permanent failure) is
+//!    answered with that outcome and the handler does not run ("every delivery gets the
+//!    same answer"). A key another delivery holds a live claim on is answered
+//!    `retryable` (`in_progress`). An attempt number already answered `retryable` (by
+//!    the handler or by the fence) gets that same answer again and never starts the work
+//!    (skald may have acted on the answer); a later attempt runs.
 //! 2. After the handler ([`Fence::finish_action`]): a success or a permanent failure is
-//!    recorded (final); a `retryable` answer releases the claim and is remembered for its
-//!    attempt number (`retried_through`).
+//!    recorded (final; the first recorded wins); a `retryable` answer releases the claim
+//!    and is remembered for its attempt number (`retried_through`).
 //! 3. A compensation delivery claims the compensation part of the action key's record
-//!    ([`Fence::claim_compensation`]): when the action succeeded the compensation handler
-//!    runs (with the action's recorded output, see [`super::action_output`]) and its
-//!    success is recorded (final: later deliveries get it again without running the
-//!    handler); a failure releases the claim so a later delivery retries. When the
-//!    action is unknown, was only ever answered `retryable`, or failed permanently, there
-//!    is nothing to undo: the fence records a **tombstone** and answers success without
-//!    running the handler ("empty rollback"), and a later delivery of the action is
-//!    refused ("anti-suspension"). While the action runs, the compensation is answered
-//!    `retryable` (`action_in_progress`).
+//!    ([`Fence::claim_compensation`]). A finished compensation is answered its success
+//!    again. While the action runs (a live claim), the compensation is answered
+//!    `retryable` (`action_in_progress`); while another compensation delivery runs,
+//!    `in_progress`; those answers, and the handler's `retryable` ones, are remembered
+//!    per compensation attempt like an action's. When the action succeeded the
+//!    compensation handler runs, with the action's recorded output (see
+//!    [`super::action_output`]), and its success is recorded (final); a failure releases
+//!    the claim so a later attempt retries. When the action is unknown, was only ever
+//!    answered `retryable`, or failed permanently, there is nothing to undo: the fence
+//!    records a **tombstone** and answers success without running the handler ("empty
+//!    rollback"), and a later delivery of the action is refused (rule 1).
 //! 4. A claim carries a lease ([`DEFAULT_LEASE`], configurable): the claim of a holder
 //!    that crashed is taken over by the next delivery once the lease has passed. A
 //!    compensation that finds an action claim past its lease treats the action as
@@ -37,6 +41,11 @@
 //!    key), and the action is refused from then on.
 //! 5. A fence that cannot be reached never loses anything: the participant helper does
 //!    not acknowledge the command, and the broker redelivers it.
+//!
+//! The participant helper adds the deadline rule of docs/protocol.md on top: a delivery
+//! the fence lets run whose `Skald-Deadline` has passed is not started; its claim is
+//! finished at once with a `retryable` `deadline_passed` (released, and remembered for
+//! the attempt).
 //!
 //! The rules themselves live in one place, [`FenceRecord`]'s methods, pure and
 //! synchronous; [`MemoryFence`] and the SQL fences of `skald-adapters` read the record
@@ -153,14 +162,21 @@ pub trait Fence: Send + Sync + 'static {
         outcome: &Outcome,
     ) -> Result<Outcome, FenceError>;
 
-    /// Claims the compensation of the action `action_key` (rule 3).
-    async fn claim_compensation(&self, action_key: &str) -> Result<CompensationClaim, FenceError>;
+    /// Claims the compensation of the action `action_key` for compensation attempt
+    /// `attempt` (rule 3).
+    async fn claim_compensation(
+        &self,
+        action_key: &str,
+        attempt: u32,
+    ) -> Result<CompensationClaim, FenceError>;
 
-    /// Records the compensation handler's `outcome` (rule 3). Returns what to reply:
-    /// `outcome`, or the success another delivery recorded first.
+    /// Records the compensation handler's `outcome` for compensation attempt `attempt`
+    /// (rule 3). Returns what to reply: `outcome`, or the success another delivery
+    /// recorded first.
     async fn finish_compensation(
         &self,
         action_key: &str,
+        attempt: u32,
         outcome: &Outcome,
     ) -> Result<Outcome, FenceError>;
 
@@ -302,6 +318,11 @@ pub struct FenceRecord {
     pub comp_output: Option<Value>,
     /// When the compensation was last claimed.
     pub comp_claimed_at: Timestamp,
+    /// The highest compensation attempt number answered `retryable` (0: none).
+    pub comp_retried_through: u32,
+    /// The compensation's latest `retryable` error (answered again to a repeated
+    /// attempt).
+    pub comp_error: Option<StepError>,
 }
 
 fn live(claimed_at: Timestamp, now: Timestamp, lease: Duration) -> bool {
@@ -313,18 +334,18 @@ pub fn refused() -> Outcome {
     Outcome::Failure(StepError::new(REFUSED_CODE, REFUSED_MESSAGE))
 }
 
-fn in_progress() -> Outcome {
-    Outcome::Retryable(StepError::new(
+fn in_progress() -> StepError {
+    StepError::new(
         IN_PROGRESS_CODE,
         "another delivery of this key is being handled now; try again later",
-    ))
+    )
 }
 
-fn action_in_progress() -> Outcome {
-    Outcome::Retryable(StepError::new(
+fn action_in_progress() -> StepError {
+    StepError::new(
         ACTION_IN_PROGRESS_CODE,
         "the action this compensation undoes is being handled now; try again later",
-    ))
+    )
 }
 
 impl FenceRecord {
@@ -356,23 +377,39 @@ impl FenceRecord {
         if self.comp_state == CompensationState::Running {
             return ActionClaim::Answer(refused());
         }
+        if self.action_state == ActionState::Running && live(self.action_claimed_at, now, lease) {
+            return ActionClaim::Answer(self.retried_action(attempt, in_progress()));
+        }
         if attempt <= self.retried_through {
             return ActionClaim::Answer(Outcome::Retryable(
-                self.action_error.clone().unwrap_or_else(|| {
-                    StepError::new(
-                        "retryable",
-                        format!("attempt {attempt} was answered retryable"),
-                    )
-                }),
+                self.action_error
+                    .clone()
+                    .unwrap_or_else(|| answered_retryable(attempt)),
             ));
-        }
-        if self.action_state == ActionState::Running && live(self.action_claimed_at, now, lease) {
-            return ActionClaim::Answer(in_progress());
         }
         self.action_state = ActionState::Running;
         self.action_attempt = attempt;
         self.action_claimed_at = now;
         ActionClaim::Run
+    }
+
+    /// Remembers that action attempt `attempt` was answered `error` (a `retryable`), so
+    /// another delivery of it gets the same answer and never starts the work.
+    fn retried_action(&mut self, attempt: u32, error: StepError) -> Outcome {
+        if attempt >= self.retried_through {
+            self.action_error = Some(error.clone());
+        }
+        self.retried_through = self.retried_through.max(attempt);
+        Outcome::Retryable(error)
+    }
+
+    /// Likewise for compensation attempt `attempt`.
+    fn retried_compensation(&mut self, attempt: u32, error: StepError) -> Outcome {
+        if attempt >= self.comp_retried_through {
+            self.comp_error = Some(error.clone());
+        }
+        self.comp_retried_through = self.comp_retried_through.max(attempt);
+        Outcome::Retryable(error)
     }
 
     /// Rule 2: the handler of action attempt `attempt` answered `outcome`. Returns what
@@ -396,10 +433,7 @@ impl FenceRecord {
                 self.action_error = Some(e.clone());
             }
             Outcome::Retryable(e) => {
-                if attempt >= self.retried_through {
-                    self.action_error = Some(e.clone());
-                }
-                self.retried_through = self.retried_through.max(attempt);
+                self.retried_action(attempt, e.clone());
                 // Release only this attempt's own claim, not that of a delivery that took
                 // it over after the lease.
                 if self.action_state == ActionState::Running && self.action_attempt == attempt {
@@ -423,8 +457,13 @@ impl FenceRecord {
         outcome.clone()
     }
 
-    /// Rule 3: a compensation delivery at `now`.
-    pub fn claim_compensation(&mut self, now: Timestamp, lease: Duration) -> CompensationClaim {
+    /// Rule 3: a delivery of compensation attempt `attempt` at `now`.
+    pub fn claim_compensation(
+        &mut self,
+        attempt: u32,
+        now: Timestamp,
+        lease: Duration,
+    ) -> CompensationClaim {
         match self.comp_state {
             CompensationState::Compensated | CompensationState::Tombstone => {
                 return CompensationClaim::Answer(Outcome::Success(
@@ -432,14 +471,25 @@ impl FenceRecord {
                 ));
             }
             CompensationState::Running if live(self.comp_claimed_at, now, lease) => {
-                return CompensationClaim::Answer(in_progress());
+                return CompensationClaim::Answer(
+                    self.retried_compensation(attempt, in_progress()),
+                );
             }
             CompensationState::Running | CompensationState::None => {}
         }
+        if self.action_state == ActionState::Running && live(self.action_claimed_at, now, lease) {
+            return CompensationClaim::Answer(
+                self.retried_compensation(attempt, action_in_progress()),
+            );
+        }
+        if attempt <= self.comp_retried_through {
+            return CompensationClaim::Answer(Outcome::Retryable(
+                self.comp_error
+                    .clone()
+                    .unwrap_or_else(|| answered_retryable(attempt)),
+            ));
+        }
         let action_output = match self.action_state {
-            ActionState::Running if live(self.action_claimed_at, now, lease) => {
-                return CompensationClaim::Answer(action_in_progress());
-            }
             // Rule 4: the holder crashed, or runs past its lease: the action may have
             // been applied; undo it by key.
             ActionState::Running => None,
@@ -458,8 +508,9 @@ impl FenceRecord {
         CompensationClaim::Undo { action_output }
     }
 
-    /// Rule 3: the compensation handler answered `outcome`. Returns what to reply.
-    pub fn finish_compensation(&mut self, outcome: &Outcome) -> Outcome {
+    /// Rule 3: the handler of compensation attempt `attempt` answered `outcome`. Returns
+    /// what to reply.
+    pub fn finish_compensation(&mut self, attempt: u32, outcome: &Outcome) -> Outcome {
         if self.comp_state.is_final() {
             return Outcome::Success(self.comp_output.clone().unwrap_or(Value::Null));
         }
@@ -467,15 +518,27 @@ impl FenceRecord {
             Outcome::Success(output) => {
                 self.comp_state = CompensationState::Compensated;
                 self.comp_output = Some(output.clone());
+                return outcome.clone();
             }
-            Outcome::Failure(_) | Outcome::Retryable(_) => {
-                if self.comp_state == CompensationState::Running {
-                    self.comp_state = CompensationState::None;
-                }
+            Outcome::Retryable(e) => {
+                self.retried_compensation(attempt, e.clone());
             }
+            // Not remembered: skald dead-letters the compensation, and a re-drive sends
+            // it again under a new attempt number.
+            Outcome::Failure(_) => {}
+        }
+        if self.comp_state == CompensationState::Running {
+            self.comp_state = CompensationState::None;
         }
         outcome.clone()
     }
+}
+
+fn answered_retryable(attempt: u32) -> StepError {
+    StepError::new(
+        "retryable",
+        format!("attempt {attempt} was answered retryable"),
+    )
 }
 
 /// An in-memory [`Fence`]: atomic within one process, lost on restart. For tests and
@@ -556,17 +619,24 @@ impl Fence for MemoryFence {
         self.with_record(key, |r| r.finish_action(attempt, outcome))
     }
 
-    async fn claim_compensation(&self, action_key: &str) -> Result<CompensationClaim, FenceError> {
+    async fn claim_compensation(
+        &self,
+        action_key: &str,
+        attempt: u32,
+    ) -> Result<CompensationClaim, FenceError> {
         let now = self.clock.now();
-        self.with_record(action_key, |r| r.claim_compensation(now, self.lease))
+        self.with_record(action_key, |r| {
+            r.claim_compensation(attempt, now, self.lease)
+        })
     }
 
     async fn finish_compensation(
         &self,
         action_key: &str,
+        attempt: u32,
         outcome: &Outcome,
     ) -> Result<Outcome, FenceError> {
-        self.with_record(action_key, |r| r.finish_compensation(outcome))
+        self.with_record(action_key, |r| r.finish_compensation(attempt, outcome))
     }
 
     async fn record(&self, key: &str) -> Result<Option<FenceRecord>, FenceError> {
@@ -674,10 +744,10 @@ pub mod conformance {
         }
     }
 
-    async fn comp_answer(s: Subject<'_>, key: &str) -> Result<Outcome, String> {
+    async fn comp_answer(s: Subject<'_>, key: &str, attempt: u32) -> Result<Outcome, String> {
         match s
             .fence
-            .claim_compensation(key)
+            .claim_compensation(key, attempt)
             .await
             .map_err(e("claim_compensation"))?
         {
@@ -689,10 +759,10 @@ pub mod conformance {
         }
     }
 
-    async fn undo(s: Subject<'_>, key: &str) -> Result<Option<Value>, String> {
+    async fn undo(s: Subject<'_>, key: &str, attempt: u32) -> Result<Option<Value>, String> {
         match s
             .fence
-            .claim_compensation(key)
+            .claim_compensation(key, attempt)
             .await
             .map_err(e("claim_compensation"))?
         {
@@ -762,7 +832,9 @@ pub mod conformance {
         Ok(())
     }
 
-    /// Rule 1: a delivery finding a live claim is answered `retryable` `in_progress`.
+    /// Rule 1: a delivery finding a live claim is answered `retryable` `in_progress`, and
+    /// that answer is remembered for its attempt: a later delivery of the attempt gets it
+    /// again, even once the claim is released; a later attempt runs.
     pub async fn a_live_claim_is_in_progress(s: Subject<'_>) -> Check {
         let k = key("busy");
         run(s, &k, 1).await?;
@@ -780,7 +852,22 @@ pub mod conformance {
             "half-way through the lease",
             code(&o),
             Some(("retryable", IN_PROGRESS_CODE)),
-        )
+        )?;
+        s.fence
+            .finish_action(
+                &k,
+                1,
+                &Outcome::Retryable(StepError::new("bank_down", "later")),
+            )
+            .await
+            .map_err(e("finish_action"))?;
+        let o = answer(s, &k, 2).await?;
+        eq(
+            "attempt 2 after the claim was released",
+            code(&o),
+            Some(("retryable", IN_PROGRESS_CODE)),
+        )?;
+        run(s, &k, 3).await
     }
 
     /// Rule 1 and 2: a `retryable` answer releases the claim and is answered again to
@@ -831,10 +918,10 @@ pub mod conformance {
             .map_err(e("finish_action"))?;
         eq(
             "the compensation's action output",
-            undo(s, &k).await?,
+            undo(s, &k, 1).await?,
             Some(json!({"payment_id": "p9"})),
         )?;
-        let o = comp_answer(s, &k).await?;
+        let o = comp_answer(s, &k, 2).await?;
         eq(
             "a second compensation during the first",
             code(&o),
@@ -843,15 +930,17 @@ pub mod conformance {
         let done = Outcome::Success(json!({"refund_id": "r1"}));
         let answered = s
             .fence
-            .finish_compensation(&k, &done)
+            .finish_compensation(&k, 1, &done)
             .await
             .map_err(e("finish_compensation"))?;
         eq("the compensation's answer", &answered, &done)?;
-        eq(
-            "a compensation after the compensation",
-            comp_answer(s, &k).await?,
-            done,
-        )?;
+        for attempt in [1, 2, 3] {
+            eq(
+                &format!("compensation attempt {attempt} after the compensation"),
+                comp_answer(s, &k, attempt).await?,
+                done.clone(),
+            )?;
+        }
         let record = s
             .fence
             .record(&k)
@@ -867,7 +956,8 @@ pub mod conformance {
     }
 
     /// Rule 3: a compensation that fails (permanently or not) releases its claim: the
-    /// next delivery runs it again, with the action's output.
+    /// next attempt runs it again, with the action's output. A `retryable` answer is
+    /// remembered for its attempt.
     pub async fn a_failed_compensation_is_retried(s: Subject<'_>) -> Check {
         let k = key("undo-retry");
         run(s, &k, 1).await?;
@@ -875,30 +965,35 @@ pub mod conformance {
             .finish_action(&k, 1, &Outcome::Success(json!(1)))
             .await
             .map_err(e("finish_action"))?;
-        for failed in [
-            Outcome::Retryable(StepError::new("bank_down", "later")),
-            Outcome::Failure(StepError::new("refund_refused", "no")),
-        ] {
-            eq(
-                "the compensation's output",
-                undo(s, &k).await?,
-                Some(json!(1)),
-            )?;
-            let answered = s
-                .fence
-                .finish_compensation(&k, &failed)
-                .await
-                .map_err(e("finish_compensation"))?;
-            eq("a failed compensation's answer", answered, failed)?;
-        }
-        eq("the third try", undo(s, &k).await?, Some(json!(1)))?;
+        let busy = Outcome::Retryable(StepError::new("bank_down", "later"));
+        eq("attempt 1's output", undo(s, &k, 1).await?, Some(json!(1)))?;
+        let answered = s
+            .fence
+            .finish_compensation(&k, 1, &busy)
+            .await
+            .map_err(e("finish_compensation"))?;
+        eq("a retryable compensation's answer", &answered, &busy)?;
+        eq(
+            "compensation attempt 1 again",
+            comp_answer(s, &k, 1).await?,
+            busy,
+        )?;
+        let refused = Outcome::Failure(StepError::new("refund_refused", "no"));
+        eq("attempt 2's output", undo(s, &k, 2).await?, Some(json!(1)))?;
+        let answered = s
+            .fence
+            .finish_compensation(&k, 2, &refused)
+            .await
+            .map_err(e("finish_compensation"))?;
+        eq("a failed compensation's answer", answered, refused)?;
+        eq("attempt 3's output", undo(s, &k, 3).await?, Some(json!(1)))?;
         s.fence
-            .finish_compensation(&k, &Outcome::Success(Value::Null))
+            .finish_compensation(&k, 3, &Outcome::Success(Value::Null))
             .await
             .map_err(e("finish_compensation"))?;
         eq(
             "after the success",
-            comp_answer(s, &k).await?,
+            comp_answer(s, &k, 4).await?,
             Outcome::Success(Value::Null),
         )
     }
@@ -909,12 +1004,12 @@ pub mod conformance {
         let k = key("tombstone");
         eq(
             "an empty rollback",
-            comp_answer(s, &k).await?,
+            comp_answer(s, &k, 1).await?,
             Outcome::Success(Value::Null),
         )?;
         eq(
             "the empty rollback again",
-            comp_answer(s, &k).await?,
+            comp_answer(s, &k, 2).await?,
             Outcome::Success(Value::Null),
         )?;
         let record = s
@@ -955,7 +1050,7 @@ pub mod conformance {
                 .map_err(e("finish_action"))?;
             eq(
                 &format!("compensation of a {what} action"),
-                comp_answer(s, &k).await?,
+                comp_answer(s, &k, 1).await?,
                 Outcome::Success(Value::Null),
             )?;
             // A later delivery is refused (anti-suspension): the compensation came.
@@ -965,11 +1060,12 @@ pub mod conformance {
     }
 
     /// Rule 3: a compensation while the action runs is answered `retryable`
-    /// `action_in_progress`, and changes nothing: the action then finishes normally.
+    /// `action_in_progress` (remembered for its attempt), and changes nothing: the
+    /// action then finishes normally, and the next compensation attempt undoes it.
     pub async fn compensation_waits_for_a_running_action(s: Subject<'_>) -> Check {
         let k = key("racing");
         run(s, &k, 1).await?;
-        let o = comp_answer(s, &k).await?;
+        let o = comp_answer(s, &k, 1).await?;
         eq(
             "a compensation during the action",
             code(&o),
@@ -982,9 +1078,15 @@ pub mod conformance {
             .await
             .map_err(e("finish_action"))?;
         eq("the action's answer", &answered, &out)?;
+        let o = comp_answer(s, &k, 1).await?;
         eq(
-            "the compensation afterwards",
-            undo(s, &k).await?,
+            "compensation attempt 1 again",
+            code(&o),
+            Some(("retryable", ACTION_IN_PROGRESS_CODE)),
+        )?;
+        eq(
+            "compensation attempt 2",
+            undo(s, &k, 2).await?,
             Some(json!({"id": 3})),
         )?;
         Ok(())
@@ -1022,7 +1124,11 @@ pub mod conformance {
         let k = key("lease-undo");
         run(s, &k, 1).await?;
         s.clock.advance(s.lease + Duration::from_millis(1));
-        eq("the compensation's action output", undo(s, &k).await?, None)?;
+        eq(
+            "the compensation's action output",
+            undo(s, &k, 1).await?,
+            None,
+        )?;
         is_refusal(&answer(s, &k, 2).await?)?;
         is_refusal(
             &s.fence
@@ -1031,13 +1137,13 @@ pub mod conformance {
                 .map_err(e("finish_action"))?,
         )?;
         s.fence
-            .finish_compensation(&k, &Outcome::Success(json!({"undone": true})))
+            .finish_compensation(&k, 1, &Outcome::Success(json!({"undone": true})))
             .await
             .map_err(e("finish_compensation"))?;
         is_refusal(&answer(s, &k, 3).await?)?;
         eq(
             "a compensation after the compensation",
-            comp_answer(s, &k).await?,
+            comp_answer(s, &k, 2).await?,
             Outcome::Success(json!({"undone": true})),
         )
     }
@@ -1050,11 +1156,11 @@ pub mod conformance {
             .finish_action(&k, 1, &Outcome::Success(json!(7)))
             .await
             .map_err(e("finish_action"))?;
-        undo(s, &k).await?;
+        undo(s, &k, 1).await?;
         s.clock.advance(s.lease + Duration::from_millis(1));
         eq(
             "the takeover's action output",
-            undo(s, &k).await?,
+            undo(s, &k, 1).await?,
             Some(json!(7)),
         )
     }
