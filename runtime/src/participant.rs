@@ -14,6 +14,9 @@
 //!   calling the handler, and leaves a tombstone that refuses the action if it comes
 //!   later; a compensation of a succeeded action calls the handler, which reads the
 //!   action's recorded output with [`action_output`];
+//! - every `retryable` answer is remembered for its attempt, which gets it again;
+//! - a command whose `Skald-Deadline` passed before its handler would start is answered
+//!   `retryable`, code `deadline_passed`, without calling the handler;
 //! - the fence being unreachable leaves the command unacknowledged: it is redelivered.
 //!
 //! Without a fence, the handler itself must be idempotent per key and cope with a
