@@ -374,7 +374,8 @@ async fn postgres_a_compensation_first_refuses_the_action_on_another_replica() {
 /// compensation finding a crashed action's claim undoes it without an output, and the
 /// action is refused afterwards.
 async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
-    let lease = Duration::from_millis(400);
+    // Long enough that a slow machine answers the second delivery within it.
+    let lease = Duration::from_millis(1_500);
     let db = FenceDb::new(kind).await;
     let crashed = db.fence(lease, None).await;
     let survivor = db.fence(lease, None).await;
@@ -394,7 +395,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
         ActionClaim::Answer(Outcome::Retryable(e)) => assert_eq!(e.code, IN_PROGRESS_CODE),
         other => panic!("expected in_progress, got {other:?}"),
     }
-    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
     // Attempt 2 was answered `in_progress`, and keeps that answer; skald's next attempt
     // takes the claim over.
     match survivor
@@ -444,7 +445,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
         }
         other => panic!("expected action_in_progress, got {other:?}"),
     }
-    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
     assert_eq!(
         survivor
             .claim_compensation("lease2:action", 2)
