@@ -145,7 +145,7 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
         .await
         .expect("start");
     let to_cancel = rt
-        .start_saga(&checkout, &tea_order("hang-1"))
+        .start_saga(&checkout, &tea_order("slow-1"))
         .await
         .expect("start");
     let hanging = rt
@@ -155,8 +155,8 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     wait_status(backend.store.as_ref(), ok, SagaStatus::Completed).await;
     wait_status(backend.store.as_ref(), declined, SagaStatus::Compensated).await;
     wait_status(backend.store.as_ref(), broken, SagaStatus::Failed).await;
-    wait_saga(backend.store.as_ref(), to_cancel, "at step 2", |s| {
-        s.state.pending.is_some_and(|p| p.step == 2)
+    wait_saga(backend.store.as_ref(), to_cancel, "charging", |s| {
+        s.state.pending.is_some_and(|p| p.step == 1)
     })
     .await;
     wait_saga(backend.store.as_ref(), hanging, "at step 2", |s| {
@@ -341,7 +341,19 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     )
     .await;
     assert_eq!(cancelled[0]["result"], "applied", "{cancelled}");
-    wait_status(backend.store.as_ref(), to_cancel, SagaStatus::Compensated).await;
+    // The charge is in flight: the cancel waits for its answer (never abandons it).
+    let waiting = backend
+        .store
+        .load(to_cancel)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert_eq!(waiting.state.status, SagaStatus::Running);
+    assert!(waiting.state.cancel.is_some(), "{:?}", waiting.state);
+    scripted.release_slow_charges();
+    // The charge succeeded: it is refunded, then the reservation released.
+    let done = wait_status(backend.store.as_ref(), to_cancel, SagaStatus::Compensated).await;
+    assert_eq!(done.state.completed, 2, "reserve and charge took effect");
     let (code, _, err) = skald(db, nats, &["cancel", &ok.to_string()]).await;
     assert_eq!(code, 6, "{err}");
 

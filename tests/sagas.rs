@@ -323,12 +323,10 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
             "unknown saga",
         ),
         (reply(id, "teleport", "1", "success", b"{}"), "unknown step"),
-        (
-            reply(id, step, "1", "success", b"{\"unexpected\":true}"),
-            "decoding reply output",
-        ),
         (unknown_type, "unknown saga type"),
     ];
+    // (A success whose output does not decode is not poison: the step took effect, so
+    // the saga is dead-lettered instead; tests/promise.rs.)
     for (msg, _) in &poison {
         env.bus.publish(msg.clone()).await.expect("publish");
     }

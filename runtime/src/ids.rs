@@ -220,6 +220,30 @@ impl FromStr for CommandKind {
     }
 }
 
+/// The idempotency key of (`step`, `kind`) of saga `saga`: stable across every attempt
+/// and re-drive, so a participant applies the effect once. The one constructor of it:
+/// the machine, the wire and the participant fence all read it from here.
+pub fn idempotency_key(saga: &SagaId, step: &StepName, kind: CommandKind) -> String {
+    format!("{saga}:{step}:{kind}")
+}
+
+/// The broker-side de-duplication id of one attempt of a command (`Nats-Msg-Id`).
+pub fn command_message_id(
+    saga: &SagaId,
+    step: &StepName,
+    kind: CommandKind,
+    attempt: u32,
+) -> String {
+    format!("{saga}:{step}:{kind}:{attempt}")
+}
+
+/// The de-duplication id of a participant's reply: one per attempt *and outcome*, so a
+/// `retryable` answer followed (on a redelivery of the same attempt) by a `success` is not
+/// dropped as a duplicate of the first by the broker's window or skald's inbox.
+pub fn reply_message_id(idempotency_key: &str, attempt: u32, outcome: &str) -> String {
+    format!("reply:{idempotency_key}:{attempt}:{outcome}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,28 +274,4 @@ mod tests {
         assert_eq!(id.to_string().parse::<SagaId>().expect("parse"), id);
         assert!("nope".parse::<SagaId>().is_err());
     }
-}
-
-/// The idempotency key of (`step`, `kind`) of saga `saga`: stable across every attempt
-/// and re-drive, so a participant applies the effect once. The one constructor of it:
-/// the machine, the wire and the participant fence all read it from here.
-pub fn idempotency_key(saga: &SagaId, step: &StepName, kind: CommandKind) -> String {
-    format!("{saga}:{step}:{kind}")
-}
-
-/// The broker-side de-duplication id of one attempt of a command (`Nats-Msg-Id`).
-pub fn command_message_id(
-    saga: &SagaId,
-    step: &StepName,
-    kind: CommandKind,
-    attempt: u32,
-) -> String {
-    format!("{saga}:{step}:{kind}:{attempt}")
-}
-
-/// The de-duplication id of a participant's reply: one per attempt *and outcome*, so a
-/// `retryable` answer followed (on a redelivery of the same attempt) by a `success` is not
-/// dropped as a duplicate of the first by the broker's window or skald's inbox.
-pub fn reply_message_id(idempotency_key: &str, attempt: u32, outcome: &str) -> String {
-    format!("reply:{idempotency_key}:{attempt}:{outcome}")
 }

@@ -656,8 +656,10 @@ impl TransitionError {
         )
     }
 
-    /// Inputs that can never apply (unknown step, undecodable output): poison messages
-    /// to dead-letter with the reason.
+    /// Inputs that can never apply (an unknown step, a command payload the saga data
+    /// cannot build): poison messages to dead-letter with the reason. (A success whose
+    /// output does not decode is not poison: the step took effect, so the machine
+    /// dead-letters the saga instead.)
     pub fn is_poison(&self) -> bool {
         matches!(
             self,
@@ -964,7 +966,13 @@ impl Machine<'_> {
                                 self.step_def(p.step).name().as_str()
                             ),
                         );
-                        self.dead_letter(Pending { in_doubt: true, ..p }, error);
+                        self.dead_letter(
+                            Pending {
+                                in_doubt: true,
+                                ..p
+                            },
+                            error,
+                        );
                         return Ok(());
                     }
                 }
@@ -1075,7 +1083,10 @@ impl Machine<'_> {
         self.state.cancel = None;
         if let Some(step) = in_doubt {
             if self.step_def(step).compensation().is_none() {
-                let p = self.state.pending.ok_or_else(|| self.not_allowed("compensate"))?;
+                let p = self
+                    .state
+                    .pending
+                    .ok_or_else(|| self.not_allowed("compensate"))?;
                 let error = StepError::new(
                     "in_doubt_without_compensation",
                     format!(
@@ -1086,7 +1097,13 @@ impl Machine<'_> {
                         reason
                     ),
                 );
-                self.dead_letter(Pending { in_doubt: true, ..p }, error);
+                self.dead_letter(
+                    Pending {
+                        in_doubt: true,
+                        ..p
+                    },
+                    error,
+                );
                 return Ok(());
             }
             self.state.in_doubt = Some(step);

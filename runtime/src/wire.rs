@@ -133,7 +133,8 @@ pub const H_DEFINITION_VERSION: &str = "Skald-Definition-Version";
 pub const H_ACTION_KEY: &str = "Skald-Action-Key";
 /// Header (compensations): `true` when the action's outcome was unknown when compensation
 /// began (it timed out on every attempt, or a cancel cut it short): the action may never
-/// have run, or may still be running. Absent (or `false`) when the action succeeded.
+/// have run, or may still be running. `false` when the action succeeded; actions carry
+/// neither header.
 pub const H_IN_DOUBT: &str = "Skald-In-Doubt";
 
 /// Prefix of command subjects: `skald.cmd.<service>.<action>`.

@@ -8,7 +8,9 @@
 //! - `broken-*`: declined, and releasing the reservation fails permanently while
 //!   [`Scripted::set_release_broken`] is on (`failed`, dead-lettered, until re-driven
 //!   with it off);
-//! - `hang-*`: shipping never answers (the saga keeps waiting: `running`, then stuck).
+//! - `hang-*`: shipping never answers (the saga keeps waiting: `running`, then stuck);
+//! - `slow-*`: the charge is held until [`Scripted::release_slow_charges`], then
+//!   succeeds (an action in flight, to cancel: the cancel waits for it, then refunds).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,7 @@ use crate::checkout::subjects;
 pub struct Scripted {
     release_broken: Arc<AtomicBool>,
     charge_delay: Duration,
+    slow_gate: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Scripted {
@@ -35,7 +38,13 @@ impl Scripted {
         Scripted {
             release_broken: Arc::new(AtomicBool::new(true)),
             charge_delay,
+            slow_gate: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Lets the held charges of `slow-*` orders (and every later one) succeed.
+    pub fn release_slow_charges(&self) {
+        self.slow_gate.send_replace(true);
     }
 
     /// Breaks (`true`) or mends (`false`) the release of `broken-*` orders.
@@ -61,6 +70,12 @@ impl Scripted {
             }
             subjects::CHARGE if declined => {
                 Outcome::Failure(StepError::new("card_declined", "the card was declined"))
+            }
+            subjects::CHARGE if order.starts_with("slow-") => {
+                let mut open = self.slow_gate.subscribe();
+                // Err only if the sender is gone, which this struct holds.
+                let _ = open.wait_for(|open| *open).await;
+                Outcome::Success(json!({ "payment_id": format!("pay-{order}") }))
             }
             subjects::CHARGE => {
                 tokio::time::sleep(self.charge_delay).await;

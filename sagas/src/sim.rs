@@ -27,6 +27,8 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use skald_runtime::ids::{CommandKind, SagaId};
 use skald_runtime::machine::StepError;
+use skald_runtime::participant::{self, Fence, ParticipantHandle, ParticipantOptions};
+use skald_runtime::ports::{Bus, BusError};
 use skald_runtime::wire::{IncomingCommand, Outcome};
 
 use crate::checkout::{
@@ -218,6 +220,56 @@ impl SimServices {
             ("payment", "skald.cmd.payment.>"),
             ("shipping", "skald.cmd.shipping.>"),
         ]
+    }
+
+    /// Serves the three services on `bus` (one consumer group each, `concurrency`
+    /// commands at a time per service), behind `fence`, with late answers held back per
+    /// [`SimServices::hold_reply`].
+    pub async fn serve(
+        &self,
+        bus: Arc<dyn Bus>,
+        fence: Arc<dyn Fence>,
+        concurrency: usize,
+    ) -> Result<Vec<ParticipantHandle>, BusError> {
+        let mut handles = Vec::new();
+        for (name, subject) in SimServices::services() {
+            handles.push(
+                self.serve_one(
+                    Arc::clone(&bus),
+                    name,
+                    subject,
+                    Arc::clone(&fence),
+                    concurrency,
+                )
+                .await?,
+            );
+        }
+        Ok(handles)
+    }
+
+    /// Serves one of the services (`inventory`, `payment` or `shipping`, with its subject
+    /// filter from [`SimServices::services`]) behind `fence`.
+    pub async fn serve_one(
+        &self,
+        bus: Arc<dyn Bus>,
+        name: &str,
+        subject: &str,
+        fence: Arc<dyn Fence>,
+        concurrency: usize,
+    ) -> Result<ParticipantHandle, BusError> {
+        let held = self.clone();
+        let options = ParticipantOptions {
+            concurrency: Some(concurrency),
+            fence: Some(fence),
+            hold_reply: Some(Arc::new(move |cmd: &IncomingCommand| held.hold_reply(cmd))),
+            ..ParticipantOptions::default()
+        };
+        let services = self.clone();
+        participant::serve_with(bus, subject, name, options, move |cmd| {
+            let services = services.clone();
+            async move { services.handle(cmd).await }
+        })
+        .await
     }
 
     /// Handles one command of any of the three services.

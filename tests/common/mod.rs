@@ -364,15 +364,24 @@ pub async fn start_participants(
     only: &[&str],
 ) -> Vec<ParticipantHandle> {
     let services = SimServices::new(Arc::new(ledger), config);
+    // The services keep the TCC fence (one per set of services, as one database would).
+    let fence: Arc<dyn participant::Fence> = Arc::new(participant::MemoryFence::new());
     let mut handles = Vec::new();
     for (name, subject) in SimServices::services() {
         if !only.contains(&name) {
             continue;
         }
         let services = services.clone();
+        let held = services.clone();
         let script = Arc::clone(&script);
+        let options = participant::ParticipantOptions {
+            concurrency: Some(64),
+            fence: Some(Arc::clone(&fence)),
+            hold_reply: Some(Arc::new(move |cmd: &IncomingCommand| held.hold_reply(cmd))),
+            ..participant::ParticipantOptions::default()
+        };
         handles.push(
-            participant::serve(Arc::clone(&bus), subject, name, 64, move |cmd| {
+            participant::serve_with(Arc::clone(&bus), subject, name, options, move |cmd| {
                 let services = services.clone();
                 let scripted = script(&cmd);
                 async move {
@@ -571,18 +580,22 @@ pub async fn wait_saga(
     id: SagaId,
     what: &str,
     pred: impl Fn(&skald::ports::StoredSaga) -> bool,
-) {
+) -> skald::ports::StoredSaga {
     wait_until(&format!("saga {id}: {what}"), || async {
         let s = store.load(id).await.expect("load")?;
-        pred(&s).then_some(())
+        pred(&s).then_some(s)
     })
-    .await;
+    .await
 }
 
-/// Waits until the stored saga has status `want`.
-pub async fn wait_status(store: &dyn SagaStore, id: SagaId, want: SagaStatus) {
+/// Waits until the stored saga has status `want`, and returns it.
+pub async fn wait_status(
+    store: &dyn SagaStore,
+    id: SagaId,
+    want: SagaStatus,
+) -> skald::ports::StoredSaga {
     wait_saga(store, id, &format!("status {want}"), |s| {
         s.state.status == want
     })
-    .await;
+    .await
 }

@@ -540,7 +540,10 @@ fn timeout_is_a_retryable_failure_with_code_timeout() {
     let due = deadline.plus(Duration::from_millis(50));
     assert_eq!(s.status, SagaStatus::Running);
     assert_eq!(pending(&s).phase, Phase::Backoff { due });
-    assert!(pending(&s).in_doubt, "a timed-out attempt may have taken effect");
+    assert!(
+        pending(&s).in_doubt,
+        "a timed-out attempt may have taken effect"
+    );
     assert_eq!(wakeups(&fx), vec![due]);
     let failed_event = lifecycle(&fx)[0].clone();
     assert_eq!(failed_event.event, EventKind::StepFailed);
@@ -1088,13 +1091,19 @@ fn cancel_while_an_action_is_in_flight_waits_for_its_outcome() {
     assert_eq!(wakeups(&fx), vec![waiting.wake_at().expect("deadline")]);
     // a second cancel is ignored, saying why
     let err = refuse(def, &waiting, &cancel("again"), at(5_001));
-    assert!(matches!(err, TransitionError::CancelPending { .. }), "{err}");
+    assert!(
+        matches!(err, TransitionError::CancelPending { .. }),
+        "{err}"
+    );
     assert!(err.is_ignorable());
 
     // the charge succeeds: it is refunded, then the reservation released
     let (s, fx) = apply(def, &waiting, &ok("charge", Action, 1), at(5_002));
     assert_eq!(s.status, SagaStatus::Compensating);
-    assert_eq!(s.failure.as_ref().map(|f| f.code.as_str()), Some("cancelled"));
+    assert_eq!(
+        s.failure.as_ref().map(|f| f.code.as_str()),
+        Some("cancelled")
+    );
     assert_eq!(s.cancel, None);
     let c = the_command(&fx);
     assert_eq!(target(c), ("charge", Compensation, 1));
@@ -1102,7 +1111,12 @@ fn cancel_while_an_action_is_in_flight_waits_for_its_outcome() {
     assert!(!c.in_doubt, "the charge's outcome is known");
 
     // it fails for good: only the reservation is released
-    let (s, fx) = apply(def, &waiting, &failed("charge", Action, 1, false), at(5_002));
+    let (s, fx) = apply(
+        def,
+        &waiting,
+        &failed("charge", Action, 1, false),
+        at(5_002),
+    );
     assert_eq!(s.status, SagaStatus::Compensating);
     assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
 
@@ -1157,7 +1171,11 @@ fn an_in_doubt_step_without_a_compensation_dead_letters_the_saga() {
             s = apply(def, &s, &retry_due("ship", Action, attempt), due).0;
         }
     }
-    assert_eq!(s.status, SagaStatus::Failed, "never `compensated` around a shipment");
+    assert_eq!(
+        s.status,
+        SagaStatus::Failed,
+        "never `compensated` around a shipment"
+    );
     let dl = s.dead_letter.clone().expect("dead letter");
     assert_eq!((dl.step_name.as_str(), dl.kind), ("ship", Action));
     assert_eq!(dl.error.code, "in_doubt_without_compensation");
@@ -1190,7 +1208,10 @@ fn spent_retries_after_a_timeout_compensate_the_step_in_doubt() {
             retry_due("charge", Action, 2),
         ],
     );
-    assert!(pending(&s).in_doubt, "a retryable answer does not clear the doubt");
+    assert!(
+        pending(&s).in_doubt,
+        "a retryable answer does not clear the doubt"
+    );
     let (s, fx) = apply(def, &s, &failed("charge", Action, 3, true), at(90_000));
     assert_eq!(s.status, SagaStatus::Compensating);
     assert_eq!(s.in_doubt, Some(1));
@@ -1204,7 +1225,10 @@ fn spent_retries_after_a_timeout_compensate_the_step_in_doubt() {
     let s = run(
         def,
         s,
-        &[ok("charge", Compensation, 1), ok("reserve", Compensation, 1)],
+        &[
+            ok("charge", Compensation, 1),
+            ok("reserve", Compensation, 1),
+        ],
     );
     assert_eq!(s.status, SagaStatus::Compensated);
 }
@@ -1666,7 +1690,11 @@ fn late_charge_refunded_compensates_by_the_action_key() {
     assert_eq!(target(c), ("charge", Compensation, 1));
     assert!(c.in_doubt);
     assert_eq!(c.action_key, Some(format!("{}:charge:action", saga_id())));
-    assert!(outcomes[8].as_ref().is_err_and(TransitionError::is_ignorable));
+    assert!(
+        outcomes[8]
+            .as_ref()
+            .is_err_and(TransitionError::is_ignorable)
+    );
 }
 
 #[test]
@@ -2110,7 +2138,10 @@ mod props {
                         .copied()
                         .collect();
                     // a late success of an earlier attempt reports the same effect
-                    (self.success(step, kind, *i.get(&older)), self.success_expect())
+                    (
+                        self.success(step, kind, *i.get(&older)),
+                        self.success_expect(),
+                    )
                 }
                 Act::Duplicate(i) | Act::Stale(i, _) => {
                     let others: Vec<(usize, CommandKind)> = (0..self.specs.len())
@@ -2268,7 +2299,10 @@ mod props {
                     );
                 }
                 Expect::CancelPending => {
-                    prop_assert!(matches!(err, TransitionError::CancelPending { .. }), "{err}");
+                    prop_assert!(
+                        matches!(err, TransitionError::CancelPending { .. }),
+                        "{err}"
+                    );
                 }
             }
             prop_assert_eq!(
@@ -2317,8 +2351,9 @@ mod props {
                     }
                 }
             }
-            // a cancel waits only while an action is awaited
-            if s.cancel.is_some() {
+            // a cancel waits only while an action is awaited (or, dead-lettered at that
+            // action, until its re-drive)
+            if s.cancel.is_some() && s.status != SagaStatus::Failed {
                 prop_assert_eq!(s.status, SagaStatus::Running);
                 prop_assert!(self.awaiting_in(s), "a cancel waits on an action in flight");
             }
@@ -2373,7 +2408,10 @@ mod props {
             let edge_ok = matches!(
                 (s0.status, s1.status),
                 (Created, Running)
-                    | (Running, Running | Compensating | Completed | Compensated | Failed)
+                    | (
+                        Running,
+                        Running | Compensating | Completed | Compensated | Failed
+                    )
                     | (Compensating, Compensating | Compensated | Failed)
                     | (Failed, Compensating | Running)
             );
@@ -2448,11 +2486,12 @@ mod props {
                             "{}",
                             s1.status
                         );
-                        let want = if s0.cancel.is_some() { "cancelled" } else { code.as_str() };
-                        prop_assert_eq!(
-                            s1.failure.as_ref().map(|f| f.code.as_str()),
-                            Some(want)
-                        );
+                        let want = if s0.cancel.is_some() {
+                            "cancelled"
+                        } else {
+                            code.as_str()
+                        };
+                        prop_assert_eq!(s1.failure.as_ref().map(|f| f.code.as_str()), Some(want));
                     }
                     (None, Compensation) => {
                         prop_assert_eq!(s1.status, Failed);
@@ -2703,6 +2742,62 @@ mod props {
         fn random_sagas_keep_the_invariants(case in case_strategy()) {
             drive(&case, &mut Coverage::new())?;
         }
+    }
+
+    /// The mutation check: the invariants above fail on the two wrong outcomes this
+    /// machine used to produce, so the property test can catch them coming back.
+    #[test]
+    fn the_invariants_catch_the_old_wrong_outcomes() {
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            initial_delay: Duration::from_millis(10),
+            multiplier: 2.0,
+            max_delay: Duration::from_millis(200),
+            jitter: 1.0,
+        };
+        let spec = StepSpec {
+            compensable: true,
+            on_success: true,
+            retry: policy,
+            compensation_retry: policy,
+        };
+        let specs = vec![spec.clone(), spec];
+        let def = build(&specs);
+        let def = def.definition();
+        let mut coverage = Coverage::new();
+        let mut d = Driver::new(def, &specs);
+        d.start(&mut coverage).expect("start");
+        for act in [Act::Succeed, Act::TimeOut(0.5), Act::RetryDue] {
+            d.act(&act, &mut coverage).expect("accepted");
+        }
+        // Mutant 1: a late success of the earlier attempt refused as stale.
+        let late = d.success(1, Action, 1);
+        let stale = TransitionError::Stale {
+            input: "step_succeeded",
+            step: d.name(1),
+            kind: Action,
+            attempt: 1,
+            expected: "mutant".into(),
+        };
+        assert!(
+            d.check_refusal(&late, Expect::Accept, &stale).is_err(),
+            "a refused success of the pending key must fail the invariants"
+        );
+        // Mutant 2: the last attempt times out and compensation skips the step in doubt
+        // (the old rule: only completed steps).
+        let (input, _) = d.plan(&Act::TimeOut(0.5)).expect("plan");
+        let (mut s1, fx) = transition(def, &d.state, &input, d.now).expect("accepted");
+        assert_eq!(s1.in_doubt, Some(1), "the real machine compensates it");
+        s1.in_doubt = None;
+        s1.pending = Some(Pending {
+            step: 0,
+            kind: Compensation,
+            ..s1.pending.expect("pending")
+        });
+        assert!(
+            d.check_accepted(&input, &s1, &fx).is_err(),
+            "compensating around the step in doubt must fail the invariants"
+        );
     }
 
     /// Transition coverage: over a fixed seed, the generator reaches every transition
