@@ -4,8 +4,12 @@
 //! It consumes its commands on a durable consumer (several replicas share the work),
 //! keeps its records (reservations, charges, shipments, keyed by idempotency key) in
 //! its own table of the database given by `--db` (SQLite or PostgreSQL, by the URL's
-//! scheme), so the checkout runner's consistency check can read them, and answers with
-//! seeded failures.
+//! scheme), so the checkout runner's consistency check can read them, keeps the TCC
+//! fence of docs/protocol.md in the same database (`skald_fence`: an action claims its
+//! key first, a compensation of an unknown key leaves a tombstone that refuses the action
+//! later, undo goes by the action's key), and answers with seeded failures.
+//! `--late-rate F --late-hold-ms MS` makes the reserve or charge of a fraction F of
+//! orders take effect at once but answer only MS after its first delivery.
 //!
 //! ```text
 //! cargo run --example participant -- inventory --nats nats://127.0.0.1:4222 --db sqlite://skald.db
@@ -89,6 +93,15 @@ struct Args {
     /// Fraction of attempts failing retryably.
     #[arg(long, default_value_t = 0.05)]
     flaky_rate: f64,
+    /// Fraction of orders whose reserve (inventory) or charge (payment) this service
+    /// applies at once but answers only after --late-hold-ms: make it longer than skald's
+    /// whole retry budget for the step, so skald compensates the step as in doubt.
+    #[arg(long, default_value_t = 0.0)]
+    late_rate: f64,
+    /// With --late-rate: how long a late step's answers are held after its first
+    /// delivery.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    late_hold_ms: u64,
     /// Commands handled at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -161,18 +174,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?,
     );
+    if !(0.0..=1.0).contains(&args.late_rate) {
+        anyhow::bail!("--late-rate must be within [0, 1], not {}", args.late_rate);
+    }
     let services = SimServices::new(
         ledger,
         SimConfig {
             seed: args.seed,
             decline_rate: args.decline_rate,
             flaky_rate: args.flaky_rate,
-            ..SimConfig::default()
+            late_rate: args.late_rate,
+            late_hold: Duration::from_millis(args.late_hold_ms),
         },
     );
+    // The TCC fence, in the service's database beside its records (docs/protocol.md).
+    let fence = ledger::open_fence(&args.db).await?;
+    let held = services.clone();
+    let options = participant::ParticipantOptions {
+        concurrency: Some(args.concurrency),
+        fence: Some(fence),
+        hold_reply: Some(Arc::new(move |cmd: &skald::wire::IncomingCommand| {
+            held.hold_reply(cmd)
+        })),
+        ..participant::ParticipantOptions::default()
+    };
     let subject = format!("skald.cmd.{name}.>");
     let (seed, latency_ms) = (args.seed, args.latency_ms);
-    let handle = participant::serve(bus, &subject, name, args.concurrency, move |cmd| {
+    let handle = participant::serve_with(bus, &subject, name, options, move |cmd| {
         let services = services.clone();
         async move {
             // Simulated service time; nothing is locked while waiting.

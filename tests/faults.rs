@@ -26,6 +26,11 @@
 //!   (same port and store); everyone reconnects on their own;
 //! - `one_of_two_orchestrators_killed`: two orchestrators share the work; one is
 //!   SIGKILLed, the other finishes everything;
+//! - `late_payments_and_cancels_in_flight`: the payment service applies the charge of
+//!   some orders at once but answers only after skald's whole retry budget for it (the
+//!   charge is in doubt, and must be refunded by its key), and the runner cancels some
+//!   sagas while an action is in flight; the runner's summary must count both
+//!   (`in_doubt` > 0, `cancelled` > 0) and no compensated saga may hold a live effect;
 //! - `baseline_without_faults`: the same run undisturbed, to compare times against.
 //!
 //! Each prints one line to stdout: the sagas in flight at each fault, the sagas
@@ -299,6 +304,59 @@ async fn one_of_two_orchestrators_killed() {
     );
 }
 
+/// Payment holds back the answers to the charges of some orders for longer than skald's
+/// whole retry budget (it applied each charge at once), and the runner cancels some
+/// sagas right after their start, with the reserve in flight. Every in-doubt charge must
+/// be refunded by its action key, every cancelled saga compensated around the action it
+/// waited for, and none may end `compensated` with a live effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_payments_and_cancels_in_flight() {
+    // 5 attempts of 1 s plus backoffs (<= 0.75 s) is the charge's budget; payment holds
+    // a late charge's answers for 8 s after its first delivery.
+    let tuning = Tuning {
+        latency_ms: "5",
+        payment: &["--late-rate", "0.1", "--late-hold-ms", "8000"],
+        runner: &[
+            "--concurrency",
+            "200",
+            "--step-timeout-ms",
+            "1000",
+            "--cancel-rate",
+            "0.03",
+        ],
+    };
+    let mut sc = Scenario::start_tuned("late-payments-and-cancels", 6, tuning).await;
+    let mut runner = sc.spawn_runner(Mode::Fresh);
+    let started = Instant::now();
+    let finish = sc.finish(&mut runner, started).await;
+    let verified = sc.verify(&finish).await;
+    let count = |k: &str| finish.summary[k].as_u64().unwrap_or(0);
+    assert!(
+        count("in_doubt") > 0,
+        "no saga compensated a step in doubt: {}",
+        finish.summary
+    );
+    assert!(
+        count("cancelled") > 0,
+        "no cancel was accepted: {}",
+        finish.summary
+    );
+    println!(
+        "{}",
+        sc.report(
+            &[],
+            &[],
+            &verified,
+            &[
+                ("in_doubt", count("in_doubt").to_string()),
+                ("cancelled", count("cancelled").to_string()),
+                ("all_terminal_ms", ms(finish.drained)),
+                ("sagas_per_sec", finish.summary["sagas_per_sec"].to_string()),
+            ]
+        )
+    );
+}
+
 /// The same run with no fault: the reference for the times above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_without_faults() {
@@ -354,6 +412,7 @@ struct Scenario {
     participant_bin: PathBuf,
     runners_spawned: usize,
     participants: Vec<Proc>,
+    tuning: Tuning,
     // Dropped in this order, after the participants are killed: the database, the
     // broker, then the logs.
     db: Db,
@@ -365,6 +424,11 @@ impl Scenario {
     /// Creates the database, starts nats-server and the three participants, and waits
     /// until the participants have created their tables.
     async fn start(name: &'static str, default_seed: u64) -> Scenario {
+        Scenario::start_tuned(name, default_seed, Tuning::default()).await
+    }
+
+    /// Like [`Scenario::start`], with the participants and runners tuned.
+    async fn start_tuned(name: &'static str, default_seed: u64, tuning: Tuning) -> Scenario {
         env_var(
             "SKALD_TEST_PG_URL",
             "a throwaway PostgreSQL 15 cluster and sets it to its postgres:// URL",
@@ -396,6 +460,7 @@ impl Scenario {
             participant_bin,
             runners_spawned: 0,
             participants: Vec::new(),
+            tuning,
             db,
             nats,
             logs,
@@ -407,7 +472,7 @@ impl Scenario {
             sc.logs.0.display()
         ));
         for (service, _) in SERVICES {
-            let args = [
+            let mut args: Vec<String> = [
                 service,
                 "--nats",
                 &sc.nats.url(),
@@ -420,13 +485,17 @@ impl Scenario {
                 "--flaky-rate",
                 FLAKY_RATE,
                 "--latency-ms",
-                LATENCY_MS,
+                sc.tuning.latency_ms,
                 "--concurrency",
                 PARTICIPANT_CONCURRENCY,
                 "--ack-wait-secs",
                 ACK_WAIT_SECS,
             ]
-            .map(str::to_owned);
+            .map(str::to_owned)
+            .into();
+            if service == "payment" {
+                args.extend(sc.tuning.payment.iter().map(|a| a.to_string()));
+            }
             let proc = Proc::spawn(
                 &sc.logs.0,
                 format!("participant-{service}"),
@@ -463,6 +532,10 @@ impl Scenario {
         let name = format!("runner-{}-{label}", self.runners_spawned);
         let sagas = SAGAS.to_string();
         let mut args: Vec<&str> = match mode {
+            // All at once, unless the tuning says how many in flight.
+            Mode::Fresh if self.tuning.runner.contains(&"--concurrency") => {
+                vec!["--sagas", &sagas, "--seed", SIM_SEED]
+            }
             Mode::Fresh => vec![
                 "--sagas",
                 &sagas,
@@ -473,6 +546,7 @@ impl Scenario {
             ],
             Mode::Resume => vec!["--resume"],
         };
+        args.extend(self.tuning.runner.iter().copied());
         let nats = self.nats.url();
         args.extend([
             "--nats",
@@ -893,6 +967,26 @@ impl Display for Counts {
             self.active,
             self.settled()
         )
+    }
+}
+
+/// What a scenario changes from the defaults: the participants' mean service time, the
+/// payment service's extra arguments, and the runners' (after the defaults, so they
+/// win).
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    latency_ms: &'static str,
+    payment: &'static [&'static str],
+    runner: &'static [&'static str],
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            latency_ms: LATENCY_MS,
+            payment: &[],
+            runner: &[],
+        }
     }
 }
 

@@ -21,8 +21,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
+use skald::adapters::fence::{PgFence, SqliteFence};
 use skald::adapters::sqlite::{Durability, SqliteOptions, open_pool};
 use skald::ids::SagaId;
+use skald::participant::Fence;
 use skald::sagas::checkout::{LineItem, SagaRecords};
 use skald::sagas::sim::{Ledger, LedgerError, record_id};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
@@ -65,6 +67,30 @@ pub async fn open_ledger(url: &str) -> anyhow::Result<Arc<dyn Ledger>> {
     Ok(match Backend::of(url)? {
         Backend::Sqlite => Arc::new(SqliteLedger::open(url).await?),
         Backend::Postgres => Arc::new(PgLedger::open(url).await?),
+    })
+}
+
+/// Opens the simulated services' TCC fence (docs/protocol.md) in the database at `url`,
+/// beside their records: the `skald_fence` table, created if missing. On SQLite its
+/// connection uses the ledger's `synchronous=NORMAL` (crash-safe in WAL mode, which is
+/// what the simulation needs), not skald's `FULL`.
+pub async fn open_fence(url: &str) -> anyhow::Result<Arc<dyn Fence>> {
+    Ok(match Backend::of(url)? {
+        Backend::Sqlite => {
+            let options = SqliteOptions {
+                durability: Durability::Normal,
+                ..SqliteOptions::default()
+            };
+            let pool = open_pool(url, &options)
+                .await
+                .with_context(|| format!("opening the fence's database {}", redact(url)))?;
+            Arc::new(SqliteFence::with_pool(pool).await?)
+        }
+        Backend::Postgres => Arc::new(
+            PgFence::connect(url)
+                .await
+                .with_context(|| format!("opening the fence's database {}", redact(url)))?,
+        ),
     })
 }
 

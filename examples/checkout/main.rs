@@ -27,6 +27,20 @@
 //! `--db` picks the store by the URL's scheme: `sqlite:` (SQLite file, the default) or
 //! `postgres:` / `postgresql:` (PostgreSQL; the migrations are applied at start-up).
 //!
+//! The edges of the saga promise, seeded like the other failures:
+//! `--step-timeout-ms MS` sets every step's reply timeout; `--late-rate F` makes the
+//! reserve or the charge of a fraction of orders take effect at once but answer only
+//! after skald's whole retry budget for it has passed (the step is then in doubt and its
+//! compensation must undo it); `--cancel-rate F` cancels a fraction of sagas while one of
+//! their actions is in flight. The simulated services keep the TCC fence of
+//! docs/protocol.md (in the runner's database), and the consistency check reads their
+//! records: a compensated saga holds no live effect, however it got there.
+//!
+//! ```text
+//! cargo run --release --example checkout -- --sagas 5000 --step-timeout-ms 300 \
+//!     --late-rate 0.03 --cancel-rate 0.03 --json
+//! ```
+//!
 //! Exits non-zero when the consistency check fails, sagas are left unfinished, or a saga
 //! was dead-lettered (an operator has to look at it).
 
@@ -37,7 +51,7 @@ mod telemetry;
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -51,13 +65,12 @@ use skald::adapters::postgres::PostgresStore;
 use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
 use skald::machine::{SagaStatus, Timestamp};
-use skald::participant;
 use skald::ports::{Bus, Clock, SagaStore, SystemClock};
 use skald::sagas::checkout::{
     Checkout, CheckoutTiming, ConsistencyReport, LineItem, check_consistency, checkout_definition,
 };
 use skald::sagas::sim::{Ledger, SimConfig, SimServices};
-use skald::{Runtime, RuntimeOptions};
+use skald::{Applied, Runtime, RuntimeOptions};
 use tokio::sync::Semaphore;
 
 use crate::ledger::{Backend, open_ledger, redact};
@@ -85,6 +98,17 @@ struct Args {
     /// Seed of the simulated failures (same seed, same failures).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Reply timeout of every step, in milliseconds (default: the checkout saga's own,
+    /// 10 s).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    step_timeout_ms: Option<u64>,
+    /// Fraction of sagas whose reserve or charge a simulated service applies at once but
+    /// answers only after skald stopped waiting for that step (its whole retry budget).
+    #[arg(long, default_value_t = 0.0)]
+    late_rate: f64,
+    /// Fraction of sagas the runner cancels while one of their actions is in flight.
+    #[arg(long, default_value_t = 0.0)]
+    cancel_rate: f64,
     /// The database holding skald's tables and the simulated services' records; the
     /// scheme picks the backend: sqlite://FILE or postgres://USER[:PASSWORD]@HOST[:PORT]/DB
     /// (postgresql:// too).
@@ -132,6 +156,11 @@ struct Summary {
     compensated: usize,
     dead_lettered: usize,
     unfinished: usize,
+    /// Sagas whose cancel (`--cancel-rate`) the runtime accepted.
+    cancelled: usize,
+    /// Compensated sagas that compensated a step whose outcome was unknown when
+    /// compensation began (every attempt timed out, or a cancel cut it short).
+    in_doubt: usize,
     sagas_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -195,6 +224,40 @@ async fn consistency(
     Ok((sagas, Some(report)))
 }
 
+/// What the runner saw of the promise's edges.
+#[derive(Debug, Clone, Copy, Default)]
+struct Edges {
+    cancelled: usize,
+    in_doubt: usize,
+}
+
+/// The reply budget of an action under `timing`: every attempt timing out, with the
+/// longest backoff between them.
+fn action_budget(timing: &CheckoutTiming) -> Duration {
+    let r = timing.retry;
+    let mut total = timing.timeout * r.max_attempts;
+    let mut delay = r.initial_delay.as_secs_f64();
+    for _ in 1..r.max_attempts {
+        total += Duration::from_secs_f64(delay.min(r.max_delay.as_secs_f64()));
+        delay *= r.multiplier;
+    }
+    total
+}
+
+/// The draw that picks the sagas `--cancel-rate` cancels.
+const CANCEL_DRAW: u64 = 0xca9c;
+
+/// A deterministic draw in [0, 1) for saga number `i`.
+fn draw(seed: u64, what: u64, i: usize) -> f64 {
+    let mut h = seed
+        ^ what.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 fn count(sagas: &[(SagaId, SagaStatus)], status: SagaStatus) -> usize {
     sagas.iter().filter(|(_, s)| *s == status).count()
 }
@@ -207,6 +270,7 @@ fn summarize(
     mut latencies: Vec<f64>,
     elapsed_secs: f64,
     settled_here: Option<usize>,
+    edges: Edges,
 ) -> Summary {
     for v in report.iter().flat_map(|r| r.violations.iter()).take(10) {
         eprintln!("inconsistent: {v}");
@@ -222,6 +286,8 @@ fn summarize(
         compensated,
         dead_lettered,
         unfinished: sagas.len() - settled,
+        cancelled: edges.cancelled,
+        in_doubt: edges.in_doubt,
         sagas_per_sec: round2(settled_here.unwrap_or(settled) as f64 / elapsed_secs.max(1e-9)),
         p50_ms: round2(percentile(&latencies, 50.0)),
         p99_ms: round2(percentile(&latencies, 99.0)),
@@ -250,8 +316,19 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
-    if !(0.0..=1.0).contains(&args.decline_rate) || !(0.0..=1.0).contains(&args.flaky_rate) {
-        anyhow::bail!("--decline-rate and --flaky-rate must be within [0, 1]");
+    for (flag, rate) in [
+        ("--decline-rate", args.decline_rate),
+        ("--flaky-rate", args.flaky_rate),
+        ("--late-rate", args.late_rate),
+        ("--cancel-rate", args.cancel_rate),
+    ] {
+        if !(0.0..=1.0).contains(&rate) {
+            anyhow::bail!("{flag} must be within [0, 1], not {rate}");
+        }
+    }
+    let mut timing = CheckoutTiming::default();
+    if let Some(ms) = args.step_timeout_ms {
+        timing.timeout = Duration::from_millis(ms);
     }
     let backend = Backend::of(&args.db)?;
     let db = redact(&args.db);
@@ -299,35 +376,26 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         None => Arc::new(MemoryBus::new()),
     };
 
-    // The simulated services, in-process, as participants on the bus.
+    // The simulated services, in-process, as participants on the bus, behind the TCC
+    // fence (in the runner's database, beside their records).
     let services = SimServices::new(
         ledger.clone(),
         SimConfig {
             seed: args.seed,
             decline_rate: args.decline_rate,
             flaky_rate: args.flaky_rate,
-            ..SimConfig::default()
+            late_rate: args.late_rate,
+            // Held past skald's whole budget for the step, so it gives up on it first.
+            late_hold: action_budget(&timing) + Duration::from_secs(1),
         },
     );
     let mut participants = Vec::new();
-    let in_process = if args.no_participants {
-        &[][..]
-    } else {
-        &SimServices::services()[..]
-    };
-    for (name, subject) in in_process.iter().copied() {
-        let services = services.clone();
-        let bus = Arc::clone(&bus);
-        participants.push(
-            participant::serve(bus, subject, name, 256, move |cmd| {
-                let services = services.clone();
-                async move { services.handle(cmd).await }
-            })
-            .await?,
-        );
+    if !args.no_participants {
+        let fence = ledger::open_fence(&args.db).await?;
+        participants = services.serve(Arc::clone(&bus), fence, 256).await?;
     }
 
-    let checkout = checkout_definition(CheckoutTiming::default())?;
+    let checkout = checkout_definition(timing)?;
     let unfinished_before = store.active_sagas(None, 1).await?.len();
     let started_at = Instant::now();
     // Before the runtime starts: it registers its metrics with the recorder it finds.
@@ -403,6 +471,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         println!("  compensated    {}", summary.compensated);
         println!("  dead-lettered  {}", summary.dead_lettered);
         println!("  unfinished     {}", summary.unfinished);
+        println!("  cancelled      {}", summary.cancelled);
+        println!(
+            "  in doubt       {} (compensated a step whose outcome was unknown)",
+            summary.in_doubt
+        );
         println!("  throughput     {:.1} sagas/s", summary.sagas_per_sec);
         println!(
             "  latency        p50 {:.2} ms, p99 {:.2} ms",
@@ -470,6 +543,8 @@ async fn fresh(
 ) -> anyhow::Result<(Summary, bool)> {
     let bar = progress(args.sagas as u64 as usize, args.json);
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let cancelled = AtomicUsize::new(0);
+    let cancelled = &cancelled;
     let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<(SagaId, Instant)>();
     let slots_for_starter = slots.clone();
 
@@ -499,6 +574,25 @@ async fn fresh(
                 let t0 = Instant::now();
                 let id = start_with_retries(runtime, checkout, &order).await?;
                 let _ = tx.send((id, t0));
+                // Right after its start, the saga's first action is in flight.
+                if draw(seed, CANCEL_DRAW, i) < args.cancel_rate {
+                    match runtime.cancel(id, "cancelled by the runner (--cancel-rate)").await {
+                        Ok(Applied::Transitioned { .. }) => {
+                            cancelled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Already finished: the cancel came too late, nothing changed.
+                        Ok(Applied::Ignored { .. }) => {}
+                        // Refused: finished already, or its data unreadable; or the
+                        // store briefly unavailable. Either way the saga runs on.
+                        Err(e @ skald::RuntimeError::Transition(_)) => {
+                            tracing::debug!(saga.id = %id, reason = %e, "cancel refused");
+                        }
+                        Err(e) if e.is_retryable() => {
+                            tracing::warn!(saga.id = %id, error = %e, "cancelling failed; the saga runs on");
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e).context(format!("cancelling saga {id}"))),
+                    }
+                }
                 anyhow::Ok(())
             })
             .await
@@ -510,6 +604,7 @@ async fn fresh(
         let mut latencies: Vec<f64> = Vec::with_capacity(args.sagas);
         let mut ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
         let mut settled = 0usize;
+        let mut in_doubt = 0usize;
         let mut starts_open = true;
         // Until every saga settled, or the starts ended (done or failed) and every saga
         // that did start has settled.
@@ -542,6 +637,9 @@ async fn fresh(
                         None => { early.insert(o.id, now); }
                     }
                     settled += 1;
+                    if o.in_doubt && o.status == SagaStatus::Compensated {
+                        in_doubt += 1;
+                    }
                     slots.add_permits(1);
                     bar.inc(1);
                 }
@@ -552,17 +650,28 @@ async fn fresh(
         while let Ok((id, _)) = started_rx.try_recv() {
             ids.insert(id);
         }
-        (latencies, ids)
+        (latencies, ids, in_doubt)
     };
 
-    let (start_result, (latencies, ids)) = tokio::join!(starter, collector);
+    let (start_result, (latencies, ids, in_doubt)) = tokio::join!(starter, collector);
     start_result.context("starting sagas")?;
     let elapsed = started_at.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
     let (sagas, report) = consistency(store, ledger, Some(&ids), !args.no_check).await?;
     let settled_here = None;
-    let summary = summarize(&sagas, report.as_ref(), latencies, elapsed, settled_here);
+    let edges = Edges {
+        cancelled: cancelled.load(Ordering::Relaxed),
+        in_doubt,
+    };
+    let summary = summarize(
+        &sagas,
+        report.as_ref(),
+        latencies,
+        elapsed,
+        settled_here,
+        edges,
+    );
     let ok = summary.consistent != Some(false)
         && summary.unfinished == 0
         && summary.dead_lettered == 0
@@ -583,12 +692,16 @@ async fn resume(
 ) -> anyhow::Result<(Summary, bool)> {
     let _ = runtime;
     let mut latencies = Vec::new();
+    let mut edges = Edges::default();
     if unfinished_before > 0 {
         // Wait, with a deadline, until no saga is running or compensating.
         let bar = progress(0, args.json);
         loop {
             while let Ok(o) = outcomes.try_recv() {
                 latencies.push(o.at.as_millis().saturating_sub(o.created_at.as_millis()) as f64);
+                if o.in_doubt && o.status == SagaStatus::Compensated {
+                    edges.in_doubt += 1;
+                }
                 bar.inc(1);
             }
             if store.active_sagas(None, 1).await?.is_empty() || Instant::now() >= deadline {
@@ -601,7 +714,14 @@ async fn resume(
     let elapsed = started_at.elapsed().as_secs_f64();
     let (sagas, report) = consistency(store, ledger, None, !args.no_check).await?;
     let settled_here = Some(latencies.len());
-    let summary = summarize(&sagas, report.as_ref(), latencies, elapsed, settled_here);
+    let summary = summarize(
+        &sagas,
+        report.as_ref(),
+        latencies,
+        elapsed,
+        settled_here,
+        edges,
+    );
     let ok =
         summary.consistent != Some(false) && summary.unfinished == 0 && summary.dead_lettered == 0;
     Ok((summary, ok))
