@@ -77,13 +77,18 @@ pub async fn open_ledger(url: &str) -> anyhow::Result<Arc<dyn Ledger>> {
 pub async fn open_fence(url: &str) -> anyhow::Result<Arc<dyn Fence>> {
     Ok(match Backend::of(url)? {
         Backend::Sqlite => {
+            // One connection: every operation is a write transaction, and SQLite's busy
+            // handler sleeps (milliseconds) when connections of one pool contend for the
+            // write lock; the pool's own queue does not.
             let options = SqliteOptions {
                 durability: Durability::Normal,
+                max_connections: 1,
                 ..SqliteOptions::default()
             };
-            let pool = open_pool(url, &options)
+            let url = fence_file(url);
+            let pool = open_pool(&url, &options)
                 .await
-                .with_context(|| format!("opening the fence's database {}", redact(url)))?;
+                .with_context(|| format!("opening the fence's database {}", redact(&url)))?;
             Arc::new(SqliteFence::with_pool(pool).await?)
         }
         Backend::Postgres => Arc::new(
@@ -92,6 +97,17 @@ pub async fn open_fence(url: &str) -> anyhow::Result<Arc<dyn Fence>> {
                 .with_context(|| format!("opening the fence's database {}", redact(url)))?,
         ),
     })
+}
+
+/// The SQLite file of the services' fence beside the database at `url`
+/// (`sqlite://skald.db` -> `sqlite://skald.db-fence`): SQLite has one writer per file,
+/// and the fence's two short transactions per command must not queue behind skald's
+/// fsync'd group commits (measured: 192 sagas/s in one file, against ~2,000 apart).
+pub fn fence_file(url: &str) -> String {
+    match url.split_once('?') {
+        Some((path, query)) => format!("{path}-fence?{query}"),
+        None => format!("{url}-fence"),
+    }
 }
 
 const SCHEMA: &[&str] = &[
