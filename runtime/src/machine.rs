@@ -266,6 +266,27 @@ pub struct SagaState {
     pub updated_at: Timestamp,
 }
 
+/// Error code of a dead letter whose action may have taken effect and has nothing to
+/// undo it.
+pub const IN_DOUBT_WITHOUT_COMPENSATION: &str = "in_doubt_without_compensation";
+/// Error code of a dead letter whose action succeeded with an output the definition
+/// cannot decode.
+pub const UNDECODABLE_OUTPUT: &str = "undecodable_output";
+
+impl DeadLetterInfo {
+    /// Whether the dead letter waits on its action's outcome (it is in doubt with nothing
+    /// to undo it, or its output did not decode): a decodable success for that action,
+    /// late from any attempt, resolves it without an operator.
+    pub fn awaits_outcome(&self) -> bool {
+        self.in_doubt
+            && self.kind == CommandKind::Action
+            && matches!(
+                self.error.code.as_str(),
+                IN_DOUBT_WITHOUT_COMPENSATION | UNDECODABLE_OUTPUT
+            )
+    }
+}
+
 impl SagaState {
     /// A new instance, status `Created`; apply [`Input::Started`] to run it.
     pub fn new(id: SagaId, definition: &Definition, data: Value, now: Timestamp) -> SagaState {
@@ -790,7 +811,22 @@ impl Machine<'_> {
             attempt,
         };
         let Some(p) = self.state.pending else {
-            // Failed: nothing is pending; a reply now is a leftover.
+            // Failed: nothing is pending. A success of the action dead-lettered in doubt
+            // is the outcome it waits for; any other reply now is a leftover.
+            if let (Some(dl), Awaits::Success) = (&self.state.dead_letter, answers)
+                && dl.awaits_outcome()
+                && (dl.step, dl.kind) == (index, kind)
+                && attempt <= dl.last_attempt
+            {
+                return Ok(Pending {
+                    step: dl.step,
+                    kind: dl.kind,
+                    attempt,
+                    first_attempt: (dl.last_attempt + 1).saturating_sub(dl.attempts).max(1),
+                    phase: Phase::AwaitingReply { deadline: self.now },
+                    in_doubt: true,
+                });
+            }
             return Err(stale("nothing (the saga waits for an operator)".into()));
         };
         // Already-finished work: forward steps before `completed`, compensations after
@@ -951,7 +987,24 @@ impl Machine<'_> {
     fn on_succeeded(&mut self, p: Pending, output: &Value) -> Result<(), TransitionError> {
         match p.kind {
             CommandKind::Action => {
-                match self.step_def(p.step).apply_output(&self.state.data, output) {
+                let applied = self.step_def(p.step).apply_output(&self.state.data, output);
+                if self.state.status == SagaStatus::Failed {
+                    // The late answer a dead letter in doubt waited for: it ends the
+                    // dead letter, unless it does not decode either.
+                    if let Err(e) = &applied {
+                        return Err(TransitionError::Stale {
+                            input: "step_succeeded",
+                            step: self.step_def(p.step).name().clone(),
+                            kind: p.kind,
+                            attempt: p.attempt,
+                            expected: format!("a success that decodes ({e})"),
+                        });
+                    }
+                    self.state.status = SagaStatus::Running;
+                    self.state.dead_letter = None;
+                    self.state.failure = None;
+                }
+                match applied {
                     Ok(Some(data)) => self.state.data = data,
                     Ok(None) => {}
                     Err(e) => {
@@ -960,7 +1013,7 @@ impl Machine<'_> {
                         // participant or the definition, then re-drive: the same key
                         // brings the same success back). Never compensate around it.
                         let error = StepError::new(
-                            "undecodable_output",
+                            UNDECODABLE_OUTPUT,
                             format!(
                                 "the success output of step {:?} does not decode: {e}",
                                 self.step_def(p.step).name().as_str()
@@ -1080,15 +1133,16 @@ impl Machine<'_> {
         in_doubt: Option<usize>,
     ) -> Result<(), TransitionError> {
         self.state.failure = Some(reason.clone());
-        self.state.cancel = None;
         if let Some(step) = in_doubt {
             if self.step_def(step).compensation().is_none() {
                 let p = self
                     .state
                     .pending
                     .ok_or_else(|| self.not_allowed("compensate"))?;
+                // (A cancel that waited stays recorded: when the action's outcome comes,
+                // late or after a re-drive, the saga compensates around it.)
                 let error = StepError::new(
-                    "in_doubt_without_compensation",
+                    IN_DOUBT_WITHOUT_COMPENSATION,
                     format!(
                         "step {:?} may have taken effect (its outcome is unknown: {}) and has \
                          no compensation; find out from its participant, then re-drive (the \
@@ -1108,6 +1162,7 @@ impl Machine<'_> {
             }
             self.state.in_doubt = Some(step);
         }
+        self.state.cancel = None;
         self.state.status = SagaStatus::Compensating;
         self.event(EventKind::Compensating, None, Some(reason));
         self.compensate_below(self.state.compensation_bound())

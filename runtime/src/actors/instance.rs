@@ -523,6 +523,7 @@ async fn process(
                         ],
                     }
                 };
+                let write_status = Some(state.status);
                 write = SagaWrite {
                     id: saga.state.id,
                     expected_version: saga.version,
@@ -530,7 +531,10 @@ async fn process(
                     state: Some(state),
                     journal,
                     dead_letter,
-                    resolve_dead_letters: matches!(*input, Input::Redriven),
+                    // A re-drive, or the late success of an action dead-lettered in
+                    // doubt, takes the saga out of `failed`: its dead letters are done.
+                    resolve_dead_letters: saga.state.status == SagaStatus::Failed
+                        && write_status != Some(SagaStatus::Failed),
                     outbox,
                     inbox: inbox.clone(),
                 };

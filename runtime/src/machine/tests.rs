@@ -1191,6 +1191,67 @@ fn an_in_doubt_step_without_a_compensation_dead_letters_the_saga() {
 }
 
 #[test]
+fn the_late_success_a_dead_letter_in_doubt_waits_for_resolves_it() {
+    let def = checkout();
+    let def = def.definition();
+    let mut s = run(
+        def,
+        started(def),
+        &[ok("reserve", Action, 1), ok("charge", Action, 1)],
+    );
+    for attempt in 1..=3 {
+        let deadline = s.wake_at().expect("deadline");
+        s = apply(def, &s, &timed_out("ship", Action, attempt), deadline).0;
+        if attempt < 3 {
+            let due = s.wake_at().expect("due");
+            s = apply(def, &s, &retry_due("ship", Action, attempt), due).0;
+        }
+    }
+    assert_eq!(s.status, SagaStatus::Failed);
+    assert!(
+        s.dead_letter
+            .as_ref()
+            .is_some_and(DeadLetterInfo::awaits_outcome)
+    );
+    // a late success that does not decode changes nothing
+    let garbage = Input::StepSucceeded {
+        step: name("ship"),
+        kind: Action,
+        attempt: 1,
+        output: json!({ "nope": 1 }),
+    };
+    let err = refuse(def, &s, &garbage, at(99_000));
+    assert!(err.is_ignorable(), "{err}");
+    // a failure is still a leftover
+    let err = refuse(def, &s, &failed("ship", Action, 3, false), at(99_000));
+    assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
+    // attempt 1's success arrives at last: the shipment happened, the saga completes
+    let (done, fx) = apply(def, &s, &ok("ship", Action, 1), at(99_001));
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert_eq!(done.dead_letter, None);
+    assert_eq!(done.failure, None);
+    assert_eq!(finished(&fx), vec![SagaStatus::Completed]);
+    assert_eq!(decode(&done).done, vec!["r-reserve", "r-charge", "r-ship"]);
+
+    // With a cancel that waited on it, a late success of a middle step compensates.
+    let def = with_gap();
+    let def = def.definition();
+    let s = run(def, started(def), &[ok("reserve", Action, 1)]);
+    let (s, _) = apply(def, &s, &cancel("stop"), at(2_000));
+    let deadline = s.wake_at().expect("deadline");
+    let (s, _) = apply(def, &s, &timed_out("notify", Action, 1), deadline);
+    assert_eq!(s.status, SagaStatus::Failed, "notify has no compensation");
+    assert!(s.cancel.is_some(), "the cancel stays recorded");
+    let (s, fx) = apply(def, &s, &ok("notify", Action, 1), at(99_000));
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(target(the_command(&fx)), ("reserve", Compensation, 1));
+    assert_eq!(
+        s.failure.as_ref().map(|f| f.code.as_str()),
+        Some("cancelled")
+    );
+}
+
+#[test]
 fn spent_retries_after_a_timeout_compensate_the_step_in_doubt() {
     let def = checkout();
     let def = def.definition();
@@ -2028,7 +2089,12 @@ mod props {
         /// A success's expectation: accepted for any sent attempt of what is pending, in
         /// either phase (one key, one effect); stale when nothing is.
         fn success_expect(&self) -> Expect {
-            if self.state.pending.is_some() {
+            let awaited = self
+                .state
+                .dead_letter
+                .as_ref()
+                .is_some_and(DeadLetterInfo::awaits_outcome);
+            if self.state.pending.is_some() || awaited {
                 Expect::Accept
             } else {
                 Expect::Stale
@@ -2397,6 +2463,10 @@ mod props {
                     _ => {}
                 }
             }
+            // the late success a dead letter in doubt waited for resolves the doubt
+            if s0.status == SagaStatus::Failed && matches!(input, Input::StepSucceeded { .. }) {
+                self.doubt = None;
+            }
             self.check_state(s1)?;
             prop_assert_eq!(s1.updated_at, self.now);
             if let Some(p) = s1.pending.filter(|p| p.kind == Action) {
@@ -2413,7 +2483,7 @@ mod props {
                         Running | Compensating | Completed | Compensated | Failed
                     )
                     | (Compensating, Compensating | Compensated | Failed)
-                    | (Failed, Compensating | Running)
+                    | (Failed, Compensating | Running | Completed | Compensated)
             );
             // Running -> Failed: only an in-doubt action with nothing to undo it;
             // Failed -> Running: only its forward re-drive
@@ -2435,6 +2505,22 @@ mod props {
                 s1.status,
                 input.name()
             );
+
+            // Failed ends by a re-drive, or by the late success its in-doubt action waited
+            // for
+            if s0.status == Failed && s1.status != Failed {
+                let awaited = s0
+                    .dead_letter
+                    .as_ref()
+                    .is_some_and(DeadLetterInfo::awaits_outcome);
+                prop_assert!(
+                    matches!(input, Input::Redriven)
+                        || awaited && matches!(input, Input::StepSucceeded { kind: Action, .. }),
+                    "{} left failed on {}",
+                    s0.status,
+                    input.name()
+                );
+            }
 
             // completed only grows, one at a time, on an action success
             let action_success = matches!(input, Input::StepSucceeded { kind: Action, .. });
@@ -2838,6 +2924,7 @@ mod props {
             ("running", "cancel", "waits"),
             ("compensating", "compensation", "in_doubt"),
             ("failed", "dead_letter", "action"),
+            ("failed", "step_succeeded", "ok"),
             ("failed", "redriven", "ok"),
             ("compensating", "step_succeeded", "ok"),
             ("compensating", "step_failed", "ok"),
