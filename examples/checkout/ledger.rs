@@ -100,13 +100,17 @@ pub async fn open_fence(url: &str) -> anyhow::Result<Arc<dyn Fence>> {
 }
 
 /// The SQLite file of the services' fence beside the database at `url`
-/// (`sqlite://skald.db` -> `sqlite://skald.db-fence`): SQLite has one writer per file,
-/// and the fence's two short transactions per command must not queue behind skald's
-/// fsync'd group commits (measured: 192 sagas/s in one file, against ~2,000 apart).
+/// (`sqlite://skald.db` -> `sqlite://skald.fence.db`): SQLite has one writer per file,
+/// and the fence's short transactions must not queue behind skald's fsync'd group
+/// commits (measured: 192 sagas/s sharing one file, 283 apart, before group commit).
 pub fn fence_file(url: &str) -> String {
-    match url.split_once('?') {
-        Some((path, query)) => format!("{path}-fence?{query}"),
-        None => format!("{url}-fence"),
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    match path.strip_suffix(".db") {
+        Some(stem) => format!("{stem}.fence.db{query}"),
+        None => format!("{path}.fence.db{query}"),
     }
 }
 
