@@ -402,7 +402,14 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     assert_eq!(code, 7, "{err}\n{out}");
     assert!(out.contains("pending"), "{out}");
     let rt = runtime(&backend, &checkout).await;
-    wait_status(backend.store.as_ref(), hanging, SagaStatus::Compensated).await;
+    // Applied by the next runtime: the cancel waits for the shipment in flight, which
+    // never answers; a shipment cannot be undone, so the saga is dead-lettered for an
+    // operator to find out whether it shipped (never `compensated` around it).
+    let failed = wait_status(backend.store.as_ref(), hanging, SagaStatus::Failed).await;
+    let dl = failed.state.dead_letter.expect("a dead letter");
+    assert_eq!(dl.error.code, "in_doubt_without_compensation", "{dl:?}");
+    assert_eq!(dl.step_name.as_str(), "ship_order");
+    assert!(failed.state.cancel.is_some(), "the cancel stays recorded");
     rt.shutdown().await;
 
     // --- replay: the registered definition takes every saga's recorded path; one with

@@ -266,6 +266,11 @@ pub struct SagaState {
     pub updated_at: Timestamp,
 }
 
+/// Codes of a `retryable` answer that says another delivery of the key is being handled
+/// right now (docs/protocol.md, the fence): that delivery's outcome is unknown, so the
+/// step is in doubt as after a timeout.
+pub const IN_PROGRESS_CODES: [&str; 2] = ["in_progress", "action_in_progress"];
+
 /// Error code of a dead letter whose action may have taken effect and has nothing to
 /// undo it.
 pub const IN_DOUBT_WITHOUT_COMPENSATION: &str = "in_doubt_without_compensation";
@@ -740,10 +745,11 @@ impl Machine<'_> {
                 ..
             } => {
                 let p = self.expect_reply(input)?;
-                let outcome = if *retryable {
-                    Failure::Retryable
-                } else {
-                    Failure::Permanent
+                let outcome = match retryable {
+                    // Another delivery holds the key: what it does is not known yet.
+                    true if IN_PROGRESS_CODES.contains(&error.code.as_str()) => Failure::Unknown,
+                    true => Failure::Retryable,
+                    false => Failure::Permanent,
                 };
                 self.on_failed(p, outcome, error.clone(), *jitter)
             }
@@ -753,7 +759,7 @@ impl Machine<'_> {
                     "timeout",
                     format!("no reply within {:?}", self.step_def(p.step).timeout()),
                 );
-                self.on_failed(p, Failure::TimedOut, error, *jitter)
+                self.on_failed(p, Failure::Unknown, error, *jitter)
             }
             Input::RetryDue { .. } => {
                 let p = self.expect_timer(input, Awaits::BackoffEnd)?;
@@ -816,7 +822,7 @@ impl Machine<'_> {
             if let (Some(dl), Awaits::Success) = (&self.state.dead_letter, answers)
                 && dl.awaits_outcome()
                 && (dl.step, dl.kind) == (index, kind)
-                && attempt <= dl.last_attempt
+                && (1..=dl.last_attempt).contains(&attempt)
             {
                 return Ok(Pending {
                     step: dl.step,
@@ -861,6 +867,8 @@ impl Machine<'_> {
         }
         let in_backoff = matches!(p.phase, Phase::Backoff { .. });
         match answers {
+            // Attempts are numbered from 1; 0 was never sent.
+            _ if attempt == 0 => Err(stale(expected())),
             Awaits::Success if attempt <= p.attempt => Ok(p),
             _ if attempt != p.attempt => Err(stale(expected())),
             Awaits::Success | Awaits::Reply if in_backoff => Err(stale(expected())),
@@ -1077,12 +1085,13 @@ impl Machine<'_> {
             Some((p.step, p.kind, p.attempt)),
             Some(error.clone()),
         );
-        // A timeout leaves the attempt's outcome unknown; a retryable answer says that
-        // attempt applied nothing (earlier doubt stays); a permanent failure is the key's
-        // final answer (a fenced participant never applies that key afterwards).
+        // A timeout or an `in_progress` answer leaves the outcome unknown; a retryable
+        // answer says that attempt applied nothing (earlier doubt stays); a permanent
+        // failure is the key's final answer (a fenced participant never applies that key
+        // afterwards).
         let in_doubt = p.kind == CommandKind::Action
             && match failure {
-                Failure::TimedOut => true,
+                Failure::Unknown => true,
                 Failure::Retryable => p.in_doubt,
                 Failure::Permanent => false,
             };
@@ -1241,6 +1250,9 @@ impl Machine<'_> {
                         Ok(())
                     }
                     Phase::Backoff { .. } => {
+                        // Recorded, so that if the step in doubt has nothing to undo it
+                        // and dead-letters, its late outcome still leads to compensation.
+                        self.state.cancel = Some(error.clone());
                         self.start_compensation(error, p.in_doubt.then_some(p.step))
                     }
                 }
@@ -1323,8 +1335,9 @@ enum Failure {
     Permanent,
     /// The participant says this attempt applied nothing and another may succeed.
     Retryable,
-    /// No answer before the deadline: the attempt's outcome is unknown.
-    TimedOut,
+    /// No definite answer: the deadline passed, or another delivery of the key is being
+    /// handled right now (`in_progress`). The outcome is unknown.
+    Unknown,
 }
 
 fn input_is_reply(input: &Input) -> bool {

@@ -398,15 +398,41 @@ pub struct Envelope {
     pub idempotency_key: String,
 }
 
+/// The longest idempotency key (or `Skald-Action-Key`) accepted: skald's own are a UUID,
+/// a step name and a kind (at most 114 bytes); a longer one is not skald's, and would
+/// only cost a participant's fence an oversized row.
+pub const MAX_KEY_LEN: usize = 256;
+
+fn key<'a>(m: &'a Message, what: &'static str, name: &str) -> Result<&'a str, WireError> {
+    let k = header(m, what, name)?;
+    if k.is_empty() || k.len() > MAX_KEY_LEN {
+        return Err(WireError {
+            what,
+            reason: format!(
+                "header {name} must hold 1 to {MAX_KEY_LEN} bytes, not {}",
+                k.len()
+            ),
+        });
+    }
+    Ok(k)
+}
+
 fn envelope(m: &Message, what: &'static str) -> Result<Envelope, WireError> {
-    Ok(Envelope {
+    let env = Envelope {
         saga_id: parse(m, what, H_SAGA_ID)?,
         saga_type: parse(m, what, H_SAGA_TYPE)?,
         step: parse(m, what, H_STEP)?,
         kind: parse(m, what, H_KIND)?,
         attempt: parse(m, what, H_ATTEMPT)?,
-        idempotency_key: header(m, what, H_IDEMPOTENCY_KEY)?.to_owned(),
-    })
+        idempotency_key: key(m, what, H_IDEMPOTENCY_KEY)?.to_owned(),
+    };
+    if env.attempt == 0 {
+        return Err(WireError {
+            what,
+            reason: format!("header {H_ATTEMPT}=0: attempts are numbered from 1"),
+        });
+    }
+    Ok(env)
 }
 
 /// Decodes a reply message.
@@ -480,8 +506,8 @@ impl IncomingCommand {
     /// when an older orchestrator did not send the header).
     pub fn action_key(&self) -> String {
         match (&self.action_key, self.envelope.kind) {
-            (Some(k), _) => k.clone(),
-            (None, CommandKind::Action) => self.envelope.idempotency_key.clone(),
+            (_, CommandKind::Action) => self.envelope.idempotency_key.clone(),
+            (Some(k), CommandKind::Compensation) => k.clone(),
             (None, CommandKind::Compensation) => crate::ids::idempotency_key(
                 &self.envelope.saga_id,
                 &self.envelope.step,
@@ -507,7 +533,10 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
             Some(_) => parse(m, WHAT, H_SCHEMA_VERSION)?,
             None => 1,
         },
-        action_key: m.headers.get(H_ACTION_KEY).map(str::to_owned),
+        action_key: match m.headers.get(H_ACTION_KEY) {
+            Some(_) => Some(key(m, WHAT, H_ACTION_KEY)?.to_owned()),
+            None => None,
+        },
         in_doubt: match m.headers.get(H_IN_DOUBT) {
             Some(_) => parse(m, WHAT, H_IN_DOUBT)?,
             None => false,
@@ -706,6 +735,25 @@ mod tests {
                 .expect_err("attempt")
                 .reason
                 .contains("Skald-Attempt")
+        );
+
+        let mut m = good.clone();
+        m.headers.insert(H_ATTEMPT, "0");
+        assert!(
+            decode_reply(&m)
+                .expect_err("attempt 0")
+                .reason
+                .contains("numbered from 1")
+        );
+
+        let mut m = good.clone();
+        m.headers
+            .insert(H_IDEMPOTENCY_KEY, "k".repeat(MAX_KEY_LEN + 1));
+        assert!(
+            decode_reply(&m)
+                .expect_err("oversized key")
+                .reason
+                .contains("Skald-Idempotency-Key")
         );
 
         let mut m = good.clone();

@@ -204,10 +204,13 @@ impl SimServices {
             return None;
         }
         let now = Instant::now();
-        let first = *self
-            .late_since
-            .lock()
-            .ok()?
+        let mut since = self.late_since.lock().ok()?;
+        if since.len() >= 4_096 {
+            // Bounded: a key whose hold ended long ago is answered at once anyway.
+            let hold = self.config.late_hold;
+            since.retain(|_, first| now.duration_since(*first) < hold * 2);
+        }
+        let first = *since
             .entry(cmd.envelope.idempotency_key.clone())
             .or_insert(now);
         (first + self.config.late_hold).checked_duration_since(now)

@@ -1295,6 +1295,40 @@ fn spent_retries_after_a_timeout_compensate_the_step_in_doubt() {
 }
 
 #[test]
+fn an_in_progress_answer_leaves_the_outcome_unknown() {
+    let def = checkout();
+    let def = def.definition();
+    let busy = |attempt| Input::StepFailed {
+        step: name("charge"),
+        kind: Action,
+        attempt,
+        retryable: true,
+        error: StepError::new("in_progress", "another delivery holds the key"),
+        jitter: Jitter::new(0.5),
+    };
+    // another delivery of attempt 1 is running: attempt 1's outcome is unknown
+    let s = run(def, started(def), &[ok("reserve", Action, 1)]);
+    let (s1, _) = apply(def, &s, &busy(1), at(9_000));
+    assert!(pending(&s1).in_doubt);
+    // with a cancel waiting, the charge is compensated as in doubt
+    let (waiting, _) = apply(def, &s, &cancel("stop"), at(8_000));
+    let (s2, fx) = apply(def, &waiting, &busy(1), at(9_000));
+    assert_eq!(s2.in_doubt, Some(1));
+    let c = the_command(&fx);
+    assert_eq!(target(c), ("charge", Compensation, 1));
+    assert!(c.in_doubt);
+}
+
+#[test]
+fn a_success_naming_attempt_zero_is_stale() {
+    let def = checkout();
+    let def = def.definition();
+    let s = started(def);
+    let err = refuse(def, &s, &ok("reserve", Action, 0), at(1));
+    assert!(matches!(err, TransitionError::Stale { .. }), "{err}");
+}
+
+#[test]
 fn a_permanent_failure_clears_the_doubt() {
     let def = checkout();
     let def = def.definition();
@@ -1854,6 +1888,8 @@ mod props {
         FailPermanently,
         /// Retryable failure reply to it, with this jitter draw.
         FailRetryably(f64),
+        /// Retryable `in_progress` reply to it (another delivery holds the key).
+        Busy(f64),
         /// Its deadline passes (via `due_input` when a reply is awaited).
         TimeOut(f64),
         /// Its backoff ends (via `due_input` when in backoff).
@@ -1907,6 +1943,7 @@ mod props {
             8 => Just(Act::Succeed),
             1 => Just(Act::FailPermanently),
             3 => (0.0f64..1.0).prop_map(Act::FailRetryably),
+            1 => (0.0f64..1.0).prop_map(Act::Busy),
             2 => (0.0f64..1.0).prop_map(Act::TimeOut),
             4 => Just(Act::RetryDue),
             1 => any::<Index>().prop_map(Act::Duplicate),
@@ -2005,6 +2042,8 @@ mod props {
         /// The model of the unknown outcome: the pending action whose attempt timed out
         /// with no definite answer since (a success or a permanent failure ends it).
         doubt: Option<usize>,
+        /// A cancel was accepted: no forward step may follow.
+        cancelled: bool,
     }
 
     impl<'a> Driver<'a> {
@@ -2025,6 +2064,7 @@ mod props {
                 last_compensation: None,
                 compensated: BTreeSet::new(),
                 doubt: None,
+                cancelled: false,
             }
         }
 
@@ -2115,17 +2155,18 @@ mod props {
             let status = self.state.status;
             Ok(match act {
                 Act::Succeed => (self.success(step, kind, attempt), self.success_expect()),
-                Act::FailPermanently | Act::FailRetryably(_) => {
-                    let (retryable, draw) = match act {
-                        Act::FailRetryably(d) => (true, *d),
-                        _ => (false, 0.0),
+                Act::FailPermanently | Act::FailRetryably(_) | Act::Busy(_) => {
+                    let (retryable, draw, code) = match act {
+                        Act::FailRetryably(d) => (true, *d, "boom"),
+                        Act::Busy(d) => (true, *d, "in_progress"),
+                        _ => (false, 0.0, "boom"),
                     };
                     let input = Input::StepFailed {
                         step: self.name(step),
                         kind,
                         attempt,
                         retryable,
-                        error: StepError::new("boom", "generated"),
+                        error: StepError::new(code, "generated"),
                         jitter: Jitter::new(draw),
                     };
                     (input, self.reply_expect())
@@ -2457,6 +2498,13 @@ mod props {
                 match input {
                     Input::TimedOut { .. } => self.doubt = Some(p.step),
                     Input::StepFailed {
+                        retryable: true,
+                        error,
+                        ..
+                    } if IN_PROGRESS_CODES.contains(&error.code.as_str()) => {
+                        self.doubt = Some(p.step)
+                    }
+                    Input::StepFailed {
                         retryable: false, ..
                     }
                     | Input::StepSucceeded { .. } => self.doubt = None,
@@ -2688,6 +2736,22 @@ mod props {
                 prop_assert_eq!(&self.compensated, &expected);
                 prop_assert_eq!(s1.in_doubt, self.doubt);
             }
+            // a cancel's intent holds: nothing goes forward after it, and a saga it
+            // waited on completes only when the step it waited for was the last
+            if matches!(input, Input::CancelRequested { .. }) {
+                self.cancelled = true;
+            }
+            if self.cancelled && s1.status == Completed {
+                let waited = s0
+                    .pending
+                    .map(|p| p.step)
+                    .or(s0.dead_letter.as_ref().map(|d| d.step));
+                prop_assert_eq!(
+                    waited,
+                    Some(self.specs.len() - 1),
+                    "completed after a cancel"
+                );
+            }
             // compensation began around exactly the modelled doubt
             if s0.status == Running && s1.status == Compensating {
                 prop_assert_eq!(s1.in_doubt, self.doubt);
@@ -2756,6 +2820,11 @@ mod props {
 
             match c.kind {
                 Action => {
+                    prop_assert!(
+                        !self.cancelled || matches!(input, Input::Resumed | Input::Redriven),
+                        "an action sent after a cancel, on {}",
+                        input.name()
+                    );
                     prop_assert_eq!(s1.status, SagaStatus::Running);
                     // steps[0..step] succeeded, and actions go in ascending order
                     prop_assert_eq!(step, s1.completed);

@@ -494,6 +494,10 @@ impl FenceRecord {
             // been applied; undo it by key.
             ActionState::Running => None,
             ActionState::Succeeded => self.action_output.clone(),
+            // A handler ran and answered `retryable`: it promised it applied nothing,
+            // but an ambiguous failure (a commit whose answer was lost) can break that
+            // promise. Undoing by key costs nothing when nothing is there.
+            ActionState::Idle if self.action_attempt > 0 => None,
             ActionState::Idle | ActionState::Failed => {
                 // Nothing was applied: an empty rollback, and a tombstone that refuses
                 // the action if it ever comes.
@@ -1032,30 +1036,53 @@ pub mod conformance {
     /// Rule 3: a compensation of an action only ever answered `retryable`, or failed
     /// permanently, is an empty rollback too.
     pub async fn nothing_applied_is_an_empty_rollback(s: Subject<'_>) -> Check {
-        for (what, last) in [
-            (
-                "retried",
-                Outcome::Retryable(StepError::new("bank_down", "later")),
-            ),
-            (
-                "failed",
-                Outcome::Failure(StepError::new("card_declined", "no")),
-            ),
-        ] {
-            let k = key(what);
-            run(s, &k, 1).await?;
-            s.fence
-                .finish_action(&k, 1, &last)
-                .await
-                .map_err(e("finish_action"))?;
-            eq(
-                &format!("compensation of a {what} action"),
-                comp_answer(s, &k, 1).await?,
-                Outcome::Success(Value::Null),
-            )?;
-            // A later delivery is refused (anti-suspension): the compensation came.
-            is_refusal(&answer(s, &k, 2).await?)?;
-        }
+        // Never claimed, or failed for good: a tombstone, without the handler.
+        let never = key("never");
+        eq(
+            "compensation of an unknown action",
+            comp_answer(s, &never, 1).await?,
+            Outcome::Success(Value::Null),
+        )?;
+        is_refusal(&answer(s, &never, 1).await?)?;
+        let k = key("failed");
+        run(s, &k, 1).await?;
+        s.fence
+            .finish_action(
+                &k,
+                1,
+                &Outcome::Failure(StepError::new("card_declined", "no")),
+            )
+            .await
+            .map_err(e("finish_action"))?;
+        eq(
+            "compensation of a failed action",
+            comp_answer(s, &k, 1).await?,
+            Outcome::Success(Value::Null),
+        )?;
+        // A later delivery is refused (anti-suspension): the compensation came.
+        is_refusal(&answer(s, &k, 2).await?)?;
+        // A handler that ran and answered `retryable` promised it applied nothing, but an
+        // ambiguous failure can break that: its compensation undoes by key (no output).
+        let k = key("retried");
+        run(s, &k, 1).await?;
+        s.fence
+            .finish_action(
+                &k,
+                1,
+                &Outcome::Retryable(StepError::new("bank_down", "later")),
+            )
+            .await
+            .map_err(e("finish_action"))?;
+        eq(
+            "compensation of a retried action",
+            undo(s, &k, 1).await?,
+            None,
+        )?;
+        s.fence
+            .finish_compensation(&k, 1, &Outcome::Success(Value::Null))
+            .await
+            .map_err(e("finish_compensation"))?;
+        is_refusal(&answer(s, &k, 2).await?)?;
         Ok(())
     }
 
