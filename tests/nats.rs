@@ -408,7 +408,7 @@ async fn lifecycle_events_reach_a_plain_subscriber_in_order_per_saga() {
             let attempt = e.attempt.expect("an attempt");
             assert_eq!(
                 e.causation_id,
-                format!("reply:{id}:{step}:{}:{attempt}", kind.as_str()),
+                format!("reply:{id}:{step}:{}:{attempt}:success", kind.as_str()),
                 "{id}"
             );
         }

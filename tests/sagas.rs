@@ -775,11 +775,44 @@ async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
         })
         .await;
     }
+    // The reserve never answered: it may have taken effect, so it is released (in
+    // doubt, by its action key). The test answers for the inventory service.
+    let saga = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(saga.state.status, SagaStatus::Compensating);
+    assert_eq!(saga.state.in_doubt, Some(0));
+    let p = saga.state.pending.expect("the release is pending");
+    assert_eq!((p.step, p.kind), (0, CommandKind::Compensation));
+    let step = skald::ids::StepName::new(steps::RESERVE_INVENTORY).expect("step");
+    let release = wire::encode_command(&skald::machine::Command {
+        saga_id: id,
+        saga_type: skald::ids::SagaType::new("checkout").expect("type"),
+        idempotency_key: skald::ids::idempotency_key(&id, &step, CommandKind::Compensation),
+        message_id: skald::ids::command_message_id(&id, &step, CommandKind::Compensation, 1),
+        step,
+        kind: CommandKind::Compensation,
+        attempt: 1,
+        subject: subjects::RELEASE.into(),
+        payload: serde_json::json!({}),
+        deadline: skald::machine::Timestamp(0),
+        schema_version: 1,
+        definition_version: 1,
+        action_key: None,
+        in_doubt: true,
+    })
+    .expect("encode");
+    let incoming = wire::decode_command(&release).expect("decode");
+    bus.publish(wire::encode_reply(
+        &incoming,
+        &Outcome::Success(serde_json::Value::Null),
+    ))
+    .await
+    .expect("publish the release's reply");
     let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
         .await
         .expect("settles in time")
         .expect("outcome");
     assert_eq!((outcome.id, outcome.status), (id, SagaStatus::Compensated));
+    assert!(outcome.in_doubt);
     let inputs = journal_inputs(store.as_ref(), id).await;
     let mut expected = vec!["started".to_string()];
     for attempt in 1..=max {
@@ -788,9 +821,10 @@ async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
             expected.push("retry_due".into());
         }
     }
+    expected.push("step_succeeded".into());
     assert_eq!(
         inputs, expected,
-        "exactly max_attempts attempts, then compensation"
+        "exactly max_attempts attempts, then the compensation of the step in doubt"
     );
     let saga = store.load(id).await.expect("load").expect("exists");
     assert_eq!(

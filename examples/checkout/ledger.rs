@@ -89,15 +89,22 @@ pub async fn open_fence(url: &str) -> anyhow::Result<Arc<dyn Fence>> {
             let pool = open_pool(&url, &options)
                 .await
                 .with_context(|| format!("opening the fence's database {}", redact(&url)))?;
-            Arc::new(SqliteFence::with_pool(pool).await?)
+            Arc::new(SqliteFence::with_pool(pool).await?.with_lease(FENCE_LEASE))
         }
         Backend::Postgres => Arc::new(
             PgFence::connect(url)
                 .await
-                .with_context(|| format!("opening the fence's database {}", redact(url)))?,
+                .with_context(|| format!("opening the fence's database {}", redact(url)))?
+                .with_lease(FENCE_LEASE),
         ),
     })
 }
+
+/// How long a simulated service's claim on a key holds: its handlers take milliseconds
+/// (a late answer is held after the outcome is recorded, not under the claim), so a
+/// claim left by a killed process is taken over well within skald's retry budget even
+/// at short step timeouts.
+pub const FENCE_LEASE: Duration = Duration::from_secs(5);
 
 /// The SQLite file of the services' fence beside the database at `url`
 /// (`sqlite://skald.db` -> `sqlite://skald.fence.db`): SQLite has one writer per file,

@@ -8,8 +8,9 @@
 //! helper keeps its rules around the handler:
 //!
 //! - an action is claimed atomically before its handler runs: a key with a final outcome
-//!   is answered with it, a key being handled elsewhere is answered `retryable`
-//!   (`in_progress`), a key whose compensation came first is refused (`compensated`);
+//!   is answered with it, a key being handled elsewhere is not answered yet (the broker
+//!   redelivers the command later), a key whose compensation came first
+//!   is refused (`compensated`);
 //! - a compensation of an action that never took effect is answered success without
 //!   calling the handler, and leaves a tombstone that refuses the action if it comes
 //!   later; a compensation of a succeeded action calls the handler, which reads the
@@ -286,7 +287,15 @@ async fn handle<H, F>(
                     None => handler(command.clone()).await,
                 },
                 Some(fence) => match fenced(fence, &command, handler, setup.clock.as_ref()).await {
-                    Ok(outcome) => outcome,
+                    Ok(Some(outcome)) => outcome,
+                    Ok(None) => {
+                        // Another delivery of the key is being handled: no answer yet
+                        // (an `in_progress` would tell skald nothing it can act on); the
+                        // broker brings the command back when that one is done.
+                        debug!("the key is being handled by another delivery; redelivered later");
+                        settle(acker.nak(BUSY_REDELIVERY).await);
+                        return;
+                    }
                     Err(e) => {
                         warn!(error = %e, "the fence is unavailable; the command will be redelivered");
                         settle(acker.nak(Duration::from_millis(500)).await);
@@ -308,15 +317,25 @@ async fn handle<H, F>(
     .await
 }
 
+/// How soon a command whose key another delivery is handling comes back.
+const BUSY_REDELIVERY: Duration = Duration::from_secs(1);
+
+/// Whether the fence answered that another delivery holds the key right now.
+fn is_busy(answer: &Outcome) -> bool {
+    matches!(answer, Outcome::Retryable(e)
+        if e.code == fence::IN_PROGRESS_CODE || e.code == fence::ACTION_IN_PROGRESS_CODE)
+}
+
 /// Handles `command` inside the fence: claim, run the handler if the claim says so,
-/// record its outcome. What to reply; an error when the fence could not be consulted or
-/// written (nothing is lost: the command is redelivered).
+/// record its outcome. What to reply (`None`: nothing yet, another delivery holds the
+/// key); an error when the fence could not be consulted or written (nothing is lost: the
+/// command is redelivered).
 async fn fenced<H, F>(
     fence: &dyn Fence,
     command: &IncomingCommand,
     handler: &H,
     clock: &dyn Clock,
-) -> Result<Outcome, FenceError>
+) -> Result<Option<Outcome>, FenceError>
 where
     H: Fn(IncomingCommand) -> F,
     F: Future<Output = Outcome>,
@@ -325,9 +344,10 @@ where
     let attempt = command.envelope.attempt;
     match command.envelope.kind {
         CommandKind::Action => match fence.claim_action(&key, attempt).await? {
+            ActionClaim::Answer(answer) if is_busy(&answer) => Ok(None),
             ActionClaim::Answer(answer) => {
                 debug!(outcome = answer.as_str(), "answered by the fence");
-                Ok(answer)
+                Ok(Some(answer))
             }
             ActionClaim::Run => {
                 // Past its deadline: give the claim back with a `retryable` remembered
@@ -336,20 +356,25 @@ where
                     Some(late) => Outcome::Retryable(late),
                     None => call(handler, command, None).await,
                 };
-                persist(|| fence.finish_action(&key, attempt, &outcome)).await
+                persist(|| fence.finish_action(&key, attempt, &outcome))
+                    .await
+                    .map(Some)
             }
         },
         CommandKind::Compensation => match fence.claim_compensation(&key, attempt).await? {
+            CompensationClaim::Answer(answer) if is_busy(&answer) => Ok(None),
             CompensationClaim::Answer(answer) => {
                 debug!(outcome = answer.as_str(), "answered by the fence");
-                Ok(answer)
+                Ok(Some(answer))
             }
             CompensationClaim::Undo { action_output } => {
                 let outcome = match past_deadline(command, clock) {
                     Some(late) => Outcome::Retryable(late),
                     None => call(handler, command, action_output).await,
                 };
-                persist(|| fence.finish_compensation(&key, attempt, &outcome)).await
+                persist(|| fence.finish_compensation(&key, attempt, &outcome))
+                    .await
+                    .map(Some)
             }
         },
     }
@@ -587,6 +612,18 @@ mod tests {
         .expect("encode")
     }
 
+    /// Polls `check` until it gives a value, for at most 10 s.
+    async fn wait_for<T>(check: impl Fn() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "condition in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until `bus` has `n` replies, then decodes them.
     async fn replies(bus: &Scripted, n: usize) -> Vec<wire::Reply> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -813,19 +850,25 @@ mod tests {
         )
         .await
         .expect("serve");
-        let outcomes: Vec<Outcome> = replies(&bus, 2)
+        let outcomes: Vec<Outcome> = replies(&bus, 1)
             .await
             .into_iter()
             .map(|r| r.outcome)
             .collect();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(outcomes.contains(&Outcome::Success(serde_json::json!("done"))));
+        assert_eq!(outcomes, vec![Outcome::Success(serde_json::json!("done"))]);
+        // The delivery that found the key held was not answered (its holder's outcome
+        // was unknown then), but handed back to the broker for later.
+        let settled = wait_for(|| {
+            let s = bus.settled.lock().expect("lock").clone();
+            (s.len() >= 2).then_some(s)
+        })
+        .await;
         assert!(
-            outcomes
-                .iter()
-                .any(|o| matches!(o, Outcome::Retryable(e) if e.code == "in_progress")),
-            "{outcomes:?}"
+            settled.contains(&"nak") && settled.contains(&"ack"),
+            "{settled:?}"
         );
+        assert_eq!(bus.replies.lock().expect("lock").len(), 1);
         handle.stop();
     }
 
