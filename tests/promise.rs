@@ -13,6 +13,7 @@
 //! The simulated services run behind the participant helper's TCC fence; the fence
 //! itself (two replicas racing on one key, SQLite and PostgreSQL) is tests/fence.rs.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -33,43 +34,6 @@ use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig, SimServices};
 use skald::wire::{self, IncomingCommand, Outcome};
 use skald::{Runtime, SagaOutcome};
 use tokio::sync::{mpsc::UnboundedReceiver, watch};
-
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Memory).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Sqlite).await
-                }
-            )*
-        }
-        mod sqlite_nats {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Nats).await
-                }
-            )*
-        }
-        mod postgres_nats {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Postgres).await
-                }
-            )*
-        }
-    };
-}
 
 on_every_backend!(
     an_action_that_times_out_on_every_attempt_is_compensated_by_its_key,
@@ -229,19 +193,7 @@ impl Env {
 
     /// Waits for the outcomes of `ids`.
     async fn settle(&mut self, ids: &[SagaId]) -> Vec<SagaOutcome> {
-        let mut want: std::collections::HashSet<SagaId> = ids.iter().copied().collect();
-        let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !want.is_empty() {
-            let o = tokio::time::timeout_at(deadline, self.outcomes.recv())
-                .await
-                .unwrap_or_else(|_| panic!("{} sagas did not settle in time", want.len()))
-                .expect("outcomes open");
-            if want.remove(&o.id) {
-                got.push(o);
-            }
-        }
-        got
+        await_outcomes(&mut self.outcomes, ids).await
     }
 
     /// The participants' records hold no live effect on a compensated saga and exactly

@@ -3,6 +3,7 @@
 //! test's own): the checkout saga's happy path, compensation, retries, dead-lettering and
 //! re-drive, a panicking handler, a restart mid-flight, and bad input.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -25,44 +26,7 @@ use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig};
 use skald::wire::{self, Outcome};
 use skald::{Applied, Runtime, RuntimeError};
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Memory).await
-                }
-            )*
-        }
-        mod sqlite_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Sqlite).await
-                }
-            )*
-        }
-        mod nats_jetstream {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Nats).await
-                }
-            )*
-        }
-        mod postgres_nats {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::StoreKind::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
+on_every_backend!(
     happy_path,
     declined_payment_is_compensated,
     flaky_step_is_retried_then_completed,

@@ -4,6 +4,47 @@
 
 #![allow(dead_code)]
 
+/// Runs each named `async fn name(kind: StoreKind)` of the calling test file once per
+/// backend: `memory_store`, `sqlite_store`, `nats_jetstream` (SQLite + NATS) and
+/// `postgres_nats` modules, one `#[tokio::test]` each.
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Memory).await
+                }
+            )*
+        }
+        mod sqlite_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Sqlite).await
+                }
+            )*
+        }
+        mod nats_jetstream {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Nats).await
+                }
+            )*
+        }
+        mod postgres_nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::StoreKind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -494,17 +535,9 @@ impl TestEnv {
                 want.remove(id);
             }
         }
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !want.is_empty() {
-            let outcome = tokio::time::timeout_at(deadline, self.outcomes.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("{} sagas did not settle within {DEADLINE:?}", want.len())
-                })
-                .expect("outcome channel open");
-            if want.remove(&outcome.id) {
-                got.insert(outcome.id, outcome.status);
-            }
+        let want: Vec<SagaId> = want.into_iter().collect();
+        for outcome in await_outcomes(&mut self.outcomes, &want).await {
+            got.insert(outcome.id, outcome.status);
         }
         got
     }
@@ -522,6 +555,27 @@ impl TestEnv {
     pub async fn shutdown(self) {
         self.runtime.shutdown().await;
     }
+}
+
+/// Receives outcomes until every saga of `ids` has settled (others are skipped), failing
+/// the test after [`DEADLINE`]; returns theirs.
+pub async fn await_outcomes(
+    outcomes: &mut UnboundedReceiver<SagaOutcome>,
+    ids: &[SagaId],
+) -> Vec<SagaOutcome> {
+    let mut want: std::collections::HashSet<SagaId> = ids.iter().copied().collect();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !want.is_empty() {
+        let outcome = tokio::time::timeout_at(deadline, outcomes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} sagas did not settle within {DEADLINE:?}", want.len()))
+            .expect("outcome channel open");
+        if want.remove(&outcome.id) {
+            got.push(outcome);
+        }
+    }
+    got
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
