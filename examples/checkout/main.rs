@@ -604,6 +604,7 @@ async fn fresh(
         let mut latencies: Vec<f64> = Vec::with_capacity(args.sagas);
         let mut ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
         let mut settled = 0usize;
+        let mut settled_ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
         let mut in_doubt = 0usize;
         let mut starts_open = true;
         // Until every saga settled, or the starts ended (done or failed) and every saga
@@ -629,6 +630,14 @@ async fn fresh(
                     let Some(o) = outcome else { break };
                     // Sagas of an earlier run that this start resumed are not ours.
                     if o.created_at < run_started {
+                        continue;
+                    }
+                    // A saga settles once: a dead letter in doubt that its late success
+                    // resolves reports again, with its final status.
+                    if !settled_ids.insert(o.id) {
+                        if o.in_doubt && o.status == SagaStatus::Compensated {
+                            in_doubt += 1;
+                        }
                         continue;
                     }
                     let now = Instant::now();
