@@ -12,7 +12,12 @@
 //! - the outcome recorded in the handler's own transaction (`finish_action_in`),
 //!   committed and rolled back;
 //! - the participant helper end to end: two replicas (two consumer groups of an
-//!   in-process bus, so each gets every command) sharing one fence.
+//!   in-process bus, so each gets every command) sharing one fence;
+//! - group commit: hundreds of concurrent actions and compensations on two fences
+//!   racing on the same keys (many operations per transaction, several on one key):
+//!   each effect applied exactly once; a batch whose transaction fails (a held lock, a
+//!   serialization failure, a write the database refuses) answers every caller an error
+//!   and commits nothing; a key the database refuses fails only its own operations.
 
 mod common;
 
@@ -396,19 +401,11 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
         other => panic!("expected in_progress, got {other:?}"),
     }
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
-    // Attempt 2 was answered `in_progress`, and keeps that answer; skald's next attempt
-    // takes the claim over.
-    match survivor
-        .claim_action("lease:action", 2)
-        .await
-        .expect("claim")
-    {
-        ActionClaim::Answer(Outcome::Retryable(e)) => assert_eq!(e.code, IN_PROGRESS_CODE),
-        other => panic!("expected the remembered in_progress, got {other:?}"),
-    }
+    // `in_progress` is not remembered (the holder's outcome was unknown): the same
+    // attempt takes the claim over once the lease has passed.
     assert_eq!(
         survivor
-            .claim_action("lease:action", 3)
+            .claim_action("lease:action", 2)
             .await
             .expect("claim"),
         ActionClaim::Run,
@@ -416,7 +413,7 @@ async fn a_crashed_holders_claim_is_taken_over_after_the_lease(kind: Kind) {
     );
     let done = Outcome::Success(json!("second"));
     survivor
-        .finish_action("lease:action", 3, &done)
+        .finish_action("lease:action", 2, &done)
         .await
         .expect("finish");
     // The crashed holder coming back late gets the recorded answer.
@@ -848,4 +845,388 @@ async fn sqlite_two_replicas_behind_the_helper() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_two_replicas_behind_the_helper() {
     two_replicas_behind_the_helper(Kind::Postgres).await;
+}
+
+/// Hundreds of callers at once on two fences (two writer tasks, two pools) on one
+/// database, racing on the same keys with actions and compensations: the operations of
+/// one key land in one batch, across batches of one fence, and across the two fences'
+/// batches, and still each action's effect applies at most once, exactly once where no
+/// compensation came first, and an applied action is undone exactly once.
+async fn many_concurrent_operations_apply_each_effect_once(kind: Kind) {
+    const KEYS: usize = 120;
+    /// Action deliveries per key per fence.
+    const RACERS: usize = 3;
+    let db = FenceDb::new(kind).await;
+    let replicas = [
+        db.fence(DEFAULT_LEASE, None).await,
+        db.fence(DEFAULT_LEASE, None).await,
+    ];
+    let key = |i: usize| format!("many:{i}:action");
+    // Every third key also gets a compensation from each fence.
+    let compensated = |i: usize| i.is_multiple_of(3);
+    let callers = KEYS * RACERS * 2 + KEYS.div_ceil(3) * 2;
+    let start = Arc::new(tokio::sync::Barrier::new(callers));
+    let applied: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let answered: Arc<Mutex<HashMap<String, Vec<Value>>>> = Arc::default();
+    let undone: Arc<Mutex<HashMap<String, Vec<Option<Value>>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..KEYS {
+        for (r, fence) in replicas.iter().enumerate() {
+            for racer in 0..RACERS {
+                let (fence, start, k) = (Arc::clone(fence), Arc::clone(&start), key(i));
+                let (applied, answered) = (Arc::clone(&applied), Arc::clone(&answered));
+                tasks.push(tokio::spawn(async move {
+                    start.wait().await;
+                    let mine = Outcome::Success(json!({ "key": k, "by": [r, racer] }));
+                    for attempt in 1..200 {
+                        match fence.claim_action(&k, attempt).await.expect("claim") {
+                            ActionClaim::Run => {
+                                *applied.lock().expect("lock").entry(k.clone()).or_default() += 1;
+                                tokio::task::yield_now().await;
+                                let answer = fence
+                                    .finish_action(&k, attempt, &mine)
+                                    .await
+                                    .expect("finish");
+                                assert_eq!(answer, mine, "{k}: the holder's own outcome");
+                                let Outcome::Success(v) = answer else {
+                                    unreachable!()
+                                };
+                                answered.lock().expect("lock").entry(k).or_default().push(v);
+                                return;
+                            }
+                            ActionClaim::Answer(Outcome::Success(v)) => {
+                                answered.lock().expect("lock").entry(k).or_default().push(v);
+                                return;
+                            }
+                            ActionClaim::Answer(o) if o == refused() => return,
+                            ActionClaim::Answer(Outcome::Retryable(e)) => {
+                                assert_eq!(e.code, IN_PROGRESS_CODE, "{k}");
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            ActionClaim::Answer(other) => panic!("{k}: unexpected {other:?}"),
+                        }
+                    }
+                    panic!("{k}: never settled");
+                }));
+            }
+            if compensated(i) {
+                let (fence, start, k) = (Arc::clone(fence), Arc::clone(&start), key(i));
+                let undone = Arc::clone(&undone);
+                tasks.push(tokio::spawn(async move {
+                    start.wait().await;
+                    for attempt in 1..200 {
+                        match fence.claim_compensation(&k, attempt).await.expect("claim") {
+                            CompensationClaim::Undo { action_output } => {
+                                undone
+                                    .lock()
+                                    .expect("lock")
+                                    .entry(k.clone())
+                                    .or_default()
+                                    .push(action_output);
+                                fence
+                                    .finish_compensation(
+                                        &k,
+                                        attempt,
+                                        &Outcome::Success(json!("refunded")),
+                                    )
+                                    .await
+                                    .expect("finish");
+                                return;
+                            }
+                            CompensationClaim::Answer(Outcome::Success(_)) => return,
+                            CompensationClaim::Answer(Outcome::Retryable(e)) => {
+                                assert!(
+                                    e.code == ACTION_IN_PROGRESS_CODE || e.code == IN_PROGRESS_CODE,
+                                    "{k}: {e}"
+                                );
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            CompensationClaim::Answer(other) => {
+                                panic!("{k}: unexpected {other:?}")
+                            }
+                        }
+                    }
+                    panic!("{k}: the compensation never settled");
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        t.await.expect("a caller panicked");
+    }
+    let applied = applied.lock().expect("lock").clone();
+    let answered = answered.lock().expect("lock").clone();
+    let undone = undone.lock().expect("lock").clone();
+    for i in 0..KEYS {
+        let k = key(i);
+        let ran = applied.get(&k).copied().unwrap_or(0);
+        let answers = answered.get(&k).cloned().unwrap_or_default();
+        let undos = undone.get(&k).cloned().unwrap_or_default();
+        if !compensated(i) {
+            assert_eq!(ran, 1, "{kind:?}: {k} applied {ran} times");
+            assert_eq!(
+                answers.len(),
+                RACERS * 2,
+                "{kind:?}: {k}: every delivery answered"
+            );
+        }
+        assert!(ran <= 1, "{kind:?}: {k} applied {ran} times");
+        if let Some(first) = answers.first() {
+            assert!(
+                answers.iter().all(|a| a == first),
+                "{kind:?}: {k}: every delivery gets the same answer: {answers:?}"
+            );
+        }
+        if ran == 1 {
+            assert!(!answers.is_empty(), "{kind:?}: {k}: the holder's answer");
+            if compensated(i) {
+                assert_eq!(
+                    undos,
+                    vec![Some(answers[0].clone())],
+                    "{kind:?}: {k} applied, so undone once with its output"
+                );
+            }
+        } else {
+            assert!(
+                undos.is_empty(),
+                "{kind:?}: {k} never applied, never undone"
+            );
+            let record = replicas[0]
+                .record(&k)
+                .await
+                .expect("record")
+                .expect("a tombstone");
+            assert_eq!(record.comp_state, CompensationState::Tombstone, "{k}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_many_concurrent_operations_apply_each_effect_once() {
+    many_concurrent_operations_apply_each_effect_once(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_many_concurrent_operations_apply_each_effect_once() {
+    many_concurrent_operations_apply_each_effect_once(Kind::Postgres).await;
+}
+
+/// How the database refuses the fence's writes in [`refuse_writes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Every write, with an error that passes (PostgreSQL: a serialization failure).
+    Passing,
+    /// Every write, with an error that does not pass.
+    Every,
+    /// The writes of the key `poison:action` only.
+    Poison,
+}
+
+/// Makes the database refuse the fence's writes (after it has read, decided and would
+/// answer), with a trigger; `None` removes it.
+async fn refuse_writes(db: &FenceDb, refusal: Option<Refusal>) {
+    match db.kind {
+        Kind::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.expect("open");
+            for sql in [
+                "DROP TRIGGER IF EXISTS refuse_insert",
+                "DROP TRIGGER IF EXISTS refuse_update",
+            ] {
+                sqlx::query(sql).execute(&pool).await.expect("drop trigger");
+            }
+            if let Some(refusal) = refusal {
+                assert_ne!(refusal, Refusal::Passing, "SQLite: hold its write lock");
+                let when = if refusal == Refusal::Poison {
+                    "WHEN NEW.key = 'poison:action'"
+                } else {
+                    ""
+                };
+                for (name, event) in [("refuse_insert", "INSERT"), ("refuse_update", "UPDATE")] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "CREATE TRIGGER {name} BEFORE {event} ON skald_fence {when} \
+                         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                    )))
+                    .execute(&pool)
+                    .await
+                    .expect("create trigger");
+                }
+            }
+            pool.close().await;
+        }
+        Kind::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+            sqlx::query("DROP TRIGGER IF EXISTS refuse ON skald_fence")
+                .execute(&pool)
+                .await
+                .expect("drop trigger");
+            sqlx::query(
+                "CREATE OR REPLACE FUNCTION refuse_fence_write() RETURNS trigger \
+                 LANGUAGE plpgsql AS $$ BEGIN \
+                 IF TG_ARGV[0] = 'passing' THEN \
+                 RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'serialization_failure'; \
+                 END IF; \
+                 RAISE EXCEPTION 'refused by the test'; END $$",
+            )
+            .execute(&pool)
+            .await
+            .expect("create function");
+            if let Some(refusal) = refusal {
+                // A change of state: the batch's own writes, not its locking no-op update.
+                let changed = "(NEW.action_state IS DISTINCT FROM OLD.action_state \
+                               OR NEW.comp_state IS DISTINCT FROM OLD.comp_state)";
+                let (when, arg) = match refusal {
+                    Refusal::Passing => (changed.to_owned(), "passing"),
+                    Refusal::Every => (changed.to_owned(), "refused"),
+                    Refusal::Poison => (
+                        format!("NEW.key = 'poison:action' AND {changed}"),
+                        "refused",
+                    ),
+                };
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE TRIGGER refuse BEFORE UPDATE ON skald_fence FOR EACH ROW \
+                     WHEN ({when}) EXECUTE FUNCTION refuse_fence_write('{arg}')"
+                )))
+                .execute(&pool)
+                .await
+                .expect("create trigger");
+            }
+            pool.close().await;
+        }
+    }
+}
+
+/// Claims `keys` (attempt 1) all at once through `fence`, each from a task of its own.
+async fn claim_all(fence: &Arc<dyn Fence>, keys: &[String]) -> Vec<Result<ActionClaim, String>> {
+    let start = Arc::new(tokio::sync::Barrier::new(keys.len()));
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (fence, start, k) = (Arc::clone(fence), Arc::clone(&start), k.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                fence.claim_action(&k, 1).await.map_err(|e| {
+                    if e.is_retryable() {
+                        format!("retryable: {e}")
+                    } else {
+                        format!("permanent: {e}")
+                    }
+                })
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("a caller panicked"));
+    }
+    answers
+}
+
+/// A batch whose transaction fails (after the rules have decided what to answer) answers
+/// every one of its callers with an error, retryable when the failure passes, and
+/// commits nothing of theirs: the same deliveries run once the failure is gone.
+async fn a_failed_batch_answers_every_caller_with_an_error(kind: Kind) {
+    let db = FenceDb::new(kind).await;
+    let keys: Vec<String> = (0..64).map(|i| format!("failing:{i}:action")).collect();
+    let fence = match kind {
+        // SQLite: its write lock held by another connection past the busy timeout.
+        Kind::Sqlite => {
+            let options = skald::adapters::sqlite::SqliteOptions {
+                busy_timeout: Duration::from_millis(100),
+                ..Default::default()
+            };
+            let pool = skald::adapters::sqlite::open_pool(&db.url, &options)
+                .await
+                .expect("open");
+            let fence: Arc<dyn Fence> =
+                Arc::new(SqliteFence::with_pool(pool).await.expect("the fence"));
+            fence
+        }
+        Kind::Postgres => db.fence(DEFAULT_LEASE, None).await,
+    };
+    let passing = match kind {
+        Kind::Sqlite => {
+            let holder = sqlx::SqlitePool::connect(&db.url).await.expect("open");
+            let mut lock = holder.begin_with("BEGIN IMMEDIATE").await.expect("lock");
+            let answers = claim_all(&fence, &keys).await;
+            sqlx::query("SELECT 1")
+                .execute(&mut *lock)
+                .await
+                .expect("still held");
+            lock.rollback().await.expect("release");
+            holder.close().await;
+            answers
+        }
+        Kind::Postgres => {
+            refuse_writes(&db, Some(Refusal::Passing)).await;
+            claim_all(&fence, &keys).await
+        }
+    };
+    for (k, a) in keys.iter().zip(&passing) {
+        match a {
+            Err(e) => assert!(e.starts_with("retryable"), "{kind:?}: {k}: {e}"),
+            Ok(claim) => panic!("{kind:?}: {k} answered {claim:?} though its batch failed"),
+        }
+    }
+    refuse_writes(&db, Some(Refusal::Every)).await;
+    for (k, a) in keys.iter().zip(claim_all(&fence, &keys).await) {
+        assert!(
+            a.is_err(),
+            "{kind:?}: {k} answered {a:?} though its batch failed"
+        );
+    }
+    refuse_writes(&db, None).await;
+    for k in &keys {
+        assert_eq!(
+            fence.record(k).await.expect("record"),
+            None,
+            "{kind:?}: {k}: nothing committed"
+        );
+    }
+    for (k, a) in keys.iter().zip(claim_all(&fence, &keys).await) {
+        assert_eq!(
+            a,
+            Ok(ActionClaim::Run),
+            "{kind:?}: {k}: nothing was decided"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_failed_batch_answers_every_caller_with_an_error() {
+    a_failed_batch_answers_every_caller_with_an_error(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_failed_batch_answers_every_caller_with_an_error() {
+    a_failed_batch_answers_every_caller_with_an_error(Kind::Postgres).await;
+}
+
+/// A key whose write the database refuses (for good) fails its own operations only, not
+/// those batched with it.
+async fn a_refused_key_fails_only_its_own_operations(kind: Kind) {
+    let db = FenceDb::new(kind).await;
+    let fence = db.fence(DEFAULT_LEASE, None).await;
+    refuse_writes(&db, Some(Refusal::Poison)).await;
+    let mut keys: Vec<String> = (0..63).map(|i| format!("healthy:{i}:action")).collect();
+    keys.insert(31, "poison:action".into());
+    for (k, a) in keys.iter().zip(claim_all(&fence, &keys).await) {
+        if k == "poison:action" {
+            assert!(a.is_err(), "{kind:?}: {k} answered {a:?}");
+        } else {
+            assert_eq!(a, Ok(ActionClaim::Run), "{kind:?}: {k}");
+            let record = fence.record(k).await.expect("record").expect("committed");
+            assert_eq!(record.action_state, ActionState::Running, "{k}");
+        }
+    }
+    assert_eq!(fence.record("poison:action").await.expect("record"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_refused_key_fails_only_its_own_operations() {
+    a_refused_key_fails_only_its_own_operations(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_refused_key_fails_only_its_own_operations() {
+    a_refused_key_fails_only_its_own_operations(Kind::Postgres).await;
 }
