@@ -569,8 +569,10 @@ where
     /// How the success reply's output (decoded as `O`) updates the data, so that later
     /// steps and compensations can use it (e.g. the payment id to refund).
     ///
-    /// A reply whose output does not decode as `O` is a malformed reply: it is
-    /// dead-lettered with the serde error and the saga is unchanged.
+    /// A success whose output does not decode as `O` did take effect at the participant,
+    /// so the saga is dead-lettered (`undecodable_output`, with the serde error) rather
+    /// than moved on or compensated around it; a later success of the step that decodes,
+    /// or a re-drive once the participant or the definition is fixed, resumes it.
     ///
     /// # Examples
     ///
@@ -601,6 +603,13 @@ where
     }
 
     /// The compensation: published on `subject` when a later step fails, to undo this one.
+    ///
+    /// It also undoes this step when its outcome is unknown (every attempt timed out, or a
+    /// cancel arrived while it was in flight): `build` then sees saga data that the
+    /// action's reply never updated, so what only that reply teaches (a payment id) is
+    /// still absent. Keep such fields `Option`s and never unwrap them here; the
+    /// participant undoes by the action's key (`Skald-Action-Key`), which the command
+    /// carries either way.
     ///
     /// # Examples
     ///
