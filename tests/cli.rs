@@ -341,6 +341,10 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
     )
     .await;
     assert_eq!(cancelled[0]["result"], "applied", "{cancelled}");
+    assert_eq!(
+        cancelled[0]["detail"], "running: waits for the step in flight, then compensates",
+        "{cancelled}"
+    );
     // The charge is in flight: the cancel waits for its answer (never abandons it).
     let waiting = backend
         .store

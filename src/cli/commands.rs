@@ -1272,7 +1272,15 @@ async fn send_requests(
             *slot = entry.map(|e| {
                 let (result, detail) = if e.kind == "transition" {
                     let status = e.body.get("status").and_then(Value::as_str).unwrap_or("?");
-                    ("applied", status.to_owned())
+                    match (&request.action, status) {
+                        // The action in flight may be taking effect: the saga compensates
+                        // once it answers or times out.
+                        (OperatorAction::Cancel { .. }, "running") => (
+                            "applied",
+                            "running: waits for the step in flight, then compensates".to_owned(),
+                        ),
+                        _ => ("applied", status.to_owned()),
+                    }
                 } else {
                     let why = e
                         .body
