@@ -1273,7 +1273,10 @@ mod sqlite_fence {
         /// so the effect and the record commit together. Begin that transaction with
         /// `pool.begin_with("BEGIN IMMEDIATE")`: a deferred one may fail to upgrade its
         /// read lock (`SQLITE_BUSY`). Returns what to reply; the helper's own
-        /// `finish_action` after the handler then finds the outcome recorded.
+        /// `finish_action` after the handler then finds the outcome recorded. When that
+        /// answer is not the handler's own outcome (a compensation took the key over
+        /// after the claim's lease: the refusal `compensated`), roll the transaction back
+        /// instead of committing: the effect must not land after its undo.
         pub async fn finish_action_in(
             &self,
             tx: &mut Transaction<'_, Sqlite>,
@@ -1618,7 +1621,10 @@ mod postgres_fence {
         /// and the next delivery runs the handler on a clean slate). It row-locks the key
         /// until that commit (the fence's batches touching the key wait for it). Returns
         /// what to reply; the helper's own `finish_action` after the handler then finds
-        /// the outcome recorded.
+        /// the outcome recorded. When that answer is not the handler's own outcome (a
+        /// compensation took the key over after the claim's lease: the refusal
+        /// `compensated`), roll the transaction back instead of committing: the effect
+        /// must not land after its undo.
         pub async fn finish_action_in(
             &self,
             tx: &mut Transaction<'_, Postgres>,
