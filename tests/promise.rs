@@ -136,6 +136,23 @@ impl Env {
         env
     }
 
+    /// The runtime on `kind` with inventory and payment only, and one saga started and
+    /// waiting on its shipment (the test plays the shipping service by hand).
+    async fn awaiting_shipping(kind: StoreKind) -> (Env, SagaId) {
+        let env = Env::start(
+            kind,
+            reliable_with(0.0, Duration::ZERO),
+            &["inventory", "payment"],
+        )
+        .await;
+        let id = env.start_order(0).await;
+        wait_saga(env.store(), id, "shipping", |s| {
+            s.state.pending.is_some_and(|p| p.step == 2)
+        })
+        .await;
+        (env, id)
+    }
+
     /// Serves the simulated `service` on `subject` in consumer group `group`, behind the
     /// shared fence, charges waiting while the gate is closed.
     async fn serve(&mut self, service: &str, subject: &str, group: &str) {
@@ -412,17 +429,7 @@ async fn a_late_success_of_an_earlier_attempt_completes_the_step(kind: StoreKind
 ///    went through): both reach the saga (one message id per outcome), and the success
 ///    moves it on.
 async fn a_retryable_then_a_success_for_one_attempt_both_reach_the_saga(kind: StoreKind) {
-    let mut env = Env::start(
-        kind,
-        reliable_with(0.0, Duration::ZERO),
-        &["inventory", "payment"],
-    )
-    .await;
-    let id = env.start_order(0).await;
-    wait_saga(env.store(), id, "shipping", |s| {
-        s.state.pending.is_some_and(|p| p.step == 2)
-    })
-    .await;
+    let (mut env, id) = Env::awaiting_shipping(kind).await;
     let busy = Outcome::Retryable(skald::machine::StepError::new("busy", "try later"));
     env.reply(id, "ship_order", 1, &busy).await;
     wait_saga(
@@ -452,17 +459,7 @@ async fn a_retryable_then_a_success_for_one_attempt_both_reach_the_saga(kind: St
 ///    dead-lettered (not compensated around it); fixed and re-driven, it completes with
 ///    the participant's recorded success.
 async fn an_undecodable_success_dead_letters_the_saga_until_redriven(kind: StoreKind) {
-    let mut env = Env::start(
-        kind,
-        reliable_with(0.0, Duration::ZERO),
-        &["inventory", "payment"],
-    )
-    .await;
-    let id = env.start_order(0).await;
-    wait_saga(env.store(), id, "shipping", |s| {
-        s.state.pending.is_some_and(|p| p.step == 2)
-    })
-    .await;
+    let (mut env, id) = Env::awaiting_shipping(kind).await;
     env.reply(
         id,
         "ship_order",
