@@ -363,6 +363,7 @@ async fn text_the_database_cannot_hold_is_dead_lettered_not_redelivered_forever(
             max_deliveries: 3,
             ..options()
         })
+        .reply_keys(test_reply_keys())
         .start()
         .await
         .expect("start");
@@ -380,11 +381,14 @@ async fn text_the_database_cannot_hold_is_dead_lettered_not_redelivered_forever(
             format!("{id}:reserve_inventory:action"),
         );
         h.insert(wire::H_OUTCOME, "failure");
-        Message {
-            subject: "skald.reply.checkout".into(),
-            headers: h,
-            payload: bytes::Bytes::from_static(body),
-        }
+        as_reply_of(
+            "inventory",
+            Message {
+                subject: String::new(),
+                headers: h,
+                payload: bytes::Bytes::from_static(body),
+            },
+        )
     };
     let store = Arc::clone(&backend.store);
     let poison_with = |needle: &'static str| {

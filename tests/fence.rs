@@ -700,7 +700,7 @@ async fn two_replicas_behind_the_helper(kind: Kind) {
     let db = FenceDb::new(kind).await;
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     let mut replies = bus
-        .subscribe(&["skald.reply.t".to_owned()], "orchestrator")
+        .subscribe(&["skald.reply.pay.t.0".to_owned()], "orchestrator")
         .await
         .expect("subscribe replies");
     let applied: Arc<Mutex<HashMap<String, u32>>> = Arc::default();

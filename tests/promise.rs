@@ -33,7 +33,7 @@ use skald::sagas::checkout::{
 use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig, SimServices};
 use skald::wire::{self, IncomingCommand, Outcome};
 use skald::{Runtime, SagaOutcome};
-use tokio::sync::{mpsc::UnboundedReceiver, watch};
+use tokio::sync::{mpsc::Receiver, watch};
 
 on_every_backend!(
     an_action_that_times_out_on_every_attempt_is_compensated_by_its_key,
@@ -95,7 +95,7 @@ struct Env {
     ledger: MemoryLedger,
     fence: Arc<dyn Fence>,
     services: SimServices,
-    outcomes: UnboundedReceiver<SagaOutcome>,
+    outcomes: Receiver<SagaOutcome>,
     participants: Vec<ParticipantHandle>,
     /// Charges wait while this is `false` (see [`Env::gate_charges`]).
     charges_open: Arc<watch::Sender<bool>>,
@@ -114,6 +114,7 @@ impl Env {
             .bus(Arc::clone(&bus))
             .register(&checkout)
             .options(options())
+            .reply_keys(test_reply_keys())
             .start()
             .await
             .expect("runtime starts");
@@ -264,23 +265,26 @@ fn subject_for(step: &str) -> &'static str {
 /// A command of saga `id` as skald sends it (encoded), for a participant to receive.
 fn command(id: SagaId, step: &str, kind: CommandKind, attempt: u32, subject: &str) -> Message {
     let step_name = skald::ids::StepName::new(step).expect("step name");
-    wire::encode_command(&Command {
-        saga_id: id,
-        saga_type: skald::ids::SagaType::new("checkout").expect("type"),
-        idempotency_key: skald::ids::idempotency_key(&id, &step_name, kind),
-        message_id: skald::ids::command_message_id(&id, &step_name, kind, attempt),
-        step: step_name,
-        kind,
-        attempt,
-        subject: subject.into(),
-        payload: json!({"order_id": "by-hand", "items": [], "customer_id": "c",
+    wire::encode_command_with(
+        &Command {
+            saga_id: id,
+            saga_type: skald::ids::SagaType::new("checkout").expect("type"),
+            idempotency_key: skald::ids::idempotency_key(&id, &step_name, kind),
+            message_id: skald::ids::command_message_id(&id, &step_name, kind, attempt),
+            step: step_name,
+            kind,
+            attempt,
+            subject: subject.into(),
+            payload: json!({"order_id": "by-hand", "items": [], "customer_id": "c",
                         "amount_cents": 1, "reservation_id": null, "payment_id": null}),
-        deadline: Timestamp(u64::MAX / 2),
-        schema_version: 1,
-        definition_version: 1,
-        action_key: None,
-        in_doubt: false,
-    })
+            deadline: Timestamp(u64::MAX / 2),
+            schema_version: 1,
+            definition_version: 1,
+            action_key: None,
+            in_doubt: false,
+        },
+        Some(&test_reply_keys()),
+    )
     .expect("encode")
 }
 

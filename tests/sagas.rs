@@ -244,7 +244,14 @@ async fn restart_mid_flight_resumes_without_loss(kind: StoreKind) {
     second.shutdown().await;
 }
 
+/// A reply to the action of `step`, as its service would publish it: on the service's
+/// reply subject, with the token the test runtime's keys make (when the fields parse).
 fn reply(saga: SagaId, step: &str, attempt: &str, outcome: &str, body: &'static [u8]) -> Message {
+    let service = match step {
+        steps::CHARGE_PAYMENT => "payment",
+        steps::SHIP_ORDER => "shipping",
+        _ => "inventory",
+    };
     let mut h = Headers::new();
     h.insert(wire::H_SAGA_ID, saga.to_string());
     h.insert(wire::H_SAGA_TYPE, "checkout");
@@ -253,11 +260,12 @@ fn reply(saga: SagaId, step: &str, attempt: &str, outcome: &str, body: &'static 
     h.insert(wire::H_ATTEMPT, attempt);
     h.insert(wire::H_IDEMPOTENCY_KEY, format!("{saga}:{step}:action"));
     h.insert(wire::H_OUTCOME, outcome);
-    Message {
-        subject: "skald.reply.checkout".into(),
+    let m = Message {
+        subject: String::new(),
         headers: h,
         payload: Bytes::from_static(body),
-    }
+    };
+    as_reply_of(service, m)
 }
 
 async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
@@ -277,8 +285,21 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
 
     let mut no_headers = reply(id, step, "1", "success", b"{}");
     no_headers.headers = Headers::new();
-    let mut unknown_type = reply(id, step, "1", "success", b"{}");
-    unknown_type.headers.insert(wire::H_SAGA_TYPE, "nope");
+    let mut other_type = reply(id, step, "1", "success", b"{}");
+    other_type.headers.insert(wire::H_SAGA_TYPE, "nope");
+    let mut unsigned = reply(id, step, "1", "success", b"{}");
+    unsigned.headers = Headers::new();
+    for (n, v) in reply(id, step, "1", "success", b"{}").headers.iter() {
+        if n != wire::H_REPLY_TOKEN {
+            unsigned.headers.insert(n, v);
+        }
+    }
+    let mut wrong_token = reply(id, step, "1", "success", b"{}");
+    wrong_token
+        .headers
+        .insert(wire::H_REPLY_TOKEN, "00".repeat(32));
+    let mut wrong_service = reply(id, step, "1", "success", b"{}");
+    wrong_service.subject = "skald.reply.payment.checkout.0".into();
     let poison = [
         (reply(id, step, "1", "success", b"{not json"), "not JSON"),
         (no_headers, "missing header"),
@@ -287,7 +308,16 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
             "unknown saga",
         ),
         (reply(id, "teleport", "1", "success", b"{}"), "unknown step"),
-        (unknown_type, "unknown saga type"),
+        (other_type, "forged reply: it names saga type nope"),
+        (unsigned, "forged reply: no Skald-Reply-Token"),
+        (
+            wrong_token,
+            "forged reply: Skald-Reply-Token does not match",
+        ),
+        (
+            wrong_service,
+            "arrived on the reply subject of service payment",
+        ),
     ];
     // (A success whose output does not decode is not poison: the step took effect, so
     // the saga is dead-lettered instead; tests/promise.rs.)
@@ -547,6 +577,13 @@ impl skald::ports::SagaStore for FlakyStore {
     ) -> Result<Option<skald::ports::StoredSaga>, skald::ports::StoreError> {
         self.inner.load(id).await
     }
+    async fn shared_secret(
+        &self,
+        name: &str,
+        candidate: &[u8],
+    ) -> Result<Vec<u8>, skald::ports::StoreError> {
+        self.inner.shared_secret(name, candidate).await
+    }
     async fn commit(
         &self,
         writes: &[skald::ports::SagaWrite],
@@ -717,6 +754,7 @@ async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
         .clock(Arc::new(clock.clone()))
         .jitter(Arc::new(FixedJitter(0.0)))
         .options(options())
+        .reply_keys(test_reply_keys())
         .start()
         .await
         .expect("start");
@@ -747,22 +785,25 @@ async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
     let p = saga.state.pending.expect("the release is pending");
     assert_eq!((p.step, p.kind), (0, CommandKind::Compensation));
     let step = skald::ids::StepName::new(steps::RESERVE_INVENTORY).expect("step");
-    let release = wire::encode_command(&skald::machine::Command {
-        saga_id: id,
-        saga_type: skald::ids::SagaType::new("checkout").expect("type"),
-        idempotency_key: skald::ids::idempotency_key(&id, &step, CommandKind::Compensation),
-        message_id: skald::ids::command_message_id(&id, &step, CommandKind::Compensation, 1),
-        step,
-        kind: CommandKind::Compensation,
-        attempt: 1,
-        subject: subjects::RELEASE.into(),
-        payload: serde_json::json!({}),
-        deadline: skald::machine::Timestamp(0),
-        schema_version: 1,
-        definition_version: 1,
-        action_key: None,
-        in_doubt: true,
-    })
+    let release = wire::encode_command_with(
+        &skald::machine::Command {
+            saga_id: id,
+            saga_type: skald::ids::SagaType::new("checkout").expect("type"),
+            idempotency_key: skald::ids::idempotency_key(&id, &step, CommandKind::Compensation),
+            message_id: skald::ids::command_message_id(&id, &step, CommandKind::Compensation, 1),
+            step,
+            kind: CommandKind::Compensation,
+            attempt: 1,
+            subject: subjects::RELEASE.into(),
+            payload: serde_json::json!({}),
+            deadline: skald::machine::Timestamp(0),
+            schema_version: 1,
+            definition_version: 1,
+            action_key: None,
+            in_doubt: true,
+        },
+        Some(&test_reply_keys()),
+    )
     .expect("encode");
     let incoming = wire::decode_command(&release).expect("decode");
     bus.publish(wire::encode_reply(

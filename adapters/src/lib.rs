@@ -39,18 +39,32 @@ pub(crate) fn created_at(id: uuid::Uuid) -> skald_runtime::machine::Timestamp {
         .unwrap_or_default()
 }
 
-/// `url` with its password (in the user info or a `password=` parameter) masked, for
-/// messages and logs.
+/// `url` with its secrets masked, for messages and logs: the password in the user info
+/// or a `password=` parameter, and a NATS token (`nats://TOKEN@host`, user info without
+/// a colon). A comma-separated list of URLs (NATS seed servers) is redacted URL by URL.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_one).collect::<Vec<_>>().join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let mut out = url.to_owned();
     if let Some(start) = out.find("://").map(|i| i + 3) {
+        let scheme = out[..start - 3].to_ascii_lowercase();
         let end = out[start..]
             .find(['/', '?', '#'])
             .map_or(out.len(), |i| start + i);
-        if let Some(at) = out[start..end].rfind('@').map(|i| start + i)
-            && let Some(colon) = out[start..at].find(':').map(|i| start + i)
-        {
-            out.replace_range(colon + 1..at, "***");
+        if let Some(at) = out[start..end].rfind('@').map(|i| start + i) {
+            match out[start..at].find(':').map(|i| start + i) {
+                Some(colon) => out.replace_range(colon + 1..at, "***"),
+                // A NATS URL's user info without a password is a token.
+                None if matches!(scheme.as_str(), "nats" | "tls" | "ws" | "wss") => {
+                    out.replace_range(start..at, "***")
+                }
+                None => {}
+            }
         }
     }
     if let Some(query) = out.find('?') {
@@ -102,6 +116,12 @@ mod tests {
             redact_url("postgres://db/skald?user=app&password=s3cret"),
             "postgres://db/skald?user=app&password=***"
         );
+        assert_eq!(redact_url("nats://t0ken@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            redact_url("nats://a:p1@h1:4222,nats://b:p2@h2:4222"),
+            "nats://a:***@h1:4222,nats://b:***@h2:4222"
+        );
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The NATS JetStream bus: skald's production transport.
 //!
-//! - Streams for commands (`skald.cmd.>`), replies (`skald.reply.>`), lifecycle events
-//!   (`skald.evt.>`) and dead letters (`skald.dlq.>`) are created or updated
-//!   idempotently at start-up ([`StreamOptions`]).
+//! - Streams for commands (`skald.cmd.>`), replies (`skald.reply.>`), operator requests
+//!   (`skald.op.>`), lifecycle events (`skald.evt.>`) and dead letters (`skald.dlq.>`) are
+//!   created, or updated, at start-up when they are missing or differ from
+//!   [`StreamOptions`]; a stream already as wanted is only read, so a participant's user
+//!   needs no permission to create streams (docs/security.md).
 //! - Every publish is a JetStream publish awaiting the server's ack, carrying the
 //!   message's `Nats-Msg-Id`, so the server drops duplicates within its window.
 //! - A subscription is a durable pull consumer (named after the group, filtered on the
@@ -74,8 +76,9 @@ impl Default for StreamOptions {
     }
 }
 
-/// Connection and consumer options of [`NatsBus::connect`].
-#[derive(Debug, Clone)]
+/// Connection and consumer options of [`NatsBus::connect`]. Its `Debug` redacts the
+/// password, the token, the NKey seed and a password in the URL.
+#[derive(Clone)]
 pub struct NatsOptions {
     /// The server URL, e.g. `nats://127.0.0.1:4222`.
     pub url: String,
@@ -130,6 +133,34 @@ impl NatsOptions {
     }
 }
 
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: bool| if set { Some("***") } else { None };
+        f.debug_struct("NatsOptions")
+            .field("url", &crate::redact_url(&self.url))
+            .field("name", &self.name)
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_seed", &hidden(self.nkey_seed.is_some()))
+            .field(
+                "user_password",
+                &self
+                    .user_password
+                    .as_ref()
+                    .map(|(u, _)| (u.as_str(), "***")),
+            )
+            .field("token", &hidden(self.token.is_some()))
+            .field("require_tls", &self.require_tls)
+            .field("root_certificates", &self.root_certificates)
+            .field("client_certificate", &self.client_certificate)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("wait_for_server", &self.wait_for_server)
+            .field("streams", &self.streams)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .finish()
+    }
+}
+
 /// The JetStream bus.
 #[derive(Clone)]
 pub struct NatsBus {
@@ -141,7 +172,7 @@ pub struct NatsBus {
 impl std::fmt::Debug for NatsBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsBus")
-            .field("url", &self.options.url)
+            .field("url", &crate::redact_url(&self.options.url))
             .finish_non_exhaustive()
     }
 }
@@ -178,7 +209,10 @@ fn other(e: impl std::fmt::Display) -> BusError {
 impl NatsBus {
     /// Connects, checks the server version, and creates or updates the streams.
     pub async fn connect(options: NatsOptions) -> Result<NatsBus, BusError> {
-        let url = options.url.clone();
+        // The URL as given connects; only its redacted form is ever printed. (The
+        // client's own errors do not repeat the URL or the credentials.)
+        let dial = options.url.clone();
+        let url = crate::redact_url(&options.url);
         let mut connect = async_nats::ConnectOptions::new()
             .name(&options.name)
             .connection_timeout(options.connect_timeout)
@@ -218,7 +252,7 @@ impl NatsBus {
             connect = connect.add_client_certificate(cert.clone(), key.clone());
         }
         let client = match options.wait_for_server {
-            None => connect.connect(url.as_str()).await.map_err(|e| {
+            None => connect.connect(dial.as_str()).await.map_err(|e| {
                 BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}"))
             })?,
             Some(wait) => {
@@ -226,7 +260,7 @@ impl NatsBus {
                 let mut attempt = 0u32;
                 loop {
                     attempt += 1;
-                    match connect.clone().connect(url.as_str()).await {
+                    match connect.clone().connect(dial.as_str()).await {
                         Ok(c) => break c,
                         Err(e) if tokio::time::Instant::now() < deadline => {
                             warn!(url, attempt, error = %e, "NATS not reachable yet; retrying");
@@ -257,11 +291,12 @@ impl NatsBus {
         Ok(bus)
     }
 
-    fn stream_names(&self) -> [(String, &'static str); 4] {
+    fn stream_names(&self) -> [(String, &'static str); 5] {
         let p = &self.options.streams.prefix;
         [
             (format!("{p}_COMMANDS"), "skald.cmd.>"),
             (format!("{p}_REPLIES"), "skald.reply.>"),
+            (format!("{p}_OPS"), "skald.op.>"),
             (format!("{p}_EVENTS"), "skald.evt.>"),
             (format!("{p}_DLQ"), "skald.dlq.>"),
         ]
@@ -276,7 +311,7 @@ impl NatsBus {
             .ok_or_else(|| {
                 BusError::Other(format!(
                     "subject {subject} is outside skald's streams (skald.cmd.>, skald.reply.>, \
-                     skald.evt.>, skald.dlq.>)"
+                     skald.op.>, skald.evt.>, skald.dlq.>)"
                 ))
             })
     }
@@ -300,6 +335,14 @@ impl NatsBus {
                 },
                 ..Default::default()
             };
+            // Already as wanted: only read (a participant's user may read streams, not
+            // create them).
+            if let Ok(mut existing) = self.js.get_stream(&name).await
+                && let Ok(info) = existing.info().await
+                && same_stream(&info.config, &config)
+            {
+                continue;
+            }
             // A JetStream API request can time out while the server is busy (several
             // processes starting at once against a fresh server): try a few times before
             // calling it an error.
@@ -329,6 +372,16 @@ impl NatsBus {
     }
 }
 
+/// Whether an existing stream's configuration is the one skald would set.
+fn same_stream(have: &stream::Config, want: &stream::Config) -> bool {
+    have.subjects == want.subjects
+        && have.storage == want.storage
+        && have.num_replicas == want.num_replicas
+        && have.max_age == want.max_age
+        && have.duplicate_window == want.duplicate_window
+        && have.retention == want.retention
+}
+
 fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     for (k, v) in h.iter() {
@@ -337,12 +390,15 @@ fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
     map
 }
 
+/// The first value of every header. The map's names are unique, so the copy appends
+/// without looking for earlier values: linear in the number of headers (the runtime
+/// refuses a message with too many of them afterwards).
 fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
     let mut out = Headers::new();
     if let Some(h) = h {
         for (k, values) in h.iter() {
             if let Some(v) = values.first() {
-                out.insert(k.to_string(), v.as_str());
+                out.append(k.to_string(), v.as_str());
             }
         }
     }
@@ -410,6 +466,15 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError> {
+        self.subscribe_bounded(subjects, group, usize::MAX).await
+    }
+
+    async fn subscribe_bounded(
+        &self,
+        subjects: &[String],
+        group: &str,
+        max_pending: usize,
+    ) -> Result<Subscription, BusError> {
         let first = subjects
             .first()
             .ok_or_else(|| BusError::Other("subscribe needs at least one subject".into()))?;
@@ -428,7 +493,13 @@ impl Bus for NatsBus {
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.options.ack_wait,
             max_deliver: -1,
-            max_ack_pending: self.options.max_ack_pending,
+            // The server hands out no more than the subscriber can hold at once: none
+            // waits past its ack deadline for capacity.
+            max_ack_pending: self
+                .options
+                .max_ack_pending
+                .min(i64::try_from(max_pending).unwrap_or(i64::MAX))
+                .max(1),
             ..Default::default()
         };
         let stream = self
@@ -444,7 +515,7 @@ impl Bus for NatsBus {
                 .await
                 .map_err(|e| other(format!("consumer {name} on {stream_name}: {e}")))?,
         };
-        let (tx, rx) = mpsc::channel::<Delivery>(1024);
+        let (tx, rx) = mpsc::channel::<Delivery>(max_pending.clamp(1, 1024));
         tokio::spawn(pump(consumer, name, tx));
         Ok(Box::pin(futures_util::stream::unfold(
             rx,
@@ -549,6 +620,13 @@ impl Acker for NatsAcker {
             .ack_with(AckKind::Term)
             .await
             .map_err(|e| BusError::Unavailable(format!("term: {e}")))
+    }
+
+    async fn progress(&self) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("progress: {e}")))
     }
 }
 

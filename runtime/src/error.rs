@@ -14,6 +14,10 @@ pub enum Disposition {
     DeadLetter,
     /// The caller's request was refused (e.g. re-drive of a running saga).
     Refuse,
+    /// Another build must apply it (version skew during a deploy: a definition version
+    /// or a data schema this build does not have): redeliver later, for as long as it
+    /// takes, never dead-lettered for it.
+    Defer,
 }
 
 /// Errors of the runtime shell.
@@ -99,12 +103,12 @@ impl RuntimeError {
             RuntimeError::Bus(_)
             | RuntimeError::ActorUnavailable(_)
             | RuntimeError::Runtime(_)
-            | RuntimeError::UnregisteredVersions(_)
-            | RuntimeError::DataTooNew(_) => Disposition::Retry,
+            | RuntimeError::UnregisteredVersions(_) => Disposition::Retry,
+            RuntimeError::DataTooNew(_) => Disposition::Defer,
             RuntimeError::NotLatestVersion { .. } => Disposition::Refuse,
             // A definition (version) not registered here: a deployment in progress may
             // bring it; keep the message rather than lose it.
-            RuntimeError::UnknownSagaType { .. } => Disposition::Retry,
+            RuntimeError::UnknownSagaType { .. } => Disposition::Defer,
             RuntimeError::UnknownSaga(_) | RuntimeError::Data(_) => Disposition::DeadLetter,
             RuntimeError::Transition(t) if t.is_poison() => Disposition::DeadLetter,
             RuntimeError::Transition(_) => Disposition::Refuse,
@@ -113,6 +117,6 @@ impl RuntimeError {
 
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        self.disposition() == Disposition::Retry
+        matches!(self.disposition(), Disposition::Retry | Disposition::Defer)
     }
 }

@@ -220,6 +220,15 @@ impl FromStr for CommandKind {
     }
 }
 
+/// The service a command subject addresses: the token after `skald.cmd.` in
+/// `skald.cmd.<service>.<action>`, or the first token of a subject outside that layout.
+/// A reply to the command must arrive on that service's reply subject
+/// ([`crate::wire::reply_subject`]), which a NATS permission can reserve to the service.
+pub fn service_of(subject: &str) -> &str {
+    let rest = subject.strip_prefix("skald.cmd.").unwrap_or(subject);
+    rest.split('.').next().unwrap_or(rest)
+}
+
 /// The idempotency key of (`step`, `kind`) of saga `saga`: stable across every attempt
 /// and re-drive, so a participant applies the effect once. The one constructor of it:
 /// the machine, the wire and the participant fence all read it from here.
@@ -258,6 +267,14 @@ mod tests {
         assert!(SagaType::new("").is_err());
         assert!(SagaType::new("a.b").is_err());
         assert!(serde_json::from_str::<StepName>("\"bad name\"").is_err());
+    }
+
+    #[test]
+    fn the_service_is_the_token_after_skald_cmd() {
+        assert_eq!(service_of("skald.cmd.payment.charge"), "payment");
+        assert_eq!(service_of("skald.cmd.payment"), "payment");
+        assert_eq!(service_of("orders.place"), "orders");
+        assert_eq!(service_of("plain"), "plain");
     }
 
     #[test]

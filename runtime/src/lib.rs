@@ -13,6 +13,7 @@
 //! - [`machine`]: the pure state machine, `transition(&definition, &state, input, now)`.
 //! - [`ports`]: the `SagaStore`, `Bus` and `Clock` traits the adapters implement.
 //! - [`wire`]: how commands and replies look on the bus (headers and bodies).
+//! - [`auth`]: who may speak on the bus: reply tokens (HMAC) and operator signatures.
 //! - [`replay`]: the journal fed back through the machine: time travel, replay checks.
 //! - [`upcast`]: payload schema versions and the upcasters that bring old payloads up.
 //! - [`committer`]: group commit: many instances' transitions in one store transaction.
@@ -27,6 +28,7 @@
 //! [`Runtime`]: runtime::Runtime
 
 pub mod actors;
+pub mod auth;
 pub mod committer;
 pub mod definition;
 pub mod error;

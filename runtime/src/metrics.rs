@@ -321,12 +321,16 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
     if interval.is_zero() {
         return;
     }
-    let mut reply_subjects: Vec<String> = shared
+    let consumers: Vec<(String, String)> = shared
         .definitions
         .types()
-        .map(crate::wire::reply_subject)
+        .map(|t| {
+            (
+                crate::wire::reply_filter(t),
+                crate::runtime::reply_consumer(&shared.options.reply_group, t),
+            )
+        })
         .collect();
-    reply_subjects.sort();
     let m = &shared.metrics;
     loop {
         match shared.store.in_flight_counts().await {
@@ -346,19 +350,19 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
             }
             Err(e) => debug!(error = %e, "metrics: reading the outbox backlog failed"),
         }
-        // One consumer group reads the replies of every registered type.
-        if let Some(subject) = reply_subjects.first() {
-            match shared
-                .bus
-                .consumer_lag(subject, &shared.options.reply_group)
-                .await
-            {
-                // Registered on the first answer: a bus that cannot tell (the
-                // in-process one) shows no series rather than a misleading 0.
-                Ok(Some(lag)) => gauge!(REPLY_CONSUMER_LAG).set(lag as f64),
+        // One consumer per registered type reads its replies: their lags add up.
+        let mut total: Option<u64> = None;
+        for (subject, group) in &consumers {
+            match shared.bus.consumer_lag(subject, group).await {
+                Ok(Some(lag)) => total = Some(total.unwrap_or(0) + lag),
                 Ok(None) => {}
-                Err(e) => debug!(error = %e, "metrics: reading the reply consumer's lag failed"),
+                Err(e) => debug!(error = %e, "metrics: reading a reply consumer's lag failed"),
             }
+        }
+        // Registered on the first answer: a bus that cannot tell (the in-process one)
+        // shows no series rather than a misleading 0.
+        if let Some(lag) = total {
+            gauge!(REPLY_CONSUMER_LAG).set(lag as f64);
         }
         tokio::time::sleep(interval).await;
     }

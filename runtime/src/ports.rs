@@ -333,6 +333,18 @@ pub trait SagaStore: Send + Sync + 'static {
         report: &PurgeReport,
     ) -> Result<(), StoreError>;
 
+    /// The secret stored under `name`: `candidate` is stored if none is yet, and the
+    /// stored value returned, so every process sharing the store agrees on one (the key
+    /// of the reply tokens, [`crate::wire::H_REPLY_TOKEN`]) with no configuration.
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let _ = (name, candidate);
+        Err(StoreError::Other(
+            "this store keeps no shared secrets: configure the reply keys explicitly \
+             (RuntimeBuilder::reply_keys)"
+                .into(),
+        ))
+    }
+
     /// Records a poison message (a dead letter that belongs to no saga transition), with
     /// the outbox rows announcing it, in one transaction.
     async fn record_poison(
@@ -509,6 +521,20 @@ impl Headers {
             None => self.0.push((name, value)),
         }
     }
+    /// Adds `name` without looking for an earlier value: for copying headers whose
+    /// names are already unique (a broker's header map), in linear time. `get` finds the
+    /// first value of a name.
+    pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+    /// How many pairs there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
     /// The value of `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
@@ -534,14 +560,55 @@ pub struct Message {
 }
 
 impl Message {
-    /// The message as JSON, for dead letters (the body as text where it is UTF-8).
+    /// The message as JSON, for dead letters (the body as text where it is UTF-8),
+    /// capped: at most [`RECORD_MAX_BODY`] bytes of body, [`RECORD_MAX_HEADERS`]
+    /// headers of at most [`RECORD_MAX_VALUE`] bytes each, and the subject's first
+    /// [`RECORD_MAX_VALUE`] bytes, so a dead letter (and its announcement on the bus)
+    /// stays small whatever a sender put in the message. `truncated` says whether
+    /// anything was cut; `body_bytes` and `header_count` give the original sizes.
     pub fn to_record(&self) -> Value {
+        let body = String::from_utf8_lossy(&self.payload);
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .take(RECORD_MAX_HEADERS)
+            .map(|(n, v)| (cap(n, RECORD_MAX_VALUE), cap(v, RECORD_MAX_VALUE)))
+            .collect();
+        let truncated = body.len() > RECORD_MAX_BODY
+            || self.headers.len() > RECORD_MAX_HEADERS
+            || self.subject.len() > RECORD_MAX_VALUE
+            || self
+                .headers
+                .iter()
+                .any(|(n, v)| n.len() > RECORD_MAX_VALUE || v.len() > RECORD_MAX_VALUE);
         serde_json::json!({
-            "subject": self.subject,
-            "headers": self.headers,
-            "body": String::from_utf8_lossy(&self.payload),
+            "subject": cap(&self.subject, RECORD_MAX_VALUE),
+            "headers": headers,
+            "body": cap(&body, RECORD_MAX_BODY),
+            "body_bytes": self.payload.len(),
+            "header_count": self.headers.len(),
+            "truncated": truncated,
         })
     }
+}
+
+/// The most body bytes a dead letter keeps of a raw message.
+pub const RECORD_MAX_BODY: usize = 16 * 1024;
+/// The most headers a dead letter keeps of a raw message.
+pub const RECORD_MAX_HEADERS: usize = 32;
+/// The most bytes a dead letter keeps of one header name, value or the subject.
+pub const RECORD_MAX_VALUE: usize = 512;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn cap(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Bus failures.
@@ -575,6 +642,11 @@ pub trait Acker: Send + Sync + 'static {
     async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError>;
     /// Never processable (poison): do not deliver it again.
     async fn term(self: Box<Self>, reason: &str) -> Result<(), BusError>;
+    /// Still being worked on (it waits for capacity): do not redeliver it yet. A bus
+    /// without an acknowledgement deadline ignores it (the default).
+    async fn progress(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 /// A consumed message and its settlement handle.
@@ -623,7 +695,12 @@ impl Delivery {
             .map(str::to_owned)
             .or_else(|| self.bus_id.clone())
     }
-    /// Splits into the message and the handle.
+    /// Tells the bus the message is still being worked on ([`Acker::progress`]).
+    pub async fn progress(&self) -> Result<(), BusError> {
+        self.acker.progress().await
+    }
+
+    /// The message, the delivery count and the settlement handle.
     pub fn into_parts(self) -> (Message, u32, Box<dyn Acker>) {
         (self.message, self.delivery_count, self.acker)
     }
@@ -642,6 +719,20 @@ pub trait Bus: Send + Sync + 'static {
     /// Subscribers sharing a `group` share the messages (each goes to one of them); a
     /// durable bus keeps the group's position across restarts.
     async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError>;
+
+    /// Like [`Bus::subscribe`], holding at most `max_pending` delivered and not yet
+    /// settled messages for this subscriber: a subscriber that processes `max_pending`
+    /// messages at once is then never handed one it must leave waiting (and that the
+    /// broker would redeliver meanwhile). The default ignores the bound.
+    async fn subscribe_bounded(
+        &self,
+        subjects: &[String],
+        group: &str,
+        max_pending: usize,
+    ) -> Result<Subscription, BusError> {
+        let _ = max_pending;
+        self.subscribe(subjects, group).await
+    }
 
     /// Publishes several messages, waiting for all of them; one result per message, in
     /// order. A bus whose publishes are acknowledged (JetStream) sends them all before

@@ -97,6 +97,25 @@ pub struct RuntimeOptions {
     /// Default: 10 s. Since 0.3.
     #[serde(with = "crate::serde_millis")]
     pub metrics_interval: Duration,
+    /// Operators whose signed requests are applied: name -> public NKey (`U...`). Empty
+    /// (the default): a request is applied from anyone the broker lets publish on
+    /// `skald.op.>`, and the name it claims is recorded as claimed. Not empty: a request
+    /// must be signed by a listed key, and is recorded under that key's name; anything
+    /// else is dead-lettered with the reason. Since 0.4.
+    pub operators: std::collections::BTreeMap<String, String>,
+    /// Most headers an inbound message may carry; more is dead-lettered. Default: 64.
+    /// Since 0.4.
+    pub max_headers: usize,
+    /// Most bytes of one header (name and value) of an inbound message. Default: 4096.
+    /// Since 0.4.
+    pub max_header_bytes: usize,
+    /// Most body bytes of an inbound message. Default: 1 MiB (the broker's own default
+    /// max payload). Since 0.4.
+    pub max_message_bytes: usize,
+    /// Most bytes of inbound messages held at once (being applied or waiting for
+    /// capacity): memory under a flood is bounded by bytes, not only by count. Default:
+    /// 64 MiB. Since 0.4.
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -121,6 +140,11 @@ impl Default for RuntimeOptions {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             sweep_interval: Duration::from_secs(60),
             metrics_interval: Duration::from_secs(10),
+            operators: std::collections::BTreeMap::new(),
+            max_headers: 64,
+            max_header_bytes: 4096,
+            max_message_bytes: 1024 * 1024,
+            max_in_flight_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -136,6 +160,7 @@ pub struct RuntimeBuilder {
     options: RuntimeOptions,
     duplicate: Option<(SagaType, u32)>,
     outcomes: Arc<OutcomeHub>,
+    reply_keys: Option<crate::auth::ReplyKeys>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -159,6 +184,7 @@ impl Default for RuntimeBuilder {
             options: RuntimeOptions::default(),
             duplicate: None,
             outcomes: Arc::new(OutcomeHub::default()),
+            reply_keys: None,
         }
     }
 }
@@ -192,7 +218,7 @@ impl RuntimeBuilder {
     /// Every saga that settles once the runtime starts, including the unfinished sagas
     /// it resumes at start-up (subscribe here, before [`RuntimeBuilder::start`], not to
     /// miss those).
-    pub fn subscribe_outcomes(&self) -> mpsc::UnboundedReceiver<SagaOutcome> {
+    pub fn subscribe_outcomes(&self) -> mpsc::Receiver<SagaOutcome> {
         self.outcomes.subscribe()
     }
 
@@ -241,6 +267,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The keys reply tokens are made and checked with ([`crate::auth`]): every
+    /// orchestrator that shares replies must hold the same ones. Without this call the
+    /// runtime uses a random key kept in the store ([`SagaStore::shared_secret`]), which
+    /// every process on that store shares with no configuration.
+    pub fn reply_keys(mut self, keys: crate::auth::ReplyKeys) -> Self {
+        self.reply_keys = Some(keys);
+        self
+    }
+
     /// Starts the runtime: the commit loop, the outbox relay and the reply intake on the
     /// current tokio runtime, the actors on their own threads. On a bus that does not
     /// keep messages across a restart (the in-process bus), it then re-activates the
@@ -282,11 +317,29 @@ impl RuntimeBuilder {
         if !stranded.is_empty() {
             return Err(RuntimeError::UnregisteredVersions(stranded));
         }
+        for (name, key) in &self.options.operators {
+            crate::auth::check_operator_key(key)
+                .map_err(|e| RuntimeError::Runtime(format!("operator {name:?}: {e}")))?;
+        }
+        let reply_keys = match self.reply_keys {
+            Some(keys) => keys,
+            None => {
+                let secret = store
+                    .shared_secret(
+                        crate::auth::REPLY_KEY_SECRET,
+                        &crate::auth::ReplyKeys::generate_key(),
+                    )
+                    .await?;
+                crate::auth::ReplyKeys::new([secret]).map_err(|e| {
+                    RuntimeError::Runtime(format!("the store's reply-token secret: {e}"))
+                })?
+            }
+        };
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             RuntimeError::Runtime("Runtime::start must be called inside a tokio runtime".into())
         })?;
         let (fatal, _) = watch::channel(None);
-        let (publisher_tx, publisher_rx) = mpsc::unbounded_channel();
+        let (publisher_tx, publisher_rx) = mpsc::channel(PUBLISHER_QUEUE);
         let options = self.options;
         let outbox_stored = options.outbox.unwrap_or_else(|| bus.is_durable());
         let (committer, commit_loop) =
@@ -324,22 +377,35 @@ impl RuntimeBuilder {
             publisher: publisher_tx,
             outbox_stored,
             fatal,
+            reply_keys,
         });
         let publisher = tokio::spawn(publisher(Arc::clone(&shared), publisher_rx));
 
-        // Subscribe before anything is sent, so no reply is missed.
-        // Only the replies of the registered saga types: several runtimes with different
-        // sagas can share one broker.
-        let mut reply_subjects: Vec<String> = shared
-            .definitions
-            .types()
-            .map(wire::reply_subject)
-            .collect();
-        reply_subjects.sort();
-        let replies = shared
-            .bus
-            .subscribe(&reply_subjects, &shared.options.reply_group)
-            .await?;
+        // Subscribe before anything is sent, so no reply is missed. One consumer per
+        // registered saga type for its replies, one for its operator requests: runtimes
+        // with different sagas share a broker without touching each other's consumers,
+        // and a deploy that adds a type adds consumers and changes none.
+        let types: Vec<SagaType> = shared.definitions.types().cloned().collect();
+        let per_type = (shared.options.max_in_flight_replies / types.len().max(1)).max(64);
+        let mut inbound = Vec::with_capacity(types.len() * 2);
+        for ty in &types {
+            let group = &shared.options.reply_group;
+            let replies = shared
+                .bus
+                .subscribe_bounded(
+                    &[wire::reply_filter(ty)],
+                    &reply_consumer(group, ty),
+                    per_type,
+                )
+                .await?;
+            let requests = shared
+                .bus
+                .subscribe_bounded(&[wire::op_filter(ty)], &op_consumer(group, ty), OP_PENDING)
+                .await?;
+            inbound.push(replies.map(|d| (Inbound::Reply, d)).boxed());
+            inbound.push(requests.map(|d| (Inbound::Request, d)).boxed());
+        }
+        let replies = futures_util::stream::select_all(inbound);
 
         let (ready_tx, ready_rx) = oneshot::channel();
         let actor_shared = Arc::clone(&shared);
@@ -437,6 +503,7 @@ async fn deliver(
     initial: Option<SagaState>,
     input: Input,
     inbox: Option<String>,
+    condition: Option<crate::actors::Condition>,
 ) -> Result<Applied, RuntimeError> {
     for _ in 0..DELIVERY_ATTEMPTS {
         // A start keeps its initial state across attempts: if the first actor died
@@ -452,6 +519,7 @@ async fn deliver(
             .send(Apply {
                 input: input.clone(),
                 inbox: inbox.clone(),
+                condition: condition.clone(),
                 span: tracing::Span::current(),
             })
             .await
@@ -512,7 +580,7 @@ impl Runtime {
         }
         let state = SagaState::new(id, def, definition.encode(data)?, self.shared.clock.now());
         let span = crate::trace::saga_span(&id, def.saga_type());
-        deliver(&self.registry, id, Some(state), Input::Started, None)
+        deliver(&self.registry, id, Some(state), Input::Started, None, None)
             .instrument(span)
             .await?;
         Ok(id)
@@ -520,7 +588,7 @@ impl Runtime {
 
     /// Feeds an input to a saga (operators: cancel, re-drive).
     pub async fn apply(&self, id: SagaId, input: Input) -> Result<Applied, RuntimeError> {
-        deliver(&self.registry, id, None, input, None).await
+        deliver(&self.registry, id, None, input, None, None).await
     }
 
     /// Re-drives a dead-lettered saga: its failed compensation runs again with a fresh
@@ -546,7 +614,7 @@ impl Runtime {
     }
 
     /// Every saga that settles from now on (finished or dead-lettered).
-    pub fn outcomes(&self) -> mpsc::UnboundedReceiver<SagaOutcome> {
+    pub fn outcomes(&self) -> mpsc::Receiver<SagaOutcome> {
         self.shared.outcomes.subscribe()
     }
 
@@ -603,7 +671,7 @@ impl Runtime {
                     .map_err(|_| RuntimeError::Runtime("shutting down".into()))?;
                 let registry = self.registry.clone();
                 joins.push(tokio::spawn(async move {
-                    let res = deliver(&registry, id, None, Input::Resumed, None).await;
+                    let res = deliver(&registry, id, None, Input::Resumed, None, None).await;
                     drop(permit);
                     if let Err(e) = res {
                         warn!(saga.id = %id, error = %e, "resuming saga failed; its wake-up will retry");
@@ -660,33 +728,223 @@ impl Drop for Runtime {
     }
 }
 
-/// Reads replies and feeds them to their sagas: decode, deliver, then acknowledge only
-/// once the transition is committed. Poison messages are dead-lettered with the reason.
+/// Transitions whose messages may wait for the publisher at once.
+const PUBLISHER_QUEUE: usize = 4096;
+
+/// Which consumer an inbound message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inbound {
+    /// A participant's reply (`skald.reply.<service>.<type>.<partition>`).
+    Reply,
+    /// An operator's request (`skald.op.<type>.<partition>`).
+    Request,
+}
+
+/// Unsettled operator requests per consumer: they are rare, and one at a time per saga.
+const OP_PENDING: usize = 16;
+
+/// The furthest ahead an operator request may expire: a request that claims to live
+/// longer is refused, so no request can be replayed for days.
+pub const MAX_REQUEST_TTL: Duration = Duration::from_secs(3600);
+
+/// How often a message waiting for capacity tells the broker it is still being worked
+/// on (well inside JetStream's default 30 s ack wait).
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The durable consumer the replies of saga type `ty` are read with.
+pub(crate) fn reply_consumer(group: &str, ty: &SagaType) -> String {
+    format!("{group}-{ty}")
+}
+
+/// The durable consumer the operator requests about saga type `ty` are read with.
+pub(crate) fn op_consumer(group: &str, ty: &SagaType) -> String {
+    format!("{group}-op-{ty}")
+}
+
+/// The bytes a message holds in memory (subject, headers, body).
+fn message_size(m: &Message) -> usize {
+    m.subject.len()
+        + m.payload.len()
+        + m.headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>()
+}
+
+/// Refuses a message past the configured limits, with the reason.
+fn check_limits(o: &RuntimeOptions, m: &Message) -> Result<(), String> {
+    if m.headers.len() > o.max_headers {
+        return Err(format!(
+            "oversized message: {} headers; at most {} are accepted",
+            m.headers.len(),
+            o.max_headers
+        ));
+    }
+    if let Some((name, value)) = m
+        .headers
+        .iter()
+        .find(|(n, v)| n.len() + v.len() > o.max_header_bytes)
+    {
+        return Err(format!(
+            "oversized message: header {:?} has {} bytes; at most {} are accepted",
+            crate::ports::cap(name, 64),
+            name.len() + value.len(),
+            o.max_header_bytes
+        ));
+    }
+    if m.payload.len() > o.max_message_bytes {
+        return Err(format!(
+            "oversized message: a body of {} bytes; at most {} are accepted",
+            m.payload.len(),
+            o.max_message_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Waits for `n` permits of `limit`, telling the broker every [`PROGRESS_EVERY`] that
+/// `delivery` is still being worked on, so it is not redelivered meanwhile. `None` once
+/// the semaphore is closed.
+async fn acquire(
+    limit: &Arc<Semaphore>,
+    n: u32,
+    delivery: &Delivery,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let wait = Arc::clone(limit).acquire_many_owned(n);
+    tokio::pin!(wait);
+    loop {
+        match tokio::time::timeout(PROGRESS_EVERY, &mut wait).await {
+            Ok(permit) => return permit.ok(),
+            Err(_) => {
+                if let Err(e) = delivery.progress().await {
+                    debug!(error = %e, "telling the broker a message waits failed");
+                }
+            }
+        }
+    }
+}
+
+/// Reads replies and operator requests and feeds them to their sagas: check, decode,
+/// deliver, then acknowledge only once the transition is committed. What can never be
+/// applied is dead-lettered with the reason. At most `max_in_flight_replies` messages
+/// and `max_in_flight_bytes` bytes are held at once.
 async fn intake(
     shared: Arc<Shared>,
     registry: Addr<Registry>,
-    mut replies: crate::ports::Subscription,
+    mut inbound: impl futures_util::Stream<Item = (Inbound, Delivery)> + Unpin,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.options.max_in_flight_replies.max(1)));
-    while let Some(delivery) = replies.next().await {
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+    let o = &shared.options;
+    let count = Arc::new(Semaphore::new(o.max_in_flight_replies.max(1)));
+    let max_bytes = o.max_in_flight_bytes.clamp(1, u32::MAX as usize);
+    let bytes = Arc::new(Semaphore::new(max_bytes));
+    while let Some((kind, delivery)) = inbound.next().await {
+        // A message larger than the whole budget takes all of it (and is refused by
+        // the limits check unless the budget is below the message limit).
+        let size = message_size(&delivery.message).clamp(1, max_bytes) as u32;
+        let Some(one) = acquire(&count, 1, &delivery).await else {
+            break;
+        };
+        let Some(held) = acquire(&bytes, size, &delivery).await else {
             break;
         };
         let shared = Arc::clone(&shared);
         let registry = registry.clone();
         tokio::spawn(async move {
-            handle_reply(&shared, &registry, delivery).await;
-            drop(permit);
+            handle_inbound(&shared, &registry, kind, delivery).await;
+            drop((one, held));
         });
     }
     debug!("reply intake stopped");
 }
 
-async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery: Delivery) {
+async fn handle_inbound(
+    shared: &Arc<Shared>,
+    registry: &Addr<Registry>,
+    kind: Inbound,
+    delivery: Delivery,
+) {
     let inbox = delivery.inbox_id();
     let (message, delivery_count, acker) = delivery.into_parts();
+    if let Err(reason) = check_limits(&shared.options, &message) {
+        return poison(shared, &message, delivery_count, acker, None, reason).await;
+    }
+    match kind {
+        Inbound::Reply => {
+            handle_reply(shared, registry, message, delivery_count, acker, inbox).await
+        }
+        Inbound::Request => {
+            handle_operator_request(shared, registry, message, delivery_count, acker).await
+        }
+    }
+}
+
+/// Why a reply is not one skald asked for: its subject is not the service's its step
+/// commands, or its token does not verify (`Err(Some(reason))`, the reason starting
+/// with `forged reply:`), or it is of a saga type this process does not run
+/// (`Err(None)`). Checked before anything is read from the store.
+fn check_reply(shared: &Shared, subject: &str, reply: &wire::Reply) -> Result<(), Option<String>> {
+    let Some((service, ty, _partition)) = wire::reply_subject_parts(subject) else {
+        return Err(Some(format!(
+            "forged reply: subject {:?} is not skald.reply.<service>.<saga_type>.<partition>",
+            crate::ports::cap(subject, 128)
+        )));
+    };
+    if ty != reply.saga_type.as_str() {
+        return Err(Some(format!(
+            "forged reply: it names saga type {} but arrived on the subject of saga type {ty}",
+            reply.saga_type
+        )));
+    }
+    if !shared.definitions.contains_type(&reply.saga_type) {
+        return Err(None);
+    }
+    // The services the step's command goes to in any registered version (a definition
+    // may move a step to another service between versions).
+    let services: Vec<&str> = shared
+        .definitions
+        .pairs()
+        .iter()
+        .filter(|(t, _)| *t == reply.saga_type)
+        .filter_map(|(t, v)| shared.definitions.get(t, *v))
+        .filter_map(|d| d.steps().iter().find(|s| *s.name() == reply.step))
+        .filter_map(|s| match reply.kind {
+            crate::ids::CommandKind::Action => Some(s.action().subject()),
+            crate::ids::CommandKind::Compensation => s.compensation().map(|c| c.subject()),
+        })
+        .map(crate::ids::service_of)
+        .collect();
+    // (A step no registered version has is refused by the machine as unknown, once
+    // the token shows skald sent it.)
+    if let Some(expected) = services.first()
+        && !services.contains(&service)
+    {
+        return Err(Some(format!(
+            "forged reply: the {} of step {} goes to service {expected}, but the reply \
+             arrived on the reply subject of service {service}",
+            reply.kind, reply.step
+        )));
+    }
+    shared
+        .reply_keys
+        .verify(&reply.envelope(), reply.reply_token.as_deref())
+        .map_err(|reason| Some(format!("forged reply: {reason}")))
+}
+
+async fn handle_reply(
+    shared: &Arc<Shared>,
+    registry: &Addr<Registry>,
+    message: Message,
+    delivery_count: u32,
+    acker: Box<dyn Acker>,
+    inbox: Option<String>,
+) {
     if wire::is_operator_request(&message) {
-        return handle_operator_request(shared, registry, message, delivery_count, acker).await;
+        let reason = format!(
+            "an operator request on a reply subject: operator requests are read from \
+             skald.op.<saga_type>.<partition> only (header {})",
+            wire::H_OPERATOR_ACTION
+        );
+        return poison(shared, &message, delivery_count, acker, None, reason).await;
     }
     let reply = match wire::decode_reply(&message) {
         Ok(r) => r,
@@ -694,17 +952,20 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             return poison(shared, &message, delivery_count, acker, None, e.to_string()).await;
         }
     };
-    if !shared.definitions.contains_type(&reply.saga_type) {
-        let reason = format!("unknown saga type {}", reply.saga_type);
-        return poison(
-            shared,
-            &message,
-            delivery_count,
-            acker,
-            Some(reply.saga_id),
-            reason,
-        )
-        .await;
+    match check_reply(shared, &message.subject, &reply) {
+        Ok(()) => {}
+        // Not a type this process runs (a bus without per-type consumers handed it
+        // over): left for the process that runs it, never dead-lettered.
+        Err(None) => {
+            RuntimeStats::incr(&shared.stats.deferred);
+            let delay = backoff(shared.options.redelivery_delay, delivery_count);
+            return settle(acker.nak(delay).await);
+        }
+        Err(Some(reason)) => {
+            RuntimeStats::incr(&shared.stats.forged);
+            let saga = Some(reply.saga_id);
+            return poison(shared, &message, delivery_count, acker, saga, reason).await;
+        }
     }
     let span = crate::trace::reply_span(&reply, &message);
     let retryable = matches!(reply.outcome, Outcome::Retryable(_));
@@ -724,43 +985,123 @@ async fn handle_reply(shared: &Arc<Shared>, registry: &Addr<Registry>, delivery:
             jitter: shared.jitter.draw(),
         },
     };
-    match deliver(registry, reply.saga_id, None, input, inbox)
+    let result = deliver(registry, reply.saga_id, None, input, inbox, None)
         .instrument(span)
-        .await
-    {
-        Ok(_) => settle(acker.ack().await),
-        Err(e) => match e.disposition() {
-            // The store is down or busy: keep the reply for as long as that lasts (not
-            // counted against max_deliveries), backing off.
-            Disposition::Retry if is_store_outage(&e) => {
-                if let RuntimeError::Store(err @ StoreError::Schema(_)) = &e {
-                    shared.fatal.send_replace(Some(err.clone()));
-                }
-                let delay = backoff(shared.options.redelivery_delay, delivery_count);
-                warn!(saga.id = %reply.saga_id, error = %e, delay_ms = delay.as_millis() as u64, "store unavailable; reply redelivered later");
-                settle(acker.nak(delay).await)
+        .await;
+    settle_delivery(
+        shared,
+        &message,
+        delivery_count,
+        acker,
+        reply.saga_id,
+        result,
+        "reply",
+    )
+    .await
+}
+
+/// Acknowledges, redelivers, defers or dead-letters a message by what applying it gave.
+async fn settle_delivery(
+    shared: &Arc<Shared>,
+    message: &Message,
+    delivery_count: u32,
+    acker: Box<dyn Acker>,
+    saga_id: SagaId,
+    result: Result<Applied, RuntimeError>,
+    what: &str,
+) {
+    let e = match result {
+        Ok(applied) => {
+            debug!(saga.id = %saga_id, ?applied, "{what} applied");
+            return settle(acker.ack().await);
+        }
+        Err(e) => e,
+    };
+    match e.disposition() {
+        // The store is down or busy: keep the message for as long as that lasts (not
+        // counted against max_deliveries), backing off.
+        Disposition::Retry if is_store_outage(&e) => {
+            if let RuntimeError::Store(err @ StoreError::Schema(_)) = &e {
+                shared.fatal.send_replace(Some(err.clone()));
             }
-            Disposition::Retry if delivery_count < shared.options.max_deliveries => {
-                warn!(saga.id = %reply.saga_id, error = %e, "reply not applied; redelivering later");
-                settle(acker.nak(shared.options.redelivery_delay).await)
-            }
-            disposition => {
-                let reason = if disposition == Disposition::Retry {
-                    format!("not applied after {delivery_count} deliveries: {e}")
-                } else {
-                    e.to_string()
-                };
-                let saga = Some(reply.saga_id);
-                poison(shared, &message, delivery_count, acker, saga, reason).await
-            }
-        },
+            let delay = backoff(shared.options.redelivery_delay, delivery_count);
+            warn!(saga.id = %saga_id, error = %e, delay_ms = delay.as_millis() as u64, "store unavailable; {what} redelivered later");
+            settle(acker.nak(delay).await)
+        }
+        // Version skew: a newer (or older) build beside this one must apply it. Never
+        // counted against max_deliveries, never dead-lettered.
+        Disposition::Defer => {
+            RuntimeStats::incr(&shared.stats.deferred);
+            let delay = backoff(shared.options.redelivery_delay, delivery_count);
+            debug!(saga.id = %saga_id, error = %e, delay_ms = delay.as_millis() as u64, "{what} deferred to another build");
+            settle(acker.nak(delay).await)
+        }
+        Disposition::Retry if delivery_count < shared.options.max_deliveries => {
+            warn!(saga.id = %saga_id, error = %e, "{what} not applied; redelivering later");
+            let delay = backoff(shared.options.redelivery_delay, delivery_count);
+            settle(acker.nak(delay).await)
+        }
+        disposition => {
+            let reason = if disposition == Disposition::Retry {
+                format!("not applied after {delivery_count} deliveries: {e}")
+            } else {
+                e.to_string()
+            };
+            poison(
+                shared,
+                message,
+                delivery_count,
+                acker,
+                Some(saga_id),
+                reason,
+            )
+            .await
+        }
     }
+}
+
+/// Who sent an operator request: the allowlist's name for the key that signed it, or,
+/// with no allowlist, the name the request claims (the broker's permission on
+/// `skald.op.>` is then the only check). Refused with the reason otherwise.
+fn verify_operator(o: &RuntimeOptions, r: &wire::OperatorRequest) -> Result<(), String> {
+    if o.operators.is_empty() {
+        return Ok(());
+    }
+    let (Some(key), Some(signature)) = (&r.key, &r.signature) else {
+        return Err(format!(
+            "unsigned: this runtime applies only requests signed by a listed operator key \
+             ({} and {})",
+            wire::H_OPERATOR_KEY,
+            wire::H_SIGNATURE
+        ));
+    };
+    let Some((name, _)) = o.operators.iter().find(|(_, k)| *k == key) else {
+        return Err(format!(
+            "operator key {} is not in this runtime's allowlist",
+            crate::ports::cap(key, 64)
+        ));
+    };
+    crate::auth::verify_signature(key, &wire::operator_signing_bytes(r), signature)?;
+    // The name in the request id (the journal's causation) is the listed one.
+    if r.operator != wire::operator_name(name)
+        || !r
+            .request_id
+            .starts_with(&format!("op:{}:", wire::operator_name(name)))
+    {
+        return Err(format!(
+            "signed by operator {name}, but the request names operator {:?}",
+            r.operator
+        ));
+    }
+    Ok(())
 }
 
 /// Applies an operator's request (`skald dlq redrive`, `skald cancel`) through the saga's
 /// actor like a reply: journaled with the request id as causation, deduplicated by the
-/// inbox. A refused request (the saga is not dead-lettered, or already finished) is
-/// journaled as ignored, with the reason, for the operator's tool to report.
+/// inbox. A request whose sender cannot be verified never reaches the saga (it is
+/// dead-lettered); one that expired or whose condition does not hold, or that the saga
+/// refuses (not dead-lettered, already finished), is journaled as ignored, with the
+/// reason, for the operator's tool to report.
 async fn handle_operator_request(
     shared: &Arc<Shared>,
     registry: &Addr<Registry>,
@@ -775,41 +1116,80 @@ async fn handle_operator_request(
         }
     };
     let (saga_id, request_id) = (request.saga_id, request.request_id.clone());
+    let refused = |reason: String| format!("operator request {request_id} refused: {reason}");
+    let subject_type = message.subject.split('.').nth(2);
+    if subject_type != Some(request.saga_type.as_str()) {
+        let reason = refused(format!(
+            "it names saga type {} but arrived on {:?}",
+            request.saga_type,
+            crate::ports::cap(&message.subject, 128)
+        ));
+        return poison(
+            shared,
+            &message,
+            delivery_count,
+            acker,
+            Some(saga_id),
+            reason,
+        )
+        .await;
+    }
+    if let Err(reason) = verify_operator(&shared.options, &request) {
+        RuntimeStats::incr(&shared.stats.forged);
+        let reason = refused(reason);
+        return poison(
+            shared,
+            &message,
+            delivery_count,
+            acker,
+            Some(saga_id),
+            reason,
+        )
+        .await;
+    }
+    let now = shared.clock.now();
+    let latest = now.plus(MAX_REQUEST_TTL).as_millis();
+    if request.expires_at_ms > latest {
+        let reason = refused(format!(
+            "it expires at {} ms, more than {} s ahead",
+            request.expires_at_ms,
+            MAX_REQUEST_TTL.as_secs()
+        ));
+        return poison(
+            shared,
+            &message,
+            delivery_count,
+            acker,
+            Some(saga_id),
+            reason,
+        )
+        .await;
+    }
+    let condition = crate::actors::Condition {
+        expires_at: Timestamp(request.expires_at_ms),
+        if_redrives: request.if_redrives,
+        if_version: request.if_version,
+    };
     let input = match request.action {
         wire::OperatorAction::Redrive => Input::Redriven,
         wire::OperatorAction::Cancel { reason } => Input::CancelRequested { reason },
     };
     // The request's id keys the inbox: a request sent twice is applied once.
-    match deliver(registry, saga_id, None, input, Some(request_id.clone())).await {
-        Ok(applied) => {
-            info!(saga.id = %saga_id, request = %request_id, ?applied, "operator request applied");
-            settle(acker.ack().await)
-        }
-        Err(e)
-            if is_store_outage(&e)
-                || (e.disposition() == Disposition::Retry
-                    && delivery_count < shared.options.max_deliveries) =>
-        {
-            if let RuntimeError::Store(err @ StoreError::Schema(_)) = &e {
-                shared.fatal.send_replace(Some(err.clone()));
-            }
-            let delay = backoff(shared.options.redelivery_delay, delivery_count);
-            warn!(saga.id = %saga_id, request = %request_id, error = %e, "operator request not applied; redelivered later");
-            settle(acker.nak(delay).await)
-        }
-        Err(e) => {
-            let reason = format!("operator request {request_id}: {e}");
-            poison(
-                shared,
-                &message,
-                delivery_count,
-                acker,
-                Some(saga_id),
-                reason,
-            )
-            .await
-        }
+    let inbox = Some(request_id.clone());
+    let result = deliver(registry, saga_id, None, input, inbox, Some(condition)).await;
+    if let Ok(applied) = &result {
+        info!(saga.id = %saga_id, request = %request_id, ?applied, "operator request settled");
     }
+    settle_delivery(
+        shared,
+        &message,
+        delivery_count,
+        acker,
+        saga_id,
+        result,
+        "operator request",
+    )
+    .await
 }
 
 /// A store outage (or a fatal schema problem, which stops the process): never a reason
@@ -844,6 +1224,8 @@ async fn poison(
     saga_id: Option<SagaId>,
     reason: String,
 ) {
+    // The reason may quote what the sender wrote: keep it short.
+    let reason = crate::ports::cap(&reason, 2048).to_owned();
     RuntimeStats::incr(&shared.stats.poison);
     warn!(subject = %message.subject, reason, "poison message dead-lettered");
     let record = DeadLetterRecord {
@@ -911,6 +1293,27 @@ async fn poison(
             settle(acker.nak(delay).await)
         }
     }
+}
+
+/// A command stored by a build before reply tokens (its `Skald-Reply-To` is the old
+/// `skald.reply.<type>`, and it has no token) gets the reply subject of its service and
+/// a token, so that its reply is accepted.
+fn restamp_reply(shared: &Shared, m: &mut Message) {
+    if m.headers.get(wire::H_REPLY_TOKEN).is_some() {
+        return;
+    }
+    let Ok(command) = wire::decode_command(m) else {
+        return;
+    };
+    let env = &command.envelope;
+    let subject = wire::reply_subject(
+        crate::ids::service_of(&m.subject),
+        &env.saga_type,
+        wire::DEFAULT_PARTITION,
+    );
+    m.headers.insert(wire::H_REPLY_TO, subject);
+    m.headers
+        .insert(wire::H_REPLY_TOKEN, shared.reply_keys.token(env));
 }
 
 /// Publishes outbox rows their writers left behind (a crash, a broker outage): claims
@@ -1031,10 +1434,11 @@ async fn sweeper(shared: Arc<Shared>, holder: String) {
 /// dead letters have public schemas of their own.) If no path exists the row goes out
 /// as it was, with its version header, for the participant to accept or refuse by name.
 fn upcast_command(shared: &Shared, mut row: OutboxMessage) -> OutboxMessage {
-    let m = &row.message;
-    if !m.subject.starts_with(wire::COMMAND_PREFIX) {
+    if !row.message.subject.starts_with(wire::COMMAND_PREFIX) {
         return row;
     }
+    restamp_reply(shared, &mut row.message);
+    let m = &row.message;
     let header = |name: &str| m.headers.get(name);
     let number = |name: &str| header(name).and_then(|v| v.parse::<u32>().ok());
     let (Some(ty), Some(step)) = (

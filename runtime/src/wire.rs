@@ -137,12 +137,54 @@ pub const H_ACTION_KEY: &str = "Skald-Action-Key";
 /// neither header.
 pub const H_IN_DOUBT: &str = "Skald-In-Doubt";
 
+/// Header (commands and replies): the reply token, an HMAC that skald sets on every
+/// command and checks on every reply ([`crate::auth::ReplyKeys`]). A participant copies
+/// it, unchanged, from the command into its reply.
+pub const H_REPLY_TOKEN: &str = "Skald-Reply-Token";
+
 /// Prefix of command subjects: `skald.cmd.<service>.<action>`.
 pub const COMMAND_PREFIX: &str = "skald.cmd";
 
-/// The subject replies of saga type `saga_type` are published on.
-pub fn reply_subject(saga_type: &SagaType) -> String {
-    format!("skald.reply.{saga_type}")
+/// The partition every saga belongs to until partitioned scale-out: the last token of
+/// reply and operator subjects, so that routing by partition needs no new layout.
+pub const DEFAULT_PARTITION: u32 = 0;
+
+/// The subject the replies of `service` to commands of saga type `saga_type` are
+/// published on: `skald.reply.<service>.<saga_type>.<partition>`. Participants never
+/// build it (they reply on the command's `Skald-Reply-To`); a NATS permission on
+/// `skald.reply.<service>.>` lets a service answer its own commands only, and skald checks
+/// that a reply arrived on the service of the command it answers.
+pub fn reply_subject(service: &str, saga_type: &SagaType, partition: u32) -> String {
+    format!("skald.reply.{service}.{saga_type}.{partition}")
+}
+
+/// The filter of the replies of every service for saga type `saga_type`.
+pub fn reply_filter(saga_type: &SagaType) -> String {
+    format!("skald.reply.*.{saga_type}.>")
+}
+
+/// The parts of a reply subject: (service, saga type, partition); `None` when `subject`
+/// is not laid out as [`reply_subject`] makes it.
+pub fn reply_subject_parts(subject: &str) -> Option<(&str, &str, u32)> {
+    let mut t = subject.split('.');
+    match (t.next(), t.next(), t.next(), t.next(), t.next(), t.next()) {
+        (Some("skald"), Some("reply"), Some(service), Some(ty), Some(p), None) => {
+            Some((service, ty, p.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// The subject operator requests about sagas of `saga_type` are published on:
+/// `skald.op.<saga_type>.<partition>`, apart from the replies, so that a NATS
+/// permission can reserve it to operators.
+pub fn op_subject(saga_type: &SagaType, partition: u32) -> String {
+    format!("skald.op.{saga_type}.{partition}")
+}
+
+/// The filter of every operator request about saga type `saga_type`.
+pub fn op_filter(saga_type: &SagaType) -> String {
+    format!("skald.op.{saga_type}.>")
 }
 
 /// The subject dead letters of `saga_type` are published on (`unknown` when the type
@@ -154,9 +196,27 @@ pub fn dlq_subject(saga_type: Option<&SagaType>) -> String {
     }
 }
 
-/// Header (operator requests): `redrive` or `cancel`. A message on a saga type's reply
-/// subject that carries it is an operator's request, not a participant's reply.
+/// Header (operator requests): `redrive` or `cancel`.
 pub const H_OPERATOR_ACTION: &str = "Skald-Operator-Action";
+/// Header (operator requests): the operator's name, as the sender claims it (a runtime
+/// with an operator allowlist checks it against the signing key's listed name).
+pub const H_OPERATOR: &str = "Skald-Operator";
+/// Header (operator requests): until when the request may be applied, ms since the
+/// epoch. A request that arrives later (a replay) changes nothing.
+pub const H_EXPIRES: &str = "Skald-Expires";
+/// Header (operator requests): apply only if the saga has been re-driven exactly this
+/// many times (the count the operator saw).
+pub const H_IF_REDRIVES: &str = "Skald-If-Redrives";
+/// Header (operator requests): apply only at this stored saga version.
+pub const H_IF_VERSION: &str = "Skald-If-Version";
+/// Header (operator requests): the public NKey (`U...`) the request is signed with.
+pub const H_OPERATOR_KEY: &str = "Skald-Operator-Key";
+/// Header (operator requests): the ed25519 signature (base64url, no padding) over
+/// [`operator_signing_bytes`].
+pub const H_SIGNATURE: &str = "Skald-Signature";
+
+/// The longest reason an operator request may carry (bytes).
+pub const MAX_REASON_LEN: usize = 1024;
 
 /// What an operator asks of one saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,78 +230,160 @@ pub enum OperatorAction {
     },
 }
 
+impl OperatorAction {
+    /// The header value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OperatorAction::Redrive => "redrive",
+            OperatorAction::Cancel { .. } => "cancel",
+        }
+    }
+}
+
 /// An operator's request, sent over the bus so it is durable and goes through the
 /// saga's actor, journal and outbox like any reply (`skald dlq redrive`, `skald cancel`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperatorRequest {
     /// The saga.
     pub saga_id: SagaId,
-    /// Its type (the subject is its reply subject).
+    /// Its type (the subject is its operator subject).
     pub saga_type: SagaType,
     /// What to do.
     pub action: OperatorAction,
     /// The request's id (`Nats-Msg-Id`, the inbox id and the journal entry's causation):
     /// `op:<operator>:<uuid>`.
     pub request_id: String,
+    /// The operator's name (`Skald-Operator`).
+    pub operator: String,
+    /// Until when it may be applied, ms since the epoch (`Skald-Expires`).
+    pub expires_at_ms: u64,
+    /// Apply only after exactly this many re-drives (`Skald-If-Redrives`).
+    pub if_redrives: Option<u32>,
+    /// Apply only at this stored version (`Skald-If-Version`).
+    pub if_version: Option<u64>,
+    /// The public NKey it is signed with (`Skald-Operator-Key`).
+    pub key: Option<String>,
+    /// The signature (`Skald-Signature`).
+    pub signature: Option<String>,
+}
+
+/// An operator name as it may appear in a request id: ASCII letters, digits, `-`, `_`
+/// and `.`, at most 64 characters (anything else becomes `_`).
+pub fn operator_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
 }
 
 impl OperatorRequest {
-    /// A new request by `operator` (a user name, recorded in the request id).
+    /// A new request by `operator` (a user name, recorded in the request id), made at
+    /// `now_ms` and valid for `ttl`.
     pub fn new(
         saga_id: SagaId,
         saga_type: SagaType,
         action: OperatorAction,
         operator: &str,
+        now_ms: u64,
+        ttl: std::time::Duration,
     ) -> Self {
-        let operator: String = operator
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(64)
-            .collect();
+        let operator = operator_name(operator);
         OperatorRequest {
             saga_id,
             saga_type,
             action,
             request_id: format!("op:{operator}:{}", uuid::Uuid::now_v7()),
+            operator,
+            expires_at_ms: now_ms
+                .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            if_redrives: None,
+            if_version: None,
+            key: None,
+            signature: None,
         }
+    }
+
+    /// Signs the request with an NKey seed (`SU...`), setting `key` and `signature`.
+    pub fn sign(&mut self, seed: &str) -> Result<(), crate::auth::AuthError> {
+        let (key, signature) = crate::auth::sign(seed, &operator_signing_bytes(self))?;
+        self.key = Some(key);
+        self.signature = Some(signature);
+        Ok(())
     }
 }
 
-/// Encodes an operator request for the bus.
+/// What an operator's signature covers: every field that decides what the request does
+/// (the key and the signature aside), length-prefixed.
+pub fn operator_signing_bytes(r: &OperatorRequest) -> Vec<u8> {
+    let reason = match &r.action {
+        OperatorAction::Redrive => "",
+        OperatorAction::Cancel { reason } => reason.as_str(),
+    };
+    let fields = [
+        r.request_id.clone(),
+        r.saga_id.to_string(),
+        r.saga_type.to_string(),
+        r.action.as_str().to_owned(),
+        reason.to_owned(),
+        r.operator.clone(),
+        r.expires_at_ms.to_string(),
+        r.if_redrives.map(|n| n.to_string()).unwrap_or_default(),
+        r.if_version.map(|n| n.to_string()).unwrap_or_default(),
+    ];
+    let mut out = b"skald-operator-request-v1".to_vec();
+    for f in fields {
+        out.extend_from_slice(&(f.len() as u64).to_be_bytes());
+        out.extend_from_slice(f.as_bytes());
+    }
+    out
+}
+
+/// Encodes an operator request for the bus (on [`op_subject`]).
 pub fn encode_operator_request(r: &OperatorRequest) -> Message {
     let mut h = Headers::new();
     h.insert(H_SAGA_ID, r.saga_id.to_string());
     h.insert(H_SAGA_TYPE, r.saga_type.as_str());
     h.insert(H_MSG_ID, r.request_id.as_str());
+    h.insert(H_OPERATOR_ACTION, r.action.as_str());
+    h.insert(H_OPERATOR, r.operator.as_str());
+    h.insert(H_EXPIRES, r.expires_at_ms.to_string());
+    if let Some(n) = r.if_redrives {
+        h.insert(H_IF_REDRIVES, n.to_string());
+    }
+    if let Some(n) = r.if_version {
+        h.insert(H_IF_VERSION, n.to_string());
+    }
+    if let Some(k) = &r.key {
+        h.insert(H_OPERATOR_KEY, k.as_str());
+    }
+    if let Some(sig) = &r.signature {
+        h.insert(H_SIGNATURE, sig.as_str());
+    }
     let body = match &r.action {
-        OperatorAction::Redrive => {
-            h.insert(H_OPERATOR_ACTION, "redrive");
-            serde_json::json!({})
-        }
-        OperatorAction::Cancel { reason } => {
-            h.insert(H_OPERATOR_ACTION, "cancel");
-            serde_json::json!({ "reason": reason })
-        }
+        OperatorAction::Redrive => serde_json::json!({}),
+        OperatorAction::Cancel { reason } => serde_json::json!({ "reason": reason }),
     };
     Message {
-        subject: reply_subject(&r.saga_type),
+        subject: op_subject(&r.saga_type, DEFAULT_PARTITION),
         headers: h,
         payload: Bytes::from(body.to_string()),
     }
 }
 
-/// Whether a message on a reply subject is an operator request.
+/// Whether a message carries an operator request's header (on a reply subject, that
+/// is a request sent where operator requests are not read: refused).
 pub fn is_operator_request(m: &Message) -> bool {
     m.headers.get(H_OPERATOR_ACTION).is_some()
 }
 
-/// Decodes an operator request (runtime side).
+/// Decodes an operator request (runtime side). Its signature is not checked here
+/// ([`crate::auth::verify_signature`] over [`operator_signing_bytes`]).
 pub fn decode_operator_request(m: &Message) -> Result<OperatorRequest, WireError> {
     const WHAT: &str = "operator request";
     let body: Value = serde_json::from_slice(&m.payload).map_err(|e| WireError {
@@ -250,25 +392,64 @@ pub fn decode_operator_request(m: &Message) -> Result<OperatorRequest, WireError
     })?;
     let action = match header(m, WHAT, H_OPERATOR_ACTION)? {
         "redrive" => OperatorAction::Redrive,
-        "cancel" => OperatorAction::Cancel {
-            reason: body
+        "cancel" => {
+            let reason = body
                 .get("reason")
                 .and_then(Value::as_str)
-                .unwrap_or("cancelled by an operator")
-                .to_owned(),
-        },
+                .unwrap_or("cancelled by an operator");
+            if reason.len() > MAX_REASON_LEN {
+                return Err(WireError {
+                    what: WHAT,
+                    reason: format!(
+                        "the reason has {} bytes; at most {MAX_REASON_LEN} are accepted",
+                        reason.len()
+                    ),
+                });
+            }
+            OperatorAction::Cancel {
+                reason: reason.to_owned(),
+            }
+        }
         other => {
             return Err(WireError {
                 what: WHAT,
-                reason: format!("header {H_OPERATOR_ACTION}={other:?}: expected redrive or cancel"),
+                reason: format!(
+                    "header {H_OPERATOR_ACTION}={:?}: expected redrive or cancel",
+                    crate::ports::cap(other, 64)
+                ),
             });
         }
     };
+    let optional = |name: &str| m.headers.get(name).is_some();
     Ok(OperatorRequest {
         saga_id: parse(m, WHAT, H_SAGA_ID)?,
         saga_type: parse(m, WHAT, H_SAGA_TYPE)?,
         action,
-        request_id: header(m, WHAT, H_MSG_ID)?.to_owned(),
+        request_id: key(m, WHAT, H_MSG_ID)?.to_owned(),
+        operator: m
+            .headers
+            .get(H_OPERATOR)
+            .map(operator_name)
+            .unwrap_or_default(),
+        expires_at_ms: parse(m, WHAT, H_EXPIRES)?,
+        if_redrives: if optional(H_IF_REDRIVES) {
+            Some(parse(m, WHAT, H_IF_REDRIVES)?)
+        } else {
+            None
+        },
+        if_version: if optional(H_IF_VERSION) {
+            Some(parse(m, WHAT, H_IF_VERSION)?)
+        } else {
+            None
+        },
+        key: match m.headers.get(H_OPERATOR_KEY) {
+            Some(_) => Some(key(m, WHAT, H_OPERATOR_KEY)?.to_owned()),
+            None => None,
+        },
+        signature: match m.headers.get(H_SIGNATURE) {
+            Some(_) => Some(key(m, WHAT, H_SIGNATURE)?.to_owned()),
+            None => None,
+        },
     })
 }
 
@@ -285,8 +466,29 @@ pub fn traceparent(saga_id: &SagaId, message_id: &str) -> String {
         .to_string()
 }
 
-/// Encodes a command as a bus message.
+/// Encodes a command as a bus message, without a reply token (a runtime's commands
+/// carry one: [`encode_command_with`]).
 pub fn encode_command(command: &Command) -> Result<Message, serde_json::Error> {
+    encode_command_with(command, None)
+}
+
+/// The header fields of `command` that its reply echoes (and the token covers).
+pub fn command_envelope(command: &Command) -> Envelope {
+    Envelope {
+        saga_id: command.saga_id,
+        saga_type: command.saga_type.clone(),
+        step: command.step.clone(),
+        kind: command.kind,
+        attempt: command.attempt,
+        idempotency_key: command.idempotency_key.clone(),
+    }
+}
+
+/// Encodes a command as a bus message, with the reply token of `keys`.
+pub fn encode_command_with(
+    command: &Command,
+    keys: Option<&crate::auth::ReplyKeys>,
+) -> Result<Message, serde_json::Error> {
     let mut h = Headers::new();
     h.insert(H_SAGA_ID, command.saga_id.to_string());
     h.insert(H_SAGA_TYPE, command.saga_type.as_str());
@@ -294,7 +496,17 @@ pub fn encode_command(command: &Command) -> Result<Message, serde_json::Error> {
     h.insert(H_KIND, command.kind.as_str());
     h.insert(H_ATTEMPT, command.attempt.to_string());
     h.insert(H_IDEMPOTENCY_KEY, command.idempotency_key.as_str());
-    h.insert(H_REPLY_TO, reply_subject(&command.saga_type));
+    h.insert(
+        H_REPLY_TO,
+        reply_subject(
+            crate::ids::service_of(&command.subject),
+            &command.saga_type,
+            DEFAULT_PARTITION,
+        ),
+    );
+    if let Some(keys) = keys {
+        h.insert(H_REPLY_TOKEN, keys.token(&command_envelope(command)));
+    }
     h.insert(H_DEADLINE, command.deadline.as_millis().to_string());
     h.insert(H_SCHEMA_VERSION, command.schema_version.to_string());
     h.insert(H_DEFINITION_VERSION, command.definition_version.to_string());
@@ -349,8 +561,26 @@ pub struct Reply {
     pub kind: CommandKind,
     /// The attempt replied to.
     pub attempt: u32,
+    /// The idempotency key of the command replied to.
+    pub idempotency_key: String,
+    /// The reply token copied from the command (`Skald-Reply-Token`), if any.
+    pub reply_token: Option<String>,
     /// The outcome.
     pub outcome: Outcome,
+}
+
+impl Reply {
+    /// The header fields the reply token covers.
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            saga_id: self.saga_id,
+            saga_type: self.saga_type.clone(),
+            step: self.step.clone(),
+            kind: self.kind,
+            attempt: self.attempt,
+            idempotency_key: self.idempotency_key.clone(),
+        }
+    }
 }
 
 /// Why a message could not be decoded.
@@ -377,7 +607,7 @@ where
     let raw = header(m, what, name)?;
     raw.parse().map_err(|e: T::Err| WireError {
         what,
-        reason: format!("header {name}={raw:?}: {e}"),
+        reason: format!("header {name}={:?}: {e}", crate::ports::cap(raw, 64)),
     })
 }
 
@@ -460,7 +690,8 @@ pub fn decode_reply(m: &Message) -> Result<Reply, WireError> {
             return Err(WireError {
                 what: WHAT,
                 reason: format!(
-                    "header {H_OUTCOME}={other:?}: expected success, failure or retryable"
+                    "header {H_OUTCOME}={:?}: expected success, failure or retryable",
+                    crate::ports::cap(other, 64)
                 ),
             });
         }
@@ -471,6 +702,11 @@ pub fn decode_reply(m: &Message) -> Result<Reply, WireError> {
         step: env.step,
         kind: env.kind,
         attempt: env.attempt,
+        idempotency_key: env.idempotency_key,
+        reply_token: match m.headers.get(H_REPLY_TOKEN) {
+            Some(_) => Some(key(m, WHAT, H_REPLY_TOKEN)?.to_owned()),
+            None => None,
+        },
         outcome,
     })
 }
@@ -496,6 +732,8 @@ pub struct IncomingCommand {
     /// When skald stops waiting for this attempt (`Skald-Deadline`, ms since the epoch;
     /// 0 when absent).
     pub deadline_ms: u64,
+    /// The reply token to copy into the reply (`Skald-Reply-Token`).
+    pub reply_token: Option<String>,
     /// The JSON payload.
     pub payload: Value,
 }
@@ -545,6 +783,10 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
             Some(_) => parse(m, WHAT, H_DEADLINE)?,
             None => 0,
         },
+        reply_token: match m.headers.get(H_REPLY_TOKEN) {
+            Some(_) => Some(key(m, WHAT, H_REPLY_TOKEN)?.to_owned()),
+            None => None,
+        },
         envelope,
         payload,
     })
@@ -575,6 +817,9 @@ pub fn encode_reply(command: &IncomingCommand, outcome: &Outcome) -> Message {
     h.insert(H_ATTEMPT, env.attempt.to_string());
     h.insert(H_IDEMPOTENCY_KEY, env.idempotency_key.as_str());
     h.insert(H_OUTCOME, outcome.as_str());
+    if let Some(token) = &command.reply_token {
+        h.insert(H_REPLY_TOKEN, token.as_str());
+    }
     h.insert(
         H_MSG_ID,
         crate::ids::reply_message_id(&env.idempotency_key, env.attempt, outcome.as_str()),
@@ -630,7 +875,24 @@ mod tests {
         let incoming = decode_command(&msg).expect("decode");
         assert_eq!(incoming.envelope.saga_id, cmd.saga_id);
         assert_eq!(incoming.envelope.attempt, 2);
-        assert_eq!(incoming.reply_to, "skald.reply.checkout");
+        assert_eq!(incoming.reply_to, "skald.reply.payment.checkout.0");
+        assert_eq!(
+            reply_subject_parts(&incoming.reply_to),
+            Some(("payment", "checkout", 0))
+        );
+        assert_eq!(incoming.reply_token, None, "no keys, no token");
+        // With keys, the token is copied into every reply and verifies.
+        let keys = crate::auth::ReplyKeys::new([vec![3u8; 32]]).expect("keys");
+        let signed = decode_command(&encode_command_with(&cmd, Some(&keys)).expect("encode"))
+            .expect("decode");
+        let token = signed.reply_token.clone().expect("a token");
+        let reply =
+            decode_reply(&encode_reply(&signed, &Outcome::Success(Value::Null))).expect("reply");
+        assert_eq!(reply.reply_token.as_deref(), Some(token.as_str()));
+        assert!(
+            keys.verify(&reply.envelope(), reply.reply_token.as_deref())
+                .is_ok()
+        );
         assert_eq!(incoming.payload, cmd.payload);
         let tp = incoming.traceparent.clone().expect("traceparent");
         assert_eq!(tp.len(), 55, "{tp}");
@@ -690,23 +952,52 @@ mod tests {
                 reason: "customer asked".into(),
             },
         ] {
-            let r = OperatorRequest::new(SagaId::new(), saga_type.clone(), action, "alice smith");
+            let ttl = std::time::Duration::from_secs(60);
+            let mut r = OperatorRequest::new(
+                SagaId::new(),
+                saga_type.clone(),
+                action,
+                "alice smith",
+                1_000,
+                ttl,
+            );
             assert!(
                 r.request_id.starts_with("op:alice_smith:"),
                 "{}",
                 r.request_id
             );
+            assert_eq!(r.expires_at_ms, 61_000);
             let m = encode_operator_request(&r);
-            assert_eq!(m.subject, "skald.reply.checkout");
+            assert_eq!(m.subject, "skald.op.checkout.0");
             assert!(is_operator_request(&m));
-            assert_eq!(decode_operator_request(&m), Ok(r));
+            assert_eq!(decode_operator_request(&m), Ok(r.clone()));
             assert!(decode_reply(&m).is_err(), "not a reply");
+            // Conditions and a signature round-trip, and the signature covers them.
+            r.if_redrives = Some(1);
+            r.if_version = Some(7);
+            let pair = nkeys::KeyPair::new_user();
+            r.sign(&pair.seed().expect("seed")).expect("sign");
+            let back = decode_operator_request(&encode_operator_request(&r)).expect("decode");
+            assert_eq!(back, r);
+            let (key, sig) = (
+                back.key.clone().expect("key"),
+                back.signature.clone().expect("sig"),
+            );
+            assert_eq!(key, pair.public_key());
+            let bytes = operator_signing_bytes(&back);
+            assert!(crate::auth::verify_signature(&key, &bytes, &sig).is_ok());
+            let mut tampered = back.clone();
+            tampered.expires_at_ms += 1;
+            let bytes = operator_signing_bytes(&tampered);
+            assert!(crate::auth::verify_signature(&key, &bytes, &sig).is_err());
         }
         let mut m = encode_operator_request(&OperatorRequest::new(
             SagaId::new(),
             saga_type,
             OperatorAction::Redrive,
             "bob",
+            0,
+            std::time::Duration::from_secs(1),
         ));
         m.headers.insert(H_OPERATOR_ACTION, "explode");
         let e = decode_operator_request(&m).expect_err("unknown action");

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod secure;
+
 /// Runs each named `async fn name(kind: StoreKind)` of the calling test file once per
 /// backend: `memory_store`, `sqlite_store`, `nats_jetstream` (SQLite + NATS) and
 /// `postgres_nats` modules, one `#[tokio::test]` each.
@@ -65,7 +67,7 @@ use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_defini
 use skald::sagas::sim::{MemoryLedger, SimConfig, SimServices};
 use skald::wire::{IncomingCommand, Outcome};
 use skald::{Runtime, RuntimeOptions, SagaOutcome};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -363,6 +365,38 @@ pub fn fast_timing() -> CheckoutTiming {
     }
 }
 
+/// The reply keys of the runtimes of tests that play a participant by hand: such a test
+/// builds the command it answers, with the token these keys make
+/// (`wire::encode_command_with`).
+pub fn test_reply_keys() -> skald::auth::ReplyKeys {
+    skald::auth::ReplyKeys::new([b"skald-tests-reply-key-0123456789".to_vec()])
+        .expect("a valid test key")
+}
+
+/// `m`, a reply a test wrote by hand, as the participant `service` would publish it: on
+/// the service's reply subject, with the reply token of [`test_reply_keys`] computed
+/// from its headers (left out when they do not parse).
+pub fn as_reply_of(service: &str, mut m: skald::ports::Message) -> skald::ports::Message {
+    let h = &m.headers;
+    let field = |name: &str| h.get(name).map(str::to_owned);
+    let env = (|| {
+        Some(skald::wire::Envelope {
+            saga_id: field(skald::wire::H_SAGA_ID)?.parse().ok()?,
+            saga_type: field(skald::wire::H_SAGA_TYPE)?.parse().ok()?,
+            step: field(skald::wire::H_STEP)?.parse().ok()?,
+            kind: field(skald::wire::H_KIND)?.parse().ok()?,
+            attempt: field(skald::wire::H_ATTEMPT)?.parse().ok()?,
+            idempotency_key: field(skald::wire::H_IDEMPOTENCY_KEY)?,
+        })
+    })();
+    m.subject = format!("skald.reply.{service}.checkout.0");
+    if let Some(env) = env {
+        m.headers
+            .insert(skald::wire::H_REPLY_TOKEN, test_reply_keys().token(&env));
+    }
+    m
+}
+
 pub fn options() -> RuntimeOptions {
     RuntimeOptions {
         arbiters: 2,
@@ -456,7 +490,7 @@ pub struct TestEnv {
     pub bus: Arc<dyn Bus>,
     pub store: Arc<dyn SagaStore>,
     pub ledger: MemoryLedger,
-    pub outcomes: UnboundedReceiver<SagaOutcome>,
+    pub outcomes: Receiver<SagaOutcome>,
     pub participants: Vec<ParticipantHandle>,
 }
 
@@ -488,6 +522,7 @@ impl TestEnv {
             .bus(bus.clone())
             .register(&checkout)
             .options(options())
+            .reply_keys(test_reply_keys())
             .start()
             .await
             .expect("runtime starts");
@@ -560,7 +595,7 @@ impl TestEnv {
 /// Receives outcomes until every saga of `ids` has settled (others are skipped), failing
 /// the test after [`DEADLINE`]; returns theirs.
 pub async fn await_outcomes(
-    outcomes: &mut UnboundedReceiver<SagaOutcome>,
+    outcomes: &mut Receiver<SagaOutcome>,
     ids: &[SagaId],
 ) -> Vec<SagaOutcome> {
     let mut want: std::collections::HashSet<SagaId> = ids.iter().copied().collect();

@@ -35,7 +35,7 @@ STREAM = "SKALD_COMMANDS"
 DURABLE = "python-checkout"
 SUBJECTS = "skald.cmd.>"
 ECHO = ["Skald-Saga-Id", "Skald-Saga-Type", "Skald-Step", "Skald-Kind", "Skald-Attempt",
-        "Skald-Idempotency-Key"]
+        "Skald-Idempotency-Key", "Skald-Reply-Token"]
 LEASE_MS = 30_000       # a claim older than this belongs to a crashed holder
 CONCURRENCY = 64
 
@@ -273,7 +273,7 @@ async def serve(js, participant, msg):
         await msg.term()
         return
     outcome, body = await participant.handle(msg.subject, h, msg.data)
-    headers = {k: h[k] for k in ECHO}
+    headers = {k: h[k] for k in ECHO if k in h}
     headers["Skald-Outcome"] = outcome
     headers["Nats-Msg-Id"] = "reply:%s:%s:%s" % (
         h["Skald-Idempotency-Key"], h["Skald-Attempt"], outcome)

@@ -33,10 +33,54 @@ pub struct Apply {
     /// The id of the message it came from (a reply), recorded in the inbox with the
     /// transition: a message applied once is never applied again.
     pub inbox: Option<String>,
+    /// What must hold for the input to be applied (an operator request's expiry and
+    /// conditions); when it does not, the input is journaled as ignored, with why.
+    pub condition: Option<Condition>,
     /// The sender's span (a reply's, a start's): the parent of the span applying the
     /// input. A disabled span (`Span::none()`) makes that span a child of the saga's
     /// root span instead.
     pub span: tracing::Span,
+}
+
+/// What an operator request requires of the saga when it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// Not after this time (`Skald-Expires`).
+    pub expires_at: crate::machine::Timestamp,
+    /// Exactly this many re-drives so far (`Skald-If-Redrives`).
+    pub if_redrives: Option<u32>,
+    /// Exactly this stored version (`Skald-If-Version`).
+    pub if_version: Option<u64>,
+}
+
+impl Condition {
+    /// Why `saga` at `now` does not meet it; `None` when it does.
+    pub fn unmet(&self, saga: &StoredSaga, now: crate::machine::Timestamp) -> Option<String> {
+        if now > self.expires_at {
+            return Some(format!(
+                "the request expired at {} ms (now {} ms)",
+                self.expires_at.as_millis(),
+                now.as_millis()
+            ));
+        }
+        if let Some(n) = self.if_redrives
+            && saga.state.redrives != n
+        {
+            return Some(format!(
+                "made after {n} re-drive(s); the saga has had {} since",
+                saga.state.redrives
+            ));
+        }
+        if let Some(v) = self.if_version
+            && saga.version != v
+        {
+            return Some(format!(
+                "made at version {v}; the saga is at version {}",
+                saga.version
+            ));
+        }
+        None
+    }
 }
 
 /// Check whether a wake-up (reply deadline or retry) is due, and act on it.
@@ -251,6 +295,7 @@ impl SagaInstance {
         &mut self,
         input: Option<Input>,
         inbox: Option<String>,
+        condition: Option<Condition>,
         parent: tracing::Span,
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<Applied, RuntimeError>> {
@@ -313,7 +358,7 @@ impl SagaInstance {
                 trace::annotate(&span, &own, Some(&root));
             }
         }
-        let fut = process(shared, def, saga, input, inbox).instrument(span);
+        let fut = process(shared, def, saga, input, inbox, condition).instrument(span);
         Box::pin(fut.into_actor(self).map(|(saga, result), act, ctx| {
             act.put_back(saga, ctx);
             result
@@ -374,7 +419,7 @@ impl Handler<Apply> for SagaInstance {
     type Result = AtomicResponse<Self, Result<Applied, RuntimeError>>;
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
-        AtomicResponse::new(self.run(Some(msg.input), msg.inbox, msg.span, ctx))
+        AtomicResponse::new(self.run(Some(msg.input), msg.inbox, msg.condition, msg.span, ctx))
     }
 }
 
@@ -383,7 +428,7 @@ impl Handler<Wake> for SagaInstance {
 
     fn handle(&mut self, _msg: Wake, ctx: &mut Context<Self>) -> Self::Result {
         let id = self.id;
-        let inner = self.run(None, None, tracing::Span::none(), ctx);
+        let inner = self.run(None, None, None, tracing::Span::none(), ctx);
         AtomicResponse::new(Box::pin(inner.map(move |res, act, ctx| match res {
             Ok(_) => act.wake_failures = 0,
             Err(e) => {
@@ -421,6 +466,7 @@ async fn process(
     mut saga: StoredSaga,
     input: Input,
     inbox: Option<String>,
+    condition: Option<Condition>,
 ) -> (Option<StoredSaga>, Result<Applied, RuntimeError>) {
     let original = input;
     for _ in 0..MAX_CONFLICT_RETRIES {
@@ -432,7 +478,10 @@ async fn process(
         // step in flight (re-drive it once an upcaster is registered); a request is
         // refused with the reason.
         let mut input: std::borrow::Cow<'_, Input> = std::borrow::Cow::Borrowed(&original);
-        let mut refused = None;
+        let mut refused = condition
+            .as_ref()
+            .and_then(|c| c.unmet(&saga, now))
+            .map(Refusal::Condition);
         match bring_data_up(&shared, &def, &mut saga.state) {
             Ok(()) => {}
             // Written by a newer build running beside this one: leave the input to it.
@@ -440,7 +489,9 @@ async fn process(
                 RuntimeStats::incr(&shared.stats.deferred);
                 return (Some(saga), Err(RuntimeError::DataTooNew(e.to_string())));
             }
-            Err(e) if is_request(&input) => refused = Some(Refusal::Unreadable(e.to_string())),
+            Err(e) if is_request(&input) => {
+                refused = refused.or(Some(Refusal::Unreadable(e.to_string())))
+            }
             // Only an input that would use the data (the pending step's reply or timer,
             // a resume) dead-letters the step; a stale or duplicate one is refused by
             // the machine before any data is read, as usual.
@@ -553,8 +604,14 @@ async fn process(
                     } =>
             {
                 let mut body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
-                if matches!(e, Refusal::Unreadable(_)) {
-                    body["refused"] = serde_json::Value::String("data_unreadable".into());
+                match &e {
+                    Refusal::Unreadable(_) => {
+                        body["refused"] = serde_json::Value::String("data_unreadable".into());
+                    }
+                    Refusal::Condition(_) => {
+                        body["refused"] = serde_json::Value::String("condition".into());
+                    }
+                    Refusal::Machine(_) => {}
                 }
                 if let Some(id) = &inbox {
                     body["causation"] = serde_json::Value::String(id.clone());
@@ -669,11 +726,13 @@ fn outbox_messages(
     };
     for effect in effects {
         match effect {
-            Effect::SendCommand(cmd) => match wire::encode_command(cmd) {
-                Ok(msg) => push(msg),
-                // The state is committed without it; the reply deadline re-sends it.
-                Err(e) => error!(error = %e, "encoding command failed"),
-            },
+            Effect::SendCommand(cmd) => {
+                match wire::encode_command_with(cmd, Some(&shared.reply_keys)) {
+                    Ok(msg) => push(msg),
+                    // The state is committed without it; the reply deadline re-sends it.
+                    Err(e) => error!(error = %e, "encoding command failed"),
+                }
+            }
             Effect::EmitLifecycleEvent(ev) if shared.options.publish_events => {
                 match wire::encode_event(ev, causation) {
                     Ok(msg) => push(msg),
@@ -730,9 +789,29 @@ fn perform(
             step_span(cmd);
         }
     }
-    if !rows.is_empty() && shared.publisher.send(PublishJob { rows, stored }).is_err() {
-        // Shutting down: the rows stay in the outbox for the next start's relay.
-        debug!("publisher stopped; messages left in the outbox");
+    if !rows.is_empty() {
+        use tokio::sync::mpsc::error::TrySendError;
+        match shared.publisher.try_send(PublishJob { rows, stored }) {
+            Ok(()) => {}
+            // Shutting down: the rows stay in the outbox for the next start's relay.
+            Err(TrySendError::Closed(_)) => {
+                debug!("publisher stopped; messages left in the outbox")
+            }
+            // The broker is slower than the commits. Stored rows are left to the relay
+            // (after the writer's lease), so the queue, and memory, stay bounded; rows
+            // that exist nowhere else (an in-process bus) wait for room.
+            Err(TrySendError::Full(job)) if job.stored => {
+                RuntimeStats::incr(&shared.stats.publisher_full);
+                debug!("publisher queue full; rows left to the outbox relay");
+            }
+            Err(TrySendError::Full(job)) => {
+                RuntimeStats::incr(&shared.stats.publisher_full);
+                let queue = shared.publisher.clone();
+                shared.io.spawn(async move {
+                    let _ = queue.send(job).await;
+                });
+            }
+        }
     }
     if effects
         .iter()
@@ -783,7 +862,7 @@ pub(crate) struct PublishJob {
 /// of broker acks per batch).
 pub(crate) async fn publisher(
     shared: Arc<Shared>,
-    mut jobs: tokio::sync::mpsc::UnboundedReceiver<PublishJob>,
+    mut jobs: tokio::sync::mpsc::Receiver<PublishJob>,
 ) {
     const MAX_BATCH: usize = 1_024;
     while let Some(first) = jobs.recv().await {
@@ -868,13 +947,15 @@ fn outcome_of(state: &SagaState) -> SagaOutcome {
 enum Refusal {
     Machine(machine::TransitionError),
     Unreadable(String),
+    /// An operator request's expiry or condition does not hold.
+    Condition(String),
 }
 
 impl Refusal {
     fn is_ignorable(&self) -> bool {
         match self {
             Refusal::Machine(e) => e.is_ignorable(),
-            Refusal::Unreadable(_) => false,
+            Refusal::Unreadable(_) | Refusal::Condition(_) => false,
         }
     }
 }
@@ -884,6 +965,9 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Machine(e) => e.fmt(f),
             Refusal::Unreadable(reason) => write!(f, "the saga's data cannot be read: {reason}"),
+            Refusal::Condition(reason) => {
+                write!(f, "the request's condition does not hold: {reason}")
+            }
         }
     }
 }
@@ -894,6 +978,9 @@ impl From<Refusal> for RuntimeError {
             Refusal::Machine(e) => e.into(),
             Refusal::Unreadable(reason) => {
                 RuntimeError::Runtime(format!("the saga's data cannot be read: {reason}"))
+            }
+            Refusal::Condition(reason) => {
+                RuntimeError::Runtime(format!("the request's condition does not hold: {reason}"))
             }
         }
     }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-pub use instance::{Applied, Apply, SagaInstance, Wake};
+pub use instance::{Applied, Apply, Condition, SagaInstance, Wake};
 pub(crate) use instance::{publish_outbox, publisher};
 pub use registry::{Lookup, Registry};
 pub use supervisor::RetrySupervisor;
@@ -63,13 +63,20 @@ pub struct SagaOutcome {
 #[derive(Debug, Default)]
 pub struct OutcomeHub {
     // A std mutex: held only to push or iterate, never across an await.
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<SagaOutcome>>>,
+    subscribers: Mutex<Vec<mpsc::Sender<SagaOutcome>>>,
+    /// Outcomes a full subscriber did not get.
+    pub(crate) dropped: AtomicU64,
 }
 
+/// The outcomes one subscriber may leave unread; past it, newer ones are dropped for
+/// that subscriber (and counted), so a subscriber that stops reading costs bounded
+/// memory. The store keeps every outcome: query it to catch up.
+pub const OUTCOME_BUFFER: usize = 1 << 16;
+
 impl OutcomeHub {
-    /// A new receiver of every outcome from now on.
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<SagaOutcome> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// A new receiver of every outcome from now on (at most [`OUTCOME_BUFFER`] unread).
+    pub fn subscribe(&self) -> mpsc::Receiver<SagaOutcome> {
+        let (tx, rx) = mpsc::channel(OUTCOME_BUFFER);
         if let Ok(mut subs) = self.subscribers.lock() {
             subs.push(tx);
         }
@@ -77,8 +84,25 @@ impl OutcomeHub {
     }
 
     pub(crate) fn publish(&self, outcome: &SagaOutcome) {
+        use tokio::sync::mpsc::error::TrySendError;
         if let Ok(mut subs) = self.subscribers.lock() {
-            subs.retain(|s| s.send(outcome.clone()).is_ok());
+            subs.retain(|s| match s.try_send(outcome.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    if self
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        == 0
+                    {
+                        tracing::warn!(
+                            "an outcome subscriber is not reading: outcomes dropped for it \
+                             (the store has them)"
+                        );
+                    }
+                    true
+                }
+                Err(TrySendError::Closed(_)) => false,
+            });
         }
     }
 }
@@ -92,6 +116,11 @@ pub struct RuntimeStats {
     pub ignored: AtomicU64,
     /// Messages dead-lettered as poison.
     pub poison: AtomicU64,
+    /// Transitions whose messages found the publisher's queue full (left to the relay).
+    pub publisher_full: AtomicU64,
+    /// Of the poison messages, replies that failed the subject or token check, and operator requests
+    /// whose sender could not be verified.
+    pub forged: AtomicU64,
     /// Store version conflicts resolved by reloading.
     pub conflicts: AtomicU64,
     /// Instance actors activated.
@@ -186,9 +215,12 @@ pub struct Shared {
     /// Whether transitions store their messages in the outbox (`RuntimeOptions::outbox`).
     pub(crate) outbox_stored: bool,
     /// The publisher's queue (see [`instance::publisher`]).
-    pub(crate) publisher: tokio::sync::mpsc::UnboundedSender<instance::PublishJob>,
+    pub(crate) publisher: tokio::sync::mpsc::Sender<instance::PublishJob>,
     /// A store error the process cannot go on with (schema): the runtime stops.
     pub(crate) fatal: tokio::sync::watch::Sender<Option<crate::ports::StoreError>>,
+    /// The keys every command's reply token is made with and every reply's is checked
+    /// with.
+    pub(crate) reply_keys: crate::auth::ReplyKeys,
 }
 
 impl std::fmt::Debug for Shared {

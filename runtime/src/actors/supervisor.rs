@@ -24,6 +24,14 @@ use crate::error::RuntimeError;
 /// How many due sagas one sweep handles (the next sweep takes the rest).
 const SWEEP_BATCH: usize = 2_000;
 
+/// How many due wake-ups are claimed at a time: the next claim waits until these have
+/// been applied, so the sweep never holds claims (leases) on more sagas than it is
+/// activating, and a process that cannot keep up leaves the rest to the others.
+const CLAIM_BATCH: usize = 256;
+
+/// Wake-ups applied at once by one sweep (activations from the store in flight).
+const WAKE_CONCURRENCY: usize = 64;
+
 /// Sweeps the store for due wake-ups.
 pub struct RetrySupervisor {
     shared: Arc<Shared>,
@@ -56,32 +64,50 @@ impl RetrySupervisor {
         let shared = Arc::clone(&self.shared);
         let registry = self.registry.clone();
         let fut = async move {
-            let store = Arc::clone(&shared.store);
-            let now = shared.clock.now();
-            let types = shared.definitions.pairs();
-            let lease = shared.options.claim_lease;
-            let due = shared
-                .on_io(async move {
-                    store
-                        .claim_wakeups(now, &types, SWEEP_BATCH, lease)
-                        .await
-                        .map_err(RuntimeError::from)
-                })
-                .await;
-            match due {
-                Ok(ids) => {
-                    for id in ids {
-                        super::RuntimeStats::incr(&shared.stats.wakeups_claimed);
-                        match registry.send(Lookup { id, initial: None }).await {
-                            // A full mailbox means the saga is busy: the next sweep retries.
-                            Ok(addr) => {
-                                let _ = addr.try_send(Wake);
-                            }
-                            Err(e) => warn!(error = %e, "registry unavailable"),
-                        }
+            use futures_util::StreamExt;
+            let mut left = SWEEP_BATCH;
+            while left > 0 {
+                let store = Arc::clone(&shared.store);
+                let now = shared.clock.now();
+                let types = shared.definitions.pairs();
+                let lease = shared.options.claim_lease;
+                let batch = left.min(CLAIM_BATCH);
+                let due = shared
+                    .on_io(async move {
+                        store
+                            .claim_wakeups(now, &types, batch, lease)
+                            .await
+                            .map_err(RuntimeError::from)
+                    })
+                    .await;
+                let ids = match due {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        warn!(error = %e, "sweeping due wake-ups failed; will retry");
+                        break;
                     }
+                };
+                let claimed = ids.len();
+                left = left.saturating_sub(claimed);
+                futures_util::stream::iter(ids)
+                    .for_each_concurrent(WAKE_CONCURRENCY, |id| {
+                        let (shared, registry) = (&shared, &registry);
+                        async move {
+                            super::RuntimeStats::incr(&shared.stats.wakeups_claimed);
+                            match registry.send(Lookup { id, initial: None }).await {
+                                // Applied before the next claim; an actor that cannot
+                                // take it (stopping) leaves it to the next sweep.
+                                Ok(addr) => {
+                                    let _ = addr.send(Wake).await;
+                                }
+                                Err(e) => warn!(error = %e, "registry unavailable"),
+                            }
+                        }
+                    })
+                    .await;
+                if claimed < batch {
+                    break;
                 }
-                Err(e) => warn!(error = %e, "sweeping due wake-ups failed; will retry"),
             }
         };
         ctx.spawn(fut.into_actor(self).map(|(), act, _| act.sweeping = false));
