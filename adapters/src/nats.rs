@@ -516,7 +516,15 @@ impl Bus for NatsBus {
                 .map_err(|e| other(format!("consumer {name} on {stream_name}: {e}")))?,
         };
         let (tx, rx) = mpsc::channel::<Delivery>(max_pending.clamp(1, 1024));
-        tokio::spawn(pump(consumer, name, tx));
+        // What the client buffers ahead of the subscriber is bounded in count and in
+        // bytes (at least a few of the largest messages the server accepts, or one of
+        // them could never be pulled).
+        let max_payload = self.client.server_info().max_payload.max(1);
+        let fetch = Fetch {
+            messages: max_pending.clamp(1, 200),
+            bytes: (4 * max_payload).max(4 << 20),
+        };
+        tokio::spawn(pump(consumer, name, fetch, tx));
         Ok(Box::pin(futures_util::stream::unfold(
             rx,
             |mut rx| async move { rx.recv().await.map(|d| (d, rx)) },
@@ -542,15 +550,33 @@ impl Bus for NatsBus {
     }
 }
 
+/// How much one pull asks the server for.
+#[derive(Debug, Clone, Copy)]
+struct Fetch {
+    messages: usize,
+    bytes: usize,
+}
+
 /// Moves messages from the consumer to the subscription's channel until the
 /// subscription is dropped; re-creates the message stream after errors.
-async fn pump(consumer: consumer::PullConsumer, name: String, tx: mpsc::Sender<Delivery>) {
+async fn pump(
+    consumer: consumer::PullConsumer,
+    name: String,
+    fetch: Fetch,
+    tx: mpsc::Sender<Delivery>,
+) {
     let mut failures = 0u32;
     loop {
         if tx.is_closed() {
             return;
         }
-        match consumer.messages().await {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(fetch.messages)
+            .max_bytes_per_batch(fetch.bytes)
+            .messages()
+            .await;
+        match messages {
             Ok(mut messages) => {
                 while let Some(item) = messages.next().await {
                     match item {
