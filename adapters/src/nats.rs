@@ -48,8 +48,8 @@ pub enum Retention {
 /// limits retention, 7 days max age, 2 minutes duplicate window.
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
-    /// Stream names are `<prefix>_COMMANDS`, `<prefix>_REPLIES`, `<prefix>_EVENTS`,
-    /// `<prefix>_DLQ`.
+    /// Stream names are `<prefix>_COMMANDS`, `<prefix>_REPLIES`, `<prefix>_OPS`,
+    /// `<prefix>_EVENTS`, `<prefix>_DLQ`.
     pub prefix: String,
     /// File or memory.
     pub storage: Storage,

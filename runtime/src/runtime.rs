@@ -54,12 +54,16 @@ pub struct RuntimeOptions {
     pub redelivery_delay: Duration,
     /// Publish lifecycle events on `skald.evt.<saga_type>.<event>`. Default: true. Since 0.1.
     pub publish_events: bool,
-    /// The consumer group replies are read with. Default: `skald-orchestrator`. Since 0.1.
+    /// The prefix of the durable consumers replies and operator requests are read with:
+    /// `<reply_group>-<saga_type>` and `<reply_group>-op-<saga_type>`. Default:
+    /// `skald-orchestrator`. Since 0.1 (one consumer per type since 0.4).
     pub reply_group: String,
-    /// A reply that still cannot be applied after this many deliveries (store down for
-    /// long, a definition missing) is dead-lettered with the last error instead of being
-    /// redelivered forever. Default: 100. Since 0.1. (A store that is unavailable does
-    /// not count: the reply waits, with backoff, for as long as the outage lasts.)
+    /// A reply that still cannot be applied after this many deliveries (the saga's actor
+    /// unreachable, the bus failing) is dead-lettered with the last error instead of
+    /// being redelivered forever. Default: 100. Since 0.1. Neither a store that is
+    /// unavailable nor version skew (a definition version or data schema this build
+    /// lacks, `Disposition::Defer`) counts: such a reply waits, with backoff, for as long
+    /// as the outage or the deploy lasts.
     pub max_deliveries: u32,
     /// How long a claim on a due wake-up or on outbox rows holds, and how long a writer
     /// keeps its own outbox rows before a relay may publish them. After a crash, what
@@ -1031,7 +1035,10 @@ async fn settle_delivery(
         // Version skew: a newer (or older) build beside this one must apply it. Never
         // counted against max_deliveries, never dead-lettered.
         Disposition::Defer => {
-            RuntimeStats::incr(&shared.stats.deferred);
+            // (The actor counted a deferral for data too new already.)
+            if !matches!(e, RuntimeError::DataTooNew(_)) {
+                RuntimeStats::incr(&shared.stats.deferred);
+            }
             let delay = backoff(shared.options.redelivery_delay, delivery_count);
             debug!(saga.id = %saga_id, error = %e, delay_ms = delay.as_millis() as u64, "{what} deferred to another build");
             settle(acker.nak(delay).await)

@@ -268,7 +268,7 @@ async def consumer(js):
 async def serve(js, participant, msg):
     h = msg.headers or {}
     reply_to = h.get("Skald-Reply-To")
-    if not reply_to or any(k not in h for k in ECHO):
+    if not reply_to or any(k not in h for k in ECHO if k != "Skald-Reply-Token"):
         log("no reply possible for a command on %s; terminated" % msg.subject)
         await msg.term()
         return

@@ -138,7 +138,9 @@ pub struct RuntimeStats {
     pub relayed: AtomicU64,
     /// Wake-ups claimed by the sweep (sagas not in memory, or in another process).
     pub wakeups_claimed: AtomicU64,
-    /// Inputs left to another build: the saga's data was written by a newer one.
+    /// Inputs left to another build (version skew: the saga's data was written by a
+    /// newer one, or its definition version is not registered here), and replies of a
+    /// saga type this process does not run.
     pub deferred: AtomicU64,
 }
 
