@@ -138,7 +138,12 @@ impl Shop {
             .store(Arc::clone(&self.store))
             .bus(Arc::clone(&self.bus))
             .register(def)
-            .options(options());
+            .reply_keys(test_reply_keys())
+            .options(skald::RuntimeOptions {
+                max_deliveries: 2,
+                redelivery_delay: Duration::from_millis(10),
+                ..options()
+            });
         let b = if with_upcasters {
             b.upcasters(chain())
         } else {
@@ -448,6 +453,72 @@ async fn data_written_by_a_newer_build_is_left_to_it_not_dead_lettered() {
     );
     old.shutdown().await;
     // The v3 build takes it from there.
+    shop.open.store(true, Ordering::SeqCst);
+    let rt = shop.runtime(&v3, true).await;
+    shop.wait(id, "completed", |s| s.state.status == SagaStatus::Completed)
+        .await;
+    rt.shutdown().await;
+}
+
+/// A reply the running build cannot apply (the saga's data was written by a newer
+/// build) is deferred for as long as it takes: delivered well past `max_deliveries`
+/// (2 here), it is never dead-lettered, and the newer build finishes the saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_a_build_cannot_apply_is_deferred_past_max_deliveries_never_poisoned() {
+    let shop = Shop::new().await;
+    let (v1, v3) = (definition(1), definition(3));
+    let rt = shop.runtime(&v3, true).await;
+    let id = rt
+        .start_saga(
+            &v3,
+            &json!({ "order": "o-7", "amount": { "cents": 5, "currency": "EUR" } }),
+        )
+        .await
+        .expect("start");
+    shop.wait(id, "waiting on the charge", |s| {
+        s.state.pending.is_some_and(|p| p.step == 1)
+    })
+    .await;
+    rt.shutdown().await;
+    let old = shop.runtime(&v1, false).await;
+    // The bank's answer to the charge, as the bank would publish it, reaches the old
+    // build only.
+    let saga = shop.store.load(id).await.expect("load").expect("stored");
+    let attempt = saga.state.pending.expect("pending").attempt;
+    let mut h = skald::ports::Headers::new();
+    h.insert(skald::wire::H_SAGA_ID, id.to_string());
+    h.insert(skald::wire::H_SAGA_TYPE, "shop");
+    h.insert(skald::wire::H_STEP, "charge");
+    h.insert(skald::wire::H_KIND, "action");
+    h.insert(skald::wire::H_ATTEMPT, attempt.to_string());
+    h.insert(
+        skald::wire::H_IDEMPOTENCY_KEY,
+        format!("{id}:charge:action"),
+    );
+    h.insert(skald::wire::H_OUTCOME, "success");
+    let reply = as_reply_of(
+        "shop",
+        skald::ports::Message {
+            subject: String::new(),
+            headers: h,
+            payload: b"{}".to_vec().into(),
+        },
+    );
+    shop.bus.publish(reply).await.expect("publish");
+    wait_until("the reply deferred past max_deliveries", || async {
+        (old.stats().deferred.load(Ordering::SeqCst) >= 6).then_some(())
+    })
+    .await;
+    assert_eq!(old.stats().poison.load(Ordering::SeqCst), 0);
+    let dead = shop
+        .store
+        .dead_letters(false, 10)
+        .await
+        .expect("dead letters");
+    assert!(dead.is_empty(), "{dead:#?}");
+    let after = shop.store.load(id).await.expect("load").expect("stored");
+    assert_eq!(after.version, saga.version, "the old build changed nothing");
+    old.shutdown().await;
     shop.open.store(true, Ordering::SeqCst);
     let rt = shop.runtime(&v3, true).await;
     shop.wait(id, "completed", |s| s.state.status == SagaStatus::Completed)

@@ -583,6 +583,19 @@ impl Reply {
     }
 }
 
+/// The longest failure code kept from a reply (bytes); longer ones are cut.
+pub const MAX_ERROR_CODE: usize = 128;
+/// The longest failure message kept from a reply (bytes); longer ones are cut, with `…`.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+fn cap_string(s: &mut String, max: usize) {
+    if s.len() > max {
+        let keep = crate::ports::cap(s, max.saturating_sub(3)).len();
+        s.truncate(keep);
+        s.push('…');
+    }
+}
+
 /// Why a message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {what}: {reason}")]
@@ -676,10 +689,14 @@ pub fn decode_reply(m: &Message) -> Result<Reply, WireError> {
     let outcome = match header(m, WHAT, H_OUTCOME)? {
         "success" => Outcome::Success(body),
         kind @ ("failure" | "retryable") => {
-            let error: StepError = serde_json::from_value(body).map_err(|e| WireError {
+            let mut error: StepError = serde_json::from_value(body).map_err(|e| WireError {
                 what: WHAT,
                 reason: format!("failure body must be {{\"code\":..,\"message\":..}}: {e}"),
             })?;
+            // The error is kept in the saga's state, journal and dead letter (and its
+            // announcement on the bus): a participant's essay is cut short.
+            cap_string(&mut error.code, MAX_ERROR_CODE);
+            cap_string(&mut error.message, MAX_ERROR_MESSAGE);
             if kind == "failure" {
                 Outcome::Failure(error)
             } else {
@@ -1002,6 +1019,19 @@ mod tests {
         m.headers.insert(H_OPERATOR_ACTION, "explode");
         let e = decode_operator_request(&m).expect_err("unknown action");
         assert!(e.reason.contains("explode"), "{e}");
+    }
+
+    #[test]
+    fn long_failure_texts_are_cut() {
+        let incoming = decode_command(&encode_command(&command()).expect("encode")).expect("ok");
+        let essay = StepError::new("c".repeat(1000), "é".repeat(10_000));
+        let reply = decode_reply(&encode_reply(&incoming, &Outcome::Failure(essay)))
+            .expect("a failure decodes");
+        let Outcome::Failure(e) = reply.outcome else {
+            panic!("a failure")
+        };
+        assert!(e.code.len() <= MAX_ERROR_CODE && e.code.ends_with('…'));
+        assert!(e.message.len() <= MAX_ERROR_MESSAGE && e.message.ends_with('…'));
     }
 
     #[test]

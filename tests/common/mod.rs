@@ -389,7 +389,8 @@ pub fn as_reply_of(service: &str, mut m: skald::ports::Message) -> skald::ports:
             idempotency_key: field(skald::wire::H_IDEMPOTENCY_KEY)?,
         })
     })();
-    m.subject = format!("skald.reply.{service}.checkout.0");
+    let ty = field(skald::wire::H_SAGA_TYPE).unwrap_or_else(|| "checkout".into());
+    m.subject = format!("skald.reply.{service}.{ty}.0");
     if let Some(env) = env {
         m.headers
             .insert(skald::wire::H_REPLY_TOKEN, test_reply_keys().token(&env));
