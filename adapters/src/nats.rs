@@ -98,6 +98,11 @@ pub struct NatsOptions {
     pub root_certificates: Option<PathBuf>,
     /// Client certificate and key (PEM) for mutual TLS.
     pub client_certificate: Option<(PathBuf, PathBuf)>,
+    /// The prefix of this client's response subjects (default `_INBOX`). Give each
+    /// principal its own (`_INBOX_<user>`) and permit it only that one's responses:
+    /// otherwise anyone allowed `_INBOX.>` can read the JetStream API answers (and so
+    /// the pulled messages) of every other client. Since 0.4.
+    pub inbox_prefix: Option<String>,
     /// How long one connection attempt may take. Default 5 s.
     pub connect_timeout: Duration,
     /// At start-up, keep trying to connect for this long (with visible retries) instead
@@ -124,6 +129,7 @@ impl NatsOptions {
             require_tls: false,
             root_certificates: None,
             client_certificate: None,
+            inbox_prefix: None,
             connect_timeout: Duration::from_secs(5),
             wait_for_server: None,
             streams: StreamOptions::default(),
@@ -152,6 +158,7 @@ impl std::fmt::Debug for NatsOptions {
             .field("require_tls", &self.require_tls)
             .field("root_certificates", &self.root_certificates)
             .field("client_certificate", &self.client_certificate)
+            .field("inbox_prefix", &self.inbox_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("wait_for_server", &self.wait_for_server)
             .field("streams", &self.streams)
@@ -250,6 +257,9 @@ impl NatsBus {
         }
         if let Some((cert, key)) = &options.client_certificate {
             connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        if let Some(prefix) = &options.inbox_prefix {
+            connect = connect.custom_inbox_prefix(prefix.as_str());
         }
         let client = match options.wait_for_server {
             None => connect.connect(dial.as_str()).await.map_err(|e| {
@@ -489,7 +499,18 @@ impl Bus for NatsBus {
         let name = consumer_name(group);
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subjects: subjects.to_vec(),
+            // One subject goes in `filter_subject`, so the consumer-create API subject
+            // names it (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`): a NATS
+            // permission can then let a service create its durable on its own commands
+            // only (docs/security.md).
+            filter_subject: match subjects {
+                [one] => one.clone(),
+                _ => String::new(),
+            },
+            filter_subjects: match subjects {
+                [_] => Vec::new(),
+                many => many.to_vec(),
+            },
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.options.ack_wait,
             max_deliver: -1,

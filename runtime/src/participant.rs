@@ -97,6 +97,9 @@ pub struct ParticipantOptions {
     /// without calling the handler (skald has stopped waiting for that attempt and sends
     /// another); with a fence, that answer is remembered for the attempt.
     pub clock: Option<Arc<dyn Clock>>,
+    /// Size limits on a command, checked before it is decoded; one past them is
+    /// terminated (it is not skald's). Default: [`wire::InboundLimits::default`].
+    pub limits: wire::InboundLimits,
 }
 
 /// See [`ParticipantOptions::hold_reply`].
@@ -110,6 +113,7 @@ impl std::fmt::Debug for ParticipantOptions {
             .field("accept_versions", &self.accept_versions)
             .field("hold_reply", &self.hold_reply.is_some())
             .field("clock", &self.clock)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -178,6 +182,7 @@ where
         hold_reply: options.hold_reply,
         clock: options.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         metrics: crate::metrics::ParticipantMetrics::new(group),
+        limits: options.limits,
     });
     let task = tokio::spawn(async move {
         while let Some(delivery) = sub.next().await {
@@ -228,6 +233,7 @@ struct Setup {
     hold_reply: Option<HoldReply>,
     clock: Arc<dyn Clock>,
     metrics: crate::metrics::ParticipantMetrics,
+    limits: wire::InboundLimits,
 }
 
 async fn handle<H, F>(
@@ -242,6 +248,12 @@ async fn handle<H, F>(
 {
     let received = std::time::Instant::now();
     let (message, _, acker) = delivery.into_parts();
+    // Past the limits (skald's own commands are far below them): nothing is decoded.
+    if let Err(reason) = setup.limits.check(&message) {
+        warn!(subject = %message.subject, reason, "oversized command terminated");
+        settle(acker.term(&reason).await);
+        return;
+    }
     let command = match wire::decode_command(&message) {
         Ok(c) => c,
         Err(e) => {
@@ -642,6 +654,40 @@ mod tests {
     #[derive(serde::Deserialize)]
     struct Amount {
         cents: u64,
+    }
+
+    #[tokio::test]
+    async fn oversized_commands_are_terminated_without_calling_the_handler() {
+        let bus = Arc::new(Scripted::default());
+        let mut many = command("k1", 1, serde_json::json!({}));
+        for i in 0..100 {
+            many.headers.append(format!("X-{i}"), "v");
+        }
+        let mut long = command("k2", 1, serde_json::json!({}));
+        long.headers.insert("X-Long", "v".repeat(5000));
+        let big = command("k3", 1, serde_json::json!({ "pad": "x".repeat(2 << 20) }));
+        let fine = command("k4", 1, serde_json::json!({}));
+        *bus.commands.lock().expect("lock") = vec![many, long, big, fine];
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let _handle = serve(bus.clone(), "skald.cmd.svc.>", "svc", 1, move |_cmd| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Outcome::Success(serde_json::json!({})) }
+        })
+        .await
+        .expect("serve");
+        let settled = Arc::clone(&bus.settled);
+        let outcomes = wait_for(|| {
+            let s = settled.lock().expect("lock").clone();
+            (s.len() == 4).then_some(s)
+        })
+        .await;
+        assert_eq!(outcomes, vec!["term", "term", "term", "ack"]);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "only the command within the limits"
+        );
     }
 
     #[tokio::test]

@@ -777,33 +777,12 @@ fn message_size(m: &Message) -> usize {
 
 /// Refuses a message past the configured limits, with the reason.
 fn check_limits(o: &RuntimeOptions, m: &Message) -> Result<(), String> {
-    if m.headers.len() > o.max_headers {
-        return Err(format!(
-            "oversized message: {} headers; at most {} are accepted",
-            m.headers.len(),
-            o.max_headers
-        ));
+    wire::InboundLimits {
+        max_headers: o.max_headers,
+        max_header_bytes: o.max_header_bytes,
+        max_message_bytes: o.max_message_bytes,
     }
-    if let Some((name, value)) = m
-        .headers
-        .iter()
-        .find(|(n, v)| n.len() + v.len() > o.max_header_bytes)
-    {
-        return Err(format!(
-            "oversized message: header {:?} has {} bytes; at most {} are accepted",
-            crate::ports::cap(name, 64),
-            name.len() + value.len(),
-            o.max_header_bytes
-        ));
-    }
-    if m.payload.len() > o.max_message_bytes {
-        return Err(format!(
-            "oversized message: a body of {} bytes; at most {} are accepted",
-            m.payload.len(),
-            o.max_message_bytes
-        ));
-    }
-    Ok(())
+    .check(m)
 }
 
 /// Waits for `n` permits of `limit`, telling the broker every [`PROGRESS_EVERY`] that

@@ -583,6 +583,61 @@ impl Reply {
     }
 }
 
+/// Size limits on an inbound message (a reply, an operator request, a command at a
+/// participant), checked before it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimits {
+    /// Most headers. Default 64.
+    pub max_headers: usize,
+    /// Most bytes of one header's name and value. Default 4096.
+    pub max_header_bytes: usize,
+    /// Most body bytes. Default 1 MiB (the broker's default max payload).
+    pub max_message_bytes: usize,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            max_headers: 64,
+            max_header_bytes: 4096,
+            max_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl InboundLimits {
+    /// Why `m` is past the limits (the reason starts with `oversized message:`).
+    pub fn check(&self, m: &Message) -> Result<(), String> {
+        if m.headers.len() > self.max_headers {
+            return Err(format!(
+                "oversized message: {} headers; at most {} are accepted",
+                m.headers.len(),
+                self.max_headers
+            ));
+        }
+        if let Some((name, value)) = m
+            .headers
+            .iter()
+            .find(|(n, v)| n.len() + v.len() > self.max_header_bytes)
+        {
+            return Err(format!(
+                "oversized message: header {:?} has {} bytes; at most {} are accepted",
+                crate::ports::cap(name, 64),
+                name.len() + value.len(),
+                self.max_header_bytes
+            ));
+        }
+        if m.payload.len() > self.max_message_bytes {
+            return Err(format!(
+                "oversized message: a body of {} bytes; at most {} are accepted",
+                m.payload.len(),
+                self.max_message_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The longest failure code kept from a reply (bytes); longer ones are cut.
 pub const MAX_ERROR_CODE: usize = 128;
 /// The longest failure message kept from a reply (bytes); longer ones are cut, with `…`.
