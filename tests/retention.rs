@@ -200,6 +200,27 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
     })
     .await;
 
+    // Poison records: one of no saga (swept with the old sagas), one of a saga that
+    // still exists (kept).
+    let poison = |saga_id: Option<skald::ids::SagaId>| skald::ports::DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: skald::ports::DeadLetterCategory::Poison,
+        saga_id,
+        saga_type: Some("checkout".into()),
+        step: None,
+        kind: None,
+        reason: "forged reply: no token".into(),
+        attempts: 1,
+        message: None,
+        at: clock.now(),
+        resolved_at: None,
+    };
+    let orphan = poison(None);
+    let of_running = poison(Some(old_running));
+    for r in [&orphan, &of_running] {
+        store.record_poison(r, &[]).await.expect("record poison");
+    }
+
     // An hour and a minute later: one more completes, recently.
     clock.advance(retention + Duration::from_secs(60));
     let recent = runtime
@@ -232,6 +253,23 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
         assert_eq!(s.state.status, want);
         assert!(!store.journal(id).await.expect("journal").is_empty());
     }
+    // The poison record of no saga is gone (counted), the one of a live saga kept.
+    assert_eq!(swept.deleted.dead_letters, 1, "{swept:?}");
+    assert!(
+        sqlite
+            .dead_letters_of(orphan.id)
+            .await
+            .expect("dl")
+            .is_empty()
+    );
+    assert_eq!(
+        sqlite
+            .dead_letters_of(of_running.id)
+            .await
+            .expect("dl")
+            .len(),
+        1
+    );
     // The dead-lettered saga's dead letter is kept with it.
     assert_eq!(
         sqlite

@@ -793,3 +793,219 @@ async fn operator_queries_and_retention_on_every_store() {
         .expect("postgres");
     queries_and_retention(&pg).await;
 }
+
+/// `shared_secret` on `a` and `b` (two handles on one store, as two processes have):
+/// two concurrent first calls with different candidates get one value, the one stored;
+/// later calls get it too whatever they offer; names are independent; an empty
+/// candidate is refused.
+async fn shared_secret_on(a: &dyn SagaStore, b: &dyn SagaStore) {
+    for round in 0..8u8 {
+        let name = format!("race-{round}");
+        let (first, second) = ([round, 1, 1, 1].to_vec(), [round, 2, 2, 2, 2].to_vec());
+        let (x, y) = tokio::join!(
+            a.shared_secret(&name, &first),
+            b.shared_secret(&name, &second),
+        );
+        let (x, y) = (x.expect("first"), y.expect("second"));
+        assert_eq!(x, y, "two racing callers agree");
+        assert!(
+            x == [round, 1, 1, 1] || x == [round, 2, 2, 2, 2],
+            "the value is one of the candidates: {x:?}"
+        );
+        for store in [a, b] {
+            assert_eq!(
+                store.shared_secret(&name, b"another").await.expect("later"),
+                x,
+                "a later caller reads the stored value"
+            );
+        }
+    }
+    // Any bytes, kept exactly.
+    let all: Vec<u8> = (0..=255u8).collect();
+    assert_eq!(
+        a.shared_secret("reply-token", &all).await.expect("store"),
+        all
+    );
+    assert_eq!(
+        b.shared_secret("reply-token", &[9; 32])
+            .await
+            .expect("read"),
+        all
+    );
+    assert_eq!(
+        b.shared_secret("other", &[7; 32]).await.expect("other"),
+        vec![7; 32]
+    );
+    assert!(a.shared_secret("empty", &[]).await.is_err());
+    assert_eq!(
+        a.shared_secret("empty", &[1]).await.expect("non-empty"),
+        vec![1],
+        "a refused empty candidate stored nothing"
+    );
+}
+
+#[tokio::test]
+async fn shared_secrets_agree_on_every_store() {
+    let memory = skald::adapters::memory::MemoryStore::new();
+    shared_secret_on(&memory, &memory.clone()).await;
+
+    let dir = TempDir::new();
+    let one = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite");
+    let two = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite, second handle");
+    shared_secret_on(&one, &two).await;
+
+    let db = PgDatabase::create().await;
+    let one = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres");
+    let two = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres, second handle");
+    shared_secret_on(&one, &two).await;
+}
+
+/// Many processes starting at once against one PostgreSQL database: every one of them
+/// ends up with the same secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_shared_secret_under_a_crowd() {
+    let db = PgDatabase::create().await;
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(std::sync::Arc::new(
+            skald::adapters::postgres::PostgresStore::connect(&db.url())
+                .await
+                .expect("postgres"),
+        ));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..32u8 {
+        let store = std::sync::Arc::clone(&stores[usize::from(i) % stores.len()]);
+        tasks.push(tokio::spawn(async move {
+            store.shared_secret("reply-token", &[i; 32]).await
+        }));
+    }
+    let mut values = std::collections::BTreeSet::new();
+    for t in tasks {
+        values.insert(t.await.expect("task").expect("secret"));
+    }
+    assert_eq!(values.len(), 1, "{values:?}");
+}
+
+/// Retention of poison records: `purge_finished` deletes the poison dead letters of no
+/// saga, or of a saga that no longer exists, recorded before the cut-off, oldest first
+/// and at most `limit` a call, counting them in `dead_letters`; it keeps recent ones,
+/// those of sagas that still exist, and saga dead letters.
+async fn poison_retention(store: &dyn skald::ports::SagaQueries) {
+    let def = definition("alpha", 1);
+    let running = started(&def, 1_000);
+    let done = started(&def, 1_100);
+    for s in [&running, &done] {
+        assert_eq!(
+            store
+                .commit(&[write(s, 0, "transition")], &[])
+                .await
+                .expect("create"),
+            vec![WriteOutcome::Committed { version: 1 }]
+        );
+    }
+    let mut finished = done.clone();
+    finished.status = SagaStatus::Completed;
+    finished.pending = None;
+    finished.updated_at = Timestamp(5_000);
+    assert_eq!(
+        store
+            .commit(&[write(&finished, 1, "transition")], &[])
+            .await
+            .expect("finish"),
+        vec![WriteOutcome::Committed { version: 2 }]
+    );
+    let record = |category: DeadLetterCategory, saga: Option<SagaId>, at: u64| DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category,
+        saga_id: saga,
+        saga_type: Some("alpha".into()),
+        step: None,
+        kind: None,
+        reason: format!("poison at {at}"),
+        attempts: 1,
+        message: Some(Message::to_record(&Message {
+            subject: "skald.reply.x.alpha.0".into(),
+            headers: Headers::new(),
+            payload: bytes::Bytes::from_static(b"\xff not json"),
+        })),
+        at: Timestamp(at),
+        resolved_at: None,
+    };
+    use DeadLetterCategory::{Poison, Saga};
+    let no_saga_old = record(Poison, None, 1_000);
+    let gone_saga_old = record(Poison, Some(SagaId::new()), 2_000);
+    let no_saga_older = record(Poison, None, 900);
+    let no_saga_recent = record(Poison, None, 20_000);
+    let of_running = record(Poison, Some(running.id), 1_500);
+    let of_done = record(Poison, Some(done.id), 1_200);
+    let saga_category = record(Saga, None, 800);
+    for r in [
+        &no_saga_old,
+        &gone_saga_old,
+        &no_saga_older,
+        &no_saga_recent,
+        &of_running,
+        &of_done,
+        &saga_category,
+    ] {
+        store.record_poison(r, &[]).await.expect("record");
+    }
+    let ids = |v: Vec<DeadLetterRecord>| {
+        let mut ids: Vec<uuid::Uuid> = v.into_iter().map(|r| r.id).collect();
+        ids.sort();
+        ids
+    };
+    // Batch of 1: the finished saga (its poison record with it) and the oldest orphan.
+    let first = store
+        .purge_finished(Timestamp(10_000), 1)
+        .await
+        .expect("purge");
+    assert_eq!((first.sagas, first.dead_letters), (1, 2), "{first:?}");
+    let left = ids(store.dead_letters(false, 100).await.expect("dl"));
+    assert!(!left.contains(&of_done.id) && !left.contains(&no_saga_older.id));
+    // The rest of the old orphans.
+    let second = store
+        .purge_finished(Timestamp(10_000), 100)
+        .await
+        .expect("purge");
+    assert_eq!((second.sagas, second.dead_letters), (0, 2), "{second:?}");
+    let third = store
+        .purge_finished(Timestamp(10_000), 100)
+        .await
+        .expect("purge");
+    assert_eq!(third, skald::ports::PurgeReport::default());
+    let mut kept = vec![no_saga_recent.id, of_running.id, saga_category.id];
+    kept.sort();
+    assert_eq!(ids(store.dead_letters(false, 100).await.expect("dl")), kept);
+    assert!(store.load(running.id).await.expect("load").is_some());
+    // Once the cut-off passes it, the recent one goes too.
+    let later = store
+        .purge_finished(Timestamp(30_000), 100)
+        .await
+        .expect("purge");
+    assert_eq!(later.dead_letters, 1, "{later:?}");
+}
+
+#[tokio::test]
+async fn poison_records_of_no_saga_are_purged_on_every_store() {
+    poison_retention(&skald::adapters::memory::MemoryStore::new()).await;
+    let dir = TempDir::new();
+    let sqlite = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite");
+    poison_retention(&sqlite).await;
+    let db = PgDatabase::create().await;
+    let pg = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres");
+    poison_retention(&pg).await;
+}

@@ -817,7 +817,9 @@ impl SagaStore for PostgresStore {
         max: usize,
     ) -> Result<PurgeReport, StoreError> {
         // One statement: the batch (locked, skipping rows a writer holds), then its
-        // journal, dead letters and rows.
+        // journal, dead letters and rows; and as many poison records of no saga (or of
+        // one deleted before: all the statement's parts see one snapshot, so none of
+        // the batch's) recorded before `before`.
         let row = sqlx::query(
             "WITH batch AS ( \
                  SELECT id FROM saga_instances \
@@ -825,9 +827,14 @@ impl SagaStore for PostgresStore {
                  ORDER BY updated_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED), \
              j AS (DELETE FROM saga_journal WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
              d AS (DELETE FROM dead_letters WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
-             s AS (DELETE FROM saga_instances WHERE id IN (SELECT id FROM batch) RETURNING 1) \
+             s AS (DELETE FROM saga_instances WHERE id IN (SELECT id FROM batch) RETURNING 1), \
+             p AS (DELETE FROM dead_letters WHERE id IN ( \
+                 SELECT d.id FROM dead_letters AS d WHERE d.category = 'poison' \
+                 AND d.created_at_ms < $1 AND (d.saga_id IS NULL OR NOT EXISTS \
+                   (SELECT 1 FROM saga_instances AS i WHERE i.id = d.saga_id)) \
+                 ORDER BY d.created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
              SELECT (SELECT COUNT(*) FROM s) AS sagas, (SELECT COUNT(*) FROM j) AS journal, \
-                    (SELECT COUNT(*) FROM d) AS dead",
+                    (SELECT COUNT(*) FROM d) + (SELECT COUNT(*) FROM p) AS dead",
         )
         .bind(ms(before))
         .bind(limit(max))
@@ -871,6 +878,29 @@ impl SagaStore for PostgresStore {
         .await
         .map_err(store_error)?;
         Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        crate::sql::check_candidate(name, candidate)?;
+        // Two statements: a concurrent insert makes ours wait, then do nothing, and only
+        // a later statement's snapshot sees the row it committed.
+        sqlx::query(
+            "INSERT INTO skald_secrets (name, value, created_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .bind(crate::sql::now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM skald_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        stored.ok_or_else(|| corrupt("shared secret", format!("{name:?} vanished once stored")))
     }
 
     async fn record_poison(

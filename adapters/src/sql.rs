@@ -21,6 +21,24 @@ pub(crate) fn ts(ms: i64) -> Timestamp {
     Timestamp(u64::try_from(ms).unwrap_or(0))
 }
 
+/// The time now, in milliseconds since the Unix epoch (when a secret was stored).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Refuses an empty candidate secret: a key anyone knows (the empty one) must never be
+/// what every process agrees on.
+pub(crate) fn check_candidate(name: &str, candidate: &[u8]) -> Result<(), StoreError> {
+    if candidate.is_empty() {
+        return Err(StoreError::Other(format!(
+            "the candidate for the shared secret {name:?} is empty"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn parse_id(s: &str) -> Result<SagaId, StoreError> {
     s.parse().map_err(|e| corrupt("saga id", e))
 }

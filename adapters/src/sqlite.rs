@@ -914,6 +914,20 @@ impl SagaStore for SqliteStore {
                 .await
                 .map_err(store_error)?;
         }
+        // Poison records of no saga (or of one deleted since), as old: bounded alike.
+        report.dead_letters += sqlx::query(
+            "DELETE FROM dead_letters WHERE id IN ( \
+               SELECT id FROM dead_letters AS d WHERE d.category = 'poison' \
+               AND d.created_at_ms < ? AND (d.saga_id IS NULL OR NOT EXISTS \
+                 (SELECT 1 FROM saga_instances AS s WHERE s.id = d.saga_id)) \
+               ORDER BY d.created_at_ms LIMIT ?)",
+        )
+        .bind(ms(before))
+        .bind(limit(max))
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
         sqlx::query("DELETE FROM skald_purge")
             .execute(&mut *tx)
             .await
@@ -948,6 +962,29 @@ impl SagaStore for SqliteStore {
         .await
         .map_err(store_error)?;
         Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        crate::sql::check_candidate(name, candidate)?;
+        // Insert-if-absent, then read: whoever inserted first, every caller reads the
+        // one stored value (a row is never updated).
+        sqlx::query(
+            "INSERT INTO skald_secrets (name, value, created_at_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .bind(crate::sql::now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM skald_secrets WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        stored.ok_or_else(|| corrupt("shared secret", format!("{name:?} vanished once stored")))
     }
 
     async fn record_poison(

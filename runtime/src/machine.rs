@@ -197,9 +197,12 @@ fn is_false(b: &bool) -> bool {
 }
 
 impl Pending {
-    /// Attempts made in the current retry budget, the one in flight included.
+    /// Attempts made in the current retry budget, the one in flight included (at least
+    /// 1; saturating, so counters read from a damaged row never overflow).
     pub fn attempts_used(&self) -> u32 {
-        self.attempt - self.first_attempt + 1
+        self.attempt
+            .saturating_sub(self.first_attempt)
+            .saturating_add(1)
     }
 }
 
@@ -317,7 +320,8 @@ impl SagaState {
     /// Steps `0..bound` may have taken effect: the completed ones, and the in-doubt one
     /// when compensation began around it.
     pub fn compensation_bound(&self) -> usize {
-        self.completed + usize::from(self.in_doubt.is_some())
+        self.completed
+            .saturating_add(usize::from(self.in_doubt.is_some()))
     }
 
     /// When the saga next needs a wake-up (a reply deadline or a retry), if ever.
@@ -667,6 +671,41 @@ pub enum TransitionError {
     /// built from it).
     #[error("data error: {0}")]
     Data(#[from] DataError),
+    /// The stored state names a step the definition it runs under does not have: the
+    /// definition was edited in place to fewer steps (instead of getting a new version
+    /// while its sagas finish), or the row is damaged. No input can apply: the saga
+    /// needs an operator (register the definition it started on again).
+    #[error(
+        "the stored saga's {field} is {index}, out of range: definition {saga_type} \
+         v{version} has {steps} step(s) (was it edited in place instead of getting a new \
+         version?)"
+    )]
+    StepOutOfRange {
+        /// The saga type.
+        saga_type: SagaType,
+        /// The definition version the saga runs under.
+        version: u32,
+        /// Which stored index (`pending.step`, `completed`, `in_doubt`,
+        /// `dead_letter.step`).
+        field: &'static str,
+        /// Its value.
+        index: usize,
+        /// How many steps the definition has.
+        steps: usize,
+    },
+    /// The stored state's attempt counters are ones no transition produces (an attempt
+    /// 0, a budget opened after the attempt in flight, a counter at its maximum that
+    /// cannot count one more): the row is damaged. No input can apply.
+    #[error("the stored saga's {field} is {value}: {reason}")]
+    CorruptCounter {
+        /// Which stored counter (`pending.attempt`, `pending.first_attempt`,
+        /// `dead_letter.last_attempt`).
+        field: &'static str,
+        /// Its value.
+        value: u32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl TransitionError {
@@ -683,15 +722,99 @@ impl TransitionError {
     }
 
     /// Inputs that can never apply (an unknown step, a command payload the saga data
-    /// cannot build): poison messages to dead-letter with the reason. (A success whose
-    /// output does not decode is not poison: the step took effect, so the machine
-    /// dead-letters the saga instead.)
+    /// cannot build, a stored state that does not fit its definition): poison messages
+    /// to dead-letter with the reason. (A success whose output does not decode is not
+    /// poison: the step took effect, so the machine dead-letters the saga instead.)
     pub fn is_poison(&self) -> bool {
         matches!(
             self,
-            TransitionError::UnknownStep { .. } | TransitionError::Data(_)
+            TransitionError::UnknownStep { .. }
+                | TransitionError::Data(_)
+                | TransitionError::StepOutOfRange { .. }
+                | TransitionError::CorruptCounter { .. }
         )
     }
+
+    /// Whether the stored state itself is unusable under its definition (every input
+    /// is refused alike until an operator acts), rather than the input.
+    pub fn is_corrupt_state(&self) -> bool {
+        matches!(
+            self,
+            TransitionError::StepOutOfRange { .. } | TransitionError::CorruptCounter { .. }
+        )
+    }
+}
+
+/// Checks that a stored (non-terminal) state fits `definition`: every step index it
+/// holds names a step of it, and its attempt counters are ones a transition produces.
+/// The machine indexes the definition's steps by these and counts attempts on from
+/// them, so a row that does not fit (a definition edited in place to fewer steps, a
+/// damaged row) is refused with a typed error here, never a panic further on.
+pub fn check_state(definition: &Definition, state: &SagaState) -> Result<(), TransitionError> {
+    let steps = definition.steps().len();
+    let out_of_range = |field: &'static str, index: usize| TransitionError::StepOutOfRange {
+        saga_type: definition.saga_type().clone(),
+        version: definition.version(),
+        field,
+        index,
+        steps,
+    };
+    let corrupt =
+        |field: &'static str, value: u32, reason: &'static str| TransitionError::CorruptCounter {
+            field,
+            value,
+            reason,
+        };
+    if state.completed > steps {
+        return Err(out_of_range("completed", state.completed));
+    }
+    if let Some(p) = state.pending {
+        if p.step >= steps {
+            return Err(out_of_range("pending.step", p.step));
+        }
+        if p.attempt == 0 {
+            return Err(corrupt(
+                "pending.attempt",
+                p.attempt,
+                "attempts are numbered from 1",
+            ));
+        }
+        if p.attempt == u32::MAX {
+            return Err(corrupt(
+                "pending.attempt",
+                p.attempt,
+                "no further attempt can be numbered",
+            ));
+        }
+        if p.first_attempt == 0 || p.first_attempt > p.attempt {
+            return Err(corrupt(
+                "pending.first_attempt",
+                p.first_attempt,
+                "a retry budget opens at an attempt from 1 to the one in flight",
+            ));
+        }
+    }
+    if let Some(i) = state.in_doubt
+        && i >= steps
+    {
+        return Err(out_of_range("in_doubt", i));
+    }
+    if state.compensation_bound() > steps {
+        return Err(out_of_range("completed", state.completed));
+    }
+    if let Some(dl) = &state.dead_letter {
+        if dl.step >= steps {
+            return Err(out_of_range("dead_letter.step", dl.step));
+        }
+        if dl.last_attempt == u32::MAX {
+            return Err(corrupt(
+                "dead_letter.last_attempt",
+                dl.last_attempt,
+                "a re-drive cannot number its attempt",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The result of a transition: the new state and what to do about it.
@@ -712,6 +835,7 @@ pub fn transition(
             status: state.status,
         });
     }
+    check_state(definition, state)?;
     let mut m = Machine {
         def: definition,
         state: state.clone(),
@@ -773,8 +897,15 @@ impl Machine<'_> {
     }
 
     fn step_def(&self, index: usize) -> &StepDefinition {
-        // `pending.step` and `completed` only ever hold indexes of this definition.
-        &self.def.steps()[index]
+        // Every index the machine uses is one `check_state` verified against this
+        // definition, one it resolved by name, or one below those; the fallback (the
+        // last step: a definition is never empty) is unreachable and only keeps a
+        // mistake from turning into a panic.
+        let steps = self.def.steps();
+        match steps.get(index).or(steps.last()) {
+            Some(step) => step,
+            None => unreachable!("a definition has at least one step"),
+        }
     }
 
     fn not_allowed(&self, input: &'static str) -> TransitionError {
@@ -828,7 +959,11 @@ impl Machine<'_> {
                     step: dl.step,
                     kind: dl.kind,
                     attempt,
-                    first_attempt: (dl.last_attempt + 1).saturating_sub(dl.attempts).max(1),
+                    first_attempt: dl
+                        .last_attempt
+                        .saturating_add(1)
+                        .saturating_sub(dl.attempts)
+                        .max(1),
                     phase: Phase::AwaitingReply { deadline: self.now },
                     in_doubt: true,
                 });
@@ -1113,7 +1248,7 @@ impl Machine<'_> {
             });
             self.event(
                 EventKind::RetryScheduled,
-                Some((p.step, p.kind, p.attempt + 1)),
+                Some((p.step, p.kind, p.attempt.saturating_add(1))),
                 None,
             );
             self.effects.push(Effect::ScheduleWakeup { at: due });
@@ -1129,7 +1264,14 @@ impl Machine<'_> {
     }
 
     fn on_retry_due(&mut self, p: Pending) -> Result<(), TransitionError> {
-        self.send(p.step, p.kind, p.attempt + 1, p.first_attempt, p.in_doubt)
+        // (`check_state` refused an attempt in flight with no successor.)
+        self.send(
+            p.step,
+            p.kind,
+            p.attempt.saturating_add(1),
+            p.first_attempt,
+            p.in_doubt,
+        )
     }
 
     /// Begins compensating: every completed step with a compensation, and `in_doubt`
@@ -1287,13 +1429,10 @@ impl Machine<'_> {
             }
             CommandKind::Compensation => SagaStatus::Compensating,
         };
-        self.state.redrives += 1;
-        self.event(
-            EventKind::Redriven,
-            Some((dl.step, dl.kind, dl.last_attempt + 1)),
-            None,
-        );
-        let first = dl.last_attempt + 1;
+        self.state.redrives = self.state.redrives.saturating_add(1);
+        // (`check_state` refused a `last_attempt` with no successor.)
+        let first = dl.last_attempt.saturating_add(1);
+        self.event(EventKind::Redriven, Some((dl.step, dl.kind, first)), None);
         self.send(dl.step, dl.kind, first, first, dl.in_doubt)?;
         self.state.dead_letter = None;
         Ok(())

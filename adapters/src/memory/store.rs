@@ -31,6 +31,8 @@ struct Data {
     leases: HashMap<String, (String, Timestamp)>,
     /// Sweeper totals per name.
     sweeps: BTreeMap<String, SweepStats>,
+    /// Shared secrets by name (never replaced once stored).
+    secrets: HashMap<String, Vec<u8>>,
 }
 
 /// The in-memory store. Cheap to clone; clones share data (so a test can "restart" a
@@ -297,6 +299,27 @@ impl SagaStore for MemoryStore {
             data.dead_letters.retain(|(r, _)| r.saga_id != Some(id));
             report.dead_letters += (before_len - data.dead_letters.len()) as u64;
         }
+        // Poison records of no saga (or of one deleted since), as old: bounded alike,
+        // oldest first.
+        let mut orphans: Vec<(Timestamp, Uuid)> = data
+            .dead_letters
+            .iter()
+            .filter(|(r, _)| {
+                r.category == DeadLetterCategory::Poison
+                    && r.at < before
+                    && r.saga_id.is_none_or(|s| !data.sagas.contains_key(&s))
+            })
+            .map(|(r, _)| (r.at, r.id))
+            .collect();
+        orphans.sort();
+        orphans.truncate(limit);
+        if !orphans.is_empty() {
+            let gone: std::collections::HashSet<Uuid> =
+                orphans.into_iter().map(|(_, id)| id).collect();
+            let before_len = data.dead_letters.len();
+            data.dead_letters.retain(|(r, _)| !gone.contains(&r.id));
+            report.dead_letters += (before_len - data.dead_letters.len()) as u64;
+        }
         Ok(report)
     }
 
@@ -323,6 +346,20 @@ impl SagaStore for MemoryStore {
         holder.clone_into(&mut entry.holder);
         entry.deleted.add(report);
         Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if candidate.is_empty() {
+            return Err(StoreError::Other(format!(
+                "the candidate for the shared secret {name:?} is empty"
+            )));
+        }
+        let mut data = self.lock()?;
+        Ok(data
+            .secrets
+            .entry(name.to_owned())
+            .or_insert_with(|| candidate.to_vec())
+            .clone())
     }
 
     async fn record_poison(

@@ -2004,6 +2004,8 @@ mod props {
             Err(TransitionError::NotAllowed { .. }) => "not_allowed",
             Err(TransitionError::CancelPending { .. }) => "cancel_pending",
             Err(TransitionError::Data(_)) => "data",
+            Err(TransitionError::StepOutOfRange { .. }) => "step_out_of_range",
+            Err(TransitionError::CorruptCounter { .. }) => "corrupt_counter",
         }
     }
 
@@ -3056,4 +3058,445 @@ fn timers_that_are_not_yet_due_are_stale() {
     let (s, fx) = apply(def, &s, &retry_due("reserve", Action, 1), due);
     assert_eq!(commands(&fx)[0].attempt, 2);
     assert!(s.wake_at().is_some());
+}
+
+// ---------------------------------------------------------------------------------------
+// Stored states that do not fit their definition: typed refusals, never a panic
+// ---------------------------------------------------------------------------------------
+
+/// Every kind of input, aimed at `step` where one names a step.
+fn inputs_at(step: &str) -> Vec<Input> {
+    vec![
+        Input::Started,
+        ok(step, Action, 1),
+        ok(step, Compensation, 1),
+        failed(step, Action, 1, true),
+        failed(step, Compensation, 1, false),
+        timed_out(step, Action, 1),
+        retry_due(step, Action, 1),
+        cancel("changed my mind"),
+        Input::Redriven,
+        Input::Resumed,
+        Input::DataUnreadable {
+            error: StepError::new("data_unreadable", "no upcaster"),
+        },
+    ]
+}
+
+/// checkout() cut to its first two steps, as if edited in place (same type, same
+/// version): a saga stored waiting on `ship` (step 2) no longer fits it.
+fn checkout_cut_to_two_steps() -> SagaDefinition<Order> {
+    saga(vec![step("reserve", true), step("charge", true)])
+}
+
+#[test]
+fn a_pending_step_past_a_definition_edited_to_fewer_steps_is_a_typed_refusal() {
+    let full = checkout();
+    let s = run(
+        full.definition(),
+        started(full.definition()),
+        &[ok("reserve", Action, 1), ok("charge", Action, 1)],
+    );
+    assert_eq!(pending(&s).step, 2, "waiting on ship");
+    let cut = checkout_cut_to_two_steps();
+    let def = cut.definition();
+    for input in inputs_at("reserve").into_iter().chain(inputs_at("ship")) {
+        let err = refuse(def, &s, &input, at(60_000));
+        assert_eq!(
+            err,
+            TransitionError::StepOutOfRange {
+                saga_type: def.saga_type().clone(),
+                version: 3,
+                field: "pending.step",
+                index: 2,
+                steps: 2,
+            },
+            "{}",
+            input.name()
+        );
+        assert!(err.is_poison() && err.is_corrupt_state() && !err.is_ignorable());
+        let text = err.to_string();
+        assert!(
+            text.contains("pending.step is 2") && text.contains("has 2 step(s)"),
+            "{text}"
+        );
+    }
+    // The wake-up it had is not turned into an input either.
+    assert_eq!(s.due_input(def, at(3_600_000), Jitter::NONE), None);
+}
+
+#[test]
+fn a_dead_letter_past_the_definition_refuses_its_redrive() {
+    let full = checkout();
+    let def = full.definition();
+    // The refund of charge (step 1) fails for good: dead-lettered at step 1.
+    let s = run(
+        def,
+        refunding(def),
+        &[failed("charge", Compensation, 1, false)],
+    );
+    assert_eq!(s.status, SagaStatus::Failed);
+    let mut s = s;
+    let mut dl = s.dead_letter.clone().expect("dead-lettered");
+    dl.step = 7;
+    s.dead_letter = Some(dl);
+    for input in inputs_at("charge") {
+        let err = refuse(def, &s, &input, at(60_000));
+        assert!(
+            matches!(
+                err,
+                TransitionError::StepOutOfRange {
+                    field: "dead_letter.step",
+                    index: 7,
+                    steps: 3,
+                    ..
+                }
+            ),
+            "{}: {err}",
+            input.name()
+        );
+    }
+}
+
+#[test]
+fn completed_and_in_doubt_past_the_definition_are_typed_refusals() {
+    let full = checkout();
+    let def = full.definition();
+    let base = run(def, started(def), &[ok("reserve", Action, 1)]);
+
+    let mut s = base.clone();
+    s.completed = 4;
+    let err = refuse(def, &s, &ok("charge", Action, 1), at(60_000));
+    assert!(
+        matches!(
+            err,
+            TransitionError::StepOutOfRange {
+                field: "completed",
+                index: 4,
+                steps: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let mut s = base.clone();
+    s.completed = usize::MAX;
+    let err = refuse(def, &s, &cancel("x"), at(60_000));
+    assert!(
+        matches!(
+            err,
+            TransitionError::StepOutOfRange {
+                field: "completed",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let mut s = base.clone();
+    s.in_doubt = Some(3);
+    let err = refuse(def, &s, &timed_out("charge", Action, 1), at(60_000));
+    assert!(
+        matches!(
+            err,
+            TransitionError::StepOutOfRange {
+                field: "in_doubt",
+                index: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // Every step completed and one in doubt: the compensation bound passes the end.
+    let mut s = base;
+    s.status = SagaStatus::Compensating;
+    s.completed = 3;
+    s.in_doubt = Some(2);
+    let err = refuse(def, &s, &Input::Resumed, at(60_000));
+    assert!(
+        matches!(
+            err,
+            TransitionError::StepOutOfRange {
+                field: "completed",
+                index: 3,
+                steps: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn attempt_counters_that_no_transition_produces_are_typed_refusals() {
+    let full = checkout();
+    let def = full.definition();
+    let s = started(def);
+    let with = |f: &dyn Fn(&mut Pending)| {
+        let mut s = s.clone();
+        let mut p = pending(&s);
+        f(&mut p);
+        s.pending = Some(p);
+        s
+    };
+    let cases: Vec<(SagaState, &str, u32)> = vec![
+        (with(&|p| p.attempt = 0), "pending.attempt", 0),
+        (
+            with(&|p| {
+                p.attempt = u32::MAX;
+                p.phase = Phase::Backoff { due: at(1) };
+            }),
+            "pending.attempt",
+            u32::MAX,
+        ),
+        (with(&|p| p.first_attempt = 0), "pending.first_attempt", 0),
+        (
+            with(&|p| {
+                p.attempt = 2;
+                p.first_attempt = 5;
+            }),
+            "pending.first_attempt",
+            5,
+        ),
+    ];
+    for (state, field, value) in cases {
+        for input in inputs_at("reserve") {
+            let err = refuse(def, &state, &input, at(60_000));
+            assert!(
+                matches!(
+                    &err,
+                    TransitionError::CorruptCounter { field: f, value: v, .. }
+                        if *f == field && *v == value
+                ),
+                "{field}={value}, {}: {err}",
+                input.name()
+            );
+            assert!(err.is_poison() && err.is_corrupt_state());
+        }
+    }
+
+    // A dead letter whose last attempt has no successor: its re-drive is refused.
+    let mut failed_state = run(
+        def,
+        refunding(def),
+        &[failed("charge", Compensation, 1, false)],
+    );
+    let mut dl = failed_state.dead_letter.clone().expect("dead-lettered");
+    dl.last_attempt = u32::MAX;
+    failed_state.dead_letter = Some(dl);
+    let err = refuse(def, &failed_state, &Input::Redriven, at(60_000));
+    assert!(
+        matches!(
+            err,
+            TransitionError::CorruptCounter {
+                field: "dead_letter.last_attempt",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn counters_at_their_limits_saturate_instead_of_overflowing() {
+    // attempts_used on a budget opened after the attempt (a row, or a late success
+    // read before the budget): at least 1, never an underflow.
+    let p = Pending {
+        step: 0,
+        kind: Action,
+        attempt: 2,
+        first_attempt: 9,
+        phase: Phase::Backoff { due: T0 },
+        in_doubt: false,
+    };
+    assert_eq!(p.attempts_used(), 1);
+    let p = Pending {
+        attempt: u32::MAX,
+        first_attempt: 0,
+        ..p
+    };
+    assert_eq!(p.attempts_used(), u32::MAX);
+    // A compensation bound at the top of usize.
+    let def = checkout();
+    let mut s = fresh(def.definition());
+    s.completed = usize::MAX;
+    s.in_doubt = Some(0);
+    assert_eq!(s.compensation_bound(), usize::MAX);
+
+    // A re-drive count at its maximum stays there.
+    let def = def.definition();
+    let mut s = run(
+        def,
+        refunding(def),
+        &[failed("charge", Compensation, 1, false)],
+    );
+    s.redrives = u32::MAX;
+    let (s, _) = apply(def, &s, &Input::Redriven, at(60_000));
+    assert_eq!(s.redrives, u32::MAX);
+    assert_eq!(s.status, SagaStatus::Compensating);
+
+    // A late success for an attempt before the dead letter's budget (the wire says
+    // attempt 1, the budget opened at 4): accepted, no underflow.
+    let mut s = run(
+        def,
+        started(def),
+        &[
+            timed_out("reserve", Action, 1),
+            retry_due("reserve", Action, 1),
+        ],
+    );
+    s.status = SagaStatus::Failed;
+    s.pending = None;
+    s.dead_letter = Some(DeadLetterInfo {
+        step: 0,
+        step_name: name("reserve"),
+        kind: Action,
+        error: StepError::new(IN_DOUBT_WITHOUT_COMPENSATION, "unknown"),
+        attempts: 2,
+        last_attempt: 5,
+        in_doubt: true,
+    });
+    let (s, _) = apply(def, &s, &ok("reserve", Action, 1), at(60_000));
+    assert_eq!(s.status, SagaStatus::Running);
+    assert_eq!(s.completed, 1);
+}
+
+mod damaged_rows {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Indexes around a 3-step definition's range, and the extremes.
+    fn index() -> impl Strategy<Value = usize> {
+        prop_oneof![0usize..6, Just(usize::MAX), Just(usize::MAX - 1)]
+    }
+
+    /// Attempt counters around the small values and the extremes.
+    fn counter() -> impl Strategy<Value = u32> {
+        prop_oneof![0u32..6, Just(u32::MAX), Just(u32::MAX - 1)]
+    }
+
+    fn status() -> impl Strategy<Value = SagaStatus> {
+        prop_oneof![
+            Just(SagaStatus::Created),
+            Just(SagaStatus::Running),
+            Just(SagaStatus::Compensating),
+            Just(SagaStatus::Failed),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Damage {
+        status: SagaStatus,
+        completed: usize,
+        pending: Option<(usize, bool, u32, u32, bool)>,
+        in_doubt: Option<usize>,
+        dead_letter: Option<(usize, u32, u32)>,
+        redrives: u32,
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        (
+            status(),
+            index(),
+            proptest::option::of((index(), any::<bool>(), counter(), counter(), any::<bool>())),
+            proptest::option::of(index()),
+            proptest::option::of((index(), counter(), counter())),
+            counter(),
+        )
+            .prop_map(
+                |(status, completed, pending, in_doubt, dead_letter, redrives)| Damage {
+                    status,
+                    completed,
+                    pending,
+                    in_doubt,
+                    dead_letter,
+                    redrives,
+                },
+            )
+    }
+
+    fn damaged(def: &Definition, d: &Damage) -> SagaState {
+        let mut s = fresh(def);
+        s.status = d.status;
+        s.completed = d.completed;
+        s.in_doubt = d.in_doubt;
+        s.redrives = d.redrives;
+        s.pending =
+            d.pending.map(
+                |(step, compensation, attempt, first_attempt, backoff)| Pending {
+                    step,
+                    kind: if compensation { Compensation } else { Action },
+                    attempt,
+                    first_attempt,
+                    phase: if backoff {
+                        Phase::Backoff { due: T0 }
+                    } else {
+                        Phase::AwaitingReply { deadline: T0 }
+                    },
+                    in_doubt: true,
+                },
+            );
+        s.dead_letter = d
+            .dead_letter
+            .map(|(step, attempts, last_attempt)| DeadLetterInfo {
+                step,
+                step_name: name("reserve"),
+                kind: Action,
+                error: StepError::new(IN_DOUBT_WITHOUT_COMPENSATION, "unknown"),
+                attempts,
+                last_attempt,
+                in_doubt: true,
+            });
+        s
+    }
+
+    proptest! {
+        #![proptest_config({
+            let mut c = ProptestConfig::with_cases(512);
+            c.failure_persistence = None;
+            c
+        })]
+
+        /// Whatever indexes and counters a stored row holds, every input gives a state
+        /// that fits the definition or a refusal: never a panic.
+        #[test]
+        fn damaged_rows_never_panic(
+            d in damage(),
+            step_name in prop_oneof![Just("reserve"), Just("charge"), Just("ship")],
+            attempt in counter(),
+        ) {
+            let full = checkout();
+            let def = full.definition();
+            let state = damaged(def, &d);
+            let mut inputs = inputs_at(step_name);
+            inputs.push(ok(step_name, Action, attempt));
+            inputs.push(ok(step_name, Compensation, attempt));
+            inputs.push(failed(step_name, Action, attempt, true));
+            inputs.push(timed_out(step_name, Compensation, attempt));
+            inputs.push(retry_due(step_name, Action, attempt));
+            for input in &inputs {
+                let _ = state.due_input(def, at(10_000_000), Jitter::NONE);
+                match transition(def, &state, input, at(10_000_000)) {
+                    Ok((next, _)) if !next.status.is_terminal() => {
+                        // What it leads to names steps of the definition (an attempt
+                        // counted up to its maximum is refused on the next input).
+                        let check = check_state(def, &next);
+                        prop_assert!(
+                            matches!(check, Ok(()) | Err(TransitionError::CorruptCounter { .. })),
+                            "{:?}",
+                            check
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Refused: the message says why; nothing else to check.
+                        let _ = e.to_string();
+                    }
+                }
+            }
+        }
+    }
 }
