@@ -257,7 +257,12 @@ fn spawn_children(args: &[Vec<String>]) -> anyhow::Result<Children> {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
-                .with_context(|| format!("spawning {} {a:?}", exe.display()))?,
+                .with_context(|| {
+                    // The arguments hold the NATS URL: its password redacted.
+                    let shown: Vec<String> =
+                        a.iter().map(|x| skald::adapters::redact_url(x)).collect();
+                    format!("spawning {} {shown:?}", exe.display())
+                })?,
         );
     }
     Ok(children)
@@ -290,9 +295,12 @@ fn reliable() -> SimConfig {
 /// A database of the run's own on the server at `server`, dropped by [`drop_db`].
 async fn create_db(server: &str, prefix: &str) -> anyhow::Result<(String, String)> {
     let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = PgConnection::connect(server)
-        .await
-        .with_context(|| format!("connecting to PostgreSQL at {server} (--pg)"))?;
+    let mut conn = PgConnection::connect(server).await.with_context(|| {
+        format!(
+            "connecting to PostgreSQL at {} (--pg)",
+            skald::adapters::redact_url(server)
+        )
+    })?;
     sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await?;
@@ -313,7 +321,12 @@ async fn nats_bus(url: &str) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(Arc::new(
         NatsBus::connect(NatsOptions::new(url))
             .await
-            .with_context(|| format!("connecting to NATS at {url} (--nats)"))?,
+            .with_context(|| {
+                format!(
+                    "connecting to NATS at {} (--nats)",
+                    skald::adapters::redact_url(url)
+                )
+            })?,
     ))
 }
 
@@ -321,7 +334,7 @@ async fn nats_bus(url: &str) -> anyhow::Result<Arc<dyn Bus>> {
 async fn drive(
     runtime: &Runtime,
     checkout: &skald::definition::SagaDefinition<Checkout>,
-    outcomes: &mut mpsc::UnboundedReceiver<SagaOutcome>,
+    outcomes: &mut mpsc::Receiver<SagaOutcome>,
     n: usize,
     concurrency: usize,
     rate: Option<f64>,

@@ -15,6 +15,14 @@
 //! # in another terminal:
 //! cargo run --bin skald -- --db sqlite://demo.db sagas
 //! ```
+//!
+//! Against a NATS that requires authentication or TLS, give the transport flags every
+//! skald binary takes (the `skald` CLI too): `--creds PATH` (`SKALD_NATS_CREDS`),
+//! `--nkey SEED_FILE` (`SKALD_NATS_NKEY`, a file holding an NKey user seed `SU...`),
+//! `--user NAME` and `--password SECRET` (`SKALD_NATS_USER`, `SKALD_NATS_PASSWORD`),
+//! `--token SECRET` (`SKALD_NATS_TOKEN`), `--tls-ca PATH`, `--tls-cert PATH` and
+//! `--tls-key PATH` (`SKALD_NATS_TLS_CA`, `_CERT`, `_KEY`; any of them requires TLS).
+//! Secrets are never printed; the environment keeps them off the command line.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,8 +30,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::adapters::nats::NatsOptions;
 use skald::adapters::postgres::PostgresStore;
+use skald::adapters::redact_url;
 use skald::adapters::sqlite::SqliteStore;
 use skald::machine::SagaStatus;
 use skald::participant;
@@ -45,6 +54,9 @@ struct Args {
     /// Stop after this many seconds (0: only on Ctrl-C).
     #[arg(long, default_value_t = 0)]
     run_secs: u64,
+    /// How to authenticate to NATS, and TLS.
+    #[command(flatten)]
+    nats_auth: skald::cli::NatsArgs,
 }
 
 #[tokio::main]
@@ -65,18 +77,30 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let (db, nats) = (redact_url(&args.db), redact_url(&args.nats));
     let store: Arc<dyn SagaStore> = if args.db.starts_with("postgres") {
-        Arc::new(PostgresStore::connect(&args.db).await?)
+        Arc::new(
+            PostgresStore::connect(&args.db)
+                .await
+                .with_context(|| format!("opening the PostgreSQL store at {db}"))?,
+        )
     } else {
-        Arc::new(SqliteStore::connect(&args.db).await?)
+        Arc::new(
+            SqliteStore::connect(&args.db)
+                .await
+                .with_context(|| format!("opening the SQLite store at {db}"))?,
+        )
     };
-    let connect = || {
-        NatsBus::connect(NatsOptions {
-            name: "skald-operator-demo".into(),
-            ..NatsOptions::new(args.nats.as_str())
-        })
+    let connect = || async {
+        args.nats_auth
+            .connect(NatsOptions {
+                name: "skald-operator-demo".into(),
+                ..NatsOptions::new(args.nats.as_str())
+            })
+            .await
+            .with_context(|| format!("connecting to NATS at {nats}"))
     };
-    let bus: Arc<dyn Bus> = Arc::new(connect().await.context("connecting to NATS")?);
+    let bus: Arc<dyn Bus> = Arc::new(connect().await?);
     let scripted = Scripted::new(Duration::from_millis(30));
     let mut participants = Vec::new();
     for (service, subject) in SimServices::services() {
@@ -123,10 +147,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             && id == broken
         {
             scripted.set_release_broken(false);
+            // The URLs as given, passwords redacted: the transport flags (or their
+            // SKALD_NATS_* variables) go with the command as they went with this one.
             println!(
                 "\n{broken} is dead-lettered; the warehouse is back, so a re-drive succeeds:\n  \
-                 skald --db {} --nats {} dlq redrive {broken}",
-                args.db, args.nats
+                 skald --db {db} --nats {nats} dlq redrive {broken}"
             );
             break;
         }

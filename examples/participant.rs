@@ -25,6 +25,21 @@
 //! Stops on Ctrl-C or SIGTERM; unacknowledged commands are redelivered to a replica
 //! after `--ack-wait-secs`.
 //!
+//! Transport security: `--creds PATH` (`SKALD_NATS_CREDS`, a NATS credentials file),
+//! `--nkey SEED_FILE` (`SKALD_NATS_NKEY`, a file holding an NKey user seed `SU...`),
+//! `--user NAME` and `--password SECRET` (`SKALD_NATS_USER`, `SKALD_NATS_PASSWORD`),
+//! `--token SECRET` (`SKALD_NATS_TOKEN`); `--tls-ca PATH`, `--tls-cert PATH` and
+//! `--tls-key PATH` (`SKALD_NATS_TLS_CA`, `_CERT`, `_KEY`: any of them requires TLS; a
+//! client certificate needs its key). A participant's NATS user needs only its own
+//! service's subjects: its commands (`skald.cmd.<service>.>`, through its durable
+//! consumer) and its replies (`skald.reply.<service>.>`); docs/security.md has the
+//! permissions. Secrets are never printed; prefer the environment to the command line.
+//!
+//! ```text
+//! SKALD_NATS_NKEY=payment.nk cargo run --example participant -- payment \
+//!     --nats tls://nats.internal:4222 --tls-ca ca.pem --db sqlite://skald.db
+//! ```
+//!
 //! Observability: `--metrics-addr ADDR` serves Prometheus metrics on
 //! `http://ADDR/metrics` (off by default); `--log-format text|json` picks the log lines'
 //! shape (stderr, `RUST_LOG`, default `info`); in builds with the `otlp` feature,
@@ -46,7 +61,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::adapters::nats::NatsOptions;
 use skald::participant;
 use skald::ports::Bus;
 use skald::sagas::sim::{SimConfig, SimServices};
@@ -76,9 +91,12 @@ impl Service {
 struct Args {
     /// Which service to run.
     service: Service,
-    /// The NATS server.
+    /// The NATS server (tls:// for TLS).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// How to authenticate to NATS, and TLS.
+    #[command(flatten)]
+    nats_auth: skald::cli::NatsArgs,
     /// The database holding the service's records (the checkout runner's, so it can
     /// check them); the scheme picks the backend: sqlite://FILE or
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (postgresql:// too).
@@ -165,14 +183,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _metrics = args.telemetry.serve_metrics().await?;
     let db = ledger::redact(&args.db);
     let ledger = ledger::open_ledger(&args.db).await?;
+    let nats = ledger::redact(&args.nats);
     let bus: Arc<dyn Bus> = Arc::new(
-        NatsBus::connect(NatsOptions {
-            name: format!("skald-participant-{name}"),
-            ack_wait: Duration::from_secs(args.ack_wait_secs),
-            ..NatsOptions::new(args.nats.as_str())
-        })
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats))?,
+        args.nats_auth
+            .connect(NatsOptions {
+                name: format!("skald-participant-{name}"),
+                ack_wait: Duration::from_secs(args.ack_wait_secs),
+                ..NatsOptions::new(args.nats.as_str())
+            })
+            .await
+            .with_context(|| format!("connecting to NATS at {nats}"))?,
     );
     if !(0.0..=1.0).contains(&args.late_rate) {
         anyhow::bail!("--late-rate must be within [0, 1], not {}", args.late_rate);
@@ -216,7 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         service = name,
         subject,
-        nats = %args.nats,
+        nats = %nats,
         db = %db,
         latency_ms,
         ack_wait_secs = args.ack_wait_secs,

@@ -20,7 +20,9 @@
 //! - [`adapters`]: in-memory bus and store, SQLite store (`skald-adapters`);
 //! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`);
 //! - `cli` (feature `cli`, on by default): the `skald` operator CLI as a library, for a
-//!   binary with your own definitions registered;
+//!   binary with your own definitions registered; and `cli::NatsArgs`, the NATS
+//!   authentication and TLS flags (`--creds`, `--nkey`, `--user`/`--password`,
+//!   `--token`, `--tls-ca`/`--tls-cert`/`--tls-key`) every skald binary takes;
 //! - [`metrics`]: the Prometheus `/metrics` endpoint; [`trace`]: W3C trace context and
 //!   skald's span ids; [`telemetry`]: the subscriber (text or JSON logs, OTLP traces
 //!   with the `otlp` feature) for binaries.
@@ -56,6 +58,6 @@ pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
 pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
 pub use skald_runtime::{
-    definition, ids, machine, participant, ports, replay, retry, trace, upcast, wire,
+    auth, definition, ids, machine, participant, ports, replay, retry, trace, upcast, wire,
 };
 pub use skald_sagas as sagas;

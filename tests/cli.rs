@@ -3,6 +3,11 @@
 //! CLI binary, as an operator would run it, reads them, travels in time, re-drives a
 //! dead-lettered saga to `compensated`, cancels a running one, finds a stuck one, and
 //! fails with the documented exit codes on bad input.
+//!
+//! Without a broker: the transport flags parse, and no password or token reaches
+//! `--help`, an error or `Debug`; arguments and stored rows the CLI reaches cannot make
+//! it panic (a time with multi-byte characters, a journal that does not fit a shorter
+//! definition).
 
 mod common;
 
@@ -22,10 +27,39 @@ use skald::sagas::scripted::Scripted;
 use skald::sagas::sim::SimServices;
 use skald::{Runtime, RuntimeOptions};
 
+/// The environment variables the `skald` binary reads.
+const SKALD_ENV: [&str; 12] = [
+    "SKALD_DB",
+    "SKALD_NATS",
+    "SKALD_NATS_CREDS",
+    "SKALD_NATS_NKEY",
+    "SKALD_NATS_USER",
+    "SKALD_NATS_PASSWORD",
+    "SKALD_NATS_TOKEN",
+    "SKALD_NATS_TLS_CA",
+    "SKALD_NATS_TLS_CERT",
+    "SKALD_NATS_TLS_KEY",
+    "SKALD_OPERATOR_NKEY",
+    "USER",
+];
+
 /// Runs the `skald` binary; returns (exit code, stdout, stderr).
 async fn skald(db: &str, nats: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    skald_with_env(db, nats, args, &[]).await
+}
+
+/// Like [`skald`], with these environment variables (and none other of skald's).
+async fn skald_with_env(
+    db: &str,
+    nats: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skald"));
-    cmd.env_remove("SKALD_DB").env_remove("SKALD_NATS");
+    for var in SKALD_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
     cmd.arg("--db").arg(db);
     if let Some(url) = nats {
         cmd.arg("--nats").arg(url);
@@ -464,6 +498,113 @@ async fn operator_cli_on_sqlite() {
     operator_cli_end_to_end(StoreKind::Nats).await;
 }
 
+/// Operator requests from the CLI against a runtime with an operator allowlist: an
+/// unsigned request and one signed by an unlisted key are refused as unverified, one
+/// that expired before a runtime got it is refused as expired, and one signed by the
+/// listed operator is applied; the CLI says which, with exit code 6 for a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_requests_are_signed_and_their_refusals_named() {
+    let backend = Backend::new(StoreKind::Nats).await;
+    let db = backend.dir.sqlite_url();
+    let db = db.as_str();
+    let nats_url = backend.nats.as_ref().expect("a NATS backend").url();
+    let nats = Some(nats_url.as_str());
+    let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
+    let scripted = Scripted::new(Duration::from_millis(30));
+    let bus = backend.bus().await;
+    let _participants = participants(&bus, &scripted).await;
+    let alice = nkeys::KeyPair::new_user();
+    let mallory = nkeys::KeyPair::new_user();
+    let seed_file = |name: &str, key: &nkeys::KeyPair| {
+        let path = backend.dir.0.join(format!("{name}.nk"));
+        std::fs::write(&path, format!("{}\n", key.seed().expect("seed"))).expect("write");
+        path.display().to_string()
+    };
+    let (alice_seed, mallory_seed) = (seed_file("alice", &alice), seed_file("mallory", &mallory));
+    let rt = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(backend.bus().await)
+        .register(&checkout)
+        .options(RuntimeOptions {
+            arbiters: 2,
+            wakeup_poll_interval: Duration::from_millis(50),
+            operators: [("alice".to_owned(), alice.public_key())].into(),
+            ..RuntimeOptions::default()
+        })
+        .start()
+        .await
+        .expect("start the runtime");
+    let hanging = rt
+        .start_saga(&checkout, &tea_order("hang-1"))
+        .await
+        .expect("start");
+    wait_saga(backend.store.as_ref(), hanging, "at step 2", |s| {
+        s.state.pending.is_some_and(|p| p.step == 2)
+    })
+    .await;
+    let id = hanging.to_string();
+    let cancel = |extra: &[&str]| {
+        let mut args = vec![
+            "cancel",
+            id.as_str(),
+            "--operator",
+            "alice",
+            "--wait",
+            "20s",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        skald(db, nats, &args).await
+    };
+    for (what, extra, want) in [
+        ("unsigned", vec![], "unverified operator"),
+        (
+            "signed by an unlisted key",
+            vec!["--operator-nkey", mallory_seed.as_str()],
+            "unverified operator",
+        ),
+        (
+            "expired",
+            vec!["--operator-nkey", alice_seed.as_str(), "--ttl", "1ms"],
+            "expired",
+        ),
+    ] {
+        let (code, out, err) = run(cancel(&extra)).await;
+        assert_eq!(code, 6, "{what}: {err}\n{out}");
+        assert!(
+            out.contains("refused") && out.contains(want),
+            "{what}: {out}"
+        );
+        assert!(
+            err.contains("refused: ") && err.contains(want),
+            "{what}: {err}"
+        );
+        assert!(!format!("{out}{err}").contains(&alice.seed().expect("seed")));
+    }
+    let unchanged = backend
+        .store
+        .load(hanging)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert!(unchanged.state.cancel.is_none(), "{:?}", unchanged.state);
+    // Signed by alice, within its time: applied.
+    let (code, out, err) = run(cancel(&["--operator-nkey", alice_seed.as_str()])).await;
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(out.contains("applied"), "{out}");
+    let cancelled = backend
+        .store
+        .load(hanging)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert!(cancelled.state.cancel.is_some(), "{:?}", cancelled.state);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_names_what_is_wrong_with_the_database() {
     let dir = TempDir::new();
@@ -498,4 +639,412 @@ async fn the_cli_names_what_is_wrong_with_the_database() {
     let (code, _, err) = skald("mysql://localhost/db", None, &["sagas"]).await;
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("unsupported database URL"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Without a broker: transport flags, secrets, and no panics.
+
+/// A saga of the test's own type `shop`, with steps `a`, `b`, `c` (v1).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Order {
+    done: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Receipt {
+    receipt: String,
+}
+
+fn shop(version: u32, steps: &[&str]) -> SagaDefinition<Order> {
+    steps
+        .iter()
+        .fold(SagaDefinition::<Order>::builder("shop", version), |b, s| {
+            b.step(
+                Step::new(*s)
+                    .action(format!("skald.cmd.{s}.do"), |o: &Order| json!(o.done))
+                    .on_success(|o: &mut Order, r: Receipt| o.done.push(r.receipt))
+                    .compensate(format!("skald.cmd.{s}.undo"), |_: &Order| json!({})),
+            )
+        })
+        .build()
+        .expect("valid")
+}
+
+/// Writes a `shop` v1 saga straight into a fresh SQLite store: started, `a` and `b`
+/// done, `c` in flight. Its journal is the start, then a snapshot of that state (as a
+/// compacted retry run or `skald migrate-payloads` leaves one): a definition with fewer
+/// steps meets step index 2 there, before any transition could diverge.
+async fn seeded_store(dir: &TempDir) -> (String, SagaId) {
+    use skald::machine::{Input, SagaState, Timestamp, transition};
+    use skald::ports::{Clock, JOURNAL_SCHEMA_VERSION, JournalEntry, SagaWrite, SystemClock};
+    use skald::replay::{snapshot_body, transition_body};
+
+    let url = dir.sqlite_url();
+    let store = skald::adapters::sqlite::SqliteStore::connect(&url)
+        .await
+        .expect("create the store");
+    let def = shop(1, &["a", "b", "c"]);
+    let def = def.definition();
+    let t0 = SystemClock.now().as_millis() - 60_000;
+    let id = SagaId::new();
+    let start = SagaState::new(id, def, json!({ "done": [] }), Timestamp(t0));
+    let success = |step: &str, receipt: &str| Input::StepSucceeded {
+        step: skald::ids::StepName::new(step).expect("name"),
+        kind: skald::ids::CommandKind::Action,
+        attempt: 1,
+        output: json!({ "receipt": receipt }),
+    };
+    let mut state = start.clone();
+    let mut first = None;
+    for (i, input) in [Input::Started, success("a", "ra"), success("b", "rb")]
+        .into_iter()
+        .enumerate()
+    {
+        let at = Timestamp(t0 + 1_000 * (i as u64 + 1));
+        let (next, effects) = transition(def, &state, &input, at).expect("applies");
+        if i == 0 {
+            first = Some(JournalEntry {
+                at,
+                schema_version: JOURNAL_SCHEMA_VERSION,
+                kind: "transition".into(),
+                body: transition_body(&input, &next, &effects, Some(&start), None),
+            });
+        }
+        state = next;
+    }
+    assert_eq!(state.pending.map(|p| p.step), Some(2));
+    let snapshot = JournalEntry {
+        at: Timestamp(t0 + 10_000),
+        schema_version: JOURNAL_SCHEMA_VERSION,
+        kind: "snapshot".into(),
+        body: snapshot_body(&state, "compacted"),
+    };
+    let write = SagaWrite {
+        id,
+        expected_version: 0,
+        state: Some(state),
+        journal: vec![first.expect("the start"), snapshot],
+        dead_letter: None,
+        resolve_dead_letters: false,
+        outbox: Vec::new(),
+        inbox: None,
+    };
+    let outcome = skald::ports::SagaStore::commit(&store, &[write], &[])
+        .await
+        .expect("commit");
+    assert!(
+        matches!(
+            outcome.first(),
+            Some(skald::ports::WriteOutcome::Committed { .. })
+        ),
+        "{outcome:?}"
+    );
+    (url, id)
+}
+
+/// The NATS flags through clap, as every binary flattens them.
+#[derive(Debug, clap::Parser)]
+struct WithNats {
+    #[command(flatten)]
+    nats: skald::cli::NatsArgs,
+}
+
+fn parse_nats(args: &[&str]) -> Result<skald::cli::NatsArgs, clap::Error> {
+    use clap::Parser as _;
+    WithNats::try_parse_from(std::iter::once("bin").chain(args.iter().copied())).map(|w| w.nats)
+}
+
+#[test]
+fn the_nats_flags_parse() {
+    use std::path::PathBuf;
+    let a = parse_nats(&[
+        "--creds",
+        "ops.creds",
+        "--tls-ca",
+        "ca.pem",
+        "--tls-cert",
+        "client.pem",
+        "--tls-key",
+        "client.key",
+    ])
+    .expect("parses");
+    assert_eq!(a.creds, Some(PathBuf::from("ops.creds")));
+    assert_eq!(
+        (a.tls_ca, a.tls_cert, a.tls_key),
+        (
+            Some(PathBuf::from("ca.pem")),
+            Some(PathBuf::from("client.pem")),
+            Some(PathBuf::from("client.key"))
+        )
+    );
+    let a = parse_nats(&["--nkey", "svc.nk"]).expect("parses");
+    assert_eq!(a.nkey, Some(PathBuf::from("svc.nk")));
+    let a = parse_nats(&["--user", "ops", "--password", "pw-f1ag"]).expect("parses");
+    assert_eq!(
+        (a.user.as_deref(), a.password.as_deref()),
+        (Some("ops"), Some("pw-f1ag"))
+    );
+    let a = parse_nats(&["--token", "tok-f1ag"]).expect("parses");
+    assert_eq!(a.token.as_deref(), Some("tok-f1ag"));
+    assert!(parse_nats(&[]).expect("parses").is_empty());
+    // Half a pair, or two authentication methods: refused (by `validate`: the flags are
+    // global, which clap cannot check across a command and its subcommand), naming
+    // flags only.
+    for bad in [
+        &["--user", "ops"][..],
+        &["--password", "pw-f1ag"],
+        &["--tls-cert", "client.pem"],
+        &["--tls-key", "client.key"],
+        &[
+            "--token",
+            "tok-f1ag",
+            "--user",
+            "ops",
+            "--password",
+            "pw-f1ag",
+        ],
+        &["--creds", "ops.creds", "--nkey", "svc.nk"],
+        &["--nkey", "svc.nk", "--token", "tok-f1ag"],
+    ] {
+        let e = parse_nats(bad)
+            .expect("parses")
+            .validate()
+            .expect_err("refused");
+        let shown = format!("{e}\n{e:?}");
+        assert!(
+            !shown.contains("pw-f1ag") && !shown.contains("tok-f1ag"),
+            "{bad:?}: {shown}"
+        );
+    }
+}
+
+#[test]
+fn nats_args_debug_hides_the_secrets() {
+    let a = parse_nats(&["--user", "ops", "--password", "pw-f1ag"]).expect("parses");
+    let shown = format!("{a:?}");
+    assert!(
+        shown.contains("ops") && !shown.contains("pw-f1ag"),
+        "{shown}"
+    );
+    let a = parse_nats(&["--token", "tok-f1ag"]).expect("parses");
+    let shown = format!("{a:?} {a:#?}");
+    assert!(!shown.contains("tok-f1ag"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_out_of_help_and_errors() {
+    let dir = TempDir::new();
+    let (db, id) = seeded_store(&dir).await;
+    let id = id.to_string();
+    let env = [
+        ("SKALD_NATS_PASSWORD", "pw-fr0m-env"),
+        ("SKALD_NATS_TOKEN", "tok-fr0m-env"),
+    ];
+    let secrets = [
+        "pw-fr0m-env",
+        "tok-fr0m-env",
+        "pw-f1ag",
+        "tok-f1ag",
+        "url-s3cret",
+    ];
+    let clean = |what: &str, out: &str| {
+        for s in secrets {
+            assert!(!out.contains(s), "{what} shows {s}:\n{out}");
+        }
+    };
+    // --help, of the CLI and of a command that sends: every flag, no value.
+    for args in [
+        &["--help"][..],
+        &["cancel", "--help"],
+        &["dlq", "redrive", "--help"],
+    ] {
+        let (code, out, err) = skald_with_env(&db, None, args, &env).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        clean("--help", &out);
+        for flag in [
+            "--creds",
+            "--nkey",
+            "--user",
+            "--password",
+            "--token",
+            "--tls-ca",
+            "--tls-cert",
+            "--tls-key",
+            "SKALD_NATS_PASSWORD",
+        ] {
+            assert!(out.contains(flag), "{args:?} --help lacks {flag}:\n{out}");
+        }
+        if args[0] != "--help" {
+            for flag in ["--operator-nkey", "--if-version", "--ttl"] {
+                assert!(out.contains(flag), "{args:?} --help lacks {flag}:\n{out}");
+            }
+        }
+    }
+    // Usage errors: two authentication methods; a password from the environment with a
+    // token on the command line.
+    let (code, out, err) = skald_with_env(
+        &db,
+        None,
+        &[
+            "--user",
+            "ops",
+            "--password",
+            "pw-f1ag",
+            "--token",
+            "tok-f1ag",
+            "sagas",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    clean("a conflict", &format!("{out}{err}"));
+    let (code, out, err) = skald_with_env(&db, None, &["--user", "ops", "sagas"], &[env[1]]).await;
+    assert_eq!(code, 2, "{err}");
+    clean("a conflict with the environment", &format!("{out}{err}"));
+    // A certificate without its key.
+    let (code, _, err) = skald(&db, None, &["--tls-cert", "client.pem", "sagas"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-key"), "{err}");
+    // NATS unreachable (port 1), with a password in the URL and one in the flags: the
+    // broker's exit code, the URL redacted, neither password shown.
+    let (code, out, err) = skald_with_env(
+        &db,
+        Some("nats://ops:url-s3cret@127.0.0.1:1"),
+        &["cancel", &id, "--user", "ops", "--password", "pw-f1ag"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 5, "{err}\n{out}");
+    clean("a connection error", &format!("{out}{err}"));
+    assert!(err.contains("nats://ops:***@127.0.0.1:1"), "{err}");
+    let (code, out, err) = skald_with_env(
+        &db,
+        Some("nats://127.0.0.1:1"),
+        &["cancel", &id, "--user", "ops"],
+        &[env[0]],
+    )
+    .await;
+    assert_eq!(code, 5, "{err}\n{out}");
+    clean("a connection error", &format!("{out}{err}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_files_and_request_flags_are_checked_before_sending() {
+    let dir = TempDir::new();
+    let (db, id) = seeded_store(&dir).await;
+    let id = id.to_string();
+    let nats = Some("nats://127.0.0.1:1");
+    let not_a_seed = dir.0.join("not-a-seed");
+    std::fs::write(&not_a_seed, "s3cret-but-no-seed\n").expect("write");
+    let not_a_seed = not_a_seed.display().to_string();
+    // --nkey and --operator-nkey: a file that holds no seed is a usage error naming the
+    // file, not its content.
+    for args in [
+        vec!["--nkey", not_a_seed.as_str(), "cancel", id.as_str()],
+        vec![
+            "cancel",
+            id.as_str(),
+            "--operator-nkey",
+            not_a_seed.as_str(),
+        ],
+    ] {
+        let (code, out, err) = skald(&db, nats, &args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("NKey user seed") && err.contains(&not_a_seed),
+            "{err}"
+        );
+        assert!(!format!("{out}{err}").contains("s3cret"), "{err}");
+    }
+    let missing = dir.0.join("missing.creds").display().to_string();
+    let (code, _, err) = skald(&db, nats, &["--creds", &missing, "cancel", &id]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--creds") && err.contains(&missing), "{err}");
+    // --ttl: more than the hour runtimes accept, or nothing at all.
+    for ttl in ["2h", "0s"] {
+        let (code, _, err) = skald(&db, nats, &["cancel", &id, "--ttl", ttl]).await;
+        assert_eq!(code, 2, "--ttl {ttl}: {err}");
+        assert!(err.contains("--ttl"), "{err}");
+    }
+    // --if-version: the saga is at version 1, so 7 is refused before sending.
+    let (code, _, err) = skald(&db, nats, &["cancel", &id, "--if-version", "7"]).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("at version 1, not 7"), "{err}");
+    let (code, _, err) = skald(&db, nats, &["dlq", "redrive", "--all", "--if-version", "1"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--if-version"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_with_multibyte_characters_are_usage_errors() {
+    let dir = TempDir::new();
+    let (db, id) = seeded_store(&dir).await;
+    let id = id.to_string();
+    for time in [
+        "2026-11-24T03:50:12é1:00",
+        "2026-11-24T03:50:12€",
+        "2026-11-24T03:50:12.5€:00",
+        "2026-11-24T03:50:12+€:00",
+        "2026-11-24T03:5€:12Z",
+        "ééééééééééééééééééééé",
+        "-5€",
+        "€",
+    ] {
+        let (code, _, err) = skald(&db, None, &["at", &id, "--time", time]).await;
+        assert_eq!(code, 2, "--time {time}: {err}");
+        assert!(err.contains("invalid time"), "--time {time}: {err}");
+    }
+    // Durations too (no panic; clap's usage error).
+    let (code, _, err) = skald(&db, None, &["stuck", "--older-than", "5€"]).await;
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_beyond_a_shorter_definition_is_an_error_not_a_panic() {
+    use skald::cli::{Cli, ExitStatus};
+    let dir = TempDir::new();
+    let (db, id) = seeded_store(&dir).await;
+    let id = id.to_string();
+    let db = db.as_str();
+    let cli = Cli::new()
+        .register(&shop(1, &["a", "b", "c"]))
+        .register(&shop(2, &["a", "b"]))
+        .register(&shop(3, &["a"]));
+    // Its own definition: the same path.
+    let out = cli
+        .run(["--db", db, "replay", &id])
+        .await
+        .expect("the same path");
+    assert!(out.contains("1 sagas: 1 same"), "{out}");
+    // Against versions with fewer steps: the snapshot names step index 2 (and 2
+    // completed steps), which they do not have.
+    for (against, what) in [("2", "pending.step is 2"), ("3", "completed is 2")] {
+        let e = cli
+            .run(["--db", db, "--json", "replay", &id, "--against", against])
+            .await
+            .expect_err("does not fit");
+        assert_eq!(e.status, ExitStatus::CannotReplay, "{}", e.message);
+        let report: Value = serde_json::from_str(&e.output).expect("JSON");
+        assert_eq!(report[0]["result"], "cannot_replay", "{report}");
+        let error = report[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("does not fit") && error.contains(what),
+            "--against {against}: {error}"
+        );
+    }
+    // A v1 edited in place to fewer steps: time travel says so.
+    let edited = Cli::new().register(&shop(1, &["a"]));
+    let e = edited
+        .run(["--db", db, "at", &id, "--time", "-0s"])
+        .await
+        .expect_err("does not fit");
+    assert_eq!(e.status, ExitStatus::CannotReplay, "{}", e.message);
+    assert!(e.message.contains("does not fit"), "{}", e.message);
+    // Before the snapshot, time travel under it still works.
+    let e = edited
+        .run(["--db", db, "at", &id, "--time", "-55s"])
+        .await
+        .expect("the start alone fits");
+    assert!(e.contains("status    running"), "{e}");
 }

@@ -27,6 +27,21 @@
 //! `--db` picks the store by the URL's scheme: `sqlite:` (SQLite file, the default) or
 //! `postgres:` / `postgresql:` (PostgreSQL; the migrations are applied at start-up).
 //!
+//! With `--nats`, the transport flags authenticate to NATS and set up TLS, for the
+//! orchestrator's connection and the in-process participants' (they share it; with
+//! `--no-participants` the external ones take the same flags): `--creds PATH`
+//! (`SKALD_NATS_CREDS`, a credentials file), `--nkey SEED_FILE` (`SKALD_NATS_NKEY`, a
+//! file holding an NKey user seed `SU...`), `--user NAME` and `--password SECRET`
+//! (`SKALD_NATS_USER`, `SKALD_NATS_PASSWORD`), `--token SECRET` (`SKALD_NATS_TOKEN`),
+//! `--tls-ca PATH`, `--tls-cert PATH` and `--tls-key PATH` (`SKALD_NATS_TLS_CA`,
+//! `_CERT`, `_KEY`; any of them requires TLS; a certificate needs its key). Prefer the
+//! environment to a secret on the command line; secrets are never printed.
+//!
+//! ```text
+//! SKALD_NATS_PASSWORD=... cargo run --release --example checkout -- \
+//!     --nats tls://nats.internal:4222 --user orchestrator --tls-ca ca.pem
+//! ```
+//!
 //! The edges of the saga promise, seeded like the other failures:
 //! `--step-timeout-ms MS` sets every step's reply timeout; `--late-rate F` makes the
 //! reserve or the charge of a fraction of orders take effect at once but answer only
@@ -60,7 +75,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use skald::adapters::memory::MemoryBus;
-use skald::adapters::nats::{NatsBus, NatsOptions};
+use skald::adapters::nats::NatsOptions;
 use skald::adapters::postgres::PostgresStore;
 use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
@@ -141,6 +156,9 @@ struct Args {
     /// (`cargo run --example participant`, or any other language) to answer.
     #[arg(long, requires = "nats")]
     no_participants: bool,
+    /// With --nats: how to authenticate to NATS, and TLS.
+    #[command(flatten)]
+    nats_auth: skald::cli::NatsArgs,
     /// Skip the consistency check (for external services whose records it cannot
     /// read); the summary then says "consistent": null.
     #[arg(long)]
@@ -362,18 +380,28 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     };
     let ledger = open_ledger(&args.db).await?;
+    // One connection for the orchestrator and the in-process participants.
     let bus: Arc<dyn Bus> = match &args.nats {
         Some(url) => Arc::new(
-            NatsBus::connect(NatsOptions {
-                wait_for_server: (args.nats_wait_secs > 0)
-                    .then(|| Duration::from_secs(args.nats_wait_secs)),
-                ack_wait: Duration::from_secs(args.ack_wait_secs),
-                ..NatsOptions::new(url.as_str())
-            })
-            .await
-            .with_context(|| format!("connecting to NATS at {url}"))?,
+            args.nats_auth
+                .connect(NatsOptions {
+                    wait_for_server: (args.nats_wait_secs > 0)
+                        .then(|| Duration::from_secs(args.nats_wait_secs)),
+                    ack_wait: Duration::from_secs(args.ack_wait_secs),
+                    ..NatsOptions::new(url.as_str())
+                })
+                .await
+                .with_context(|| format!("connecting to NATS at {}", redact(url)))?,
         ),
-        None => Arc::new(MemoryBus::new()),
+        None => {
+            if !args.nats_auth.is_empty() {
+                tracing::warn!(
+                    "NATS authentication or TLS flags (or SKALD_NATS_* variables) given \
+                     without --nats: the in-process bus ignores them"
+                );
+            }
+            Arc::new(MemoryBus::new())
+        }
     };
 
     // The simulated services, in-process, as participants on the bus, behind the TCC
@@ -492,9 +520,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         println!("  group commit   {commit_line}");
         println!("  durability     {durability}");
         match &args.nats {
-            Some(url) => {
-                println!("  transport      NATS JetStream at {url} (file storage, acked publishes)")
-            }
+            Some(url) => println!(
+                "  transport      NATS JetStream at {} (file storage, acked publishes{})",
+                redact(url),
+                if args.nats_auth.requires_tls() {
+                    ", TLS"
+                } else {
+                    ""
+                }
+            ),
             None => println!("  transport      in-process bus"),
         }
     }
@@ -537,7 +571,7 @@ async fn fresh(
     checkout: &skald::definition::SagaDefinition<Checkout>,
     store: &dyn SagaStore,
     ledger: &dyn Ledger,
-    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<skald::SagaOutcome>,
+    outcomes: &mut tokio::sync::mpsc::Receiver<skald::SagaOutcome>,
     started_at: Instant,
     deadline: Instant,
 ) -> anyhow::Result<(Summary, bool)> {
@@ -694,7 +728,7 @@ async fn resume(
     runtime: &Runtime,
     store: &dyn SagaStore,
     ledger: &dyn Ledger,
-    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<skald::SagaOutcome>,
+    outcomes: &mut tokio::sync::mpsc::Receiver<skald::SagaOutcome>,
     started_at: Instant,
     deadline: Instant,
     unfinished_before: usize,

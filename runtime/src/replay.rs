@@ -186,6 +186,26 @@ pub enum ReplayError {
         /// Why (names the payload type and both versions).
         reason: String,
     },
+    /// A state the journal holds (a snapshot) does not fit the definition replayed
+    /// against: it names a step index the definition does not have (a version with
+    /// fewer steps than the saga went through), or its attempt counters are damaged.
+    /// Nothing of the definition is indexed with it: the replay stops with this error.
+    #[error(
+        "saga {id}: the state at journal entry #{entry} does not fit definition \
+         {saga_type} v{version}: {reason}"
+    )]
+    StateDoesNotFit {
+        /// The saga.
+        id: SagaId,
+        /// The journal entry (0-based) holding the state.
+        entry: usize,
+        /// The definition's saga type.
+        saga_type: String,
+        /// The definition's version.
+        version: u32,
+        /// What does not fit (the field, its value, the number of steps).
+        reason: String,
+    },
     /// `until` is before the saga was created.
     #[error("saga {id} did not exist yet at {at} ms (it was created at {created} ms)")]
     BeforeCreation {
@@ -257,6 +277,45 @@ fn upcast_state(
         })?;
     state.data_version = want;
     Ok(())
+}
+
+/// Checks that `state` (a snapshot's, read from journal entry `entry`) fits
+/// `definition`: every step index it holds names one of its steps. The machine indexes
+/// the definition's steps by them, so a state that does not fit is an error here.
+fn check_fits(
+    definition: &Definition,
+    id: SagaId,
+    entry: usize,
+    state: &SagaState,
+) -> Result<(), ReplayError> {
+    machine::check_state(definition, state).map_err(|e| does_not_fit(definition, id, entry, &e))
+}
+
+fn does_not_fit(
+    definition: &Definition,
+    id: SagaId,
+    entry: usize,
+    e: &machine::TransitionError,
+) -> ReplayError {
+    let reason = match e {
+        machine::TransitionError::StepOutOfRange {
+            field,
+            index,
+            steps,
+            ..
+        } => format!(
+            "its {field} is {index}, but the definition has {steps} step(s) (indexes 0 to {})",
+            steps.saturating_sub(1)
+        ),
+        e => e.to_string(),
+    };
+    ReplayError::StateDoesNotFit {
+        id,
+        entry,
+        saga_type: definition.saga_type().to_string(),
+        version: definition.version(),
+        reason,
+    }
 }
 
 /// Like [`replay`], bringing data stored at an older schema version (the journal's
@@ -353,6 +412,10 @@ pub fn replay_with(
                 .map(|v| serde_json::from_value::<SagaState>(v.clone()))
             {
                 Some(Ok(snapshot)) => {
+                    // A snapshot holds step indexes of the definition that wrote it;
+                    // replayed against another (`skald replay --against`), they may
+                    // name steps it does not have.
+                    check_fits(definition, id, index, &snapshot)?;
                     state = snapshot;
                     upcast_state(definition, upcasters, &mut state)?;
                     after_snapshot = true;
@@ -393,6 +456,13 @@ pub fn replay_with(
             }
         };
         let result = machine::transition(definition, &state, &input, entry.at);
+        // Not a difference of paths: the state replayed so far does not fit the
+        // definition at all (only a snapshot's can: `check_fits` refused those).
+        if let Err(e) = &result
+            && e.is_corrupt_state()
+        {
+            return Err(does_not_fit(definition, id, index, e));
+        }
         let divergence = match (entry.kind.as_str(), result) {
             ("transition", Ok((next, effects))) => {
                 let recorded_status = entry.body.get("status");
@@ -864,6 +934,70 @@ mod tests {
         stored = at_attempt(&stored, 15);
         let r = check(def.definition(), &stored, &journal).expect("check");
         assert_eq!(r.divergence, None);
+    }
+
+    #[test]
+    fn a_snapshot_beyond_a_shorter_definition_is_an_error_not_a_panic() {
+        let three = definition(&["reserve", "charge", "ship"]);
+        // Started, reserve and charge done: ship (step 2) in flight.
+        let (state, journal) = run(
+            &three,
+            &[
+                (1_010, Input::Started),
+                (1_100, success("reserve", "r-1")),
+                (1_200, success("charge", "c-1")),
+            ],
+        );
+        assert_eq!(state.pending.map(|p| p.step), Some(2));
+        // The journal as a compacted run or `skald migrate-payloads` leaves it: the start,
+        // then a snapshot of that state.
+        let journal = vec![
+            journal[0].clone(),
+            JournalEntry {
+                at: Timestamp(1_300),
+                schema_version: JOURNAL_SCHEMA_VERSION,
+                kind: "snapshot".into(),
+                body: snapshot_body(&state, "compacted"),
+            },
+        ];
+        assert_eq!(
+            replay(three.definition(), state.id, &journal, None)
+                .expect("fits its own definition")
+                .state,
+            state
+        );
+        for (steps, field) in [
+            (&["reserve", "charge"][..], "pending.step is 2"),
+            (&["reserve"][..], "completed is 2"),
+        ] {
+            let shorter = definition(steps);
+            for until in [None, Some(Timestamp(2_000))] {
+                let e = replay(shorter.definition(), state.id, &journal, until)
+                    .expect_err("does not fit");
+                assert!(
+                    matches!(e, ReplayError::StateDoesNotFit { entry: 1, .. }),
+                    "{e:?}"
+                );
+                let shown = e.to_string();
+                assert!(
+                    shown.contains(field)
+                        && shown.contains(&format!("{} step(s)", steps.len()))
+                        && shown.contains("journal entry #1"),
+                    "{shown}"
+                );
+            }
+            let e = check(shorter.definition(), &state, &journal).expect_err("does not fit");
+            assert!(matches!(e, ReplayError::StateDoesNotFit { .. }), "{e:?}");
+        }
+        // Before the snapshot, the shorter definition's state is fine.
+        let r = replay(
+            definition(&["reserve"]).definition(),
+            state.id,
+            &journal,
+            Some(Timestamp(1_200)),
+        )
+        .expect("the start alone fits");
+        assert_eq!(r.entries, 1);
     }
 
     #[test]

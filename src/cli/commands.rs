@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use skald_adapters::nats::{NatsBus, NatsOptions};
+use skald_adapters::nats::NatsOptions;
 use skald_adapters::postgres::PostgresStore;
 use skald_adapters::sqlite::SqliteStore;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
@@ -21,16 +21,27 @@ use skald_runtime::wire::{OperatorAction, OperatorRequest, encode_operator_reque
 use uuid::Uuid;
 
 use super::render::{Table, duration, parse_time, since, time};
-use super::{Arguments, Cli, CliError, Command, DlqCommand, ExitStatus, SagasArgs, SendArgs};
+use super::transport::read_nkey_seed;
+use super::{
+    Arguments, Cli, CliError, Command, DlqCommand, ExitStatus, NatsArgs, NatsArgsError, SagasArgs,
+    SendArgs,
+};
 
 type Store = Arc<dyn SagaQueries>;
 
 /// Runs one parsed command; `Ok` is what to print.
 pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> {
+    // Half a pair or two ways to authenticate is bad usage, whatever the command.
+    args.nats_auth
+        .validate()
+        .map_err(|e| usage(e.to_string()))?;
     let store = open_store(&args.db).await?;
     let now = SystemClock.now();
     let json = args.json;
-    let nats = args.nats.as_deref();
+    let nats = Nats {
+        url: args.nats.as_deref(),
+        auth: &args.nats_auth,
+    };
     match args.command {
         Command::Sagas(a) => sagas(cli, &store, a, now, json).await,
         Command::Show { id } => show(cli, &store, saga_id(&id)?, now, json).await,
@@ -50,6 +61,11 @@ pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> 
             saga_type,
             send,
         }) => {
+            if all && send.if_version.is_some() {
+                return Err(usage(
+                    "--if-version names one saga's stored version: not with --all".into(),
+                ));
+            }
             let targets = redrive_targets(&store, id.as_deref(), all, saga_type).await?;
             let requests = targets
                 .into_iter()
@@ -77,7 +93,7 @@ pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> 
                 }
                 _ => {}
             }
-            let requests = vec![(saga.state, OperatorAction::Cancel { reason })];
+            let requests = vec![(saga, OperatorAction::Cancel { reason })];
             send_requests(&store, nats, requests, &send, json).await
         }
         Command::Stuck {
@@ -1139,7 +1155,7 @@ async fn redrive_targets(
     id: Option<&str>,
     all: bool,
     saga_type: Option<String>,
-) -> Result<Vec<SagaState>, CliError> {
+) -> Result<Vec<StoredSaga>, CliError> {
     if all {
         let letters = store
             .find_dead_letters(&DeadLetterQuery {
@@ -1155,7 +1171,7 @@ async fn redrive_targets(
             if let Some(saga) = store.load(id).await?
                 && saga.state.status == SagaStatus::Failed
             {
-                targets.push(saga.state);
+                targets.push(saga);
             }
         }
         return Ok(targets);
@@ -1186,7 +1202,7 @@ async fn redrive_targets(
             ),
         ));
     }
-    Ok(vec![saga.state])
+    Ok(vec![saga])
 }
 
 /// What became of one operator request.
@@ -1200,15 +1216,114 @@ struct RequestResult {
     detail: String,
 }
 
+/// Whether dead letter `d` is about operator request `request_id` (its reason names
+/// it, or it holds the request's message, whose `Nats-Msg-Id` is the id).
+fn names_request(d: &DeadLetterRecord, request_id: &str) -> bool {
+    d.reason.contains(request_id)
+        || d.message
+            .as_ref()
+            .is_some_and(|m| m.to_string().contains(request_id))
+}
+
+fn refused_by_dead_letter(request: &OperatorRequest, d: &DeadLetterRecord) -> RequestResult {
+    RequestResult {
+        saga_id: request.saga_id,
+        request_id: request.request_id.clone(),
+        result: "refused",
+        detail: format!(
+            "{} (dead-lettered by the runtime: skald dlq show {})",
+            refusal(&d.reason),
+            d.id
+        ),
+    }
+}
+
+/// A runtime's reason for refusing an operator request, led by what it means for the
+/// operator: the request expired, its condition did not hold, or the operator is not
+/// one the runtime lets act; the runtime's own words follow.
+fn refusal(reason: &str) -> String {
+    let r = reason.to_ascii_lowercase();
+    let what = if r.contains("more than") && r.contains("ahead") {
+        "too far ahead: the request expires more than 1h ahead by the runtime's clock: \
+         check this machine's clock, or send it with a shorter --ttl"
+    } else if r.contains("expired") {
+        "expired: no runtime applied the request before its --ttl ran out; send it again"
+    } else if r.contains("re-drive(s)") || (r.contains("re-driv") && r.contains("since")) {
+        "condition not met: the saga was re-driven since the CLI read it; look again \
+         (skald show)"
+    } else if r.contains("made at version") || r.contains("if-version") {
+        "condition not met: the saga changed since the version given (--if-version); look \
+         again (skald show)"
+    } else if r.contains("condition does not hold") {
+        "condition not met"
+    } else if r.contains("but the request names operator") {
+        "unverified operator: the runtimes list the signing key under another name: pass \
+         that name as --operator"
+    } else if r.contains("signed")
+        || r.contains("signature")
+        || r.contains("allowlist")
+        || r.contains("unverified")
+    {
+        "unverified operator: the runtimes apply only requests signed by an operator they \
+         list (sign with --operator-nkey SEED_FILE, the seed of the key listed for \
+         --operator)"
+    } else {
+        return reason.to_owned();
+    };
+    format!("{what} [{reason}]")
+}
+
+/// Where the CLI sends operator requests: `--nats` and the transport flags.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Nats<'a> {
+    pub(crate) url: Option<&'a str>,
+    pub(crate) auth: &'a NatsArgs,
+}
+
+/// The longest `--ttl` a runtime accepts (it refuses a request expiring more than 1 h
+/// ahead).
+const MAX_TTL: Duration = Duration::from_secs(3_600);
+
 /// Sends operator requests over NATS, then watches each saga's journal for the entry
 /// its request caused, until `--wait` runs out.
+///
+/// Each request carries the saga's re-drive count as the CLI read it (`if_redrives`:
+/// a runtime applies it only if nobody re-drove the saga meanwhile), `--if-version`,
+/// an expiry `--ttl` after now, and, with `--operator-nkey`, the operator's signature.
 async fn send_requests(
     store: &Store,
-    nats: Option<&str>,
-    targets: Vec<(SagaState, OperatorAction)>,
+    nats: Nats<'_>,
+    targets: Vec<(StoredSaga, OperatorAction)>,
     send: &SendArgs,
     json: bool,
 ) -> Result<String, CliError> {
+    if send.ttl.is_zero() || send.ttl > MAX_TTL {
+        return Err(usage(format!(
+            "--ttl {}: a request must expire after more than 0 and at most {} (runtimes \
+             refuse one that expires further ahead)",
+            duration(send.ttl),
+            duration(MAX_TTL)
+        )));
+    }
+    if let Some(want) = send.if_version
+        && let Some((saga, _)) = targets.iter().find(|(s, _)| s.version != want)
+    {
+        return Err(CliError::new(
+            ExitStatus::Refused,
+            format!(
+                "saga {} is at version {}, not {want} (--if-version): it changed since; look \
+                 again (skald show {})",
+                saga.state.id, saga.version, saga.state.id
+            ),
+        ));
+    }
+    // Read before connecting: a bad seed file is a usage error, whatever NATS says.
+    let seed = send
+        .operator_nkey
+        .as_deref()
+        .map(|path| read_nkey_seed("--operator-nkey", path))
+        .transpose()
+        .map_err(|e| usage(e.to_string()))?;
     if targets.is_empty() {
         return Ok(if json {
             "[]\n"
@@ -1217,7 +1332,7 @@ async fn send_requests(
         }
         .to_owned());
     }
-    let url = nats.ok_or_else(|| {
+    let url = nats.url.ok_or_else(|| {
         usage(
             "this command sends an operator request to the runtimes over NATS: pass --nats URL \
              or set SKALD_NATS (a runtime on the in-process bus is driven in code: \
@@ -1228,14 +1343,9 @@ async fn send_requests(
     let mut options = NatsOptions::new(url);
     options.name = "skald-cli".into();
     options.connect_timeout = Duration::from_secs(5);
-    let bus = NatsBus::connect(options).await.map_err(|e| {
-        CliError::new(
-            ExitStatus::Broker,
-            format!(
-                "cannot reach NATS at {}: {e}",
-                skald_adapters::redact_url(url)
-            ),
-        )
+    let bus = nats.auth.connect(options).await.map_err(|e| match e {
+        NatsArgsError::Invalid(m) => usage(m),
+        e => CliError::new(ExitStatus::Broker, format!("cannot reach NATS: {e}")),
     })?;
     let operator = send
         .operator
@@ -1246,15 +1356,33 @@ async fn send_requests(
     // A broker failure part-way: the requests already sent are still followed up and
     // reported (they will be applied), the rest are named as not sent.
     let mut unsent: Option<(String, Vec<SagaId>)> = None;
-    for (state, action) in targets {
+    for (saga, action) in targets {
+        let state = saga.state;
         if let Some((_, rest)) = &mut unsent {
             rest.push(state.id);
             continue;
         }
-        let request = OperatorRequest::new(state.id, state.saga_type.clone(), action, &operator);
+        let now_ms = SystemClock.now().as_millis();
+        let mut request = OperatorRequest::new(
+            state.id,
+            state.saga_type.clone(),
+            action,
+            &operator,
+            now_ms,
+            send.ttl,
+        );
+        request.if_redrives = Some(state.redrives);
+        request.if_version = send.if_version;
+        if let Some(seed) = &seed {
+            request.sign(seed).map_err(|e| {
+                usage(format!(
+                    "--operator-nkey: cannot sign the request with that seed: {e}"
+                ))
+            })?;
+        }
         match bus.publish(encode_operator_request(&request)).await {
             Ok(()) => sent.push(request),
-            Err(e) => unsent = Some((e.to_string(), vec![state.id])),
+            Err(e) => unsent = Some((super::transport::connect_error(url, &e), vec![state.id])),
         }
     }
     let deadline = tokio::time::Instant::now() + send.wait;
@@ -1287,7 +1415,7 @@ async fn send_requests(
                         .get("ignored")
                         .and_then(Value::as_str)
                         .unwrap_or("refused");
-                    ("refused", why.to_owned())
+                    ("refused", refusal(why))
                 };
                 RequestResult {
                     saga_id: request.saga_id,
@@ -1298,17 +1426,39 @@ async fn send_requests(
             });
             if slot.is_none() {
                 // A runtime that could not apply the request at all (the saga is gone,
-                // the request undecodable) dead-letters it, naming the request id.
+                // the request expired, undecodable or not from a listed operator)
+                // dead-letters it, naming the request id.
                 let letters = store.dead_letters_of(*request.saga_id.as_uuid()).await?;
                 *slot = letters
                     .iter()
-                    .find(|d| d.reason.contains(request.request_id.as_str()))
-                    .map(|d| RequestResult {
-                        saga_id: request.saga_id,
-                        request_id: request.request_id.clone(),
-                        result: "refused",
-                        detail: format!("dead-lettered by the runtime: {}", d.reason),
-                    });
+                    .find(|d| names_request(d, &request.request_id))
+                    .map(|d| refused_by_dead_letter(request, d));
+            }
+        }
+        // A request the runtime could not even decode is a poison dead letter without a
+        // saga id: find it by the request id its message holds.
+        if results.iter().any(Option::is_none) {
+            let types: BTreeSet<String> = sent.iter().map(|r| r.saga_type.to_string()).collect();
+            let mut poison = Vec::new();
+            for t in types {
+                poison.extend(
+                    store
+                        .find_dead_letters(&DeadLetterQuery {
+                            open_only: true,
+                            saga_type: Some(t),
+                            category: Some(DeadLetterCategory::Poison),
+                            limit: 200,
+                        })
+                        .await?,
+                );
+            }
+            for (slot, request) in results.iter_mut().zip(&sent) {
+                if slot.is_none() {
+                    *slot = poison
+                        .iter()
+                        .find(|d| names_request(d, &request.request_id))
+                        .map(|d| refused_by_dead_letter(request, d));
+                }
             }
         }
         if results.iter().all(Option::is_some) || tokio::time::Instant::now() >= deadline {
@@ -1328,9 +1478,11 @@ async fn send_requests(
                 result: "pending",
                 detail: format!(
                     "not applied within {}: no runtime for {} is consuming; the request stays \
-                     queued in JetStream",
+                     queued in JetStream, and a runtime that gets it after {} (--ttl) refuses \
+                     it as expired",
                     duration(send.wait),
-                    request.saga_type
+                    request.saga_type,
+                    time(Timestamp(request.expires_at_ms))
                 ),
             })
         })
@@ -1373,11 +1525,16 @@ async fn send_requests(
     match worst {
         Some(status) => {
             let n = results.iter().filter(|r| r.result != "applied").count();
-            Err(CliError::new(
-                status,
-                format!("{n} of {} requests not applied", results.len()),
-            )
-            .with_output(out))
+            let mut message = format!("{n} of {} requests not applied", results.len());
+            let refused: Vec<&RequestResult> =
+                results.iter().filter(|r| r.result == "refused").collect();
+            for r in refused.iter().take(3) {
+                let _ = write!(message, "\n  saga {}: refused: {}", r.saga_id, r.detail);
+            }
+            if refused.len() > 3 {
+                let _ = write!(message, "\n  ... and {} more refused", refused.len() - 3);
+            }
+            Err(CliError::new(status, message).with_output(out))
         }
         None => Ok(out),
     }
@@ -1694,6 +1851,60 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn refusals_say_what_they_mean() {
+        let condition = "the request's condition does not hold: ";
+        for (reason, want) in [
+            (
+                format!("{condition}the request expired at 5 ms (now 9 ms)"),
+                "expired: ",
+            ),
+            (
+                format!("{condition}made after 0 re-drive(s); the saga has had 1 since"),
+                "condition not met: the saga was re-driven",
+            ),
+            (
+                format!("{condition}made at version 3; the saga is at version 4"),
+                "condition not met: the saga changed",
+            ),
+            (
+                "operator request op:x:1 refused: unsigned: this runtime applies only \
+                 requests signed by a listed operator key"
+                    .to_owned(),
+                "unverified operator: ",
+            ),
+            (
+                "operator request op:x:1 refused: operator key UABC is not in this \
+                 runtime's allowlist"
+                    .to_owned(),
+                "unverified operator: ",
+            ),
+            (
+                "operator request op:x:1 refused: the signature does not verify".to_owned(),
+                "unverified operator: ",
+            ),
+            (
+                "operator request op:bob:1 refused: signed by operator alice, but the request \
+                 names operator \"bob\""
+                    .to_owned(),
+                "unverified operator: the runtimes list the signing key under another name",
+            ),
+            (
+                "operator request op:x:1 refused: it expires at 99 ms, more than 3600 s ahead"
+                    .to_owned(),
+                "too far ahead: ",
+            ),
+        ] {
+            let shown = refusal(&reason);
+            assert!(shown.starts_with(want), "{reason} -> {shown}");
+            assert!(shown.ends_with(&format!("[{reason}]")), "{shown}");
+        }
+        assert_eq!(
+            refusal("saga is finished (completed)"),
+            "saga is finished (completed)"
+        );
     }
 
     #[test]

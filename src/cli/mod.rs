@@ -16,9 +16,19 @@
 //! through the saga's actor, journal and outbox like any reply: durable and audited.
 //! docs/operations.md shows every command with its output; the exit codes are
 //! [`ExitStatus`]'s.
+//!
+//! Operator requests carry an expiry (`--ttl`, default 10 min, at most 1 h), the saga's
+//! re-drive count as the CLI read it (a runtime applies the request only if nobody
+//! re-drove the saga since), optionally `--if-version N` (only at that stored version),
+//! and, with `--operator-nkey SEED_FILE` (`SKALD_OPERATOR_NKEY`), the operator's NKey
+//! signature, which runtimes with an operator allowlist require. NATS authentication and
+//! TLS take the flags of [`NatsArgs`], which every skald binary shares.
 
 mod commands;
 mod render;
+mod transport;
+
+pub use transport::{NatsArgs, NatsArgsError};
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -47,10 +57,14 @@ pub enum ExitStatus {
     /// The database cannot be used: unreachable, a bad URL, no such file, or not a
     /// skald schema (or another release's).
     Database = 4,
-    /// NATS cannot be reached (operator actions need it).
+    /// NATS cannot be reached, or refused the connection (authentication, TLS);
+    /// operator actions need it.
     Broker = 5,
     /// The action does not apply to the saga as it is (re-driving a saga that is not
-    /// dead-lettered, cancelling a finished one); nothing was changed.
+    /// dead-lettered, cancelling a finished one), or the runtime refused the request: it
+    /// expired (`--ttl`), its condition did not hold (`--if-version`, or the saga was
+    /// re-driven since the CLI read it), or its operator is not verified (the runtimes
+    /// have an operator allowlist: sign with `--operator-nkey`). Nothing was changed.
     Refused = 6,
     /// The request was sent (it is durable in JetStream) but no runtime applied it
     /// within `--wait`: none is running for that saga type. It is applied when one
@@ -212,18 +226,27 @@ Exit codes:
   2  bad usage (unknown flag, malformed id, time or duration)
   3  no saga or dead letter with that id
   4  the database cannot be used: unreachable, bad URL, no such file, no skald schema
-  5  NATS cannot be reached (redrive and cancel need it)
-  6  refused: the action does not apply to the saga as it is; nothing changed
+  5  NATS cannot be reached or refused the connection (redrive and cancel need it)
+  6  refused: the action does not apply to the saga as it is, or the runtime refused the
+     request (expired, --if-version or a re-drive meanwhile, unverified operator);
+     nothing changed
   7  sent, but no runtime applied it within --wait (it stays queued in JetStream)
   8  the saga cannot be rebuilt: its definition is not registered in this CLI
   9  replay: at least one saga diverges from its journal under the registered definition;
      migrate-payloads: at least one saga's data could not be migrated
 
 Durations: 250ms, 30s, 5m, 2h, 7d, 1h30m. Times: RFC 3339 (2026-11-24T03:50:12Z),
-milliseconds since the epoch, or a duration ago (-5m).";
+milliseconds since the epoch, or a duration ago (-5m).
+
+NATS (redrive, cancel): --nats URL (SKALD_NATS; tls:// for TLS), authenticated with
+--creds FILE, --nkey SEED_FILE, --user and --password, or --token (SKALD_NATS_CREDS,
+_NKEY, _USER, _PASSWORD, _TOKEN); TLS with --tls-ca, --tls-cert and --tls-key
+(SKALD_NATS_TLS_CA, _CERT, _KEY). Requests are signed with --operator-nkey SEED_FILE
+(SKALD_OPERATOR_NKEY) when given. Prefer the environment to secrets on the command line;
+they are never printed.";
 
 /// skald's operator CLI: see, find, re-drive and cancel sagas.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "skald", version, after_help = EXIT_CODES)]
 pub(crate) struct Arguments {
     /// The store: sqlite://PATH or postgres://USER@HOST:PORT/DB.
@@ -234,14 +257,33 @@ pub(crate) struct Arguments {
         default_value = "sqlite://skald.db"
     )]
     pub(crate) db: String,
-    /// NATS, for the commands that send (redrive, cancel): nats://HOST:PORT.
+    /// NATS, for the commands that send (redrive, cancel): nats://HOST:PORT (tls://
+    /// for TLS). Authenticate with the flags under "NATS authentication and TLS".
     #[arg(long, global = true, env = "SKALD_NATS")]
     pub(crate) nats: Option<String>,
+    #[command(flatten)]
+    pub(crate) nats_auth: NatsArgs,
     /// Machine-readable output: one JSON document.
     #[arg(long, global = true)]
     pub(crate) json: bool,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// The URLs with their passwords redacted, the secrets hidden ([`NatsArgs`]'s own).
+impl std::fmt::Debug for Arguments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arguments")
+            .field("db", &skald_adapters::redact_url(&self.db))
+            .field(
+                "nats",
+                &self.nats.as_deref().map(skald_adapters::redact_url),
+            )
+            .field("nats_auth", &self.nats_auth)
+            .field("json", &self.json)
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,8 +441,107 @@ pub(crate) struct SendArgs {
     /// Who asks (recorded in the request id, in the journal); default: $USER.
     #[arg(long)]
     pub(crate) operator: Option<String>,
+    /// Apply only if the saga is still at this stored version (`skald show` prints it):
+    /// nothing changed since you looked. One saga only (not with --all).
+    #[arg(long, value_name = "N")]
+    pub(crate) if_version: Option<u64>,
+    /// The request expires this long after it is sent: a runtime that gets it later
+    /// (none was running, the broker held it) refuses it. At most 1h.
+    #[arg(long, default_value = "10m", value_parser = duration_arg)]
+    pub(crate) ttl: Duration,
+    /// Sign the request with the NKey user seed (SU...) in this file: the runtimes'
+    /// operator allowlist (RuntimeOptions::operators) names the operator's public key
+    /// (U...). Required when the runtimes have an allowlist.
+    #[arg(long, env = "SKALD_OPERATOR_NKEY", value_name = "SEED_FILE")]
+    pub(crate) operator_nkey: Option<std::path::PathBuf>,
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
     render::parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Arguments, clap::Error> {
+        Arguments::try_parse_from(std::iter::once("skald").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn transport_flags_go_before_or_after_the_command() {
+        for args in [
+            &["--creds", "ops.creds", "--tls-ca", "ca.pem", "cancel", "x"][..],
+            &["cancel", "x", "--creds", "ops.creds", "--tls-ca", "ca.pem"],
+        ] {
+            let a = parse(args).expect("parses");
+            assert_eq!(
+                a.nats_auth.creds,
+                Some(PathBuf::from("ops.creds")),
+                "{args:?}"
+            );
+            assert_eq!(a.nats_auth.tls_ca, Some(PathBuf::from("ca.pem")));
+            assert!(a.nats_auth.requires_tls());
+        }
+        let a = parse(&[
+            "dlq",
+            "redrive",
+            "x",
+            "--user",
+            "ops",
+            "--password",
+            "hunter2",
+        ])
+        .expect("parses");
+        assert_eq!(a.nats_auth.user.as_deref(), Some("ops"));
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        // Checked by validate (clap misjudges global flags split across levels): a
+        // password before the command, its user after it, is a pair.
+        let a = parse(&["--password", "hunter2", "cancel", "x", "--user", "ops"]).expect("parses");
+        a.nats_auth.validate().expect("a user and a password");
+        let a = parse(&["cancel", "x", "--tls-cert", "c.pem"]).expect("parses");
+        let e = a.nats_auth.validate().expect_err("no key");
+        assert!(e.to_string().contains("--tls-key"), "{e}");
+    }
+
+    #[test]
+    fn send_flags_have_their_defaults() {
+        let a = parse(&["cancel", "x", "--if-version", "7", "--ttl", "90s"]).expect("parses");
+        let Command::Cancel { send, .. } = a.command else {
+            panic!("not a cancel: {a:?}");
+        };
+        assert_eq!(send.if_version, Some(7));
+        assert_eq!(send.ttl, Duration::from_secs(90));
+        let a = parse(&["dlq", "redrive", "x", "--operator-nkey", "ops.nk"]).expect("parses");
+        let Command::Dlq(DlqCommand::Redrive { send, .. }) = a.command else {
+            panic!("not a redrive: {a:?}");
+        };
+        assert_eq!(send.ttl, Duration::from_secs(600));
+        assert_eq!(send.if_version, None);
+        assert_eq!(send.operator_nkey, Some(PathBuf::from("ops.nk")));
+        assert!(parse(&["cancel", "x", "--ttl", "10 minutes"]).is_err());
+    }
+
+    #[test]
+    fn debug_redacts_the_urls() {
+        let a = parse(&[
+            "--db",
+            "postgres://app:dbsecret@h/skald",
+            "--nats",
+            "nats://app:natssecret@h:4222",
+            "stats",
+        ])
+        .expect("parses");
+        let shown = format!("{a:?}");
+        assert!(
+            !shown.contains("dbsecret") && !shown.contains("natssecret"),
+            "{shown}"
+        );
+        assert!(shown.contains("postgres://app:***@h/skald"), "{shown}");
+    }
 }

@@ -46,7 +46,8 @@ impl Table {
                 if i + 1 == row.len() {
                     line.push_str(cell);
                 } else {
-                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    let width = widths.get(i).copied().unwrap_or(0);
+                    let pad = width.saturating_sub(cell.chars().count());
                     let _ = write!(line, "{cell}{}  ", " ".repeat(pad));
                 }
             }
@@ -136,6 +137,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
+    // Byte counts of ASCII digits and letters only: every slice below ends on a
+    // character boundary, whatever else the input holds.
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
@@ -179,7 +182,14 @@ pub(crate) fn parse_time(s: &str, now: Timestamp) -> Result<Timestamp, String> {
         return s.parse().map(Timestamp).map_err(|_| bad());
     }
     let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    // The first 19 bytes must be ASCII (checked here and by `num`), so slicing at 19 is
+    // on a character boundary whatever follows.
+    if b.len() < 19
+        || !b[..19].is_ascii()
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+    {
         return Err(bad());
     }
     let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
@@ -196,24 +206,34 @@ pub(crate) fn parse_time(s: &str, now: Timestamp) -> Result<Timestamp, String> {
     if h > 23 || mi > 59 || sec > 60 {
         return Err(bad());
     }
-    let mut rest = &s[19..];
+    let mut rest = s.get(19..).ok_or_else(bad)?;
     let mut frac_ms = 0i64;
     if let Some(f) = rest.strip_prefix('.') {
+        // ASCII digits only: `n` and `n.min(3)` are character boundaries.
         let n = f.bytes().take_while(u8::is_ascii_digit).count();
         if n == 0 {
             return Err(bad());
         }
-        let digits = format!("{:0<3}", &f[..n.min(3)]);
+        let digits = format!("{:0<3}", f.get(..n.min(3)).ok_or_else(bad)?);
         frac_ms = digits.parse().map_err(|_| bad())?;
-        rest = &f[n..];
+        rest = f.get(n..).ok_or_else(bad)?;
     }
-    let offset_min = match rest {
-        "Z" | "z" => 0,
-        o if o.len() == 6 && matches!(&o[..1], "+" | "-") && &o[3..4] == ":" => {
-            let oh: i64 = o[1..3].parse().map_err(|_| bad())?;
-            let om: i64 = o[4..6].parse().map_err(|_| bad())?;
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            sign * (oh * 60 + om)
+    // Byte-wise: `rest` is what the user typed after the seconds, any characters at all.
+    let offset_min = match rest.as_bytes() {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) =>
+        {
+            let digit = |c: &u8| i64::from(c - b'0');
+            let (oh, om) = (digit(h1) * 10 + digit(h2), digit(m1) * 10 + digit(m2));
+            if oh > 23 || om > 59 {
+                return Err(bad());
+            }
+            if *sign == b'-' {
+                -(oh * 60 + om)
+            } else {
+                oh * 60 + om
+            }
         }
         _ => return Err(bad()),
     };
@@ -277,6 +297,53 @@ mod tests {
             let e = parse_time(bad, Timestamp(0)).expect_err(bad);
             assert!(e.contains("invalid time"), "{e}");
         }
+    }
+
+    #[test]
+    fn times_with_multibyte_characters_are_refused_not_a_panic() {
+        for bad in [
+            "2026-11-24T03:50:12é1:00",
+            "2026-11-24T03:50:12€",
+            "2026-11-24T03:50:12.5€:00",
+            "2026-11-24T03:50:12+€:00",
+            "2026-11-24T03:50:12+02:0€",
+            "2026-11-24T03:50:1€Z",
+            "2026-11-24T03:5€:12Z",
+            "2026-11-24T03€50:12Z",
+            "2026-11-2€T03:50:12Z",
+            "€€€€€€€€€€€€€€€€€€€€",
+            "ééééééééééééééééééééé",
+            "2026-11-24Té3:50:12Z",
+            "2026-11-24T03:50:12.€",
+            "2026-11-24T03:50:12.1234€",
+            "-5€",
+            "-€",
+            "€",
+            "2026-11-24T03:50:12+-1:00",
+            "2026-11-24T03:50:12+24:00",
+            "2026-11-24T03:50:12+02:60",
+        ] {
+            let e = parse_time(bad, Timestamp(0)).expect_err(bad);
+            assert!(e.contains("invalid time"), "{e}");
+        }
+        assert_eq!(
+            parse_time("2026-11-24T03:50:12.1234Z", Timestamp(0)),
+            parse_time("2026-11-24T03:50:12.123Z", Timestamp(0))
+        );
+        assert_eq!(
+            parse_time("2026-11-24T03:50:12-01:30", Timestamp(0)),
+            parse_time("2026-11-24T05:20:12Z", Timestamp(0))
+        );
+        for bad in ["5€", "€5s", "5s€", "1h€m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_row_longer_than_the_header_does_not_panic() {
+        let mut t = Table::new(vec!["A"]);
+        t.row(vec!["1".into(), "2".into(), "3".into()]);
+        assert_eq!(t.render(), "A\n1  2  3\n");
     }
 
     #[test]
