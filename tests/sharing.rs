@@ -238,7 +238,7 @@ async fn a_rolling_deploy_that_adds_a_type_disturbs_nothing() {
         async move {
             for id in ids {
                 let s = store.load(id).await.expect("load").expect("saga");
-                if !s.state.pending.is_some_and(|p| p.step == 2) {
+                if s.state.pending.is_none_or(|p| p.step != 2) {
                     return None;
                 }
             }

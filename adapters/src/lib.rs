@@ -51,8 +51,15 @@ pub fn redact_url(url: &str) -> String {
 
 fn redact_one(url: &str) -> String {
     let mut out = url.to_owned();
-    if let Some(start) = out.find("://").map(|i| i + 3) {
-        let scheme = out[..start - 3].to_ascii_lowercase();
+    // Without a scheme (`user:pass@host:4222`, which the NATS client accepts), the user
+    // info starts the string, and user info without a colon is taken for a token.
+    let start = out.find("://").map(|i| i + 3).or(Some(0));
+    if let Some(start) = start {
+        let scheme = if start == 0 {
+            "nats".to_owned()
+        } else {
+            out[..start - 3].to_ascii_lowercase()
+        };
         let end = out[start..]
             .find(['/', '?', '#'])
             .map_or(out.len(), |i| start + i);
@@ -122,6 +129,9 @@ mod tests {
             "nats://a:***@h1:4222,nats://b:***@h2:4222"
         );
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_url("u:p4ss@h:4222"), "u:***@h:4222");
+        assert_eq!(redact_url("t0ken@h:4222"), "***@h:4222");
+        assert_eq!(redact_url("h:4222"), "h:4222");
     }
 
     #[test]

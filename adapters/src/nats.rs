@@ -216,9 +216,10 @@ fn other(e: impl std::fmt::Display) -> BusError {
 impl NatsBus {
     /// Connects, checks the server version, and creates or updates the streams.
     pub async fn connect(options: NatsOptions) -> Result<NatsBus, BusError> {
-        // The URL as given connects; only its redacted form is ever printed. (The
-        // client's own errors do not repeat the URL or the credentials.)
-        let dial = options.url.clone();
+        // Credentials written in the URL are taken out of it and given to the client as
+        // options: the client logs the addresses it dials. Only the redacted URL is
+        // ever printed.
+        let (dial, in_url) = split_credentials(&options.url);
         let url = crate::redact_url(&options.url);
         let mut connect = async_nats::ConnectOptions::new()
             .name(&options.name)
@@ -248,6 +249,15 @@ impl NatsBus {
         }
         if let Some(token) = &options.token {
             connect = connect.token(token.clone());
+        }
+        if options.user_password.is_none() && options.token.is_none() {
+            match in_url {
+                Some(UrlCredential::UserPassword(user, password)) => {
+                    connect = connect.user_and_password(user, password);
+                }
+                Some(UrlCredential::Token(token)) => connect = connect.token(token),
+                None => {}
+            }
         }
         if options.require_tls {
             connect = connect.require_tls(true);
@@ -380,6 +390,42 @@ impl NatsBus {
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
+}
+
+/// Credentials written in a server URL.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlCredential {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// `urls` (comma-separated) without their user info, and the first URL's credentials.
+fn split_credentials(urls: &str) -> (String, Option<UrlCredential>) {
+    let mut found = None;
+    let stripped: Vec<String> = urls
+        .split(',')
+        .map(|url| {
+            let url = url.trim();
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let end = url[start..]
+                .find(['/', '?', '#'])
+                .map_or(url.len(), |i| start + i);
+            match url[start..end].rfind('@').map(|i| start + i) {
+                Some(at) => {
+                    let info = &url[start..at];
+                    if found.is_none() {
+                        found = Some(match info.split_once(':') {
+                            Some((u, p)) => UrlCredential::UserPassword(u.into(), p.into()),
+                            None => UrlCredential::Token(info.into()),
+                        });
+                    }
+                    format!("{}{}", &url[..start], &url[at + 1..])
+                }
+                None => url.to_owned(),
+            }
+        })
+        .collect();
+    (stripped.join(","), found)
 }
 
 /// Whether an existing stream's configuration is the one skald would set.
@@ -536,7 +582,9 @@ impl Bus for NatsBus {
                 .await
                 .map_err(|e| other(format!("consumer {name} on {stream_name}: {e}")))?,
         };
-        let (tx, rx) = mpsc::channel::<Delivery>(max_pending.clamp(1, 1024));
+        // A short queue: what waits here is held in memory outside the subscriber's
+        // byte budget.
+        let (tx, rx) = mpsc::channel::<Delivery>(max_pending.clamp(1, 32));
         // What the client buffers ahead of the subscriber is bounded in count and in
         // bytes (at least a few of the largest messages the server accepts, or one of
         // them could never be pulled).
@@ -694,6 +742,28 @@ mod tests {
             "{text}"
         );
         assert!(check_server_version("garbage", "nats://x").is_err());
+    }
+
+    #[test]
+    fn credentials_are_taken_out_of_the_url() {
+        assert_eq!(
+            split_credentials("nats://u:p@h1:4222,nats://h2:4222"),
+            (
+                "nats://h1:4222,nats://h2:4222".to_owned(),
+                Some(UrlCredential::UserPassword("u".into(), "p".into()))
+            )
+        );
+        assert_eq!(
+            split_credentials("t0k@h:4222"),
+            (
+                "h:4222".to_owned(),
+                Some(UrlCredential::Token("t0k".into()))
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://h:4222"),
+            ("nats://h:4222".to_owned(), None)
+        );
     }
 
     #[test]

@@ -42,8 +42,11 @@ pub enum AuthError {
     Operator(String),
 }
 
-/// The keys reply tokens are made and checked with: the first signs, every one verifies
-/// (so a key can be rotated: add the new one first everywhere, then drop the old one).
+/// The keys reply tokens are made and checked with: the first signs, every one verifies.
+/// To rotate a key without a forged-looking reply: add the new key *second* on every
+/// orchestrator (it verifies, nothing signs with it yet); then move it first everywhere
+/// (it signs; the old one, second, still verifies replies to commands already sent);
+/// once those commands are answered or timed out, drop the old key.
 /// Its `Debug` shows how many keys there are, never their bytes.
 #[derive(Clone)]
 pub struct ReplyKeys(Arc<Vec<Vec<u8>>>);

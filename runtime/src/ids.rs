@@ -249,8 +249,30 @@ pub fn command_message_id(
 /// The de-duplication id of a participant's reply: one per attempt *and outcome*, so a
 /// `retryable` answer followed (on a redelivery of the same attempt) by a `success` is not
 /// dropped as a duplicate of the first by the broker's window or skald's inbox.
+///
+/// This is also the inbox id skald records for a reply it applied, computed from the
+/// reply's verified headers, never read from the sender's `Nats-Msg-Id`: one service
+/// cannot make skald drop another's reply as already applied.
 pub fn reply_message_id(idempotency_key: &str, attempt: u32, outcome: &str) -> String {
     format!("reply:{idempotency_key}:{attempt}:{outcome}")
+}
+
+/// The `Nats-Msg-Id` a participant publishes its reply with: [`reply_message_id`]
+/// followed by the first 16 characters of the command's reply token, when it has one.
+/// The broker drops a second message with the same id within its window; with the
+/// token in it, only the service the command went to can know the id, so no other
+/// service can publish a message that makes the broker drop the genuine reply.
+pub fn reply_publish_id(
+    idempotency_key: &str,
+    attempt: u32,
+    outcome: &str,
+    reply_token: Option<&str>,
+) -> String {
+    let id = reply_message_id(idempotency_key, attempt, outcome);
+    match reply_token {
+        Some(t) => format!("{id}:{}", crate::ports::cap(t, 16)),
+        None => id,
+    }
 }
 
 #[cfg(test)]

@@ -565,14 +565,25 @@ impl Message {
     /// headers of at most [`RECORD_MAX_VALUE`] bytes each, and the subject's first
     /// [`RECORD_MAX_VALUE`] bytes, so a dead letter (and its announcement on the bus)
     /// stays small whatever a sender put in the message. `truncated` says whether
-    /// anything was cut; `body_bytes` and `header_count` give the original sizes.
+    /// anything was cut; `body_bytes` and `header_count` give the original sizes. The
+    /// values of `Skald-Reply-Token` and `Skald-Signature` are replaced by `***`.
     pub fn to_record(&self) -> Value {
         let body = String::from_utf8_lossy(&self.payload);
+        // A reply token or an operator's signature would let whoever reads dead letters
+        // answer that attempt, or replay that request: not kept.
+        let secret = |n: &str| n == crate::wire::H_REPLY_TOKEN || n == crate::wire::H_SIGNATURE;
         let headers: Vec<(&str, &str)> = self
             .headers
             .iter()
             .take(RECORD_MAX_HEADERS)
-            .map(|(n, v)| (cap(n, RECORD_MAX_VALUE), cap(v, RECORD_MAX_VALUE)))
+            .map(|(n, v)| {
+                let v = if secret(n) {
+                    "***"
+                } else {
+                    cap(v, RECORD_MAX_VALUE)
+                };
+                (cap(n, RECORD_MAX_VALUE), v)
+            })
             .collect();
         let truncated = body.len() > RECORD_MAX_BODY
             || self.headers.len() > RECORD_MAX_HEADERS

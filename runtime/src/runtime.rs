@@ -120,6 +120,12 @@ pub struct RuntimeOptions {
     /// capacity): memory under a flood is bounded by bytes, not only by count. Default:
     /// 64 MiB. Since 0.4.
     pub max_in_flight_bytes: usize,
+    /// A message deferred this many times for version skew (no build running here can
+    /// apply it) is dead-lettered with the reason. With the redelivery backoff capped at
+    /// 30 s, the default outlasts a deploy by far (about 3.5 days), while a message no
+    /// build will ever take (a retired definition version) stops occupying the
+    /// consumer's pending slots. Default: 10,000. Since 0.4.
+    pub max_deferrals: u32,
 }
 
 impl Default for RuntimeOptions {
@@ -149,6 +155,7 @@ impl Default for RuntimeOptions {
             max_header_bytes: 4096,
             max_message_bytes: 1024 * 1024,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            max_deferrals: 10_000,
         }
     }
 }
@@ -321,6 +328,15 @@ impl RuntimeBuilder {
         if !stranded.is_empty() {
             return Err(RuntimeError::UnregisteredVersions(stranded));
         }
+        // An operator request is deduplicated by the inbox for as long as it may be
+        // applied: the inbox must remember it at least that long.
+        if self.options.inbox_retention < MAX_REQUEST_TTL {
+            return Err(RuntimeError::Runtime(format!(
+                "inbox_retention is {:?}: it must be at least {:?}, the longest an operator \
+                 request may be applied, or a replayed request could be applied twice",
+                self.options.inbox_retention, MAX_REQUEST_TTL
+            )));
+        }
         for (name, key) in &self.options.operators {
             crate::auth::check_operator_key(key)
                 .map_err(|e| RuntimeError::Runtime(format!("operator {name:?}: {e}")))?;
@@ -382,6 +398,7 @@ impl RuntimeBuilder {
             outbox_stored,
             fatal,
             reply_keys,
+            publish_waiters: Arc::new(Semaphore::new(PUBLISHER_QUEUE)),
         });
         let publisher = tokio::spawn(publisher(Arc::clone(&shared), publisher_rx));
 
@@ -820,9 +837,17 @@ async fn intake(
     let count = Arc::new(Semaphore::new(o.max_in_flight_replies.max(1)));
     let max_bytes = o.max_in_flight_bytes.clamp(1, u32::MAX as usize);
     let bytes = Arc::new(Semaphore::new(max_bytes));
-    while let Some((kind, delivery)) = inbound.next().await {
-        // A message larger than the whole budget takes all of it (and is refused by
-        // the limits check unless the budget is below the message limit).
+    while let Some((kind, mut delivery)) = inbound.next().await {
+        // Past the limits: only a capped copy of the body is kept (for the dead
+        // letter), so an oversized message holds neither memory nor the byte budget.
+        let oversized = check_limits(o, &delivery.message).err();
+        if oversized.is_some() {
+            let body = &delivery.message.payload;
+            let keep = body.len().min(crate::ports::RECORD_MAX_BODY);
+            delivery.message.payload = bytes::Bytes::copy_from_slice(&body[..keep]);
+        }
+        // A message larger than the whole budget takes all of it (the limits refuse
+        // one unless the budget is below the message limit).
         let size = message_size(&delivery.message).clamp(1, max_bytes) as u32;
         let Some(one) = acquire(&count, 1, &delivery).await else {
             break;
@@ -833,7 +858,7 @@ async fn intake(
         let shared = Arc::clone(&shared);
         let registry = registry.clone();
         tokio::spawn(async move {
-            handle_inbound(&shared, &registry, kind, delivery).await;
+            handle_inbound(&shared, &registry, kind, delivery, oversized).await;
             drop((one, held));
         });
     }
@@ -845,16 +870,14 @@ async fn handle_inbound(
     registry: &Addr<Registry>,
     kind: Inbound,
     delivery: Delivery,
+    oversized: Option<String>,
 ) {
-    let inbox = delivery.inbox_id();
     let (message, delivery_count, acker) = delivery.into_parts();
-    if let Err(reason) = check_limits(&shared.options, &message) {
+    if let Some(reason) = oversized {
         return poison(shared, &message, delivery_count, acker, None, reason).await;
     }
     match kind {
-        Inbound::Reply => {
-            handle_reply(shared, registry, message, delivery_count, acker, inbox).await
-        }
+        Inbound::Reply => handle_reply(shared, registry, message, delivery_count, acker).await,
         Inbound::Request => {
             handle_operator_request(shared, registry, message, delivery_count, acker).await
         }
@@ -865,7 +888,12 @@ async fn handle_inbound(
 /// commands, or its token does not verify (`Err(Some(reason))`, the reason starting
 /// with `forged reply:`), or it is of a saga type this process does not run
 /// (`Err(None)`). Checked before anything is read from the store.
-fn check_reply(shared: &Shared, subject: &str, reply: &wire::Reply) -> Result<(), Option<String>> {
+fn check_reply(
+    shared: &Shared,
+    subject: &str,
+    reply: &wire::Envelope,
+    token: Option<&str>,
+) -> Result<(), Option<String>> {
     let Some((service, ty, _partition)) = wire::reply_subject_parts(subject) else {
         return Err(Some(format!(
             "forged reply: subject {:?} is not skald.reply.<service>.<saga_type>.<partition>",
@@ -909,7 +937,7 @@ fn check_reply(shared: &Shared, subject: &str, reply: &wire::Reply) -> Result<()
     }
     shared
         .reply_keys
-        .verify(&reply.envelope(), reply.reply_token.as_deref())
+        .verify(reply, token)
         .map_err(|reason| Some(format!("forged reply: {reason}")))
 }
 
@@ -919,7 +947,6 @@ async fn handle_reply(
     message: Message,
     delivery_count: u32,
     acker: Box<dyn Acker>,
-    inbox: Option<String>,
 ) {
     if wire::is_operator_request(&message) {
         let reason = format!(
@@ -929,13 +956,15 @@ async fn handle_reply(
         );
         return poison(shared, &message, delivery_count, acker, None, reason).await;
     }
-    let reply = match wire::decode_reply(&message) {
-        Ok(r) => r,
+    // Where it came from first, from the headers alone: a forged reply's body is never
+    // parsed.
+    let (head, token) = match wire::decode_reply_head(&message) {
+        Ok(h) => h,
         Err(e) => {
             return poison(shared, &message, delivery_count, acker, None, e.to_string()).await;
         }
     };
-    match check_reply(shared, &message.subject, &reply) {
+    match check_reply(shared, &message.subject, &head, token.as_deref()) {
         Ok(()) => {}
         // Not a type this process runs (a bus without per-type consumers handed it
         // over): left for the process that runs it, never dead-lettered.
@@ -944,12 +973,25 @@ async fn handle_reply(
             let delay = backoff(shared.options.redelivery_delay, delivery_count);
             return settle(acker.nak(delay).await);
         }
+        // Filed under no saga: the sender chose the saga id.
         Err(Some(reason)) => {
             RuntimeStats::incr(&shared.stats.forged);
-            let saga = Some(reply.saga_id);
-            return poison(shared, &message, delivery_count, acker, saga, reason).await;
+            return poison(shared, &message, delivery_count, acker, None, reason).await;
         }
     }
+    let reply = match wire::decode_reply(&message) {
+        Ok(r) => r,
+        Err(e) => {
+            let saga = Some(head.saga_id);
+            return poison(shared, &message, delivery_count, acker, saga, e.to_string()).await;
+        }
+    };
+    // The inbox id comes from the verified headers, not from the sender's Nats-Msg-Id.
+    let inbox = Some(crate::ids::reply_message_id(
+        &reply.idempotency_key,
+        reply.attempt,
+        reply.outcome.as_str(),
+    ));
     let span = crate::trace::reply_span(&reply, &message);
     let retryable = matches!(reply.outcome, Outcome::Retryable(_));
     let input = match reply.outcome {
@@ -1013,7 +1055,7 @@ async fn settle_delivery(
         }
         // Version skew: a newer (or older) build beside this one must apply it. Never
         // counted against max_deliveries, never dead-lettered.
-        Disposition::Defer => {
+        Disposition::Defer if delivery_count < shared.options.max_deferrals => {
             // (The actor counted a deferral for data too new already.)
             if !matches!(e, RuntimeError::DataTooNew(_)) {
                 RuntimeStats::incr(&shared.stats.deferred);
@@ -1028,10 +1070,12 @@ async fn settle_delivery(
             settle(acker.nak(delay).await)
         }
         disposition => {
-            let reason = if disposition == Disposition::Retry {
-                format!("not applied after {delivery_count} deliveries: {e}")
-            } else {
-                e.to_string()
+            let reason = match disposition {
+                Disposition::Retry => format!("not applied after {delivery_count} deliveries: {e}"),
+                Disposition::Defer => {
+                    format!("deferred {delivery_count} times, and no build applied it: {e}")
+                }
+                _ => e.to_string(),
             };
             poison(
                 shared,
@@ -1103,7 +1147,15 @@ async fn handle_operator_request(
     };
     let (saga_id, request_id) = (request.saga_id, request.request_id.clone());
     let refused = |reason: String| format!("operator request {request_id} refused: {reason}");
-    let subject_type = message.subject.split('.').nth(2);
+    let mut tokens = message.subject.split('.');
+    let subject_type = match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+        (Some("skald"), Some("op"), Some(ty), Some(p))
+            if tokens.next().is_none() && p.parse::<u32>().is_ok() =>
+        {
+            Some(ty)
+        }
+        _ => None,
+    };
     if subject_type != Some(request.saga_type.as_str()) {
         let reason = refused(format!(
             "it names saga type {} but arrived on {:?}",
@@ -1218,8 +1270,17 @@ async fn poison(
         id: uuid::Uuid::now_v7(),
         category: DeadLetterCategory::Poison,
         saga_id,
-        saga_type: message.headers.get(wire::H_SAGA_TYPE).map(str::to_owned),
-        step: message.headers.get(wire::H_STEP).map(str::to_owned),
+        // Only what parses as a type or step name: these fields are not capped.
+        saga_type: message
+            .headers
+            .get(wire::H_SAGA_TYPE)
+            .filter(|t| SagaType::new(*t).is_ok())
+            .map(str::to_owned),
+        step: message
+            .headers
+            .get(wire::H_STEP)
+            .filter(|s| crate::ids::StepName::new(*s).is_ok())
+            .map(str::to_owned),
         kind: message
             .headers
             .get(wire::H_KIND)
@@ -1364,7 +1425,9 @@ async fn sweeper(shared: Arc<Shared>, holder: String) {
                         match shared.store.purge_finished(before, BATCH).await {
                             Ok(r) => {
                                 report.add(&r);
-                                if r.sagas < BATCH as u64 {
+                                // Poison records of no saga are purged in the same
+                                // batches: go on while either filled one.
+                                if r.sagas < BATCH as u64 && r.dead_letters < BATCH as u64 {
                                     break;
                                 }
                             }

@@ -733,6 +733,18 @@ fn envelope(m: &Message, what: &'static str) -> Result<Envelope, WireError> {
     Ok(env)
 }
 
+/// Decodes a reply's headers only (the envelope and the reply token): enough to check
+/// where it came from before its body is read.
+pub fn decode_reply_head(m: &Message) -> Result<(Envelope, Option<String>), WireError> {
+    const WHAT: &str = "reply";
+    let env = envelope(m, WHAT)?;
+    let token = match m.headers.get(H_REPLY_TOKEN) {
+        Some(_) => Some(key(m, WHAT, H_REPLY_TOKEN)?.to_owned()),
+        None => None,
+    };
+    Ok((env, token))
+}
+
 /// Decodes a reply message.
 pub fn decode_reply(m: &Message) -> Result<Reply, WireError> {
     const WHAT: &str = "reply";
@@ -894,7 +906,12 @@ pub fn encode_reply(command: &IncomingCommand, outcome: &Outcome) -> Message {
     }
     h.insert(
         H_MSG_ID,
-        crate::ids::reply_message_id(&env.idempotency_key, env.attempt, outcome.as_str()),
+        crate::ids::reply_publish_id(
+            &env.idempotency_key,
+            env.attempt,
+            outcome.as_str(),
+            command.reply_token.as_deref(),
+        ),
     );
     // The reply continues the command's trace as a child of it: the span that handled
     // the command, whose id is derived from the reply's message id.

@@ -313,6 +313,18 @@ impl SagaInstance {
                 let now = self.shared.clock.now();
                 match saga.state.due_input(&def, now, self.shared.jitter.draw()) {
                     Some(i) => i,
+                    // A stored state this definition cannot run (a step index out of
+                    // range: the definition was edited in place) has nothing due by it:
+                    // an error, so the wake-up backs off instead of reloading at once,
+                    // forever.
+                    None if machine::check_state(&def, &saga.state).is_err() => {
+                        let e = machine::check_state(&def, &saga.state)
+                            .err()
+                            .map(RuntimeError::Transition)
+                            .unwrap_or_else(|| RuntimeError::Runtime("corrupt state".into()));
+                        self.load = Load::Ready(Box::new(saga));
+                        return Box::pin(actix::fut::ready(Err(e)));
+                    }
                     None => {
                         // Nothing due by the state held here. It may be behind the store:
                         // another process sharing it moved the saga on, and a sweep
@@ -482,7 +494,15 @@ async fn process(
             .as_ref()
             .and_then(|c| c.unmet(&saga, now))
             .map(Refusal::Condition);
-        match bring_data_up(&shared, &def, &mut saga.state) {
+        // A request whose condition does not hold (it expired) is refused without
+        // reading the data: a build that cannot read it refuses it too, rather than
+        // leaving it to another build for as long as it waits.
+        let data = if refused.is_some() {
+            Ok(())
+        } else {
+            bring_data_up(&shared, &def, &mut saga.state)
+        };
+        match data {
             Ok(()) => {}
             // Written by a newer build running beside this one: leave the input to it.
             Err(e @ crate::upcast::UpcastError::Newer { .. }) => {
@@ -797,19 +817,28 @@ fn perform(
             Err(TrySendError::Closed(_)) => {
                 debug!("publisher stopped; messages left in the outbox")
             }
-            // The broker is slower than the commits. Stored rows are left to the relay
-            // (after the writer's lease), so the queue, and memory, stay bounded; rows
-            // that exist nowhere else (an in-process bus) wait for room.
-            Err(TrySendError::Full(job)) if job.stored => {
-                RuntimeStats::incr(&shared.stats.publisher_full);
-                debug!("publisher queue full; rows left to the outbox relay");
-            }
+            // The broker is slower than the commits: a bounded number of transitions
+            // wait for room. Past that, stored rows are left to the
+            // relay (after the writer's lease), and rows that exist nowhere else (an
+            // in-process bus) are dropped: the step's deadline re-sends the command.
+            // Memory stays bounded either way.
             Err(TrySendError::Full(job)) => {
                 RuntimeStats::incr(&shared.stats.publisher_full);
-                let queue = shared.publisher.clone();
-                shared.io.spawn(async move {
-                    let _ = queue.send(job).await;
-                });
+                match Arc::clone(&shared.publish_waiters).try_acquire_owned() {
+                    Ok(permit) => {
+                        let queue = shared.publisher.clone();
+                        shared.io.spawn(async move {
+                            let _ = queue.send(job).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) if job.stored => {
+                        debug!("publisher queue full; rows left to the outbox relay");
+                    }
+                    Err(_) => warn!(
+                        "publisher queue full; commands dropped (their deadlines re-send them)"
+                    ),
+                }
             }
         }
     }

@@ -223,6 +223,8 @@ pub struct Shared {
     /// The keys every command's reply token is made with and every reply's is checked
     /// with.
     pub(crate) reply_keys: crate::auth::ReplyKeys,
+    /// Transitions allowed to wait for room in the publisher's queue when it is full.
+    pub(crate) publish_waiters: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Shared {

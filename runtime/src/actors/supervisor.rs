@@ -97,8 +97,13 @@ impl RetrySupervisor {
                             match registry.send(Lookup { id, initial: None }).await {
                                 // Applied before the next claim; an actor that cannot
                                 // take it (stopping) leaves it to the next sweep.
+                                // A hung instance holds the sweep for one lease at most.
                                 Ok(addr) => {
-                                    let _ = addr.send(Wake).await;
+                                    let wake = addr.send(Wake);
+                                    let lease = shared.options.claim_lease;
+                                    if tokio::time::timeout(lease, wake).await.is_err() {
+                                        warn!(saga.id = %id, "a wake-up took longer than the claim lease");
+                                    }
                                 }
                                 Err(e) => warn!(error = %e, "registry unavailable"),
                             }
