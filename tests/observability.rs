@@ -448,6 +448,7 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
                     wire::H_KIND,
                     wire::H_ATTEMPT,
                     wire::H_IDEMPOTENCY_KEY,
+                    wire::H_REPLY_TOKEN,
                 ] {
                     reply.insert(name, get(name).as_str());
                 }

@@ -21,7 +21,7 @@ use skald::machine::{SagaStatus, StepError};
 use skald::participant;
 use skald::ports::{Bus, DeadLetterCategory, Headers, Message};
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{Checkout, check_consistency, steps, subjects};
+use skald::sagas::checkout::{Checkout, check_consistency, checkout_definition, steps, subjects};
 use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig};
 use skald::wire::{self, Outcome};
 use skald::{Applied, Runtime, RuntimeError};
@@ -533,6 +533,35 @@ async fn unknown_saga_type_and_bad_start_are_refused() {
         .await
         .expect_err("no store");
     assert!(err.to_string().contains("no store"), "{err}");
+    // An inbox that forgets an operator request before it expires, or an allowlist
+    // entry that is not a public user NKey, is refused at start.
+    let checkout = checkout_definition(fast_timing()).expect("valid");
+    for (options, says) in [
+        (
+            skald::RuntimeOptions {
+                inbox_retention: std::time::Duration::from_secs(60),
+                ..options()
+            },
+            "inbox_retention",
+        ),
+        (
+            skald::RuntimeOptions {
+                operators: [("alice".to_owned(), "SUAnot-a-public-key".to_owned())].into(),
+                ..options()
+            },
+            "not a public user NKey",
+        ),
+    ] {
+        let err = Runtime::builder()
+            .store(Arc::new(skald::adapters::memory::MemoryStore::new()))
+            .bus(Arc::new(MemoryBus::new()))
+            .register(&checkout)
+            .options(options)
+            .start()
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains(says), "{err}");
+    }
 
     let backend = Backend::new(StoreKind::Memory).await;
     let env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;

@@ -462,7 +462,7 @@ async fn data_written_by_a_newer_build_is_left_to_it_not_dead_lettered() {
 
 /// A reply the running build cannot apply (the saga's data was written by a newer
 /// build) is deferred for as long as it takes: delivered well past `max_deliveries`
-/// (2 here), it is never dead-lettered, and the newer build finishes the saga.
+/// (2 here), it is not dead-lettered, and the newer build finishes the saga.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_a_build_cannot_apply_is_deferred_past_max_deliveries_never_poisoned() {
     let shop = Shop::new().await;

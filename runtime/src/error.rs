@@ -15,8 +15,8 @@ pub enum Disposition {
     /// The caller's request was refused (e.g. re-drive of a running saga).
     Refuse,
     /// Another build must apply it (version skew during a deploy: a definition version
-    /// or a data schema this build does not have): redeliver later, for as long as it
-    /// takes, never dead-lettered for it.
+    /// or a data schema this build does not have): redeliver later, not counted against
+    /// `max_deliveries`; dead-lettered only past `max_deferrals` (days).
     Defer,
 }
 

@@ -292,6 +292,19 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_publish_id_ends_with_its_token_prefix() {
+        assert_eq!(reply_message_id("k", 2, "success"), "reply:k:2:success");
+        assert_eq!(
+            reply_publish_id("k", 2, "success", None),
+            "reply:k:2:success"
+        );
+        assert_eq!(
+            reply_publish_id("k", 2, "success", Some("0123456789abcdef0123")),
+            "reply:k:2:success:0123456789abcdef"
+        );
+    }
+
+    #[test]
     fn the_service_is_the_token_after_skald_cmd() {
         assert_eq!(service_of("skald.cmd.payment.charge"), "payment");
         assert_eq!(service_of("skald.cmd.payment"), "payment");

@@ -839,3 +839,45 @@ impl JitterSource for FixedJitter {
         Jitter::new(self.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_copies_are_capped_and_keep_no_token_or_signature() {
+        let mut headers = Headers::new();
+        headers.insert(crate::wire::H_REPLY_TOKEN, "ab".repeat(32));
+        headers.insert(crate::wire::H_SIGNATURE, "sig");
+        headers.insert("X-Long", "é".repeat(1000));
+        for i in 0..100 {
+            headers.append(format!("X-{i}"), "v");
+        }
+        let m = Message {
+            subject: "skald.reply.a.b.0".into(),
+            headers,
+            payload: vec![b'x'; 100_000].into(),
+        };
+        let r = m.to_record();
+        let text = r.to_string();
+        assert!(
+            !text.contains(&"ab".repeat(32)) && !text.contains("\"sig\""),
+            "{text}"
+        );
+        assert!(text.contains("***"));
+        assert_eq!(r["truncated"], true);
+        assert_eq!(r["body_bytes"], 100_000);
+        assert_eq!(r["header_count"], 103);
+        assert_eq!(
+            r["headers"].as_array().map(Vec::len),
+            Some(RECORD_MAX_HEADERS)
+        );
+        assert!(
+            r["body"]
+                .as_str()
+                .is_some_and(|b| b.len() == RECORD_MAX_BODY)
+        );
+        assert!(text.len() < 40_000, "{}", text.len());
+        assert_eq!(cap("ééé", 3), "é");
+    }
+}

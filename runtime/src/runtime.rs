@@ -967,7 +967,7 @@ async fn handle_reply(
     match check_reply(shared, &message.subject, &head, token.as_deref()) {
         Ok(()) => {}
         // Not a type this process runs (a bus without per-type consumers handed it
-        // over): left for the process that runs it, never dead-lettered.
+        // over): left for the process that runs it, never dead-lettered for it.
         Err(None) => {
             RuntimeStats::incr(&shared.stats.deferred);
             let delay = backoff(shared.options.redelivery_delay, delivery_count);
@@ -1054,7 +1054,7 @@ async fn settle_delivery(
             settle(acker.nak(delay).await)
         }
         // Version skew: a newer (or older) build beside this one must apply it. Never
-        // counted against max_deliveries, never dead-lettered.
+        // counted against max_deliveries; dead-lettered only past max_deferrals.
         Disposition::Defer if delivery_count < shared.options.max_deferrals => {
             // (The actor counted a deferral for data too new already.)
             if !matches!(e, RuntimeError::DataTooNew(_)) {
@@ -1073,7 +1073,10 @@ async fn settle_delivery(
             let reason = match disposition {
                 Disposition::Retry => format!("not applied after {delivery_count} deliveries: {e}"),
                 Disposition::Defer => {
-                    format!("deferred {delivery_count} times, and no build applied it: {e}")
+                    format!(
+                        "not applied after {delivery_count} deliveries (max_deferrals), the \
+                         last deferred for version skew: no build running applied it: {e}"
+                    )
                 }
                 _ => e.to_string(),
             };
@@ -1146,6 +1149,7 @@ async fn handle_operator_request(
         }
     };
     let (saga_id, request_id) = (request.saga_id, request.request_id.clone());
+    let expires_at_ms = request.expires_at_ms;
     let refused = |reason: String| format!("operator request {request_id} refused: {reason}");
     let mut tokens = message.subject.split('.');
     let subject_type = match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
@@ -1162,28 +1166,14 @@ async fn handle_operator_request(
             request.saga_type,
             crate::ports::cap(&message.subject, 128)
         ));
-        return poison(
-            shared,
-            &message,
-            delivery_count,
-            acker,
-            Some(saga_id),
-            reason,
-        )
-        .await;
+        return poison(shared, &message, delivery_count, acker, None, reason).await;
     }
+    // Refusals of a request whose sender is not verified are filed under no saga: the
+    // sender chose the saga id.
     if let Err(reason) = verify_operator(&shared.options, &request) {
         RuntimeStats::incr(&shared.stats.forged);
         let reason = refused(reason);
-        return poison(
-            shared,
-            &message,
-            delivery_count,
-            acker,
-            Some(saga_id),
-            reason,
-        )
-        .await;
+        return poison(shared, &message, delivery_count, acker, None, reason).await;
     }
     let now = shared.clock.now();
     let latest = now.plus(MAX_REQUEST_TTL).as_millis();
@@ -1217,6 +1207,25 @@ async fn handle_operator_request(
     let result = deliver(registry, saga_id, None, input, inbox, Some(condition)).await;
     if let Ok(applied) = &result {
         info!(saga.id = %saga_id, request = %request_id, ?applied, "operator request settled");
+    }
+    // Expired, and this build cannot run the saga (version skew): no build may apply
+    // it any more, so it is not left to another one.
+    if let Err(e) = &result
+        && e.disposition() == Disposition::Defer
+        && shared.clock.now() > Timestamp(expires_at_ms)
+    {
+        let reason = refused(format!(
+            "it expired, and this build cannot run the saga: {e}"
+        ));
+        return poison(
+            shared,
+            &message,
+            delivery_count,
+            acker,
+            Some(saga_id),
+            reason,
+        )
+        .await;
     }
     settle_delivery(
         shared,

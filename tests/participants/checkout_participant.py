@@ -4,7 +4,8 @@ It serves the inventory, payment and shipping commands of the checkout saga over
 JetStream with nothing but the nats-py client: one durable pull consumer on the
 commands stream (created here, with the settings the page gives), replies published on
 the subject named in Skald-Reply-To, echoing the saga headers, with a per-outcome
-Nats-Msg-Id and a child traceparent.
+Nats-Msg-Id that ends with the reply token's first 16 characters, and a child
+traceparent.
 
 Every command goes through the TCC fence of the page, kept per action key: a claim
 before the work, recorded outcomes replayed, retryable answers remembered per attempt,
@@ -36,6 +37,7 @@ DURABLE = "python-checkout"
 SUBJECTS = "skald.cmd.>"
 ECHO = ["Skald-Saga-Id", "Skald-Saga-Type", "Skald-Step", "Skald-Kind", "Skald-Attempt",
         "Skald-Idempotency-Key", "Skald-Reply-Token"]
+TOKEN_PREFIX = 16       # characters of Skald-Reply-Token at the end of a reply's Nats-Msg-Id
 LEASE_MS = 30_000       # a claim older than this belongs to a crashed holder
 CONCURRENCY = 64
 
@@ -72,6 +74,19 @@ def fnv1a64(text):
 
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def reply_msg_id(h, outcome):
+    """`reply:<idempotency key>:<attempt>:<outcome>:<token prefix>`: one per attempt and
+    outcome, for the broker's de-duplication. The token's first characters make it an
+    id only the service the command went to can know, so no other service can publish
+    under it first and have the broker drop this reply. Without a token (a command from
+    an orchestrator older than 0.4), the id ends with the outcome."""
+    msg_id = "reply:%s:%s:%s" % (h["Skald-Idempotency-Key"], h["Skald-Attempt"], outcome)
+    token = h.get("Skald-Reply-Token")
+    if token:
+        msg_id += ":" + token[:TOKEN_PREFIX]
+    return msg_id
 
 
 def reply_traceparent(h):
@@ -275,8 +290,7 @@ async def serve(js, participant, msg):
     outcome, body = await participant.handle(msg.subject, h, msg.data)
     headers = {k: h[k] for k in ECHO if k in h}
     headers["Skald-Outcome"] = outcome
-    headers["Nats-Msg-Id"] = "reply:%s:%s:%s" % (
-        h["Skald-Idempotency-Key"], h["Skald-Attempt"], outcome)
+    headers["Nats-Msg-Id"] = reply_msg_id(h, outcome)
     traceparent = reply_traceparent(h)
     if traceparent:
         headers["traceparent"] = traceparent
