@@ -403,7 +403,15 @@ fn operator_message() -> BoxedStrategy<Message> {
     let known = vec![
         (wire::H_SAGA_ID, saga_id_text()),
         (wire::H_SAGA_TYPE, name_text()),
-        (wire::H_MSG_ID, key_text()),
+        // Request ids start with `op:` (anything else is refused); sometimes not.
+        (
+            wire::H_MSG_ID,
+            prop_oneof![
+                4 => key_text().prop_map(|k| format!("op:{k}")),
+                1 => key_text(),
+            ]
+            .boxed(),
+        ),
         (
             wire::H_OPERATOR_ACTION,
             select(vec!["redrive", "cancel"])

@@ -248,10 +248,28 @@ async fn handle<H, F>(
 {
     let received = std::time::Instant::now();
     let (message, _, acker) = delivery.into_parts();
-    // Past the limits (skald's own commands are far below them): nothing is decoded.
+    // Past the limits: the body is not decoded. When the headers say who to answer,
+    // the command is answered with a permanent failure (it was not applied), so the
+    // saga learns why instead of timing out; otherwise it is terminated.
     if let Err(reason) = setup.limits.check(&message) {
-        warn!(subject = %message.subject, reason, "oversized command terminated");
-        settle(acker.term(&reason).await);
+        match wire::decode_command_head(&message) {
+            Ok(command) => {
+                warn!(subject = %message.subject, reason, "oversized command refused");
+                let refusal =
+                    Outcome::Failure(crate::machine::StepError::new("oversized_command", reason));
+                match bus.publish(wire::encode_reply(&command, &refusal)).await {
+                    Ok(()) => settle(acker.ack().await),
+                    Err(e) => {
+                        warn!(error = %e, "publishing a refusal failed; redelivering later");
+                        settle(acker.nak(Duration::from_secs(1)).await)
+                    }
+                }
+            }
+            Err(_) => {
+                warn!(subject = %message.subject, reason, "oversized command terminated");
+                settle(acker.term(&reason).await);
+            }
+        }
         return;
     }
     let command = match wire::decode_command(&message) {
@@ -657,7 +675,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn oversized_commands_are_terminated_without_calling_the_handler() {
+    async fn oversized_commands_are_refused_without_calling_the_handler() {
         let bus = Arc::new(Scripted::default());
         let mut many = command("k1", 1, serde_json::json!({}));
         for i in 0..100 {
@@ -667,7 +685,9 @@ mod tests {
         long.headers.insert("X-Long", "v".repeat(5000));
         let big = command("k3", 1, serde_json::json!({ "pad": "x".repeat(2 << 20) }));
         let fine = command("k4", 1, serde_json::json!({}));
-        *bus.commands.lock().expect("lock") = vec![many, long, big, fine];
+        let mut headless = command("k5", 1, serde_json::json!({ "pad": "x".repeat(2 << 20) }));
+        headless.headers = Headers::new();
+        *bus.commands.lock().expect("lock") = vec![many, long, big, fine, headless];
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&calls);
         let _handle = serve(bus.clone(), "skald.cmd.svc.>", "svc", 1, move |_cmd| {
@@ -679,14 +699,33 @@ mod tests {
         let settled = Arc::clone(&bus.settled);
         let outcomes = wait_for(|| {
             let s = settled.lock().expect("lock").clone();
-            (s.len() == 4).then_some(s)
+            (s.len() == 5).then_some(s)
         })
         .await;
-        assert_eq!(outcomes, vec!["term", "term", "term", "ack"]);
+        // Answered (a permanent failure saying why) where the headers say who to answer;
+        // terminated where they do not.
+        assert_eq!(outcomes, vec!["ack", "ack", "ack", "ack", "term"]);
         assert_eq!(
             calls.load(Ordering::SeqCst),
             1,
             "only the command within the limits"
+        );
+        let codes: Vec<String> = replies(&bus, 4)
+            .await
+            .into_iter()
+            .map(|r| match r.outcome {
+                Outcome::Failure(e) => e.code,
+                other => other.as_str().to_owned(),
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                "oversized_command",
+                "oversized_command",
+                "oversized_command",
+                "success"
+            ]
         );
     }
 

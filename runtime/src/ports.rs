@@ -568,6 +568,12 @@ impl Message {
     /// anything was cut; `body_bytes` and `header_count` give the original sizes. The
     /// values of `Skald-Reply-Token` and `Skald-Signature` are replaced by `***`.
     pub fn to_record(&self) -> Value {
+        self.to_record_of(self.payload.len())
+    }
+
+    /// [`Message::to_record`] of a message whose body had `body_bytes` bytes before it
+    /// was cut (the runtime keeps only the start of an oversized body).
+    pub fn to_record_of(&self, body_bytes: usize) -> Value {
         let body = String::from_utf8_lossy(&self.payload);
         // A reply token or an operator's signature would let whoever reads dead letters
         // answer that attempt, or replay that request: not kept.
@@ -585,7 +591,8 @@ impl Message {
                 (cap(n, RECORD_MAX_VALUE), v)
             })
             .collect();
-        let truncated = body.len() > RECORD_MAX_BODY
+        let truncated = body_bytes > self.payload.len()
+            || self.payload.len() > RECORD_MAX_BODY
             || self.headers.len() > RECORD_MAX_HEADERS
             || self.subject.len() > RECORD_MAX_VALUE
             || self
@@ -596,7 +603,7 @@ impl Message {
             "subject": cap(&self.subject, RECORD_MAX_VALUE),
             "headers": headers,
             "body": cap(&body, RECORD_MAX_BODY),
-            "body_bytes": self.payload.len(),
+            "body_bytes": body_bytes,
             "header_count": self.headers.len(),
             "truncated": truncated,
         })

@@ -840,12 +840,12 @@ async fn intake(
     while let Some((kind, mut delivery)) = inbound.next().await {
         // Past the limits: only a capped copy of the body is kept (for the dead
         // letter), so an oversized message holds neither memory nor the byte budget.
-        let oversized = check_limits(o, &delivery.message).err();
-        if oversized.is_some() {
+        let oversized = check_limits(o, &delivery.message).err().map(|reason| {
             let body = &delivery.message.payload;
-            let keep = body.len().min(crate::ports::RECORD_MAX_BODY);
+            let (len, keep) = (body.len(), body.len().min(crate::ports::RECORD_MAX_BODY));
             delivery.message.payload = bytes::Bytes::copy_from_slice(&body[..keep]);
-        }
+            (reason, len)
+        });
         // A message larger than the whole budget takes all of it (the limits refuse
         // one unless the budget is below the message limit).
         let size = message_size(&delivery.message).clamp(1, max_bytes) as u32;
@@ -870,11 +870,12 @@ async fn handle_inbound(
     registry: &Addr<Registry>,
     kind: Inbound,
     delivery: Delivery,
-    oversized: Option<String>,
+    oversized: Option<(String, usize)>,
 ) {
     let (message, delivery_count, acker) = delivery.into_parts();
-    if let Some(reason) = oversized {
-        return poison(shared, &message, delivery_count, acker, None, reason).await;
+    if let Some((reason, body_bytes)) = oversized {
+        let count = delivery_count;
+        return poison_sized(shared, &message, body_bytes, count, acker, None, reason).await;
     }
     match kind {
         Inbound::Reply => handle_reply(shared, registry, message, delivery_count, acker).await,
@@ -1271,6 +1272,29 @@ async fn poison(
     saga_id: Option<SagaId>,
     reason: String,
 ) {
+    let body_bytes = message.payload.len();
+    poison_sized(
+        shared,
+        message,
+        body_bytes,
+        delivery_count,
+        acker,
+        saga_id,
+        reason,
+    )
+    .await
+}
+
+/// [`poison`] of a message whose body had `body_bytes` bytes before the intake cut it.
+async fn poison_sized(
+    shared: &Arc<Shared>,
+    message: &Message,
+    body_bytes: usize,
+    delivery_count: u32,
+    acker: Box<dyn Acker>,
+    saga_id: Option<SagaId>,
+    reason: String,
+) {
     // The reason may quote what the sender wrote: keep it short.
     let reason = crate::ports::cap(&reason, 2048).to_owned();
     RuntimeStats::incr(&shared.stats.poison);
@@ -1296,7 +1320,7 @@ async fn poison(
             .and_then(|k| k.parse().ok()),
         reason: reason.clone(),
         attempts: delivery_count,
-        message: Some(message.to_record()),
+        message: Some(message.to_record_of(body_bytes)),
         at: shared.clock.now(),
         resolved_at: None,
     };

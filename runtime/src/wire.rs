@@ -425,7 +425,17 @@ pub fn decode_operator_request(m: &Message) -> Result<OperatorRequest, WireError
         saga_id: parse(m, WHAT, H_SAGA_ID)?,
         saga_type: parse(m, WHAT, H_SAGA_TYPE)?,
         action,
-        request_id: key(m, WHAT, H_MSG_ID)?.to_owned(),
+        request_id: {
+            // Its own namespace in the inbox: a request cannot take the id of a reply.
+            let id = key(m, WHAT, H_MSG_ID)?;
+            if !id.starts_with("op:") {
+                return Err(WireError {
+                    what: WHAT,
+                    reason: format!("header {H_MSG_ID} must start with op: (op:<operator>:<uuid>)"),
+                });
+            }
+            id.to_owned()
+        },
         operator: m
             .headers
             .get(H_OPERATOR)
@@ -841,12 +851,19 @@ impl IncomingCommand {
 
 /// Decodes a command message (participant side).
 pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
-    const WHAT: &str = "command";
-    let envelope = envelope(m, WHAT)?;
-    let payload = serde_json::from_slice(&m.payload).map_err(|e| WireError {
-        what: WHAT,
+    let mut command = decode_command_head(m)?;
+    command.payload = serde_json::from_slice(&m.payload).map_err(|e| WireError {
+        what: "command",
         reason: format!("body is not JSON: {e}"),
     })?;
+    Ok(command)
+}
+
+/// Decodes a command's headers only (its payload left `null`): enough to answer a
+/// command whose body cannot be taken (too large).
+pub fn decode_command_head(m: &Message) -> Result<IncomingCommand, WireError> {
+    const WHAT: &str = "command";
+    let envelope = envelope(m, WHAT)?;
     Ok(IncomingCommand {
         subject: m.subject.clone(),
         reply_to: header(m, WHAT, H_REPLY_TO)?.to_owned(),
@@ -872,7 +889,7 @@ pub fn decode_command(m: &Message) -> Result<IncomingCommand, WireError> {
             None => None,
         },
         envelope,
-        payload,
+        payload: Value::Null,
     })
 }
 
