@@ -317,15 +317,12 @@ impl SagaInstance {
                     // range: the definition was edited in place) has nothing due by it:
                     // an error, so the wake-up backs off instead of reloading at once,
                     // forever.
-                    None if machine::check_state(&def, &saga.state).is_err() => {
-                        let e = machine::check_state(&def, &saga.state)
-                            .err()
-                            .map(RuntimeError::Transition)
-                            .unwrap_or_else(|| RuntimeError::Runtime("corrupt state".into()));
-                        self.load = Load::Ready(Box::new(saga));
-                        return Box::pin(actix::fut::ready(Err(e)));
-                    }
                     None => {
+                        if let Err(e) = machine::check_state(&def, &saga.state) {
+                            self.load = Load::Ready(Box::new(saga));
+                            let e = RuntimeError::Transition(e);
+                            return Box::pin(actix::fut::ready(Err(e)));
+                        }
                         // Nothing due by the state held here. It may be behind the store:
                         // another process sharing it moved the saga on, and a sweep
                         // claimed the wake-up that state now has. Reload, so the timer is
