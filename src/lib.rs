@@ -58,6 +58,6 @@ pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
 pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
 pub use skald_runtime::{
-    auth, definition, ids, machine, participant, ports, replay, retry, trace, upcast, wire,
+    auth, definition, ids, journal, machine, participant, ports, replay, retry, trace, upcast, wire,
 };
 pub use skald_sagas as sagas;

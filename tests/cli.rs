@@ -675,9 +675,10 @@ fn shop(version: u32, steps: &[&str]) -> SagaDefinition<Order> {
 /// compacted retry run or `skald migrate-payloads` leaves one): a definition with fewer
 /// steps meets step index 2 there, before any transition could diverge.
 async fn seeded_store(dir: &TempDir) -> (String, SagaId) {
+    use skald::journal::{JournalRecord, Transition};
     use skald::machine::{Input, SagaState, Timestamp, transition};
-    use skald::ports::{Clock, JOURNAL_SCHEMA_VERSION, JournalEntry, SagaWrite, SystemClock};
-    use skald::replay::{snapshot_body, transition_body};
+    use skald::ports::{Clock, JournalEntry, SagaWrite, SystemClock};
+    use skald::replay::snapshot;
 
     let url = dir.sqlite_url();
     let store = skald::adapters::sqlite::SqliteStore::connect(&url)
@@ -703,22 +704,13 @@ async fn seeded_store(dir: &TempDir) -> (String, SagaId) {
         let at = Timestamp(t0 + 1_000 * (i as u64 + 1));
         let (next, effects) = transition(def, &state, &input, at).expect("applies");
         if i == 0 {
-            first = Some(JournalEntry {
-                at,
-                schema_version: JOURNAL_SCHEMA_VERSION,
-                kind: "transition".into(),
-                body: transition_body(&input, &next, &effects, Some(&start), None),
-            });
+            let record = Transition::new(&input, &next, &effects, Some(&start), None);
+            first = Some(JournalEntry::new(at, &JournalRecord::Transition(record)));
         }
         state = next;
     }
     assert_eq!(state.pending.map(|p| p.step), Some(2));
-    let snapshot = JournalEntry {
-        at: Timestamp(t0 + 10_000),
-        schema_version: JOURNAL_SCHEMA_VERSION,
-        kind: "snapshot".into(),
-        body: snapshot_body(&state, "compacted"),
-    };
+    let snapshot = JournalEntry::new(Timestamp(t0 + 10_000), &snapshot(&state, "compacted"));
     let write = SagaWrite {
         id,
         expected_version: 0,

@@ -811,25 +811,22 @@ fn run(which: u8) -> (Vec<SagaState>, Vec<JournalEntry>) {
         now += 86_400_000;
         let (next, effects) = machine::transition(def(), &state, &input, Timestamp(now))
             .unwrap_or_else(|e| panic!("scenario {which}, input {i} ({}): {e}", input.name()));
-        journal.push(JournalEntry {
-            at: Timestamp(now),
-            schema_version: skald::ports::JOURNAL_SCHEMA_VERSION,
-            kind: "transition".into(),
-            body: skald::replay::transition_body(
-                &input,
-                &next,
-                &effects,
-                (i == 0).then_some(&state),
-                Some("reply:1"),
-            ),
-        });
+        let record = skald::journal::Transition::new(
+            &input,
+            &next,
+            &effects,
+            (i == 0).then_some(&state),
+            Some("reply:1"),
+        );
+        journal.push(JournalEntry::new(
+            Timestamp(now),
+            &skald::journal::JournalRecord::Transition(record),
+        ));
         if i == 2 {
-            journal.push(JournalEntry {
-                at: Timestamp(now),
-                schema_version: skald::ports::JOURNAL_SCHEMA_VERSION,
-                kind: "snapshot".into(),
-                body: skald::replay::snapshot_body(&next, "retries"),
-            });
+            journal.push(JournalEntry::new(
+                Timestamp(now),
+                &skald::replay::snapshot(&next, "retries"),
+            ));
         }
         state = next;
         states.push(state.clone());

@@ -27,52 +27,18 @@
 //! [`Definition`]: definition::Definition
 //! [`Runtime`]: runtime::Runtime
 
+// The pure core, re-exported where the runtime has always had it.
+pub use skald_core::{definition, ids, journal, machine, replay, retry, upcast};
+
 pub mod actors;
 pub mod auth;
 pub mod committer;
-pub mod definition;
 pub mod error;
-pub mod ids;
-pub mod machine;
 pub mod metrics;
 pub mod participant;
 pub mod ports;
-pub mod replay;
-pub mod retry;
 pub mod runtime;
 pub mod trace;
-pub mod upcast;
 pub mod wire;
 
-/// Serde helper: a `Duration` as whole milliseconds.
-pub(crate) mod serde_millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
-
-/// Serde helper: an optional `Duration` as whole milliseconds (or null).
-pub(crate) mod serde_millis_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
-    }
-}
+pub(crate) use skald_core::{serde_millis, serde_millis_opt};

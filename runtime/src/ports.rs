@@ -35,21 +35,7 @@ pub struct StoredSaga {
     pub version: u64,
 }
 
-/// Schema version of journal entries written by this build.
-pub const JOURNAL_SCHEMA_VERSION: u16 = 1;
-
-/// One entry of a saga's append-only history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JournalEntry {
-    /// When it was recorded.
-    pub at: Timestamp,
-    /// Shape of `body` ([`JOURNAL_SCHEMA_VERSION`]).
-    pub schema_version: u16,
-    /// `transition` (an applied input), `ignored` (a refused input) or `note`.
-    pub kind: String,
-    /// The entry: the input, and either the status and effects, or why it was ignored.
-    pub body: Value,
-}
+pub use skald_core::journal::{JOURNAL_SCHEMA_VERSION, JournalEntry};
 
 /// What a dead letter is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -617,17 +603,7 @@ pub const RECORD_MAX_HEADERS: usize = 32;
 /// The most bytes a dead letter keeps of one header name, value or the subject.
 pub const RECORD_MAX_VALUE: usize = 512;
 
-/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
-pub fn cap(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
+pub use skald_core::text::cap;
 
 /// Bus failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

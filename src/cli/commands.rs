@@ -10,8 +10,9 @@ use serde_json::{Value, json};
 use skald_adapters::nats::NatsOptions;
 use skald_adapters::postgres::PostgresStore;
 use skald_adapters::sqlite::SqliteStore;
-use skald_runtime::ids::{CommandKind, SagaId, SagaType};
-use skald_runtime::machine::{Phase, SagaState, SagaStatus, Timestamp};
+use skald_runtime::ids::{CommandKind, SagaId, SagaType, StepName};
+use skald_runtime::journal::{JournalEffect, JournalRecord};
+use skald_runtime::machine::{Input, Phase, SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
     Bus, Clock, DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry,
     MAX_QUERY_ROWS, SagaOrder, SagaQueries, SagaQuery, StoredSaga, SystemClock,
@@ -363,162 +364,142 @@ async fn sagas(
 }
 
 /// One journal entry in words: what came in, and what it led to.
-fn describe_entry(cli: &Cli, state: &SagaState, e: &JournalEntry) -> (String, String, Vec<String>) {
-    if e.kind == "snapshot" {
-        let snap = e.body.get("snapshot").cloned().unwrap_or(Value::Null);
-        let status = snap
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_owned();
-        let mut details = Vec::new();
-        if let Ok(s) = serde_json::from_value::<SagaState>(snap)
-            && let Some(p) = s.pending
-        {
-            details.push(format!(
-                "{} {} at attempt {} ({} in this run)",
-                step_name(cli, &s, p.step),
-                p.kind,
-                p.attempt,
-                p.attempts_used()
-            ));
+fn describe_entry(cli: &Cli, e: &JournalEntry) -> (String, String, Vec<String>) {
+    let record = match e.record() {
+        Ok(r) => r,
+        Err(err) => return (format!("({err})"), "?".to_owned(), Vec::new()),
+    };
+    let (input, outcome, mut details, effects) = match &record {
+        JournalRecord::Snapshot(snap) => {
+            let s = &snap.snapshot;
+            let mut details = Vec::new();
+            if let Some(p) = s.pending {
+                details.push(format!(
+                    "{} {} at attempt {} ({} in this run)",
+                    step_name(cli, s, p.step),
+                    p.kind,
+                    p.attempt,
+                    p.attempts_used()
+                ));
+            }
+            return (
+                format!("snapshot: {}", snap.note),
+                s.status.to_string(),
+                details,
+            );
         }
-        let note = e.body.get("note").and_then(Value::as_str).unwrap_or("");
-        return (format!("snapshot: {note}"), status, details);
-    }
-    let input = e.body.get("input").cloned().unwrap_or(Value::Null);
-    let name = input.get("input").and_then(Value::as_str).unwrap_or("?");
-    let step = || {
-        format!(
-            "{} {} #{}",
-            input.get("step").and_then(Value::as_str).unwrap_or("?"),
-            input.get("kind").and_then(Value::as_str).unwrap_or("?"),
-            input.get("attempt").and_then(Value::as_u64).unwrap_or(0)
-        )
+        JournalRecord::Transition(t) => {
+            (&t.input, t.status.to_string(), Vec::new(), &t.effects[..])
+        }
+        JournalRecord::Ignored(i) => (
+            &i.input,
+            "(ignored)".to_owned(),
+            vec![format!("ignored: {}", i.ignored)],
+            &[][..],
+        ),
     };
-    let error = || {
-        input
-            .get("error")
-            .map(|err| {
-                format!(
-                    "{}: {}",
-                    err.get("code").and_then(Value::as_str).unwrap_or("?"),
-                    err.get("message").and_then(Value::as_str).unwrap_or("")
-                )
-            })
-            .unwrap_or_default()
-    };
-    let mut what = match name {
-        "started" => "started".to_owned(),
-        "step_succeeded" => format!("reply: {} succeeded", step()),
-        "step_failed" => {
-            let retryable = input.get("retryable").and_then(Value::as_bool) == Some(true);
-            let how = if retryable {
+    let step =
+        |step: &StepName, kind: &CommandKind, attempt: &u32| format!("{step} {kind} #{attempt}");
+    let mut what = match input {
+        Input::Started => "started".to_owned(),
+        Input::StepSucceeded {
+            step: s,
+            kind,
+            attempt,
+            ..
+        } => format!("reply: {} succeeded", step(s, kind, attempt)),
+        Input::StepFailed {
+            step: s,
+            kind,
+            attempt,
+            retryable,
+            error,
+            ..
+        } => {
+            let how = if *retryable {
                 "failed (retryable)"
             } else {
                 "failed"
             };
-            format!("reply: {} {how}: {}", step(), error())
+            format!(
+                "reply: {} {how}: {}: {}",
+                step(s, kind, attempt),
+                error.code,
+                error.message
+            )
         }
-        "timed_out" => format!("timeout: {} got no reply in time", step()),
-        "retry_due" => format!("backoff over: {} failed, the next attempt goes out", step()),
-        "cancel_requested" => format!(
-            "cancel requested: {}",
-            input.get("reason").and_then(Value::as_str).unwrap_or("")
+        Input::TimedOut {
+            step: s,
+            kind,
+            attempt,
+            ..
+        } => format!("timeout: {} got no reply in time", step(s, kind, attempt)),
+        Input::RetryDue {
+            step: s,
+            kind,
+            attempt,
+        } => format!(
+            "backoff over: {} failed, the next attempt goes out",
+            step(s, kind, attempt)
         ),
-        "redriven" => "re-driven by an operator".to_owned(),
-        "resumed" => "resumed after a restart (command re-sent)".to_owned(),
-        other => other.to_owned(),
+        Input::CancelRequested { reason } => format!("cancel requested: {reason}"),
+        Input::Redriven => "re-driven by an operator".to_owned(),
+        Input::Resumed => "resumed after a restart (command re-sent)".to_owned(),
+        Input::DataUnreadable { error } => format!("data unreadable: {}", error.message),
     };
-    if let Some(c) = e.body.get("causation").and_then(Value::as_str)
+    if let Some(c) = record.causation()
         && c.starts_with("op:")
     {
         let _ = write!(what, " [{c}]");
     }
-    let (outcome, mut details) = match e.kind.as_str() {
-        "transition" => (
-            e.body
-                .get("status")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_owned(),
-            Vec::new(),
-        ),
-        "ignored" => (
-            "(ignored)".to_owned(),
-            vec![format!(
-                "ignored: {}",
-                e.body.get("ignored").and_then(Value::as_str).unwrap_or("")
-            )],
-        ),
-        other => (other.to_owned(), Vec::new()),
-    };
     let mut events = Vec::new();
-    for effect in e
-        .body
-        .get("effects")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let s = |k: &str| {
-            effect
-                .get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_owned()
-        };
-        let n = |k: &str| effect.get(k).and_then(Value::as_u64).unwrap_or(0);
-        match effect.get("effect").and_then(Value::as_str) {
-            Some("send_command") => details.push(format!(
-                "sent {} {} #{} on {} (reply due by {})",
-                s("step"),
-                s("kind"),
-                n("attempt"),
-                s("subject"),
-                time(Timestamp(n("deadline")))
+    for effect in effects {
+        match effect {
+            JournalEffect::SendCommand {
+                step: s,
+                kind,
+                attempt,
+                subject,
+                deadline,
+                ..
+            } => details.push(format!(
+                "sent {} on {subject} (reply due by {})",
+                step(s, kind, attempt),
+                time(*deadline)
             )),
-            Some("schedule_wakeup") => {
-                // A command's own reply deadline needs no line of its own; any other
-                // wake-up is a retry's due time.
-                let at = n("at");
-                let is_deadline =
-                    e.body
-                        .get("effects")
-                        .and_then(Value::as_array)
-                        .is_some_and(|all| {
-                            all.iter().any(|x| {
-                                x.get("effect").and_then(Value::as_str) == Some("send_command")
-                                    && x.get("deadline").and_then(Value::as_u64) == Some(at)
-                            })
-                        });
+            // Written by older builds: a command's own reply deadline needs no line of
+            // its own; any other wake-up is a retry's due time.
+            JournalEffect::ScheduleWakeup { at } => {
+                let is_deadline = effects.iter().any(
+                    |x| matches!(x, JournalEffect::SendCommand { deadline, .. } if deadline == at),
+                );
                 if !is_deadline {
-                    details.push(format!("retry scheduled at {}", time(Timestamp(at))));
+                    details.push(format!("retry scheduled at {}", time(*at)));
                 }
             }
-            Some("emit_lifecycle_event") => events.push(s("event")),
-            Some("dead_letter") => details.push(format!(
+            JournalEffect::EmitLifecycleEvent { event, .. } => events.push(event.as_str()),
+            JournalEffect::DeadLetter(info) => details.push(format!(
                 "dead-lettered: {} {} after {} attempts: {}: {}",
-                s("step_name"),
-                s("kind"),
-                n("attempts"),
-                effect
-                    .pointer("/error/code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?"),
-                effect
-                    .pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
+                info.step_name, info.kind, info.attempts, info.error.code, info.error.message
             )),
-            Some("finished") => details.push(format!("finished: {}", s("status"))),
-            _ => {}
+            JournalEffect::Finished { status } => details.push(format!("finished: {status}")),
         }
+    }
+    // A failed or timed-out attempt that sent nothing began a backoff: the next attempt
+    // goes out when the saga wakes up.
+    if let JournalRecord::Transition(t) = &record
+        && let Some(at) = t.wake_at
+        && matches!(t.input, Input::StepFailed { .. } | Input::TimedOut { .. })
+        && !t
+            .effects
+            .iter()
+            .any(|x| matches!(x, JournalEffect::SendCommand { .. }))
+    {
+        details.push(format!("retry scheduled at {}", time(at)));
     }
     if !events.is_empty() {
         details.push(format!("events: {}", events.join(", ")));
     }
-    let _ = (cli, state);
     (what, outcome, details)
 }
 
@@ -600,7 +581,7 @@ async fn show(
     let mut t = Table::new(vec!["#", "AT", "+", "WHAT", "STATUS"]);
     let mut rows: Vec<(Vec<String>, Vec<String>)> = Vec::new();
     for (i, e) in journal.iter().enumerate() {
-        let (what, outcome, details) = describe_entry(cli, s, e);
+        let (what, outcome, details) = describe_entry(cli, e);
         rows.push((
             vec![i.to_string(), time(e.at), since(start, e.at), what, outcome],
             details,
@@ -895,7 +876,7 @@ async fn migrate_payloads(
     now: Timestamp,
     json: bool,
 ) -> Result<String, CliError> {
-    use skald_runtime::ports::{JOURNAL_SCHEMA_VERSION, SagaWrite, WriteOutcome};
+    use skald_runtime::ports::{SagaWrite, WriteOutcome};
     let mut report = MigrationReport {
         dry_run,
         ..MigrationReport::default()
@@ -956,12 +937,10 @@ async fn migrate_payloads(
             let write = SagaWrite {
                 id: s.id,
                 expected_version: saga.version,
-                journal: vec![JournalEntry {
-                    at: now,
-                    schema_version: JOURNAL_SCHEMA_VERSION,
-                    kind: "snapshot".into(),
-                    body: skald_runtime::replay::snapshot_body(&state, &note),
-                }],
+                journal: vec![JournalEntry::new(
+                    now,
+                    &skald_runtime::replay::snapshot(&state, &note),
+                )],
                 state: Some(state),
                 dead_letter: None,
                 resolve_dead_letters: false,
@@ -1394,28 +1373,23 @@ async fn send_requests(
                 continue;
             }
             let journal = store.journal(request.saga_id).await?;
-            let entry = journal.iter().rev().find(|e| {
-                e.body.get("causation").and_then(Value::as_str) == Some(request.request_id.as_str())
+            let entry = journal.iter().rev().find_map(|e| {
+                let record = e.record().ok()?;
+                (record.causation() == Some(request.request_id.as_str())).then_some(record)
             });
-            *slot = entry.map(|e| {
-                let (result, detail) = if e.kind == "transition" {
-                    let status = e.body.get("status").and_then(Value::as_str).unwrap_or("?");
-                    match (&request.action, status) {
+            *slot = entry.map(|record| {
+                let (result, detail) = match &record {
+                    JournalRecord::Transition(t) => match (&request.action, t.status) {
                         // The action in flight may be taking effect: the saga compensates
                         // once it answers or times out.
-                        (OperatorAction::Cancel { .. }, "running") => (
+                        (OperatorAction::Cancel { .. }, SagaStatus::Running) => (
                             "applied",
                             "running: waits for the step in flight, then compensates".to_owned(),
                         ),
-                        _ => ("applied", status.to_owned()),
-                    }
-                } else {
-                    let why = e
-                        .body
-                        .get("ignored")
-                        .and_then(Value::as_str)
-                        .unwrap_or("refused");
-                    ("refused", refusal(why))
+                        (_, status) => ("applied", status.to_string()),
+                    },
+                    JournalRecord::Ignored(i) => ("refused", refusal(&i.ignored)),
+                    JournalRecord::Snapshot(_) => ("refused", refusal("refused")),
                 };
                 RequestResult {
                     saga_id: request.saga_id,

@@ -12,10 +12,11 @@ use super::{RuntimeStats, SagaOutcome, Shared};
 use crate::definition::Definition;
 use crate::error::RuntimeError;
 use crate::ids::SagaId;
+use crate::journal::{Ignored, JournalRecord, Refused, Transition};
 use crate::machine::{self, Effect, Input, SagaState, SagaStatus};
 use crate::ports::{
-    DeadLetterCategory, DeadLetterRecord, Headers, JOURNAL_SCHEMA_VERSION, JournalEntry, Message,
-    OutboxMessage, SagaWrite, StoredSaga, WriteOutcome,
+    DeadLetterCategory, DeadLetterRecord, Headers, JournalEntry, Message, OutboxMessage, SagaWrite,
+    StoredSaga, WriteOutcome,
 };
 use crate::trace::{self, TraceContext};
 use crate::wire;
@@ -449,13 +450,8 @@ impl Handler<Wake> for SagaInstance {
     }
 }
 
-fn journal_entry(now: machine::Timestamp, kind: &str, body: serde_json::Value) -> JournalEntry {
-    JournalEntry {
-        at: now,
-        schema_version: JOURNAL_SCHEMA_VERSION,
-        kind: kind.to_owned(),
-        body,
-    }
+fn journal_entry(now: machine::Timestamp, record: JournalRecord) -> JournalEntry {
+    JournalEntry::new(now, &record)
 }
 
 /// Inputs that are someone's request (start, cancel, re-drive) rather than a fact
@@ -525,13 +521,13 @@ async fn process(
         };
         let next: Result<Vec<Effect>, String> = match attempt {
             Ok((state, effects)) => {
-                let body = crate::replay::transition_body(
+                let body = JournalRecord::Transition(Transition::new(
                     &input,
                     &state,
                     &effects,
                     (saga.version == 0).then_some(&saga.state),
                     inbox.as_deref(),
-                );
+                ));
                 let dead_letter = effects.iter().find_map(|e| match e {
                     Effect::DeadLetter(info) => Some(DeadLetterRecord {
                         id: uuid::Uuid::now_v7(),
@@ -563,18 +559,17 @@ async fn process(
                     std::mem::take(&mut outbox)
                 };
                 let journal = {
-                    use crate::replay::{JournalPlan, journal_plan, snapshot_body};
+                    use crate::replay::{JournalPlan, journal_plan, snapshot};
                     let after = &state;
                     let window = shared.options.journal_retry_window;
                     match journal_plan(&input, &saga.state, after, window) {
-                        JournalPlan::Entry => vec![journal_entry(now, "transition", body)],
+                        JournalPlan::Entry => vec![journal_entry(now, body)],
                         JournalPlan::Skip => Vec::new(),
                         JournalPlan::EntryThenSnapshot => vec![
-                            journal_entry(now, "transition", body),
+                            journal_entry(now, body),
                             journal_entry(
                                 now,
-                                "snapshot",
-                                snapshot_body(
+                                snapshot(
                                     after,
                                     "retries past the journal's window are not journaled \
                                              one by one",
@@ -584,10 +579,9 @@ async fn process(
                         JournalPlan::SnapshotThenEntry => vec![
                             journal_entry(
                                 saga.state.updated_at,
-                                "snapshot",
-                                snapshot_body(&saga.state, "the compacted retries ended here"),
+                                snapshot(&saga.state, "the compacted retries ended here"),
                             ),
-                            journal_entry(now, "transition", body),
+                            journal_entry(now, body),
                         ],
                     }
                 };
@@ -620,24 +614,21 @@ async fn process(
                         e.is_ignorable()
                     } =>
             {
-                let mut body = serde_json::json!({ "input": &input, "ignored": e.to_string() });
-                match &e {
-                    Refusal::Unreadable(_) => {
-                        body["refused"] = serde_json::Value::String("data_unreadable".into());
-                    }
-                    Refusal::Condition(_) => {
-                        body["refused"] = serde_json::Value::String("condition".into());
-                    }
-                    Refusal::Machine(_) => {}
-                }
-                if let Some(id) = &inbox {
-                    body["causation"] = serde_json::Value::String(id.clone());
-                }
+                let body = JournalRecord::Ignored(Ignored {
+                    input: input.clone().into_owned(),
+                    ignored: e.to_string(),
+                    refused: match &e {
+                        Refusal::Unreadable(_) => Some(Refused::DataUnreadable),
+                        Refusal::Condition(_) => Some(Refused::Condition),
+                        Refusal::Machine(_) => None,
+                    },
+                    causation: inbox.clone(),
+                });
                 write = SagaWrite {
                     id: saga.state.id,
                     expected_version: saga.version,
                     state: None,
-                    journal: vec![journal_entry(now, "ignored", body)],
+                    journal: vec![journal_entry(now, body)],
                     dead_letter: None,
                     resolve_dead_letters: false,
                     outbox: Vec::new(),
@@ -781,9 +772,7 @@ fn outbox_messages(
                     payload: body.to_string().into_bytes().into(),
                 });
             }
-            Effect::EmitLifecycleEvent(_)
-            | Effect::ScheduleWakeup { .. }
-            | Effect::Finished { .. } => {}
+            Effect::EmitLifecycleEvent(_) | Effect::Finished { .. } => {}
         }
     }
     out

@@ -24,7 +24,14 @@
 //! - terminal sagas accept no input; duplicate and stale replies change nothing (the
 //!   error says which, so the shell records it and acknowledges the message).
 //!
-//! This module must not import actix, tokio, sqlx or async-nats.
+//! Wake-ups are not effects: the state says when the saga must next be woken
+//! ([`SagaState::wake_at`], a reply deadline or the end of a backoff), the shell stores
+//! it beside the state and arms its timers from it, and [`SagaState::due_input`] says
+//! what a wake-up stands for. One source of truth, persisted with the state it belongs
+//! to.
+//!
+//! The crate depends on no actix, tokio, sqlx or async-nats: the compiler, not a
+//! comment, keeps the machine free of I/O.
 
 use std::fmt;
 use std::time::Duration;
@@ -593,11 +600,6 @@ pub struct LifecycleEvent {
 pub enum Effect {
     /// Publish a command to a participant.
     SendCommand(Command),
-    /// Wake the saga at `at` (a reply deadline or the end of a backoff).
-    ScheduleWakeup {
-        /// When.
-        at: Timestamp,
-    },
     /// Publish a lifecycle event.
     EmitLifecycleEvent(LifecycleEvent),
     /// Record the saga as dead-lettered for an operator.
@@ -1114,7 +1116,6 @@ impl Machine<'_> {
             in_doubt: in_doubt && kind == CommandKind::Action,
         });
         self.effects.push(Effect::SendCommand(command));
-        self.effects.push(Effect::ScheduleWakeup { at: deadline });
         Ok(())
     }
 
@@ -1251,7 +1252,6 @@ impl Machine<'_> {
                 Some((p.step, p.kind, p.attempt.saturating_add(1))),
                 None,
             );
-            self.effects.push(Effect::ScheduleWakeup { at: due });
             return Ok(());
         }
         match p.kind {
@@ -1386,9 +1386,8 @@ impl Machine<'_> {
                     // The action is in flight: it may be taking effect right now. Wait
                     // for its answer or its deadline, then compensate (it included, when
                     // it may have happened).
-                    Phase::AwaitingReply { deadline } => {
+                    Phase::AwaitingReply { .. } => {
                         self.state.cancel = Some(error);
-                        self.effects.push(Effect::ScheduleWakeup { at: deadline });
                         Ok(())
                     }
                     Phase::Backoff { .. } => {
@@ -1446,10 +1445,8 @@ impl Machine<'_> {
             Phase::AwaitingReply { .. } => {
                 self.send(p.step, p.kind, p.attempt, p.first_attempt, p.in_doubt)
             }
-            Phase::Backoff { due } => {
-                self.effects.push(Effect::ScheduleWakeup { at: due });
-                Ok(())
-            }
+            // Nothing to send: the wake-up at the backoff's end is the state's.
+            Phase::Backoff { .. } => Ok(()),
         }
     }
 }

@@ -23,94 +23,10 @@ use serde_json::Value;
 
 use crate::definition::Definition;
 use crate::ids::SagaId;
-use crate::machine::{self, Effect, Input, SagaState, SagaStatus, Timestamp};
-use crate::ports::{JOURNAL_SCHEMA_VERSION, JournalEntry};
+pub use crate::journal::JOURNAL_PAYLOAD_TYPE;
+use crate::journal::{JournalEffect, JournalEntry, JournalRecord, Refused, Snapshot};
+use crate::machine::{self, Input, SagaState, Timestamp};
 use crate::upcast::Upcasters;
-
-/// The payload type of journal entry bodies, for upcasters of older journal formats.
-pub const JOURNAL_PAYLOAD_TYPE: &str = "skald.journal";
-
-/// An effect as the journal records it: what was done, without the payloads. A
-/// command's body is serialised once, into its message (the outbox); the journal keeps
-/// which command went where, and replaying the inputs rebuilds the rest.
-#[derive(Serialize)]
-#[serde(tag = "effect", rename_all = "snake_case")]
-enum JournalEffect<'a> {
-    SendCommand {
-        step: &'a crate::ids::StepName,
-        kind: crate::ids::CommandKind,
-        attempt: u32,
-        subject: &'a str,
-        message_id: &'a str,
-        deadline: Timestamp,
-    },
-    ScheduleWakeup {
-        at: Timestamp,
-    },
-    EmitLifecycleEvent {
-        event: machine::EventKind,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        step: Option<&'a crate::ids::StepName>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        attempt: Option<u32>,
-    },
-    DeadLetter(&'a machine::DeadLetterInfo),
-    Finished {
-        status: SagaStatus,
-    },
-}
-
-/// The journal's summary of `effects` (see the module docs).
-pub fn effect_summary(effects: &[Effect]) -> Value {
-    let summary: Vec<JournalEffect<'_>> = effects
-        .iter()
-        .map(|e| match e {
-            Effect::SendCommand(c) => JournalEffect::SendCommand {
-                step: &c.step,
-                kind: c.kind,
-                attempt: c.attempt,
-                subject: &c.subject,
-                message_id: &c.message_id,
-                deadline: c.deadline,
-            },
-            Effect::ScheduleWakeup { at } => JournalEffect::ScheduleWakeup { at: *at },
-            Effect::EmitLifecycleEvent(ev) => JournalEffect::EmitLifecycleEvent {
-                event: ev.event,
-                step: ev.step.as_ref(),
-                attempt: ev.attempt,
-            },
-            Effect::DeadLetter(info) => JournalEffect::DeadLetter(info),
-            Effect::Finished { status } => JournalEffect::Finished { status: *status },
-        })
-        .collect();
-    serde_json::to_value(summary).unwrap_or(Value::Null)
-}
-
-/// The body of a `transition` journal entry: the input, the status it reached, the
-/// effects' summary; for the first transition (`start`: the state before it) the data
-/// and creation time the saga started with; the id of the message that caused it.
-pub fn transition_body(
-    input: &Input,
-    next: &SagaState,
-    effects: &[Effect],
-    start: Option<&SagaState>,
-    causation: Option<&str>,
-) -> Value {
-    let mut body = serde_json::json!({
-        "input": input,
-        "status": next.status,
-        "effects": effect_summary(effects),
-    });
-    if let Some(start) = start {
-        body["data"] = start.data.clone();
-        body["data_version"] = serde_json::json!(start.data_version);
-        body["created_at"] = serde_json::json!(start.created_at);
-    }
-    if let Some(id) = causation {
-        body["causation"] = Value::String(id.to_owned());
-    }
-    body
-}
 
 /// What the journal records for one transition (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,9 +77,12 @@ pub fn journal_plan(
     }
 }
 
-/// The body of a `snapshot` journal entry.
-pub fn snapshot_body(state: &SagaState, note: &str) -> Value {
-    serde_json::json!({ "snapshot": state, "note": note })
+/// A snapshot record of `state`, saying why it was taken.
+pub fn snapshot(state: &SagaState, note: &str) -> JournalRecord {
+    JournalRecord::Snapshot(Snapshot {
+        snapshot: state.clone(),
+        note: note.to_owned(),
+    })
 }
 
 /// Why a journal cannot be replayed at all.
@@ -327,50 +246,32 @@ pub fn replay_with(
     until: Option<Timestamp>,
     upcasters: &Upcasters,
 ) -> Result<Replayed, ReplayError> {
-    // Entries written in an older journal format are brought up first.
-    let upcast_entries: Vec<JournalEntry>;
-    let journal = if journal
+    // Entries written in an older journal format are brought up first, then decoded.
+    let records: Vec<(Timestamp, Result<JournalRecord, String>)> = journal
         .iter()
-        .any(|e| e.schema_version != JOURNAL_SCHEMA_VERSION)
-    {
-        upcast_entries = journal
-            .iter()
-            .map(|e| {
-                let body = upcasters
-                    .upcast(
-                        JOURNAL_PAYLOAD_TYPE,
-                        e.body.clone(),
-                        u32::from(e.schema_version),
-                        u32::from(JOURNAL_SCHEMA_VERSION),
-                    )
-                    .map_err(|err| ReplayError::Unreadable {
-                        id,
-                        reason: err.to_string(),
-                    })?;
-                Ok(JournalEntry {
-                    body,
-                    schema_version: JOURNAL_SCHEMA_VERSION,
-                    ..e.clone()
-                })
-            })
-            .collect::<Result<_, ReplayError>>()?;
-        upcast_entries.as_slice()
-    } else {
-        journal
+        .map(|e| {
+            let up = e.upcast(upcasters).map_err(|err| ReplayError::Unreadable {
+                id,
+                reason: err.to_string(),
+            })?;
+            Ok((up.at, up.record().map_err(|err| err.to_string())))
+        })
+        .collect::<Result<_, ReplayError>>()?;
+    let (first_at, first) = records.first().ok_or(ReplayError::Empty(id))?;
+    let start = match first {
+        Ok(JournalRecord::Transition(t)) if t.input == Input::Started => t,
+        Ok(_) => return Err(ReplayError::NoStart(id)),
+        Err(reason) => {
+            return Err(ReplayError::Unreadable {
+                id,
+                reason: format!("the first journal entry: {reason}"),
+            });
+        }
     };
-    let first = journal.first().ok_or(ReplayError::Empty(id))?;
-    let (Some(data), true) = (
-        first.body.get("data"),
-        first.kind == "transition"
-            && first.body.get("input").and_then(|i| i.get("input")) == Some(&"started".into()),
-    ) else {
+    let Some(data) = &start.data else {
         return Err(ReplayError::NoStart(id));
     };
-    let created = first
-        .body
-        .get("created_at")
-        .and_then(|v| serde_json::from_value::<Timestamp>(v.clone()).ok())
-        .unwrap_or(first.at);
+    let created = start.created_at.unwrap_or(*first_at);
     if let Some(t) = until
         && t < created
     {
@@ -381,12 +282,7 @@ pub fn replay_with(
         });
     }
     let mut state = SagaState::new(id, definition, data.clone(), created);
-    state.data_version = first
-        .body
-        .get("data_version")
-        .and_then(Value::as_u64)
-        .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or(1);
+    state.data_version = start.data_version.unwrap_or(1);
     upcast_state(definition, upcasters, &mut state)?;
     let mut replayed = Replayed {
         state: state.clone(),
@@ -395,67 +291,55 @@ pub fn replay_with(
         divergence: None,
     };
     let mut after_snapshot = false;
-    for (index, entry) in journal.iter().enumerate() {
-        if until.is_some_and(|t| entry.at > t) {
+    for (index, (at, record)) in records.into_iter().enumerate() {
+        if until.is_some_and(|t| at > t) {
             break;
         }
         let diverge = |input: &str, reason: String| Divergence {
             entry: index,
-            at: entry.at,
+            at,
             input: input.to_owned(),
             reason,
         };
-        if entry.kind == "snapshot" {
-            match entry
-                .body
-                .get("snapshot")
-                .map(|v| serde_json::from_value::<SagaState>(v.clone()))
-            {
-                Some(Ok(snapshot)) => {
-                    // A snapshot holds step indexes of the definition that wrote it;
-                    // replayed against another (`skald replay --against`), they may
-                    // name steps it does not have.
-                    check_fits(definition, id, index, &snapshot)?;
-                    state = snapshot;
-                    upcast_state(definition, upcasters, &mut state)?;
-                    after_snapshot = true;
-                    replayed.entries = index + 1;
-                    replayed.last_at = entry.at;
-                    continue;
-                }
-                _ => {
-                    replayed.divergence = Some(diverge(
-                        "snapshot",
-                        "an unreadable snapshot entry".to_owned(),
-                    ));
-                    break;
-                }
-            }
-        }
-        // Between a snapshot and the next transition the state held here may be behind
-        // the saga's (retries not journaled one by one): an input ignored then cannot be
-        // judged against it. Nor can a request refused for unreadable data, which the
-        // data's upcasters (if registered now) would let through.
-        if entry.kind == "ignored"
-            && (after_snapshot
-                || entry.body.get("refused").and_then(Value::as_str) == Some("data_unreadable"))
-        {
-            replayed.entries = index + 1;
-            replayed.last_at = entry.at;
-            continue;
-        }
-        if entry.kind == "transition" {
-            after_snapshot = false;
-        }
-        let raw_input = entry.body.get("input").cloned().unwrap_or(Value::Null);
-        let input: Input = match serde_json::from_value(raw_input) {
-            Ok(i) => i,
-            Err(e) => {
-                replayed.divergence = Some(diverge("?", format!("unreadable input: {e}")));
+        let record = match record {
+            Ok(r) => r,
+            Err(reason) => {
+                replayed.divergence = Some(diverge("?", reason));
                 break;
             }
         };
-        let result = machine::transition(definition, &state, &input, entry.at);
+        let (input, recorded) = match record {
+            JournalRecord::Snapshot(Snapshot { snapshot, .. }) => {
+                // A snapshot holds step indexes of the definition that wrote it;
+                // replayed against another (`skald replay --against`), they may name
+                // steps it does not have.
+                check_fits(definition, id, index, &snapshot)?;
+                state = snapshot;
+                upcast_state(definition, upcasters, &mut state)?;
+                after_snapshot = true;
+                replayed.entries = index + 1;
+                replayed.last_at = at;
+                continue;
+            }
+            // Between a snapshot and the next transition the state held here may be
+            // behind the saga's (retries not journaled one by one): an input ignored
+            // then cannot be judged against it. Nor can a request refused for
+            // unreadable data, which the data's upcasters (if registered now) would let
+            // through.
+            JournalRecord::Ignored(i)
+                if after_snapshot || i.refused == Some(Refused::DataUnreadable) =>
+            {
+                replayed.entries = index + 1;
+                replayed.last_at = at;
+                continue;
+            }
+            JournalRecord::Ignored(i) => (i.input, Err(i.ignored)),
+            JournalRecord::Transition(t) => {
+                after_snapshot = false;
+                (t.input, Ok((t.status, t.effects)))
+            }
+        };
+        let result = machine::transition(definition, &state, &input, at);
         // Not a difference of paths: the state replayed so far does not fit the
         // definition at all (only a snapshot's can: `check_fits` refused those).
         if let Err(e) = &result
@@ -463,45 +347,39 @@ pub fn replay_with(
         {
             return Err(does_not_fit(definition, id, index, e));
         }
-        let divergence = match (entry.kind.as_str(), result) {
-            ("transition", Ok((next, effects))) => {
-                let recorded_status = entry.body.get("status");
-                let now_status = serde_json::to_value(next.status).ok();
-                let recorded_effects = entry.body.get("effects").unwrap_or(&Value::Null);
-                let now_effects = effect_summary(&effects);
+        let divergence = match (recorded, result) {
+            (Ok((recorded_status, recorded_effects)), Ok((next, effects))) => {
+                let now_effects = JournalEffect::summary(&effects);
                 state = next;
-                if recorded_status != now_status.as_ref() {
+                if recorded_status != state.status {
                     Some(format!(
-                        "recorded status {}, the definition now reaches {}",
-                        show(recorded_status),
+                        "recorded status {recorded_status}, the definition now reaches {}",
                         state.status
                     ))
-                } else if untimed(recorded_effects) != untimed(&now_effects) {
+                } else if untimed(&recorded_effects) != untimed(&now_effects) {
                     Some(first_difference(
-                        &untimed(recorded_effects),
+                        &untimed(&recorded_effects),
                         &untimed(&now_effects),
                     ))
                 } else {
                     None
                 }
             }
-            ("transition", Err(e)) => Some(format!(
+            (Ok(_), Err(e)) => Some(format!(
                 "recorded as applied, the definition now refuses it: {e}"
             )),
-            ("ignored", Ok(_)) => Some(format!(
-                "recorded as ignored ({}), the definition now applies it",
-                show(entry.body.get("ignored"))
+            (Err(why), Ok(_)) => Some(format!(
+                "recorded as ignored ({why}), the definition now applies it"
             )),
             // Ignored then and now (a late or duplicate reply): no state change.
-            ("ignored", Err(_)) => None,
-            (other, _) => Some(format!("unknown journal entry kind {other:?}")),
+            (Err(_), Err(_)) => None,
         };
         if let Some(reason) = divergence {
             replayed.divergence = Some(diverge(input.name(), reason));
             break;
         }
         replayed.entries = index + 1;
-        replayed.last_at = entry.at;
+        replayed.last_at = at;
     }
     replayed.state = state;
     Ok(replayed)
@@ -534,8 +412,9 @@ pub fn check_with(
     let compacting = journal
         .iter()
         .rev()
-        .find(|e| e.kind != "ignored")
-        .is_some_and(|e| e.kind == "snapshot");
+        .map(JournalEntry::record)
+        .find(|r| !matches!(r, Ok(JournalRecord::Ignored(_))))
+        .is_some_and(|r| matches!(r, Ok(JournalRecord::Snapshot(_))));
     if r.divergence.is_none() && !compacting && untimed_state(&r.state) != untimed_state(stored) {
         let reason = match (
             serde_json::to_value(untimed_state(&r.state)),
@@ -565,19 +444,21 @@ pub fn check_with(
     Ok(r)
 }
 
-/// An effect summary without its times (reply deadlines, wake-ups): a changed timeout
-/// or retry delay changes when things happen, not which path a saga takes.
-fn untimed(effects: &Value) -> Value {
-    let mut v = effects.clone();
-    for e in v.as_array_mut().into_iter().flatten() {
-        if let Some(o) = e.as_object_mut() {
-            o.remove("deadline");
-            if o.get("effect").and_then(Value::as_str) == Some("schedule_wakeup") {
-                o.remove("at");
+/// An effect summary without its times (reply deadlines) and without the wake-ups
+/// older builds journaled as effects: a changed timeout or retry delay changes when
+/// things happen, not which path a saga takes.
+fn untimed(effects: &[JournalEffect]) -> Vec<JournalEffect> {
+    effects
+        .iter()
+        .filter(|e| !matches!(e, JournalEffect::ScheduleWakeup { .. }))
+        .cloned()
+        .map(|mut e| {
+            if let JournalEffect::SendCommand { deadline, .. } = &mut e {
+                *deadline = Timestamp(0);
             }
-        }
-    }
-    v
+            e
+        })
+        .collect()
 }
 
 /// A state without its timers' times (see [`untimed`]).
@@ -596,41 +477,35 @@ fn untimed_state(state: &SagaState) -> SagaState {
     s
 }
 
-fn show(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => v.to_string(),
-        None => "nothing".to_owned(),
-    }
-}
-
 /// One effect of a summary, in words.
-fn describe_effect(e: &Value) -> String {
-    let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?");
-    let n = |k: &str| e.get(k).and_then(Value::as_u64).unwrap_or(0);
-    match s("effect") {
-        "send_command" => format!(
-            "send {} {} #{} on {}",
-            s("step"),
-            s("kind"),
-            n("attempt"),
-            s("subject")
-        ),
-        "schedule_wakeup" => "schedule a wake-up".to_owned(),
-        "emit_lifecycle_event" => format!("emit {}", s("event")),
-        "dead_letter" => format!("dead-letter {} {}", s("step_name"), s("kind")),
-        "finished" => format!("finish as {}", s("status")),
-        _ => e.to_string(),
+fn describe_effect(e: &JournalEffect) -> String {
+    match e {
+        JournalEffect::SendCommand {
+            step,
+            kind,
+            attempt,
+            subject,
+            ..
+        } => format!("send {step} {kind} #{attempt} on {subject}"),
+        JournalEffect::ScheduleWakeup { .. } => "schedule a wake-up".to_owned(),
+        JournalEffect::EmitLifecycleEvent { event, .. } => {
+            format!(
+                "emit {}",
+                serde_json::to_value(event)
+                    .unwrap_or(Value::Null)
+                    .as_str()
+                    .unwrap_or("?")
+            )
+        }
+        JournalEffect::DeadLetter(info) => format!("dead-letter {} {}", info.step_name, info.kind),
+        JournalEffect::Finished { status } => format!("finish as {status}"),
     }
 }
 
 /// The first effect that differs between two summaries, in words.
-fn first_difference(recorded: &Value, now: &Value) -> String {
-    let empty = Vec::new();
-    let a = recorded.as_array().unwrap_or(&empty);
-    let b = now.as_array().unwrap_or(&empty);
-    for i in 0..a.len().max(b.len()) {
-        match (a.get(i), b.get(i)) {
+fn first_difference(recorded: &[JournalEffect], now: &[JournalEffect]) -> String {
+    for i in 0..recorded.len().max(now.len()) {
+        match (recorded.get(i), now.get(i)) {
             (Some(x), Some(y)) if x == y => continue,
             (Some(x), Some(y)) => {
                 return format!(
@@ -667,7 +542,8 @@ mod tests {
     use super::*;
     use crate::definition::{SagaDefinition, Step};
     use crate::ids::{CommandKind, StepName};
-    use crate::ports::JOURNAL_SCHEMA_VERSION;
+    use crate::journal::{Ignored, Transition};
+    use crate::machine::SagaStatus;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Order {
@@ -714,24 +590,21 @@ mod tests {
         let mut state = start.clone();
         let mut journal = Vec::new();
         for (i, (at, input)) in inputs.iter().enumerate() {
-            let (kind, body) = match machine::transition(def, &state, input, Timestamp(*at)) {
+            let record = match machine::transition(def, &state, input, Timestamp(*at)) {
                 Ok((next, effects)) => {
-                    let body =
-                        transition_body(input, &next, &effects, (i == 0).then_some(&start), None);
+                    let start = (i == 0).then_some(&start);
+                    let record = Transition::new(input, &next, &effects, start, None);
                     state = next;
-                    ("transition", body)
+                    JournalRecord::Transition(record)
                 }
-                Err(e) => (
-                    "ignored",
-                    json!({ "input": input, "ignored": e.to_string() }),
-                ),
+                Err(e) => JournalRecord::Ignored(Ignored {
+                    input: input.clone(),
+                    ignored: e.to_string(),
+                    refused: None,
+                    causation: None,
+                }),
             };
-            journal.push(JournalEntry {
-                at: Timestamp(*at),
-                schema_version: JOURNAL_SCHEMA_VERSION,
-                kind: kind.to_owned(),
-                body,
-            });
+            journal.push(JournalEntry::new(Timestamp(*at), &record));
         }
         (state, journal)
     }
@@ -913,24 +786,26 @@ mod tests {
         };
         // The run is compacted at attempt 11; attempts 12.. are not journaled; attempt
         // 11's late reply arrives while attempt 15 is in flight and is ignored (stale).
-        journal.push(JournalEntry {
-            at: Timestamp(2_000),
-            schema_version: JOURNAL_SCHEMA_VERSION,
-            kind: "snapshot".into(),
-            body: snapshot_body(&at_attempt(&stored, 11), "compacted"),
-        });
+        journal.push(JournalEntry::new(
+            Timestamp(2_000),
+            &snapshot(&at_attempt(&stored, 11), "compacted"),
+        ));
         let late = Input::StepSucceeded {
             step: StepName::new("charge").expect("name"),
             kind: CommandKind::Action,
             attempt: 11,
             output: json!({ "receipt": "c-late" }),
         };
-        journal.push(JournalEntry {
-            at: Timestamp(3_000),
-            schema_version: JOURNAL_SCHEMA_VERSION,
-            kind: "ignored".into(),
-            body: json!({ "input": late, "ignored": "stale reply" }),
-        });
+        let ignored = Ignored {
+            input: late,
+            ignored: "stale reply".into(),
+            refused: None,
+            causation: None,
+        };
+        journal.push(JournalEntry::new(
+            Timestamp(3_000),
+            &JournalRecord::Ignored(ignored),
+        ));
         stored = at_attempt(&stored, 15);
         let r = check(def.definition(), &stored, &journal).expect("check");
         assert_eq!(r.divergence, None);
@@ -953,12 +828,7 @@ mod tests {
         // then a snapshot of that state.
         let journal = vec![
             journal[0].clone(),
-            JournalEntry {
-                at: Timestamp(1_300),
-                schema_version: JOURNAL_SCHEMA_VERSION,
-                kind: "snapshot".into(),
-                body: snapshot_body(&state, "compacted"),
-            },
+            JournalEntry::new(Timestamp(1_300), &snapshot(&state, "compacted")),
         ];
         assert_eq!(
             replay(three.definition(), state.id, &journal, None)

@@ -252,16 +252,6 @@ fn lifecycle(effects: &[Effect]) -> Vec<&LifecycleEvent> {
         .collect()
 }
 
-fn wakeups(effects: &[Effect]) -> Vec<Timestamp> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::ScheduleWakeup { at } => Some(*at),
-            _ => None,
-        })
-        .collect()
-}
-
 fn finished(effects: &[Effect]) -> Vec<SagaStatus> {
     effects
         .iter()
@@ -370,7 +360,7 @@ fn started_sends_first_action_schedules_its_deadline_and_announces_the_start() {
     );
     assert_eq!(c.deadline, deadline);
     assert_eq!(c.idempotency_key, format!("{}:reserve:action", saga_id()));
-    assert_eq!(wakeups(&fx), vec![deadline]);
+    assert_eq!(s.wake_at(), Some(deadline));
     assert_eq!(events(&fx), vec![EventKind::Started]);
     assert!(finished(&fx).is_empty());
 }
@@ -406,13 +396,13 @@ fn each_success_moves_to_the_next_step_and_the_last_completes_the_saga() {
                         .collect::<Vec<_>>()
                 )
             );
-            assert_eq!(wakeups(&fx), vec![now.plus(TIMEOUT)]);
+            assert_eq!(next.wake_at(), Some(now.plus(TIMEOUT)));
             assert!(finished(&fx).is_empty());
         } else {
             assert_eq!(next.status, SagaStatus::Completed);
             assert_eq!(next.pending, None);
             assert!(commands(&fx).is_empty());
-            assert!(wakeups(&fx).is_empty());
+            assert_eq!(next.wake_at(), None);
             assert_eq!(finished(&fx), vec![SagaStatus::Completed]);
             assert_eq!(
                 events(&fx),
@@ -467,7 +457,7 @@ fn retryable_failure_schedules_a_backoff_and_the_retry_keeps_the_idempotency_key
         })
     );
     assert!(commands(&fx).is_empty(), "nothing is sent during a backoff");
-    assert_eq!(wakeups(&fx), vec![due]);
+    assert_eq!(s.wake_at(), Some(due));
     assert_eq!(
         events(&fx),
         vec![EventKind::StepFailed, EventKind::RetryScheduled]
@@ -502,7 +492,7 @@ fn retryable_failure_schedules_a_backoff_and_the_retry_keeps_the_idempotency_key
             in_doubt: false,
         })
     );
-    assert_eq!(wakeups(&fx), vec![due.plus(TIMEOUT)]);
+    assert_eq!(s.wake_at(), Some(due.plus(TIMEOUT)));
 }
 
 #[test]
@@ -544,7 +534,7 @@ fn timeout_is_a_retryable_failure_with_code_timeout() {
         pending(&s).in_doubt,
         "a timed-out attempt may have taken effect"
     );
-    assert_eq!(wakeups(&fx), vec![due]);
+    assert_eq!(s.wake_at(), Some(due));
     let failed_event = lifecycle(&fx)[0].clone();
     assert_eq!(failed_event.event, EventKind::StepFailed);
     assert_eq!(
@@ -717,7 +707,7 @@ fn compensation_failing_permanently_dead_letters_the_saga() {
     assert_eq!(s.dead_letter, Some(info.clone()));
     assert_eq!(dead_letters(&fx), vec![&info]);
     assert!(finished(&fx).is_empty(), "Failed is not terminal");
-    assert!(wakeups(&fx).is_empty());
+    assert_eq!(s.wake_at(), None);
     assert_eq!(
         events(&fx),
         vec![EventKind::StepFailed, EventKind::DeadLettered]
@@ -1088,7 +1078,11 @@ fn cancel_while_an_action_is_in_flight_waits_for_its_outcome() {
     );
     assert!(commands(&fx).is_empty());
     assert_eq!(events(&fx), vec![EventKind::Cancelled]);
-    assert_eq!(wakeups(&fx), vec![waiting.wake_at().expect("deadline")]);
+    assert_eq!(
+        waiting.wake_at(),
+        s.wake_at(),
+        "the charge's deadline still stands"
+    );
     // a second cancel is ignored, saying why
     let err = refuse(def, &waiting, &cancel("again"), at(5_001));
     assert!(
@@ -1428,7 +1422,7 @@ fn resumed_while_awaiting_a_reply_resends_the_same_attempt() {
     assert_eq!(target(again), ("reserve", Action, 1));
     assert_eq!(again.payload, sent.payload);
     assert_eq!(again.deadline, now.plus(TIMEOUT), "a fresh deadline");
-    assert_eq!(wakeups(&fx), vec![now.plus(TIMEOUT)]);
+    assert_eq!(resumed.wake_at(), Some(now.plus(TIMEOUT)));
     assert_eq!(resumed.status, SagaStatus::Running);
     assert_eq!(pending(&resumed).attempt, 1);
     assert!(events(&fx).is_empty());
@@ -1441,7 +1435,8 @@ fn resumed_during_a_backoff_only_schedules_the_wakeup() {
     let s = run(def, started(def), &[failed("reserve", Action, 1, true)]);
     let due = s.wake_at().expect("a backoff");
     let (resumed, fx) = apply(def, &s, &Input::Resumed, at(1_050));
-    assert_eq!(fx, vec![Effect::ScheduleWakeup { at: due }]);
+    assert!(fx.is_empty(), "nothing to send: {fx:?}");
+    assert_eq!(resumed.wake_at(), Some(due));
     assert_eq!(
         resumed,
         SagaState {
@@ -2660,7 +2655,8 @@ mod props {
                                 ..s0.clone()
                             }
                         );
-                        prop_assert_eq!(fx, &[Effect::ScheduleWakeup { at: due }][..]);
+                        prop_assert!(fx.is_empty(), "nothing to send: {:?}", fx);
+                        prop_assert_eq!(s1.wake_at(), Some(due));
                     }
                     Phase::AwaitingReply { .. } => {
                         let c = commands(fx);
@@ -2702,9 +2698,9 @@ mod props {
                 self.successes.push(input.clone());
             }
 
-            // a waiting saga always has its wake-up scheduled
-            if let Some(at) = s1.wake_at() {
-                prop_assert!(wakeups(fx).contains(&at), "no wake-up at {at}: {fx:?}");
+            // a command just sent is what the saga wakes up for: its deadline
+            if let Some(c) = commands(fx).first() {
+                prop_assert_eq!(s1.wake_at(), Some(c.deadline));
             }
 
             // terminal effects

@@ -223,7 +223,7 @@ impl FromStr for CommandKind {
 /// The service a command subject addresses: the token after `skald.cmd.` in
 /// `skald.cmd.<service>.<action>`, or the first token of a subject outside that layout.
 /// A reply to the command must arrive on that service's reply subject
-/// ([`crate::wire::reply_subject`]), which a NATS permission can reserve to the service.
+/// (`skald_runtime::wire::reply_subject`), which a NATS permission can reserve to the service.
 pub fn service_of(subject: &str) -> &str {
     let rest = subject.strip_prefix("skald.cmd.").unwrap_or(subject);
     rest.split('.').next().unwrap_or(rest)
@@ -270,7 +270,7 @@ pub fn reply_publish_id(
 ) -> String {
     let id = reply_message_id(idempotency_key, attempt, outcome);
     match reply_token {
-        Some(t) => format!("{id}:{}", crate::ports::cap(t, 16)),
+        Some(t) => format!("{id}:{}", crate::text::cap(t, 16)),
         None => id,
     }
 }
