@@ -349,7 +349,7 @@ mod tests {
                 {"effect": "send_command", "step": "charge", "kind": "action", "attempt": 1,
                  "subject": "skald.cmd.payments.charge", "message_id": "m-1", "deadline": 30000},
                 {"effect": "schedule_wakeup", "at": 30000},
-                {"effect": "emit_lifecycle_event", "event": "step_started", "step": "charge",
+                {"effect": "emit_lifecycle_event", "event": "step_succeeded", "step": "reserve",
                  "attempt": 1}
             ],
             "causation": "reply-1",
