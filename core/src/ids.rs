@@ -254,7 +254,14 @@ pub fn command_message_id(
 /// reply's verified headers, never read from the sender's `Nats-Msg-Id`: one service
 /// cannot make skald drop another's reply as already applied.
 pub fn reply_message_id(idempotency_key: &str, attempt: u32, outcome: &str) -> String {
-    format!("reply:{idempotency_key}:{attempt}:{outcome}")
+    format!("{}:{outcome}", reply_attempt_id(idempotency_key, attempt))
+}
+
+/// The id of a participant's handling of one attempt, whatever its outcome:
+/// `reply:<idempotency key>:<attempt>`, the prefix of [`reply_message_id`]. The span of
+/// that handling is derived from it.
+pub fn reply_attempt_id(idempotency_key: &str, attempt: u32) -> String {
+    format!("reply:{idempotency_key}:{attempt}")
 }
 
 /// The `Nats-Msg-Id` a participant publishes its reply with: [`reply_message_id`]
@@ -275,9 +282,87 @@ pub fn reply_publish_id(
     }
 }
 
+/// What every operator request id starts with: its own namespace in the inbox, so a
+/// request can never take the id of a reply (which start with `reply:`).
+pub const OPERATOR_REQUEST_PREFIX: &str = "op:";
+
+/// The id of an operator request: `op:<operator>:<unique>` (the operator's name as
+/// [`operator_request_prefix`] writes it, and a UUID v7).
+pub fn operator_request_id(operator: &str, unique: &Uuid) -> String {
+    format!("{}{unique}", operator_request_prefix(operator))
+}
+
+/// The prefix of every request id of `operator`: `op:<operator>:`. A runtime with an
+/// operator allowlist checks that a signed request's id starts with its signer's.
+pub fn operator_request_prefix(operator: &str) -> String {
+    format!("{OPERATOR_REQUEST_PREFIX}{operator}:")
+}
+
+/// Whether `id` is in the operator requests' namespace.
+pub fn is_operator_request_id(id: &str) -> bool {
+    id.starts_with(OPERATOR_REQUEST_PREFIX)
+}
+
+/// The causation id of a transition no message caused (a start, a timer, a resume):
+/// the input's name, the saga and the version the transition produces, unique per
+/// transition, so the lifecycle events it emits have a stable id.
+pub fn causation_id(input: &str, saga: &SagaId, version: u64) -> String {
+    format!("{input}:{saga}:{version}")
+}
+
+/// The message id of the announcement that a saga was dead-lettered at `attempt` of
+/// `step`: one per dead letter, so a re-published announcement is de-duplicated.
+pub fn dead_letter_message_id(saga: &SagaId, step: &StepName, attempt: u32) -> String {
+    format!("dlq:{saga}:{step}:{attempt}")
+}
+
+/// The message id of the announcement of a dead-lettered message (poison) with record
+/// id `record`.
+pub fn poison_message_id(record: &Uuid) -> String {
+    format!("dlq:poison:{record}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_ids_have_one_shape_each() {
+        let saga = SagaId::from_uuid(Uuid::nil());
+        let step = StepName::new("charge").expect("name");
+        let key = idempotency_key(&saga, &step, CommandKind::Action);
+        assert_eq!(key, format!("{saga}:charge:action"));
+        assert_eq!(
+            command_message_id(&saga, &step, CommandKind::Action, 2),
+            format!("{key}:2")
+        );
+        assert_eq!(
+            reply_message_id(&key, 2, "success"),
+            format!("reply:{key}:2:success")
+        );
+        assert_eq!(
+            reply_publish_id(&key, 2, "success", Some("0123456789abcdefXYZ")),
+            format!("reply:{key}:2:success:0123456789abcdef")
+        );
+        let op = operator_request_id("alice", &Uuid::nil());
+        assert!(op.starts_with(&operator_request_prefix("alice")));
+        assert!(is_operator_request_id(&op));
+        assert!(!is_operator_request_id(&reply_message_id(
+            &key, 1, "success"
+        )));
+        assert_eq!(
+            causation_id("started", &saga, 1),
+            format!("started:{saga}:1")
+        );
+        assert_eq!(
+            dead_letter_message_id(&saga, &step, 3),
+            format!("dlq:{saga}:charge:3")
+        );
+        assert_eq!(
+            poison_message_id(&Uuid::nil()),
+            format!("dlq:poison:{}", Uuid::nil())
+        );
+    }
 
     #[test]
     fn names_are_checked() {

@@ -247,15 +247,12 @@ pub(crate) fn reply_span(reply: &Reply, message: &Message) -> tracing::Span {
             };
             span.record("traceparent.error", why);
             // The attempt's step span: the command's message id, as the machine forms it.
-            root.child(span_id_of_parts(&[
-                &reply.saga_id.to_string(),
-                ":",
-                reply.step.as_str(),
-                ":",
-                reply.kind.as_str(),
-                ":",
-                &reply.attempt.to_string(),
-            ]))
+            root.child(span_id_of(&crate::ids::command_message_id(
+                &reply.saga_id,
+                &reply.step,
+                reply.kind,
+                reply.attempt,
+            )))
         }
     };
     let key = message.headers.get(H_MSG_ID).unwrap_or_default();

@@ -298,7 +298,7 @@ impl OperatorRequest {
             saga_id,
             saga_type,
             action,
-            request_id: format!("op:{operator}:{}", uuid::Uuid::now_v7()),
+            request_id: crate::ids::operator_request_id(&operator, &uuid::Uuid::now_v7()),
             operator,
             expires_at_ms: now_ms
                 .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
@@ -428,7 +428,7 @@ pub fn decode_operator_request(m: &Message) -> Result<OperatorRequest, WireError
         request_id: {
             // Its own namespace in the inbox: a request cannot take the id of a reply.
             let id = key(m, WHAT, H_MSG_ID)?;
-            if !id.starts_with("op:") {
+            if !crate::ids::is_operator_request_id(id) {
                 return Err(WireError {
                     what: WHAT,
                     reason: format!("header {H_MSG_ID} must start with op: (op:<operator>:<uuid>)"),
@@ -899,12 +899,12 @@ pub fn decode_command_head(m: &Message) -> Result<IncomingCommand, WireError> {
 pub fn reply_traceparent(command: &IncomingCommand) -> Option<TraceContext> {
     let parent = TraceContext::parse(command.traceparent.as_deref()?).ok()?;
     let env = &command.envelope;
-    Some(parent.child(crate::trace::span_id_of_parts(&[
-        "reply:",
-        &env.idempotency_key,
-        ":",
-        &env.attempt.to_string(),
-    ])))
+    Some(
+        parent.child(crate::trace::span_id_of(&crate::ids::reply_attempt_id(
+            &env.idempotency_key,
+            env.attempt,
+        ))),
+    )
 }
 
 /// Encodes the reply to `command` (participant side).
