@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use skald_runtime::definition::{DefinitionError, SagaDefinition, Step};
-use skald_runtime::ids::SagaId;
-use skald_runtime::machine::SagaStatus;
-use skald_runtime::retry::RetryPolicy;
+use skald_core::definition::{DefinitionError, SagaDefinition, Step};
+use skald_core::ids::SagaId;
+use skald_core::machine::SagaStatus;
+use skald_core::retry::RetryPolicy;
 
 /// The saga type name.
 pub const SAGA_TYPE: &str = "checkout";

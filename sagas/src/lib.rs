@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //!
-//! - [`checkout`]: the saga definition, its data and messages, and the consistency check.
+//! - [`checkout`]: the saga definition, its data and messages, and the consistency check
+//!   (built on `skald-core` alone: a definition needs no runtime).
 //! - [`sim`]: the simulated services and an in-memory ledger.
 //! - [`scripted`]: participants scripted by order id, leaving a saga in every state (for
 //!   demos and tests of the operator tools).
