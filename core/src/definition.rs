@@ -277,8 +277,8 @@ where
     /// ```
     /// use std::time::Duration;
     /// use serde::{Deserialize, Serialize};
-    /// use skald_runtime::definition::{SagaDefinition, Step};
-    /// use skald_runtime::retry::RetryPolicy;
+    /// use skald_core::definition::{SagaDefinition, Step};
+    /// use skald_core::retry::RetryPolicy;
     ///
     /// #[derive(Serialize, Deserialize)]
     /// struct Order { id: String, amount: u64, payment_id: Option<String> }
@@ -358,7 +358,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::{SagaDefinition, Step};
+    /// # use skald_core::definition::{SagaDefinition, Step};
     /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
     /// let builder = SagaDefinition::<Order>::builder("order", 1)
     ///     .step(Step::new("reserve").action("skald.cmd.inventory.reserve", |o: &Order| o.id.clone()))
@@ -380,7 +380,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::{SagaDefinition, Step};
+    /// # use skald_core::definition::{SagaDefinition, Step};
     /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
     /// let def = SagaDefinition::<Order>::builder("order", 1)
     ///     .data_version(2)
@@ -404,7 +404,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::{DefinitionError, SagaDefinition, Step};
+    /// # use skald_core::definition::{DefinitionError, SagaDefinition, Step};
     /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
     /// let err = SagaDefinition::<Order>::builder("order", 1).build().unwrap_err();
     /// assert!(matches!(err, DefinitionError::NoSteps { .. }));
@@ -550,7 +550,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::Step;
+    /// # use skald_core::definition::Step;
     /// # #[derive(Serialize, Deserialize)] struct Order { id: String }
     /// #[derive(Serialize)]
     /// struct Ship<'a> { order_id: &'a str }
@@ -578,7 +578,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::Step;
+    /// # use skald_core::definition::Step;
     /// # #[derive(Serialize, Deserialize)] struct Order { payment_id: Option<String> }
     /// #[derive(Deserialize)]
     /// struct Charged { payment_id: String }
@@ -615,7 +615,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::Step;
+    /// # use skald_core::definition::Step;
     /// # #[derive(Serialize, Deserialize)] struct Order { reservation: Option<String> }
     /// let step = Step::<Order>::new("reserve")
     ///     .action("skald.cmd.inventory.reserve", |_o: &Order| ())
@@ -637,7 +637,7 @@ where
     /// ```
     /// # use std::time::Duration;
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::{definition::Step, retry::RetryPolicy};
+    /// # use skald_core::{definition::Step, retry::RetryPolicy};
     /// # #[derive(Serialize, Deserialize)] struct Order;
     /// let step = Step::<Order>::new("charge").retry(RetryPolicy {
     ///     max_attempts: 8,
@@ -659,7 +659,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::{definition::Step, retry::RetryPolicy};
+    /// # use skald_core::{definition::Step, retry::RetryPolicy};
     /// # #[derive(Serialize, Deserialize)] struct Order;
     /// let step = Step::<Order>::new("charge")
     ///     .compensation_retry(RetryPolicy { max_attempts: 20, ..RetryPolicy::default() });
@@ -677,7 +677,7 @@ where
     /// ```
     /// # use std::time::Duration;
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::Step;
+    /// # use skald_core::definition::Step;
     /// # #[derive(Serialize, Deserialize)] struct Order;
     /// let step = Step::<Order>::new("ship").timeout(Duration::from_secs(30));
     /// ```
@@ -694,7 +694,7 @@ where
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// # use skald_runtime::definition::Step;
+    /// # use skald_core::definition::Step;
     /// # #[derive(Serialize, Deserialize)] struct Order;
     /// let step = Step::<Order>::new("charge").schema_version(2);
     /// ```
