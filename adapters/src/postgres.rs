@@ -20,7 +20,6 @@
 //!
 //! Times are stored as milliseconds since the Unix epoch (bigint), as in SQLite.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,13 +31,13 @@ use skald_runtime::ports::{
     SagaWrite, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Column, Postgres, Row, Transaction, TypeInfo};
 use uuid::Uuid;
 
 use crate::redact_url as redact;
 use crate::sql::{
-    ClaimedRow, CommitBatch, CommitWrite, classify, corrupt, due_in_order, encode_headers, limit,
-    ms, outbox_in_order, parse_id, ts,
+    CommitBatch, CommitWrite, QueryRow, classify, corrupt, decode_dead_letter, decode_state,
+    due_in_order, encode_headers, encode_json, limit, ms, outbox_in_order, parse_id,
 };
 
 /// The embedded migrations (`migrations/postgres`).
@@ -185,19 +184,12 @@ impl PostgresStore {
         // statement sees each saga once.
         let mut order: Vec<usize> = (0..writes.len()).collect();
         order.sort_by_key(|&i| writes[i].id);
-        let mut rounds: Vec<Batch<'_>> = Vec::new();
-        let mut seen: HashMap<SagaId, usize> = HashMap::with_capacity(writes.len());
-        for i in order {
-            let round = seen.entry(writes[i].id).or_insert(0);
-            if rounds.len() <= *round {
-                rounds.push(Batch { writes: Vec::new() });
-            }
-            rounds[*round].writes.push((i, &writes[i]));
-            *round += 1;
-        }
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
-        for round in &rounds {
-            round.apply(&mut tx, &mut outcomes).await?;
+        for round in crate::sql::rounds(writes, order) {
+            let batch = Batch {
+                writes: round.into_iter().map(|i| (i, &writes[i])).collect(),
+            };
+            batch.apply(&mut tx, &mut outcomes).await?;
         }
         let outcomes: Vec<WriteOutcome> = outcomes
             .into_iter()
@@ -225,16 +217,6 @@ pub async fn open_pool(url: &str, options: &PostgresOptions) -> Result<PgPool, S
             )),
             other => other,
         })
-}
-
-fn decode_state(row: &PgRow) -> Result<StoredSaga, StoreError> {
-    let state: String = row.try_get("state").map_err(store_error)?;
-    let version: i64 = row.try_get("version").map_err(store_error)?;
-    let state: SagaState = serde_json::from_str(&state).map_err(|e| corrupt("saga state", e))?;
-    Ok(StoredSaga {
-        state,
-        version: u64::try_from(version).map_err(|e| corrupt("version", e))?,
-    })
 }
 
 /// One write's rows, flattened for the batch statements.
@@ -275,12 +257,11 @@ impl<'a> Batch<'a> {
             .fetch_all(&mut **tx)
             .await
             .map_err(store_error)?;
-            let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
-            for (i, w) in &with_inbox {
-                if !w.inbox.as_ref().is_some_and(|m| inserted.contains(m)) {
-                    outcomes[*i] = Some(WriteOutcome::Duplicate);
-                }
-            }
+            crate::sql::mark_duplicates(
+                inserted,
+                with_inbox.iter().map(|(i, w)| (*i, *w)),
+                outcomes,
+            );
         }
         let live: Vec<&(usize, &SagaWrite)> = self
             .writes
@@ -302,8 +283,7 @@ impl<'a> Batch<'a> {
         if !creates.is_empty() {
             let mut states = Vec::with_capacity(creates.len());
             for (_, s) in &creates {
-                states
-                    .push(serde_json::to_string(s).map_err(|e| StoreError::Other(e.to_string()))?);
+                states.push(encode_json(s)?);
             }
             let ids: Vec<String> = sqlx::query_scalar(
                 "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
@@ -346,8 +326,7 @@ impl<'a> Batch<'a> {
             let mut states = Vec::with_capacity(updates.len());
             let mut versions = Vec::with_capacity(updates.len());
             for (w, s) in &updates {
-                states
-                    .push(serde_json::to_string(s).map_err(|e| StoreError::Other(e.to_string()))?);
+                states.push(encode_json(s)?);
                 versions
                     .push(i64::try_from(w.expected_version).map_err(|e| corrupt("version", e))?);
             }
@@ -388,38 +367,14 @@ impl<'a> Batch<'a> {
             .fetch_all(&mut **tx)
             .await
             .map_err(store_error)?;
-            let mut current: HashMap<SagaId, i64> = HashMap::with_capacity(rows.len());
-            for r in &rows {
-                current.insert(
-                    parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
-                    r.try_get("version").map_err(store_error)?,
-                );
-            }
-            for w in checks {
-                if current.get(&w.id).and_then(|v| u64::try_from(*v).ok())
-                    == Some(w.expected_version)
-                {
-                    applied.insert(w.id);
-                }
-            }
+            crate::sql::check_versions(&rows, checks, &mut applied)?;
         }
-        let mut conflicted_inbox = Vec::new();
-        for (i, w) in &live {
-            outcomes[*i] = Some(if applied.contains(&w.id) {
-                WriteOutcome::Committed {
-                    version: w.expected_version + u64::from(w.state.is_some()),
-                }
-            } else {
-                if let Some(m) = &w.inbox {
-                    conflicted_inbox.push(m.clone());
-                }
-                WriteOutcome::Conflict
-            });
-        }
+        let conflicted_inbox =
+            crate::sql::settle(live.iter().map(|(i, w)| (*i, *w)), &applied, outcomes);
         // Nothing of a conflicting write may stay, its inbox entry included.
         if !conflicted_inbox.is_empty() {
             sqlx::query("DELETE FROM inbox WHERE message_id = ANY($1::text[])")
-                .bind(conflicted_inbox)
+                .bind(strings(conflicted_inbox.into_iter()))
                 .execute(&mut **tx)
                 .await
                 .map_err(store_error)?;
@@ -438,9 +393,7 @@ impl<'a> Batch<'a> {
         if !entries.is_empty() {
             let mut bodies = Vec::with_capacity(entries.len());
             for (_, e) in &entries {
-                bodies.push(
-                    serde_json::to_string(&e.body).map_err(|e| StoreError::Other(e.to_string()))?,
-                );
+                bodies.push(encode_json(&e.body)?);
             }
             sqlx::query(
                 "INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) \
@@ -532,12 +485,7 @@ async fn insert_dead_letter(
     tx: &mut Transaction<'static, Postgres>,
     dl: &DeadLetterRecord,
 ) -> Result<(), StoreError> {
-    let message = dl
-        .message
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| StoreError::Other(e.to_string()))?;
+    let message = dl.message.as_ref().map(encode_json).transpose()?;
     sqlx::query(
         "INSERT INTO dead_letters (id, category, saga_id, saga_type, step, kind, reason, attempts, \
          message, created_at_ms) VALUES ($1::uuid, $2, $3::uuid, $4, $5, $6, $7, $8, $9::jsonb, $10)",
@@ -556,41 +504,6 @@ async fn insert_dead_letter(
     .await
     .map_err(store_error)?;
     Ok(())
-}
-
-fn decode_dead_letter(r: &PgRow) -> Result<DeadLetterRecord, StoreError> {
-    let get = |c: &str| -> Result<Option<String>, StoreError> { r.try_get(c).map_err(store_error) };
-    let category = match get("category")?.as_deref() {
-        Some("saga") => DeadLetterCategory::Saga,
-        Some("poison") => DeadLetterCategory::Poison,
-        other => return Err(corrupt("dead letter category", format!("{other:?}"))),
-    };
-    let id = get("id")?.unwrap_or_default();
-    Ok(DeadLetterRecord {
-        id: Uuid::parse_str(&id).map_err(|e| corrupt("dead letter id", e))?,
-        category,
-        saga_id: get("saga_id")?.map(|s| parse_id(&s)).transpose()?,
-        saga_type: get("saga_type")?,
-        step: get("step")?,
-        kind: get("kind")?.and_then(|k| k.parse().ok()),
-        reason: get("reason")?.unwrap_or_default(),
-        attempts: u32::try_from(r.try_get::<i32, _>("attempts").map_err(store_error)?).unwrap_or(0),
-        message: get("message")?
-            .map(|m| serde_json::from_str(&m))
-            .transpose()
-            .map_err(|e| corrupt("dead letter message", e))?,
-        at: ts(r.try_get("created_at_ms").map_err(store_error)?),
-        resolved_at: r
-            .try_get::<Option<i64>, _>("resolved_at_ms")
-            .map_err(store_error)?
-            .map(ts),
-    })
-}
-
-fn ids_of(rows: &[PgRow]) -> Result<Vec<SagaId>, StoreError> {
-    rows.iter()
-        .map(|r| parse_id(&r.try_get::<String, _>("id").map_err(store_error)?))
-        .collect()
 }
 
 #[async_trait]
@@ -625,7 +538,7 @@ impl SagaStore for PostgresStore {
             published,
             writes: order.iter().map(|&i| CommitWrite::of(&writes[i])).collect(),
         };
-        let batch = serde_json::to_string(&batch).map_err(|e| StoreError::Other(e.to_string()))?;
+        let batch = encode_json(&batch)?;
         // One statement, its own transaction: one round trip for the whole batch.
         let answer: String = sqlx::query_scalar("SELECT skald_commit($1::jsonb)::text")
             .bind(batch)
@@ -678,16 +591,7 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let due = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("next_wakeup_ms").map_err(store_error)?,
-                    r.try_get("id").map_err(store_error)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        due_in_order(due)
+        due_in_order(&rows)
     }
 
     async fn claim_outbox(
@@ -710,19 +614,7 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let claimed = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("seq").map_err(store_error)?,
-                    r.try_get("id").map_err(store_error)?,
-                    r.try_get("subject").map_err(store_error)?,
-                    r.try_get("headers").map_err(store_error)?,
-                    r.try_get("payload").map_err(store_error)?,
-                ))
-            })
-            .collect::<Result<Vec<ClaimedRow>, StoreError>>()?;
-        outbox_in_order(claimed, until)
+        outbox_in_order(&rows, until)
     }
 
     async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {
@@ -735,13 +627,11 @@ impl SagaStore for PostgresStore {
     }
 
     async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at_ms) AS oldest FROM outbox")
+        let row = sqlx::query(crate::sql::OUTBOX_BACKLOG)
             .fetch_one(&self.pool)
             .await
             .map_err(store_error)?;
-        let n: i64 = row.try_get("n").map_err(store_error)?;
-        let oldest: Option<i64> = row.try_get("oldest").map_err(store_error)?;
-        Ok((u64::try_from(n).unwrap_or(0), oldest.map(ts)))
+        crate::sql::decode_backlog(&row)
     }
 
     async fn active_sagas(
@@ -759,7 +649,7 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        ids_of(&rows)
+        crate::sql::decode_ids(&rows)
     }
 
     async fn unfinished_versions(
@@ -820,7 +710,7 @@ impl SagaStore for PostgresStore {
         // journal, dead letters and rows; and as many poison records of no saga (or of
         // one deleted before: all the statement's parts see one snapshot, so none of
         // the batch's) recorded before `before`.
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "WITH batch AS ( \
                  SELECT id FROM saga_instances \
                  WHERE status IN ('completed', 'compensated') AND updated_at_ms < $1 \
@@ -828,26 +718,21 @@ impl SagaStore for PostgresStore {
              j AS (DELETE FROM saga_journal WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
              d AS (DELETE FROM dead_letters WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
              s AS (DELETE FROM saga_instances WHERE id IN (SELECT id FROM batch) RETURNING 1), \
-             p AS (DELETE FROM dead_letters WHERE id IN ( \
-                 SELECT d.id FROM dead_letters AS d WHERE d.category = 'poison' \
-                 AND d.created_at_ms < $1 AND (d.saga_id IS NULL OR NOT EXISTS \
-                   (SELECT 1 FROM saga_instances AS i WHERE i.id = d.saga_id)) \
-                 ORDER BY d.created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
+             p AS (DELETE FROM dead_letters WHERE id IN (",
+            crate::sql::poison_of_no_saga!("$1", "$2"),
+            " FOR UPDATE SKIP LOCKED) RETURNING 1) \
              SELECT (SELECT COUNT(*) FROM s) AS sagas, (SELECT COUNT(*) FROM j) AS journal, \
-                    (SELECT COUNT(*) FROM d) + (SELECT COUNT(*) FROM p) AS dead",
-        )
+                    (SELECT COUNT(*) FROM d) + (SELECT COUNT(*) FROM p) AS dead"
+        ))
         .bind(ms(before))
         .bind(limit(max))
         .fetch_one(&self.pool)
         .await
         .map_err(store_error)?;
-        let n = |c: &str| -> Result<u64, StoreError> {
-            Ok(u64::try_from(row.try_get::<i64, _>(c).map_err(store_error)?).unwrap_or(0))
-        };
         Ok(PurgeReport {
-            sagas: n("sagas")?,
-            journal_entries: n("journal")?,
-            dead_letters: n("dead")?,
+            sagas: row.count("sagas")?,
+            journal_entries: row.count("journal")?,
+            dead_letters: row.count("dead")?,
             inbox: 0,
         })
     }
@@ -881,26 +766,12 @@ impl SagaStore for PostgresStore {
     }
 
     async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
-        crate::sql::check_candidate(name, candidate)?;
-        // Two statements: a concurrent insert makes ours wait, then do nothing, and only
-        // a later statement's snapshot sees the row it committed.
-        sqlx::query(
+        const SQL: [&str; 2] = [
             "INSERT INTO skald_secrets (name, value, created_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(candidate)
-        .bind(crate::sql::now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(store_error)?;
-        let stored: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT value FROM skald_secrets WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_error)?;
-        stored.ok_or_else(|| corrupt("shared secret", format!("{name:?} vanished once stored")))
+            "SELECT value FROM skald_secrets WHERE name = $1",
+        ];
+        crate::sql::shared_secret(&self.pool, SQL, name, candidate, store_error).await
     }
 
     async fn record_poison(
@@ -945,20 +816,7 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let body: String = r.try_get("body").map_err(store_error)?;
-                Ok(JournalEntry {
-                    at: ts(r.try_get("at_ms").map_err(store_error)?),
-                    schema_version: u16::try_from(
-                        r.try_get::<i32, _>("schema_version").map_err(store_error)?,
-                    )
-                    .map_err(|e| corrupt("journal schema version", e))?,
-                    kind: r.try_get("kind").map_err(store_error)?,
-                    body: serde_json::from_str(&body).map_err(|e| corrupt("journal body", e))?,
-                })
-            })
-            .collect()
+        rows.iter().map(crate::sql::decode_journal_entry).collect()
     }
 
     async fn list(
@@ -978,19 +836,7 @@ impl SagaStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status").map_err(store_error)?;
-                let ty: String = r.try_get("saga_type").map_err(store_error)?;
-                Ok(SagaSummary {
-                    id: parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
-                    saga_type: SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
-                    status: SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-                    created_at: ts(r.try_get("created_at_ms").map_err(store_error)?),
-                    updated_at: ts(r.try_get("updated_at_ms").map_err(store_error)?),
-                })
-            })
-            .collect()
+        rows.iter().map(crate::sql::decode_summary).collect()
     }
 }
 
@@ -1112,14 +958,46 @@ impl SagaQueries for PostgresStore {
     }
 }
 
-impl crate::sql::QueryRow for PgRow {
+/// Integer columns are read at their declared width (int2, int4 or int8) and widened.
+impl QueryRow for PgRow {
     fn text(&self, column: &str) -> Result<String, StoreError> {
         self.try_get(column).map_err(store_error)
     }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
         self.try_get(column).map_err(store_error)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        match int_width(self, column)? {
+            2 => self.try_get::<i16, _>(column).map(i64::from),
+            4 => self.try_get::<i32, _>(column).map(i64::from),
+            _ => self.try_get::<i64, _>(column),
+        }
+        .map_err(store_error)
     }
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        match int_width(self, column)? {
+            2 => self
+                .try_get::<Option<i16>, _>(column)
+                .map(|v| v.map(i64::from)),
+            4 => self
+                .try_get::<Option<i32>, _>(column)
+                .map(|v| v.map(i64::from)),
+            _ => self.try_get::<Option<i64>, _>(column),
+        }
+        .map_err(store_error)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError> {
         self.try_get(column).map_err(store_error)
     }
+}
+
+/// The declared width of an integer column, in bytes: 8 for int8 and for any other type
+/// (whose read as an int8 then fails as a type mismatch).
+fn int_width(row: &PgRow, column: &str) -> Result<u8, StoreError> {
+    let column = row.try_column(column).map_err(store_error)?;
+    Ok(match column.type_info().name() {
+        "INT2" => 2,
+        "INT4" => 4,
+        _ => 8,
+    })
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
-use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
+use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
     DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
     OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
@@ -23,8 +23,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::sql::{
-    ClaimedRow, CommitWrite, classify, corrupt, due_in_order, encode_headers, limit, ms,
-    outbox_in_order, parse_id, ts,
+    CommitWrite, QueryRow, classify, corrupt, decode_dead_letter, decode_state, due_in_order,
+    encode_headers, encode_json, limit, ms, outbox_in_order, parse_id,
 };
 
 /// The embedded migrations (`migrations/sqlite`).
@@ -174,27 +174,6 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
-
-    /// Counts of sagas per type and status.
-    pub async fn counts(&self) -> Result<Vec<(String, SagaStatus, u64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT saga_type, status, COUNT(*) AS n FROM saga_instances GROUP BY saga_type, status",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status").map_err(store_error)?;
-                let n: i64 = r.try_get("n").map_err(store_error)?;
-                Ok((
-                    r.try_get("saga_type").map_err(store_error)?,
-                    SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-                    u64::try_from(n).unwrap_or(0),
-                ))
-            })
-            .collect()
-    }
 }
 
 /// Opens a WAL-mode pool on `url` without applying migrations (for components that keep
@@ -218,16 +197,6 @@ pub async fn open_pool(url: &str, options: &SqliteOptions) -> Result<SqlitePool,
         .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {url:?}: {e}")))
 }
 
-fn decode_state(row: &SqliteRow) -> Result<StoredSaga, StoreError> {
-    let state: String = row.try_get("state").map_err(store_error)?;
-    let version: i64 = row.try_get("version").map_err(store_error)?;
-    let state: SagaState = serde_json::from_str(&state).map_err(|e| corrupt("saga state", e))?;
-    Ok(StoredSaga {
-        state,
-        version: u64::try_from(version).map_err(|e| corrupt("version", e))?,
-    })
-}
-
 /// Writes the saga row of `w` (insert, versioned update, or for a journal-only write a
 /// version check). `None`: the version did not match (a conflict).
 async fn write_state(
@@ -248,7 +217,7 @@ async fn write_state(
         let same = current.and_then(|v| u64::try_from(v).ok()) == Some(w.expected_version);
         return Ok(same.then_some(w.expected_version));
     };
-    let json = serde_json::to_string(state).map_err(|e| StoreError::Other(e.to_string()))?;
+    let json = encode_json(state)?;
     let wake = state.wake_at().map(ms);
     let next = i64::try_from(w.expected_version + 1).map_err(|e| corrupt("version", e))?;
     let affected = if w.expected_version == 0 {
@@ -323,8 +292,7 @@ async fn apply_write(
         return Ok(WriteOutcome::Conflict);
     };
     for entry in &w.journal {
-        let body =
-            serde_json::to_string(&entry.body).map_err(|e| StoreError::Other(e.to_string()))?;
+        let body = encode_json(&entry.body)?;
         sqlx::query(
             "INSERT INTO saga_journal (saga_id, at_ms, schema_version, kind, body) VALUES (?, ?, ?, ?, ?)",
         )
@@ -392,8 +360,7 @@ async fn apply_set(
 ) -> Result<(), StoreError> {
     let mut json: Vec<(usize, String)> = Vec::with_capacity(round.len());
     for &i in round {
-        let j = serde_json::to_string(&CommitWrite::of(&writes[i]))
-            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let j = encode_json(&CommitWrite::of(&writes[i]))?;
         json.push((i, j));
     }
     let array = |keep: &dyn Fn(usize) -> bool| {
@@ -417,14 +384,8 @@ async fn apply_set(
         .fetch_all(&mut **tx)
         .await
         .map_err(store_error)?;
-        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
-        for &i in round {
-            if let Some(m) = &writes[i].inbox
-                && !inserted.contains(m)
-            {
-                outcomes[i] = Some(WriteOutcome::Duplicate);
-            }
-        }
+        let with_inbox = round.iter().filter(|&&i| writes[i].inbox.is_some());
+        crate::sql::mark_duplicates(inserted, with_inbox.map(|&i| (i, &writes[i])), outcomes);
     }
     let live = |i: usize| outcomes[i].is_none();
     let live_now: Vec<usize> = round.iter().copied().filter(|&i| live(i)).collect();
@@ -480,36 +441,17 @@ async fn apply_set(
         .fetch_all(&mut **tx)
         .await
         .map_err(store_error)?;
-        let mut current = std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let id = parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?;
-            current.insert(id, r.try_get::<i64, _>("version").map_err(store_error)?);
-        }
-        for &i in live_now.iter().filter(|&&i| checks(i)) {
-            let w = &writes[i];
-            if current.get(&w.id).and_then(|v| u64::try_from(*v).ok()) == Some(w.expected_version) {
-                applied.insert(w.id);
-            }
-        }
+        let checked = live_now.iter().filter(|&&i| checks(i)).map(|&i| &writes[i]);
+        crate::sql::check_versions(&rows, checked, &mut applied)?;
     }
-    let mut conflicted_inbox = Vec::new();
-    for &i in &live_now {
-        let w = &writes[i];
-        outcomes[i] = Some(if applied.contains(&w.id) {
-            WriteOutcome::Committed {
-                version: w.expected_version + u64::from(w.state.is_some()),
-            }
-        } else {
-            if let Some(m) = &w.inbox {
-                conflicted_inbox.push(m.as_str());
-            }
-            WriteOutcome::Conflict
-        });
-    }
+    let conflicted_inbox = crate::sql::settle(
+        live_now.iter().map(|&i| (i, &writes[i])),
+        &applied,
+        outcomes,
+    );
     // Nothing of a conflicting write may stay, its inbox entry included.
     if !conflicted_inbox.is_empty() {
-        let ids = serde_json::to_string(&conflicted_inbox)
-            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let ids = encode_json(&conflicted_inbox)?;
         sqlx::query("DELETE FROM inbox WHERE message_id IN (SELECT value FROM json_each(?))")
             .bind(ids)
             .execute(&mut **tx)
@@ -574,12 +516,7 @@ async fn insert_dead_letter<'e, E>(exec: E, dl: &DeadLetterRecord) -> Result<(),
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
-    let message = dl
-        .message
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| StoreError::Other(e.to_string()))?;
+    let message = dl.message.as_ref().map(encode_json).transpose()?;
     sqlx::query(
         "INSERT INTO dead_letters (id, category, saga_id, saga_type, step, kind, reason, attempts, \
          message, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -598,41 +535,6 @@ where
     .await
     .map_err(store_error)?;
     Ok(())
-}
-
-fn decode_dead_letter(r: &SqliteRow) -> Result<DeadLetterRecord, StoreError> {
-    let get = |c: &str| -> Result<Option<String>, StoreError> { r.try_get(c).map_err(store_error) };
-    let category = match get("category")?.as_deref() {
-        Some("saga") => DeadLetterCategory::Saga,
-        Some("poison") => DeadLetterCategory::Poison,
-        other => return Err(corrupt("dead letter category", format!("{other:?}"))),
-    };
-    let id = get("id")?.unwrap_or_default();
-    Ok(DeadLetterRecord {
-        id: Uuid::parse_str(&id).map_err(|e| corrupt("dead letter id", e))?,
-        category,
-        saga_id: get("saga_id")?.map(|s| parse_id(&s)).transpose()?,
-        saga_type: get("saga_type")?,
-        step: get("step")?,
-        kind: get("kind")?.and_then(|k| k.parse().ok()),
-        reason: get("reason")?.unwrap_or_default(),
-        attempts: u32::try_from(r.try_get::<i64, _>("attempts").map_err(store_error)?).unwrap_or(0),
-        message: get("message")?
-            .map(|m| serde_json::from_str(&m))
-            .transpose()
-            .map_err(|e| corrupt("dead letter message", e))?,
-        at: ts(r.try_get("created_at_ms").map_err(store_error)?),
-        resolved_at: r
-            .try_get::<Option<i64>, _>("resolved_at_ms")
-            .map_err(store_error)?
-            .map(ts),
-    })
-}
-
-fn ids_of(rows: &[SqliteRow]) -> Result<Vec<SagaId>, StoreError> {
-    rows.iter()
-        .map(|r| parse_id(&r.try_get::<String, _>("id").map_err(store_error)?))
-        .collect()
 }
 
 #[async_trait]
@@ -662,7 +564,7 @@ impl SagaStore for SqliteStore {
             .map_err(store_error)?;
         if !published.is_empty() {
             let ids: Vec<String> = published.iter().map(Uuid::to_string).collect();
-            let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Other(e.to_string()))?;
+            let ids = encode_json(&ids)?;
             sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))")
                 .bind(ids)
                 .execute(&mut *tx)
@@ -678,17 +580,7 @@ impl SagaStore for SqliteStore {
         } else {
             // A saga written twice in one batch (a passivation race) goes into a later
             // round: every statement sees each saga once.
-            let mut rounds: Vec<Vec<usize>> = Vec::new();
-            let mut seen: std::collections::HashMap<SagaId, usize> =
-                std::collections::HashMap::with_capacity(writes.len());
-            for (i, w) in writes.iter().enumerate() {
-                let round = seen.entry(w.id).or_insert(0);
-                if rounds.len() <= *round {
-                    rounds.push(Vec::new());
-                }
-                rounds[*round].push(i);
-                *round += 1;
-            }
+            let rounds = crate::sql::rounds(writes, 0..writes.len());
             let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
             for round in &rounds {
                 apply_set(&mut tx, writes, round, &mut outcomes).await?;
@@ -710,7 +602,7 @@ impl SagaStore for SqliteStore {
         lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError> {
         let types: Vec<String> = types.iter().map(|(t, v)| format!("{t}:{v}")).collect();
-        let types = serde_json::to_string(&types).map_err(|e| StoreError::Other(e.to_string()))?;
+        let types = encode_json(&types)?;
         let rows = sqlx::query(
             "UPDATE saga_instances SET wakeup_claimed_until_ms = ? WHERE id IN ( \
                SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= ? \
@@ -727,16 +619,7 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let due = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("next_wakeup_ms").map_err(store_error)?,
-                    r.try_get("id").map_err(store_error)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        due_in_order(due)
+        due_in_order(&rows)
     }
 
     async fn claim_outbox(
@@ -757,19 +640,7 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let claimed = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("seq").map_err(store_error)?,
-                    r.try_get("id").map_err(store_error)?,
-                    r.try_get("subject").map_err(store_error)?,
-                    r.try_get("headers").map_err(store_error)?,
-                    r.try_get("payload").map_err(store_error)?,
-                ))
-            })
-            .collect::<Result<Vec<ClaimedRow>, StoreError>>()?;
-        outbox_in_order(claimed, until)
+        outbox_in_order(&rows, until)
     }
 
     async fn prune_inbox(&self, before: Timestamp) -> Result<u64, StoreError> {
@@ -782,13 +653,11 @@ impl SagaStore for SqliteStore {
     }
 
     async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at_ms) AS oldest FROM outbox")
+        let row = sqlx::query(crate::sql::OUTBOX_BACKLOG)
             .fetch_one(&self.pool)
             .await
             .map_err(store_error)?;
-        let n: i64 = row.try_get("n").map_err(store_error)?;
-        let oldest: Option<i64> = row.try_get("oldest").map_err(store_error)?;
-        Ok((u64::try_from(n).unwrap_or(0), oldest.map(ts)))
+        crate::sql::decode_backlog(&row)
     }
 
     async fn active_sagas(
@@ -805,7 +674,7 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        ids_of(&rows)
+        crate::sql::decode_ids(&rows)
     }
 
     async fn unfinished_versions(
@@ -819,7 +688,7 @@ impl SagaStore for SqliteStore {
              AND saga_type IN (SELECT value FROM json_each(?)) \
              GROUP BY saga_type, definition_version ORDER BY saga_type, definition_version",
         )
-        .bind(serde_json::to_string(&names).map_err(|e| StoreError::Other(e.to_string()))?)
+        .bind(encode_json(&names)?)
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
@@ -915,13 +784,11 @@ impl SagaStore for SqliteStore {
                 .map_err(store_error)?;
         }
         // Poison records of no saga (or of one deleted since), as old: bounded alike.
-        report.dead_letters += sqlx::query(
-            "DELETE FROM dead_letters WHERE id IN ( \
-               SELECT id FROM dead_letters AS d WHERE d.category = 'poison' \
-               AND d.created_at_ms < ? AND (d.saga_id IS NULL OR NOT EXISTS \
-                 (SELECT 1 FROM saga_instances AS s WHERE s.id = d.saga_id)) \
-               ORDER BY d.created_at_ms LIMIT ?)",
-        )
+        report.dead_letters += sqlx::query(concat!(
+            "DELETE FROM dead_letters WHERE id IN (",
+            crate::sql::poison_of_no_saga!("?", "?"),
+            ")"
+        ))
         .bind(ms(before))
         .bind(limit(max))
         .execute(&mut *tx)
@@ -965,26 +832,12 @@ impl SagaStore for SqliteStore {
     }
 
     async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
-        crate::sql::check_candidate(name, candidate)?;
-        // Insert-if-absent, then read: whoever inserted first, every caller reads the
-        // one stored value (a row is never updated).
-        sqlx::query(
+        const SQL: [&str; 2] = [
             "INSERT INTO skald_secrets (name, value, created_at_ms) VALUES (?, ?, ?) \
              ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(candidate)
-        .bind(crate::sql::now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(store_error)?;
-        let stored: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT value FROM skald_secrets WHERE name = ?")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_error)?;
-        stored.ok_or_else(|| corrupt("shared secret", format!("{name:?} vanished once stored")))
+            "SELECT value FROM skald_secrets WHERE name = ?",
+        ];
+        crate::sql::shared_secret(&self.pool, SQL, name, candidate, store_error).await
     }
 
     async fn record_poison(
@@ -1029,20 +882,7 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let body: String = r.try_get("body").map_err(store_error)?;
-                Ok(JournalEntry {
-                    at: ts(r.try_get("at_ms").map_err(store_error)?),
-                    schema_version: u16::try_from(
-                        r.try_get::<i64, _>("schema_version").map_err(store_error)?,
-                    )
-                    .map_err(|e| corrupt("journal schema version", e))?,
-                    kind: r.try_get("kind").map_err(store_error)?,
-                    body: serde_json::from_str(&body).map_err(|e| corrupt("journal body", e))?,
-                })
-            })
-            .collect()
+        rows.iter().map(crate::sql::decode_journal_entry).collect()
     }
 
     async fn list(
@@ -1062,19 +902,7 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status").map_err(store_error)?;
-                let ty: String = r.try_get("saga_type").map_err(store_error)?;
-                Ok(SagaSummary {
-                    id: parse_id(&r.try_get::<String, _>("id").map_err(store_error)?)?,
-                    saga_type: SagaType::new(ty).map_err(|e| corrupt("saga type", e))?,
-                    status: SagaStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-                    created_at: ts(r.try_get("created_at_ms").map_err(store_error)?),
-                    updated_at: ts(r.try_get("updated_at_ms").map_err(store_error)?),
-                })
-            })
-            .collect()
+        rows.iter().map(crate::sql::decode_summary).collect()
     }
 }
 
@@ -1100,7 +928,7 @@ impl SagaQueries for SqliteStore {
         };
         let statuses: Vec<&str> = q.statuses.iter().map(|s| s.as_str()).collect();
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(serde_json::to_string(&statuses).map_err(|e| StoreError::Other(e.to_string()))?)
+            .bind(encode_json(&statuses)?)
             .bind(q.saga_type.as_ref().map(|t| t.as_str()))
             .bind(q.created_after.map(ms))
             .bind(q.updated_before.map(ms))
@@ -1195,14 +1023,21 @@ impl SagaQueries for SqliteStore {
     }
 }
 
-impl crate::sql::QueryRow for SqliteRow {
+/// SQLite's integers are all 64-bit.
+impl QueryRow for SqliteRow {
     fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(store_error)
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
         self.try_get(column).map_err(store_error)
     }
     fn int(&self, column: &str) -> Result<i64, StoreError> {
         self.try_get(column).map_err(store_error)
     }
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(store_error)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError> {
         self.try_get(column).map_err(store_error)
     }
 }
