@@ -13,8 +13,9 @@
 //! lost in a crash is published again by the relay; the broker and the participants
 //! drop the repeat by its message id and idempotency key.
 //!
-//! A schema error (tables missing or of another shape) is fatal: the loop reports it on
-//! the runtime's fatal channel, which stops the process with that error.
+//! A schema error (tables missing or of another shape) is fatal: the loop reports it
+//! (`error::report_fatal`, as every other store caller does), which stops the process with
+//! that error.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +24,10 @@ use std::time::Instant;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use uuid::Uuid;
 
+use crate::error::report_fatal;
 use crate::ports::{SagaStore, SagaWrite, StoreError, WriteOutcome};
 
 /// How long published-row deletions wait for a transaction to ride on.
@@ -258,10 +260,7 @@ async fn run(
                 failing = failing.saturating_add(1);
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 let had_writes = !replies.is_empty();
-                if matches!(err, StoreError::Schema(_)) {
-                    error!(error = %err, "the store's schema is unusable: stopping");
-                    fatal.send_replace(Some(err.clone()));
-                } else {
+                if !report_fatal(&fatal, &err) {
                     warn!(error = %err, writes = replies.len(), "group commit failed");
                 }
                 if !err.is_retryable() && !matches!(err, StoreError::Schema(_)) && writes.len() > 1

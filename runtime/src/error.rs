@@ -1,4 +1,9 @@
-//! The runtime's errors, and what each tells the caller to do.
+//! The runtime's errors, what each tells the caller to do ([`Disposition`]), and the
+//! one place a store error that stops the process is reported (`report_fatal`).
+
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::definition::DataError;
 use crate::ids::{SagaId, SagaType};
@@ -72,9 +77,87 @@ pub enum RuntimeError {
     /// this build's definition declares): a runtime of that build must apply the input.
     #[error("{0}")]
     DataTooNew(String),
-    /// The runtime is shutting down or failed to start.
-    #[error("runtime: {0}")]
-    Runtime(String),
+    /// [`RuntimeBuilder::start`](crate::runtime::RuntimeBuilder::start) without a store.
+    #[error("no store configured: call .store(..) on the runtime builder")]
+    MissingStore,
+    /// [`RuntimeBuilder::start`](crate::runtime::RuntimeBuilder::start) without a bus.
+    #[error("no bus configured: call .bus(..) on the runtime builder")]
+    MissingBus,
+    /// [`RuntimeBuilder::start`](crate::runtime::RuntimeBuilder::start) with no saga
+    /// definition: the runtime would have nothing to run.
+    #[error("no saga definition registered: call .register(&definition) on the runtime builder")]
+    NoDefinitions,
+    /// One saga type and version registered twice (two definitions would claim the
+    /// same stored sagas).
+    #[error("saga type {saga_type} version {version} registered twice: register each version once")]
+    DuplicateDefinition {
+        /// The type.
+        saga_type: SagaType,
+        /// The version registered twice.
+        version: u32,
+    },
+    /// `RuntimeOptions::inbox_retention` is shorter than the longest an operator
+    /// request may be applied ([`MAX_REQUEST_TTL`](crate::runtime::MAX_REQUEST_TTL)): a
+    /// replayed request could be applied twice.
+    #[error(
+        "inbox_retention is {configured:?}: it must be at least {minimum:?}, the longest an \
+         operator request may be applied, or a replayed request could be applied twice; \
+         raise inbox-retention"
+    )]
+    InboxRetentionTooShort {
+        /// The configured retention.
+        configured: Duration,
+        /// The least allowed.
+        minimum: Duration,
+    },
+    /// An entry of `RuntimeOptions::operators` is not a public NKey.
+    #[error("operator {name:?}: {reason}; list each operator's public user NKey (U...)")]
+    InvalidOperatorKey {
+        /// The operator's name in the allowlist.
+        name: String,
+        /// What is wrong with the key.
+        reason: String,
+    },
+    /// The reply-token secret kept in the store cannot serve as a key.
+    #[error(
+        "the store's reply-token secret is unusable: {0}; configure the keys with \
+         .reply_keys(..) or replace the stored secret"
+    )]
+    ReplyKeys(String),
+    /// [`RuntimeBuilder::start`](crate::runtime::RuntimeBuilder::start) was called
+    /// outside a tokio runtime (it becomes the runtime's I/O runtime).
+    #[error("Runtime::start must be called inside a multi-thread tokio runtime")]
+    NoTokioRuntime,
+    /// The actor system's thread could not be spawned, or the system did not come up.
+    #[error("the actor system could not start: {0}")]
+    ActorSystem(String),
+    /// The runtime is shutting down: its actors take no more input. Apply the input on
+    /// a runtime that is running (a message left unacknowledged is redelivered to one).
+    #[error("the runtime is shutting down: its actors take no more input")]
+    ShuttingDown,
+    /// A store or bus call run on the I/O runtime panicked or was cancelled. The input
+    /// may be applied again; a panic is a bug worth reporting.
+    #[error("a store or bus call failed to run (panicked or cancelled): {0}")]
+    IoTask(String),
+    /// Another writer kept moving the saga on: every re-evaluation of the input found
+    /// the stored version changed again. The input may be applied again.
+    #[error("saga {id}: still conflicting after {attempts} reloads; apply the input again")]
+    Contended {
+        /// The saga.
+        id: SagaId,
+        /// Reloads tried.
+        attempts: usize,
+    },
+    /// A request (a cancel, a re-drive) was refused: this build cannot read the saga's
+    /// data (no upcaster from its data version). A build that has one may apply it.
+    #[error(
+        "the saga's data cannot be read: {0}; register an upcaster for its data, then ask \
+         again"
+    )]
+    DataUnreadable(String),
+    /// An operator request's expiry or condition (re-drives, version) does not hold.
+    #[error("the request's condition does not hold: {0}")]
+    ConditionUnmet(String),
 }
 
 fn unregistered_message(found: &[(SagaType, u32, u64)]) -> String {
@@ -102,8 +185,26 @@ impl RuntimeError {
             RuntimeError::Store(_) => Disposition::Retry,
             RuntimeError::Bus(_)
             | RuntimeError::ActorUnavailable(_)
-            | RuntimeError::Runtime(_)
-            | RuntimeError::UnregisteredVersions(_) => Disposition::Retry,
+            | RuntimeError::UnregisteredVersions(_)
+            | RuntimeError::ShuttingDown
+            | RuntimeError::IoTask(_)
+            | RuntimeError::Contended { .. } => Disposition::Retry,
+            // Start-up refusals: the process must be configured (or deployed) otherwise;
+            // trying again may succeed once it is.
+            RuntimeError::MissingStore
+            | RuntimeError::MissingBus
+            | RuntimeError::NoDefinitions
+            | RuntimeError::DuplicateDefinition { .. }
+            | RuntimeError::InboxRetentionTooShort { .. }
+            | RuntimeError::InvalidOperatorKey { .. }
+            | RuntimeError::ReplyKeys(_)
+            | RuntimeError::NoTokioRuntime
+            | RuntimeError::ActorSystem(_) => Disposition::Retry,
+            // A build with an upcaster for the saga's data (a deploy in progress) may
+            // apply the request.
+            RuntimeError::DataUnreadable(_) => Disposition::Retry,
+            // The operator asked for a state the saga is no longer in.
+            RuntimeError::ConditionUnmet(_) => Disposition::Refuse,
             RuntimeError::DataTooNew(_) => Disposition::Defer,
             RuntimeError::NotLatestVersion { .. } => Disposition::Refuse,
             // A definition (version) not registered here: a deployment in progress may
@@ -119,4 +220,19 @@ impl RuntimeError {
     pub fn is_retryable(&self) -> bool {
         matches!(self.disposition(), Disposition::Retry | Disposition::Defer)
     }
+}
+
+/// Reports a store error on the runtime's fatal channel when the process cannot go on
+/// with it (a schema error: the tables are missing or of another shape), and logs it as
+/// what stops the runtime; [`Runtime::failed`](crate::runtime::Runtime::failed) resolves
+/// with it. Every place that meets a store error calls this, so none forgets to stop the
+/// process. Returns whether it was fatal: any other error is the caller's to log and
+/// retry.
+pub(crate) fn report_fatal(fatal: &watch::Sender<Option<StoreError>>, e: &StoreError) -> bool {
+    if !matches!(e, StoreError::Schema(_)) {
+        return false;
+    }
+    tracing::error!(error = %e, "the store's schema is unusable: stopping");
+    fatal.send_replace(Some(e.clone()));
+    true
 }

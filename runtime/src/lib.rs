@@ -7,25 +7,41 @@
 //!
 //! # Layout
 //!
+//! The pure core, from `skald-core` and re-exported here:
+//!
 //! - [`ids`]: typed names and ids (`SagaId`, `SagaType`, `StepName`, `CommandKind`).
 //! - [`retry`]: the retry math (exponential backoff, full jitter), pure.
 //! - [`definition`]: the typed builder and the validated, type-erased [`Definition`].
 //! - [`machine`]: the pure state machine, `transition(&definition, &state, input, now)`.
+//! - [`journal`]: the typed journal records (transition, ignored, snapshot).
+//! - [`replay`]: the journal fed back through the machine: time travel, replay checks,
+//!   and how retries are compacted.
+//! - [`upcast`]: payload schema versions and the upcasters that bring old payloads up.
+//!
+//! The shell, in this crate:
+//!
 //! - [`ports`]: the `SagaStore`, `Bus` and `Clock` traits the adapters implement.
 //! - [`wire`]: how commands and replies look on the bus (headers and bodies).
 //! - [`auth`]: who may speak on the bus: reply tokens (HMAC) and operator signatures.
-//! - [`replay`]: the journal fed back through the machine: time travel, replay checks.
-//! - [`upcast`]: payload schema versions and the upcasters that bring old payloads up.
 //! - [`committer`]: group commit: many instances' transitions in one store transaction.
-//! - [`actors`]: the actix shell: `SagaInstance`, `Registry`, the wake-up `Scheduler`.
+//! - [`actors`]: the actix shell: `SagaInstance` (`actors/instance.rs`), the pure
+//!   decision of each input's write (`actors/decide.rs`), the publisher
+//!   (`actors/publisher.rs`), the `Registry` and the `WakeupSweeper`
+//!   (`actors/wakeups.rs`).
+//! - [`runtime`]: [`Runtime`], which wires the above together: the handle
+//!   (`runtime/mod.rs`), [`RuntimeBuilder`] (`runtime/builder.rs`), [`RuntimeOptions`]
+//!   (`runtime/options.rs`), the reply and operator-request intake
+//!   (`runtime/intake.rs`), the outbox relay and dead-letter announcements
+//!   (`runtime/outbox.rs`), and the background loops (`runtime/background.rs`).
 //! - [`participant`]: a helper to write participant services in Rust.
 //! - [`metrics`]: what the runtime measures (through the `metrics` facade).
 //! - [`trace`]: W3C trace context and the ids of skald's spans.
-//! - [`runtime`]: [`Runtime`], which wires the above together.
-//! - [`error`]: the runtime's error type.
+//! - [`error`]: the runtime's error type and what each error tells the caller to do.
 //!
 //! [`Definition`]: definition::Definition
 //! [`Runtime`]: runtime::Runtime
+//! [`RuntimeBuilder`]: runtime::RuntimeBuilder
+//! [`RuntimeOptions`]: runtime::RuntimeOptions
 
 // The pure core, re-exported where the runtime has always had it.
 pub use skald_core::{definition, ids, journal, machine, replay, retry, upcast};

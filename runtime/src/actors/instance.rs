@@ -1,25 +1,28 @@
-//! `SagaInstance`: the one owner of one saga's state.
+//! `SagaInstance`: the one owner of one saga's state, and the messages it takes.
+//!
+//! The actor loads its saga, serialises the inputs to it, and runs each through
+//! `process`: the write is decided by the pure [`Decider`](super::decide::Decider),
+//! committed through the group commit, and its effects performed (messages handed to
+//! the publisher, outcome subscribers notified) before the answer. It arms its own
+//! wake-up timer from the committed state and passivates when idle.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use tracing::field::Empty;
-use tracing::{Instrument, debug, error, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
+use super::decide::{Condition, Decider, Decision, Then};
+use super::publisher::PublishJob;
 use super::registry::{Passivated, Registry};
 use super::{RuntimeStats, SagaOutcome, Shared};
 use crate::definition::Definition;
 use crate::error::RuntimeError;
 use crate::ids::SagaId;
-use crate::journal::{Ignored, JournalRecord, Refused, Transition};
 use crate::machine::{self, Effect, Input, SagaState, SagaStatus};
-use crate::ports::{
-    DeadLetterCategory, DeadLetterRecord, Headers, JournalEntry, Message, OutboxMessage, SagaWrite,
-    StoredSaga, WriteOutcome,
-};
+use crate::ports::{OutboxMessage, StoreError, StoredSaga, WriteOutcome};
 use crate::trace::{self, TraceContext};
-use crate::wire;
 
 /// How many times a version conflict is resolved by reloading before giving up.
 const MAX_CONFLICT_RETRIES: usize = 5;
@@ -41,47 +44,6 @@ pub struct Apply {
     /// input. A disabled span (`Span::none()`) makes that span a child of the saga's
     /// root span instead.
     pub span: tracing::Span,
-}
-
-/// What an operator request requires of the saga when it is applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Condition {
-    /// Not after this time (`Skald-Expires`).
-    pub expires_at: crate::machine::Timestamp,
-    /// Exactly this many re-drives so far (`Skald-If-Redrives`).
-    pub if_redrives: Option<u32>,
-    /// Exactly this stored version (`Skald-If-Version`).
-    pub if_version: Option<u64>,
-}
-
-impl Condition {
-    /// Why `saga` at `now` does not meet it; `None` when it does.
-    pub fn unmet(&self, saga: &StoredSaga, now: crate::machine::Timestamp) -> Option<String> {
-        if now > self.expires_at {
-            return Some(format!(
-                "the request expired at {} ms (now {} ms)",
-                self.expires_at.as_millis(),
-                now.as_millis()
-            ));
-        }
-        if let Some(n) = self.if_redrives
-            && saga.state.redrives != n
-        {
-            return Some(format!(
-                "made after {n} re-drive(s); the saga has had {} since",
-                saga.state.redrives
-            ));
-        }
-        if let Some(v) = self.if_version
-            && saga.version != v
-        {
-            return Some(format!(
-                "made at version {v}; the saga is at version {}",
-                saga.version
-            ));
-        }
-        None
-    }
 }
 
 /// Check whether a wake-up (reply deadline or retry) is due, and act on it.
@@ -450,21 +412,9 @@ impl Handler<Wake> for SagaInstance {
     }
 }
 
-fn journal_entry(now: machine::Timestamp, record: JournalRecord) -> JournalEntry {
-    JournalEntry::new(now, &record)
-}
-
-/// Inputs that are someone's request (start, cancel, re-drive) rather than a fact
-/// reported by a participant or a timer: refusing them must reach the requester.
-fn is_request(input: &Input) -> bool {
-    matches!(
-        input,
-        Input::Started | Input::CancelRequested { .. } | Input::Redriven
-    )
-}
-
-/// Applies `input`: transition, commit (re-applying on a version conflict), perform the
-/// effects. Returns the state to keep (`None` = unknown, reload) and the answer.
+/// Applies `input`: decide the write ([`Decider::decide`]), commit it (deciding again
+/// on a version conflict, from the reloaded state), perform the effects. Returns the
+/// state to keep (`None` = unknown, reload) and the answer.
 async fn process(
     shared: Arc<Shared>,
     def: Arc<Definition>,
@@ -473,194 +423,58 @@ async fn process(
     inbox: Option<String>,
     condition: Option<Condition>,
 ) -> (Option<StoredSaga>, Result<Applied, RuntimeError>) {
-    let original = input;
+    let decider = Decider {
+        upcasters: &shared.upcasters,
+        reply_keys: &shared.reply_keys,
+        options: &shared.options,
+        outbox_stored: shared.outbox_stored,
+    };
     for _ in 0..MAX_CONFLICT_RETRIES {
         let now = shared.clock.now();
-        let write;
-        let mut direct: Vec<OutboxMessage> = Vec::new();
-        // Data stored by an older build is brought up to the definition's data version
-        // first. When it cannot be, a participant's reply or a timer dead-letters the
-        // step in flight (re-drive it once an upcaster is registered); a request is
-        // refused with the reason.
-        let mut input: std::borrow::Cow<'_, Input> = std::borrow::Cow::Borrowed(&original);
-        let mut refused = condition
-            .as_ref()
-            .and_then(|c| c.unmet(&saga, now))
-            .map(Refusal::Condition);
-        // A request whose condition does not hold (it expired) is refused without
-        // reading the data: a build that cannot read it refuses it too, rather than
-        // leaving it to another build for as long as it waits.
-        let data = if refused.is_some() {
-            Ok(())
-        } else {
-            bring_data_up(&shared, &def, &mut saga.state)
+        let decided = decider.decide(
+            &def,
+            &mut saga,
+            &input,
+            inbox.as_deref(),
+            condition.as_ref(),
+            now,
+        );
+        let Decision { write, then } = match decided {
+            Ok(d) => d,
+            Err(e) => {
+                if matches!(e, RuntimeError::DataTooNew(_)) {
+                    RuntimeStats::incr(&shared.stats.deferred);
+                }
+                return (Some(saga), Err(e));
+            }
         };
-        match data {
-            Ok(()) => {}
-            // Written by a newer build running beside this one: leave the input to it.
-            Err(e @ crate::upcast::UpcastError::Newer { .. }) => {
-                RuntimeStats::incr(&shared.stats.deferred);
-                return (Some(saga), Err(RuntimeError::DataTooNew(e.to_string())));
-            }
-            Err(e) if is_request(&input) => {
-                refused = refused.or(Some(Refusal::Unreadable(e.to_string())))
-            }
-            // Only an input that would use the data (the pending step's reply or timer,
-            // a resume) dead-letters the step; a stale or duplicate one is refused by
-            // the machine before any data is read, as usual.
-            Err(e) if targets_pending(&def, &saga.state, &input) => {
-                input = std::borrow::Cow::Owned(Input::DataUnreadable {
-                    error: machine::StepError::new("data_unreadable", e.to_string()),
-                });
-            }
-            Err(_) => {}
+        if let Then::Ignored { reason } = &then {
+            debug!(reason = %reason, "input ignored");
         }
-        let attempt = match refused {
-            Some(r) => Err(r),
-            None => machine::transition(&def, &saga.state, &input, now).map_err(Refusal::Machine),
-        };
-        let next: Result<Vec<Effect>, String> = match attempt {
-            Ok((state, effects)) => {
-                let body = JournalRecord::Transition(Transition::new(
-                    &input,
-                    &state,
-                    &effects,
-                    (saga.version == 0).then_some(&saga.state),
-                    inbox.as_deref(),
-                ));
-                let dead_letter = effects.iter().find_map(|e| match e {
-                    Effect::DeadLetter(info) => Some(DeadLetterRecord {
-                        id: uuid::Uuid::now_v7(),
-                        category: DeadLetterCategory::Saga,
-                        saga_id: Some(state.id),
-                        saga_type: Some(state.saga_type.to_string()),
-                        step: Some(info.step_name.to_string()),
-                        kind: Some(info.kind),
-                        reason: info.error.to_string(),
-                        attempts: info.attempts,
-                        message: None,
-                        at: now,
-                        resolved_at: None,
-                    }),
-                    _ => None,
-                });
-                // What caused this transition, for its lifecycle events: the reply's
-                // id, or the input and the version it produces.
-                let causation = match &inbox {
-                    Some(id) => id.clone(),
-                    None => format!("{}:{}:{}", input.name(), state.id, saga.version + 1),
-                };
-                let mut outbox = outbox_messages(&shared, &state, &effects, now, &causation);
-                // An in-process bus loses everything with the process anyway (a start
-                // re-sends what unfinished sagas wait on): no outbox rows to store.
-                direct = if shared.outbox_stored {
-                    Vec::new()
-                } else {
-                    std::mem::take(&mut outbox)
-                };
-                let journal = {
-                    use crate::replay::{JournalPlan, journal_plan, snapshot};
-                    let after = &state;
-                    let window = shared.options.journal_retry_window;
-                    match journal_plan(&input, &saga.state, after, window) {
-                        JournalPlan::Entry => vec![journal_entry(now, body)],
-                        JournalPlan::Skip => Vec::new(),
-                        JournalPlan::EntryThenSnapshot => vec![
-                            journal_entry(now, body),
-                            journal_entry(
-                                now,
-                                snapshot(
-                                    after,
-                                    "retries past the journal's window are not journaled \
-                                             one by one",
-                                ),
-                            ),
-                        ],
-                        JournalPlan::SnapshotThenEntry => vec![
-                            journal_entry(
-                                saga.state.updated_at,
-                                snapshot(&saga.state, "the compacted retries ended here"),
-                            ),
-                            journal_entry(now, body),
-                        ],
-                    }
-                };
-                let write_status = Some(state.status);
-                write = SagaWrite {
-                    id: saga.state.id,
-                    expected_version: saga.version,
-                    // Moved, not copied: the committer hands the write back.
-                    state: Some(state),
-                    journal,
-                    dead_letter,
-                    // A re-drive, or the late success of an action dead-lettered in
-                    // doubt, takes the saga out of `failed`: its dead letters are done.
-                    resolve_dead_letters: saga.state.status == SagaStatus::Failed
-                        && write_status != Some(SagaStatus::Failed),
-                    outbox,
-                    inbox: inbox.clone(),
-                };
-                Ok(effects)
-            }
-            // Late, repeated or out-of-order replies and timers are recorded and
-            // acknowledged; an operator's request on a finished saga is refused.
-            // An operator's request that came over the bus is refused the same way,
-            // journaled with its id, for the operator's tool to find.
-            Err(e)
-                if saga.version > 0
-                    && if is_request(&input) {
-                        inbox.is_some()
-                    } else {
-                        e.is_ignorable()
-                    } =>
-            {
-                let body = JournalRecord::Ignored(Ignored {
-                    input: input.clone().into_owned(),
-                    ignored: e.to_string(),
-                    refused: match &e {
-                        Refusal::Unreadable(_) => Some(Refused::DataUnreadable),
-                        Refusal::Condition(_) => Some(Refused::Condition),
-                        Refusal::Machine(_) => None,
-                    },
-                    causation: inbox.clone(),
-                });
-                write = SagaWrite {
-                    id: saga.state.id,
-                    expected_version: saga.version,
-                    state: None,
-                    journal: vec![journal_entry(now, body)],
-                    dead_letter: None,
-                    resolve_dead_letters: false,
-                    outbox: Vec::new(),
-                    inbox: inbox.clone(),
-                };
-                debug!(reason = %e, "input ignored");
-                Err(e.to_string())
-            }
-            Err(e) => return (Some(saga), Err(e.into())),
-        };
         match shared.committer.commit(write).await {
             Ok((WriteOutcome::Committed { version }, mut write)) => {
-                let (state, effects) = match (next, write.state.take()) {
-                    (Ok(effects), Some(state)) => (state, effects),
-                    (Err(reason), _) => {
+                let (applied, effects, direct) = match then {
+                    Then::Ignored { reason } => {
                         RuntimeStats::incr(&shared.stats.ignored);
                         return (Some(saga), Ok(Applied::Ignored { reason }));
                     }
-                    (Ok(_), None) => {
-                        // Cannot happen: a transition's write always carries its state.
-                        return (
-                            None,
-                            Err(RuntimeError::Runtime(
-                                "committed write lost its state".into(),
-                            )),
-                        );
-                    }
+                    Then::Transitioned {
+                        input,
+                        effects,
+                        direct,
+                    } => (input, effects, direct),
+                };
+                let Some(state) = write.state.take() else {
+                    // Cannot happen: a transition's write always carries its state.
+                    let lost = StoreError::Other(
+                        "the commit loop handed back a transition's write without its state".into(),
+                    );
+                    return (None, Err(lost.into()));
                 };
                 RuntimeStats::incr(&shared.stats.transitions);
                 shared
                     .metrics
-                    .transition(&def, &saga.state, &input, &effects, now);
+                    .transition(&def, &saga.state, &applied, &effects, now);
                 let status = state.status;
                 let saga = StoredSaga { state, version };
                 let (rows, stored) = if direct.is_empty() {
@@ -707,75 +521,11 @@ async fn process(
     let id = saga.state.id;
     (
         None,
-        Err(RuntimeError::Runtime(format!(
-            "saga {id}: still conflicting after {MAX_CONFLICT_RETRIES} reloads"
-        ))),
+        Err(RuntimeError::Contended {
+            id,
+            attempts: MAX_CONFLICT_RETRIES,
+        }),
     )
-}
-
-/// The messages a transition publishes (commands, lifecycle events, dead letters), as
-/// outbox rows that the writer holds for a lease: it publishes them itself right after
-/// the commit, and a relay takes over only if it does not.
-fn outbox_messages(
-    shared: &Shared,
-    state: &SagaState,
-    effects: &[Effect],
-    now: machine::Timestamp,
-    causation: &str,
-) -> Vec<OutboxMessage> {
-    let available_at = now.plus(shared.options.claim_lease);
-    let mut out = Vec::new();
-    let mut push = |message: Message| {
-        out.push(OutboxMessage {
-            id: uuid::Uuid::now_v7(),
-            message,
-            available_at,
-        })
-    };
-    for effect in effects {
-        match effect {
-            Effect::SendCommand(cmd) => {
-                match wire::encode_command_with(cmd, Some(&shared.reply_keys)) {
-                    Ok(msg) => push(msg),
-                    // The state is committed without it; the reply deadline re-sends it.
-                    Err(e) => error!(error = %e, "encoding command failed"),
-                }
-            }
-            Effect::EmitLifecycleEvent(ev) if shared.options.publish_events => {
-                match wire::encode_event(ev, causation) {
-                    Ok(msg) => push(msg),
-                    Err(e) => error!(error = %e, "encoding event failed"),
-                }
-            }
-            Effect::DeadLetter(info) => {
-                let body = serde_json::json!({
-                    "category": "saga",
-                    "saga_id": state.id,
-                    "saga_type": state.saga_type,
-                    "step": info.step_name,
-                    "kind": info.kind,
-                    "error": info.error,
-                    "attempts": info.attempts,
-                    "at": state.updated_at,
-                });
-                let mut headers = Headers::new();
-                headers.insert(wire::H_SAGA_ID, state.id.to_string());
-                headers.insert(wire::H_SAGA_TYPE, state.saga_type.as_str());
-                headers.insert(
-                    wire::H_MSG_ID,
-                    format!("dlq:{}:{}:{}", state.id, info.step_name, info.last_attempt),
-                );
-                headers.insert(wire::H_SCHEMA_VERSION, "1");
-                push(Message {
-                    subject: wire::dlq_subject(Some(&state.saga_type)),
-                    headers,
-                    payload: body.to_string().into_bytes().into(),
-                });
-            }
-            Effect::EmitLifecycleEvent(_) | Effect::Finished { .. } => {}
-        }
-    }
-    out
 }
 
 /// Performs a committed transition's effects: hands its messages to the publisher
@@ -864,86 +614,6 @@ fn step_span(cmd: &machine::Command) {
     span.in_scope(|| debug!(subject = %cmd.subject, "command sent"));
 }
 
-/// Messages to publish, in order.
-#[derive(Debug)]
-pub(crate) struct PublishJob {
-    pub(crate) rows: Vec<OutboxMessage>,
-    /// Whether the rows are stored in the outbox (then reported once published).
-    pub(crate) stored: bool,
-}
-
-/// The publisher: one task publishing every transition's messages in commit order,
-/// batching whatever queued while the previous batch was in flight (one round trip
-/// of broker acks per batch).
-pub(crate) async fn publisher(
-    shared: Arc<Shared>,
-    mut jobs: tokio::sync::mpsc::Receiver<PublishJob>,
-) {
-    const MAX_BATCH: usize = 1_024;
-    while let Some(first) = jobs.recv().await {
-        let mut stored = Vec::new();
-        let mut direct = Vec::new();
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            if job.stored {
-                stored.extend(job.rows);
-            } else {
-                direct.extend(job.rows);
-            }
-            if stored.len() + direct.len() < MAX_BATCH {
-                next = jobs.try_recv().ok();
-            }
-        }
-        if !direct.is_empty() {
-            publish_rows(&shared, direct, false).await;
-        }
-        if !stored.is_empty() {
-            publish_rows(&shared, stored, true).await;
-        }
-    }
-}
-
-/// Publishes outbox rows in order and reports the published ones to the committer.
-pub(crate) async fn publish_outbox(shared: &Shared, rows: Vec<OutboxMessage>) -> usize {
-    publish_rows(shared, rows, true).await
-}
-
-/// Publishes rows in order; reports the published ones to the committer if `stored`.
-async fn publish_rows(shared: &Shared, mut rows: Vec<OutboxMessage>, stored: bool) -> usize {
-    if stored {
-        // A row whose lease has ended belongs to the relay now (the broker was slow for
-        // longer than the lease): publishing it here too would send it twice.
-        let now = shared.clock.now();
-        rows.retain(|r| r.available_at > now);
-    }
-    let (ids, messages): (Vec<_>, Vec<_>) = rows.into_iter().map(|r| (r.id, r.message)).unzip();
-    let commands: Vec<bool> = messages
-        .iter()
-        .map(|m| m.subject.starts_with(wire::COMMAND_PREFIX))
-        .collect();
-    let results = shared.bus.publish_batch(messages).await;
-    let mut done = Vec::with_capacity(ids.len());
-    for ((id, result), command) in ids.into_iter().zip(results).zip(commands) {
-        match result {
-            Ok(()) => {
-                if command {
-                    RuntimeStats::incr(&shared.stats.commands_sent);
-                }
-                done.push(id);
-            }
-            Err(e) => {
-                RuntimeStats::incr(&shared.stats.publish_failures);
-                debug!(error = %e, "publish failed; left in the outbox for the relay");
-            }
-        }
-    }
-    let n = done.len();
-    if stored {
-        shared.committer.published(done);
-    }
-    n
-}
-
 fn outcome_of(state: &SagaState) -> SagaOutcome {
     SagaOutcome {
         id: state.id,
@@ -953,97 +623,5 @@ fn outcome_of(state: &SagaState) -> SagaOutcome {
         at: state.updated_at,
         in_doubt: state.in_doubt.is_some()
             || state.dead_letter.as_ref().is_some_and(|d| d.in_doubt),
-    }
-}
-
-/// Why an input was not applied: the machine refused it, or the saga's data could not
-/// be read.
-#[derive(Debug)]
-enum Refusal {
-    Machine(machine::TransitionError),
-    Unreadable(String),
-    /// An operator request's expiry or condition does not hold.
-    Condition(String),
-}
-
-impl Refusal {
-    fn is_ignorable(&self) -> bool {
-        match self {
-            Refusal::Machine(e) => e.is_ignorable(),
-            Refusal::Unreadable(_) | Refusal::Condition(_) => false,
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Machine(e) => e.fmt(f),
-            Refusal::Unreadable(reason) => write!(f, "the saga's data cannot be read: {reason}"),
-            Refusal::Condition(reason) => {
-                write!(f, "the request's condition does not hold: {reason}")
-            }
-        }
-    }
-}
-
-impl From<Refusal> for RuntimeError {
-    fn from(r: Refusal) -> RuntimeError {
-        match r {
-            Refusal::Machine(e) => e.into(),
-            Refusal::Unreadable(reason) => {
-                RuntimeError::Runtime(format!("the saga's data cannot be read: {reason}"))
-            }
-            Refusal::Condition(reason) => {
-                RuntimeError::Runtime(format!("the request's condition does not hold: {reason}"))
-            }
-        }
-    }
-}
-
-/// Upcasts the saga's data to the definition's data version, if it is older (and the
-/// saga can still take inputs). `Err` names the payload type and both versions.
-fn bring_data_up(
-    shared: &Shared,
-    def: &Definition,
-    state: &mut SagaState,
-) -> Result<(), crate::upcast::UpcastError> {
-    let want = def.data_version();
-    if state.data_version == want || state.status.is_terminal() {
-        return Ok(());
-    }
-    let payload_type = crate::upcast::data_payload_type(state.saga_type.as_str());
-    let data = std::mem::take(&mut state.data);
-    match shared
-        .upcasters
-        .upcast(&payload_type, data.clone(), state.data_version, want)
-    {
-        Ok(up) => {
-            state.data = up;
-            state.data_version = want;
-            Ok(())
-        }
-        Err(e) => {
-            state.data = data;
-            Err(e)
-        }
-    }
-}
-
-/// Whether `input` is about the step in flight (its reply or timer for the current
-/// attempt, a success for any attempt of it, or a resume), so applying it would read the
-/// saga's data.
-fn targets_pending(def: &Definition, state: &SagaState, input: &Input) -> bool {
-    let Some(p) = state.pending else {
-        return false;
-    };
-    match input.target() {
-        Some((step, kind, attempt)) => {
-            def.step(p.step).is_some_and(|s| s.name() == step)
-                && kind == p.kind
-                && (attempt == p.attempt
-                    || matches!(input, Input::StepSucceeded { .. }) && attempt <= p.attempt)
-        }
-        None => matches!(input, Input::Resumed),
     }
 }

@@ -1,23 +1,34 @@
 //! The actix shell around the pure machine.
 //!
-//! - [`SagaInstance`]: one actor per live saga. It owns the saga's state; everyone else
-//!   sends it typed messages. It feeds inputs to [`crate::machine::transition`], commits
-//!   the new state and journal entry (through the group [`Committer`]), then performs the
-//!   effects (publishes), then answers, so the caller acknowledges the inbound message
-//!   only after the commit. It arms its own wake-up timer and passivates when idle.
-//! - [`Registry`]: routes to instance actors, activating them from the store on demand
-//!   (spread over one arbiter per core) and forgetting passivated or crashed ones.
-//! - [`RetrySupervisor`]: sweeps the store for due wake-ups (retries and reply
-//!   deadlines) of sagas that are not in memory, so a passivated or crashed saga still
-//!   retries on time. Crash restarts are actix `Supervisor`s around each instance; a
-//!   panicking handler kills its actor, which the registry notices and re-activates.
+//! - [`SagaInstance`] (`instance.rs`): one actor per live saga. It owns the saga's
+//!   state; everyone else sends it typed messages. It has each input's write decided,
+//!   commits it (through the group [`Committer`]), then performs the effects
+//!   (publishes), then answers, so the caller acknowledges the inbound message only
+//!   after the commit. It arms its own wake-up timer and passivates when idle.
+//! - `decide.rs`: the pure half of applying an input: from the definition, the stored
+//!   saga, the input and the time, the write to commit (state, journal, dead letter,
+//!   outbox) and what follows it. No actix; unit-tested there.
+//! - `publisher.rs`: the task publishing each committed transition's messages in
+//!   commit order, and reporting the stored ones published.
+//! - [`Registry`] (`registry.rs`): routes to instance actors, activating them from the
+//!   store on demand (spread over one arbiter per core) and forgetting passivated or
+//!   crashed ones.
+//! - [`WakeupSweeper`] (`wakeups.rs`): sweeps the store for due wake-ups (retries and
+//!   reply deadlines) of sagas that are not in memory, so a passivated or crashed saga
+//!   still retries on time. Crash restarts are actix `Supervisor`s around each
+//!   instance; a panicking handler kills its actor, which the registry notices and
+//!   re-activates.
+//! - this file: what they share ([`Shared`], the registered definitions), the outcome
+//!   fan-out ([`OutcomeHub`]) and the counters ([`RuntimeStats`]).
 //!
 //! I/O (store, bus) runs on the I/O runtime given at start-up, never on an arbiter's
 //! runtime: a connection opened inside an arbiter fails once that arbiter stops.
 
+mod decide;
 mod instance;
+mod publisher;
 mod registry;
-mod supervisor;
+mod wakeups;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,10 +37,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-pub use instance::{Applied, Apply, Condition, SagaInstance, Wake};
-pub(crate) use instance::{publish_outbox, publisher};
+pub use decide::Condition;
+pub use instance::{Applied, Apply, SagaInstance, Wake};
+pub(crate) use publisher::{publish_outbox, publisher};
 pub use registry::{Lookup, Registry};
-pub use supervisor::RetrySupervisor;
+pub use wakeups::WakeupSweeper;
 
 use crate::committer::Committer;
 use crate::definition::Definition;
@@ -216,8 +228,8 @@ pub struct Shared {
     pub(crate) options: RuntimeOptions,
     /// Whether transitions store their messages in the outbox (`RuntimeOptions::outbox`).
     pub(crate) outbox_stored: bool,
-    /// The publisher's queue (see [`instance::publisher`]).
-    pub(crate) publisher: tokio::sync::mpsc::Sender<instance::PublishJob>,
+    /// The publisher's queue (see [`publisher::publisher`]).
+    pub(crate) publisher: tokio::sync::mpsc::Sender<publisher::PublishJob>,
     /// A store error the process cannot go on with (schema): the runtime stops.
     pub(crate) fatal: tokio::sync::watch::Sender<Option<crate::ports::StoreError>>,
     /// The keys every command's reply token is made with and every reply's is checked
@@ -260,6 +272,6 @@ impl Shared {
         self.io
             .spawn(fut)
             .await
-            .map_err(|e| RuntimeError::Runtime(format!("I/O task failed: {e}")))?
+            .map_err(|e| RuntimeError::IoTask(e.to_string()))?
     }
 }

@@ -1,5 +1,5 @@
-//! `RetrySupervisor`: makes sure every persisted wake-up fires, even for sagas that are
-//! not in memory.
+//! `WakeupSweeper`: makes sure every persisted wake-up (a retry's due time, a reply
+//! deadline) fires, even for sagas that are not in memory.
 //!
 //! A live instance arms its own timer for its next wake-up (a retry's due time or a
 //! reply deadline), which is also persisted with its state. A saga that was passivated,
@@ -32,24 +32,25 @@ const CLAIM_BATCH: usize = 256;
 /// Wake-ups applied at once by one sweep (activations from the store in flight).
 const WAKE_CONCURRENCY: usize = 64;
 
-/// Sweeps the store for due wake-ups.
-pub struct RetrySupervisor {
+/// Sweeps the store for due wake-ups and sends each such saga a [`Wake`]. (Crash
+/// restarts are not its job: each instance runs under an actix `Supervisor`.)
+pub struct WakeupSweeper {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
     sweeping: bool,
 }
 
-impl std::fmt::Debug for RetrySupervisor {
+impl std::fmt::Debug for WakeupSweeper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RetrySupervisor")
+        f.debug_struct("WakeupSweeper")
             .field("sweeping", &self.sweeping)
             .finish_non_exhaustive()
     }
 }
 
-impl RetrySupervisor {
+impl WakeupSweeper {
     pub(crate) fn new(shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
-        RetrySupervisor {
+        WakeupSweeper {
             shared,
             registry,
             sweeping: false,
@@ -119,7 +120,7 @@ impl RetrySupervisor {
     }
 }
 
-impl Actor for RetrySupervisor {
+impl Actor for WakeupSweeper {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {

@@ -1,0 +1,310 @@
+//! [`RuntimeBuilder`]: what a runtime runs (definitions, upcasters) and on what (store,
+//! bus, clock, keys), and [`RuntimeBuilder::start`], which checks all of it and wires
+//! the parts together.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{error, warn};
+
+use super::background;
+use super::intake::{self, Inbound, OP_PENDING, op_consumer, reply_consumer};
+use super::options::RuntimeOptions;
+use super::outbox::PUBLISHER_QUEUE;
+use super::{AbortOnDrop, Runtime};
+use crate::actors::{Definitions, OutcomeHub, RuntimeStats, SagaOutcome, Shared, publisher};
+use crate::committer::Committer;
+use crate::definition::SagaDefinition;
+use crate::error::RuntimeError;
+use crate::ids::SagaType;
+use crate::ports::{Bus, Clock, JitterSource, RandomJitter, SagaStore, SystemClock};
+use crate::wire;
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    store: Option<Arc<dyn SagaStore>>,
+    bus: Option<Arc<dyn Bus>>,
+    clock: Arc<dyn Clock>,
+    jitter: Arc<dyn JitterSource>,
+    definitions: Definitions,
+    upcasters: crate::upcast::Upcasters,
+    options: RuntimeOptions,
+    /// A type and version registered twice: `start` refuses it (the builder's methods
+    /// do not fail).
+    duplicate: Option<(SagaType, u32)>,
+    outcomes: Arc<OutcomeHub>,
+    reply_keys: Option<crate::auth::ReplyKeys>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("definitions", &self.definitions.pairs())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        RuntimeBuilder {
+            store: None,
+            bus: None,
+            clock: Arc::new(SystemClock),
+            jitter: Arc::new(RandomJitter),
+            definitions: Definitions::default(),
+            upcasters: crate::upcast::Upcasters::default(),
+            options: RuntimeOptions::default(),
+            duplicate: None,
+            outcomes: Arc::new(OutcomeHub::default()),
+            reply_keys: None,
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// The saga store (required).
+    pub fn store(mut self, store: Arc<dyn SagaStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+    /// The bus (required).
+    pub fn bus(mut self, bus: Arc<dyn Bus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    /// The jitter source (default: thread-local randomness).
+    pub fn jitter(mut self, jitter: Arc<dyn JitterSource>) -> Self {
+        self.jitter = jitter;
+        self
+    }
+    /// Options.
+    pub fn options(mut self, options: RuntimeOptions) -> Self {
+        self.options = options;
+        self
+    }
+    /// Every saga that settles once the runtime starts, including the unfinished sagas
+    /// it resumes at start-up (subscribe here, before [`RuntimeBuilder::start`], not to
+    /// miss those).
+    pub fn subscribe_outcomes(&self) -> mpsc::Receiver<SagaOutcome> {
+        self.outcomes.subscribe()
+    }
+
+    /// Registers a saga definition. A type may have several versions: a new saga starts
+    /// on the latest, a saga in flight continues on the version it started with (so
+    /// keep registering a version until no saga runs on it: `start` refuses to run
+    /// when unfinished sagas are on a version that is not registered). Registering one
+    /// type and version twice is an error at start.
+    pub fn register<D>(mut self, definition: &SagaDefinition<D>) -> Self {
+        let def = Arc::clone(definition.definition());
+        let key = (def.saga_type().clone(), def.version());
+        if !self.definitions.insert(def) {
+            self.duplicate = Some(key);
+        }
+        self
+    }
+
+    /// Registers an upcaster for stored payloads of `payload_type` from schema version
+    /// `from` to `to` (see [`crate::upcast`]). Saga data is `<saga_type>.data`
+    /// ([`crate::upcast::data_payload_type`]), at the definition's `data_version`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use skald_runtime::runtime::Runtime;
+    /// let builder = Runtime::builder().upcaster("checkout.data", 1, 2, |mut data| {
+    ///     data["currency"] = serde_json::json!("EUR");
+    ///     Ok(data)
+    /// });
+    /// ```
+    pub fn upcaster(
+        mut self,
+        payload_type: impl Into<String>,
+        from: u32,
+        to: u32,
+        f: impl Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.upcasters.register(payload_type, from, to, f);
+        self
+    }
+
+    /// Uses `upcasters` (replacing any registered so far): one [`crate::upcast::Upcasters`]
+    /// can serve the runtimes and the operator CLI alike.
+    pub fn upcasters(mut self, upcasters: crate::upcast::Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
+    }
+
+    /// The keys reply tokens are made and checked with ([`crate::auth`]): every
+    /// orchestrator that shares replies must hold the same ones. Without this call the
+    /// runtime uses a random key kept in the store ([`SagaStore::shared_secret`]), which
+    /// every process on that store shares with no configuration.
+    pub fn reply_keys(mut self, keys: crate::auth::ReplyKeys) -> Self {
+        self.reply_keys = Some(keys);
+        self
+    }
+
+    /// Starts the runtime: the commit loop, the outbox relay and the reply intake on the
+    /// current tokio runtime, the actors on their own threads. On a bus that does not
+    /// keep messages across a restart (the in-process bus), it then re-activates the
+    /// unfinished sagas, re-sending the commands they wait on (lost with the process).
+    pub async fn start(self) -> Result<Runtime, RuntimeError> {
+        let store = self.store.ok_or(RuntimeError::MissingStore)?;
+        let bus = self.bus.ok_or(RuntimeError::MissingBus)?;
+        if let Some((saga_type, version)) = self.duplicate {
+            return Err(RuntimeError::DuplicateDefinition { saga_type, version });
+        }
+        if self.definitions.is_empty() {
+            return Err(RuntimeError::NoDefinitions);
+        }
+        // Every unfinished saga of the registered types must have its version here.
+        let types: Vec<SagaType> = self.definitions.types().cloned().collect();
+        // Sagas on an older version nobody registers any more would wait forever: refuse.
+        // Sagas on a newer version belong to a newer build running beside this one (a
+        // rolling deploy, or a rollback): their replies are left to it.
+        let mut stranded: Vec<(SagaType, u32, u64)> = Vec::new();
+        for (t, v, n) in store.unfinished_versions(&types).await? {
+            if self.definitions.get(&t, v).is_some() {
+                continue;
+            }
+            let latest = self.definitions.latest(&t).map_or(0, |d| d.version());
+            if v < latest {
+                stranded.push((t, v, n));
+            } else {
+                warn!(saga.r#type = %t, version = v, count = n, "unfinished sagas on a newer definition version than this build registers: a newer build must run them");
+            }
+        }
+        if !stranded.is_empty() {
+            return Err(RuntimeError::UnregisteredVersions(stranded));
+        }
+        self.options.validate()?;
+        let reply_keys = match self.reply_keys {
+            Some(keys) => keys,
+            None => {
+                let secret = store
+                    .shared_secret(
+                        crate::auth::REPLY_KEY_SECRET,
+                        &crate::auth::ReplyKeys::generate_key(),
+                    )
+                    .await?;
+                crate::auth::ReplyKeys::new([secret])
+                    .map_err(|e| RuntimeError::ReplyKeys(e.to_string()))?
+            }
+        };
+        let io = tokio::runtime::Handle::try_current().map_err(|_| RuntimeError::NoTokioRuntime)?;
+        let (fatal, _) = watch::channel(None);
+        let (publisher_tx, publisher_rx) = mpsc::channel(PUBLISHER_QUEUE);
+        let options = self.options;
+        let outbox_stored = options.outbox.unwrap_or_else(|| bus.is_durable());
+        let (committer, commit_loop) =
+            Committer::spawn(Arc::clone(&store), options.commit_max_batch, fatal.clone());
+        // Nobody awaits the loop while the runtime runs: report it if it dies. Aborting
+        // the reporter aborts the loop too (a JoinHandle dropped would only detach it).
+        let commit_loop_abort = commit_loop.abort_handle();
+        let commit_task = tokio::spawn(async move {
+            let _abort_loop = AbortOnDrop(commit_loop_abort);
+            if let Err(e) = commit_loop.await
+                && e.is_panic()
+            {
+                error!(error = %e, "the commit loop panicked: no transition can be committed any more");
+            }
+        });
+        let metrics = crate::metrics::Metrics::new(
+            self.definitions
+                .pairs()
+                .iter()
+                .filter_map(|(ty, version)| self.definitions.get(ty, *version)),
+        );
+        let shared = Arc::new(Shared {
+            metrics,
+            definitions: self.definitions,
+            upcasters: self.upcasters,
+            store,
+            bus,
+            committer,
+            clock: self.clock,
+            jitter: self.jitter,
+            io,
+            outcomes: self.outcomes,
+            stats: RuntimeStats::default(),
+            options,
+            publisher: publisher_tx,
+            outbox_stored,
+            fatal,
+            reply_keys,
+            publish_waiters: Arc::new(Semaphore::new(PUBLISHER_QUEUE)),
+        });
+        let publisher = tokio::spawn(publisher(Arc::clone(&shared), publisher_rx));
+
+        // Subscribe before anything is sent, so no reply is missed. One consumer per
+        // registered saga type for its replies, one for its operator requests: runtimes
+        // with different sagas share a broker without touching each other's consumers,
+        // and a deploy that adds a type adds consumers and changes none.
+        let types: Vec<SagaType> = shared.definitions.types().cloned().collect();
+        let per_type = (shared.options.max_in_flight_replies / types.len().max(1)).max(64);
+        let mut inbound = Vec::with_capacity(types.len() * 2);
+        for ty in &types {
+            let group = &shared.options.reply_group;
+            let replies = shared
+                .bus
+                .subscribe_bounded(
+                    &[wire::reply_filter(ty)],
+                    &reply_consumer(group, ty),
+                    per_type,
+                )
+                .await?;
+            let requests = shared
+                .bus
+                .subscribe_bounded(&[wire::op_filter(ty)], &op_consumer(group, ty), OP_PENDING)
+                .await?;
+            inbound.push(replies.map(|d| (Inbound::Reply, d)).boxed());
+            inbound.push(requests.map(|d| (Inbound::Request, d)).boxed());
+        }
+        let replies = futures_util::stream::select_all(inbound);
+
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let actor_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("skald-actors".into())
+            .spawn(move || background::run_actor_system(actor_shared, ready_tx))
+            .map_err(|e| {
+                RuntimeError::ActorSystem(format!("cannot spawn the actor thread: {e}"))
+            })?;
+        let (registry, system) = ready_rx.await.map_err(|_| {
+            RuntimeError::ActorSystem("its thread ended before the registry started".into())
+        })?;
+
+        let intake = tokio::spawn(intake::intake(
+            Arc::clone(&shared),
+            registry.clone(),
+            replies,
+        ));
+        let mut tasks = background::spawn(&shared);
+        tasks.extend([intake, publisher]);
+        // The commit loop last: shutdown stops it after everything else.
+        tasks.push(commit_task);
+        let runtime = Runtime {
+            shared,
+            registry,
+            system,
+            thread: Some(thread),
+            tasks,
+        };
+        // The outbox covers a crash between commit and publish. An in-process bus also
+        // loses what was published but not yet consumed when the process died: re-send
+        // the commands the unfinished sagas wait on (participants dedupe on the
+        // idempotency key). A durable broker kept them, so there is nothing to re-send;
+        // and with several processes sharing the store, a start must not disturb the
+        // sagas the others are running.
+        if !runtime.shared.bus.is_durable() || !runtime.shared.outbox_stored {
+            runtime.resume_active().await?;
+        }
+        Ok(runtime)
+    }
+}
