@@ -203,6 +203,28 @@ impl Upcasters {
     }
 }
 
+/// Brings a saga's data to its definition's data version (`definition.data_version()`)
+/// through the upcasters of [`data_payload_type`]. Data already at that version is left
+/// as is. On an error `state` is unchanged: no path ([`UpcastError::NoPath`]), a refusing
+/// upcaster, or data newer than the definition's ([`UpcastError::Newer`]).
+///
+/// The one way stored saga data is brought up: an instance when it loads its saga, and
+/// `skald migrate-payloads` ahead of time.
+pub fn upcast_saga_data(
+    upcasters: &Upcasters,
+    definition: &crate::definition::Definition,
+    state: &mut crate::machine::SagaState,
+) -> Result<(), UpcastError> {
+    let want = definition.data_version();
+    if state.data_version == want {
+        return Ok(());
+    }
+    let payload_type = data_payload_type(state.saga_type.as_str());
+    state.data = upcasters.upcast(&payload_type, state.data.clone(), state.data_version, want)?;
+    state.data_version = want;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -286,5 +308,57 @@ mod tests {
         u.register("t", 1, 2, Ok);
         u.register("t", 2, 1, Ok);
         assert!(matches!(u.path("t", 1, 3), Err(UpcastError::NoPath { .. })));
+    }
+
+    #[test]
+    fn saga_data_is_brought_to_the_definitions_data_version() {
+        use crate::definition::{SagaDefinition, Step};
+        use crate::ids::SagaId;
+        use crate::machine::{SagaState, Timestamp};
+
+        let definition = |data_version: u32| {
+            SagaDefinition::<Value>::builder("order", 1)
+                .data_version(data_version)
+                .step(Step::new("ship").action("skald.cmd.ship.do", |_: &Value| json!({})))
+                .build()
+                .expect("valid")
+        };
+        let (v1, v3) = (definition(1), definition(3));
+        let start = SagaState::new(
+            SagaId::new(),
+            v1.definition(),
+            json!({ "amount": 5 }),
+            Timestamp(1),
+        );
+
+        let mut state = start.clone();
+        upcast_saga_data(&chain(), v3.definition(), &mut state).expect("upcast");
+        assert_eq!(state.data_version, 3);
+        assert_eq!(
+            state.data,
+            json!({ "amount": { "cents": 5, "currency": "EUR" } })
+        );
+
+        // Already current: untouched, whatever the upcasters.
+        let mut same = start.clone();
+        upcast_saga_data(&Upcasters::new(), v1.definition(), &mut same).expect("current");
+        assert_eq!(same, start);
+
+        // An error leaves the state as it was.
+        let mut refused = start.clone();
+        refused.data = json!({ "amount": "five" });
+        let before = refused.clone();
+        let e = upcast_saga_data(&chain(), v3.definition(), &mut refused).expect_err("refused");
+        assert!(
+            matches!(e, UpcastError::Failed { from: 2, to: 3, .. }),
+            "{e}"
+        );
+        assert_eq!(refused, before);
+        let e = upcast_saga_data(&chain(), v1.definition(), &mut state).expect_err("newer");
+        assert!(
+            matches!(e, UpcastError::Newer { from: 3, to: 1, .. }),
+            "{e}"
+        );
+        assert_eq!(state.data_version, 3);
     }
 }
