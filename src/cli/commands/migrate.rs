@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::Timestamp;
 use skald_runtime::ports::JournalEntry;
+use skald_runtime::upcast::upcast_saga_data;
 
 use super::{Store, to_json};
 use crate::cli::{Cli, CliError, ExitStatus};
@@ -76,28 +77,19 @@ pub(super) async fn migrate_payloads(
                 report.stopped_early = true;
                 break 'pages;
             }
-            let payload_type = skald_runtime::upcast::data_payload_type(s.saga_type.as_str());
-            let data =
-                match cli
-                    .upcasters()
-                    .upcast(&payload_type, s.data.clone(), s.data_version, want)
-                {
-                    Ok(d) => d,
-                    Err(e) => {
-                        report.failed.push(MigrationFailure {
-                            saga_id: s.id,
-                            reason: e.to_string(),
-                        });
-                        continue;
-                    }
-                };
+            // The runtime's own upcasting, as an instance applies it when it loads the saga.
+            let mut state = s.clone();
+            if let Err(e) = upcast_saga_data(cli.upcasters(), def, &mut state) {
+                report.failed.push(MigrationFailure {
+                    saga_id: s.id,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
             if dry_run {
                 report.migrated += 1;
                 continue;
             }
-            let mut state = s.clone();
-            state.data = data;
-            state.data_version = want;
             let note = format!(
                 "data migrated from schema version {} to {want} by skald migrate-payloads",
                 s.data_version
