@@ -1,4 +1,4 @@
-//! What the runtime measures, recorded through the [`metrics`](::metrics) facade: a no-op
+//! What the runtime measures, recorded through the [`metrics`] facade: a no-op
 //! until the process installs a recorder (the facade's `skald::metrics::serve` installs
 //! a Prometheus one). docs/observability.md lists every metric with its meaning.
 //!
@@ -10,7 +10,7 @@
 //!
 //! Gauges that describe shared state (sagas in flight, the outbox, the reply
 //! consumer's lag) are sampled from the store and the broker every
-//! `RuntimeOptions::metrics_interval` by [`sampler`], so they are right across
+//! `RuntimeOptions::metrics_interval` by `sampler`, so they are right across
 //! restarts, passivation and several processes sharing one store (each process
 //! reports the same shared value: aggregate them with `max`, not `sum`).
 
