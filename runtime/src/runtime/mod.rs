@@ -6,8 +6,8 @@
 //!
 //! - this file: the [`Runtime`] handle (start sagas, apply inputs, shut down) and
 //!   `deliver`, the one way an input reaches a saga's actor;
-//! - [`builder`]: [`RuntimeBuilder`] and `start`;
-//! - [`options`]: [`RuntimeOptions`], their defaults and their checks at start;
+//! - `builder`: [`RuntimeBuilder`] and `start`;
+//! - `options`: [`RuntimeOptions`], their defaults and their checks at start;
 //! - `intake`: replies and operator requests from the bus: limits, checks, delivery
 //!   and the one disposition ladder that acks, redelivers or dead-letters them;
 //! - `outbox`: the outbox relay, old command rows brought up to date, and the one
@@ -16,9 +16,9 @@
 //!   retention sweeper, relay and metrics sampler loops.
 
 mod background;
-pub mod builder;
+mod builder;
 mod intake;
-pub mod options;
+mod options;
 pub(crate) mod outbox;
 
 use std::sync::Arc;
