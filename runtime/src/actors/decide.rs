@@ -225,7 +225,7 @@ impl<'a> Decider<'a> {
         // input and the version it produces.
         let causation = match inbox {
             Some(id) => id.to_owned(),
-            None => format!("{}:{}:{}", input.name(), state.id, saga.version + 1),
+            None => crate::ids::causation_id(input.name(), &state.id, saga.version + 1),
         };
         let mut outbox = self.outbox_messages(&state, &effects, now, &causation);
         // An in-process bus loses everything with the process anyway (a start re-sends

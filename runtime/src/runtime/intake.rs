@@ -328,7 +328,9 @@ fn verify_operator(o: &RuntimeOptions, r: &wire::OperatorRequest) -> Result<(), 
     if r.operator != wire::operator_name(name)
         || !r
             .request_id
-            .starts_with(&format!("op:{}:", wire::operator_name(name)))
+            .starts_with(&crate::ids::operator_request_prefix(&wire::operator_name(
+                name,
+            )))
     {
         return Err(format!(
             "signed by operator {name}, but the request names operator {:?}",

@@ -54,7 +54,7 @@ pub(crate) fn dead_letter_message(notice: DeadLetterNotice<'_>) -> Option<Messag
             headers.insert(wire::H_SAGA_TYPE, state.saga_type.as_str());
             (
                 wire::dlq_subject(Some(&state.saga_type)),
-                format!("dlq:{}:{}:{}", state.id, info.step_name, info.last_attempt),
+                crate::ids::dead_letter_message_id(&state.id, &info.step_name, info.last_attempt),
                 body.to_string().into_bytes(),
             )
         }
@@ -67,7 +67,7 @@ pub(crate) fn dead_letter_message(notice: DeadLetterNotice<'_>) -> Option<Messag
                 .and_then(|t| SagaType::new(t).ok());
             (
                 wire::dlq_subject(saga_type.as_ref()),
-                format!("dlq:poison:{}", record.id),
+                crate::ids::poison_message_id(&record.id),
                 serde_json::to_vec(record).ok()?,
             )
         }
