@@ -12,12 +12,15 @@
 //!
 //! # Layout
 //!
-//! - [`definition`], [`machine`], [`retry`], [`ids`]: declaring sagas and the pure
-//!   state machine (from `skald-runtime`);
+//! - [`definition`], [`machine`], [`retry`], [`ids`], [`journal`], [`replay`],
+//!   [`upcast`]: declaring sagas, the pure state machine, the typed journal and replay
+//!   (from `skald-core`, the crate with no I/O);
 //! - [`Runtime`], [`RuntimeOptions`]: running them (actors, group commit, reply intake);
-//! - [`ports`], [`wire`], [`participant`]: the store and bus traits, the wire format,
-//!   and a helper for participant services written in Rust;
-//! - [`adapters`]: in-memory bus and store, SQLite store (`skald-adapters`);
+//! - [`ports`], [`wire`], [`auth`], [`participant`]: the store and bus traits, the wire
+//!   format, reply tokens and operator signatures, and a helper for participant services
+//!   written in Rust (from `skald-runtime`, the shell);
+//! - [`adapters`]: in-memory bus and store, SQLite and PostgreSQL stores, the NATS
+//!   JetStream bus (`skald-adapters`, one cargo feature each);
 //! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`);
 //! - `cli` (feature `cli`, on by default): the `skald` operator CLI as a library, for a
 //!   binary with your own definitions registered; and `cli::NatsArgs`, the NATS
