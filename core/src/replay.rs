@@ -183,19 +183,13 @@ fn upcast_state(
     upcasters: &Upcasters,
     state: &mut SagaState,
 ) -> Result<(), ReplayError> {
-    let want = definition.data_version();
-    if state.data_version == want {
-        return Ok(());
-    }
-    let payload_type = crate::upcast::data_payload_type(state.saga_type.as_str());
-    state.data = upcasters
-        .upcast(&payload_type, state.data.take(), state.data_version, want)
-        .map_err(|e| ReplayError::Unreadable {
-            id: state.id,
+    let id = state.id;
+    crate::upcast::upcast_saga_data(upcasters, definition, state).map_err(|e| {
+        ReplayError::Unreadable {
+            id,
             reason: e.to_string(),
-        })?;
-    state.data_version = want;
-    Ok(())
+        }
+    })
 }
 
 /// Checks that `state` (a snapshot's, read from journal entry `entry`) fits

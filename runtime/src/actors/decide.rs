@@ -438,23 +438,11 @@ fn bring_data_up(
     def: &Definition,
     state: &mut SagaState,
 ) -> Result<(), UpcastError> {
-    let want = def.data_version();
-    if state.data_version == want || state.status.is_terminal() {
+    // A finished saga's data is never read again: no need to bring it up.
+    if state.status.is_terminal() {
         return Ok(());
     }
-    let payload_type = crate::upcast::data_payload_type(state.saga_type.as_str());
-    let data = std::mem::take(&mut state.data);
-    match upcasters.upcast(&payload_type, data.clone(), state.data_version, want) {
-        Ok(up) => {
-            state.data = up;
-            state.data_version = want;
-            Ok(())
-        }
-        Err(e) => {
-            state.data = data;
-            Err(e)
-        }
-    }
+    crate::upcast::upcast_saga_data(upcasters, def, state)
 }
 
 /// Whether `input` is about the step in flight (its reply or timer for the current

@@ -99,7 +99,7 @@ fn describe_entry(cli: &Cli, e: &JournalEntry) -> (String, String, Vec<String>) 
         Input::DataUnreadable { error } => format!("data unreadable: {}", error.message),
     };
     if let Some(c) = record.causation()
-        && c.starts_with("op:")
+        && skald_runtime::ids::is_operator_request_id(c)
     {
         let _ = write!(what, " [{c}]");
     }
