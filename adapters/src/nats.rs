@@ -101,7 +101,7 @@ pub struct NatsOptions {
     /// The prefix of this client's response subjects (default `_INBOX`). Give each
     /// principal its own (`_INBOX_<user>`) and permit it only that one's responses:
     /// otherwise anyone allowed `_INBOX.>` can read the JetStream API answers (and so
-    /// the pulled messages) of every other client. Since 0.4.
+    /// the pulled messages) of every other client.
     pub inbox_prefix: Option<String>,
     /// How long one connection attempt may take. Default 5 s.
     pub connect_timeout: Duration,

@@ -122,12 +122,19 @@ pub enum JournalRecord {
 }
 
 impl JournalRecord {
+    /// The stored kind of a [`JournalRecord::Transition`].
+    pub const TRANSITION: &'static str = "transition";
+    /// The stored kind of a [`JournalRecord::Ignored`].
+    pub const IGNORED: &'static str = "ignored";
+    /// The stored kind of a [`JournalRecord::Snapshot`].
+    pub const SNAPSHOT: &'static str = "snapshot";
+
     /// The kind stored beside the body: `transition`, `ignored` or `snapshot`.
     pub fn kind(&self) -> &'static str {
         match self {
-            JournalRecord::Transition(_) => "transition",
-            JournalRecord::Ignored(_) => "ignored",
-            JournalRecord::Snapshot(_) => "snapshot",
+            JournalRecord::Transition(_) => Self::TRANSITION,
+            JournalRecord::Ignored(_) => Self::IGNORED,
+            JournalRecord::Snapshot(_) => Self::SNAPSHOT,
         }
     }
 
@@ -179,8 +186,13 @@ pub struct Transition {
     /// What the machine did, without payloads ([`JournalEffect`]).
     pub effects: Vec<JournalEffect>,
     /// The first transition only (`started`): the data the saga started with, which
-    /// replay starts from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// replay starts from. Present-but-null (`"data": null`, the data of a saga over
+    /// `()`) is `Some(Value::Null)`, absent is `None`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub data: Option<Value>,
     /// The first transition only: the schema version of `data`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +232,11 @@ impl Transition {
             wake_at: next.wake_at(),
         }
     }
+}
+
+/// A field that is present is `Some`, even when it is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// A refused input.
@@ -393,6 +410,34 @@ mod tests {
             })
         ));
         assert_eq!(JournalEntry::new(Timestamp(6), &record), entry);
+    }
+
+    /// A saga over `()` starts with `"data": null`: present, so replay can start from it.
+    #[test]
+    fn null_start_data_is_present() {
+        let entry = JournalEntry {
+            at: Timestamp(1),
+            schema_version: 1,
+            kind: "transition".into(),
+            body: json!({"input": {"input": "started"}, "status": "running", "effects": [],
+                         "data": null, "data_version": 1, "created_at": 1}),
+        };
+        let JournalRecord::Transition(t) = entry.record().expect("decodes") else {
+            panic!("not a transition");
+        };
+        assert_eq!(t.data, Some(Value::Null));
+        assert_eq!(
+            JournalEntry::new(Timestamp(1), &JournalRecord::Transition(t)),
+            entry
+        );
+        let entry = JournalEntry {
+            body: json!({"input": {"input": "resumed"}, "status": "running", "effects": []}),
+            ..entry
+        };
+        let JournalRecord::Transition(t) = entry.record().expect("decodes") else {
+            panic!("not a transition");
+        };
+        assert_eq!(t.data, None);
     }
 
     #[test]

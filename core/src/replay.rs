@@ -241,17 +241,20 @@ pub fn replay_with(
     upcasters: &Upcasters,
 ) -> Result<Replayed, ReplayError> {
     // Entries written in an older journal format are brought up first, then decoded.
-    let records: Vec<(Timestamp, Result<JournalRecord, String>)> = journal
+    // Each record keeps its stored kind, for an entry that does not decode.
+    type Decoded = (Timestamp, bool, Result<JournalRecord, String>);
+    let records: Vec<Decoded> = journal
         .iter()
         .map(|e| {
             let up = e.upcast(upcasters).map_err(|err| ReplayError::Unreadable {
                 id,
                 reason: err.to_string(),
             })?;
-            Ok((up.at, up.record().map_err(|err| err.to_string())))
+            let ignored = up.kind == JournalRecord::IGNORED;
+            Ok((up.at, ignored, up.record().map_err(|err| err.to_string())))
         })
         .collect::<Result<_, ReplayError>>()?;
-    let (first_at, first) = records.first().ok_or(ReplayError::Empty(id))?;
+    let (first_at, _, first) = records.first().ok_or(ReplayError::Empty(id))?;
     let start = match first {
         Ok(JournalRecord::Transition(t)) if t.input == Input::Started => t,
         Ok(_) => return Err(ReplayError::NoStart(id)),
@@ -285,7 +288,7 @@ pub fn replay_with(
         divergence: None,
     };
     let mut after_snapshot = false;
-    for (index, (at, record)) in records.into_iter().enumerate() {
+    for (index, (at, ignored, record)) in records.into_iter().enumerate() {
         if until.is_some_and(|t| at > t) {
             break;
         }
@@ -297,6 +300,12 @@ pub fn replay_with(
         };
         let record = match record {
             Ok(r) => r,
+            // An ignored input after a snapshot is skipped unread (see below).
+            Err(_) if ignored && after_snapshot => {
+                replayed.entries = index + 1;
+                replayed.last_at = at;
+                continue;
+            }
             Err(reason) => {
                 replayed.divergence = Some(diverge("?", reason));
                 break;
@@ -403,12 +412,12 @@ pub fn check_with(
     upcast_state(definition, upcasters, &mut upcast)?;
     let stored = &upcast;
     // A saga inside a compacted retry run is ahead of its journal's last snapshot.
+    // (By the stored kind, which every schema version keeps: no decoding needed.)
     let compacting = journal
         .iter()
         .rev()
-        .map(JournalEntry::record)
-        .find(|r| !matches!(r, Ok(JournalRecord::Ignored(_))))
-        .is_some_and(|r| matches!(r, Ok(JournalRecord::Snapshot(_))));
+        .find(|e| e.kind != JournalRecord::IGNORED)
+        .is_some_and(|e| e.kind == JournalRecord::SNAPSHOT);
     if r.divergence.is_none() && !compacting && untimed_state(&r.state) != untimed_state(stored) {
         let reason = match (
             serde_json::to_value(untimed_state(&r.state)),

@@ -203,8 +203,10 @@ impl RuntimeError {
             // A build with an upcaster for the saga's data (a deploy in progress) may
             // apply the request.
             RuntimeError::DataUnreadable(_) => Disposition::Retry,
-            // The operator asked for a state the saga is no longer in.
-            RuntimeError::ConditionUnmet(_) => Disposition::Refuse,
+            // The operator asked for a state the saga is not in. Reached only for a saga
+            // not yet stored (a stored one journals the refusal instead): it may be by
+            // the next delivery, as it always was.
+            RuntimeError::ConditionUnmet(_) => Disposition::Retry,
             RuntimeError::DataTooNew(_) => Disposition::Defer,
             RuntimeError::NotLatestVersion { .. } => Disposition::Refuse,
             // A definition (version) not registered here: a deployment in progress may
@@ -225,9 +227,11 @@ impl RuntimeError {
 /// Reports a store error on the runtime's fatal channel when the process cannot go on
 /// with it (a schema error: the tables are missing or of another shape), and logs it as
 /// what stops the runtime; [`Runtime::failed`](crate::runtime::Runtime::failed) resolves
-/// with it. Every place that meets a store error calls this, so none forgets to stop the
-/// process. Returns whether it was fatal: any other error is the caller's to log and
-/// retry.
+/// with it. Called by the committer, the reply intake (store outages and poison records),
+/// the outbox relay and the retention lease; the wake-up sweep, the purges and the
+/// metrics sampler only log store errors (the committer and the relay stop the process
+/// within a poll interval on the same schema error). Returns whether it was fatal: any
+/// other error is the caller's to log and retry.
 pub(crate) fn report_fatal(fatal: &watch::Sender<Option<StoreError>>, e: &StoreError) -> bool {
     if !matches!(e, StoreError::Schema(_)) {
         return false;
