@@ -104,7 +104,7 @@ async fn participants(bus: &Arc<dyn Bus>, scripted: &Scripted) -> Vec<Participan
     handles
 }
 
-async fn runtime(backend: &Backend, checkout: &SagaDefinition<Checkout>) -> Runtime {
+async fn runtime(backend: &Resources, checkout: &SagaDefinition<Checkout>) -> Runtime {
     Runtime::builder()
         .store(Arc::clone(&backend.store))
         .bus(backend.bus().await)
@@ -149,8 +149,8 @@ fn statuses(list: &Value) -> HashMap<String, String> {
         .collect()
 }
 
-async fn operator_cli_end_to_end(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn operator_cli_end_to_end(kind: Backend) {
+    let backend = Resources::new(kind).await;
     let db = match &backend.pg {
         Some(pg) => pg.url(),
         None => backend.dir.sqlite_url(),
@@ -489,13 +489,13 @@ async fn operator_cli_end_to_end(kind: StoreKind) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_cli_on_postgres() {
-    operator_cli_end_to_end(StoreKind::Postgres).await;
+async fn operator_cli_on_postgres_nats() {
+    operator_cli_end_to_end(Backend::PostgresNats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_cli_on_sqlite() {
-    operator_cli_end_to_end(StoreKind::Nats).await;
+async fn operator_cli_on_sqlite_nats() {
+    operator_cli_end_to_end(Backend::SqliteNats).await;
 }
 
 /// Operator requests from the CLI against a runtime with an operator allowlist: an
@@ -504,7 +504,7 @@ async fn operator_cli_on_sqlite() {
 /// listed operator is applied; the CLI says which, with exit code 6 for a refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_requests_are_signed_and_their_refusals_named() {
-    let backend = Backend::new(StoreKind::Nats).await;
+    let backend = Resources::new(Backend::SqliteNats).await;
     let db = backend.dir.sqlite_url();
     let db = db.as_str();
     let nats_url = backend.nats.as_ref().expect("a NATS backend").url();

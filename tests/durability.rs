@@ -56,7 +56,7 @@ fn outbox_options() -> RuntimeOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_a_failed_publish_left_in_the_outbox_are_published_by_the_relay() {
-    let backend = Backend::new(StoreKind::Sqlite).await;
+    let backend = Resources::new(Backend::SqliteInProcess).await;
     let inner: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     let _participants = start_participants(
         Arc::clone(&inner),
@@ -121,7 +121,7 @@ async fn commands_a_failed_publish_left_in_the_outbox_are_published_by_the_relay
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_delivered_twice_is_applied_once() {
-    let backend = Backend::new(StoreKind::Sqlite).await;
+    let backend = Resources::new(Backend::SqliteInProcess).await;
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     // Only inventory and shipping answer; this test plays payment itself.
     let _participants = start_participants(
@@ -189,7 +189,7 @@ async fn a_reply_delivered_twice_is_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runtimes_share_the_sagas_and_one_finishes_what_a_dropped_one_left() {
-    let backend = Backend::new(StoreKind::Postgres).await;
+    let backend = Resources::new(Backend::PostgresNats).await;
     let ledger = MemoryLedger::new();
     let _participants = start_participants(
         backend.bus().await,
@@ -351,7 +351,7 @@ async fn an_unreachable_postgres_is_named_at_start_up() {
 /// untouched by either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_the_database_cannot_hold_is_dead_lettered_not_redelivered_forever() {
-    let backend = Backend::new(StoreKind::Postgres).await;
+    let backend = Resources::new(Backend::PostgresNats).await;
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     // Nobody answers: the test plays the inventory service.
     let checkout = checkout_definition(fast_timing()).expect("valid");

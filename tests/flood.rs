@@ -113,7 +113,7 @@ async fn forged_and_oversized_floods_change_nothing_and_memory_stays_bounded() {
         .expect("connect")
     };
     let dir = TempDir::new();
-    let store: Arc<dyn SagaStore> = store(StoreKind::Sqlite, &dir).await;
+    let store: Arc<dyn SagaStore> = sqlite_store(&dir).await;
     let ledger = MemoryLedger::new();
     let participants = start_participants(
         Arc::new(connect().await),

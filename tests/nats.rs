@@ -19,7 +19,7 @@ use skald::{Runtime, SagaOutcome};
 /// A runtime on `backend` whose checkout steps retry patiently (`max_attempts` attempts,
 /// backoff up to `max_delay`) with a reply timeout of `timeout`.
 async fn patient_runtime(
-    backend: &Backend,
+    backend: &Resources,
     bus: Arc<dyn skald::ports::Bus>,
     max_attempts: u32,
     max_delay: Duration,
@@ -54,7 +54,7 @@ async fn patient_runtime(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_under_load_loses_nothing() {
-    let mut backend = Backend::new(StoreKind::Nats).await;
+    let mut backend = Resources::new(Backend::SqliteNats).await;
     let ledger = MemoryLedger::new();
     let bus = backend.bus().await;
     let participants = start_participants(
@@ -185,7 +185,7 @@ async fn waits_for_a_broker_that_comes_up_late() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
-    let backend = Backend::new(StoreKind::Nats).await;
+    let backend = Resources::new(Backend::SqliteNats).await;
     let ledger = MemoryLedger::new();
     let bus = backend.bus().await;
     // Shipping is down at first.
@@ -309,7 +309,7 @@ async fn lifecycle_events_reach_a_plain_subscriber_in_order_per_saga() {
     use skald::ids::SagaId;
     use skald::wire::{self, EventV1};
 
-    let backend = Backend::new(StoreKind::Nats).await;
+    let backend = Resources::new(Backend::SqliteNats).await;
     let url = backend.nats.as_ref().expect("a nats-server").url();
     let client = async_nats::connect(url.as_str())
         .await

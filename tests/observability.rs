@@ -227,7 +227,7 @@ async fn metrics_endpoint_after_a_run_and_trace_ids_through_the_participant_help
         .expect("metrics endpoint");
     let addr = metrics.local_addr();
 
-    let backend = Backend::new(StoreKind::Postgres).await;
+    let backend = Resources::new(Backend::PostgresNats).await;
     let bus = backend.bus().await;
     let config = SimConfig {
         seed: 7,
@@ -409,7 +409,7 @@ struct Probe {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
     let capture = capture();
-    let backend = Backend::new(StoreKind::Nats).await;
+    let backend = Resources::new(Backend::SqliteNats).await;
     let url = backend.nats.as_ref().expect("a nats-server").url();
     let client = async_nats::connect(url.as_str()).await.expect("client");
     let mut commands = client

@@ -157,7 +157,7 @@ async fn spans_are_exported_over_otlp_http_with_skald_ids() {
     )
     .expect("telemetry");
 
-    let backend = Backend::new(StoreKind::Memory).await;
+    let backend = Resources::new(Backend::MemoryInProcess).await;
     let mut env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;
     let id = env.start_order(1).await;
     env.settle(&[id]).await;

@@ -88,7 +88,7 @@ fn order(n: usize) -> Checkout {
 
 /// What a test runs: the runtime, the simulated services' records, and their fence.
 struct Env {
-    backend: Backend,
+    backend: Resources,
     runtime: Runtime,
     checkout: skald::definition::SagaDefinition<Checkout>,
     bus: Arc<dyn Bus>,
@@ -103,8 +103,8 @@ struct Env {
 
 impl Env {
     /// The runtime on `kind` and the services named in `only`, with `config`.
-    async fn start(kind: StoreKind, config: SimConfig, only: &[&str]) -> Env {
-        let backend = Backend::new(kind).await;
+    async fn start(kind: Backend, config: SimConfig, only: &[&str]) -> Env {
+        let backend = Resources::new(kind).await;
         let bus = backend.bus().await;
         let ledger = MemoryLedger::new();
         let services = SimServices::new(Arc::new(ledger.clone()), config);
@@ -139,7 +139,7 @@ impl Env {
 
     /// The runtime on `kind` with inventory and payment only, and one saga started and
     /// waiting on its shipment (the test plays the shipping service by hand).
-    async fn awaiting_shipping(kind: StoreKind) -> (Env, SagaId) {
+    async fn awaiting_shipping(kind: Backend) -> (Env, SagaId) {
         let env = Env::start(
             kind,
             reliable_with(0.0, Duration::ZERO),
@@ -312,7 +312,7 @@ fn reliable_with(late_rate: f64, late_hold: Duration) -> SimConfig {
 /// 1. The reserve or the charge is applied at once but answered only after skald gave
 ///    up on it: the step is in doubt, its compensation undoes it by the action's key,
 ///    and the late answers change nothing.
-async fn an_action_that_times_out_on_every_attempt_is_compensated_by_its_key(kind: StoreKind) {
+async fn an_action_that_times_out_on_every_attempt_is_compensated_by_its_key(kind: Backend) {
     let hold = budget() + Duration::from_millis(500);
     let mut env = Env::start(kind, reliable_with(1.0, hold), ALL_SERVICES).await;
     let mut ids = Vec::new();
@@ -364,7 +364,7 @@ async fn an_action_that_times_out_on_every_attempt_is_compensated_by_its_key(kin
 
 /// 2. A cancel while the charge is in flight waits for it; the charge then succeeds and
 ///    is refunded.
-async fn a_cancel_in_flight_waits_for_the_action_and_refunds_it(kind: StoreKind) {
+async fn a_cancel_in_flight_waits_for_the_action_and_refunds_it(kind: Backend) {
     let mut env = Env::start(kind, reliable_with(0.0, Duration::ZERO), ALL_SERVICES).await;
     env.gate_charges();
     let id = env.start_order(0).await;
@@ -411,7 +411,7 @@ async fn a_cancel_in_flight_waits_for_the_action_and_refunds_it(kind: StoreKind)
 
 /// 3. Attempt 1's answer is held past its deadline and arrives while attempt 2 waits:
 ///    one key, one effect, the saga goes on without compensating.
-async fn a_late_success_of_an_earlier_attempt_completes_the_step(kind: StoreKind) {
+async fn a_late_success_of_an_earlier_attempt_completes_the_step(kind: Backend) {
     let hold = TIMEOUT + TIMEOUT / 2;
     let mut env = Env::start(kind, reliable_with(1.0, hold), ALL_SERVICES).await;
     let ids = vec![env.start_order(0).await, env.start_order(1).await];
@@ -432,7 +432,7 @@ async fn a_late_success_of_an_earlier_attempt_completes_the_step(kind: StoreKind
 /// 5. A `retryable` answer, then a `success` for the same attempt (a redelivery that
 ///    went through): both reach the saga (one message id per outcome), and the success
 ///    moves it on.
-async fn a_retryable_then_a_success_for_one_attempt_both_reach_the_saga(kind: StoreKind) {
+async fn a_retryable_then_a_success_for_one_attempt_both_reach_the_saga(kind: Backend) {
     let (mut env, id) = Env::awaiting_shipping(kind).await;
     let busy = Outcome::Retryable(skald::machine::StepError::new("busy", "try later"));
     env.reply(id, "ship_order", 1, &busy).await;
@@ -462,7 +462,7 @@ async fn a_retryable_then_a_success_for_one_attempt_both_reach_the_saga(kind: St
 /// 4. A success whose output does not decode: the step took effect, so the saga is
 ///    dead-lettered (not compensated around it); fixed and re-driven, it completes with
 ///    the participant's recorded success.
-async fn an_undecodable_success_dead_letters_the_saga_until_redriven(kind: StoreKind) {
+async fn an_undecodable_success_dead_letters_the_saga_until_redriven(kind: Backend) {
     let (mut env, id) = Env::awaiting_shipping(kind).await;
     env.reply(
         id,
@@ -494,7 +494,7 @@ async fn an_undecodable_success_dead_letters_the_saga_until_redriven(kind: Store
 /// 6. The inventory service answers nothing until the reserve is in doubt; its release
 ///    (served first) leaves a tombstone, and the reserve that comes afterwards is
 ///    refused: no reservation is ever held for the compensated saga.
-async fn a_compensation_before_its_action_refuses_the_action(kind: StoreKind) {
+async fn a_compensation_before_its_action_refuses_the_action(kind: Backend) {
     let mut env = Env::start(
         kind,
         reliable_with(0.0, Duration::ZERO),

@@ -45,7 +45,7 @@ fn definition() -> SagaDefinition<Checkout> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_retried_10000_times_keeps_a_bounded_journal_that_replays() {
-    let backend = Backend::new(StoreKind::Memory).await;
+    let backend = Resources::new(Backend::MemoryInProcess).await;
     let bus = backend.bus().await;
     let def = definition();
     // Shipping fails (retryably) 10,000 times, then ships.

@@ -44,8 +44,8 @@ async fn assert_consistent(env: &TestEnv, statuses: &HashMap<SagaId, SagaStatus>
     assert_eq!(report.checked, sagas.len());
 }
 
-async fn happy_path(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn happy_path(kind: Backend) {
+    let backend = Resources::new(kind).await;
     let mut env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -75,8 +75,8 @@ async fn happy_path(kind: StoreKind) {
     env.shutdown().await;
 }
 
-async fn declined_payment_is_compensated(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn declined_payment_is_compensated(kind: Backend) {
+    let backend = Resources::new(kind).await;
     let declines = SimConfig {
         decline_rate: 1.0,
         ..reliable()
@@ -106,8 +106,8 @@ async fn declined_payment_is_compensated(kind: StoreKind) {
     env.shutdown().await;
 }
 
-async fn flaky_step_is_retried_then_completed(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn flaky_step_is_retried_then_completed(kind: Backend) {
+    let backend = Resources::new(kind).await;
     // The charge fails retryably on its first two attempts.
     let script: Script = Arc::new(|cmd| {
         (cmd.subject == subjects::CHARGE && cmd.envelope.attempt <= 2)
@@ -132,8 +132,8 @@ async fn flaky_step_is_retried_then_completed(kind: StoreKind) {
     env.shutdown().await;
 }
 
-async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn failing_compensation_is_dead_lettered_then_redriven(kind: Backend) {
+    let backend = Resources::new(kind).await;
     let refund_broken = Arc::new(AtomicBool::new(true));
     let broken = refund_broken.clone();
     // Shipping refuses for good; the refund keeps failing until "fixed".
@@ -192,8 +192,8 @@ async fn failing_compensation_is_dead_lettered_then_redriven(kind: StoreKind) {
     env.shutdown().await;
 }
 
-async fn restart_mid_flight_resumes_without_loss(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn restart_mid_flight_resumes_without_loss(kind: Backend) {
+    let backend = Resources::new(kind).await;
     let store = Arc::clone(&backend.store);
     let ledger = MemoryLedger::new();
     // First process: shipping is down, so every saga stops waiting at its last step.
@@ -268,8 +268,8 @@ fn reply(saga: SagaId, step: &str, attempt: &str, outcome: &str, body: &'static 
     as_reply_of(service, m)
 }
 
-async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: Backend) {
+    let backend = Resources::new(kind).await;
     // Inventory is down: the saga waits on reserve_inventory attempt 1, and the test
     // plays the inventory service by hand.
     let mut env = TestEnv::start_with(
@@ -452,14 +452,14 @@ struct Added {
     add: u64,
 }
 
-async fn panicking_handler_is_reactivated_from_the_store(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn panicking_handler_is_reactivated_from_the_store(kind: Backend) {
+    let backend = Resources::new(kind).await;
     let store = Arc::clone(&backend.store);
     let saga_type = match kind {
-        StoreKind::Memory => "panicky-memory",
-        StoreKind::Sqlite => "panicky-sqlite",
-        StoreKind::Nats => "panicky-nats",
-        StoreKind::Postgres => "panicky-postgres",
+        Backend::MemoryInProcess => "panicky-memory-in-process",
+        Backend::SqliteInProcess => "panicky-sqlite-in-process",
+        Backend::SqliteNats => "panicky-sqlite-nats",
+        Backend::PostgresNats => "panicky-postgres-nats",
     };
     let panicked = Arc::new(AtomicBool::new(false));
     let flag = panicked.clone();
@@ -563,7 +563,7 @@ async fn unknown_saga_type_and_bad_start_are_refused() {
         assert!(err.to_string().contains(says), "{err}");
     }
 
-    let backend = Backend::new(StoreKind::Memory).await;
+    let backend = Resources::new(Backend::MemoryInProcess).await;
     let env = TestEnv::start(&backend, MemoryLedger::new(), reliable(), no_script()).await;
     let other = SagaDefinition::<Counter>::builder("unregistered", 1)
         .step(Step::new("a").action("skald.cmd.x.y", |c: &Counter| c.n))
@@ -732,8 +732,8 @@ async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
         commits: std::sync::atomic::AtomicUsize::new(0),
         fail_at: 2,
     });
-    let backend = Backend {
-        kind: StoreKind::Memory,
+    let backend = Resources {
+        kind: Backend::MemoryInProcess,
         dir: TempDir::new(),
         store: store.clone(),
         nats: None,

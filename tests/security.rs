@@ -667,7 +667,7 @@ impl SecureEnv {
         options: RuntimeOptions,
     ) -> SecureEnv {
         let dir = TempDir::new();
-        let store = common::store(StoreKind::Sqlite, &dir).await;
+        let store = common::sqlite_store(&dir).await;
         let orchestrator = connect(server, Principal::Orchestrator).await;
         let checkout = checkout_definition(patient_timing()).expect("valid definition");
         let runtime = Runtime::builder()

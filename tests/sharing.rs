@@ -138,8 +138,8 @@ async fn nats_bus(server: &NatsServer) -> skald::adapters::nats::NatsBus {
 async fn two_runtimes_with_different_saga_types_share_one_broker() {
     let server = NatsServer::start();
     let (dir_a, dir_b) = (TempDir::new(), TempDir::new());
-    let store_a = store(StoreKind::Sqlite, &dir_a).await;
-    let store_b = store(StoreKind::Sqlite, &dir_b).await;
+    let store_a = sqlite_store(&dir_a).await;
+    let store_b = sqlite_store(&dir_b).await;
     let bus_a = nats_bus(&server).await;
     let bus_b = nats_bus(&server).await;
     let checkout = checkout_definition(fast_timing()).expect("valid");
@@ -203,7 +203,7 @@ async fn two_runtimes_with_different_saga_types_share_one_broker() {
 async fn a_rolling_deploy_that_adds_a_type_disturbs_nothing() {
     let server = NatsServer::start();
     let dir = TempDir::new();
-    let shared = store(StoreKind::Sqlite, &dir).await;
+    let shared = sqlite_store(&dir).await;
     let checkout = checkout_definition(fast_timing()).expect("valid");
     let refund = refund_definition();
     // Shipping is down at first, so the old build stops with every checkout waiting

@@ -93,8 +93,8 @@ fn subjects(rows: &[OutboxMessage]) -> Vec<&str> {
     rows.iter().map(|r| r.message.subject.as_str()).collect()
 }
 
-async fn contract(kind: StoreKind) {
-    let backend = Backend::new(kind).await;
+async fn contract(kind: Backend) {
+    let backend = Resources::new(kind).await;
     contract_on(backend.store.as_ref()).await;
 }
 
@@ -434,12 +434,12 @@ async fn outbox_and_inbox(store: &dyn SagaStore) {
 
 #[tokio::test]
 async fn memory_store_keeps_the_contract() {
-    contract(StoreKind::Memory).await;
+    contract(Backend::MemoryInProcess).await;
 }
 
 #[tokio::test]
 async fn postgres_store_keeps_the_contract() {
-    contract(StoreKind::Postgres).await;
+    contract(Backend::PostgresNats).await;
 }
 
 /// PostgreSQL commits small batches with one call of `skald_commit` and large ones with
@@ -480,15 +480,19 @@ async fn sqlite_set_based_batches_keep_the_contract() {
 
 #[tokio::test]
 async fn outbox_and_inbox_on_every_store() {
-    for kind in [StoreKind::Memory, StoreKind::Sqlite, StoreKind::Postgres] {
-        let backend = Backend::new(kind).await;
+    for kind in [
+        Backend::MemoryInProcess,
+        Backend::SqliteInProcess,
+        Backend::PostgresNats,
+    ] {
+        let backend = Resources::new(kind).await;
         outbox_and_inbox(backend.store.as_ref()).await;
     }
 }
 
 #[tokio::test]
 async fn sqlite_store_keeps_the_contract() {
-    contract(StoreKind::Sqlite).await;
+    contract(Backend::SqliteInProcess).await;
 }
 
 /// The operator's queries and the retention primitives, on `store`: `query` filters and

@@ -82,7 +82,7 @@ async fn participants(bus: &Arc<dyn Bus>, gate: Arc<AtomicBool>) -> Vec<Particip
 }
 
 async fn start(
-    backend: &Backend,
+    backend: &Resources,
     defs: &[&SagaDefinition<Checkout>],
 ) -> Result<Runtime, RuntimeError> {
     let mut builder = Runtime::builder()
@@ -95,7 +95,7 @@ async fn start(
     builder.start().await
 }
 
-async fn steps_sent(backend: &Backend, id: SagaId) -> Vec<String> {
+async fn steps_sent(backend: &Resources, id: SagaId) -> Vec<String> {
     let journal = backend.store.journal(id).await.expect("journal");
     journal
         .iter()
@@ -107,7 +107,7 @@ async fn steps_sent(backend: &Backend, id: SagaId) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_latest() {
-    let backend = Backend::new(StoreKind::Nats).await;
+    let backend = Resources::new(Backend::SqliteNats).await;
     let (v1, v2) = (checkout(1), checkout(2));
     let gate = Arc::new(AtomicBool::new(false));
     let bus = backend.bus().await;
@@ -226,7 +226,7 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_one_version_twice_is_refused() {
-    let backend = Backend::new(StoreKind::Memory).await;
+    let backend = Resources::new(Backend::MemoryInProcess).await;
     let e = start(&backend, &[&checkout(1), &checkout(1)])
         .await
         .expect_err("twice");

@@ -6,33 +6,33 @@
 
 pub mod secure;
 
-/// Runs each named `async fn name(kind: StoreKind)` of the calling test file once per
-/// backend: `memory_store`, `sqlite_store`, `nats_jetstream` (SQLite + NATS) and
-/// `postgres_nats` modules, one `#[tokio::test]` each.
+/// Runs each named `async fn name(backend: Backend)` of the calling test file once per
+/// [`Backend`]: modules `memory_in_process`, `sqlite_in_process`, `sqlite_nats` and
+/// `postgres_nats`, one `#[tokio::test]` each.
 #[allow(unused_macros)]
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
-        mod memory_store {
+        mod memory_in_process {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::StoreKind::Memory).await
+                    super::$name(super::Backend::MemoryInProcess).await
                 }
             )*
         }
-        mod sqlite_store {
+        mod sqlite_in_process {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::StoreKind::Sqlite).await
+                    super::$name(super::Backend::SqliteInProcess).await
                 }
             )*
         }
-        mod nats_jetstream {
+        mod sqlite_nats {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::StoreKind::Nats).await
+                    super::$name(super::Backend::SqliteNats).await
                 }
             )*
         }
@@ -40,7 +40,7 @@ macro_rules! on_every_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::StoreKind::Postgres).await
+                    super::$name(super::Backend::PostgresNats).await
                 }
             )*
         }
@@ -72,24 +72,26 @@ use tokio::sync::mpsc::Receiver;
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// What a test runs on.
+/// What a test runs on: a store and a bus, both named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreKind {
+pub enum Backend {
     /// Memory store, in-process bus.
-    Memory,
-    /// SQLite store, in-process bus.
-    Sqlite,
-    /// SQLite store, NATS JetStream bus on a nats-server of the test's own.
-    Nats,
+    MemoryInProcess,
+    /// SQLite store (a file in the test's temp dir), in-process bus.
+    SqliteInProcess,
+    /// SQLite store (a file in the test's temp dir), NATS JetStream bus on a nats-server
+    /// of the test's own.
+    SqliteNats,
     /// The production configuration: PostgreSQL store (a database of the test's own on
-    /// the server at `SKALD_TEST_PG_URL`), NATS JetStream bus.
-    Postgres,
+    /// the server at `SKALD_TEST_PG_URL`), NATS JetStream bus on a nats-server of the
+    /// test's own.
+    PostgresNats,
 }
 
-impl StoreKind {
+impl Backend {
     /// Whether the bus is NATS JetStream (durable) rather than the in-process bus.
     pub fn uses_nats(self) -> bool {
-        matches!(self, StoreKind::Nats | StoreKind::Postgres)
+        matches!(self, Backend::SqliteNats | Backend::PostgresNats)
     }
 }
 
@@ -273,32 +275,34 @@ impl Drop for NatsServer {
     }
 }
 
-/// The resources of one test: a store, and the broker when the bus is NATS.
-pub struct Backend {
-    pub kind: StoreKind,
+/// The resources of one test on a [`Backend`]: its store, and its own nats-server when
+/// the bus is NATS (and its own PostgreSQL database when the store is).
+pub struct Resources {
+    pub kind: Backend,
     pub dir: TempDir,
     pub store: Arc<dyn SagaStore>,
     pub nats: Option<NatsServer>,
     pub pg: Option<PgDatabase>,
 }
 
-impl Backend {
-    pub async fn new(kind: StoreKind) -> Backend {
+impl Resources {
+    pub async fn new(kind: Backend) -> Resources {
         let dir = TempDir::new();
-        let pg = match kind {
-            StoreKind::Postgres => Some(PgDatabase::create().await),
-            _ => None,
-        };
-        let store: Arc<dyn SagaStore> = match &pg {
-            Some(db) => Arc::new(
-                PostgresStore::connect(&db.url())
+        let mut pg = None;
+        let store: Arc<dyn SagaStore> = match kind {
+            Backend::MemoryInProcess => Arc::new(MemoryStore::new()),
+            Backend::SqliteInProcess | Backend::SqliteNats => sqlite_store(&dir).await,
+            Backend::PostgresNats => {
+                let db = PgDatabase::create().await;
+                let store = PostgresStore::connect(&db.url())
                     .await
-                    .expect("open the PostgreSQL store"),
-            ),
-            None => store(kind, &dir).await,
+                    .expect("open the PostgreSQL store");
+                pg = Some(db);
+                Arc::new(store)
+            }
         };
         let nats = kind.uses_nats().then(NatsServer::start);
-        Backend {
+        Resources {
             kind,
             dir,
             store,
@@ -407,16 +411,13 @@ pub fn options() -> RuntimeOptions {
     }
 }
 
-pub async fn store(kind: StoreKind, dir: &TempDir) -> Arc<dyn SagaStore> {
-    match kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Postgres => panic!("a PostgreSQL store needs a database: use Backend::new"),
-        StoreKind::Sqlite | StoreKind::Nats => Arc::new(
-            SqliteStore::connect(&dir.sqlite_url())
-                .await
-                .expect("open sqlite store"),
-        ),
-    }
+/// A SQLite store in `dir` (for tests that need a store but no [`Resources`]).
+pub async fn sqlite_store(dir: &TempDir) -> Arc<dyn SagaStore> {
+    Arc::new(
+        SqliteStore::connect(&dir.sqlite_url())
+            .await
+            .expect("open sqlite store"),
+    )
 }
 
 /// A participant behaviour: by default the simulated services; a test can override
@@ -497,7 +498,7 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn start(
-        backend: &Backend,
+        backend: &Resources,
         ledger: MemoryLedger,
         config: SimConfig,
         script: Script,
@@ -507,7 +508,7 @@ impl TestEnv {
 
     /// Like [`TestEnv::start`], with only some of the services running.
     pub async fn start_with(
-        backend: &Backend,
+        backend: &Resources,
         ledger: MemoryLedger,
         config: SimConfig,
         script: Script,
