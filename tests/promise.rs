@@ -23,7 +23,8 @@ use common::*;
 use serde_json::json;
 use skald::Applied;
 use skald::ids::{CommandKind, SagaId};
-use skald::machine::{Command, SagaStatus, Timestamp};
+use skald::journal::{Ignored, JournalRecord, Transition};
+use skald::machine::{Command, Input, SagaStatus, Timestamp};
 use skald::participant::{self, Fence, MemoryFence, ParticipantHandle, ParticipantOptions};
 use skald::ports::{Bus, Message, SagaStore};
 use skald::retry::RetryPolicy;
@@ -288,17 +289,6 @@ fn command(id: SagaId, step: &str, kind: CommandKind, attempt: u32, subject: &st
     .expect("encode")
 }
 
-/// The journal's inputs of saga `id` as (entry kind, input name, attempt, outcome code).
-async fn journal(store: &dyn SagaStore, id: SagaId) -> Vec<(String, serde_json::Value)> {
-    store
-        .journal(id)
-        .await
-        .expect("journal")
-        .into_iter()
-        .map(|e| (e.kind, e.body))
-        .collect()
-}
-
 fn reliable_with(late_rate: f64, late_hold: Duration) -> SimConfig {
     SimConfig {
         seed: 9,
@@ -341,10 +331,18 @@ async fn an_action_that_times_out_on_every_attempt_is_compensated_by_its_key(kin
     // The held answers arrive after the hold and are journaled as ignored.
     for id in &ids {
         wait_until("the late answer to be journaled as ignored", || async {
-            journal(env.store(), *id)
+            journal_records(env.store(), *id)
                 .await
                 .iter()
-                .any(|(k, b)| k == "ignored" && b["input"]["input"] == "step_succeeded")
+                .any(|r| {
+                    matches!(
+                        r,
+                        JournalRecord::Ignored(Ignored {
+                            input: Input::StepSucceeded { .. },
+                            ..
+                        })
+                    )
+                })
                 .then_some(())
         })
         .await;
@@ -417,11 +415,15 @@ async fn a_late_success_of_an_earlier_attempt_completes_the_step(kind: Backend) 
     let ids = vec![env.start_order(0).await, env.start_order(1).await];
     for o in env.settle(&ids).await {
         assert_eq!(o.status, SagaStatus::Completed, "{o:?}");
-        let entries = journal(env.store(), o.id).await;
+        let entries = journal_records(env.store(), o.id).await;
         assert!(
-            entries
-                .iter()
-                .any(|(k, b)| k == "transition" && b["input"]["input"] == "timed_out"),
+            entries.iter().any(|r| matches!(
+                r,
+                JournalRecord::Transition(Transition {
+                    input: Input::TimedOut { .. },
+                    ..
+                })
+            )),
             "an attempt timed out first: {entries:?}"
         );
     }
@@ -526,13 +528,17 @@ async fn a_compensation_before_its_action_refuses_the_action(kind: Backend) {
         .await
         .expect("publish");
     wait_until("the refused reserve to be journaled", || async {
-        journal(env.store(), id)
+        journal_records(env.store(), id)
             .await
             .iter()
-            .any(|(k, b)| {
-                k == "ignored"
-                    && b["input"]["input"] == "step_failed"
-                    && b["input"]["error"]["code"] == "compensated"
+            .any(|r| {
+                matches!(
+                    r,
+                    JournalRecord::Ignored(Ignored {
+                        input: Input::StepFailed { error, .. },
+                        ..
+                    }) if error.code == "compensated"
+                )
             })
             .then_some(())
     })

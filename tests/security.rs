@@ -26,6 +26,7 @@ use common::*;
 use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::definition::SagaDefinition;
 use skald::ids::{SagaId, SagaType};
+use skald::journal::{JournalRecord, Refused};
 use skald::machine::SagaStatus;
 use skald::participant::ParticipantHandle;
 use skald::ports::{Bus, DeadLetterCategory, DeadLetterRecord, Headers, Message, SagaStore};
@@ -1005,25 +1006,18 @@ async fn operator_requests_need_the_operators_user_a_listed_key_and_time() {
             .await
             .expect("the operators' user may publish operator requests");
     }
-    let ignored = wait_until("the expired request journaled as ignored", || async {
-        env.store
-            .journal(kept)
+    let record = wait_until("the expired request journaled as ignored", || async {
+        journal_records(env.store.as_ref(), kept)
             .await
-            .expect("journal")
             .into_iter()
-            .find(|e| e.body["causation"] == expired.request_id.as_str())
+            .find(|r| r.causation() == Some(expired.request_id.as_str()))
     })
     .await;
-    assert_eq!(ignored.kind, "ignored", "{:?}", ignored.body);
-    assert_eq!(ignored.body["refused"], "condition", "{:?}", ignored.body);
-    assert!(
-        ignored.body["ignored"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("expired"),
-        "{:?}",
-        ignored.body
-    );
+    let JournalRecord::Ignored(ignored) = record else {
+        panic!("the expired request was applied: {record:?}");
+    };
+    assert_eq!(ignored.refused, Some(Refused::Condition), "{ignored:?}");
+    assert!(ignored.ignored.contains("expired"), "{ignored:?}");
     let refused = wait_until(
         "the unsigned and stranger's requests dead-lettered",
         || async {
@@ -1075,12 +1069,13 @@ async fn operator_requests_need_the_operators_user_a_listed_key_and_time() {
         .await
         .expect("publish");
     wait_until("alice's cancel journaled", || async {
-        env.store
-            .journal(cancelled)
+        journal_records(env.store.as_ref(), cancelled)
             .await
-            .expect("journal")
             .into_iter()
-            .find(|e| e.body["causation"] == valid.request_id.as_str() && e.kind == "transition")
+            .find(|r| {
+                matches!(r, JournalRecord::Transition(_))
+                    && r.causation() == Some(valid.request_id.as_str())
+            })
     })
     .await;
     env.start_service(&server, "payment").await;
@@ -1094,12 +1089,12 @@ async fn operator_requests_need_the_operators_user_a_listed_key_and_time() {
         };
         assert_eq!(*status, want, "saga {id}");
     }
-    let journal = env.store.journal(kept).await.expect("journal");
+    let journal = journal_records(env.store.as_ref(), kept).await;
     for r in [&unsigned, &stranger, &forged] {
         assert!(
             !journal
                 .iter()
-                .any(|e| e.body["causation"] == r.request_id.as_str()),
+                .any(|e| e.causation() == Some(r.request_id.as_str())),
             "request {} reached the saga",
             r.request_id
         );

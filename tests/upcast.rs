@@ -17,6 +17,7 @@ use skald::adapters::memory::MemoryBus;
 use skald::adapters::sqlite::SqliteStore;
 use skald::definition::{SagaDefinition, Step};
 use skald::ids::SagaId;
+use skald::journal::JournalRecord;
 use skald::machine::SagaStatus;
 use skald::participant::serve;
 use skald::ports::{Bus, SagaStore};
@@ -251,7 +252,10 @@ async fn data_written_at_v1_is_read_at_v3_and_a_missing_path_dead_letters_the_sa
         .expect("load")
         .expect("stored");
     let journal = shop.store.journal(upcast).await.expect("journal");
-    assert_eq!(journal[0].body["data_version"], 1);
+    let Ok(JournalRecord::Transition(first)) = journal[0].record() else {
+        panic!("the journal starts with a transition: {:?}", journal[0]);
+    };
+    assert_eq!(first.data_version, Some(1));
     let r = skald::replay::replay_with(v3.definition(), upcast, &journal, None, &chain())
         .expect("replay");
     assert_eq!(r.state.data, s.state.data);
@@ -331,12 +335,10 @@ async fn migrate_payloads_is_resumable_and_idempotent() {
         assert_eq!(s.state.data["amount"]["currency"], "EUR");
         let journal = shop.store.journal(*id).await.expect("journal");
         let last = journal.last().expect("entries");
-        assert_eq!(last.kind, "snapshot");
-        assert!(
-            last.body["note"]
-                .as_str()
-                .is_some_and(|n| n.contains("1 to 3"))
-        );
+        let Ok(JournalRecord::Snapshot(snapshot)) = last.record() else {
+            panic!("the journal ends with a snapshot: {last:?}");
+        };
+        assert!(snapshot.note.contains("1 to 3"), "{snapshot:?}");
     }
     // Replay checks still pass on the migrated sagas.
     let replayed = cli

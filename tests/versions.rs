@@ -12,6 +12,7 @@ use common::*;
 use serde_json::json;
 use skald::definition::{SagaDefinition, Step};
 use skald::ids::SagaId;
+use skald::journal::{JournalEffect, JournalRecord};
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
@@ -96,12 +97,17 @@ async fn start(
 }
 
 async fn steps_sent(backend: &Resources, id: SagaId) -> Vec<String> {
-    let journal = backend.store.journal(id).await.expect("journal");
-    journal
-        .iter()
-        .flat_map(|e| e.body["effects"].as_array().cloned().unwrap_or_default())
-        .filter(|e| e["effect"] == "send_command")
-        .map(|e| e["step"].as_str().unwrap_or("?").to_owned())
+    journal_records(backend.store.as_ref(), id)
+        .await
+        .into_iter()
+        .flat_map(|r| match r {
+            JournalRecord::Transition(t) => t.effects,
+            JournalRecord::Ignored(_) | JournalRecord::Snapshot(_) => Vec::new(),
+        })
+        .filter_map(|e| match e {
+            JournalEffect::SendCommand { step, .. } => Some(step.to_string()),
+            _ => None,
+        })
         .collect()
 }
 

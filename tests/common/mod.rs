@@ -59,6 +59,7 @@ use skald::adapters::postgres::PostgresStore;
 use skald::adapters::sqlite::SqliteStore;
 use skald::definition::SagaDefinition;
 use skald::ids::SagaId;
+use skald::journal::JournalRecord;
 use skald::machine::SagaStatus;
 use skald::participant::{self, ParticipantHandle};
 use skald::ports::{Bus, SagaStore};
@@ -634,20 +635,30 @@ where
     }
 }
 
-/// Names of the inputs in a saga's journal, in order (`applied` or `ignored:` prefixed).
-pub async fn journal_inputs(store: &dyn SagaStore, id: SagaId) -> Vec<String> {
+/// A saga's journal, decoded: every entry must be a record of this build.
+pub async fn journal_records(store: &dyn SagaStore, id: SagaId) -> Vec<JournalRecord> {
     store
         .journal(id)
         .await
         .expect("journal")
         .iter()
         .map(|e| {
-            let input = e.body["input"]["input"].as_str().unwrap_or("?").to_owned();
-            if e.kind == "ignored" {
-                format!("ignored:{input}")
-            } else {
-                input
-            }
+            e.record()
+                .unwrap_or_else(|err| panic!("saga {id}: {err}: {e:?}"))
+        })
+        .collect()
+}
+
+/// Names of the inputs in a saga's journal, in order: an applied input's name, a
+/// refused one's prefixed `ignored:`, and `snapshot` for a snapshot.
+pub async fn journal_inputs(store: &dyn SagaStore, id: SagaId) -> Vec<String> {
+    journal_records(store, id)
+        .await
+        .iter()
+        .map(|r| match r {
+            JournalRecord::Transition(t) => t.input.name().to_owned(),
+            JournalRecord::Ignored(i) => format!("ignored:{}", i.input.name()),
+            JournalRecord::Snapshot(_) => "snapshot".to_owned(),
         })
         .collect()
 }
