@@ -93,15 +93,8 @@ async fn commands_a_failed_publish_left_in_the_outbox_are_published_by_the_relay
 
     // The broker is back: the relay publishes them, in well under the step timeout.
     bus.down.store(false, Ordering::SeqCst);
-    let mut settled = 0;
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while settled < ids.len() {
-        let o = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .expect("sagas settle")
-            .expect("outcomes open");
+    for o in next_outcomes(&mut outcomes, ids.len(), DEADLINE).await {
         assert_eq!(o.status, SagaStatus::Completed);
-        settled += 1;
     }
     assert!(runtime.stats().relayed.load(Ordering::Relaxed) >= 20);
     for id in &ids {

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{DEADLINE, PgDatabase, TempDir};
+use common::{PgDatabase, TempDir, Wait};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use skald::adapters::fence::{PgFence, SqliteFence};
@@ -751,15 +751,17 @@ async fn two_replicas_behind_the_helper(kind: Kind) {
     }
     let mut next_replies = async |n: usize| -> Vec<wire::Reply> {
         let mut got = Vec::new();
-        while got.len() < n {
-            let delivery = tokio::time::timeout(DEADLINE, replies.next())
-                .await
-                .expect("replies in time")
-                .expect("the reply stream");
-            let (message, _, acker) = delivery.into_parts();
-            got.push(wire::decode_reply(&message).expect("a reply"));
-            acker.ack().await.expect("ack");
-        }
+        Wait::new(format!("{n} replies"))
+            .receive(
+                async || replies.next().await,
+                async |delivery| {
+                    let (message, _, acker) = delivery.into_parts();
+                    got.push(wire::decode_reply(&message).expect("a reply"));
+                    acker.ack().await.expect("ack");
+                    got.len() == n
+                },
+            )
+            .await;
         got
     };
 

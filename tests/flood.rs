@@ -181,9 +181,10 @@ async fn forged_and_oversized_floods_change_nothing_and_memory_stays_bounded() {
     }
 
     // Every saga finishes.
-    let deadline = Duration::from_secs(240);
-    let done = tokio::time::timeout(deadline, async {
-        loop {
+    Wait::new(format!("all {SAGAS} sagas to finish"))
+        .within(Duration::from_secs(240))
+        .every(Duration::from_millis(200))
+        .until_ok(async || {
             let mut unfinished = 0;
             for id in &ids {
                 let s = store.load(*id).await.expect("load").expect("saga");
@@ -191,14 +192,12 @@ async fn forged_and_oversized_floods_change_nothing_and_memory_stays_bounded() {
                     unfinished += 1;
                 }
             }
-            if unfinished == 0 {
-                return;
+            match unfinished {
+                0 => Ok(()),
+                n => Err(format!("{n} unfinished")),
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(done.is_ok(), "sagas unfinished after {deadline:?}");
+        })
+        .await;
     let elapsed = started.elapsed();
 
     // Every flood message is dead-lettered with its reason; none reached a saga.

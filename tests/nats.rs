@@ -14,7 +14,7 @@ use skald::machine::SagaStatus;
 use skald::retry::RetryPolicy;
 use skald::sagas::checkout::{CheckoutTiming, check_consistency, checkout_definition};
 use skald::sagas::sim::{Ledger, MemoryLedger};
-use skald::{Runtime, SagaOutcome};
+use skald::Runtime;
 
 /// A runtime on `backend` whose checkout steps retry patiently (`max_attempts` attempts,
 /// backoff up to `max_delay`) with a reply timeout of `timeout`.
@@ -88,34 +88,29 @@ async fn broker_killed_and_restarted_under_load_loses_nothing() {
         );
     }
     // Kill the broker once some sagas have finished and most are in flight.
-    let mut settled: HashMap<_, SagaStatus> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while settled.len() < 20 {
-        let o: SagaOutcome = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .expect("progress before the kill")
-            .expect("outcome");
-        settled.insert(o.id, o.status);
-    }
+    let mut settled: HashMap<_, SagaStatus> = next_outcomes(&mut outcomes, 20, DEADLINE)
+        .await
+        .into_iter()
+        .map(|o| (o.id, o.status))
+        .collect();
     let server = backend.nats.as_mut().expect("own server");
     server.kill();
     let in_flight = total - settled.len();
     server.restart();
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while settled.len() < total {
-        let o = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{} of {total} sagas unfinished 90 s after the broker restart",
-                    total - settled.len()
-                )
-            })
-            .expect("outcome");
-        settled.insert(o.id, o.status);
-    }
     assert!(in_flight > 0, "the kill happened mid-run");
+
+    Wait::new(format!(
+        "the {in_flight} sagas unfinished at the kill to settle after the broker restart"
+    ))
+    .within(Duration::from_secs(90))
+    .receive(
+        async || outcomes.recv().await,
+        async |o| {
+            settled.insert(o.id, o.status);
+            settled.len() == total
+        },
+    )
+    .await;
     assert!(
         settled.values().all(|s| *s == SagaStatus::Completed),
         "no failure was injected but the broker's: {:?}",
@@ -243,15 +238,11 @@ async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
         )
         .await,
     );
-    let mut settled = HashMap::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while settled.len() < ids.len() {
-        let o = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .expect("every saga completes once shipping is back")
-            .expect("outcome");
-        settled.insert(o.id, o.status);
-    }
+    let settled: HashMap<_, _> = await_outcomes(&mut outcomes, &ids)
+        .await
+        .into_iter()
+        .map(|o| (o.id, o.status))
+        .collect();
     assert!(
         settled.values().all(|s| *s == SagaStatus::Completed),
         "{settled:?}"
@@ -340,30 +331,32 @@ async fn lifecycle_events_reach_a_plain_subscriber_in_order_per_saga() {
 
     let terminal = |e: &EventV1| e.event == "completed" || e.event == "compensated";
     let mut seen: HashMap<SagaId, Vec<EventV1>> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while seen.values().filter(|evs| evs.iter().any(terminal)).count() < ids.len() {
-        let msg = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .expect("every saga's terminal event arrives")
-            .expect("subscription open");
-        let ev: EventV1 = serde_json::from_slice(&msg.payload).expect("a skald.event/1 body");
-        let headers = msg.headers.expect("headers");
-        assert_eq!(ev.schema, wire::EVENT_SCHEMA);
-        assert_eq!(
-            headers.get(wire::H_EVENT_SCHEMA).map(|v| v.as_str()),
-            Some(wire::EVENT_SCHEMA)
-        );
-        assert_eq!(
-            headers.get(wire::H_CAUSATION_ID).map(|v| v.as_str()),
-            Some(ev.causation_id.as_str())
-        );
-        assert_eq!(
-            msg.subject.as_str(),
-            format!("skald.evt.checkout.{}", ev.event)
-        );
-        assert_eq!(ev.correlation_id, ev.saga_id.to_string());
-        seen.entry(ev.saga_id).or_default().push(ev);
-    }
+    Wait::new("every saga's terminal event")
+        .receive(
+            async || events.next().await,
+            async |msg| {
+                let ev: EventV1 =
+                    serde_json::from_slice(&msg.payload).expect("a skald.event/1 body");
+                let headers = msg.headers.expect("headers");
+                assert_eq!(ev.schema, wire::EVENT_SCHEMA);
+                assert_eq!(
+                    headers.get(wire::H_EVENT_SCHEMA).map(|v| v.as_str()),
+                    Some(wire::EVENT_SCHEMA)
+                );
+                assert_eq!(
+                    headers.get(wire::H_CAUSATION_ID).map(|v| v.as_str()),
+                    Some(ev.causation_id.as_str())
+                );
+                assert_eq!(
+                    msg.subject.as_str(),
+                    format!("skald.evt.checkout.{}", ev.event)
+                );
+                assert_eq!(ev.correlation_id, ev.saga_id.to_string());
+                seen.entry(ev.saga_id).or_default().push(ev);
+                seen.values().filter(|evs| evs.iter().any(terminal)).count() == ids.len()
+            },
+        )
+        .await;
 
     for id in &ids {
         let evs = &seen[id];

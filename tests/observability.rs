@@ -271,15 +271,11 @@ async fn metrics_endpoint_after_a_run_and_trace_ids_through_the_participant_help
         );
         ids.push(runtime.start_saga(&checkout, &order).await.expect("start"));
     }
-    let mut statuses: HashMap<SagaId, SagaStatus> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while statuses.len() < n {
-        let o = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .expect("every saga settles in time")
-            .expect("outcome");
-        statuses.insert(o.id, o.status);
-    }
+    let statuses: HashMap<SagaId, SagaStatus> = await_outcomes(&mut outcomes, &ids)
+        .await
+        .into_iter()
+        .map(|o| (o.id, o.status))
+        .collect();
     let count = |s: SagaStatus| statuses.values().filter(|v| **v == s).count() as f64;
     let (completed, compensated, failed) = (
         count(SagaStatus::Completed),
@@ -490,15 +486,8 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
                 .expect("start"),
         );
     }
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut done = 0;
-    while done < ids.len() {
-        let o = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .expect("the probes complete")
-            .expect("outcome");
+    for o in await_outcomes(&mut outcomes, &ids).await {
         assert_eq!(o.status, SagaStatus::Completed);
-        done += 1;
     }
 
     for (n, id) in ids.iter().enumerate() {

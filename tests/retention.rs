@@ -89,18 +89,22 @@ async fn a_saga_retried_10000_times_keeps_a_bounded_journal_that_replays() {
         100,
     );
     let id = runtime.start_saga(&def, &order).await.expect("start");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    let saga = loop {
-        let s = backend.store.load(id).await.expect("load").expect("stored");
-        if s.state.status.is_terminal() {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the saga did not finish in 300 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let saga = Wait::new("the saga to finish")
+        .within(Duration::from_secs(300))
+        .every(Duration::from_millis(50))
+        .until_ok(async || {
+            let s = backend.store.load(id).await.expect("load").expect("stored");
+            if s.state.status.is_terminal() {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "{}, {} shipping calls",
+                    s.state.status,
+                    shipping_calls.load(Ordering::SeqCst)
+                ))
+            }
+        })
+        .await;
     runtime.shutdown().await;
     assert_eq!(saga.state.status, SagaStatus::Completed);
     assert_eq!(shipping_calls.load(Ordering::SeqCst), RETRIES + 1);

@@ -1,10 +1,13 @@
 //! The checkout runner as a user runs it: a process killed with SIGKILL mid-run, then
 //! `--resume` finishes every saga and the consistency check passes.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::Wait;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePoolOptions;
@@ -66,14 +69,19 @@ async fn killed_runner_resumes_and_stays_consistent() {
         .expect("start the runner");
 
     // Kill it once a good number of sagas exist, while many are in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (total, active) = loop {
-        if dir.join("run.db").exists() {
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect(&db)
-                .await;
-            if let Ok(pool) = pool {
+    let (total, active) = Wait::new("the runner to get going")
+        .within(Duration::from_secs(60))
+        .every(Duration::from_millis(20))
+        .until_ok(async || {
+            let going = async {
+                if !dir.join("run.db").exists() {
+                    return Err("no database yet".to_owned());
+                }
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect(&db)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let table =
                     sqlx::query("SELECT 1 FROM sqlite_master WHERE name = 'saga_instances'")
                         .fetch_optional(&pool)
@@ -81,24 +89,24 @@ async fn killed_runner_resumes_and_stays_consistent() {
                         .ok()
                         .flatten();
                 pool.close().await;
-                if table.is_some() {
-                    let (total, active) = counts(&db).await;
-                    if total >= 500 && active > 0 {
-                        break (total, active);
-                    }
+                if table.is_none() {
+                    return Err("no saga_instances table yet".to_owned());
+                }
+                match counts(&db).await {
+                    (total, active) if total >= 500 && active > 0 => Ok((total, active)),
+                    (total, active) => Err(format!("{total} sagas, {active} active")),
                 }
             }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the runner did not get going within 60 s"
-        );
-        assert!(
-            child.try_wait().expect("poll child").is_none(),
-            "the runner exited before it could be killed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+            .await;
+            if going.is_err() {
+                assert!(
+                    child.try_wait().expect("poll child").is_none(),
+                    "the runner exited before it could be killed"
+                );
+            }
+            going
+        })
+        .await;
     child.kill().expect("SIGKILL the runner");
     let status = child.wait().expect("reap");
     assert!(!status.success(), "killed, not finished");

@@ -543,14 +543,11 @@ async fn participants_read_only_their_own_responses(server: &SecureServer) {
     // loaded machine is asked for again, with one more stream-information request.)
     let started = tokio::time::Instant::now();
     for (subject, watcher) in &mut watchers {
-        loop {
-            let seen = match next_within(watcher, Duration::from_secs(2)).await {
-                Some(m) => m,
-                None => {
-                    assert!(
-                        started.elapsed() < DEADLINE,
-                        "no response on {subject} within {DEADLINE:?}"
-                    );
+        Wait::new(format!("a response on {subject}"))
+            .within(DEADLINE.saturating_sub(started.elapsed()))
+            .every(Duration::ZERO)
+            .until_ok(async || {
+                let Some(seen) = next_within(watcher, Duration::from_secs(2)).await else {
                     let asker = match *subject {
                         "_INBOX_orchestrator.>" => Some(orchestrator.client().clone()),
                         "_INBOX.>" => Some(default_prefix.client().clone()),
@@ -562,13 +559,15 @@ async fn participants_read_only_their_own_responses(server: &SecureServer) {
                             .await
                             .expect("stream info");
                     }
-                    continue;
+                    return Err("nothing within 2 s: asked again".to_owned());
+                };
+                if *subject != "_INBOX_inventory.>" || seen.payload == secret_body.as_bytes() {
+                    Ok(())
+                } else {
+                    Err(format!("another message on {}", seen.subject))
                 }
-            };
-            if *subject != "_INBOX_inventory.>" || seen.payload == secret_body.as_bytes() {
-                break;
-            }
-        }
+            })
+            .await;
     }
     // Payment's refused subscriptions received none of it.
     for (subject, spy) in &mut spies {

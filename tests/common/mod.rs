@@ -48,7 +48,6 @@ macro_rules! on_every_backend {
 }
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -240,15 +239,15 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not listen on {} within 15 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port;
+        Wait::new(format!("nats-server to listen on {port}"))
+            .within(Duration::from_secs(15))
+            .every(Duration::from_millis(20))
+            .blocking(|| {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
     }
 
     pub fn url(&self) -> String {
@@ -595,6 +594,128 @@ impl TestEnv {
     }
 }
 
+/// A wait with a deadline: what is awaited (named when the test fails), how long it may
+/// take ([`DEADLINE`] unless told otherwise) and how often a polled condition is checked
+/// again. Every wait of the tests goes through one: no sleep-and-hope, no hand-written
+/// deadline loop.
+///
+/// - [`Wait::until`] polls an async check until it returns `Some(value)`;
+/// - [`Wait::until_ok`] polls one whose `Err` says what it saw (shown if the wait times
+///   out);
+/// - [`Wait::blocking`] polls a synchronous check, for code off the async runtime;
+/// - [`Wait::receive`] takes items from a channel or a subscription until the test has
+///   all it waits for.
+///
+/// `wait_until(what, check)` is `Wait::new(what).until(check)`.
+#[derive(Debug, Clone)]
+pub struct Wait {
+    what: String,
+    within: Duration,
+    every: Duration,
+}
+
+impl Wait {
+    /// A wait for `what`, of at most [`DEADLINE`], checking every 10 ms.
+    pub fn new(what: impl Into<String>) -> Wait {
+        Wait {
+            what: what.into(),
+            within: DEADLINE,
+            every: Duration::from_millis(10),
+        }
+    }
+
+    /// At most `within` instead of [`DEADLINE`].
+    pub fn within(self, within: Duration) -> Wait {
+        Wait { within, ..self }
+    }
+
+    /// Checks every `every` instead of every 10 ms (for a check that is costly itself).
+    pub fn every(self, every: Duration) -> Wait {
+        Wait { every, ..self }
+    }
+
+    fn timed_out(&self, seen: &str) -> ! {
+        if seen.is_empty() {
+            panic!(
+                "timed out after {:?} waiting for {}",
+                self.within, self.what
+            )
+        }
+        panic!(
+            "timed out after {:?} waiting for {}; last seen: {seen}",
+            self.within, self.what
+        )
+    }
+
+    /// Polls `check` until it returns `Some`, and returns its value.
+    pub async fn until<T>(self, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+        self.until_ok(async || check().await.ok_or_else(String::new))
+            .await
+    }
+
+    /// Polls `check` until it returns `Ok`, and returns its value; an `Err` says what
+    /// the check saw instead, which the failure shows if the wait times out.
+    pub async fn until_ok<T>(self, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+        let deadline = tokio::time::Instant::now() + self.within;
+        loop {
+            let seen = match check().await {
+                Ok(v) => return v,
+                Err(seen) => seen,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                self.timed_out(&seen);
+            }
+            tokio::time::sleep(self.every).await;
+        }
+    }
+
+    /// [`Wait::until_ok`] for a synchronous check, sleeping the thread between checks.
+    pub fn blocking<T>(self, mut check: impl FnMut() -> Result<T, String>) -> T {
+        let deadline = std::time::Instant::now() + self.within;
+        loop {
+            let seen = match check() {
+                Ok(v) => return v,
+                Err(seen) => seen,
+            };
+            if std::time::Instant::now() >= deadline {
+                self.timed_out(&seen);
+            }
+            std::thread::sleep(self.every);
+        }
+    }
+
+    /// Takes items from `next` (a channel's `recv`, a subscription's `next`) and hands
+    /// each to `take` until it returns `true` (it has all it waits for); fails the test
+    /// if the deadline passes first or the stream ends.
+    pub async fn receive<T>(
+        self,
+        mut next: impl AsyncFnMut() -> Option<T>,
+        mut take: impl AsyncFnMut(T) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + self.within;
+        let mut received = 0usize;
+        loop {
+            let item = match tokio::time::timeout_at(deadline, next()).await {
+                Ok(Some(item)) => item,
+                Ok(None) => panic!(
+                    "the stream ended while waiting for {} ({received} items received)",
+                    self.what
+                ),
+                Err(_) => self.timed_out(&format!("{received} items received")),
+            };
+            received += 1;
+            if take(item).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn wait_until<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+    Wait::new(what).until(check).await
+}
+
 /// Receives outcomes until every saga of `ids` has settled (others are skipped), failing
 /// the test after [`DEADLINE`]; returns theirs.
 pub async fn await_outcomes(
@@ -603,36 +724,44 @@ pub async fn await_outcomes(
 ) -> Vec<SagaOutcome> {
     let mut want: std::collections::HashSet<SagaId> = ids.iter().copied().collect();
     let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !want.is_empty() {
-        let outcome = tokio::time::timeout_at(deadline, outcomes.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{} sagas did not settle within {DEADLINE:?}", want.len()))
-            .expect("outcome channel open");
-        if want.remove(&outcome.id) {
-            got.push(outcome);
-        }
+    if want.is_empty() {
+        return got;
     }
+    Wait::new(format!("{} sagas to settle", want.len()))
+        .receive(
+            async || outcomes.recv().await,
+            async |outcome| {
+                if want.remove(&outcome.id) {
+                    got.push(outcome);
+                }
+                want.is_empty()
+            },
+        )
+        .await;
     got
 }
 
-/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
-pub async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Receives the next `n` outcomes, of whichever sagas, failing the test after `within`.
+pub async fn next_outcomes(
+    outcomes: &mut Receiver<SagaOutcome>,
+    n: usize,
+    within: Duration,
+) -> Vec<SagaOutcome> {
+    let mut got = Vec::with_capacity(n);
+    if n == 0 {
+        return got;
     }
+    Wait::new(format!("{n} saga outcomes"))
+        .within(within)
+        .receive(
+            async || outcomes.recv().await,
+            async |outcome| {
+                got.push(outcome);
+                got.len() == n
+            },
+        )
+        .await;
+    got
 }
 
 /// A saga's journal, decoded: every entry must be a record of this build.

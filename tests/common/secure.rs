@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use skald::adapters::nats::NatsOptions;
 
-use super::{DEADLINE, TempDir};
+use super::{TempDir, Wait};
 
 /// The participant services of the checkout saga.
 pub const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
@@ -485,23 +485,22 @@ impl SecureServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "nats-server exited ({status}) at start-up:\n{}\nconfiguration:\n{}",
-                    self.log(),
-                    self.config
-                );
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not listen on {} within 15 s:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Wait::new(format!("nats-server to listen on {}", self.port))
+            .within(Duration::from_secs(15))
+            .every(Duration::from_millis(20))
+            .blocking(|| {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return Ok(());
+                }
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    panic!(
+                        "nats-server exited ({status}) at start-up:\n{}\nconfiguration:\n{}",
+                        self.log(),
+                        self.config
+                    );
+                }
+                Err(format!("its log:\n{}", self.log()))
+            });
     }
 
     /// The server's URL (`nats://`; TLS is required through the options).
@@ -589,20 +588,18 @@ impl SecureServer {
     }
 
     /// Waits until the server logs a line containing every one of `needles` (e.g. a
-    /// permissions violation and its subject), failing the test after [`DEADLINE`].
+    /// permissions violation and its subject), failing the test after [`super::DEADLINE`].
     pub async fn wait_log(&self, needles: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line.to_owned();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the server did not log a line with {needles:?} within {DEADLINE:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Wait::new(format!("the server to log a line with {needles:?}"))
+            .every(Duration::from_millis(20))
+            .until_ok(async || {
+                let log = self.log();
+                match log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                    Some(line) => Ok(line.to_owned()),
+                    None => Err(format!("its log:\n{log}")),
+                }
+            })
+            .await
     }
 }
 
