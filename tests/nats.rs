@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use skald::Runtime;
 use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::machine::SagaStatus;
 use skald::retry::RetryPolicy;
 use skald::sagas::checkout::{CheckoutTiming, check_consistency, checkout_definition};
 use skald::sagas::sim::{Ledger, MemoryLedger};
-use skald::Runtime;
 
 /// A runtime on `backend` whose checkout steps retry patiently (`max_attempts` attempts,
 /// backoff up to `max_delay`) with a reply timeout of `timeout`.
