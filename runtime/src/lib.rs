@@ -1,9 +1,10 @@
 //! # skald-runtime
 //!
-//! The core of skald, a saga orchestration runtime: sagas are declared in Rust as ordered
+//! The shell of skald, a saga orchestration runtime: sagas are declared in Rust as ordered
 //! steps, each a command to a participant service with an optional compensation; every
 //! saga instance runs as an actor that persists its state, moves forward on replies and,
-//! on failure, compensates the completed steps in reverse order.
+//! on failure, compensates the completed steps in reverse order. What decides is in
+//! `skald-core` (no I/O); this crate does the I/O around it.
 //!
 //! # Layout
 //!
