@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{PgDatabase, TempDir, Wait};
+use common::{DEADLINE, PgDatabase, TempDir, Wait};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use skald::adapters::fence::{PgFence, SqliteFence};
@@ -219,8 +219,13 @@ async fn racing_replicas_apply_each_effect_once(kind: Kind) {
             }));
         }
     }
+    // The claimers retry until their key settles: bounded here, so a fence that never
+    // settles fails the test instead of hanging it.
     for t in tasks {
-        t.await.expect("a claimer panicked");
+        tokio::time::timeout(DEADLINE, t)
+            .await
+            .expect("every claimer settles its keys in time")
+            .expect("a claimer panicked");
     }
     let applied = applied.lock().expect("lock").clone();
     assert_eq!(applied.len(), 50, "every key ran");
@@ -305,7 +310,10 @@ async fn actions_racing_their_compensations_are_never_left_applied(kind: Kind) {
         }));
     }
     for t in tasks {
-        t.await.expect("a task panicked");
+        tokio::time::timeout(DEADLINE, t)
+            .await
+            .expect("every task settles its key in time")
+            .expect("a task panicked");
     }
     let applied = applied.lock().expect("lock").clone();
     let undone = undone.lock().expect("lock").clone();
