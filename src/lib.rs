@@ -15,6 +15,8 @@
 //! - [`definition`], [`machine`], [`retry`], [`ids`], [`journal`], [`replay`],
 //!   [`upcast`]: declaring sagas, the pure state machine, the typed journal and replay
 //!   (from `skald-core`, the crate with no I/O);
+//! - [`testing`]: `SagaTest`, unit tests for a saga definition with virtual time (no
+//!   actors, store or bus; see docs/testing.md);
 //! - [`Runtime`], [`RuntimeOptions`]: running them (actors, group commit, reply intake);
 //! - [`ports`], [`wire`], [`auth`], [`participant`]: the store and bus traits, the wire
 //!   format, reply tokens and operator signatures, and a helper for participant services
@@ -61,6 +63,7 @@ pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
 pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
 pub use skald_runtime::{
-    auth, definition, ids, journal, machine, participant, ports, replay, retry, trace, upcast, wire,
+    auth, definition, ids, journal, machine, participant, ports, replay, retry, testing, trace,
+    upcast, wire,
 };
 pub use skald_sagas as sagas;

@@ -12,6 +12,8 @@
 //! - [`journal`]: a saga's history as one typed enum, and how a store keeps it.
 //! - [`replay`]: the journal fed back through the machine: time travel, replay checks.
 //! - [`upcast`]: payload schema versions and the upcasters that bring old payloads up.
+//! - [`testing`]: [`SagaTest`](testing::SagaTest), unit tests for a saga definition
+//!   with virtual time.
 //! - [`text`]: bounded text for errors and records.
 //!
 //! [`Definition`]: definition::Definition
@@ -22,6 +24,7 @@ pub mod journal;
 pub mod machine;
 pub mod replay;
 pub mod retry;
+pub mod testing;
 pub mod text;
 pub mod upcast;
 

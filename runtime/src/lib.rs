@@ -45,7 +45,7 @@
 //! [`RuntimeOptions`]: runtime::RuntimeOptions
 
 // The pure core, re-exported where the runtime has always had it.
-pub use skald_core::{definition, ids, journal, machine, replay, retry, upcast};
+pub use skald_core::{definition, ids, journal, machine, replay, retry, testing, upcast};
 
 pub mod actors;
 pub mod auth;
