@@ -15,6 +15,7 @@
 //! - [`definition`], [`machine`], [`retry`], [`ids`], [`journal`], [`replay`],
 //!   [`upcast`]: declaring sagas, the pure state machine, the typed journal and replay
 //!   (from `skald-core`, the crate with no I/O);
+//! - [`prelude`]: the names a service that declares and runs sagas uses most;
 //! - [`testing`]: `SagaTest`, unit tests for a saga definition with virtual time (no
 //!   actors, store or bus; see docs/testing.md);
 //! - [`Runtime`], [`RuntimeOptions`]: running them (actors, group commit, reply intake);
@@ -57,6 +58,31 @@
 pub mod cli;
 pub mod metrics;
 pub mod telemetry;
+
+/// What a service that declares and runs sagas names most: `use skald::prelude::*;`.
+///
+/// ```
+/// use skald::prelude::*;
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct Order { id: String }
+/// let def = SagaDefinition::<Order>::builder("order", 1)
+///     .step(Step::new("charge").action("skald.cmd.payment.charge", |o: &Order| o.id.clone()))
+///     .build()
+///     .expect("valid");
+/// let mut t = SagaTest::start(&def, Order { id: "o-1".into() });
+/// let c = t.expect_action("charge");
+/// t.succeed(&c, serde_json::json!(null));
+/// assert_eq!(t.status(), SagaStatus::Completed);
+/// ```
+pub mod prelude {
+    pub use skald_runtime::definition::{SagaDefinition, Step};
+    pub use skald_runtime::ids::SagaId;
+    pub use skald_runtime::machine::SagaStatus;
+    pub use skald_runtime::retry::RetryPolicy;
+    pub use skald_runtime::runtime::{Runtime, RuntimeOptions};
+    pub use skald_runtime::testing::SagaTest;
+
+    pub use crate::RuntimeError;
+}
 
 pub use skald_adapters as adapters;
 pub use skald_runtime::actors::{Applied, SagaOutcome};

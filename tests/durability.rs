@@ -96,7 +96,7 @@ async fn commands_a_failed_publish_left_in_the_outbox_are_published_by_the_relay
     for o in next_outcomes(&mut outcomes, ids.len(), DEADLINE).await {
         assert_eq!(o.status, SagaStatus::Completed);
     }
-    assert!(runtime.stats().relayed.load(Ordering::Relaxed) >= 20);
+    assert!(runtime.stats().relayed >= 20);
     for id in &ids {
         let inputs = journal_inputs(backend.store.as_ref(), *id).await;
         assert!(
@@ -164,7 +164,7 @@ async fn a_reply_delivered_twice_is_applied_once() {
         .expect("open");
     assert_eq!((o.id, o.status), (id, SagaStatus::Completed));
     wait_until("the repeat to be refused by the inbox", || async {
-        (runtime.commit_stats().duplicates.load(Ordering::Relaxed) == 1).then_some(())
+        (runtime.commit_stats().duplicates == 1).then_some(())
     })
     .await;
     let inputs = journal_inputs(backend.store.as_ref(), id).await;

@@ -346,10 +346,7 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: Backend) {
         dead.iter().all(|d| d.message.is_some()),
         "the raw message is kept"
     );
-    assert_eq!(
-        env.runtime.stats().poison.load(Ordering::Relaxed),
-        poison.len() as u64
-    );
+    assert_eq!(env.runtime.stats().poison, poison.len() as u64);
     assert_eq!(
         env.status(id).await,
         SagaStatus::Running,
@@ -389,11 +386,10 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: Backend) {
     // The same reply again: the inbox knows it (its id comes from the verified
     // headers), so it is dropped without a journal entry: a replay cannot grow the
     // journal.
-    let ignored = env.runtime.stats().ignored.load(Ordering::Relaxed);
+    let ignored = env.runtime.stats().ignored;
     env.bus.publish(good).await.expect("publish duplicate");
-    let stats = env.runtime.stats();
     wait_until("the duplicate dropped by the inbox", || async {
-        (stats.ignored.load(Ordering::Relaxed) > ignored).then_some(())
+        (env.runtime.stats().ignored > ignored).then_some(())
     })
     .await;
     let mut inputs = journal_inputs(env.store.as_ref(), id).await;
@@ -514,7 +510,7 @@ async fn panicking_handler_is_reactivated_from_the_store(kind: Backend) {
         3,
         "applied exactly once"
     );
-    assert!(runtime.stats().reactivations.load(Ordering::Relaxed) >= 1);
+    assert!(runtime.stats().reactivations >= 1);
     runtime.shutdown().await;
 }
 
@@ -760,7 +756,7 @@ async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
     );
     // The instance stopped on the failure and its Supervisor restarted it (a second
     // activation), reloading the state from the store.
-    assert!(env.runtime.stats().activations.load(Ordering::Relaxed) >= 2);
+    assert!(env.runtime.stats().activations >= 2);
     env.shutdown().await;
 }
 

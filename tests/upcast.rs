@@ -443,7 +443,7 @@ async fn data_written_by_a_newer_build_is_left_to_it_not_dead_lettered() {
     let old = shop.runtime(&v1, false).await;
     let before = shop.store.load(id).await.expect("load").expect("stored");
     wait_until("the older build to defer the saga's timer", || async {
-        (old.stats().deferred.load(Ordering::SeqCst) >= 1).then_some(())
+        (old.stats().deferred >= 1).then_some(())
     })
     .await;
     let after = shop.store.load(id).await.expect("load").expect("stored");
@@ -508,10 +508,10 @@ async fn a_reply_a_build_cannot_apply_is_deferred_past_max_deliveries_never_pois
     );
     shop.bus.publish(reply).await.expect("publish");
     wait_until("the reply deferred past max_deliveries", || async {
-        (old.stats().deferred.load(Ordering::SeqCst) >= 6).then_some(())
+        (old.stats().deferred >= 6).then_some(())
     })
     .await;
-    assert_eq!(old.stats().poison.load(Ordering::SeqCst), 0);
+    assert_eq!(old.stats().poison, 0);
     let dead = shop
         .store
         .dead_letters(false, 10)

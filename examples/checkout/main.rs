@@ -479,12 +479,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     };
     let commits = runtime.commit_stats();
-    let batches = commits.batches.load(Ordering::Relaxed);
-    let writes = commits.writes.load(Ordering::Relaxed);
+    let batches = commits.batches;
+    let writes = commits.writes;
     let commit_line = format!(
         "{writes} transitions in {batches} {transactions} (avg batch {:.1}, {:.2} ms per transaction)",
         writes as f64 / batches.max(1) as f64,
-        commits.busy_micros.load(Ordering::Relaxed) as f64 / 1e3 / batches.max(1) as f64,
+        commits.busy_micros as f64 / 1e3 / batches.max(1) as f64,
     );
     runtime.shutdown().await;
     drop(participants);

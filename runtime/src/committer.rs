@@ -18,7 +18,7 @@
 //! that error.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use std::time::Duration;
@@ -33,23 +33,26 @@ use crate::ports::{SagaStore, SagaWrite, StoreError, WriteOutcome};
 /// How long published-row deletions wait for a transaction to ride on.
 const PUBLISHED_FLUSH_DELAY: Duration = Duration::from_millis(50);
 
-/// Counters of the commit loop.
-#[derive(Debug, Default)]
-pub struct CommitStats {
-    /// Transactions committed.
-    pub batches: AtomicU64,
-    /// Writes committed or refused for a conflict.
-    pub writes: AtomicU64,
-    /// Writes refused for a version conflict.
-    pub conflicts: AtomicU64,
-    /// Writes refused as already applied (their inbox id was recorded).
-    pub duplicates: AtomicU64,
-    /// Outbox rows deleted after being published.
-    pub published: AtomicU64,
-    /// Transactions that failed.
-    pub failures: AtomicU64,
-    /// Total time spent in `commit`, microseconds.
-    pub busy_micros: AtomicU64,
+crate::counters! {
+    /// Counters of the commit loop.
+    CommitStats => /// The commit loop's counters at one moment
+    /// ([`Runtime::commit_stats`](crate::runtime::Runtime::commit_stats)).
+    CommitSnapshot {
+        /// Transactions committed.
+        batches,
+        /// Writes committed or refused for a conflict.
+        writes,
+        /// Writes refused for a version conflict.
+        conflicts,
+        /// Writes refused as already applied (their inbox id was recorded).
+        duplicates,
+        /// Outbox rows deleted after being published.
+        published,
+        /// Transactions that failed.
+        failures,
+        /// Total time spent in `commit`, microseconds.
+        busy_micros,
+    }
 }
 
 struct Request {

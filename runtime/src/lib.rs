@@ -44,6 +44,41 @@
 //! [`RuntimeBuilder`]: runtime::RuntimeBuilder
 //! [`RuntimeOptions`]: runtime::RuntimeOptions
 
+/// Declares a set of counters twice from one list: the struct the runtime updates in
+/// place (`AtomicU64`s, crate-private) and the plain snapshot callers read
+/// (`u64`s, from `snapshot()`).
+macro_rules! counters {
+    (
+        $(#[$meta:meta])* $name:ident => $(#[$snap_meta:meta])* $snapshot:ident {
+            $($(#[doc = $doc:literal])* $field:ident,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[doc = $doc])* pub(crate) $field: std::sync::atomic::AtomicU64,)*
+        }
+
+        $(#[$snap_meta])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct $snapshot {
+            $($(#[doc = $doc])* pub $field: u64,)*
+        }
+
+        impl $name {
+            /// The counters now (each read on its own: a snapshot taken while the runtime
+            /// works is not one instant across counters).
+            pub fn snapshot(&self) -> $snapshot {
+                $snapshot {
+                    $($field: self.$field.load(std::sync::atomic::Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+pub(crate) use counters;
+
 // The pure core, re-exported where the runtime has always had it.
 pub use skald_core::{definition, ids, journal, machine, replay, retry, testing, upcast};
 

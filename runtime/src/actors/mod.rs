@@ -119,41 +119,43 @@ impl OutcomeHub {
     }
 }
 
-/// Counters of the runtime shell.
-#[derive(Debug, Default)]
-pub struct RuntimeStats {
-    /// Inputs applied (committed transitions).
-    pub transitions: AtomicU64,
-    /// Inputs ignored as duplicate, stale or late (recorded in the journal).
-    pub ignored: AtomicU64,
-    /// Messages dead-lettered as poison.
-    pub poison: AtomicU64,
-    /// Transitions whose messages found the publisher's queue full (left to the relay).
-    pub publisher_full: AtomicU64,
-    /// Of the poison messages, replies that failed the subject or token check, and operator requests
-    /// whose sender could not be verified.
-    pub forged: AtomicU64,
-    /// Store version conflicts resolved by reloading.
-    pub conflicts: AtomicU64,
-    /// Instance actors activated.
-    pub activations: AtomicU64,
-    /// Instance actors passivated.
-    pub passivations: AtomicU64,
-    /// Instance actors found dead (crashed) and re-activated.
-    pub reactivations: AtomicU64,
-    /// Commands published.
-    pub commands_sent: AtomicU64,
-    /// Publishes that failed (left in the outbox: the relay publishes them later).
-    pub publish_failures: AtomicU64,
-    /// Outbox rows published by the relay (left unpublished by their writer: a crash,
-    /// a broker outage).
-    pub relayed: AtomicU64,
-    /// Wake-ups claimed by the sweep (sagas not in memory, or in another process).
-    pub wakeups_claimed: AtomicU64,
-    /// Inputs left to another build (version skew: the saga's data was written by a
-    /// newer one, or its definition version is not registered here), and replies of a
-    /// saga type this process does not run.
-    pub deferred: AtomicU64,
+crate::counters! {
+    /// Counters of the runtime shell.
+    RuntimeStats => /// The shell's counters at one moment ([`Runtime::stats`](crate::runtime::Runtime::stats)).
+    StatsSnapshot {
+        /// Inputs applied (committed transitions).
+        transitions,
+        /// Inputs ignored as duplicate, stale or late (recorded in the journal).
+        ignored,
+        /// Messages dead-lettered as poison.
+        poison,
+        /// Transitions whose messages found the publisher's queue full (left to the relay).
+        publisher_full,
+        /// Of the poison messages, replies that failed the subject or token check, and operator requests
+        /// whose sender could not be verified.
+        forged,
+        /// Store version conflicts resolved by reloading.
+        conflicts,
+        /// Instance actors activated.
+        activations,
+        /// Instance actors passivated.
+        passivations,
+        /// Instance actors found dead (crashed) and re-activated.
+        reactivations,
+        /// Commands published.
+        commands_sent,
+        /// Publishes that failed (left in the outbox: the relay publishes them later).
+        publish_failures,
+        /// Outbox rows published by the relay (left unpublished by their writer: a crash,
+        /// a broker outage).
+        relayed,
+        /// Wake-ups claimed by the sweep (sagas not in memory, or in another process).
+        wakeups_claimed,
+        /// Inputs left to another build (version skew: the saga's data was written by a
+        /// newer one, or its definition version is not registered here), and replies of a
+        /// saga type this process does not run.
+        deferred,
+    }
 }
 
 impl RuntimeStats {

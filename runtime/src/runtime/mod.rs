@@ -36,8 +36,8 @@ pub use intake::MAX_REQUEST_TTL;
 pub(crate) use intake::reply_consumer;
 pub use options::RuntimeOptions;
 
-use crate::actors::{Applied, Apply, Lookup, Registry, RuntimeStats, SagaOutcome, Shared};
-use crate::committer::CommitStats;
+use crate::actors::{Applied, Apply, Lookup, Registry, SagaOutcome, Shared, StatsSnapshot};
+use crate::committer::CommitSnapshot;
 use crate::definition::SagaDefinition;
 use crate::error::RuntimeError;
 use crate::ids::SagaId;
@@ -165,8 +165,9 @@ impl Runtime {
         Ok(id)
     }
 
-    /// Feeds an input to a saga (operators: cancel, re-drive).
-    pub async fn apply(&self, id: SagaId, input: Input) -> Result<Applied, RuntimeError> {
+    /// Feeds an input to a saga: only the runtime's own requests (cancel, re-drive). A
+    /// step's outcome comes from its participant's reply, never from the caller.
+    pub(crate) async fn apply(&self, id: SagaId, input: Input) -> Result<Applied, RuntimeError> {
         deliver(&self.registry, id, None, input, None, None).await
     }
 
@@ -197,14 +198,14 @@ impl Runtime {
         self.shared.outcomes.subscribe()
     }
 
-    /// Counters of the shell.
-    pub fn stats(&self) -> &RuntimeStats {
-        &self.shared.stats
+    /// The shell's counters now: a plain snapshot.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
     }
 
-    /// Counters of the group commit loop.
-    pub fn commit_stats(&self) -> &CommitStats {
-        self.shared.committer.stats()
+    /// The group commit loop's counters now: a plain snapshot.
+    pub fn commit_stats(&self) -> CommitSnapshot {
+        self.shared.committer.stats().snapshot()
     }
 
     /// The store.
