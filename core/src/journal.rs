@@ -14,6 +14,8 @@
 //! older schema version are brought up by the upcasters registered for
 //! [`JOURNAL_PAYLOAD_TYPE`] ([`JournalEntry::upcast`]) before they are decoded.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -65,11 +67,11 @@ impl JournalEntry {
     }
 
     /// Brings an entry of an older schema version up to this build's with `upcasters`
-    /// (registered for [`JOURNAL_PAYLOAD_TYPE`]); an entry already at it is returned
-    /// unchanged.
-    pub fn upcast(&self, upcasters: &Upcasters) -> Result<Self, UpcastError> {
+    /// (registered for [`JOURNAL_PAYLOAD_TYPE`]); an entry already at it is borrowed,
+    /// not copied.
+    pub fn upcast(&self, upcasters: &Upcasters) -> Result<Cow<'_, Self>, UpcastError> {
         if self.schema_version == JOURNAL_SCHEMA_VERSION {
-            return Ok(self.clone());
+            return Ok(Cow::Borrowed(self));
         }
         let body = upcasters.upcast(
             JOURNAL_PAYLOAD_TYPE,
@@ -77,11 +79,12 @@ impl JournalEntry {
             u32::from(self.schema_version),
             u32::from(JOURNAL_SCHEMA_VERSION),
         )?;
-        Ok(Self {
-            body,
+        Ok(Cow::Owned(Self {
+            at: self.at,
             schema_version: JOURNAL_SCHEMA_VERSION,
-            ..self.clone()
-        })
+            kind: self.kind.clone(),
+            body,
+        }))
     }
 }
 
@@ -168,8 +171,20 @@ impl JournalRecord {
     }
 
     fn decode(kind: &str, body: &Value) -> Result<Self, JournalError> {
-        let tagged = serde_json::json!({ "kind": kind, "body": body });
-        serde_json::from_value(tagged).map_err(|e| JournalError::Unreadable {
+        // Decoded from the borrowed body (no copy of it); the kinds are the adjacent tags
+        // the enum's own serde form uses.
+        let record = match kind {
+            Self::TRANSITION => Transition::deserialize(body).map(JournalRecord::Transition),
+            Self::IGNORED => Ignored::deserialize(body).map(JournalRecord::Ignored),
+            Self::SNAPSHOT => Snapshot::deserialize(body).map(JournalRecord::Snapshot),
+            other => {
+                return Err(JournalError::Unreadable {
+                    kind: other.to_owned(),
+                    reason: "unknown kind (expected transition, ignored or snapshot)".into(),
+                });
+            }
+        };
+        record.map_err(|e| JournalError::Unreadable {
             kind: kind.to_owned(),
             reason: e.to_string(),
         })
@@ -410,6 +425,11 @@ mod tests {
             })
         ));
         assert_eq!(JournalEntry::new(Timestamp(6), &record), entry);
+        // The stored kind and body are the enum's own (adjacently tagged) serde form.
+        assert_eq!(
+            serde_json::to_value(&record).expect("encodes"),
+            json!({ "kind": entry.kind, "body": entry.body })
+        );
     }
 
     /// A saga over `()` starts with `"data": null`: present, so replay can start from it.

@@ -174,7 +174,7 @@ where
             sent: VecDeque::new(),
             events: Vec::new(),
         };
-        t.apply(&Input::Started, "start")
+        t.apply(&Input::Started)
             .unwrap_or_else(|e| panic!("SagaTest::start: the saga refused to start: {e}"));
         t
     }
@@ -269,7 +269,7 @@ where
             attempt: command.attempt(),
             output,
         };
-        self.apply(&input, "reply")
+        self.apply(&input)
     }
 
     /// The participant answers `command` with a failure of code `code`: retryable (the
@@ -297,7 +297,7 @@ where
             error,
             jitter: self.jitter,
         };
-        self.apply(&input, "reply")
+        self.apply(&input)
     }
 
     /// Moves virtual time forward by `by`, firing every reply deadline and retry backoff
@@ -314,7 +314,7 @@ where
                 break;
             };
             self.now = self.now.max(at);
-            if let Err(e) = self.apply(&input, "timer") {
+            if let Err(e) = self.apply(&input) {
                 // A due wake-up the machine refuses would fire forever: say so.
                 panic!(
                     "the saga refused its own wake-up at {} ms: {e}",
@@ -351,13 +351,13 @@ where
         let input = Input::CancelRequested {
             reason: reason.to_owned(),
         };
-        self.apply(&input, "cancel")
+        self.apply(&input)
     }
 
     /// An operator re-drives the dead-lettered saga. Panics if the saga refuses it.
     #[track_caller]
     pub fn redrive(&mut self) {
-        if let Err(e) = self.apply(&Input::Redriven, "re-drive") {
+        if let Err(e) = self.apply(&Input::Redriven) {
             panic!("the saga refused the re-drive: {e}");
         }
     }
@@ -409,7 +409,7 @@ where
         self.sent.iter()
     }
 
-    fn apply(&mut self, input: &Input, _what: &str) -> Result<(), TransitionError> {
+    fn apply(&mut self, input: &Input) -> Result<(), TransitionError> {
         let (state, effects) =
             machine::transition(self.definition.definition(), &self.state, input, self.now)?;
         self.state = state;
