@@ -128,7 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut started = Vec::new();
     for order in ["ok-1", "decline-1", "broken-1", "hang-1", "hang-2"] {
         let data = Checkout::new(order, "customer-7", vec![item.clone()], 1_250);
-        let id = runtime.start_saga(&checkout, &data).await?;
+        let id = runtime.start_saga(&checkout, &data).await?.id();
         println!("{order:<10} {id}");
         started.push((order, id));
     }

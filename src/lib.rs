@@ -50,7 +50,7 @@
 //!     .start()
 //!     .await?;
 //! let order = Checkout::new("order-1", "alice", vec![LineItem { sku: "tea".into(), quantity: 2 }], 1_250);
-//! let id = runtime.start_saga(&checkout, &order).await?;
+//! let id = runtime.start_saga(&checkout, &order).await?.id();
 //! # let _ = id; Ok(()) }
 //! ```
 

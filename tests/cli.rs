@@ -169,23 +169,23 @@ async fn operator_cli_end_to_end(kind: Backend) {
     let ok = rt
         .start_saga(&checkout, &tea_order("ok-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     let declined = rt
         .start_saga(&checkout, &tea_order("decline-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     let broken = rt
         .start_saga(&checkout, &tea_order("broken-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     let to_cancel = rt
         .start_saga(&checkout, &tea_order("slow-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     let hanging = rt
         .start_saga(&checkout, &tea_order("hang-2"))
         .await
-        .expect("start");
+        .expect("start").id();
     wait_status(backend.store.as_ref(), ok, SagaStatus::Completed).await;
     wait_status(backend.store.as_ref(), declined, SagaStatus::Compensated).await;
     wait_status(backend.store.as_ref(), broken, SagaStatus::Failed).await;
@@ -537,7 +537,7 @@ async fn operator_requests_are_signed_and_their_refusals_named() {
     let hanging = rt
         .start_saga(&checkout, &tea_order("hang-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     wait_saga(backend.store.as_ref(), hanging, "at step 2", |s| {
         s.state.pending.is_some_and(|p| p.step == 2)
     })

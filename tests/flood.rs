@@ -149,7 +149,7 @@ async fn forged_and_oversized_floods_change_nothing_and_memory_stays_bounded() {
             runtime
                 .start_saga(&checkout, &tea_order(&format!("o-{i}")))
                 .await
-                .expect("start"),
+                .expect("start").id(),
         );
         if i % 10 == 0 {
             let batch: Vec<Message> = (i..i + 10)

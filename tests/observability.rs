@@ -269,7 +269,7 @@ async fn metrics_endpoint_after_a_run_and_trace_ids_through_the_participant_help
             }],
             500,
         );
-        ids.push(runtime.start_saga(&checkout, &order).await.expect("start"));
+        ids.push(runtime.start_saga(&checkout, &order).await.expect("start").id());
     }
     let statuses: HashMap<SagaId, SagaStatus> = await_outcomes(&mut outcomes, &ids)
         .await
@@ -483,7 +483,7 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
             runtime
                 .start_saga(&probe, &Probe { n })
                 .await
-                .expect("start"),
+                .expect("start").id(),
         );
     }
     for o in await_outcomes(&mut outcomes, &ids).await {

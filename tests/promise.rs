@@ -203,7 +203,7 @@ impl Env {
         self.runtime
             .start_saga(&self.checkout, &order(n))
             .await
-            .expect("saga starts")
+            .expect("saga starts").id()
     }
 
     fn store(&self) -> &dyn SagaStore {

@@ -88,7 +88,7 @@ async fn a_saga_retried_10000_times_keeps_a_bounded_journal_that_replays() {
         }],
         100,
     );
-    let id = runtime.start_saga(&def, &order).await.expect("start");
+    let id = runtime.start_saga(&def, &order).await.expect("start").id();
     let saga = Wait::new("the saga to finish")
         .within(Duration::from_secs(300))
         .every(Duration::from_millis(50))
@@ -189,19 +189,19 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
         let id = runtime
             .start_saga(&checkout, &order(name))
             .await
-            .expect("start");
+            .expect("start").id();
         wait_status(store.as_ref(), id, want).await;
         old_finished.push(id);
     }
     let old_failed = runtime
         .start_saga(&checkout, &order("broken-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     wait_status(store.as_ref(), old_failed, SagaStatus::Failed).await;
     let old_running = runtime
         .start_saga(&checkout, &order("hang-1"))
         .await
-        .expect("start");
+        .expect("start").id();
     wait_until("the hanging saga to wait on shipping", || async {
         let s = store.load(old_running).await.expect("load")?;
         s.state.pending.filter(|p| p.step == 2).map(|_| ())
@@ -234,7 +234,7 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
     let recent = runtime
         .start_saga(&checkout, &order("ok-3"))
         .await
-        .expect("start");
+        .expect("start").id();
     wait_status(store.as_ref(), recent, SagaStatus::Completed).await;
 
     let swept = wait_until("the sweeper to delete the old finished sagas", || async {

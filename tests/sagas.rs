@@ -497,7 +497,7 @@ async fn panicking_handler_is_reactivated_from_the_store(kind: Backend) {
     let id = runtime
         .start_saga(&def, &Counter { n: 1 })
         .await
-        .expect("start saga");
+        .expect("start saga").id();
     let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
         .await
         .expect("settles in time")
@@ -791,7 +791,7 @@ async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
     let id = runtime
         .start_saga(&checkout, &order)
         .await
-        .expect("start saga");
+        .expect("start saga").id();
 
     // Each time the clock passes the deadline (or the backoff), one more input is applied.
     let max = timing.retry.max_attempts as usize;

@@ -717,7 +717,7 @@ impl SecureEnv {
         self.runtime
             .start_saga(&self.checkout, &tea_order(&format!("order-{n}")))
             .await
-            .expect("saga starts")
+            .expect("saga starts").id()
     }
 
     /// Waits until `id` has reserved its stock and waits for the charge.

@@ -163,13 +163,13 @@ async fn two_runtimes_with_different_saga_types_share_one_broker() {
         checkouts.push(
             a.start_saga(&checkout, &tea_order(&format!("o-{i}")))
                 .await
-                .expect("start checkout"),
+                .expect("start checkout").id(),
         );
         let r = Refund {
             order_id: format!("o-{i}"),
             refund_id: None,
         };
-        refunds_started.push(b.start_saga(&refund, &r).await.expect("start refund"));
+        refunds_started.push(b.start_saga(&refund, &r).await.expect("start refund").id());
     }
     all_in(&store_a, &checkouts, SagaStatus::Completed).await;
     all_in(&store_b, &refunds_started, SagaStatus::Completed).await;
@@ -230,7 +230,7 @@ async fn a_rolling_deploy_that_adds_a_type_disturbs_nothing() {
         checkouts.push(
             old.start_saga(&checkout, &tea_order(&format!("o-{i}")))
                 .await
-                .expect("start"),
+                .expect("start").id(),
         );
     }
     wait_until("every checkout to wait on shipping", || {
@@ -268,11 +268,11 @@ async fn a_rolling_deploy_that_adds_a_type_disturbs_nothing() {
             order_id: format!("o-{i}"),
             refund_id: None,
         };
-        more.push(new.start_saga(&refund, &r).await.expect("start refund"));
+        more.push(new.start_saga(&refund, &r).await.expect("start refund").id());
         checkouts.push(
             new.start_saga(&checkout, &tea_order(&format!("n-{i}")))
                 .await
-                .expect("start"),
+                .expect("start").id(),
         );
     }
     all_in(&shared, &checkouts, SagaStatus::Completed).await;

@@ -169,8 +169,8 @@ async fn data_written_at_v1_is_read_at_v3_and_a_missing_path_dead_letters_the_sa
 
     // At v1: two sagas wait on a closed bank.
     let rt = shop.runtime(&v1, false).await;
-    let upcast = rt.start_saga(&v1, &order(1)).await.expect("start");
-    let stranded = rt.start_saga(&v1, &order(2)).await.expect("start");
+    let upcast = rt.start_saga(&v1, &order(1)).await.expect("start").id();
+    let stranded = rt.start_saga(&v1, &order(2)).await.expect("start").id();
     for id in [upcast, stranded] {
         shop.wait(id, "waiting on the charge", |s| {
             s.state
@@ -273,7 +273,7 @@ async fn migrate_payloads_is_resumable_and_idempotent() {
     let rt = shop.runtime(&v1, false).await;
     let mut ids = Vec::new();
     for n in 0..10 {
-        ids.push(rt.start_saga(&v1, &order(n)).await.expect("start"));
+        ids.push(rt.start_saga(&v1, &order(n)).await.expect("start").id());
     }
     for id in &ids {
         shop.wait(*id, "completed at v1", |s| {
@@ -430,7 +430,7 @@ async fn data_written_by_a_newer_build_is_left_to_it_not_dead_lettered() {
             &json!({ "order": "o-9", "amount": { "cents": 5, "currency": "EUR" } }),
         )
         .await
-        .expect("start");
+        .expect("start").id();
     shop.wait(id, "waiting on the charge", |s| {
         s.state
             .pending
@@ -476,7 +476,7 @@ async fn a_reply_a_build_cannot_apply_is_deferred_past_max_deliveries_never_pois
             &json!({ "order": "o-7", "amount": { "cents": 5, "currency": "EUR" } }),
         )
         .await
-        .expect("start");
+        .expect("start").id();
     shop.wait(id, "waiting on the charge", |s| {
         s.state.pending.is_some_and(|p| p.step == 1)
     })

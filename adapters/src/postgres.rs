@@ -652,6 +652,21 @@ impl SagaStore for PostgresStore {
         crate::sql::decode_ids(&rows)
     }
 
+    async fn settled_among(&self, ids: &[SagaId]) -> Result<Vec<SagaId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT id::text AS id FROM saga_instances \
+             WHERE id = ANY($1::uuid[]) AND status IN ('completed', 'compensated', 'failed')",
+        )
+        .bind(ids.iter().map(ToString::to_string).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        crate::sql::decode_ids(&rows)
+    }
+
     async fn unfinished_versions(
         &self,
         types: &[SagaType],

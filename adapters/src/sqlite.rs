@@ -677,6 +677,23 @@ impl SagaStore for SqliteStore {
         crate::sql::decode_ids(&rows)
     }
 
+    async fn settled_among(&self, ids: &[SagaId]) -> Result<Vec<SagaId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let rows = sqlx::query(
+            "SELECT id FROM saga_instances \
+             WHERE id IN (SELECT value FROM json_each(?)) \
+             AND status IN ('completed', 'compensated', 'failed')",
+        )
+        .bind(encode_json(&ids)?)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        crate::sql::decode_ids(&rows)
+    }
+
     async fn unfinished_versions(
         &self,
         types: &[SagaType],

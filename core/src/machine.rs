@@ -101,6 +101,16 @@ impl SagaStatus {
         matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
     }
 
+    /// Settled: terminal, or dead-lettered (`Failed`, waiting for an operator). Nothing
+    /// moves a settled saga but an operator (a re-drive) or a late reply that resolves a
+    /// dead letter in doubt.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed
+        )
+    }
+
     /// The status as stored and shown (`running`, `compensated`, ...).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -547,7 +547,7 @@ async fn start_with_retries(
     let mut attempt = 0u32;
     loop {
         match runtime.start_saga_with_id(id, checkout, order).await {
-            Ok(id) => return Ok(id),
+            Ok(handle) => return Ok(handle.id()),
             Err(e) if e.is_retryable() && attempt < 30 => {
                 attempt += 1;
                 tracing::warn!(saga.id = %id, error = %e, attempt, "starting a saga failed; retrying");

@@ -158,6 +158,29 @@ pub enum RuntimeError {
     /// An operator request's expiry or condition (re-drives, version) does not hold.
     #[error("the request's condition does not hold: {0}")]
     ConditionUnmet(String),
+    /// A saga handle's outcome did not come within the time asked for. The saga runs
+    /// on: ask again later.
+    #[error("saga {id} did not settle within {waited:?}; it runs on: ask for its outcome again later")]
+    OutcomeTimeout {
+        /// The saga.
+        id: SagaId,
+        /// How long the handle waited.
+        waited: Duration,
+    },
+    /// A saga handle asked for a saga of one type, and the store holds one of another
+    /// type under that id.
+    #[error("saga {id} is a {found} saga, not a {expected} saga")]
+    SagaTypeMismatch {
+        /// The saga.
+        id: SagaId,
+        /// The type the handle's definition has.
+        expected: SagaType,
+        /// The type stored.
+        found: SagaType,
+    },
+    /// A keyed start's business key is empty, too long or has control characters.
+    #[error(transparent)]
+    InvalidKey(#[from] crate::ids::NameError),
 }
 
 fn unregistered_message(found: &[(SagaType, u32, u64)]) -> String {
@@ -207,6 +230,10 @@ impl RuntimeError {
             // not yet stored (a stored one journals the refusal instead): it may be by
             // the next delivery, as it always was.
             RuntimeError::ConditionUnmet(_) => Disposition::Retry,
+            RuntimeError::OutcomeTimeout { .. } => Disposition::Retry,
+            RuntimeError::SagaTypeMismatch { .. } | RuntimeError::InvalidKey(_) => {
+                Disposition::Refuse
+            }
             RuntimeError::DataTooNew(_) => Disposition::Defer,
             RuntimeError::NotLatestVersion { .. } => Disposition::Refuse,
             // A definition (version) not registered here: a deployment in progress may

@@ -283,6 +283,22 @@ pub trait SagaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SagaId>, StoreError>;
 
+    /// Of `ids`, those whose saga has settled: completed, compensated or failed
+    /// (dead-lettered). Unknown ids are left out. Saga handles wait on it
+    /// ([`crate::runtime::SagaHandle::outcome`]) for sagas another process settles; the
+    /// default loads them one by one, a SQL store asks in one query.
+    async fn settled_among(&self, ids: &[SagaId]) -> Result<Vec<SagaId>, StoreError> {
+        let mut settled = Vec::new();
+        for id in ids {
+            if let Some(saga) = self.load(*id).await?
+                && saga.state.status.is_settled()
+            {
+                settled.push(*id);
+            }
+        }
+        Ok(settled)
+    }
+
     /// Unfinished sagas (created, running, compensating or failed) of `types`, counted
     /// per (type, definition version): what a runtime must be able to run.
     async fn unfinished_versions(

@@ -553,7 +553,7 @@ impl TestEnv {
         self.runtime
             .start_saga(&self.checkout, &order)
             .await
-            .expect("saga starts")
+            .expect("saga starts").id()
     }
 
     /// Waits until every saga in `ids` has settled; returns their outcome statuses.

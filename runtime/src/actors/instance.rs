@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::decide::{Condition, Decider, Decision, Then};
 use super::publisher::PublishJob;
 use super::registry::{Passivated, Registry};
-use super::{RuntimeStats, SagaOutcome, Shared};
+use super::{RuntimeStats, Shared};
 use crate::definition::Definition;
 use crate::error::RuntimeError;
 use crate::ids::SagaId;
@@ -582,7 +582,7 @@ fn perform(
         .iter()
         .any(|e| matches!(e, Effect::Finished { .. } | Effect::DeadLetter(_)))
     {
-        shared.outcomes.publish(&outcome_of(state));
+        shared.outcomes.settled(state);
     }
 }
 
@@ -614,14 +614,3 @@ fn step_span(cmd: &machine::Command) {
     span.in_scope(|| debug!(subject = %cmd.subject, "command sent"));
 }
 
-fn outcome_of(state: &SagaState) -> SagaOutcome {
-    SagaOutcome {
-        id: state.id,
-        saga_type: state.saga_type.clone(),
-        status: state.status,
-        created_at: state.created_at,
-        at: state.updated_at,
-        in_doubt: state.in_doubt.is_some()
-            || state.dead_letter.as_ref().is_some_and(|d| d.in_doubt),
-    }
-}

@@ -41,6 +41,7 @@ pub use decide::Condition;
 pub use instance::{Applied, Apply, SagaInstance, Wake};
 pub(crate) use publisher::{publish_outbox, publisher};
 pub use registry::{Lookup, Registry};
+pub(crate) use wakeups::SweepNow;
 pub use wakeups::WakeupSweeper;
 
 use crate::committer::Committer;
@@ -71,13 +72,58 @@ pub struct SagaOutcome {
     pub in_doubt: bool,
 }
 
-/// Fans settled-saga notifications out to in-process subscribers.
+/// Fans settled-saga notifications out to in-process subscribers, and wakes the saga
+/// handles waiting for one saga ([`OutcomeHub::watch`]).
 #[derive(Debug, Default)]
 pub struct OutcomeHub {
     // A std mutex: held only to push or iterate, never across an await.
     subscribers: Mutex<Vec<mpsc::Sender<SagaOutcome>>>,
     /// Outcomes a full subscriber did not get.
     pub(crate) dropped: AtomicU64,
+    /// The handles waiting for a saga to settle, by saga. Woken by this process's
+    /// settles at once, and by the outcome poller for sagas another process settles.
+    watchers: Mutex<HashMap<SagaId, Vec<Arc<WatchSlot>>>>,
+}
+
+/// Where a settle reaches one waiting handle.
+#[derive(Debug, Default)]
+struct WatchSlot {
+    notify: tokio::sync::Notify,
+    /// The state this process settled the saga in, if it did (the handle need not read
+    /// it back from the store).
+    settled: Mutex<Option<Arc<crate::machine::SagaState>>>,
+}
+
+/// One handle's wait for one saga to settle: woken when this process settles the saga
+/// or the outcome poller finds it settled in the store. Unregisters itself when dropped.
+#[derive(Debug)]
+pub(crate) struct OutcomeWatch {
+    hub: Arc<OutcomeHub>,
+    id: SagaId,
+    slot: Arc<WatchSlot>,
+}
+
+impl OutcomeWatch {
+    /// Resolves once woken (at once if woken since the last call), with the settled
+    /// state when this process settled the saga; `None` when the poller found it
+    /// settled in the store (read it there).
+    pub(crate) async fn woken(&self) -> Option<Arc<crate::machine::SagaState>> {
+        self.slot.notify.notified().await;
+        self.slot.settled.lock().ok().and_then(|mut s| s.take())
+    }
+}
+
+impl Drop for OutcomeWatch {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.hub.watchers.lock()
+            && let Some(list) = w.get_mut(&self.id)
+        {
+            list.retain(|n| !Arc::ptr_eq(n, &self.slot));
+            if list.is_empty() {
+                w.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// The outcomes one subscriber may leave unread; past it, newer ones are dropped for
@@ -95,7 +141,67 @@ impl OutcomeHub {
         rx
     }
 
-    pub(crate) fn publish(&self, outcome: &SagaOutcome) {
+    /// Registers a wait for saga `id` to settle. Register *before* reading the saga's
+    /// state: a settle after the registration wakes it, so none is missed.
+    pub(crate) fn watch(self: &Arc<Self>, id: SagaId) -> OutcomeWatch {
+        let slot = Arc::new(WatchSlot::default());
+        if let Ok(mut w) = self.watchers.lock() {
+            w.entry(id).or_default().push(Arc::clone(&slot));
+        }
+        OutcomeWatch {
+            hub: Arc::clone(self),
+            id,
+            slot,
+        }
+    }
+
+    /// The sagas handles are waiting for (the outcome poller asks the store about them).
+    pub(crate) fn watched(&self) -> Vec<SagaId> {
+        self.watchers
+            .lock()
+            .map(|w| w.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Wakes the handles waiting for saga `id`: with the state it settled in, when this
+    /// process settled it; without, they read it from the store.
+    pub(crate) fn wake(&self, id: &SagaId, settled: Option<&Arc<crate::machine::SagaState>>) {
+        if let Ok(w) = self.watchers.lock()
+            && let Some(list) = w.get(id)
+        {
+            for slot in list {
+                if let (Some(state), Ok(mut s)) = (settled, slot.settled.lock()) {
+                    *s = Some(Arc::clone(state));
+                }
+                // Stores a permit when the handle is not waiting right now: not lost.
+                slot.notify.notify_one();
+            }
+        }
+    }
+
+    /// A saga settled in this process, in `state`: its waiting handles and the
+    /// subscribers hear of it.
+    pub(crate) fn settled(&self, state: &crate::machine::SagaState) {
+        let watched = self
+            .watchers
+            .lock()
+            .map(|w| w.contains_key(&state.id))
+            .unwrap_or(false);
+        if watched {
+            self.wake(&state.id, Some(&Arc::new(state.clone())));
+        }
+        self.publish(&SagaOutcome {
+            id: state.id,
+            saga_type: state.saga_type.clone(),
+            status: state.status,
+            created_at: state.created_at,
+            at: state.updated_at,
+            in_doubt: state.in_doubt.is_some()
+                || state.dead_letter.as_ref().is_some_and(|d| d.in_doubt),
+        });
+    }
+
+    fn publish(&self, outcome: &SagaOutcome) {
         use tokio::sync::mpsc::error::TrySendError;
         if let Ok(mut subs) = self.subscribers.lock() {
             subs.retain(|s| match s.try_send(outcome.clone()) {

@@ -62,9 +62,15 @@ impl WakeupSweeper {
             return;
         }
         self.sweeping = true;
+        let fut = self.sweep_once();
+        ctx.spawn(fut.into_actor(self).map(|(), act, _| act.sweeping = false));
+    }
+
+    /// One sweep: claims the due wake-ups (by the runtime's clock) and applies them.
+    fn sweep_once(&self) -> impl std::future::Future<Output = ()> + 'static {
         let shared = Arc::clone(&self.shared);
         let registry = self.registry.clone();
-        let fut = async move {
+        async move {
             use futures_util::StreamExt;
             let mut left = SWEEP_BATCH;
             while left > 0 {
@@ -115,8 +121,22 @@ impl WakeupSweeper {
                     break;
                 }
             }
-        };
-        ctx.spawn(fut.into_actor(self).map(|(), act, _| act.sweeping = false));
+        }
+    }
+}
+
+/// Sweeps at once, outside the interval, and answers when the sweep is done: every
+/// wake-up due by the runtime's clock then has been applied (a test's manual clock
+/// moved forward fires its timeouts and retries without waiting for a poll).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct SweepNow;
+
+impl Handler<SweepNow> for WakeupSweeper {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: SweepNow, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(self.sweep_once())
     }
 }
 

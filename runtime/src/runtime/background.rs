@@ -19,7 +19,7 @@ use crate::machine::Timestamp;
 /// system once they are up, then runs until the system is stopped.
 pub(super) fn run_actor_system(
     shared: Arc<Shared>,
-    ready: oneshot::Sender<(Addr<Registry>, actix::System)>,
+    ready: oneshot::Sender<(Addr<Registry>, Addr<WakeupSweeper>, actix::System)>,
 ) {
     let system = actix::System::new();
     let arbiters: Vec<Arbiter> = (0..shared.options.arbiters.max(1))
@@ -28,8 +28,8 @@ pub(super) fn run_actor_system(
     let handles = arbiters.iter().map(Arbiter::handle).collect();
     system.block_on(async {
         let registry = Registry::new(Arc::clone(&shared), handles).start();
-        WakeupSweeper::new(Arc::clone(&shared), registry.clone()).start();
-        let _ = ready.send((registry, actix::System::current()));
+        let sweeper = WakeupSweeper::new(Arc::clone(&shared), registry.clone()).start();
+        let _ = ready.send((registry, sweeper, actix::System::current()));
     });
     if let Err(e) = system.run() {
         error!(error = %e, "actor system stopped with an error");
@@ -52,7 +52,40 @@ pub(super) fn spawn(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
     );
     let sweeper = tokio::spawn(sweeper(Arc::clone(shared), holder));
     let sampler = tokio::spawn(crate::metrics::sampler(Arc::clone(shared)));
-    vec![sampler, relay, sweeper]
+    let outcomes = tokio::spawn(outcome_poller(Arc::clone(shared)));
+    vec![sampler, relay, sweeper, outcomes]
+}
+
+/// Sagas asked about in one store query by the outcome poller.
+const OUTCOME_POLL_BATCH: usize = 1_000;
+
+/// The outcome poller: every `outcome_poll_interval`, asks the store which of the sagas
+/// that handles wait for have settled, and wakes those handles. This process's own
+/// settles wake them at once; the poller is for the sagas another process (sharing the
+/// store) settles. One query per batch of waited-for sagas, however many handles wait,
+/// and none while no handle waits.
+async fn outcome_poller(shared: Arc<Shared>) {
+    let interval = shared
+        .options
+        .outcome_poll_interval
+        .max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(interval).await;
+        let watched = shared.outcomes.watched();
+        for ids in watched.chunks(OUTCOME_POLL_BATCH) {
+            match shared.store.settled_among(ids).await {
+                Ok(settled) => {
+                    for id in &settled {
+                        shared.outcomes.wake(id, None);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "asking the store which awaited sagas settled failed; will retry");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// The retention sweeper: every `sweep_interval`, the process holding the `retention`

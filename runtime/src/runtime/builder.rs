@@ -21,6 +21,54 @@ use crate::ids::SagaType;
 use crate::ports::{Bus, Clock, JitterSource, RandomJitter, SagaStore, SystemClock};
 use crate::wire;
 
+/// What [`RuntimeBuilder::store`] takes: a store by value, or an `Arc` of one.
+pub trait IntoStore {
+    /// The store, shared.
+    fn into_store(self) -> Arc<dyn SagaStore>;
+}
+
+impl<S: SagaStore> IntoStore for S {
+    fn into_store(self) -> Arc<dyn SagaStore> {
+        Arc::new(self)
+    }
+}
+
+impl<S: SagaStore> IntoStore for Arc<S> {
+    fn into_store(self) -> Arc<dyn SagaStore> {
+        self
+    }
+}
+
+impl IntoStore for Arc<dyn SagaStore> {
+    fn into_store(self) -> Arc<dyn SagaStore> {
+        self
+    }
+}
+
+/// What [`RuntimeBuilder::bus`] takes: a bus by value, or an `Arc` of one.
+pub trait IntoBus {
+    /// The bus, shared.
+    fn into_bus(self) -> Arc<dyn Bus>;
+}
+
+impl<B: Bus> IntoBus for B {
+    fn into_bus(self) -> Arc<dyn Bus> {
+        Arc::new(self)
+    }
+}
+
+impl<B: Bus> IntoBus for Arc<B> {
+    fn into_bus(self) -> Arc<dyn Bus> {
+        self
+    }
+}
+
+impl IntoBus for Arc<dyn Bus> {
+    fn into_bus(self) -> Arc<dyn Bus> {
+        self
+    }
+}
+
 /// Builds a [`Runtime`].
 pub struct RuntimeBuilder {
     store: Option<Arc<dyn SagaStore>>,
@@ -64,14 +112,16 @@ impl Default for RuntimeBuilder {
 }
 
 impl RuntimeBuilder {
-    /// The saga store (required).
-    pub fn store(mut self, store: Arc<dyn SagaStore>) -> Self {
-        self.store = Some(store);
+    /// The saga store (required): a store by value (`SqliteStore`, `PostgresStore`,
+    /// `MemoryStore`), or an `Arc` of one shared with other code.
+    pub fn store(mut self, store: impl IntoStore) -> Self {
+        self.store = Some(store.into_store());
         self
     }
-    /// The bus (required).
-    pub fn bus(mut self, bus: Arc<dyn Bus>) -> Self {
-        self.bus = Some(bus);
+    /// The bus (required): a bus by value (`NatsBus`, `MemoryBus`), or an `Arc` of one
+    /// shared with other code.
+    pub fn bus(mut self, bus: impl IntoBus) -> Self {
+        self.bus = Some(bus.into_bus());
         self
     }
     /// The clock (default: the system clock).
@@ -276,7 +326,7 @@ impl RuntimeBuilder {
             .map_err(|e| {
                 RuntimeError::ActorSystem(format!("cannot spawn the actor thread: {e}"))
             })?;
-        let (registry, system) = ready_rx.await.map_err(|_| {
+        let (registry, sweeper, system) = ready_rx.await.map_err(|_| {
             RuntimeError::ActorSystem("its thread ended before the registry started".into())
         })?;
 
@@ -292,6 +342,7 @@ impl RuntimeBuilder {
         let runtime = Runtime {
             shared,
             registry,
+            sweeper,
             system,
             thread: Some(thread),
             tasks,

@@ -17,6 +17,7 @@
 
 mod background;
 mod builder;
+mod handle;
 mod intake;
 mod options;
 pub(crate) mod outbox;
@@ -31,12 +32,15 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info, warn};
 
-pub use builder::RuntimeBuilder;
+pub use builder::{IntoBus, IntoStore, RuntimeBuilder};
+pub use handle::{SagaHandle, SagaView};
 pub use intake::MAX_REQUEST_TTL;
 pub(crate) use intake::reply_consumer;
 pub use options::RuntimeOptions;
 
-use crate::actors::{Applied, Apply, Lookup, Registry, SagaOutcome, Shared, StatsSnapshot};
+use crate::actors::{
+    Applied, Apply, Lookup, Registry, SagaOutcome, Shared, StatsSnapshot, SweepNow, WakeupSweeper,
+};
 use crate::committer::CommitSnapshot;
 use crate::definition::SagaDefinition;
 use crate::error::RuntimeError;
@@ -48,6 +52,7 @@ use crate::ports::{SagaStore, StoredSaga};
 pub struct Runtime {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
+    sweeper: Addr<WakeupSweeper>,
     system: actix::System,
     thread: Option<JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -121,13 +126,14 @@ impl Runtime {
         RuntimeBuilder::default()
     }
 
-    /// Starts a new saga of `definition`'s type with `data`. Returns once the saga is
-    /// stored and its first command published.
+    /// Starts a new saga of `definition`'s type with `data`. Returns its handle once the
+    /// saga is stored and its first command published (or stored in the outbox, to be
+    /// published by it): [`SagaHandle::outcome`] waits for its result.
     pub async fn start_saga<D>(
         &self,
         definition: &SagaDefinition<D>,
         data: &D,
-    ) -> Result<SagaId, RuntimeError>
+    ) -> Result<SagaHandle<D>, RuntimeError>
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
@@ -135,14 +141,71 @@ impl Runtime {
             .await
     }
 
-    /// Like [`Runtime::start_saga`], with a caller-chosen id (idempotent starts: a
-    /// second start with the same id is refused by the store).
+    /// Starts the one saga of `definition`'s type for business key `key` (an order
+    /// number, a payment reference), or finds it: a second start with the same key, from
+    /// this process or any other sharing the store, returns the existing saga's handle
+    /// ([`SagaHandle::existing`] is true) and ignores its `data`. The saga's id is
+    /// derived from the type and the key ([`SagaId::for_key`]), so the store's primary
+    /// key decides a race, never a check-then-insert.
+    ///
+    /// A key is remembered for as long as its saga is stored: once a finished saga is
+    /// deleted (`RuntimeOptions::retention`), the same key starts a new one.
+    pub async fn start_saga_keyed<D>(
+        &self,
+        definition: &SagaDefinition<D>,
+        key: &str,
+        data: &D,
+    ) -> Result<SagaHandle<D>, RuntimeError>
+    where
+        D: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let id = SagaId::for_key(definition.definition().saga_type(), key)?;
+        // The common repeat (a client retrying) is answered from the store, without
+        // asking the saga's actor to start it again.
+        if self.load(id).await?.is_some() {
+            return Ok(self.handle(id, true, definition));
+        }
+        match self.start_saga_with_id(id, definition, data).await {
+            Ok(handle) => Ok(handle),
+            // Another start of the same key committed first: the store refused this
+            // one's insert, and the saga, now running, refused to start again.
+            Err(RuntimeError::Transition(e)) => match self.load(id).await? {
+                Some(_) => Ok(self.handle(id, true, definition)),
+                None => Err(RuntimeError::Transition(e)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Like [`Runtime::start_saga`], with a caller-chosen id: a second start with the
+    /// same id is refused (the saga exists). Prefer [`Runtime::start_saga_keyed`], which
+    /// returns the existing saga instead.
     pub async fn start_saga_with_id<D>(
         &self,
         id: SagaId,
         definition: &SagaDefinition<D>,
         data: &D,
-    ) -> Result<SagaId, RuntimeError>
+    ) -> Result<SagaHandle<D>, RuntimeError>
+    where
+        D: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let state = self.initial_state(id, definition, data)?;
+        let def = definition.definition();
+        let span = crate::trace::saga_span(&id, def.saga_type());
+        deliver(&self.registry, id, Some(state), Input::Started, None, None)
+            .instrument(span)
+            .await?;
+        Ok(self.handle(id, false, definition))
+    }
+
+    /// The state a new saga of `definition` with `data` starts from (status `Created`),
+    /// after checking that the definition is registered here and is its type's latest.
+    pub(crate) fn initial_state<D>(
+        &self,
+        id: SagaId,
+        definition: &SagaDefinition<D>,
+        data: &D,
+    ) -> Result<SagaState, RuntimeError>
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
@@ -157,12 +220,47 @@ impl Runtime {
                 latest: latest.version(),
             });
         }
-        let state = SagaState::new(id, def, definition.encode(data)?, self.shared.clock.now());
-        let span = crate::trace::saga_span(&id, def.saga_type());
-        deliver(&self.registry, id, Some(state), Input::Started, None, None)
-            .instrument(span)
-            .await?;
-        Ok(id)
+        Ok(SagaState::new(
+            id,
+            def,
+            definition.encode(data)?,
+            self.shared.clock.now(),
+        ))
+    }
+
+    /// A handle to saga `id`, of `definition`'s type: its status, typed data and
+    /// outcome, whichever process started it. Reads nothing yet: a handle to an id the
+    /// store does not hold answers [`RuntimeError::UnknownSaga`], and one to a saga of
+    /// another type [`RuntimeError::SagaTypeMismatch`].
+    pub fn saga<D>(&self, definition: &SagaDefinition<D>, id: SagaId) -> SagaHandle<D>
+    where
+        D: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.handle(id, false, definition)
+    }
+
+    fn handle<D>(&self, id: SagaId, existing: bool, definition: &SagaDefinition<D>) -> SagaHandle<D>
+    where
+        D: Serialize + DeserializeOwned + Send + 'static,
+    {
+        SagaHandle::new(
+            id,
+            existing,
+            definition,
+            Arc::clone(&self.shared),
+            self.registry.clone(),
+        )
+    }
+
+    /// Applies every wake-up due by the runtime's clock now (retries whose backoff
+    /// ended, reply deadlines that passed), without waiting for the next sweep, and
+    /// returns once they are applied. For tests on a manual clock: move it forward,
+    /// then call this. In production the sweep runs every `wakeup_poll_interval`.
+    pub async fn fire_due_wakeups(&self) -> Result<(), RuntimeError> {
+        self.sweeper
+            .send(SweepNow)
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)
     }
 
     /// Feeds an input to a saga: only the runtime's own requests (cancel, re-drive). A
@@ -193,7 +291,10 @@ impl Runtime {
         Ok(self.shared.store.load(id).await?)
     }
 
-    /// Every saga that settles from now on (finished or dead-lettered).
+    /// Every saga that settles in this process from now on (finished or
+    /// dead-lettered): a bounded feed ([`crate::actors::OUTCOME_BUFFER`] unread at most;
+    /// past it a reader that lags loses outcomes, counted). It never sees a saga another
+    /// process settles: to wait for a saga's result, use its [`SagaHandle`].
     pub fn outcomes(&self) -> mpsc::Receiver<SagaOutcome> {
         self.shared.outcomes.subscribe()
     }

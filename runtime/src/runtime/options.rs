@@ -113,6 +113,12 @@ pub struct RuntimeOptions {
     /// build will ever take (a retired definition version) stops occupying the
     /// consumer's pending slots. Default: 10,000.
     pub max_deferrals: u32,
+    /// How often the sagas that [`SagaHandle`](super::SagaHandle)s wait for are looked
+    /// up in the store (one query for all of them), for the ones another process
+    /// settles: the most such an outcome reaches its handle late. This process's own
+    /// settles reach their handles at once. Default: 500 ms.
+    #[serde(with = "crate::serde_millis")]
+    pub outcome_poll_interval: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -143,6 +149,7 @@ impl Default for RuntimeOptions {
             max_message_bytes: 1024 * 1024,
             max_in_flight_bytes: 64 * 1024 * 1024,
             max_deferrals: 10_000,
+            outcome_poll_interval: Duration::from_millis(500),
         }
     }
 }
