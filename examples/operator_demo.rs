@@ -1,7 +1,7 @@
 //! Leaves checkout sagas in every state, for trying the `skald` operator CLI on them
 //! (docs/operations.md walks through it).
 //!
-//! It runs a runtime and scripted participants (`skald::sagas::scripted`) on NATS and
+//! It runs a runtime and scripted participants (`skald_sagas::scripted`) on NATS and
 //! the store given, starts five sagas and keeps running (so re-drives and cancels have
 //! a runtime to apply them) until Ctrl-C or `--run-secs`:
 //! - `ok-*` completes; `decline-*` is compensated;
@@ -37,9 +37,9 @@ use skald::adapters::sqlite::SqliteStore;
 use skald::machine::SagaStatus;
 use skald::participant;
 use skald::ports::{Bus, SagaStore};
-use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
-use skald::sagas::scripted::Scripted;
-use skald::sagas::sim::SimServices;
+use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald_sagas::scripted::Scripted;
+use skald_sagas::sim::SimServices;
 use skald::{Runtime, SagaOutcome};
 
 #[derive(Debug, Parser)]

@@ -64,7 +64,7 @@ use clap::{Parser, ValueEnum};
 use skald::adapters::nats::NatsOptions;
 use skald::participant;
 use skald::ports::Bus;
-use skald::sagas::sim::{SimConfig, SimServices};
+use skald_sagas::sim::{SimConfig, SimServices};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Service {

@@ -17,7 +17,7 @@
 use std::process::ExitCode;
 
 use skald::cli::Cli;
-use skald::sagas::checkout::{CheckoutTiming, checkout_definition, checkout_definition_named};
+use skald_sagas::checkout::{CheckoutTiming, checkout_definition, checkout_definition_named};
 
 fn main() -> ExitCode {
     let timing = CheckoutTiming::default();

@@ -24,7 +24,8 @@
 //!   written in Rust (from `skald-runtime`, the shell);
 //! - [`adapters`]: in-memory bus and store, SQLite and PostgreSQL stores, the NATS
 //!   JetStream bus (`skald-adapters`, one cargo feature each);
-//! - [`sagas`]: the checkout saga and its simulated services (`skald-sagas`);
+//! - `sagas` (feature `demo`, off by default): the checkout saga and its simulated
+//!   services (`skald-sagas`), the worked example;
 //! - `cli` (feature `cli`, on by default): the `skald` operator CLI as a library, for a
 //!   binary with your own definitions registered; and `cli::NatsArgs`, the NATS
 //!   authentication and TLS flags (`--creds`, `--nkey`, `--user`/`--password`,
@@ -37,21 +38,23 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
+//! use std::time::Duration;
 //! use skald::adapters::{memory::MemoryBus, sqlite::SqliteStore};
-//! use skald::sagas::checkout::{checkout_definition, Checkout, CheckoutTiming, LineItem};
-//! use skald::Runtime;
-//!
-//! let checkout = checkout_definition(CheckoutTiming::default())?;
+//! use skald::prelude::*;
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct Order { id: String }
+//! # let order_saga = SagaDefinition::<Order>::builder("order", 1)
+//! #     .step(Step::new("charge").action("skald.cmd.payment.charge", |o: &Order| o.id.clone()))
+//! #     .build()?;
 //! let runtime = Runtime::builder()
-//!     .store(Arc::new(SqliteStore::connect("sqlite://skald.db").await?))
-//!     .bus(Arc::new(MemoryBus::new()))
-//!     .register(&checkout)
+//!     .store(SqliteStore::connect("sqlite://skald.db").await?)
+//!     .bus(MemoryBus::new())
+//!     .register(&order_saga)
 //!     .start()
 //!     .await?;
-//! let order = Checkout::new("order-1", "alice", vec![LineItem { sku: "tea".into(), quantity: 2 }], 1_250);
-//! let id = runtime.start_saga(&checkout, &order).await?.id();
-//! # let _ = id; Ok(()) }
+//! let handle = runtime.start_saga_keyed(&order_saga, "order-1", &Order { id: "order-1".into() }).await?;
+//! let outcome = handle.outcome_within(Duration::from_secs(60)).await?;
+//! println!("saga {} settled {:?}", handle.id(), outcome.status);
+//! # Ok(()) }
 //! ```
 
 #[cfg(feature = "cli")]
@@ -78,7 +81,7 @@ pub mod prelude {
     pub use skald_runtime::ids::SagaId;
     pub use skald_runtime::machine::SagaStatus;
     pub use skald_runtime::retry::RetryPolicy;
-    pub use skald_runtime::runtime::{Runtime, RuntimeOptions};
+    pub use skald_runtime::runtime::{Runtime, RuntimeOptions, SagaHandle, SagaView};
     pub use skald_runtime::testing::SagaTest;
 
     pub use crate::RuntimeError;
@@ -87,9 +90,10 @@ pub mod prelude {
 pub use skald_adapters as adapters;
 pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
-pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
+pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions, SagaHandle, SagaView};
 pub use skald_runtime::{
     auth, definition, ids, journal, machine, participant, ports, replay, retry, testing, trace,
     upcast, wire,
 };
+#[cfg(feature = "demo")]
 pub use skald_sagas as sagas;

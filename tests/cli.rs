@@ -22,9 +22,9 @@ use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
-use skald::sagas::checkout::{Checkout, CheckoutTiming, checkout_definition};
-use skald::sagas::scripted::Scripted;
-use skald::sagas::sim::SimServices;
+use skald_sagas::checkout::{Checkout, CheckoutTiming, checkout_definition};
+use skald_sagas::scripted::Scripted;
+use skald_sagas::sim::SimServices;
 use skald::{Runtime, RuntimeOptions};
 
 /// The environment variables the `skald` binary reads.
@@ -85,7 +85,7 @@ async fn skald_json(db: &str, nats: Option<&str>, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("skald {args:?}: not JSON ({e}): {out}"))
 }
 
-/// The scripted participants (`skald::sagas::scripted`): `ok-*` complete, `decline-*`
+/// The scripted participants (`skald_sagas::scripted`): `ok-*` complete, `decline-*`
 /// are compensated, `broken-*` are dead-lettered while the release is broken, `hang-*`
 /// never get a shipping reply.
 async fn participants(bus: &Arc<dyn Bus>, scripted: &Scripted) -> Vec<ParticipantHandle> {

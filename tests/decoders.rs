@@ -30,7 +30,7 @@ use skald::machine::{
 };
 use skald::ports::{DeadLetterRecord, Headers, JournalEntry, Message};
 use skald::retry::Jitter;
-use skald::sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
 use skald::trace::TraceContext;
 use skald::upcast::Upcasters;
 use skald::wire::{self, Outcome};

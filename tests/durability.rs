@@ -17,8 +17,8 @@ use skald::adapters::memory::MemoryBus;
 use skald::adapters::sqlite::SqliteStore;
 use skald::machine::SagaStatus;
 use skald::ports::{Bus, BusError, Message, StoreError, Subscription};
-use skald::sagas::checkout::{Checkout, checkout_definition};
-use skald::sagas::sim::MemoryLedger;
+use skald_sagas::checkout::{Checkout, checkout_definition};
+use skald_sagas::sim::MemoryLedger;
 use skald::wire;
 use skald::{Runtime, RuntimeError, RuntimeOptions};
 
@@ -187,11 +187,11 @@ async fn two_runtimes_share_the_sagas_and_one_finishes_what_a_dropped_one_left()
     let _participants = start_participants(
         backend.bus().await,
         ledger.clone(),
-        skald::sagas::sim::SimConfig {
+        skald_sagas::sim::SimConfig {
             seed: 3,
             decline_rate: 0.1,
             flaky_rate: 0.1,
-            ..skald::sagas::sim::SimConfig::default()
+            ..skald_sagas::sim::SimConfig::default()
         },
         no_script(),
         ALL_SERVICES,
@@ -268,10 +268,10 @@ async fn two_runtimes_share_the_sagas_and_one_finishes_what_a_dropped_one_left()
         }
         panic!("none dead-lettered, but {} were: {why:#?}", failed.len());
     }
-    let records = skald::sagas::sim::Ledger::records(&ledger)
+    let records = skald_sagas::sim::Ledger::records(&ledger)
         .await
         .expect("records");
-    let report = skald::sagas::checkout::check_consistency(&statuses, &records);
+    let report = skald_sagas::checkout::check_consistency(&statuses, &records);
     assert!(report.is_consistent(), "{:?}", report.violations);
     assert!(
         store

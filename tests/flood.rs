@@ -16,8 +16,8 @@ use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::ports::{Bus, DeadLetterCategory, Headers, Message, SagaStore};
-use skald::sagas::checkout::{check_consistency, checkout_definition};
-use skald::sagas::sim::{Ledger, MemoryLedger};
+use skald_sagas::checkout::{check_consistency, checkout_definition};
+use skald_sagas::sim::{Ledger, MemoryLedger};
 use skald::wire;
 use skald::{Runtime, RuntimeOptions};
 

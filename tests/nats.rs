@@ -13,8 +13,8 @@ use skald::Runtime;
 use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::machine::SagaStatus;
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{CheckoutTiming, check_consistency, checkout_definition};
-use skald::sagas::sim::{Ledger, MemoryLedger};
+use skald_sagas::checkout::{CheckoutTiming, check_consistency, checkout_definition};
+use skald_sagas::sim::{Ledger, MemoryLedger};
 
 /// A runtime on `backend` whose checkout steps retry patiently (`max_attempts` attempts,
 /// backoff up to `max_delay`) with a reply timeout of `timeout`.
@@ -26,7 +26,7 @@ async fn patient_runtime(
     timeout: Duration,
 ) -> (
     Runtime,
-    skald::definition::SagaDefinition<skald::sagas::checkout::Checkout>,
+    skald::definition::SagaDefinition<skald_sagas::checkout::Checkout>,
 ) {
     let patient = RetryPolicy {
         max_attempts,
@@ -79,7 +79,7 @@ async fn broker_killed_and_restarted_under_load_loses_nothing() {
     let total = 200;
     let mut ids = Vec::new();
     for i in 0..total {
-        let order = skald::sagas::checkout::Checkout::new(format!("o-{i}"), "c", vec![], 100);
+        let order = skald_sagas::checkout::Checkout::new(format!("o-{i}"), "c", vec![], 100);
         ids.push(
             runtime
                 .start_saga(&checkout, &order)
@@ -203,7 +203,7 @@ async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
     let mut outcomes = runtime.outcomes();
     let mut ids = Vec::new();
     for i in 0..10 {
-        let order = skald::sagas::checkout::Checkout::new(format!("o-{i}"), "c", vec![], 100);
+        let order = skald_sagas::checkout::Checkout::new(format!("o-{i}"), "c", vec![], 100);
         ids.push(
             runtime
                 .start_saga(&checkout, &order)
@@ -311,11 +311,11 @@ async fn lifecycle_events_reach_a_plain_subscriber_in_order_per_saga() {
         .expect("subscribe");
     client.flush().await.expect("flush");
 
-    let config = skald::sagas::sim::SimConfig {
+    let config = skald_sagas::sim::SimConfig {
         seed: 11,
         decline_rate: 0.4,
         flaky_rate: 0.0,
-        ..skald::sagas::sim::SimConfig::default()
+        ..skald_sagas::sim::SimConfig::default()
     };
     let mut env = TestEnv::start(&backend, MemoryLedger::new(), config, no_script()).await;
     let mut ids = Vec::new();

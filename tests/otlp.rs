@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use skald::sagas::sim::MemoryLedger;
+use skald_sagas::sim::MemoryLedger;
 use skald::telemetry::{self, LogFormat, OtlpOptions};
 use skald::trace::{TraceContext, span_id_of};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -28,10 +28,10 @@ use skald::machine::{Command, Input, SagaStatus, Timestamp};
 use skald::participant::{self, Fence, MemoryFence, ParticipantHandle, ParticipantOptions};
 use skald::ports::{Bus, Message, SagaStore};
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{
+use skald_sagas::checkout::{
     Checkout, CheckoutTiming, LineItem, check_consistency, checkout_definition, subjects,
 };
-use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig, SimServices};
+use skald_sagas::sim::{Ledger, MemoryLedger, SimConfig, SimServices};
 use skald::wire::{self, IncomingCommand, Outcome};
 use skald::{Runtime, SagaOutcome};
 use tokio::sync::{mpsc::Receiver, watch};

@@ -14,7 +14,7 @@ use skald::journal::JournalRecord;
 use skald::machine::SagaStatus;
 use skald::participant::serve;
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{Checkout, LineItem, subjects};
+use skald_sagas::checkout::{Checkout, LineItem, subjects};
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeOptions};
 
@@ -131,9 +131,9 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
     use skald::adapters::sqlite::SqliteStore;
     use skald::machine::Timestamp;
     use skald::ports::{Clock, ManualClock, SagaQueries, SagaStore};
-    use skald::sagas::checkout::{CheckoutTiming, checkout_definition};
-    use skald::sagas::scripted::Scripted;
-    use skald::sagas::sim::SimServices;
+    use skald_sagas::checkout::{CheckoutTiming, checkout_definition};
+    use skald_sagas::scripted::Scripted;
+    use skald_sagas::sim::SimServices;
 
     let dir = TempDir::new();
     let sqlite = Arc::new(SqliteStore::connect(&dir.sqlite_url()).await.expect("open"));

@@ -21,8 +21,8 @@ use skald::machine::{SagaStatus, StepError};
 use skald::participant;
 use skald::ports::{Bus, DeadLetterCategory, Headers, Message};
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{Checkout, check_consistency, checkout_definition, steps, subjects};
-use skald::sagas::sim::{Ledger, MemoryLedger, SimConfig};
+use skald_sagas::checkout::{Checkout, check_consistency, checkout_definition, steps, subjects};
+use skald_sagas::sim::{Ledger, MemoryLedger, SimConfig};
 use skald::wire::{self, Outcome};
 use skald::{Applied, Runtime, RuntimeError};
 
@@ -763,14 +763,14 @@ async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
     use skald::ports::{FixedJitter, ManualClock};
-    use skald::sagas::checkout::checkout_definition;
+    use skald_sagas::checkout::checkout_definition;
 
     let clock = ManualClock::new(skald::machine::Timestamp(1_000_000));
     let bus = Arc::new(MemoryBus::new());
     let store: Arc<dyn skald::ports::SagaStore> =
         Arc::new(skald::adapters::memory::MemoryStore::new());
     // Inventory never answers: every attempt of the first step times out.
-    let timing = skald::sagas::checkout::CheckoutTiming {
+    let timing = skald_sagas::checkout::CheckoutTiming {
         timeout: Duration::from_secs(3600),
         ..fast_timing()
     };

@@ -17,8 +17,8 @@ use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::{Bus, DeadLetterCategory, SagaStore};
-use skald::sagas::checkout::checkout_definition;
-use skald::sagas::sim::MemoryLedger;
+use skald_sagas::checkout::checkout_definition;
+use skald_sagas::sim::MemoryLedger;
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeOptions};
 

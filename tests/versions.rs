@@ -17,7 +17,7 @@ use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
 use skald::retry::RetryPolicy;
-use skald::sagas::checkout::{Checkout, subjects};
+use skald_sagas::checkout::{Checkout, subjects};
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeError};
 

@@ -81,10 +81,10 @@ use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
 use skald::machine::{SagaStatus, Timestamp};
 use skald::ports::{Bus, Clock, SagaStore, SystemClock};
-use skald::sagas::checkout::{
+use skald_sagas::checkout::{
     Checkout, CheckoutTiming, ConsistencyReport, LineItem, check_consistency, checkout_definition,
 };
-use skald::sagas::sim::{Ledger, SimConfig, SimServices};
+use skald_sagas::sim::{Ledger, SimConfig, SimServices};
 use skald::{Applied, Runtime, RuntimeOptions};
 use tokio::sync::Semaphore;
 

@@ -3,11 +3,15 @@
 //!
 //! ```no_run
 //! use skald::cli::Cli;
-//! use skald::sagas::checkout::{checkout_definition, CheckoutTiming};
+//! use skald::prelude::*;
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct Order { id: String }
 //!
 //! fn main() -> std::process::ExitCode {
-//!     let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
-//!     Cli::new().register(&checkout).main()
+//!     let order_saga = SagaDefinition::<Order>::builder("order", 1)
+//!         .step(Step::new("charge").action("skald.cmd.payment.charge", |o: &Order| o.id.clone()))
+//!         .build()
+//!         .expect("valid");
+//!     Cli::new().register(&order_saga).main()
 //! }
 //! ```
 //!
