@@ -299,7 +299,8 @@ impl RuntimeBuilder {
         let types: Vec<SagaType> = shared.definitions.types().cloned().collect();
         let per_type = (shared.options.max_in_flight_replies / types.len().max(1)).max(64);
         let mut inbound = Vec::with_capacity(types.len() * 2);
-        for ty in &types {
+        let consumed: &[SagaType] = if shared.options.consume { &types } else { &[] };
+        for ty in consumed {
             let group = &shared.options.reply_group;
             let replies = shared
                 .bus

@@ -21,6 +21,8 @@ mod handle;
 mod intake;
 mod options;
 pub(crate) mod outbox;
+mod start_requests;
+mod transactional;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

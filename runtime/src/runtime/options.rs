@@ -119,6 +119,11 @@ pub struct RuntimeOptions {
     /// settles reach their handles at once. Default: 500 ms.
     #[serde(with = "crate::serde_millis")]
     pub outcome_poll_interval: Duration,
+    /// Whether this runtime consumes replies and operator requests. Default: true.
+    /// False makes a runtime that starts sagas and waits on their handles while the
+    /// orchestrators sharing its store and broker apply the replies (a service in front
+    /// of orchestrator nodes): its sagas' replies go to them.
+    pub consume: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -150,6 +155,7 @@ impl Default for RuntimeOptions {
             max_in_flight_bytes: 64 * 1024 * 1024,
             max_deferrals: 10_000,
             outcome_poll_interval: Duration::from_millis(500),
+            consume: true,
         }
     }
 }
