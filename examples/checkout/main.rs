@@ -63,7 +63,7 @@ mod ledger;
 mod stats;
 mod telemetry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,13 +79,13 @@ use skald::adapters::nats::NatsOptions;
 use skald::adapters::postgres::PostgresStore;
 use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
-use skald::machine::{SagaStatus, Timestamp};
-use skald::ports::{Bus, Clock, SagaStore, SystemClock};
+use skald::machine::SagaStatus;
+use skald::ports::{Bus, SagaStore};
+use skald::{Applied, Runtime, RuntimeOptions, SagaHandle};
 use skald_sagas::checkout::{
     Checkout, CheckoutTiming, ConsistencyReport, LineItem, check_consistency, checkout_definition,
 };
 use skald_sagas::sim::{Ledger, SimConfig, SimServices};
-use skald::{Applied, Runtime, RuntimeOptions};
 use tokio::sync::Semaphore;
 
 use crate::ledger::{Backend, open_ledger, redact};
@@ -424,7 +424,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     let checkout = checkout_definition(timing)?;
-    let unfinished_before = store.active_sagas(None, 1).await?.len();
+    // The sagas a `--resume` run finishes: those unfinished when it starts.
+    let unfinished_before = if args.resume {
+        unfinished(store.as_ref()).await?
+    } else {
+        Vec::new()
+    };
     let started_at = Instant::now();
     // Before the runtime starts: it registers its metrics with the recorder it finds.
     let _metrics = args.telemetry.serve_metrics().await?;
@@ -433,9 +438,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .bus(bus.clone())
         .register(&checkout)
         .options(RuntimeOptions::default());
-    // Subscribe before start: the sagas a start resumes may settle at once.
-    let mut outcomes = builder.subscribe_outcomes();
-    let run_started = SystemClock.now();
     let runtime = builder
         .start()
         .await
@@ -447,9 +449,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             resume(
                 &args,
                 &runtime,
+                &checkout,
                 store.as_ref(),
                 ledger.as_ref(),
-                &mut outcomes,
                 started_at,
                 deadline,
                 unfinished_before,
@@ -458,12 +460,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         } else {
             fresh(
                 &args,
-                run_started,
                 &runtime,
                 &checkout,
                 store.as_ref(),
                 ledger.as_ref(),
-                &mut outcomes,
                 started_at,
                 deadline,
             )
@@ -542,12 +542,12 @@ async fn start_with_retries(
     runtime: &Runtime,
     checkout: &skald::definition::SagaDefinition<Checkout>,
     order: &Checkout,
-) -> anyhow::Result<SagaId> {
+) -> anyhow::Result<SagaHandle<Checkout>> {
     let id = SagaId::new();
     let mut attempt = 0u32;
     loop {
         match runtime.start_saga_with_id(id, checkout, order).await {
-            Ok(handle) => return Ok(handle.id()),
+            Ok(handle) => return Ok(handle),
             Err(e) if e.is_retryable() && attempt < 30 => {
                 attempt += 1;
                 tracing::warn!(saga.id = %id, error = %e, attempt, "starting a saga failed; retrying");
@@ -555,7 +555,7 @@ async fn start_with_retries(
             }
             Err(e) => {
                 if attempt > 0 && matches!(runtime.load(id).await, Ok(Some(_))) {
-                    return Ok(id);
+                    return Ok(runtime.saga(checkout, id));
                 }
                 return Err(anyhow::Error::new(e).context(format!("starting saga {id}")));
             }
@@ -566,12 +566,10 @@ async fn start_with_retries(
 #[allow(clippy::too_many_arguments)]
 async fn fresh(
     args: &Args,
-    run_started: Timestamp,
     runtime: &Runtime,
     checkout: &skald::definition::SagaDefinition<Checkout>,
     store: &dyn SagaStore,
     ledger: &dyn Ledger,
-    outcomes: &mut tokio::sync::mpsc::Receiver<skald::SagaOutcome>,
     started_at: Instant,
     deadline: Instant,
 ) -> anyhow::Result<(Summary, bool)> {
@@ -579,7 +577,8 @@ async fn fresh(
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let cancelled = AtomicUsize::new(0);
     let cancelled = &cancelled;
-    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<(SagaId, Instant)>();
+    let (started_tx, mut started_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(SagaHandle<Checkout>, Instant)>();
     let slots_for_starter = slots.clone();
 
     // Starter: keeps `concurrency` sagas in flight.
@@ -606,8 +605,9 @@ async fn fresh(
                     1_000 + (i as u64 % 50) * 10,
                 );
                 let t0 = Instant::now();
-                let id = start_with_retries(runtime, checkout, &order).await?;
-                let _ = tx.send((id, t0));
+                let handle = start_with_retries(runtime, checkout, &order).await?;
+                let id = handle.id();
+                let _ = tx.send((handle, t0));
                 // Right after its start, the saga's first action is in flight.
                 if draw(seed, CANCEL_DRAW, i) < args.cancel_rate {
                     match runtime.cancel(id, "cancelled by the runner (--cancel-rate)").await {
@@ -632,56 +632,51 @@ async fn fresh(
             .await
     };
 
+    // Collector: waits on each started saga's handle. A handle answers whichever
+    // process settles the saga, so several runners (or a runner and a `--resume`
+    // orchestrator) sharing one database each count their own sagas, all of them.
     let collector = async {
-        let mut start_times: HashMap<SagaId, Instant> = HashMap::with_capacity(args.sagas);
-        let mut early: HashMap<SagaId, Instant> = HashMap::new();
         let mut latencies: Vec<f64> = Vec::with_capacity(args.sagas);
         let mut ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
-        let mut settled = 0usize;
-        let mut settled_ids: HashSet<SagaId> = HashSet::with_capacity(args.sagas);
+        // Dead-lettered in doubt: a late success may still resolve them; read again at
+        // the end.
+        let mut failed_in_doubt = Vec::new();
         let mut in_doubt = 0usize;
+        let mut waiting = futures_util::stream::FuturesUnordered::new();
         let mut starts_open = true;
-        // Until every saga settled, or the starts ended (done or failed) and every saga
-        // that did start has settled.
-        while settled < args.sagas && (starts_open || settled < ids.len()) {
+        let mut failure = None;
+        // Until the starts ended (done or failed) and every saga that did start settled.
+        while starts_open || !waiting.is_empty() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
             }
             tokio::select! {
                 started = started_rx.recv(), if starts_open => match started {
-                    Some((id, t0)) => {
-                        ids.insert(id);
-                        if let Some(t1) = early.remove(&id) {
-                            latencies.push(t1.duration_since(t0).as_secs_f64() * 1e3);
-                        } else {
-                            start_times.insert(id, t0);
-                        }
+                    Some((handle, t0)) => {
+                        ids.insert(handle.id());
+                        waiting.push(async move {
+                            let outcome = handle.outcome().await;
+                            (handle, t0, outcome)
+                        });
                     }
                     None => starts_open = false,
                 },
-                outcome = outcomes.recv() => {
-                    let Some(o) = outcome else { break };
-                    // Sagas of an earlier run that this start resumed are not ours.
-                    if o.created_at < run_started {
-                        continue;
-                    }
-                    // A saga settles once: a dead letter in doubt that its late success
-                    // resolves reports again, with its final status.
-                    if !settled_ids.insert(o.id) {
-                        if o.in_doubt && o.status == SagaStatus::Compensated {
-                            in_doubt += 1;
+                Some((handle, t0, outcome)) = waiting.next(), if !waiting.is_empty() => {
+                    let outcome = match outcome {
+                        Ok(outcome) => outcome,
+                        Err(e) => {
+                            failure = Some(anyhow::Error::new(e).context(format!("waiting for saga {}", handle.id())));
+                            break;
                         }
-                        continue;
-                    }
-                    let now = Instant::now();
-                    match start_times.remove(&o.id) {
-                        Some(t0) => latencies.push(now.duration_since(t0).as_secs_f64() * 1e3),
-                        None => { early.insert(o.id, now); }
-                    }
-                    settled += 1;
-                    if o.in_doubt && o.status == SagaStatus::Compensated {
-                        in_doubt += 1;
+                    };
+                    latencies.push(t0.elapsed().as_secs_f64() * 1e3);
+                    if outcome.in_doubt {
+                        match outcome.status {
+                            SagaStatus::Compensated => in_doubt += 1,
+                            SagaStatus::Failed => failed_in_doubt.push(handle),
+                            _ => {}
+                        }
                     }
                     slots.add_permits(1);
                     bar.inc(1);
@@ -690,14 +685,24 @@ async fn fresh(
             }
         }
         // Late start registrations (the starter may still hold a few).
-        while let Ok((id, _)) = started_rx.try_recv() {
-            ids.insert(id);
+        while let Ok((handle, _)) = started_rx.try_recv() {
+            ids.insert(handle.id());
         }
-        (latencies, ids, in_doubt)
+        for handle in failed_in_doubt {
+            if let Ok(view) = handle.state().await
+                && view.status == SagaStatus::Compensated
+            {
+                in_doubt += 1;
+            }
+        }
+        (latencies, ids, in_doubt, failure)
     };
 
-    let (start_result, (latencies, ids, in_doubt)) = tokio::join!(starter, collector);
+    let (start_result, (latencies, ids, in_doubt, failure)) = tokio::join!(starter, collector);
     start_result.context("starting sagas")?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     let elapsed = started_at.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
@@ -722,35 +727,60 @@ async fn fresh(
     Ok((summary, ok))
 }
 
+/// Every saga running or compensating now.
+async fn unfinished(store: &dyn SagaStore) -> anyhow::Result<Vec<SagaId>> {
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.active_sagas(after, 1_000).await?;
+        let Some(last) = page.last().copied() else {
+            return Ok(ids);
+        };
+        after = Some(last);
+        ids.extend(page);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn resume(
     args: &Args,
     runtime: &Runtime,
+    checkout: &skald::definition::SagaDefinition<Checkout>,
     store: &dyn SagaStore,
     ledger: &dyn Ledger,
-    outcomes: &mut tokio::sync::mpsc::Receiver<skald::SagaOutcome>,
     started_at: Instant,
     deadline: Instant,
-    unfinished_before: usize,
+    unfinished_before: Vec<SagaId>,
 ) -> anyhow::Result<(Summary, bool)> {
-    let _ = runtime;
     let mut latencies = Vec::new();
     let mut edges = Edges::default();
-    if unfinished_before > 0 {
-        // Wait, with a deadline, until no saga is running or compensating.
-        let bar = progress(0, args.json);
+    if !unfinished_before.is_empty() {
+        // Wait, with a deadline, for each saga unfinished at start to settle, here or
+        // in any other process sharing the database.
+        let bar = progress(unfinished_before.len(), args.json);
+        let mut waiting: futures_util::stream::FuturesUnordered<_> = unfinished_before
+            .into_iter()
+            .map(|id| {
+                let handle = runtime.saga(checkout, id);
+                async move { handle.outcome().await }
+            })
+            .collect();
         loop {
-            while let Ok(o) = outcomes.try_recv() {
-                latencies.push(o.at.as_millis().saturating_sub(o.created_at.as_millis()) as f64);
-                if o.in_doubt && o.status == SagaStatus::Compensated {
-                    edges.in_doubt += 1;
-                }
-                bar.inc(1);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let next = match tokio::time::timeout(remaining, waiting.next()).await {
+                Ok(Some(next)) => next,
+                Ok(None) | Err(_) => break,
+            };
+            let o = next.context("waiting for a resumed saga")?;
+            latencies.push(
+                o.updated_at
+                    .as_millis()
+                    .saturating_sub(o.created_at.as_millis()) as f64,
+            );
+            if o.in_doubt && o.status == SagaStatus::Compensated {
+                edges.in_doubt += 1;
             }
-            if store.active_sagas(None, 1).await?.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            bar.inc(1);
         }
         bar.finish_and_clear();
     }

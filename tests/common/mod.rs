@@ -63,10 +63,10 @@ use skald::machine::SagaStatus;
 use skald::participant::{self, ParticipantHandle};
 use skald::ports::{Bus, SagaStore};
 use skald::retry::RetryPolicy;
-use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
-use skald_sagas::sim::{MemoryLedger, SimConfig, SimServices};
 use skald::wire::{IncomingCommand, Outcome};
 use skald::{Runtime, RuntimeOptions, SagaOutcome};
+use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald_sagas::sim::{MemoryLedger, SimConfig, SimServices};
 use tokio::sync::mpsc::Receiver;
 
 /// How long any wait in a test may take before the test fails.
@@ -553,7 +553,8 @@ impl TestEnv {
         self.runtime
             .start_saga(&self.checkout, &order)
             .await
-            .expect("saga starts").id()
+            .expect("saga starts")
+            .id()
     }
 
     /// Waits until every saga in `ids` has settled; returns their outcome statuses.

@@ -613,4 +613,3 @@ fn step_span(cmd: &machine::Command) {
     );
     span.in_scope(|| debug!(subject = %cmd.subject, "command sent"));
 }
-

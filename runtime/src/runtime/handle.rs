@@ -155,13 +155,14 @@ where
 
     /// Waits until the saga settles (completed, compensated, or dead-lettered waiting
     /// for an operator), whichever orchestrator process settles it, and returns its
-    /// final state. Waits for as long as that takes: see
-    /// [`SagaHandle::outcome_within`] for a bound.
+    /// final state. Waits for as long as that takes, through store outages too: see
+    /// [`SagaHandle::outcome_within`] for a bound. Fails at once for a saga the store
+    /// does not hold or of another type.
     pub async fn outcome(&self) -> Result<SagaView<D>, RuntimeError> {
         // Register before reading: a settle between the read and the wait still wakes
         // this handle.
         let watch = self.shared.outcomes.watch(self.id);
-        let mut state = self.load().await?.state;
+        let mut state = self.load_patiently().await?;
         loop {
             if state.status.is_settled() {
                 return self.view(state);
@@ -169,7 +170,7 @@ where
             state = match watch.woken().await {
                 // Settled by this process: its state is here, no read needed.
                 Some(settled) => (*settled).clone(),
-                None => self.load().await?.state,
+                None => self.load_patiently().await?,
             };
         }
     }
@@ -192,6 +193,24 @@ where
             reason: reason.to_owned(),
         };
         super::deliver(&self.registry, self.id, None, input, None, None).await
+    }
+
+    /// Loads the saga's state, waiting out a store that is briefly unavailable (a
+    /// handle waiting for an outcome outlives a database restart); fails at once for
+    /// what waiting cannot mend (an unknown saga, another type).
+    async fn load_patiently(&self) -> Result<SagaState, RuntimeError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.load().await {
+                Ok(stored) => return Ok(stored.state),
+                Err(e @ RuntimeError::Store(_)) if e.is_retryable() => {
+                    tracing::debug!(saga.id = %self.id, error = %e, "reading the saga failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn load(&self) -> Result<StoredSaga, RuntimeError> {
