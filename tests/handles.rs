@@ -100,6 +100,74 @@ async fn outcome_answers_on_the_runtime_that_started_the_saga_when_another_finis
     b.shutdown().await;
 }
 
+/// The same across two operating-system processes: this test's runtime (consuming
+/// nothing) starts a saga and waits on its handle; the checkout runner, started as a
+/// separate process with `--resume`, runs the participants and finishes the saga; the
+/// handle here answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outcome_answers_when_another_process_finishes_the_saga() {
+    let backend = Resources::new(Backend::PostgresNats).await;
+    let db = backend.pg.as_ref().expect("PostgreSQL").url();
+    let nats = backend.nats.as_ref().expect("NATS").url();
+    let checkout = checkout_definition(fast_timing()).expect("valid definition");
+    // The store's shared reply key (no explicit keys): the other process has it too.
+    let a = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(backend.bus().await)
+        .register(&checkout)
+        .options(RuntimeOptions {
+            consume: false,
+            outcome_poll_interval: Duration::from_millis(100),
+            ..options()
+        })
+        .start()
+        .await
+        .expect("runtime starts");
+    let handle = a
+        .start_saga(&checkout, &tea_order("two-processes"))
+        .await
+        .expect("starts here");
+    assert_eq!(
+        handle.status().await.expect("status"),
+        SagaStatus::Running,
+        "nobody here applies its replies"
+    );
+
+    // The other process: finishes the unfinished sagas it finds, then exits.
+    let runner = common::example_bin("checkout");
+    let other = tokio::process::Command::new(&runner)
+        .args(["--resume", "--json", "--db", &db, "--nats", &nats])
+        .args(["--timeout-secs", &DEADLINE.as_secs().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", runner.display()));
+
+    let outcome = handle
+        .outcome_within(DEADLINE)
+        .await
+        .expect("the handle answers");
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    assert!(outcome.data.shipment_id.is_some(), "{:?}", outcome.data);
+    assert_eq!(
+        a.stats().transitions,
+        1,
+        "this process applied only the start"
+    );
+    let out = tokio::time::timeout(DEADLINE, other.wait_with_output())
+        .await
+        .expect("the other process exits")
+        .expect("its output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the other process failed: {stdout}");
+    assert!(
+        stdout.contains(r#""consistent":true"#),
+        "its consistency check: {stdout}"
+    );
+    a.shutdown().await;
+}
+
 /// Keyed starts racing from two runtimes: one saga per key, every caller gets its id,
 /// and exactly one caller per key started it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -831,3 +831,21 @@ pub async fn wait_status(
     })
     .await
 }
+
+/// `target/<profile>/examples/<name>`, beside this test's `target/<profile>/deps/`
+/// (`cargo test` builds the examples).
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let bin = profile_dir.join("examples").join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test --all-features` builds it; or run \
+         `cargo build --all-features --example {name}`",
+        bin.display()
+    );
+    bin
+}
