@@ -388,3 +388,43 @@ async fn a_handle_reports_unknown_sagas_other_types_and_timeouts() {
     assert!(outcome.failure.is_some(), "the cancel's reason is kept");
     rt.shutdown().await;
 }
+
+/// A runtime that shuts down lets go of its handles: one waiting for an outcome gives up
+/// with `ShuttingDown` instead of waiting forever, and one kept afterwards answers the
+/// same (a handle holds nothing of the runtime: its shutdown does not wait for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_give_up_when_their_runtime_shuts_down() {
+    let backend = Resources::new(Backend::MemoryInProcess).await;
+    let checkout = checkout_definition(fast_timing()).expect("valid definition");
+    // No participants: the saga waits on its first reply.
+    let rt = Runtime::builder()
+        .store(Arc::clone(&backend.store))
+        .bus(backend.bus().await)
+        .register(&checkout)
+        .options(options())
+        .start()
+        .await
+        .expect("runtime starts");
+    let handle = rt
+        .start_saga(&checkout, &tea_order("orphan"))
+        .await
+        .expect("starts");
+    let waiting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.outcome().await }
+    });
+    common::wait_until("the handle waits", async || {
+        (rt.store().load(handle.id()).await.ok()??.state.status == SagaStatus::Running)
+            .then_some(())
+    })
+    .await;
+    rt.shutdown().await;
+    let err = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("the waiting handle gives up")
+        .expect("joins")
+        .expect_err("no outcome");
+    assert!(matches!(err, RuntimeError::ShuttingDown), "{err}");
+    let err = handle.status().await.expect_err("runtime gone");
+    assert!(matches!(err, RuntimeError::ShuttingDown), "{err}");
+}

@@ -30,7 +30,7 @@ use skald_runtime::ports::{
     OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
     SagaWrite, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Column, Postgres, Row, Transaction, TypeInfo};
 use uuid::Uuid;
 
@@ -39,6 +39,8 @@ use crate::sql::{
     CommitBatch, CommitWrite, QueryRow, classify, corrupt, decode_dead_letter, decode_state,
     due_in_order, encode_headers, encode_json, limit, ms, outbox_in_order, parse_id,
 };
+
+pub use crate::sql::TxStart;
 
 /// The embedded migrations (`migrations/postgres`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -158,9 +160,87 @@ impl PostgresStore {
         })
     }
 
-    /// The connection pool.
+    /// The connection pool: for the caller's own transactions on skald's database
+    /// ([`PostgresStore::start_in`]), among others.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Writes a prepared saga start (`Runtime::prepare_start`,
+    /// `Runtime::prepare_start_keyed`) in the caller's own transaction, `conn`: the saga's
+    /// row, its journal entry and its outbox rows, with the same statement a group commit
+    /// uses (`skald_commit`, one round trip). The saga and the caller's rows commit
+    /// together, or not at all; once the transaction commits, the outbox relay of any
+    /// skald process on this database publishes the first command (within its
+    /// `outbox_poll_interval`), and `Runtime::started` gives the saga's handle. A rollback
+    /// leaves no saga and sends nothing.
+    ///
+    /// `conn` must be a connection to the database the runtime's store uses (the same
+    /// database, where skald's tables are): [`PostgresStore::pool`] gives one, or the
+    /// application's own pool on that database. Pass the transaction (`&mut *tx`).
+    ///
+    /// A saga with the same id that exists (a keyed start whose key was used, by a
+    /// transaction that committed) is answered [`TxStart::Existing`]: nothing is written
+    /// and, no statement having failed, the transaction is as it was, to commit or roll
+    /// back. (A concurrent transaction writing the same key makes this one wait for its
+    /// outcome.) An `Err` is the database's, and leaves the transaction to roll back, as
+    /// any failed statement does in PostgreSQL.
+    ///
+    /// ```no_run
+    /// # use skald_adapters::postgres::{PostgresStore, TxStart};
+    /// # use skald_runtime::definition::SagaDefinition;
+    /// # use skald_runtime::runtime::{Runtime, SagaHandle};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct Checkout { order_id: String, total_cents: i64 }
+    /// # async fn place_order(
+    /// #     runtime: &Runtime,
+    /// #     store: &PostgresStore,
+    /// #     checkout: &SagaDefinition<Checkout>,
+    /// # ) -> Result<SagaHandle<Checkout>, Box<dyn std::error::Error>> {
+    /// // CREATE TABLE orders (id text PRIMARY KEY, total_cents bigint NOT NULL)
+    /// let order = Checkout { order_id: "o-42".into(), total_cents: 1250 };
+    /// // Decided before the transaction (no I/O): one checkout saga per order id.
+    /// let start = runtime.prepare_start_keyed(checkout, &order.order_id, &order)?;
+    ///
+    /// let mut tx = store.pool().begin().await?;
+    /// sqlx::query("INSERT INTO orders (id, total_cents) VALUES ($1, $2)")
+    ///     .bind(&order.order_id)
+    ///     .bind(order.total_cents)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// match PostgresStore::start_in(&mut *tx, &start).await? {
+    ///     TxStart::Written(_) => {
+    ///         tx.commit().await?;
+    ///         // The first command goes out through the outbox now.
+    ///         Ok(runtime.started(start))
+    ///     }
+    ///     // This order's saga exists: nothing of it was written here.
+    ///     TxStart::Existing(id) => {
+    ///         tx.rollback().await?;
+    ///         Ok(runtime.saga(checkout, id))
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn start_in(
+        conn: &mut PgConnection,
+        start: &(impl AsRef<SagaWrite> + ?Sized),
+    ) -> Result<TxStart, StoreError> {
+        let write = start.as_ref();
+        crate::sql::check_start(write)?;
+        let batch = CommitBatch {
+            published: &[],
+            writes: vec![CommitWrite::of(write)],
+        };
+        let answer: String = sqlx::query_scalar("SELECT skald_commit($1::jsonb)::text")
+            .bind(encode_json(&batch)?)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(store_error)?;
+        match decode_commit_answer(&answer, 1)?.as_slice() {
+            [outcome] => crate::sql::tx_start(write.id, *outcome),
+            _ => Err(StoreError::Other("skald_commit answered no outcome".into())),
+        }
     }
 
     /// A large group commit: a fixed number of set-based statements (UNNEST arrays)
@@ -445,6 +525,29 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// `skald_commit`'s answer for `writes` writes: their outcomes, in the order given.
+fn decode_commit_answer(answer: &str, writes: usize) -> Result<Vec<WriteOutcome>, StoreError> {
+    let answer: Vec<serde_json::Value> =
+        serde_json::from_str(answer).map_err(|e| corrupt("skald_commit's answer", e))?;
+    if answer.len() != writes {
+        return Err(StoreError::Other(format!(
+            "skald_commit answered {} outcomes for {writes} writes",
+            answer.len()
+        )));
+    }
+    answer
+        .into_iter()
+        .map(|a| match a {
+            serde_json::Value::Number(v) => Ok(WriteOutcome::Committed {
+                version: v.as_u64().ok_or_else(|| corrupt("version", &v))?,
+            }),
+            serde_json::Value::String(s) if s == "duplicate" => Ok(WriteOutcome::Duplicate),
+            serde_json::Value::String(s) if s == "conflict" => Ok(WriteOutcome::Conflict),
+            other => Err(corrupt("skald_commit's answer", other)),
+        })
+        .collect()
+}
+
 /// Binds a list as one array parameter.
 fn strings<T: ToString>(xs: impl Iterator<Item = T>) -> Vec<String> {
     xs.map(|x| x.to_string()).collect()
@@ -545,25 +648,10 @@ impl SagaStore for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .map_err(store_error)?;
-        let answer: Vec<serde_json::Value> =
-            serde_json::from_str(&answer).map_err(|e| corrupt("skald_commit's answer", e))?;
-        if answer.len() != writes.len() {
-            return Err(StoreError::Other(format!(
-                "skald_commit answered {} outcomes for {} writes",
-                answer.len(),
-                writes.len()
-            )));
-        }
+        let answer = decode_commit_answer(&answer, writes.len())?;
         let mut outcomes = vec![WriteOutcome::Conflict; writes.len()];
-        for (&i, a) in order.iter().zip(answer) {
-            outcomes[i] = match a {
-                serde_json::Value::Number(v) => WriteOutcome::Committed {
-                    version: v.as_u64().ok_or_else(|| corrupt("version", &v))?,
-                },
-                serde_json::Value::String(s) if s == "duplicate" => WriteOutcome::Duplicate,
-                serde_json::Value::String(s) if s == "conflict" => WriteOutcome::Conflict,
-                other => return Err(corrupt("skald_commit's answer", other)),
-            };
+        for (&i, outcome) in order.iter().zip(answer) {
+            outcomes[i] = outcome;
         }
         Ok(outcomes)
     }

@@ -16,8 +16,8 @@ use skald_runtime::ports::{
     SagaWrite, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
@@ -26,6 +26,8 @@ use crate::sql::{
     CommitWrite, QueryRow, classify, corrupt, decode_dead_letter, decode_state, due_in_order,
     encode_headers, encode_json, limit, ms, outbox_in_order, parse_id,
 };
+
+pub use crate::sql::TxStart;
 
 /// The embedded migrations (`migrations/sqlite`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -170,9 +172,85 @@ impl SqliteStore {
         })
     }
 
-    /// The connection pool (other components of a process may share the file).
+    /// The connection pool (other components of a process may share the file): for the
+    /// caller's own transactions on skald's database ([`SqliteStore::start_in`]), among
+    /// others.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Writes a prepared saga start (`Runtime::prepare_start`,
+    /// `Runtime::prepare_start_keyed`) in the caller's own transaction, `conn`: the saga's
+    /// row, its journal entry and its outbox rows, with the statements a commit uses. The
+    /// saga and the caller's rows commit together, or not at all; once the transaction
+    /// commits, the runtime's outbox relay publishes the first command (within its
+    /// `outbox_poll_interval`), and `Runtime::started` gives the saga's handle. A rollback
+    /// leaves no saga and sends nothing.
+    ///
+    /// `conn` must be a connection to the database file the runtime's store uses:
+    /// [`SqliteStore::pool`] gives one, or a pool of the application's own on that file
+    /// opened with [`open_pool`] (WAL mode, and the store's busy timeout: it waits for
+    /// the write lock while the runtime commits, rather than failing with "database is
+    /// locked"). Pass the transaction (`&mut *tx`). SQLite has one writer at a time:
+    /// begin the transaction with `BEGIN IMMEDIATE` (it takes the write lock up front,
+    /// waiting up to the busy timeout, rather than failing when a read is followed by a
+    /// write), and keep it short: the runtime's commits wait while it holds the lock.
+    ///
+    /// The rows are written under a savepoint: a failure part-way takes back what this
+    /// wrote and leaves the caller's transaction usable. A saga with the same id that
+    /// exists (a keyed start whose key was used) is answered [`TxStart::Existing`]:
+    /// nothing is written, and the transaction is as it was, to commit or roll back.
+    ///
+    /// ```no_run
+    /// # use skald_adapters::sqlite::{SqliteStore, TxStart};
+    /// # use skald_runtime::definition::SagaDefinition;
+    /// # use skald_runtime::runtime::{Runtime, SagaHandle};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct Checkout { order_id: String, total_cents: i64 }
+    /// # async fn place_order(
+    /// #     runtime: &Runtime,
+    /// #     store: &SqliteStore,
+    /// #     checkout: &SagaDefinition<Checkout>,
+    /// # ) -> Result<SagaHandle<Checkout>, Box<dyn std::error::Error>> {
+    /// // CREATE TABLE orders (id TEXT PRIMARY KEY, total_cents INTEGER NOT NULL),
+    /// // in the file the runtime's store uses.
+    /// let order = Checkout { order_id: "o-42".into(), total_cents: 1250 };
+    /// // Decided before the transaction (no I/O): one checkout saga per order id.
+    /// let start = runtime.prepare_start_keyed(checkout, &order.order_id, &order)?;
+    ///
+    /// let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
+    /// sqlx::query("INSERT INTO orders (id, total_cents) VALUES (?, ?)")
+    ///     .bind(&order.order_id)
+    ///     .bind(order.total_cents)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// match SqliteStore::start_in(&mut *tx, &start).await? {
+    ///     TxStart::Written(_) => {
+    ///         tx.commit().await?;
+    ///         // The first command goes out through the outbox now.
+    ///         Ok(runtime.started(start))
+    ///     }
+    ///     // This order's saga exists: nothing of it was written here.
+    ///     TxStart::Existing(id) => {
+    ///         tx.rollback().await?;
+    ///         Ok(runtime.saga(checkout, id))
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn start_in(
+        conn: &mut SqliteConnection,
+        start: &(impl AsRef<SagaWrite> + ?Sized),
+    ) -> Result<TxStart, StoreError> {
+        use sqlx::Connection;
+        let write = start.as_ref();
+        crate::sql::check_start(write)?;
+        // A savepoint inside the caller's transaction (a transaction of its own outside
+        // one): dropped on an error, it takes back what was written so far.
+        let mut savepoint = conn.begin().await.map_err(store_error)?;
+        let outcome = apply_write(&mut savepoint, write).await?;
+        savepoint.commit().await.map_err(store_error)?;
+        crate::sql::tx_start(write.id, outcome)
     }
 }
 
@@ -200,7 +278,7 @@ pub async fn open_pool(url: &str, options: &SqliteOptions) -> Result<SqlitePool,
 /// Writes the saga row of `w` (insert, versioned update, or for a journal-only write a
 /// version check). `None`: the version did not match (a conflict).
 async fn write_state(
-    tx: &mut Transaction<'static, Sqlite>,
+    conn: &mut SqliteConnection,
     w: &SagaWrite,
     id: &str,
 ) -> Result<Option<u64>, StoreError> {
@@ -211,7 +289,7 @@ async fn write_state(
         let current: Option<i64> =
             sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = ?")
                 .bind(id)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(store_error)?;
         let same = current.and_then(|v| u64::try_from(v).ok()) == Some(w.expected_version);
@@ -234,7 +312,7 @@ async fn write_state(
         .bind(wake)
         .bind(ms(state.created_at))
         .bind(ms(state.updated_at))
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
     } else {
         // A state change ends any claim on the old wake-up.
@@ -249,7 +327,7 @@ async fn write_state(
         .bind(ms(state.updated_at))
         .bind(id)
         .bind(next - 1)
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
     }
     .map_err(store_error)?
@@ -258,7 +336,7 @@ async fn write_state(
 }
 
 async fn apply_write(
-    tx: &mut Transaction<'static, Sqlite>,
+    conn: &mut SqliteConnection,
     w: &SagaWrite,
 ) -> Result<WriteOutcome, StoreError> {
     let id = w.id.to_string();
@@ -272,7 +350,7 @@ async fn apply_write(
         .bind(message_id)
         .bind(&id)
         .bind(ms(at))
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
         .map_err(store_error)?
         .rows_affected();
@@ -280,12 +358,12 @@ async fn apply_write(
             return Ok(WriteOutcome::Duplicate);
         }
     }
-    let Some(version) = write_state(tx, w, &id).await? else {
+    let Some(version) = write_state(conn, w, &id).await? else {
         // Nothing of a conflicting write may stay, its inbox entry included.
         if let Some(message_id) = &w.inbox {
             sqlx::query("DELETE FROM inbox WHERE message_id = ?")
                 .bind(message_id)
-                .execute(&mut **tx)
+                .execute(&mut *conn)
                 .await
                 .map_err(store_error)?;
         }
@@ -301,18 +379,18 @@ async fn apply_write(
         .bind(i64::from(entry.schema_version))
         .bind(&entry.kind)
         .bind(body)
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
         .map_err(store_error)?;
     }
-    write_row_extras(tx, w, &id).await?;
+    write_row_extras(conn, w, &id).await?;
     Ok(WriteOutcome::Committed { version })
 }
 
 /// The rows of a committed write that both commit paths write one by one: the dead
 /// letters' resolution (a re-drive), a new dead letter, the outbox rows.
 async fn write_row_extras(
-    tx: &mut Transaction<'static, Sqlite>,
+    conn: &mut SqliteConnection,
     w: &SagaWrite,
     id: &str,
 ) -> Result<(), StoreError> {
@@ -324,14 +402,14 @@ async fn write_row_extras(
         )
         .bind(ms(now))
         .bind(id)
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
         .map_err(store_error)?;
     }
     if let Some(dl) = &w.dead_letter {
-        insert_dead_letter(&mut **tx, dl).await?;
+        insert_dead_letter(&mut *conn, dl).await?;
     }
-    insert_outbox(tx, Some(id), &w.outbox).await
+    insert_outbox(conn, Some(id), &w.outbox).await
 }
 
 /// `[w1, w2, ...]` from writes already serialized one by one.
@@ -489,7 +567,7 @@ async fn apply_set(
 }
 
 async fn insert_outbox(
-    tx: &mut Transaction<'static, Sqlite>,
+    conn: &mut SqliteConnection,
     saga_id: Option<&str>,
     rows: &[OutboxMessage],
 ) -> Result<(), StoreError> {
@@ -505,7 +583,7 @@ async fn insert_outbox(
         .bind(m.message.payload.as_ref())
         .bind(ms(crate::created_at(m.id)))
         .bind(ms(m.available_at))
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
         .map_err(store_error)?;
     }

@@ -8,7 +8,7 @@ mod rows;
 
 use skald_runtime::ids::SagaId;
 use skald_runtime::machine::Timestamp;
-use skald_runtime::ports::{Headers, StoreError};
+use skald_runtime::ports::{Headers, SagaWrite, StoreError, WriteOutcome};
 
 pub(crate) use commit::{
     CommitBatch, CommitWrite, check_versions, mark_duplicates, rounds, settle,
@@ -19,6 +19,63 @@ pub(crate) use rows::{
     decode_sweep, decode_type_count, decode_version_count, due_in_order, outbox_in_order,
     store_stats, stored_secret,
 };
+
+/// What a store's `start_in` did in the caller's transaction (`PostgresStore::start_in`,
+/// `SqliteStore::start_in`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a start that found its saga existing wrote nothing: check which it was"]
+pub enum TxStart {
+    /// The saga's row, its journal entry and its outbox rows (its first command) are
+    /// written in the caller's transaction: the saga exists, and its command goes out,
+    /// once that transaction commits; a rollback takes them back with the caller's rows.
+    Written(SagaId),
+    /// A saga with this id exists already (a keyed start whose key was used, by a
+    /// transaction that committed): nothing was written, and the caller's transaction
+    /// is as it was, to commit or roll back.
+    Existing(SagaId),
+}
+
+impl TxStart {
+    /// The saga: the new one, or the existing one with that id.
+    pub fn id(self) -> SagaId {
+        match self {
+            TxStart::Written(id) | TxStart::Existing(id) => id,
+        }
+    }
+
+    /// Whether the saga existed already (nothing was written).
+    pub fn is_existing(self) -> bool {
+        matches!(self, TxStart::Existing(_))
+    }
+}
+
+/// Checks that a write given to `start_in` creates a saga: expected version 0, a state
+/// of that saga, no inbox entry (what `Runtime::prepare_start` makes).
+pub(crate) fn check_start(w: &SagaWrite) -> Result<(), StoreError> {
+    let creates = w.expected_version == 0
+        && w.state.as_ref().is_some_and(|s| s.id == w.id)
+        && w.inbox.is_none();
+    if creates {
+        Ok(())
+    } else {
+        Err(StoreError::Other(format!(
+            "saga {}: a transactional start writes a new saga (a start from              Runtime::prepare_start), not a transition of an existing one",
+            w.id
+        )))
+    }
+}
+
+/// What `start_in` answers for the outcome of its one write.
+pub(crate) fn tx_start(id: SagaId, outcome: WriteOutcome) -> Result<TxStart, StoreError> {
+    match outcome {
+        WriteOutcome::Committed { .. } => Ok(TxStart::Written(id)),
+        // A creation conflicts only with a saga of the same id.
+        WriteOutcome::Conflict => Ok(TxStart::Existing(id)),
+        WriteOutcome::Duplicate => Err(StoreError::Other(format!(
+            "saga {id}: a transactional start was answered as a duplicate message"
+        ))),
+    }
+}
 
 pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))

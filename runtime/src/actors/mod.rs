@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 pub use decide::Condition;
+pub(crate) use decide::{Decider, Then};
 pub use instance::{Applied, Apply, SagaInstance, Wake};
 pub(crate) use publisher::{publish_outbox, publisher};
 pub use registry::{Lookup, Registry};
@@ -83,6 +84,8 @@ pub struct OutcomeHub {
     /// The handles waiting for a saga to settle, by saga. Woken by this process's
     /// settles at once, and by the outcome poller for sagas another process settles.
     watchers: Mutex<HashMap<SagaId, Vec<Arc<WatchSlot>>>>,
+    /// The runtime shut down: waiting handles give up.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Where a settle reaches one waiting handle.
@@ -104,6 +107,11 @@ pub(crate) struct OutcomeWatch {
 }
 
 impl OutcomeWatch {
+    /// Whether the runtime shut down (nothing will wake this watch again).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.hub.is_closed()
+    }
+
     /// Resolves once woken (at once if woken since the last call), with the settled
     /// state when this process settled the saga; `None` when the poller found it
     /// settled in the store (read it there).
@@ -153,6 +161,21 @@ impl OutcomeHub {
             id,
             slot,
         }
+    }
+
+    /// The runtime is shutting down: every waiting handle wakes and gives up.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Ok(w) = self.watchers.lock() {
+            for slot in w.values().flatten() {
+                slot.notify.notify_one();
+            }
+        }
+    }
+
+    /// Whether the runtime shut down.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// The sagas handles are waiting for (the outcome poller asks the store about them).
@@ -345,6 +368,9 @@ pub struct Shared {
     pub(crate) reply_keys: crate::auth::ReplyKeys,
     /// Transitions allowed to wait for room in the publisher's queue when it is full.
     pub(crate) publish_waiters: Arc<tokio::sync::Semaphore>,
+    /// Wakes the outbox relay before its next poll: rows committed outside the runtime
+    /// (a start in the caller's transaction) go out at once.
+    pub(crate) relay_nudge: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Shared {

@@ -289,6 +289,7 @@ impl RuntimeBuilder {
             fatal,
             reply_keys,
             publish_waiters: Arc::new(Semaphore::new(PUBLISHER_QUEUE)),
+            relay_nudge: tokio::sync::Notify::new(),
         });
         let publisher = tokio::spawn(publisher(Arc::clone(&shared), publisher_rx));
 

@@ -8,7 +8,7 @@
 //! waiting handle together) finds the sagas other processes settled.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -25,8 +25,8 @@ use crate::ports::StoredSaga;
 
 /// A handle to one saga of a definition whose data is `D`: from
 /// [`Runtime::start_saga`](super::Runtime::start_saga), a keyed start, or
-/// [`Runtime::saga`](super::Runtime::saga) for an existing id. Cheap to clone; valid as
-/// long as the runtime it came from runs.
+/// [`Runtime::saga`](super::Runtime::saga) for an existing id. Cheap to clone; answers as
+/// long as the runtime it came from runs, and `RuntimeError::ShuttingDown` after.
 ///
 /// ```no_run
 /// # async fn demo(runtime: &skald_runtime::runtime::Runtime,
@@ -45,7 +45,9 @@ pub struct SagaHandle<D> {
     id: SagaId,
     existing: bool,
     definition: SagaDefinition<D>,
-    shared: Arc<Shared>,
+    /// Weak: a handle kept after its runtime shut down holds nothing of it (the commit
+    /// loop ends when the runtime does) and answers `ShuttingDown`.
+    shared: Weak<Shared>,
     registry: Addr<Registry>,
     _data: PhantomData<fn() -> D>,
 }
@@ -56,7 +58,7 @@ impl<D> Clone for SagaHandle<D> {
             id: self.id,
             existing: self.existing,
             definition: self.definition.clone(),
-            shared: Arc::clone(&self.shared),
+            shared: Weak::clone(&self.shared),
             registry: self.registry.clone(),
             _data: PhantomData,
         }
@@ -114,14 +116,14 @@ where
         id: SagaId,
         existing: bool,
         definition: &SagaDefinition<D>,
-        shared: Arc<Shared>,
+        shared: &Arc<Shared>,
         registry: Addr<Registry>,
     ) -> Self {
         SagaHandle {
             id,
             existing,
             definition: definition.clone(),
-            shared,
+            shared: Arc::downgrade(shared),
             registry,
             _data: PhantomData,
         }
@@ -161,13 +163,21 @@ where
     pub async fn outcome(&self) -> Result<SagaView<D>, RuntimeError> {
         // Register before reading: a settle between the read and the wait still wakes
         // this handle.
-        let watch = self.shared.outcomes.watch(self.id);
+        let watch = self.shared()?.outcomes.watch(self.id);
         let mut state = self.load_patiently().await?;
         loop {
             if state.status.is_settled() {
                 return self.view(state);
             }
-            state = match watch.woken().await {
+            // Checked after registering: a shutdown before it woke nobody here.
+            if watch.is_closed() {
+                return Err(RuntimeError::ShuttingDown);
+            }
+            let woken = watch.woken().await;
+            if watch.is_closed() {
+                return Err(RuntimeError::ShuttingDown);
+            }
+            state = match woken {
                 // Settled by this process: its state is here, no read needed.
                 Some(settled) => (*settled).clone(),
                 None => self.load_patiently().await?,
@@ -213,11 +223,16 @@ where
         }
     }
 
+    /// The runtime, while it runs.
+    fn shared(&self) -> Result<Arc<Shared>, RuntimeError> {
+        self.shared.upgrade().ok_or(RuntimeError::ShuttingDown)
+    }
+
     async fn load(&self) -> Result<StoredSaga, RuntimeError> {
-        let store = Arc::clone(&self.shared.store);
+        let shared = self.shared()?;
+        let store = Arc::clone(&shared.store);
         let id = self.id;
-        let stored = self
-            .shared
+        let stored = shared
             .on_io(async move { store.load(id).await.map_err(RuntimeError::from) })
             .await?
             .ok_or(RuntimeError::UnknownSaga(self.id))?;
@@ -243,7 +258,7 @@ where
                 def.data_version()
             )));
         }
-        crate::upcast::upcast_saga_data(&self.shared.upcasters, def, &mut state)
+        crate::upcast::upcast_saga_data(&self.shared()?.upcasters, def, &mut state)
             .map_err(|e| RuntimeError::DataUnreadable(e.to_string()))?;
         let data = self.definition.decode(&state.data)?;
         Ok(SagaView {

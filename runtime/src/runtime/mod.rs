@@ -36,6 +36,7 @@ use tracing::{Instrument, debug, info, warn};
 
 pub use builder::{IntoBus, IntoStore, RuntimeBuilder};
 pub use handle::{SagaHandle, SagaView};
+pub use transactional::PreparedStart;
 pub use intake::MAX_REQUEST_TTL;
 pub(crate) use intake::reply_consumer;
 pub use options::RuntimeOptions;
@@ -245,13 +246,7 @@ impl Runtime {
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
-        SagaHandle::new(
-            id,
-            existing,
-            definition,
-            Arc::clone(&self.shared),
-            self.registry.clone(),
-        )
+        SagaHandle::new(id, existing, definition, &self.shared, self.registry.clone())
     }
 
     /// Applies every wake-up due by the runtime's clock now (retries whose backoff
@@ -377,6 +372,8 @@ impl Runtime {
     pub async fn shutdown(mut self) {
         // Stop taking replies, then the actors; the commit loop goes last, so that a
         // transition in flight is committed (or not) as a whole, never cut in half.
+        // Handles waiting for an outcome give up (nothing here will settle a saga).
+        self.shared.outcomes.close();
         let commit_task = self.tasks.pop();
         for t in &self.tasks {
             t.abort();

@@ -128,7 +128,9 @@ pub(super) async fn relay(shared: Arc<Shared>) {
                 warn!(error = %e, "outbox relay: claiming rows failed; will retry");
             }
         }
-        tokio::time::sleep(shared.options.outbox_poll_interval).await;
+        // The next poll, or sooner when rows were committed outside the runtime.
+        let nudged = shared.relay_nudge.notified();
+        let _ = tokio::time::timeout(shared.options.outbox_poll_interval, nudged).await;
     }
 }
 
