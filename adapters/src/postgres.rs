@@ -171,8 +171,9 @@ impl PostgresStore {
     /// row, its journal entry and its outbox rows, with the same statement a group commit
     /// uses (`skald_commit`, one round trip). The saga and the caller's rows commit
     /// together, or not at all; once the transaction commits, the outbox relay of any
-    /// skald process on this database publishes the first command (within its
-    /// `outbox_poll_interval`), and `Runtime::started` gives the saga's handle. A rollback
+    /// skald process on this database publishes the first command: `Runtime::started`
+    /// gives the saga's handle and wakes this process's relay (any other relay on the
+    /// database takes it within its `outbox_poll_interval`). A rollback
     /// leaves no saga and sends nothing.
     ///
     /// `conn` must be a connection to the database the runtime's store uses (the same

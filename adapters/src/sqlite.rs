@@ -183,8 +183,9 @@ impl SqliteStore {
     /// `Runtime::prepare_start_keyed`) in the caller's own transaction, `conn`: the saga's
     /// row, its journal entry and its outbox rows, with the statements a commit uses. The
     /// saga and the caller's rows commit together, or not at all; once the transaction
-    /// commits, the runtime's outbox relay publishes the first command (within its
-    /// `outbox_poll_interval`), and `Runtime::started` gives the saga's handle. A rollback
+    /// commits, the runtime's outbox relay publishes the first command: `Runtime::started`
+    /// gives the saga's handle and wakes this process's relay (any other relay on the
+    /// database takes it within its `outbox_poll_interval`). A rollback
     /// leaves no saga and sends nothing.
     ///
     /// `conn` must be a connection to the database file the runtime's store uses:
