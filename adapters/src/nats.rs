@@ -10,6 +10,10 @@
 //! - A subscription is a durable pull consumer (named after the group, filtered on the
 //!   subjects: several filter subjects need nats-server >= 2.10, which is checked at
 //!   connect time), with explicit ack, nak-with-delay and term.
+//! - Requests ([`Bus::serve`], [`Bus::request`]) are core NATS request/reply on
+//!   subjects outside the streams (start requests, `skald.start.<saga_type>`): a queue
+//!   subscription, each request answered on its reply subject; a subject a stream
+//!   captures is refused, since JetStream would answer there with a publish ack.
 //! - Connection loss: async-nats reconnects by itself; the consumer pump re-creates its
 //!   message stream with backoff and logs what happens; nothing panics.
 
@@ -18,8 +22,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::StreamExt;
-use skald_runtime::ports::{Acker, Bus, BusError, Delivery, Headers, Message, Subscription};
+use skald_runtime::ports::{
+    Acker, Bus, BusError, Delivery, Headers, Message, Request, RequestStream, Responder,
+    Subscription,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -604,6 +612,71 @@ impl Bus for NatsBus {
         true
     }
 
+    async fn serve(&self, subject: &str, queue: &str) -> Result<RequestStream, BusError> {
+        // A stream capturing the subject would answer every request with its publish
+        // ack, before (and besides) the server.
+        if let Ok(stream) = self.stream_for(subject) {
+            return Err(BusError::Other(format!(
+                "cannot serve requests on {subject}: stream {stream} captures it, and \
+                 JetStream would answer them with its publish acknowledgement"
+            )));
+        }
+        let subscriber = self
+            .client
+            .queue_subscribe(subject.to_owned(), queue.to_owned())
+            .await
+            .map_err(|e| other(format!("subscribing to {subject} (queue {queue}): {e}")))?;
+        // Once the server has the subscription, a request finds a responder.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("subscribing to {subject}: {e}")))?;
+        let client = self.client.clone();
+        Ok(Box::pin(subscriber.map(move |m| {
+            let message = Message {
+                subject: m.subject.to_string(),
+                headers: from_nats_headers(m.headers.as_ref()),
+                payload: m.payload,
+            };
+            let responder = NatsResponder {
+                client: client.clone(),
+                reply: m.reply,
+            };
+            Request::new(message, Box::new(responder))
+        })))
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        let request = async_nats::Request::new()
+            .headers(to_nats_headers(&headers))
+            .payload(payload)
+            .timeout(Some(timeout));
+        let answer = self
+            .client
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    BusError::NoResponders(subject.to_owned())
+                }
+                async_nats::RequestErrorKind::TimedOut => BusError::Unavailable(format!(
+                    "request on {subject}: no answer within {timeout:?}"
+                )),
+                _ => BusError::Unavailable(format!("request on {subject}: {e}")),
+            })?;
+        Ok(Message {
+            subject: answer.subject.to_string(),
+            headers: from_nats_headers(answer.headers.as_ref()),
+            payload: answer.payload,
+        })
+    }
+
     async fn consumer_lag(&self, subject: &str, group: &str) -> Result<Option<u64>, BusError> {
         let stream_name = self.stream_for(subject)?;
         let stream = self
@@ -689,6 +762,25 @@ async fn pump(
         }
         let backoff = Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Answers a served request on its reply subject.
+struct NatsResponder {
+    client: async_nats::Client,
+    reply: Option<async_nats::Subject>,
+}
+
+#[async_trait]
+impl Responder for NatsResponder {
+    async fn respond(self: Box<Self>, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        let Some(reply) = self.reply else {
+            return Ok(());
+        };
+        self.client
+            .publish_with_headers(reply, to_nats_headers(&headers), payload)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("answering a request: {e}")))
     }
 }
 

@@ -113,6 +113,7 @@ impl DataError {
 }
 
 type BuildFn = Arc<dyn Fn(&Value) -> Result<Value, DataError> + Send + Sync>;
+type ReadDataFn = fn(&Value) -> Result<Value, DataError>;
 type ApplyFn = Arc<dyn Fn(&Value, &Value) -> Result<Value, DataError> + Send + Sync>;
 
 /// A command as declared: where it goes and how its payload is built from the data.
@@ -210,12 +211,31 @@ impl fmt::Debug for StepDefinition {
 }
 
 /// A validated, type-erased saga definition: what the machine runs.
-#[derive(Debug)]
 pub struct Definition {
     saga_type: SagaType,
     version: u32,
     data_version: u32,
     steps: Vec<StepDefinition>,
+    /// Decodes JSON as the saga data type `D` and encodes it again (set by the typed
+    /// builder): what a start from untyped JSON checks its data with.
+    read_data: ReadDataFn,
+}
+
+impl fmt::Debug for Definition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Definition")
+            .field("saga_type", &self.saga_type)
+            .field("version", &self.version)
+            .field("data_version", &self.data_version)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `data` decoded as `D` and encoded again.
+fn read_data<D: Serialize + DeserializeOwned>(data: &Value) -> Result<Value, DataError> {
+    let typed = D::deserialize(data).map_err(|e| DataError::new("decoding saga data", e))?;
+    serde_json::to_value(&typed).map_err(|e| DataError::new("encoding saga data", e))
 }
 
 impl Definition {
@@ -242,6 +262,33 @@ impl Definition {
     /// Position of the step named `name`.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name.as_str() == name)
+    }
+
+    /// Reads `data` as this definition's saga data type (the `D` it was built over,
+    /// at [`Definition::data_version`]) and writes it back: the data a saga started
+    /// with it stores, exactly as a typed start with the decoded value would store it.
+    /// An error, with serde's reason, when `data` is not one: a start from untyped JSON
+    /// (a start request over the bus) is refused with it before anything is stored,
+    /// rather than stored and dead-lettered when its first command is built.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_core::definition::{SagaDefinition, Step};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Order { id: String, #[serde(default)] note: Option<String> }
+    /// let def = SagaDefinition::<Order>::builder("order", 1)
+    ///     .step(Step::new("ship").action("skald.cmd.shipping.ship", |o: &Order| o.id.clone()))
+    ///     .build()
+    ///     .expect("valid");
+    /// let read = def.definition().read_data(&serde_json::json!({"id": "o-1"})).expect("an Order");
+    /// assert_eq!(read, serde_json::json!({"id": "o-1", "note": null}));
+    /// let err = def.definition().read_data(&serde_json::json!({"id": 7})).expect_err("not an Order");
+    /// assert!(err.to_string().starts_with("decoding saga data: invalid type"), "{err}");
+    /// ```
+    pub fn read_data(&self, data: &Value) -> Result<Value, DataError> {
+        (self.read_data)(data)
     }
 }
 
@@ -478,6 +525,7 @@ where
                 version: self.version,
                 data_version: self.data_version,
                 steps,
+                read_data: read_data::<D>,
             }),
             _data: PhantomData,
         })
@@ -810,6 +858,24 @@ mod tests {
             .build()
             .expect_err("refused");
         assert!(matches!(err, DefinitionError::InvalidSagaType(_)));
+    }
+
+    #[test]
+    fn data_is_read_as_the_definitions_type() {
+        let def = build(vec![step("a")]).expect("valid");
+        let erased = def.definition();
+        assert_eq!(
+            erased.read_data(&serde_json::json!({"n": 3, "extra": true})),
+            Ok(serde_json::json!({"n": 3}))
+        );
+        let err = erased
+            .read_data(&serde_json::json!({"n": -1}))
+            .expect_err("not a u32");
+        assert_eq!(err.context, "decoding saga data");
+        assert!(
+            erased.read_data(&serde_json::json!("n")).is_err(),
+            "a string is no Data"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - [`SagaStore`]: saga instances (optimistic concurrency), journal, outbox, inbox, dead
 //!   letters, and claims on due wake-ups and unpublished outbox rows (so several
 //!   processes sharing one store never fire or publish the same thing twice).
-//! - [`Bus`]: publish messages; subscribe with explicit acknowledgement.
+//! - [`Bus`]: publish messages; subscribe with explicit acknowledgement; serve and send
+//!   requests (core request/reply, for start requests).
 //! - [`Clock`] and [`JitterSource`]: injected so tests control time and randomness.
 
 use std::fmt;
@@ -631,6 +632,13 @@ pub enum BusError {
     /// The bus was shut down.
     #[error("bus closed")]
     Closed,
+    /// Nobody serves requests on the subject ([`Bus::request`]): the broker answered at
+    /// once that no subscriber listens there (NATS: a `503` status).
+    #[error("no responders on {0}")]
+    NoResponders(String),
+    /// This bus cannot do what was asked (a bus that does not serve requests).
+    #[error("not supported by this bus: {0}")]
+    Unsupported(String),
     /// Any other error.
     #[error("bus error: {0}")]
     Other(String),
@@ -719,6 +727,45 @@ impl Delivery {
 /// A stream of deliveries.
 pub type Subscription = Pin<Box<dyn Stream<Item = Delivery> + Send>>;
 
+/// How a served request is answered.
+#[async_trait]
+pub trait Responder: Send + Sync + 'static {
+    /// Sends `payload`, with `headers`, to the requester. A request that named nowhere to
+    /// answer (published without a reply subject) is answered to nobody: `Ok`.
+    async fn respond(self: Box<Self>, headers: Headers, payload: Bytes) -> Result<(), BusError>;
+}
+
+/// A request received by [`Bus::serve`], and the way to answer it (at most once).
+pub struct Request {
+    /// The request.
+    pub message: Message,
+    responder: Box<dyn Responder>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request {
+    /// Wraps a request with the way to answer it.
+    pub fn new(message: Message, responder: Box<dyn Responder>) -> Self {
+        Request { message, responder }
+    }
+
+    /// The request and the way to answer it, apart: the message can be dropped before
+    /// the answer is sent.
+    pub fn into_parts(self) -> (Message, Box<dyn Responder>) {
+        (self.message, self.responder)
+    }
+}
+
+/// A stream of requests ([`Bus::serve`]).
+pub type RequestStream = Pin<Box<dyn Stream<Item = Request> + Send>>;
+
 /// Publish/subscribe with explicit acknowledgement.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -757,6 +804,35 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether published messages survive a process restart.
     fn is_durable(&self) -> bool;
+
+    /// Serves requests on `subject` (core request/reply: not stored, not redelivered):
+    /// every request goes to one server of the `queue` group, which answers it through
+    /// its [`Request`]. Dropping the stream stops serving. The default is
+    /// [`BusError::Unsupported`]: a bus that does not serve requests (the runtime then
+    /// runs without its start endpoint, and says so).
+    async fn serve(&self, subject: &str, queue: &str) -> Result<RequestStream, BusError> {
+        let _ = queue;
+        Err(BusError::Unsupported(format!(
+            "this bus does not serve requests (asked to serve {subject})"
+        )))
+    }
+
+    /// Sends a request on `subject` and waits at most `timeout` for its first answer.
+    /// [`BusError::NoResponders`] when nobody serves the subject; a timeout is
+    /// [`BusError::Unavailable`] (the request may still be applied). The default is
+    /// [`BusError::Unsupported`].
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        let _ = (headers, payload, timeout);
+        Err(BusError::Unsupported(format!(
+            "this bus does not send requests (asked to send one on {subject})"
+        )))
+    }
 
     /// How far consumer group `group` on `subject` is behind: messages not yet delivered
     /// plus those delivered and not yet acknowledged. `None` when the bus cannot tell

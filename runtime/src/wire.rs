@@ -196,6 +196,178 @@ pub fn dlq_subject(saga_type: Option<&SagaType>) -> String {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Start requests
+
+/// Prefix of start-request subjects: `skald.start.<saga_type>`.
+pub const START_PREFIX: &str = "skald.start";
+
+/// The subject start requests for saga type `saga_type` are sent on:
+/// `skald.start.<saga_type>` (core NATS request/reply; docs/protocol.md, "Starting a
+/// saga"). No JetStream stream captures it (skald's streams hold `skald.cmd.>`,
+/// `skald.reply.>`, `skald.op.>`, `skald.evt.>` and `skald.dlq.>`), so a request is
+/// answered by an orchestrator, never by a stream's publish acknowledgement; and a NATS
+/// permission on it decides who may start sagas of the type.
+pub fn start_subject(saga_type: &SagaType) -> String {
+    format!("{START_PREFIX}.{saga_type}")
+}
+
+/// A start request's body: `{"data": <saga data>, "key": "<business key>"}`, `key`
+/// optional. Any other field is refused (a misspelt `"Key"` would otherwise make a
+/// retried start a second saga).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The saga's data, as the saga type's definition declares it.
+    pub data: Value,
+    /// The business key: a second start with the same key answers the same saga
+    /// (`"existing": true`). `null` is the same as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Reads a start request's body: a JSON object (serde would also read a struct from
+/// an array, `[data, key]`: refused, the protocol has one form).
+pub fn decode_start_request(body: &[u8]) -> Result<StartRequest, serde_json::Error> {
+    use serde::de::Error as _;
+    if body.trim_ascii_start().first() == Some(&b'[') {
+        return Err(serde_json::Error::custom(
+            "a start request is a JSON object, not an array",
+        ));
+    }
+    serde_json::from_slice(body)
+}
+
+/// Refusal code: the body is not a start request (not JSON, `data` missing, a field
+/// of the wrong type or unknown).
+pub const START_INVALID_REQUEST: &str = "invalid_request";
+/// Refusal code: `data` does not decode as the saga type's data.
+pub const START_INVALID_DATA: &str = "invalid_data";
+/// Refusal code: `key` is empty, longer than 512 bytes or holds control characters.
+pub const START_INVALID_KEY: &str = "invalid_key";
+/// Refusal code: the request is over the orchestrator's inbound size limits.
+pub const START_TOO_LARGE: &str = "too_large";
+/// Refusal code: the orchestrator cannot start it now (store or bus trouble, shutting
+/// down): send it again later, with a key.
+pub const START_UNAVAILABLE: &str = "unavailable";
+/// Refusal code: an error of the orchestrator itself (a bug): nothing to fix in the
+/// request.
+pub const START_INTERNAL: &str = "internal";
+
+/// Header on a refused start's answer: an HTTP-like status for generic NATS service
+/// tooling (400 for a bad request, 413 too large, 503 unavailable, 500 internal).
+pub const H_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+/// Header on a refused start's answer: the reason (at most 512 bytes, control
+/// characters replaced by spaces).
+pub const H_SERVICE_ERROR: &str = "Nats-Service-Error";
+
+/// Why a start request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRefusal {
+    /// `invalid_request`, `invalid_data`, `invalid_key`, `too_large`, `unavailable` or
+    /// `internal` (the `START_*` constants); read any other as `internal`.
+    pub code: String,
+    /// For humans (serde's error for `invalid_data`).
+    pub reason: String,
+}
+
+impl StartRefusal {
+    /// A refusal with `code` and `reason`.
+    pub fn new(code: &str, reason: impl Into<String>) -> Self {
+        StartRefusal {
+            code: code.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether sending the same request again later may succeed (`unavailable`).
+    pub fn is_retryable(&self) -> bool {
+        self.code == START_UNAVAILABLE
+    }
+
+    fn status(&self) -> u16 {
+        match self.code.as_str() {
+            START_INVALID_REQUEST | START_INVALID_DATA | START_INVALID_KEY => 400,
+            START_TOO_LARGE => 413,
+            START_UNAVAILABLE => 503,
+            _ => 500,
+        }
+    }
+}
+
+/// The answer to a start request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAnswer {
+    /// `{"saga_id": "...", "existing": false}`: the saga is stored and its first command
+    /// published (or in the outbox); `existing` when the key's saga already existed
+    /// (this request's `data` was then not used).
+    Started {
+        /// The saga.
+        saga_id: SagaId,
+        /// Whether the key named a saga that already existed.
+        existing: bool,
+    },
+    /// `{"error": {"code": "...", "reason": "..."}}`: nothing was stored.
+    Refused(StartRefusal),
+}
+
+#[derive(Serialize, Deserialize)]
+struct StartAnswerBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    saga_id: Option<SagaId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    existing: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<StartRefusal>,
+}
+
+/// The most bytes of a refusal's reason in the [`H_SERVICE_ERROR`] header.
+const MAX_SERVICE_ERROR: usize = 512;
+
+/// Encodes a start request's answer: its headers and JSON body.
+pub fn encode_start_answer(answer: &StartAnswer) -> (Headers, Bytes) {
+    let mut headers = Headers::new();
+    let body = match answer {
+        StartAnswer::Started { saga_id, existing } => StartAnswerBody {
+            saga_id: Some(*saga_id),
+            existing: Some(*existing),
+            error: None,
+        },
+        StartAnswer::Refused(refusal) => {
+            let reason: String = crate::ports::cap(&refusal.reason, MAX_SERVICE_ERROR)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            headers.insert(H_SERVICE_ERROR_CODE, refusal.status().to_string());
+            headers.insert(H_SERVICE_ERROR, reason);
+            StartAnswerBody {
+                saga_id: None,
+                existing: None,
+                error: Some(refusal.clone()),
+            }
+        }
+    };
+    // A struct of strings, a UUID and a bool: serialising it cannot fail.
+    let payload = serde_json::to_vec(&body).unwrap_or_default();
+    (headers, Bytes::from(payload))
+}
+
+/// Reads a start request's answer (for Rust clients: any JSON library will do).
+pub fn decode_start_answer(body: &[u8]) -> Result<StartAnswer, serde_json::Error> {
+    use serde::de::Error as _;
+    let body: StartAnswerBody = serde_json::from_slice(body)?;
+    match (body.error, body.saga_id) {
+        (Some(refusal), _) => Ok(StartAnswer::Refused(refusal)),
+        (None, Some(saga_id)) => Ok(StartAnswer::Started {
+            saga_id,
+            existing: body.existing.unwrap_or(false),
+        }),
+        (None, None) => Err(serde_json::Error::custom(
+            "a start answer holds either saga_id or error",
+        )),
+    }
+}
+
 /// Header (operator requests): `redrive` or `cancel`.
 pub const H_OPERATOR_ACTION: &str = "Skald-Operator-Action";
 /// Header (operator requests): the operator's name, as the sender claims it (a runtime
@@ -971,6 +1143,59 @@ mod tests {
             action_key: None,
             in_doubt: false,
         }
+    }
+
+    #[test]
+    fn start_requests_and_answers() {
+        let ty = SagaType::new("checkout").expect("name");
+        assert_eq!(start_subject(&ty), "skald.start.checkout");
+        let r = decode_start_request(br#"{"data":{"a":1},"key":"order-1"}"#).expect("valid");
+        assert_eq!(r.key.as_deref(), Some("order-1"));
+        assert_eq!(r.data, serde_json::json!({"a": 1}));
+        let r = decode_start_request(br#"{"data":null,"key":null}"#).expect("valid");
+        assert_eq!((r.data, r.key), (Value::Null, None));
+        for bad in [
+            &br#"{"key":"k"}"#[..],
+            br#"{"data":{},"Key":"k"}"#,
+            br#"{"data":{},"key":42}"#,
+            br#"[1]"#,
+            b"not json",
+        ] {
+            assert!(decode_start_request(bad).is_err(), "{bad:?}");
+        }
+
+        let saga_id = SagaId::new();
+        let started = StartAnswer::Started {
+            saga_id,
+            existing: true,
+        };
+        let (headers, body) = encode_start_answer(&started);
+        assert!(headers.is_empty());
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).expect("json"),
+            serde_json::json!({"saga_id": saga_id.to_string(), "existing": true})
+        );
+        assert_eq!(decode_start_answer(&body).expect("decodes"), started);
+
+        let refused = StartAnswer::Refused(StartRefusal::new(
+            START_INVALID_DATA,
+            "decoding saga data: missing field `id`\r\nX-Injected: 1",
+        ));
+        let (headers, body) = encode_start_answer(&refused);
+        assert_eq!(headers.get(H_SERVICE_ERROR_CODE), Some("400"));
+        let reason = headers.get(H_SERVICE_ERROR).expect("reason header");
+        assert!(!reason.contains(['\r', '\n']), "{reason:?}");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).expect("json"),
+            serde_json::json!({"error": {"code": "invalid_data",
+                "reason": "decoding saga data: missing field `id`\r\nX-Injected: 1"}})
+        );
+        assert_eq!(decode_start_answer(&body).expect("decodes"), refused);
+        assert!(decode_start_answer(b"{}").is_err());
+        let unavailable = StartRefusal::new(START_UNAVAILABLE, "later");
+        assert!(unavailable.is_retryable());
+        let (headers, _) = encode_start_answer(&StartAnswer::Refused(unavailable));
+        assert_eq!(headers.get(H_SERVICE_ERROR_CODE), Some("503"));
     }
 
     #[test]

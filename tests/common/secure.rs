@@ -97,11 +97,14 @@ impl Principal {
     }
 }
 
-/// Subjects a principal may publish to and subscribe to (nats-server `allow` lists).
+/// Subjects a principal may publish to and subscribe to (nats-server `allow` lists),
+/// and whether it may answer the requests it receives (`allow_responses`: publish once
+/// on a received request's reply subject, whatever the allow list says).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    pub allow_responses: bool,
 }
 
 /// The least permissions of each principal for the layout of issue 13 (`None`: no
@@ -114,7 +117,8 @@ pub struct Permissions {
 ///   it and acknowledge what it pulled, and publish replies on `skald.reply.S.>` only;
 /// - an orchestrator: publish commands, events and dead letters; create, update and
 ///   read the streams; create, read and pull its consumers on `SKALD_REPLIES` and
-///   `SKALD_OPS`, acknowledge there;
+///   `SKALD_OPS`, acknowledge there; serve start requests (subscribe to
+///   `skald.start.>`, answer each on its reply subject: `allow_responses`);
 /// - an operator: publish operator requests on `skald.op.>` (the CLI's `NatsBus` reads
 ///   the streams' configuration when it connects), nothing else on the bus.
 ///
@@ -153,9 +157,14 @@ pub fn permissions(principal: Principal) -> Option<Permissions> {
         }
         Principal::Operator => stream_info.chain(["skald.op.>".to_owned()]).collect(),
     };
+    let mut subscribe = vec![principal.inbox()];
+    if principal == Principal::Orchestrator {
+        subscribe.push("skald.start.>".to_owned());
+    }
     Some(Permissions {
         publish,
-        subscribe: vec![principal.inbox()],
+        subscribe,
+        allow_responses: principal == Principal::Orchestrator,
     })
 }
 
@@ -318,9 +327,14 @@ fn permissions_block(principal: Principal) -> String {
     match permissions(principal) {
         None => String::new(),
         Some(p) => format!(
-            ", permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }}",
+            ", permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }}{} }}",
             list(&p.publish),
-            list(&p.subscribe)
+            list(&p.subscribe),
+            if p.allow_responses {
+                ", allow_responses: true"
+            } else {
+                ""
+            }
         ),
     }
 }
@@ -701,18 +715,24 @@ pub mod jwt {
             ),
             None => (json!({}), json!({})),
         };
+        let mut nats = json!({
+            "pub": publish,
+            "sub": subscribe,
+            "subs": -1, "data": -1, "payload": -1,
+            "type": "user",
+            "version": 2,
+        });
+        // `allow_responses`: one answer per request received, within the server's
+        // default expiry (a `ttl` of 0).
+        if permissions.is_some_and(|p| p.allow_responses) {
+            nats["resp"] = json!({ "max": 1, "ttl": 0 });
+        }
         sign(
             account,
             json!({
                 "sub": user.public_key(),
                 "name": name,
-                "nats": {
-                    "pub": publish,
-                    "sub": subscribe,
-                    "subs": -1, "data": -1, "payload": -1,
-                    "type": "user",
-                    "version": 2,
-                },
+                "nats": nats,
             }),
         )
     }

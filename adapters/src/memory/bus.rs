@@ -3,14 +3,23 @@
 //! Not durable: messages live only in channels. A `nak` redelivers the message to its
 //! group after the delay; `ack` and `term` forget it. Publishing to a subject nobody
 //! subscribes to drops the message, as NATS core does.
+//!
+//! Requests work as on NATS: [`Bus::serve`] joins a queue group of servers on a subject,
+//! [`Bus::request`] hands the request to one server of every group serving it and
+//! returns the first answer, or [`BusError::NoResponders`] at once when nobody serves
+//! the subject. A plain publish reaches the servers too, with nowhere to answer.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use skald_runtime::ports::{Acker, Bus, BusError, Delivery, Message, Subscription};
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use skald_runtime::ports::{
+    Acker, Bus, BusError, Delivery, Headers, Message, Request, RequestStream, Responder,
+    Subscription,
+};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::subject_matches;
 
@@ -23,10 +32,66 @@ struct Group {
     next: AtomicUsize,
 }
 
+/// A queue group of servers of requests on a subject pattern.
+struct Servers {
+    pattern: String,
+    queue: String,
+    members: Vec<mpsc::UnboundedSender<Request>>,
+    next: AtomicUsize,
+}
+
 #[derive(Default)]
 struct Inner {
     // A std mutex: held to route one message, never across an await.
     groups: Mutex<Vec<Group>>,
+    servers: Mutex<Vec<Servers>>,
+}
+
+/// Where the first answer to a request goes (every server it reached shares it).
+type AnswerSlot = Arc<Mutex<Option<oneshot::Sender<(Headers, Bytes)>>>>;
+
+/// Hands `message` to one member of every group of servers matching its subject, each
+/// answering into `answer` (`None`: nowhere to answer). Returns how many got it.
+fn dispatch_request(inner: &Inner, message: &Message, answer: Option<&AnswerSlot>) -> usize {
+    let Ok(mut servers) = inner.servers.lock() else {
+        return 0;
+    };
+    let mut reached = 0;
+    for group in servers.iter_mut() {
+        if !subject_matches(&group.pattern, &message.subject) {
+            continue;
+        }
+        group.members.retain(|m| !m.is_closed());
+        let n = group.members.len();
+        let start = group.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let responder = MemoryResponder(answer.map(Arc::clone));
+            let request = Request::new(message.clone(), Box::new(responder));
+            if group.members[(start + i) % n].send(request).is_ok() {
+                reached += 1;
+                break;
+            }
+        }
+    }
+    reached
+}
+
+/// Answers a request of the in-process bus: the first answer of any server wins.
+struct MemoryResponder(Option<AnswerSlot>);
+
+#[async_trait]
+impl Responder for MemoryResponder {
+    async fn respond(self: Box<Self>, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        let Some(slot) = self.0 else {
+            return Ok(());
+        };
+        let sender = slot.lock().ok().and_then(|mut s| s.take());
+        if let Some(sender) = sender {
+            // The requester may have given up: nothing to do then.
+            let _ = sender.send((headers, payload));
+        }
+        Ok(())
+    }
 }
 
 /// The in-process bus. Cheap to clone; clones share subscriptions.
@@ -38,8 +103,10 @@ pub struct MemoryBus {
 impl std::fmt::Debug for MemoryBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let groups = self.inner.groups.lock().map(|g| g.len()).unwrap_or(0);
+        let servers = self.inner.servers.lock().map(|g| g.len()).unwrap_or(0);
         f.debug_struct("MemoryBus")
             .field("groups", &groups)
+            .field("servers", &servers)
             .finish()
     }
 }
@@ -94,8 +161,68 @@ fn dispatch(inner: &Arc<Inner>, message: Message, count: u32, only: Option<(&str
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, message: Message) -> Result<(), BusError> {
+        dispatch_request(&self.inner, &message, None);
         dispatch(&self.inner, message, 1, None);
         Ok(())
+    }
+
+    async fn serve(&self, subject: &str, queue: &str) -> Result<RequestStream, BusError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut servers = self
+            .inner
+            .servers
+            .lock()
+            .map_err(|_| BusError::Other("memory bus lock poisoned".into()))?;
+        match servers
+            .iter_mut()
+            .find(|g| g.pattern == subject && g.queue == queue)
+        {
+            Some(g) => g.members.push(tx),
+            None => servers.push(Servers {
+                pattern: subject.to_owned(),
+                queue: queue.to_owned(),
+                members: vec![tx],
+                next: AtomicUsize::new(0),
+            }),
+        }
+        Ok(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        )))
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        let (tx, rx) = oneshot::channel();
+        let slot: AnswerSlot = Arc::new(Mutex::new(Some(tx)));
+        let message = Message {
+            subject: subject.to_owned(),
+            headers,
+            payload,
+        };
+        if dispatch_request(&self.inner, &message, Some(&slot)) == 0 {
+            return Err(BusError::NoResponders(subject.to_owned()));
+        }
+        drop(slot);
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok((headers, payload))) => Ok(Message {
+                subject: subject.to_owned(),
+                headers,
+                payload,
+            }),
+            // Every server dropped the request unanswered.
+            Ok(Err(_)) => Err(BusError::Unavailable(format!(
+                "request on {subject}: dropped unanswered"
+            ))),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "request on {subject}: no answer within {timeout:?}"
+            ))),
+        }
     }
 
     async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError> {
@@ -168,11 +295,9 @@ impl Acker for MemoryAcker {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use bytes::Bytes;
     use futures_util::StreamExt;
-    use skald_runtime::ports::Headers;
-
-    use super::*;
 
     fn msg(subject: &str) -> Message {
         Message {
@@ -211,6 +336,60 @@ mod tests {
         assert_eq!(
             b.next().await.expect("b").message.subject,
             "skald.cmd.pay.refund"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_go_to_one_server_of_a_queue_and_nobody_is_no_responders() {
+        let bus = MemoryBus::new();
+        let ask = |bus: MemoryBus, subject: &'static str| async move {
+            bus.request(
+                subject,
+                Headers::new(),
+                Bytes::from_static(b"ping"),
+                Duration::from_secs(5),
+            )
+            .await
+        };
+        assert_eq!(
+            ask(bus.clone(), "svc.a").await,
+            Err(BusError::NoResponders("svc.a".into()))
+        );
+        let mut s1 = bus.serve("svc.*", "q").await.expect("serve");
+        let mut s2 = bus.serve("svc.*", "q").await.expect("serve");
+        let asking = tokio::spawn(ask(bus.clone(), "svc.a"));
+        // One of the two servers gets it; it answers.
+        let request = tokio::select! {
+            r = s1.next() => r.expect("a request"),
+            r = s2.next() => r.expect("a request"),
+        };
+        assert_eq!(&request.message.payload[..], b"ping");
+        let (_, responder) = request.into_parts();
+        let mut headers = Headers::new();
+        headers.insert("X", "1");
+        responder
+            .respond(headers, Bytes::from_static(b"pong"))
+            .await
+            .expect("respond");
+        let answer = asking.await.expect("join").expect("answered");
+        assert_eq!(&answer.payload[..], b"pong");
+        assert_eq!(answer.headers.get("X"), Some("1"));
+        // A request its server drops unanswered fails at once, not at the timeout.
+        let asking = tokio::spawn(ask(bus.clone(), "svc.b"));
+        let request = tokio::select! {
+            r = s1.next() => r.expect("a request"),
+            r = s2.next() => r.expect("a request"),
+        };
+        drop(request);
+        assert!(matches!(
+            asking.await.expect("join"),
+            Err(BusError::Unavailable(_))
+        ));
+        // Servers that went away are no responders.
+        drop((s1, s2));
+        assert_eq!(
+            ask(bus.clone(), "svc.a").await,
+            Err(BusError::NoResponders("svc.a".into()))
         );
     }
 

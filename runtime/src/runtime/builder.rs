@@ -12,13 +12,13 @@ use super::background;
 use super::intake::{self, Inbound, OP_PENDING, op_consumer, reply_consumer};
 use super::options::RuntimeOptions;
 use super::outbox::PUBLISHER_QUEUE;
-use super::{AbortOnDrop, Runtime};
+use super::{AbortOnDrop, Runtime, start_requests};
 use crate::actors::{Definitions, OutcomeHub, RuntimeStats, SagaOutcome, Shared, publisher};
 use crate::committer::Committer;
 use crate::definition::SagaDefinition;
 use crate::error::RuntimeError;
 use crate::ids::SagaType;
-use crate::ports::{Bus, Clock, JitterSource, RandomJitter, SagaStore, SystemClock};
+use crate::ports::{Bus, BusError, Clock, JitterSource, RandomJitter, SagaStore, SystemClock};
 use crate::wire;
 
 /// What [`RuntimeBuilder::store`] takes: a store by value, or an `Arc` of one.
@@ -200,8 +200,9 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Starts the runtime: the commit loop, the outbox relay and the reply intake on the
-    /// current tokio runtime, the actors on their own threads. On a bus that does not
+    /// Starts the runtime: the commit loop, the outbox relay, the reply intake and the
+    /// start requests' endpoint (`skald.start.<saga_type>`, `RuntimeOptions::start_requests`)
+    /// on the current tokio runtime, the actors on their own threads. On a bus that does not
     /// keep messages across a restart (the in-process bus), it then re-activates the
     /// unfinished sagas, re-sending the commands they wait on (lost with the process).
     pub async fn start(self) -> Result<Runtime, RuntimeError> {
@@ -319,6 +320,31 @@ impl RuntimeBuilder {
             inbound.push(requests.map(|d| (Inbound::Request, d)).boxed());
         }
         let replies = futures_util::stream::select_all(inbound);
+        // Start requests (docs/protocol.md, "Starting a saga"): one queue subscription
+        // per registered type, so a request for a type no runtime runs gets the broker's
+        // "no responders" at once. A runtime that consumes nothing serves none.
+        let mut starts = Vec::new();
+        if shared.options.consume && shared.options.start_requests {
+            for ty in &types {
+                let subject = wire::start_subject(ty);
+                match shared
+                    .bus
+                    .serve(&subject, &shared.options.reply_group)
+                    .await
+                {
+                    Ok(requests) => {
+                        let ty = ty.clone();
+                        starts.push(requests.map(move |r| (ty.clone(), r)).boxed());
+                    }
+                    Err(BusError::Unsupported(reason)) => {
+                        warn!(%reason, "start requests are not served: this bus does not serve requests");
+                        starts.clear();
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
 
         let (ready_tx, ready_rx) = oneshot::channel();
         let actor_shared = Arc::clone(&shared);
@@ -339,6 +365,13 @@ impl RuntimeBuilder {
         ));
         let mut tasks = background::spawn(&shared);
         tasks.extend([intake, publisher]);
+        if !starts.is_empty() {
+            tasks.push(tokio::spawn(start_requests::serve(
+                Arc::clone(&shared),
+                registry.clone(),
+                futures_util::stream::select_all(starts),
+            )));
+        }
         // The commit loop last: shutdown stops it after everything else.
         tasks.push(commit_task);
         let runtime = Runtime {

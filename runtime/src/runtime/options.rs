@@ -122,8 +122,20 @@ pub struct RuntimeOptions {
     /// Whether this runtime consumes replies and operator requests. Default: true.
     /// False makes a runtime that starts sagas and waits on their handles while the
     /// orchestrators sharing its store and broker apply the replies (a service in front
-    /// of orchestrator nodes): its sagas' replies go to them.
+    /// of orchestrator nodes): its sagas' replies go to them. Such a runtime reads
+    /// nothing from the bus: it serves no start requests either (`start_requests`), so
+    /// it may run as a NATS user that may only publish.
     pub consume: bool,
+    /// Whether this runtime answers start requests on `skald.start.<saga_type>` for
+    /// the types it registers (docs/protocol.md, "Starting a saga"), in the queue group
+    /// `reply_group`: every request goes to one of the runtimes serving its type. Only
+    /// a runtime that consumes (`consume`) serves them; on a bus that does not serve
+    /// requests the runtime runs without them (and logs it). Default: true.
+    pub start_requests: bool,
+    /// Start requests being applied at once; past it the next request waits (in the bus
+    /// client's buffer) for one to finish. Their bytes count against a budget of
+    /// `max_in_flight_bytes` of their own. Default: 256.
+    pub max_in_flight_starts: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -156,6 +168,8 @@ impl Default for RuntimeOptions {
             max_deferrals: 10_000,
             outcome_poll_interval: Duration::from_millis(500),
             consume: true,
+            start_requests: true,
+            max_in_flight_starts: 256,
         }
     }
 }
