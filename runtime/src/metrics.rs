@@ -66,6 +66,12 @@ pub const PARTICIPANT_COMMANDS: &str = "skald_participant_commands_total";
 /// reply published, in a participant built with [`crate::participant`].
 pub const PARTICIPANT_DURATION: &str = "skald_participant_command_duration_seconds";
 
+/// `skald_start_requests_total{saga_type,answer}`: start requests over the bus
+/// (`skald.start.<saga_type>`), by answer: `started`, `existing`, or the refusal's code
+/// (`invalid_data`, `invalid_key`, `invalid_request`, `too_large`, `unavailable`,
+/// `internal`).
+pub const START_REQUESTS: &str = "skald_start_requests_total";
+
 /// Label: the saga type.
 pub const LABEL_SAGA_TYPE: &str = "saga_type";
 /// Label: the step name.
@@ -118,6 +124,10 @@ pub fn describe() {
     describe_counter!(
         PARTICIPANT_COMMANDS,
         "Commands answered by a participant, by outcome."
+    );
+    describe_counter!(
+        START_REQUESTS,
+        "Start requests over the bus, by answer (started, existing, or the refusal's code)."
     );
     describe_histogram!(
         PARTICIPANT_DURATION,
@@ -380,4 +390,14 @@ pub mod buckets {
     pub const BATCH: &[f64] = &[
         1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
     ];
+}
+
+/// Counts one start request answered over the bus.
+pub(crate) fn start_request(saga_type: &SagaType, answer: &str) {
+    counter!(
+        START_REQUESTS,
+        LABEL_SAGA_TYPE => saga_type.as_str().to_owned(),
+        "answer" => answer.to_owned()
+    )
+    .increment(1);
 }

@@ -4,8 +4,15 @@
 //! becomes the I/O runtime (store, bus, group commit, reply intake). The actors run on
 //! their own actix system thread with one arbiter per core.
 //!
-//! - this file: the [`Runtime`] handle (start sagas, apply inputs, shut down) and
-//!   `deliver`, the one way an input reaches a saga's actor;
+//! - this file: the [`Runtime`] handle (start sagas, apply inputs, shut down),
+//!   `deliver`, the one way an input reaches a saga's actor, and `start_or_find`, the
+//!   one start path of keyed starts;
+//! - `handle`: [`SagaHandle`], a saga's status, typed data and outcome, read from the
+//!   store whichever process settles it;
+//! - `transactional`: [`PreparedStart`], a start written in the caller's own database
+//!   transaction (the stores' `start_in`);
+//! - `start_requests`: start requests from any language (`skald.start.<saga_type>`),
+//!   checked, then started like [`Runtime::start_saga_keyed`];
 //! - `builder`: [`RuntimeBuilder`] and `start`;
 //! - `options`: [`RuntimeOptions`], their defaults and their checks at start;
 //! - `intake`: replies and operator requests from the bus: limits, checks, delivery
@@ -13,7 +20,7 @@
 //! - `outbox`: the outbox relay, old command rows brought up to date, and the one
 //!   dead-letter announcement encoding;
 //! - `background`: the actor system's thread (registry, wake-up sweeper) and the
-//!   retention sweeper, relay and metrics sampler loops.
+//!   retention sweeper, relay, metrics sampler and outcome poller loops.
 
 mod background;
 mod builder;
@@ -123,6 +130,43 @@ async fn deliver(
     Err(RuntimeError::ActorUnavailable(id))
 }
 
+/// Starts saga `id` of `definition` with `data` (already encoded as its data), or, for a
+/// `keyed` id ([`SagaId::for_key`]), finds it started before. Returns whether it existed.
+/// The one start path of keyed starts, in Rust ([`Runtime::start_saga_keyed`]) and over
+/// the bus (`start_requests`).
+pub(crate) async fn start_or_find(
+    shared: &Shared,
+    registry: &Addr<Registry>,
+    definition: &crate::definition::Definition,
+    id: SagaId,
+    data: serde_json::Value,
+    keyed: bool,
+) -> Result<bool, RuntimeError> {
+    let exists = async || -> Result<bool, RuntimeError> {
+        Ok(shared.store.load(id).await?.is_some())
+    };
+    // The common repeat (a client retrying) is answered from the store, without asking
+    // the saga's actor to start it again.
+    if keyed && exists().await? {
+        return Ok(true);
+    }
+    let state = SagaState::new(id, definition, data, shared.clock.now());
+    let span = crate::trace::saga_span(&id, definition.saga_type());
+    match deliver(registry, id, Some(state), Input::Started, None, None)
+        .instrument(span)
+        .await
+    {
+        Ok(_) => Ok(false),
+        // Another start of the same key committed first: the store refused this one's
+        // insert, and the saga, now running, refused to start again.
+        Err(RuntimeError::Transition(e)) if keyed => match exists().await? {
+            true => Ok(true),
+            false => Err(RuntimeError::Transition(e)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 impl Runtime {
     /// Starts building a runtime.
     pub fn builder() -> RuntimeBuilder {
@@ -162,22 +206,19 @@ impl Runtime {
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
-        let id = SagaId::for_key(definition.definition().saga_type(), key)?;
-        // The common repeat (a client retrying) is answered from the store, without
-        // asking the saga's actor to start it again.
-        if self.load(id).await?.is_some() {
-            return Ok(self.handle(id, true, definition));
-        }
-        match self.start_saga_with_id(id, definition, data).await {
-            Ok(handle) => Ok(handle),
-            // Another start of the same key committed first: the store refused this
-            // one's insert, and the saga, now running, refused to start again.
-            Err(RuntimeError::Transition(e)) => match self.load(id).await? {
-                Some(_) => Ok(self.handle(id, true, definition)),
-                None => Err(RuntimeError::Transition(e)),
-            },
-            Err(e) => Err(e),
-        }
+        let def = definition.definition();
+        let id = SagaId::for_key(def.saga_type(), key)?;
+        self.initial_state(id, definition, data)?;
+        let existing = start_or_find(
+            &self.shared,
+            &self.registry,
+            def,
+            id,
+            definition.encode(data)?,
+            true,
+        )
+        .await?;
+        Ok(self.handle(id, existing, definition))
     }
 
     /// Like [`Runtime::start_saga`], with a caller-chosen id: a second start with the

@@ -24,11 +24,9 @@ use tokio::sync::Semaphore;
 use tracing::field::Empty;
 use tracing::{Instrument, debug, error, warn};
 
-use super::deliver;
 use crate::actors::{Registry, Shared};
 use crate::error::{Disposition, RuntimeError};
 use crate::ids::{SagaId, SagaType};
-use crate::machine::{Input, SagaState};
 use crate::ports::{Message, Request, Responder};
 use crate::wire::{self, StartAnswer, StartRefusal};
 
@@ -65,6 +63,7 @@ pub(super) async fn serve(
             drop(message);
             debug!(saga.r#type = %ty, reason, "start request refused: too large");
             let refusal = StartRefusal::new(wire::START_TOO_LARGE, reason);
+            crate::metrics::start_request(&ty, wire::START_TOO_LARGE);
             respond(responder, &StartAnswer::Refused(refusal)).await;
             continue;
         }
@@ -92,10 +91,13 @@ pub(super) async fn serve(
             {
                 Ok((saga_id, existing)) => {
                     span.record("existing", existing);
+                    let answer = if existing { "existing" } else { "started" };
+                    crate::metrics::start_request(&ty, answer);
                     StartAnswer::Started { saga_id, existing }
                 }
                 Err(refusal) => {
                     span.record("refused", refusal.code.as_str());
+                    crate::metrics::start_request(&ty, &refusal.code);
                     StartAnswer::Refused(refusal)
                 }
             };
@@ -147,32 +149,9 @@ async fn start(
         .map_err(|e| StartRefusal::new(wire::START_INVALID_DATA, e.to_string()))?;
     drop(request);
     tracing::Span::current().record("saga.id", tracing::field::display(id));
-    // A client sending its keyed request again (its answer was lost) is answered from
-    // the store, without asking the saga's actor to start it again.
-    if keyed && exists(shared, id).await? {
-        return Ok((id, true));
-    }
-    let state = SagaState::new(id, &definition, data, shared.clock.now());
-    let started = deliver(registry, id, Some(state), Input::Started, None, None)
-        .instrument(crate::trace::saga_span(&id, ty))
-        .await;
-    match started {
-        Ok(_) => Ok((id, false)),
-        // Another start of the same key committed first: the store refused this one's
-        // insert, and the saga, now running, refused to start again.
-        Err(RuntimeError::Transition(e)) if keyed => match exists(shared, id).await? {
-            true => Ok((id, true)),
-            false => Err(refusal(id, RuntimeError::Transition(e))),
-        },
+    match super::start_or_find(shared, registry, &definition, id, data, keyed).await {
+        Ok(existing) => Ok((id, existing)),
         Err(e) => Err(refusal(id, e)),
-    }
-}
-
-/// Whether saga `id` is stored.
-async fn exists(shared: &Shared, id: SagaId) -> Result<bool, StartRefusal> {
-    match shared.store.load(id).await {
-        Ok(saga) => Ok(saga.is_some()),
-        Err(e) => Err(refusal(id, e.into())),
     }
 }
 
