@@ -16,8 +16,10 @@
 //!   [`upcast`]: declaring sagas, the pure state machine, the typed journal and replay
 //!   (from `skald-core`, the crate with no I/O);
 //! - [`prelude`]: the names a service that declares and runs sagas uses most;
-//! - [`testing`]: `SagaTest`, unit tests for a saga definition with virtual time (no
-//!   actors, store or bus; see docs/testing.md);
+//! - [`testing`]: test kits with virtual time (docs/testing.md): `SagaTest`, unit tests
+//!   of a saga definition on the pure machine (no actors, store or bus), and
+//!   `TestRuntime`, a real runtime on the in-memory store and bus with a manual clock
+//!   and scripted participants, for integration tests of a service's sagas;
 //! - [`Runtime`], [`RuntimeOptions`]: running them (actors, group commit, reply intake);
 //! - [`ports`], [`wire`], [`auth`], [`participant`]: the store and bus traits, the wire
 //!   format, reply tokens and operator signatures, and a helper for participant services
@@ -61,6 +63,7 @@
 pub mod cli;
 pub mod metrics;
 pub mod telemetry;
+pub mod testing;
 
 /// What a service that declares and runs sagas names most: `use skald::prelude::*;`.
 ///
@@ -83,6 +86,8 @@ pub mod prelude {
     pub use skald_runtime::retry::RetryPolicy;
     pub use skald_runtime::runtime::{Runtime, RuntimeOptions, SagaHandle, SagaView};
     pub use skald_runtime::testing::SagaTest;
+    #[cfg(feature = "memory")]
+    pub use crate::testing::TestRuntime;
 
     pub use crate::RuntimeError;
 }
@@ -90,10 +95,11 @@ pub mod prelude {
 pub use skald_adapters as adapters;
 pub use skald_runtime::actors::{Applied, SagaOutcome};
 pub use skald_runtime::error::{Disposition, RuntimeError};
-pub use skald_runtime::runtime::{Runtime, RuntimeBuilder, RuntimeOptions, SagaHandle, SagaView};
+pub use skald_runtime::runtime::{
+    PreparedStart, Runtime, RuntimeBuilder, RuntimeOptions, SagaHandle, SagaView,
+};
 pub use skald_runtime::{
-    auth, definition, ids, journal, machine, participant, ports, replay, retry, testing, trace,
-    upcast, wire,
+    auth, definition, ids, journal, machine, participant, ports, replay, retry, trace, upcast, wire,
 };
 #[cfg(feature = "demo")]
 pub use skald_sagas as sagas;
