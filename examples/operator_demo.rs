@@ -13,7 +13,7 @@
 //! nats-server -js &
 //! cargo run --example operator_demo -- --nats nats://127.0.0.1:4222 --db sqlite://demo.db
 //! # in another terminal:
-//! cargo run --bin skald -- --db sqlite://demo.db sagas
+//! cargo run --features demo --bin skald -- --db sqlite://demo.db sagas
 //! ```
 //!
 //! Against a NATS that requires authentication or TLS, give the transport flags every

@@ -25,6 +25,15 @@ use skald::{Runtime, RuntimeOptions};
 use skald_sagas::checkout::{Checkout, checkout_definition};
 use skald_sagas::sim::MemoryLedger;
 
+/// The checkout's timing with a reply timeout no slow machine reaches: the runtime that
+/// only starts sagas must never be the one to time a step out.
+fn patient_timing() -> skald_sagas::checkout::CheckoutTiming {
+    skald_sagas::checkout::CheckoutTiming {
+        timeout: Duration::from_secs(300),
+        ..fast_timing()
+    }
+}
+
 async fn runtime(
     backend: &Resources,
     checkout: &SagaDefinition<Checkout>,
@@ -49,7 +58,7 @@ async fn runtime(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outcome_answers_on_the_runtime_that_started_the_saga_when_another_finishes_it() {
     let backend = Resources::new(Backend::PostgresNats).await;
-    let checkout = checkout_definition(fast_timing()).expect("valid definition");
+    let checkout = checkout_definition(patient_timing()).expect("valid definition");
     let _participants = start_participants(
         backend.bus().await,
         MemoryLedger::default(),
@@ -109,7 +118,7 @@ async fn outcome_answers_when_another_process_finishes_the_saga() {
     let backend = Resources::new(Backend::PostgresNats).await;
     let db = backend.pg.as_ref().expect("PostgreSQL").url();
     let nats = backend.nats.as_ref().expect("NATS").url();
-    let checkout = checkout_definition(fast_timing()).expect("valid definition");
+    let checkout = checkout_definition(patient_timing()).expect("valid definition");
     // The store's shared reply key (no explicit keys): the other process has it too.
     let a = Runtime::builder()
         .store(Arc::clone(&backend.store))
@@ -137,6 +146,7 @@ async fn outcome_answers_when_another_process_finishes_the_saga() {
     let runner = common::example_bin("checkout");
     let other = tokio::process::Command::new(&runner)
         .args(["--resume", "--json", "--db", &db, "--nats", &nats])
+        .args(["--decline-rate", "0", "--flaky-rate", "0"])
         .args(["--timeout-secs", &DEADLINE.as_secs().to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -221,9 +231,21 @@ async fn keyed_starts_racing_from_two_runtimes_start_one_saga_per_key() {
             "{key}: exactly one caller started it"
         );
     }
-    // The store holds one saga per key, and each finishes once.
+    // The store holds one saga per key, started once: the refused starts wrote nothing
+    // to it.
     let stored = all_sagas(backend.store.as_ref()).await;
     assert_eq!(stored.len(), KEYS, "one stored saga per key");
+    for id in &stored {
+        let starts = common::journal_records(backend.store.as_ref(), *id)
+            .await
+            .into_iter()
+            .filter(|r| {
+                matches!(r, skald::journal::JournalRecord::Transition(t)
+                    if t.input == skald::machine::Input::Started)
+            })
+            .count();
+        assert_eq!(starts, 1, "saga {id}: one started transition");
+    }
     for (_, handle) in results.iter().step_by(2 * CALLERS_PER_RUNTIME) {
         let outcome = handle.outcome_within(DEADLINE).await.expect("outcome");
         assert_eq!(outcome.status, SagaStatus::Completed);

@@ -255,8 +255,7 @@ impl Env {
         self.runtime.started(start)
     }
 
-    /// Stops the runtime. Drop the saga handles first: they keep its commit loop, which
-    /// shutdown otherwise waits 5 s for.
+    /// Stops the runtime.
     async fn shutdown(self) {
         self.runtime.shutdown().await;
     }

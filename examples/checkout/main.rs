@@ -684,6 +684,9 @@ async fn fresh(
                 _ = tokio::time::sleep(remaining) => break,
             }
         }
+        // The starter may be waiting for a slot that no settle will free now (the
+        // deadline passed, or a handle failed): let it stop.
+        slots.close();
         // Late start registrations (the starter may still hold a few).
         while let Ok((handle, _)) = started_rx.try_recv() {
             ids.insert(handle.id());

@@ -180,7 +180,7 @@ pub enum RuntimeError {
     },
     /// A keyed start's business key is empty, too long or has control characters.
     #[error(transparent)]
-    InvalidKey(#[from] crate::ids::NameError),
+    InvalidKey(crate::ids::NameError),
 }
 
 fn unregistered_message(found: &[(SagaType, u32, u64)]) -> String {

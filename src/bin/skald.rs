@@ -8,7 +8,7 @@
 //! `skald::cli::Cli::new().register(&my_saga).main()`.
 //!
 //! ```text
-//! cargo run --release --bin skald -- --db sqlite://skald.db sagas --status failed
+//! cargo run --release --features demo --bin skald -- --db sqlite://skald.db sagas --status failed
 //! ```
 
 use std::process::ExitCode;

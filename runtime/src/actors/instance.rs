@@ -232,10 +232,19 @@ impl SagaInstance {
         if let Some(h) = self.idle_timer.take() {
             ctx.cancel_future(h);
         }
-        // Settled and unknown sagas expect no more input: free them at once.
+        // Settled and unknown sagas expect no more input: free them at once. A runtime
+        // that consumes no replies (`RuntimeOptions::consume`) frees its sagas within a
+        // second: their input goes to the orchestrators, and a live actor here would
+        // only hold a stale state (its timer firing a timeout the others moved past).
+        // (A saga being created waits for its `Started` input in any case.)
         let idle = match self.status() {
-            Some(SagaStatus::Running | SagaStatus::Compensating | SagaStatus::Created) => {
+            Some(SagaStatus::Created) => self.shared.options.idle_timeout,
+            Some(SagaStatus::Running | SagaStatus::Compensating) if self.shared.options.consume => {
                 self.shared.options.idle_timeout
+            }
+            // Not zero: a request just routed here (a cancel) must reach it first.
+            Some(SagaStatus::Running | SagaStatus::Compensating) => {
+                self.shared.options.idle_timeout.min(Duration::from_secs(1))
             }
             _ => Duration::ZERO,
         };

@@ -38,6 +38,9 @@ pub struct WakeupSweeper {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
     sweeping: bool,
+    /// Held for the whole of a sweep: a sweep asked for ([`SweepNow`]) waits for the
+    /// one in flight, whose claimed wake-ups it could not claim, to be applied first.
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for WakeupSweeper {
@@ -54,6 +57,7 @@ impl WakeupSweeper {
             shared,
             registry,
             sweeping: false,
+            one_at_a_time: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -62,17 +66,24 @@ impl WakeupSweeper {
             return;
         }
         self.sweeping = true;
-        let fut = self.sweep_once();
-        ctx.spawn(fut.into_actor(self).map(|(), act, _| act.sweeping = false));
+        // A failed claim is logged; the next interval tries again.
+        let fut = self.sweep_once(SWEEP_BATCH);
+        ctx.spawn(fut.into_actor(self).map(|_, act, _| act.sweeping = false));
     }
 
-    /// One sweep: claims the due wake-ups (by the runtime's clock) and applies them.
-    fn sweep_once(&self) -> impl std::future::Future<Output = ()> + 'static {
+    /// One sweep of at most `most` sagas: claims the due wake-ups (by the runtime's
+    /// clock) and applies them. Fails when a claim failed.
+    fn sweep_once(
+        &self,
+        most: usize,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + 'static {
         let shared = Arc::clone(&self.shared);
         let registry = self.registry.clone();
+        let one_at_a_time = Arc::clone(&self.one_at_a_time);
         async move {
             use futures_util::StreamExt;
-            let mut left = SWEEP_BATCH;
+            let _sweeping = one_at_a_time.lock().await;
+            let mut left = most;
             while left > 0 {
                 let store = Arc::clone(&shared.store);
                 let now = shared.clock.now();
@@ -91,7 +102,7 @@ impl WakeupSweeper {
                     Ok(ids) => ids,
                     Err(e) => {
                         warn!(error = %e, "sweeping due wake-ups failed; will retry");
-                        break;
+                        return Err(e);
                     }
                 };
                 let claimed = ids.len();
@@ -121,22 +132,24 @@ impl WakeupSweeper {
                     break;
                 }
             }
+            Ok(())
         }
     }
 }
 
-/// Sweeps at once, outside the interval, and answers when the sweep is done: every
-/// wake-up due by the runtime's clock then has been applied (a test's manual clock
-/// moved forward fires its timeouts and retries without waiting for a poll).
+/// Sweeps at once, outside the interval (after the sweep in flight, if any), with no
+/// cap on how many sagas, and answers when the sweep is done: every wake-up due by the
+/// runtime's clock then has been applied (a test's manual clock moved forward fires its
+/// timeouts and retries without waiting for a poll).
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), RuntimeError>")]
 pub(crate) struct SweepNow;
 
 impl Handler<SweepNow> for WakeupSweeper {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseFuture<Result<(), RuntimeError>>;
 
     fn handle(&mut self, _: SweepNow, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.sweep_once())
+        Box::pin(self.sweep_once(usize::MAX))
     }
 }
 

@@ -45,6 +45,12 @@ impl IntoStore for Arc<dyn SagaStore> {
     }
 }
 
+impl IntoStore for Arc<dyn SagaStore + Send + Sync> {
+    fn into_store(self) -> Arc<dyn SagaStore> {
+        self
+    }
+}
+
 /// What [`RuntimeBuilder::bus`] takes: a bus by value, or an `Arc` of one.
 pub trait IntoBus {
     /// The bus, shared.
@@ -64,6 +70,12 @@ impl<B: Bus> IntoBus for Arc<B> {
 }
 
 impl IntoBus for Arc<dyn Bus> {
+    fn into_bus(self) -> Arc<dyn Bus> {
+        self
+    }
+}
+
+impl IntoBus for Arc<dyn Bus + Send + Sync> {
     fn into_bus(self) -> Arc<dyn Bus> {
         self
     }

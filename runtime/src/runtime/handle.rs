@@ -163,8 +163,14 @@ where
     pub async fn outcome(&self) -> Result<SagaView<D>, RuntimeError> {
         // Register before reading: a settle between the read and the wait still wakes
         // this handle.
-        let watch = self.shared()?.outcomes.watch(self.id);
-        let mut state = self.load_patiently().await?;
+        let (watch, recheck) = {
+            let shared = self.shared()?;
+            // No waking for this long (a poller that died, a runtime dropped without a
+            // shutdown): read the store anyway, so a handle degrades, never hangs.
+            let recheck = (shared.options.outcome_poll_interval * 20).max(Duration::from_secs(5));
+            (shared.outcomes.watch(self.id), recheck)
+        };
+        let mut state = self.load_patiently(&watch).await?;
         loop {
             if state.status.is_settled() {
                 return self.view(state);
@@ -173,14 +179,11 @@ where
             if watch.is_closed() {
                 return Err(RuntimeError::ShuttingDown);
             }
-            let woken = watch.woken().await;
-            if watch.is_closed() {
-                return Err(RuntimeError::ShuttingDown);
-            }
-            state = match woken {
-                // Settled by this process: its state is here, no read needed.
-                Some(settled) => (*settled).clone(),
-                None => self.load_patiently().await?,
+            state = match tokio::time::timeout(recheck, watch.woken()).await {
+                // Settled by this process: its state is here, no read needed (even if
+                // the runtime is shutting down now: the outcome is committed).
+                Ok(Some(settled)) => (*settled).clone(),
+                Ok(None) | Err(_) => self.load_patiently(&watch).await?,
             };
         }
     }
@@ -199,6 +202,8 @@ where
 
     /// Cancels the saga: its steps that may have taken effect are compensated.
     pub async fn cancel(&self, reason: &str) -> Result<Applied, RuntimeError> {
+        // A handle of another saga type must not cancel what its id names.
+        self.load().await?;
         let input = crate::machine::Input::CancelRequested {
             reason: reason.to_owned(),
         };
@@ -208,9 +213,15 @@ where
     /// Loads the saga's state, waiting out a store that is briefly unavailable (a
     /// handle waiting for an outcome outlives a database restart); fails at once for
     /// what waiting cannot mend (an unknown saga, another type).
-    async fn load_patiently(&self) -> Result<SagaState, RuntimeError> {
+    async fn load_patiently(
+        &self,
+        watch: &crate::actors::OutcomeWatch,
+    ) -> Result<SagaState, RuntimeError> {
         let mut delay = Duration::from_millis(50);
         loop {
+            if watch.is_closed() {
+                return Err(RuntimeError::ShuttingDown);
+            }
             match self.load().await {
                 Ok(stored) => return Ok(stored.state),
                 Err(e @ RuntimeError::Store(_)) if e.is_retryable() => {

@@ -152,18 +152,27 @@ pub(crate) async fn start_or_find(
     }
     let state = SagaState::new(id, definition, data, shared.clock.now());
     let span = crate::trace::saga_span(&id, definition.saga_type());
-    match deliver(registry, id, Some(state), Input::Started, None, None)
-        .instrument(span)
-        .await
-    {
-        Ok(_) => Ok(false),
-        // Another start of the same key committed first: the store refused this one's
-        // insert, and the saga, now running, refused to start again.
-        Err(RuntimeError::Transition(e)) if keyed => match exists().await? {
-            true => Ok(true),
-            false => Err(RuntimeError::Transition(e)),
-        },
-        Err(e) => Err(e),
+    let mut retried = false;
+    loop {
+        let started = deliver(registry, id, Some(state.clone()), Input::Started, None, None)
+            .instrument(span.clone())
+            .await;
+        match started {
+            Ok(_) => return Ok(false),
+            Err(e) if !keyed => return Err(e),
+            // Another start of the same key committed first: the store refused this
+            // one's insert, and the saga refused to start again (or, on a build of
+            // another data version, could not read it): it exists, whatever the error.
+            Err(e) => match exists().await {
+                Ok(true) => return Ok(true),
+                // A start whose actor restarted before committing (a store blip) loses
+                // its initial state: the queued start finds no saga. Once more.
+                Ok(false) if matches!(e, RuntimeError::UnknownSaga(_)) && !retried => {
+                    retried = true;
+                }
+                Ok(false) | Err(_) => return Err(e),
+            },
+        }
     }
 }
 
@@ -207,7 +216,7 @@ impl Runtime {
         D: Serialize + DeserializeOwned + Send + 'static,
     {
         let def = definition.definition();
-        let id = SagaId::for_key(def.saga_type(), key)?;
+        let id = SagaId::for_key(def.saga_type(), key).map_err(RuntimeError::InvalidKey)?;
         self.initial_state(id, definition, data)?;
         let existing = start_or_find(
             &self.shared,
@@ -292,13 +301,15 @@ impl Runtime {
 
     /// Applies every wake-up due by the runtime's clock now (retries whose backoff
     /// ended, reply deadlines that passed), without waiting for the next sweep, and
-    /// returns once they are applied. For tests on a manual clock: move it forward,
-    /// then call this. In production the sweep runs every `wakeup_poll_interval`.
+    /// returns once they are applied (after the periodic sweep in flight, if any, so
+    /// nothing it claimed is still pending). For tests on a manual clock: move it
+    /// forward, then call this (`skald::testing::TestRuntime` does). In production the
+    /// sweep runs every `wakeup_poll_interval`. Fails when the store cannot be asked.
     pub async fn fire_due_wakeups(&self) -> Result<(), RuntimeError> {
         self.sweeper
             .send(SweepNow)
             .await
-            .map_err(|_| RuntimeError::ShuttingDown)
+            .map_err(|_| RuntimeError::ShuttingDown)?
     }
 
     /// Feeds an input to a saga: only the runtime's own requests (cancel, re-drive). A
@@ -440,6 +451,9 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
+        // Dropped without a shutdown (an error path, a panic): waiting handles give up
+        // all the same.
+        self.shared.outcomes.close();
         for t in &self.tasks {
             t.abort();
         }

@@ -122,7 +122,8 @@ impl Runtime {
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
-        let id = SagaId::for_key(definition.definition().saga_type(), key)?;
+        let id = SagaId::for_key(definition.definition().saga_type(), key)
+            .map_err(RuntimeError::InvalidKey)?;
         self.prepare(id, definition, data)
     }
 
