@@ -429,7 +429,95 @@ async fn a_used_key_is_reported_existing_and_the_transaction_stays_usable(backen
     env.shutdown().await;
 }
 
+/// Committed, and the process that wrote it never called `started` (it crashed right
+/// after the commit): the relay alone sends the first command (on its next poll, nobody
+/// nudging it), and the saga runs to completion; a handle made from the id answers.
+async fn a_committed_start_goes_out_without_started(backend: Backend) {
+    let env = Env::start(backend).await;
+    let order = tea_order("order-crash");
+    let start = env
+        .runtime
+        .prepare_start(&env.checkout, &order)
+        .expect("prepared");
+    let id = start.id();
+    let mut tx = env.app.begin().await;
+    tx.insert_order(&order.order_id, order.amount_cents).await;
+    assert_eq!(tx.start_in(&start).await, TxStart::Written(id));
+    tx.commit().await;
+    drop(start);
+    let outcome = env
+        .runtime
+        .saga(&env.checkout, id)
+        .outcome_within(DEADLINE)
+        .await
+        .expect("an outcome");
+    assert_eq!(outcome.status, SagaStatus::Completed, "{outcome:?}");
+    assert_eq!(env.seen(), vec![id; 3], "commands received");
+    env.shutdown().await;
+}
+
+/// Two transactions start the same key at once (PostgreSQL): the second waits for the
+/// first; if the first commits, the second is answered `Existing`, and if it rolls back,
+/// the second writes the saga. One saga either way.
+async fn the_same_key_in_two_open_transactions(first_commits: bool) {
+    let env = Env::start(Backend::PostgresNats).await;
+    let key = if first_commits { "order-9" } else { "order-10" };
+    let start1 = env
+        .runtime
+        .prepare_start_keyed(&env.checkout, key, &tea_order(key))
+        .expect("prepared");
+    let start2 = env
+        .runtime
+        .prepare_start_keyed(&env.checkout, key, &tea_order(key))
+        .expect("prepared");
+    let id = start1.id();
+    let mut tx1 = env.app.begin().await;
+    assert_eq!(tx1.start_in(&start1).await, TxStart::Written(id));
+    let mut tx2 = env.app.begin().await;
+    let second = tokio::spawn(async move {
+        let answer = tx2.start_in(&start2).await;
+        (answer, tx2, start2)
+    });
+    if first_commits {
+        tx1.commit().await;
+    } else {
+        tx1.rollback().await;
+    }
+    let (answer, tx2, start2) = tokio::time::timeout(DEADLINE, second)
+        .await
+        .expect("the second transaction is answered once the first ends")
+        .expect("joins");
+    let handle = if first_commits {
+        assert_eq!(answer, TxStart::Existing(id));
+        tx2.rollback().await;
+        env.runtime.started(start1)
+    } else {
+        assert_eq!(answer, TxStart::Written(id));
+        tx2.commit().await;
+        env.runtime.started(start2)
+    };
+    let outcome = handle.outcome_within(DEADLINE).await.expect("an outcome");
+    assert_eq!(outcome.status, SagaStatus::Completed, "{outcome:?}");
+    assert_eq!(env.seen(), vec![id; 3], "one saga's commands");
+    env.shutdown().await;
+}
+
 mod postgres_nats {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_key_in_two_open_transactions_the_first_committing() {
+        super::the_same_key_in_two_open_transactions(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_key_in_two_open_transactions_the_first_rolling_back() {
+        super::the_same_key_in_two_open_transactions(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_committed_start_goes_out_without_started() {
+        super::a_committed_start_goes_out_without_started(super::Backend::PostgresNats).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_committed_start_runs_to_completion_with_its_order() {
         super::a_committed_start_runs_to_completion_with_its_order(super::Backend::PostgresNats)
@@ -452,6 +540,11 @@ mod postgres_nats {
 }
 
 mod sqlite_in_process {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_committed_start_goes_out_without_started() {
+        super::a_committed_start_goes_out_without_started(super::Backend::SqliteInProcess).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_committed_start_runs_to_completion_with_its_order() {
         super::a_committed_start_runs_to_completion_with_its_order(super::Backend::SqliteInProcess)
