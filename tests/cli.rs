@@ -7,7 +7,8 @@
 //! Without a broker: the transport flags parse, and no password or token reaches
 //! `--help`, an error or `Debug`; arguments and stored rows the CLI reaches cannot make
 //! it panic (a time with multi-byte characters, a journal that does not fit a shorter
-//! definition).
+//! definition); `skald sagas` lists newest first by creation time with keyed sagas
+//! among unkeyed ones.
 
 mod common;
 
@@ -1039,4 +1040,96 @@ async fn a_journal_beyond_a_shorter_definition_is_an_error_not_a_panic() {
         .await
         .expect("the start alone fits");
     assert!(e.contains("status    running"), "{e}");
+}
+
+/// `skald sagas` lists newest first by creation time, and `skald stats` names the oldest
+/// active saga by creation time, with keyed sagas (version-8 ids, no time order: nearly
+/// all sort above every unkeyed id) among unkeyed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_are_listed_by_creation_time_with_keyed_ones_among_them() {
+    use skald::cli::Cli;
+    use skald::machine::{Input, SagaState, Timestamp, transition};
+    use skald::ports::{Clock, SagaWrite, SystemClock};
+
+    let dir = TempDir::new();
+    let url = dir.sqlite_url();
+    let store = skald::adapters::sqlite::SqliteStore::connect(&url)
+        .await
+        .expect("create the store");
+    let def = shop(1, &["a", "b", "c"]);
+    let d = def.definition();
+    let t0 = SystemClock.now().as_millis() - 600_000;
+    let keyed = |key: &str| SagaId::for_key(d.saga_type(), key).expect("key");
+    // Oldest first: keyed, unkeyed, keyed, unkeyed, unkeyed (the newest), a minute apart.
+    let ids = [
+        keyed("order-1"),
+        SagaId::new(),
+        keyed("order-2"),
+        SagaId::new(),
+        SagaId::new(),
+    ];
+    for (i, id) in ids.iter().enumerate() {
+        let at = Timestamp(t0 + 60_000 * i as u64);
+        let fresh = SagaState::new(*id, d, json!({ "done": [] }), at);
+        let (state, _) = transition(d, &fresh, &Input::Started, at).expect("start");
+        let write = SagaWrite {
+            id: *id,
+            expected_version: 0,
+            state: Some(state),
+            journal: Vec::new(),
+            dead_letter: None,
+            resolve_dead_letters: false,
+            outbox: Vec::new(),
+            inbox: None,
+        };
+        let outcome = skald::ports::SagaStore::commit(&store, &[write], &[])
+            .await
+            .expect("commit");
+        assert!(
+            matches!(
+                outcome.first(),
+                Some(skald::ports::WriteOutcome::Committed { .. })
+            ),
+            "{outcome:?}"
+        );
+    }
+    assert!(
+        ids[0] > ids[4],
+        "precondition: the oldest (keyed) id sorts above the newest"
+    );
+    let newest_first: Vec<String> = ids.iter().rev().map(ToString::to_string).collect();
+
+    let cli = Cli::new().register(&def);
+    let db = url.as_str();
+    let out = cli
+        .run(["--db", db, "--json", "sagas"])
+        .await
+        .expect("sagas");
+    let listed: Value = serde_json::from_str(&out).expect("JSON");
+    let listed: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| s["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(listed, newest_first, "newest first by creation time");
+    // The newest 2: both unkeyed, however high the keyed ids sort.
+    let table = cli
+        .run(["--db", db, "sagas", "--limit", "2"])
+        .await
+        .expect("sagas");
+    let rows: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|cell| cell.parse::<SagaId>().is_ok())
+        .collect();
+    assert_eq!(rows, newest_first[..2], "{table}");
+    assert!(table.contains("showing the newest 2"), "{table}");
+    // The oldest active saga is the one created first: keyed here.
+    let stats = cli.run(["--db", db, "stats"]).await.expect("stats");
+    assert!(
+        stats.contains(&format!("oldest active: {} (shop)", ids[0])),
+        "{stats}"
+    );
 }

@@ -1,5 +1,6 @@
 //! Bounded history: a saga retried 10,000 times keeps a bounded journal that still
-//! replays; finished sagas are deleted after the retention period by one sweeper.
+//! replays; finished sagas are deleted after the retention period by one sweeper, keyed
+//! ones excepted.
 
 mod common;
 
@@ -193,6 +194,14 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
         wait_status(store.as_ref(), id, want).await;
         old_finished.push(id);
     }
+    // Old and keyed: a business key names one saga for good, so it is never swept.
+    let old_keyed = runtime
+        .start_saga_keyed(&checkout, "order-ok-k", &order("ok-k"))
+        .await
+        .expect("start keyed")
+        .id();
+    assert_eq!(old_keyed.as_uuid().get_version_num(), 8);
+    wait_status(store.as_ref(), old_keyed, SagaStatus::Completed).await;
     let old_failed = runtime
         .start_saga(&checkout, &order("broken-1"))
         .await
@@ -253,6 +262,7 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
         assert!(store.journal(*id).await.expect("journal").is_empty());
     }
     for (id, want) in [
+        (old_keyed, SagaStatus::Completed),
         (old_failed, SagaStatus::Failed),
         (old_running, SagaStatus::Running),
         (recent, SagaStatus::Completed),
@@ -261,6 +271,13 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
         assert_eq!(s.state.status, want);
         assert!(!store.journal(id).await.expect("journal").is_empty());
     }
+    // The key still names its saga: started again, it is found, not started anew.
+    let again = runtime
+        .start_saga_keyed(&checkout, "order-ok-k", &order("ok-k"))
+        .await
+        .expect("start keyed again");
+    assert!(again.existing(), "the keyed saga was found");
+    assert_eq!(again.id(), old_keyed);
     // The poison record of no saga is gone (counted), the one of a live saga kept.
     assert_eq!(swept.deleted.dead_letters, 1, "{swept:?}");
     assert!(

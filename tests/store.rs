@@ -2,7 +2,8 @@
 //! optimistic concurrency (also for journal-only writes), claimed wake-ups filtered by
 //! the types a runtime can run, the outbox (leases, claims, deletion once published)
 //! and the inbox (a message applied once is refused after), paging of active sagas,
-//! dead letters and their resolution.
+//! dead letters and their resolution; keyed sagas (version-8 ids) among unkeyed ones:
+//! never purged, listed newest first by creation time, paged once each.
 
 mod common;
 
@@ -50,13 +51,13 @@ fn entry(at: u64, kind: &str) -> JournalEntry {
 
 /// A started saga (running, waiting on step a until `t0 + 10 s`).
 fn started(def: &SagaDefinition<Data>, t0: u64) -> SagaState {
+    started_as(def, SagaId::new(), t0)
+}
+
+/// [`started`], with the id `id` (a keyed one: `SagaId::for_key`).
+fn started_as(def: &SagaDefinition<Data>, id: SagaId, t0: u64) -> SagaState {
     let d = def.definition();
-    let fresh = SagaState::new(
-        SagaId::new(),
-        d,
-        serde_json::json!({ "n": 1 }),
-        Timestamp(t0),
-    );
+    let fresh = SagaState::new(id, d, serde_json::json!({ "n": 1 }), Timestamp(t0));
     transition(d, &fresh, &Input::Started, Timestamp(t0))
         .expect("start")
         .0
@@ -599,7 +600,11 @@ async fn queries_and_retention(store: &dyn skald::ports::SagaQueries) {
         })
         .await
         .expect("query");
-    assert_eq!(ids(of_beta), vec![failed.id, recent_done.id]);
+    assert_eq!(
+        ids(of_beta),
+        vec![recent_done.id, failed.id],
+        "newest first by creation time (t=50,000, then t=3,000), whatever the id order"
+    );
     let of_v2 = store
         .query(&SagaQuery {
             saga_type: Some(SagaType::new("alpha").expect("type")),
@@ -1012,4 +1017,336 @@ async fn poison_records_of_no_saga_are_purged_on_every_store() {
         .await
         .expect("postgres");
     poison_retention(&pg).await;
+}
+
+/// A finished saga: `s` completed (or compensated) at `at`.
+fn finished(s: &SagaState, status: SagaStatus, at: u64) -> SagaState {
+    let mut s = s.clone();
+    s.status = status;
+    s.pending = None;
+    s.updated_at = Timestamp(at);
+    s
+}
+
+/// Creates `s` (version 1).
+async fn create(store: &dyn SagaStore, s: &SagaState) {
+    assert_eq!(
+        store
+            .commit(&[write(s, 0, "transition")], &[])
+            .await
+            .expect("create"),
+        vec![WriteOutcome::Committed { version: 1 }],
+        "{}",
+        s.id
+    );
+}
+
+/// Retention and keyed sagas, on `store`: a keyed saga (id from `SagaId::for_key`) is
+/// never purged, however old, while an unkeyed one of the same age is; the keyed ones are
+/// left out of the batch itself (older than every unkeyed one, they never fill a batch
+/// of `limit`, nor hold back the unkeyed ones behind them), so a sweep that goes on while
+/// batches are full ends, and one over old keyed sagas only deletes nothing. The key
+/// still names its saga: a second creation of its id conflicts.
+async fn keyed_retention(store: &dyn skald::ports::SagaQueries) {
+    let def = definition("alpha", 1);
+    let ty = SagaType::new("alpha").expect("type");
+    let keyed_id = |key: &str| SagaId::for_key(&ty, key).expect("key");
+    // Old keyed sagas, finished before every old unkeyed one: an "oldest first, then
+    // skip the keyed ones" purge would select only them.
+    let mut old_keyed = Vec::new();
+    for (i, key) in ["order-1", "order-2", "order-3", "order-4", "order-5"]
+        .into_iter()
+        .enumerate()
+    {
+        let i = i as u64;
+        let s = started_as(&def, keyed_id(key), 1_000 + i);
+        assert_eq!(s.id.as_uuid().get_version_num(), 8);
+        create(store, &s).await;
+        let status = if i.is_multiple_of(2) {
+            SagaStatus::Completed
+        } else {
+            SagaStatus::Compensated
+        };
+        let done = finished(&s, status, 2_000 + i);
+        assert_eq!(
+            store
+                .commit(&[write(&done, 1, "transition")], &[])
+                .await
+                .expect("finish"),
+            vec![WriteOutcome::Committed { version: 2 }]
+        );
+        old_keyed.push(done);
+    }
+    // A keyed saga's poison record is kept with it.
+    let poison = DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: DeadLetterCategory::Poison,
+        saga_id: Some(old_keyed[0].id),
+        saga_type: Some("alpha".into()),
+        step: None,
+        kind: None,
+        reason: "forged".into(),
+        attempts: 1,
+        message: None,
+        at: Timestamp(1_500),
+        resolved_at: None,
+    };
+    store.record_poison(&poison, &[]).await.expect("poison");
+    // Unkeyed sagas of the same age (finished at t=3,000..), and a recent one.
+    let mut old_unkeyed = Vec::new();
+    for i in 0..3u64 {
+        let s = started(&def, 1_000 + i);
+        create(store, &s).await;
+        let done = finished(&s, SagaStatus::Completed, 3_000 + i);
+        store
+            .commit(&[write(&done, 1, "transition")], &[])
+            .await
+            .expect("finish");
+        old_unkeyed.push(done);
+    }
+    let recent_keyed = started_as(&def, keyed_id("order-recent"), 40_000);
+    create(store, &recent_keyed).await;
+
+    // The sweeper's loop: batches of 2 while a batch is full. It deletes exactly the old
+    // unkeyed sagas, in two calls.
+    let mut calls = 0;
+    let mut purged = skald::ports::PurgeReport::default();
+    loop {
+        calls += 1;
+        assert!(calls <= 3, "the sweep does not end: {purged:?}");
+        let r = store
+            .purge_finished(Timestamp(10_000), 2)
+            .await
+            .expect("purge");
+        purged.add(&r);
+        if r.sagas < 2 && r.dead_letters < 2 {
+            break;
+        }
+    }
+    assert_eq!(calls, 2, "{purged:?}");
+    assert_eq!((purged.sagas, purged.journal_entries), (3, 6), "{purged:?}");
+    assert_eq!(
+        purged.dead_letters, 0,
+        "the keyed saga's poison record is kept"
+    );
+    for gone in &old_unkeyed {
+        assert!(store.load(gone.id).await.expect("load").is_none());
+    }
+    for kept in &old_keyed {
+        let s = store.load(kept.id).await.expect("load").expect("kept");
+        assert_eq!((s.state.status, s.version), (kept.status, 2));
+        assert_eq!(store.journal(kept.id).await.expect("journal").len(), 2);
+    }
+    assert_eq!(
+        store
+            .dead_letters_of(poison.id)
+            .await
+            .expect("dead letters")
+            .len(),
+        1
+    );
+
+    // Only keyed sagas are old now: a sweep, however late, deletes nothing and stops.
+    for limit in [1, 2, 1_000] {
+        assert_eq!(
+            store
+                .purge_finished(Timestamp(u64::MAX / 4), limit)
+                .await
+                .expect("purge"),
+            skald::ports::PurgeReport::default(),
+            "limit {limit}"
+        );
+    }
+    assert!(store.load(recent_keyed.id).await.expect("load").is_some());
+
+    // The key still names its saga: creating it again conflicts.
+    let again = started_as(&def, keyed_id("order-1"), 90_000);
+    assert_eq!(
+        store
+            .commit(&[write(&again, 0, "transition")], &[])
+            .await
+            .expect("commit"),
+        vec![WriteOutcome::Conflict]
+    );
+}
+
+/// Listings with keyed and unkeyed sagas mixed, on `store`: keyed ids (version 8) are no
+/// time order (nearly all sort above every version-7 id), yet `query` with
+/// `SagaOrder::NewestFirst` lists newest first by creation time (the id breaking ties),
+/// `stats` names the oldest active saga by creation time, and `list` pages through every
+/// saga once, in id order.
+async fn keyed_listings(store: &dyn skald::ports::SagaQueries) {
+    use skald::ports::{SagaOrder, SagaQuery};
+
+    let def = definition("alpha", 1);
+    let ty = SagaType::new("alpha").expect("type");
+    let keyed = |key: &str, t0: u64| started_as(&def, SagaId::for_key(&ty, key).expect("key"), t0);
+    // Created at t = 1,000 (keyed, the oldest) .. 9,000 (unkeyed, the newest); two of
+    // them at the same time.
+    let sagas = vec![
+        keyed("k-oldest", 1_000),
+        started(&def, 2_000),
+        keyed("k-2", 3_000),
+        started(&def, 4_000),
+        keyed("k-3", 5_000),
+        keyed("k-tie", 6_000),
+        started(&def, 6_000),
+        keyed("k-4", 7_000),
+        started(&def, 8_000),
+        started(&def, 9_000),
+    ];
+    for s in &sagas {
+        create(store, s).await;
+    }
+    let (oldest, newest) = (&sagas[0], &sagas[sagas.len() - 1]);
+    let max_unkeyed = sagas
+        .iter()
+        .filter(|s| s.id.as_uuid().get_version_num() == 7)
+        .map(|s| s.id)
+        .max()
+        .expect("unkeyed");
+    assert!(
+        oldest.id > max_unkeyed,
+        "precondition: the oldest keyed id sorts above the unkeyed ids"
+    );
+    // Two of them finished: the listing is by creation, not last change.
+    for s in [&sagas[1], &sagas[4]] {
+        store
+            .commit(
+                &[write(
+                    &finished(s, SagaStatus::Completed, 50_000),
+                    1,
+                    "transition",
+                )],
+                &[],
+            )
+            .await
+            .expect("finish");
+    }
+    let mut by_creation: Vec<&SagaState> = sagas.iter().collect();
+    by_creation.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.id)));
+    let want: Vec<SagaId> = by_creation.iter().map(|s| s.id).collect();
+    assert_eq!(want[0], newest.id);
+
+    let ids =
+        |v: Vec<skald::ports::StoredSaga>| v.into_iter().map(|s| s.state.id).collect::<Vec<_>>();
+    let all = store
+        .query(&SagaQuery {
+            order: SagaOrder::NewestFirst,
+            limit: 100,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(ids(all), want, "newest first by creation time");
+    let newest_three = store
+        .query(&SagaQuery {
+            limit: 3,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(
+        ids(newest_three),
+        want[..3],
+        "the newest 3, keyed ones only if new"
+    );
+    let running = store
+        .query(&SagaQuery {
+            statuses: vec![SagaStatus::Running],
+            limit: 100,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    let want_running: Vec<SagaId> = want
+        .iter()
+        .copied()
+        .filter(|id| *id != sagas[1].id && *id != sagas[4].id)
+        .collect();
+    assert_eq!(ids(running), want_running);
+    let since = store
+        .query(&SagaQuery {
+            created_after: Some(Timestamp(6_000)),
+            limit: 100,
+            ..SagaQuery::default()
+        })
+        .await
+        .expect("query");
+    assert_eq!(ids(since), want[..5]);
+
+    // The oldest active saga is the one created first (keyed here), not the lowest id.
+    let stats = store.stats(Timestamp(0)).await.expect("stats");
+    assert_eq!(
+        stats.oldest_active.map(|o| (o.0, o.2)),
+        Some((oldest.id, Timestamp(1_000)))
+    );
+
+    // Paging with the cursor: every saga once, in id order, for any page size.
+    let mut every: Vec<SagaId> = sagas.iter().map(|s| s.id).collect();
+    every.sort();
+    for page in [1, 3, 4, 100] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let got = store.list(None, after, page).await.expect("list");
+            assert!(got.len() <= page);
+            seen.extend(got.iter().map(|s| s.id));
+            match got.last() {
+                Some(last) if got.len() == page => after = Some(last.id),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, every, "page size {page}");
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let got = store
+            .list(Some(SagaStatus::Running), after, 2)
+            .await
+            .expect("list");
+        seen.extend(got.iter().map(|s| s.id));
+        match got.last() {
+            Some(last) if got.len() == 2 => after = Some(last.id),
+            _ => break,
+        }
+    }
+    let mut running: Vec<SagaId> = want_running.clone();
+    running.sort();
+    assert_eq!(seen, running, "by status");
+    let summary = store.list(None, None, 100).await.expect("list");
+    let of = |id: SagaId| summary.iter().find(|s| s.id == id).expect("listed");
+    assert_eq!(of(oldest.id).created_at, Timestamp(1_000));
+    assert_eq!(of(sagas[4].id).status, SagaStatus::Completed);
+}
+
+#[tokio::test]
+async fn keyed_sagas_are_never_purged_on_every_store() {
+    keyed_retention(&skald::adapters::memory::MemoryStore::new()).await;
+    let dir = TempDir::new();
+    let sqlite = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite");
+    keyed_retention(&sqlite).await;
+    let db = PgDatabase::create().await;
+    let pg = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres");
+    keyed_retention(&pg).await;
+}
+
+#[tokio::test]
+async fn listings_with_keyed_sagas_are_newest_first_by_creation_on_every_store() {
+    keyed_listings(&skald::adapters::memory::MemoryStore::new()).await;
+    let dir = TempDir::new();
+    let sqlite = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite");
+    keyed_listings(&sqlite).await;
+    let db = PgDatabase::create().await;
+    let pg = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres");
+    keyed_listings(&pg).await;
 }

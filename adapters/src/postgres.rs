@@ -731,7 +731,7 @@ impl SagaStore for PostgresStore {
         let rows = sqlx::query(
             "SELECT id::text AS id FROM saga_instances \
              WHERE status IN ('running', 'compensating') AND ($1::uuid IS NULL OR id > $1::uuid) \
-             ORDER BY id LIMIT $2",
+             ORDER BY saga_instances.id LIMIT $2",
         )
         .bind(after.map(|a| a.to_string()))
         .bind(limit(max))
@@ -810,15 +810,19 @@ impl SagaStore for PostgresStore {
         before: Timestamp,
         max: usize,
     ) -> Result<PurgeReport, StoreError> {
-        // One statement: the batch (locked, skipping rows a writer holds), then its
-        // journal, dead letters and rows; and as many poison records of no saga (or of
-        // one deleted before: all the statement's parts see one snapshot, so none of
-        // the batch's) recorded before `before`.
+        // One statement: the batch (finished, old and not keyed: `unkeyed!`; locked,
+        // skipping rows a writer holds), then its journal, dead letters and rows; and
+        // as many poison records of no saga (or of one deleted before: all the
+        // statement's parts see one snapshot, so none of the batch's) recorded before
+        // `before`. The batch is read through the partial index `saga_instances_finished`
+        // (updated_at_ms, finished rows only) in its order; the keyed condition is a
+        // filter on the rows it reads, so old keyed rows are read past, never returned.
         let row = sqlx::query(concat!(
             "WITH batch AS ( \
                  SELECT id FROM saga_instances \
-                 WHERE status IN ('completed', 'compensated') AND updated_at_ms < $1 \
-                 ORDER BY updated_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 WHERE status IN ('completed', 'compensated') AND updated_at_ms < $1 AND ",
+            crate::sql::unkeyed!("id::text"),
+            " ORDER BY updated_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED), \
              j AS (DELETE FROM saga_journal WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
              d AS (DELETE FROM dead_letters WHERE saga_id IN (SELECT id FROM batch) RETURNING 1), \
              s AS (DELETE FROM saga_instances WHERE id IN (SELECT id FROM batch) RETURNING 1), \
@@ -929,10 +933,12 @@ impl SagaStore for PostgresStore {
         after: Option<SagaId>,
         max: usize,
     ) -> Result<Vec<SagaSummary>, StoreError> {
+        // Id order (the uuid column's: a bare `id` in ORDER BY would be the text alias of
+        // the select list, which no index serves: a sort of the whole table per page).
         let rows = sqlx::query(
             "SELECT id::text AS id, saga_type, status, created_at_ms, updated_at_ms FROM saga_instances \
              WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR id > $2::uuid) \
-             ORDER BY id LIMIT $3",
+             ORDER BY saga_instances.id LIMIT $3",
         )
         .bind(status.map(SagaStatus::as_str))
         .bind(after.map(|a| a.to_string()))
@@ -963,7 +969,9 @@ impl SagaQueries for PostgresStore {
             SagaOrder::LeastRecentlyUpdated => {
                 format!("{FILTER}ORDER BY updated_at_ms, id LIMIT $5")
             }
-            _ => format!("{FILTER}ORDER BY id DESC LIMIT $5"),
+            // Newest first by creation time: ids are no time order (keyed ids are
+            // version 8, hashes of their key), the id breaks ties.
+            _ => format!("{FILTER}ORDER BY created_at_ms DESC, id DESC LIMIT $5"),
         };
         let statuses: Vec<&str> = q.statuses.iter().map(|s| s.as_str()).collect();
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1004,7 +1012,8 @@ impl SagaQueries for PostgresStore {
         .map_err(store_error)?;
         let oldest = sqlx::query(
             "SELECT id::text AS id, saga_type, created_at_ms FROM saga_instances \
-             WHERE status IN ('running', 'compensating') ORDER BY id LIMIT 1",
+             WHERE status IN ('running', 'compensating') \
+             ORDER BY created_at_ms, saga_instances.id LIMIT 1",
         )
         .fetch_optional(&mut *conn)
         .await

@@ -844,11 +844,16 @@ impl SagaStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-        let sagas = sqlx::query(
+        // Finished, old and not keyed (`unkeyed!`: kept keyed rows are never selected,
+        // so a batch is all purgeable rows). The keyed condition is a filter on the rows
+        // the index scan reads (`saga_instances_finished` once the planner has
+        // statistics, `saga_instances_status` and a sort before): it changes no plan.
+        let sagas = sqlx::query(concat!(
             "INSERT INTO skald_purge (id) SELECT id FROM saga_instances \
-             WHERE status IN ('completed', 'compensated') AND updated_at_ms < ? \
-             ORDER BY updated_at_ms LIMIT ?",
-        )
+             WHERE status IN ('completed', 'compensated') AND updated_at_ms < ? AND ",
+            crate::sql::unkeyed!("id"),
+            " ORDER BY updated_at_ms LIMIT ?"
+        ))
         .bind(ms(before))
         .bind(limit(max))
         .execute(&mut *tx)
@@ -1020,7 +1025,9 @@ impl SagaQueries for SqliteStore {
             SagaOrder::LeastRecentlyUpdated => {
                 format!("{FILTER}ORDER BY updated_at_ms, id LIMIT ?5")
             }
-            _ => format!("{FILTER}ORDER BY id DESC LIMIT ?5"),
+            // Newest first by creation time: ids are no time order (keyed ids are
+            // version 8, hashes of their key), the id breaks ties.
+            _ => format!("{FILTER}ORDER BY created_at_ms DESC, id DESC LIMIT ?5"),
         };
         let statuses: Vec<&str> = q.statuses.iter().map(|s| s.as_str()).collect();
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1061,7 +1068,7 @@ impl SagaQueries for SqliteStore {
         .map_err(store_error)?;
         let oldest = sqlx::query(
             "SELECT id, saga_type, created_at_ms FROM saga_instances \
-             WHERE status IN ('running', 'compensating') ORDER BY id LIMIT 1",
+             WHERE status IN ('running', 'compensating') ORDER BY created_at_ms, id LIMIT 1",
         )
         .fetch_optional(&mut *conn)
         .await

@@ -321,6 +321,16 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Deletes up to `limit` finished (completed or compensated) sagas whose last
     /// transition was before `before`, with their journals and dead letters, oldest
     /// first, in one transaction. Returns what it deleted (`inbox` is 0).
+    ///
+    /// Keyed sagas (version-8 ids, [`SagaId::for_key`]) are never deleted: a business
+    /// key names one saga for good. Deleted, a later start with the same key would
+    /// re-create the same saga id, and every participant's fence (keyed by
+    /// `<saga id>:<step>:<kind>`, never purged) would answer the new saga's commands with
+    /// the old saga's recorded outcomes; skald's inbox and the broker's dedupe window
+    /// could drop its replies. The store leaves them out in its selection of the batch,
+    /// not after it: a batch of `limit` is made of purgeable sagas only, and a sweep that
+    /// calls this until it deletes fewer than `limit` ends even when every old finished
+    /// saga is keyed.
     async fn purge_finished(
         &self,
         before: Timestamp,
@@ -366,7 +376,14 @@ pub trait SagaStore: Send + Sync + 'static {
     /// A saga's journal, oldest first.
     async fn journal(&self, id: SagaId) -> Result<Vec<JournalEntry>, StoreError>;
 
-    /// Sagas, optionally of one status, in id order after `after`.
+    /// Sagas, optionally of one status, in id order after `after`: a stable order to page
+    /// through every saga (pass the last id of a page as `after` for the next one), each
+    /// returned once; sagas created or deleted while paging may or may not be seen.
+    ///
+    /// Id order is not time order: unkeyed ids (version 7) sort by creation time, keyed
+    /// ids (version 8, [`SagaId::for_key`]) are hashes of their key and fall anywhere
+    /// (nearly all above every version-7 id). For newest first by creation time, use
+    /// [`SagaQueries::query`] with [`SagaOrder::NewestFirst`].
     async fn list(
         &self,
         status: Option<SagaStatus>,

@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 #[derive(Default)]
 struct Data {
-    // BTreeMap: id order for paging (v7 ids are time-ordered).
+    // BTreeMap: id order, the stable order `list` and `active_sagas` page in (not time
+    // order: keyed ids are version 8, hashes of their key).
     sagas: BTreeMap<SagaId, StoredSaga>,
     journal: HashMap<SagaId, Vec<JournalEntry>>,
     dead_letters: Vec<(DeadLetterRecord, Option<Timestamp>)>,
@@ -285,7 +286,13 @@ impl SagaStore for MemoryStore {
         let mut old: Vec<(Timestamp, SagaId)> = data
             .sagas
             .values()
-            .filter(|s| s.state.status.is_terminal() && s.state.updated_at < before)
+            // Keyed sagas (version-8 ids) are never purged: a business key names one
+            // saga for good (see `SagaStore::purge_finished`).
+            .filter(|s| {
+                s.state.status.is_terminal()
+                    && s.state.updated_at < before
+                    && s.state.id.as_uuid().get_version_num() != 8
+            })
             .map(|s| (s.state.updated_at, s.state.id))
             .collect();
         old.sort();
@@ -451,7 +458,8 @@ impl SagaQueries for MemoryStore {
             SagaOrder::LeastRecentlyUpdated => {
                 found.sort_by_key(|s| (s.state.updated_at, s.state.id));
             }
-            _ => found.sort_by_key(|s| std::cmp::Reverse(s.state.id)),
+            // Newest first by creation time (ids are no time order), the id breaks ties.
+            _ => found.sort_by_key(|s| std::cmp::Reverse((s.state.created_at, s.state.id))),
         }
         found.truncate(q.limit.min(MAX_QUERY_ROWS));
         Ok(found)
@@ -474,7 +482,9 @@ impl SagaQueries for MemoryStore {
                 .1 += 1;
             started += u64::from(st.created_at >= since);
             finished += u64::from(st.status.is_terminal() && st.updated_at >= since);
-            if is_active(st.status) && oldest.is_none_or(|o| st.id < o.state.id) {
+            if is_active(st.status)
+                && oldest.is_none_or(|o| (st.created_at, st.id) < (o.state.created_at, o.state.id))
+            {
                 oldest = Some(s);
             }
         }

@@ -213,6 +213,23 @@ macro_rules! poison_of_no_saga {
 }
 pub(crate) use poison_of_no_saga;
 
+/// The condition that keeps keyed sagas out of a purge: the saga's id is not a version-8
+/// UUID (`SagaId::for_key`). A business key names one saga for good: deleted, a later
+/// start of the key would re-create the same id, and every participant's fence (keyed by
+/// `<saga id>:<step>:<kind>`, never purged) would answer it with the old saga's outcomes.
+///
+/// `$id_text` is the id in its canonical text form (`id::text` in PostgreSQL, `id` in
+/// SQLite, which stores it as text): the version is its 15th character (1-based), the
+/// first hex digit of the third group. Part of the purge's WHERE clause, so a kept keyed
+/// row is never selected: a batch of `limit` is made of purgeable rows only, and a sweep
+/// over old sagas that are all keyed finds nothing and stops.
+macro_rules! unkeyed {
+    ($id_text:literal) => {
+        concat!("substr(", $id_text, ", 15, 1) <> '8'")
+    };
+}
+pub(crate) use unkeyed;
+
 /// The shared secret `name`: the stored one, or `candidate` once stored. Insert-if-absent
 /// (`insert`: name, value, time), then read (`select`: name): whoever inserted first,
 /// every caller reads the one stored value (a row is never updated). Two statements, not
