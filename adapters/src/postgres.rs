@@ -814,9 +814,9 @@ impl SagaStore for PostgresStore {
         // skipping rows a writer holds), then its journal, dead letters and rows; and
         // as many poison records of no saga (or of one deleted before: all the
         // statement's parts see one snapshot, so none of the batch's) recorded before
-        // `before`. The batch is read through the partial index `saga_instances_finished`
-        // (updated_at_ms, finished rows only) in its order; the keyed condition is a
-        // filter on the rows it reads, so old keyed rows are read past, never returned.
+        // `before`. The batch is read through the partial index `saga_instances_purgeable`
+        // (updated_at_ms; finished rows that are not keyed, the condition to the letter)
+        // in its order: kept keyed rows are not even read past.
         let row = sqlx::query(concat!(
             "WITH batch AS ( \
                  SELECT id FROM saga_instances \

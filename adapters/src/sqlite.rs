@@ -845,9 +845,8 @@ impl SagaStore for SqliteStore {
             .await
             .map_err(store_error)?;
         // Finished, old and not keyed (`unkeyed!`: kept keyed rows are never selected,
-        // so a batch is all purgeable rows). The keyed condition is a filter on the rows
-        // the index scan reads (`saga_instances_finished` once the planner has
-        // statistics, `saga_instances_status` and a sort before): it changes no plan.
+        // so a batch is all purgeable rows), through the partial index
+        // `saga_instances_purgeable`, whose condition is the query's to the letter.
         let sagas = sqlx::query(concat!(
             "INSERT INTO skald_purge (id) SELECT id FROM saga_instances \
              WHERE status IN ('completed', 'compensated') AND updated_at_ms < ? AND ",

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The identity of one saga instance. Version-7 UUIDs: time-ordered, index-friendly.
+/// The identity of one saga instance: a version-7 UUID (time-ordered, index-friendly)
+/// for an ordinary start, a version-8 UUID derived from the saga type and a business
+/// key for a keyed one ([`SagaId::for_key`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SagaId(Uuid);

@@ -424,7 +424,7 @@ pub trait SagaStore: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SagaOrder {
-    /// Newest first (by id: ids are time-ordered UUID v7).
+    /// Newest first by creation time (then by id).
     #[default]
     NewestFirst,
     /// The ones whose last transition is oldest first (for finding stuck sagas).

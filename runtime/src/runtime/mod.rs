@@ -204,8 +204,9 @@ impl Runtime {
     /// derived from the type and the key ([`SagaId::for_key`]), so the store's primary
     /// key decides a race, never a check-then-insert.
     ///
-    /// A key is remembered for as long as its saga is stored: once a finished saga is
-    /// deleted (`RuntimeOptions::retention`), the same key starts a new one.
+    /// A key names one saga for good: retention never deletes a keyed saga (a second
+    /// saga under the same id would get the first one's fenced outcomes from the
+    /// participants), so a start of a finished saga's key returns that saga.
     pub async fn start_saga_keyed<D>(
         &self,
         definition: &SagaDefinition<D>,

@@ -73,7 +73,9 @@ pub struct RuntimeOptions {
     pub inbox_retention: Duration,
     /// Finished (completed or compensated) sagas are deleted, with their journals and
     /// dead letters, this long after their last transition; `None` keeps them forever.
-    /// One process at a time sweeps (a lease in the store). Default: 7 days.
+    /// Keyed sagas ([`Runtime::start_saga_keyed`](super::Runtime::start_saga_keyed)) are
+    /// never deleted: a key names one saga for good. One process at a time sweeps (a
+    /// lease in the store). Default: 7 days.
     #[serde(with = "crate::serde_millis_opt")]
     pub retention: Option<Duration>,
     /// How often the retention sweeper runs (it also trims the inbox past
