@@ -5,7 +5,9 @@
 //!
 //! The `metrics` recorder and the `tracing` subscriber are process-wide: this binary
 //! installs them once (the subscriber captures span fields for the assertions), and
-//! only one test reads metrics; the other uses a saga type of its own.
+//! only one test reads that recorder; the others use saga types of their own. The test
+//! of commit conflicts and cold activations (two runtimes holding one saga) registers
+//! its runtimes' metrics with a recorder of its own (thread-local while they start).
 
 mod common;
 
@@ -19,11 +21,11 @@ use serde::{Deserialize, Serialize};
 use skald::definition::{SagaDefinition, Step};
 use skald::ids::SagaId;
 use skald::machine::SagaStatus;
-use skald_sagas::checkout::{Checkout, LineItem, checkout_definition};
-use skald_sagas::sim::{MemoryLedger, SimConfig};
 use skald::trace::{TraceContext, span_id_of};
 use skald::wire;
 use skald::{Runtime, RuntimeOptions};
+use skald_sagas::checkout::{Checkout, LineItem, checkout_definition};
+use skald_sagas::sim::{MemoryLedger, SimConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -269,7 +271,13 @@ async fn metrics_endpoint_after_a_run_and_trace_ids_through_the_participant_help
             }],
             500,
         );
-        ids.push(runtime.start_saga(&checkout, &order).await.expect("start").id());
+        ids.push(
+            runtime
+                .start_saga(&checkout, &order)
+                .await
+                .expect("start")
+                .id(),
+        );
     }
     let statuses: HashMap<SagaId, SagaStatus> = await_outcomes(&mut outcomes, &ids)
         .await
@@ -335,6 +343,19 @@ async fn metrics_endpoint_after_a_run_and_trace_ids_through_the_participant_help
     assert!(get("skald_outbox_backlog", &[]) >= 0.0);
     assert!(get("skald_outbox_lag_seconds", &[]) >= 0.0);
     assert!(get("skald_live_actors", &[]) >= 0.0);
+    // One process starts and runs every saga: none of its commits conflicts. (A saga is
+    // loaded cold only when an input comes after it passivated: a late or redelivered
+    // reply to a settled saga; the series is there either way.)
+    assert_eq!(get("skald_commit_conflicts_total", &[ty]), 0.0);
+    assert!(get("skald_cold_activations_total", &[ty]) >= 0.0);
+    assert!(
+        body.contains("# TYPE skald_commit_conflicts_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE skald_cold_activations_total counter"),
+        "{body}"
+    );
     let (status, _, _) = http_get(addr, "/elsewhere").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     assert_eq!(
@@ -483,7 +504,8 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
             runtime
                 .start_saga(&probe, &Probe { n })
                 .await
-                .expect("start").id(),
+                .expect("start")
+                .id(),
         );
     }
     for o in await_outcomes(&mut outcomes, &ids).await {
@@ -530,4 +552,117 @@ async fn trace_context_reaches_a_plain_nats_participant_and_comes_back() {
     }
     runtime.shutdown().await;
     participant.abort();
+}
+
+/// The saga two runtimes hold at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Contended {
+    n: u32,
+}
+
+async fn contended_runtime(
+    store: &Arc<dyn skald::ports::SagaStore>,
+    definition: &SagaDefinition<Contended>,
+) -> Runtime {
+    // A bus of its own: no participant answers, so nothing moves the saga but the test.
+    Runtime::builder()
+        .store(Arc::clone(store))
+        .bus(skald::adapters::memory::MemoryBus::new())
+        .register(definition)
+        .options(options())
+        .start()
+        .await
+        .expect("runtime")
+}
+
+/// Two processes sharing one store both hold a saga: B, which never had it, loads it
+/// from the store (a cold activation) and moves it on; A, still holding the version it
+/// started, has its next commit refused (a conflict), reloads and decides again. Both
+/// are counted per saga type, in the runtime's stats and in the exported metrics.
+#[test]
+fn commit_conflicts_and_cold_activations_are_counted_per_saga_type() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let prometheus = recorder.handle();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let store: Arc<dyn skald::ports::SagaStore> =
+        Arc::new(skald::adapters::memory::MemoryStore::new());
+    let contended: SagaDefinition<Contended> = SagaDefinition::builder("contended", 1)
+        .step(
+            Step::new("hold")
+                .action("skald.cmd.holder.hold", |c: &Contended| c.clone())
+                .compensate("skald.cmd.holder.release", |c: &Contended| c.clone())
+                .timeout(Duration::from_secs(300)),
+        )
+        .build()
+        .expect("valid");
+    // The runtimes register their metric handles while they start, on this thread:
+    // with this test's recorder. The handles then count from any thread.
+    let (a, b) = metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            (
+                contended_runtime(&store, &contended).await,
+                contended_runtime(&store, &contended).await,
+            )
+        })
+    });
+    rt.block_on(async {
+        let id = a
+            .start_saga(&contended, &Contended { n: 1 })
+            .await
+            .expect("start on A")
+            .id();
+        let version = |store: Arc<dyn skald::ports::SagaStore>| async move {
+            store
+                .load(id)
+                .await
+                .expect("load")
+                .expect("the saga")
+                .version
+        };
+        let started = version(Arc::clone(&store)).await;
+        // B has no actor for it: it loads the saga (cold) and applies the cancel.
+        tokio::time::timeout(DEADLINE, b.cancel(id, "from B"))
+            .await
+            .expect("B answers")
+            .expect("B cancels");
+        assert!(
+            version(Arc::clone(&store)).await > started,
+            "B moved the saga on"
+        );
+        // A's actor still holds the started version: its commit is refused, it
+        // reloads and decides again (whatever it then decides).
+        let _ = tokio::time::timeout(DEADLINE, a.cancel(id, "from A"))
+            .await
+            .expect("A answers");
+        let (sa, sb) = (a.stats(), b.stats());
+        assert!(sa.conflicts >= 1, "A's commit conflicted: {sa:?}");
+        assert_eq!(
+            sa.cold_activations, 0,
+            "A made its actor by the start: {sa:?}"
+        );
+        assert_eq!(sb.conflicts, 0, "{sb:?}");
+        assert_eq!(sb.cold_activations, 1, "B loaded the saga once: {sb:?}");
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+
+    let body = prometheus.render();
+    let samples = parse_prometheus(&body);
+    let ty = ("saga_type", "contended");
+    let conflicts = value(&samples, "skald_commit_conflicts_total", &[ty]);
+    assert!(conflicts.is_some_and(|n| n >= 1.0), "{body}");
+    assert_eq!(
+        value(&samples, "skald_cold_activations_total", &[ty]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("# HELP skald_commit_conflicts_total ")
+            && body.contains("# HELP skald_cold_activations_total "),
+        "{body}"
+    );
 }

@@ -54,6 +54,14 @@ pub const OUTBOX_LAG: &str = "skald_outbox_lag_seconds";
 /// `skald_reply_consumer_lag`: replies not yet processed by the reply consumer group
 /// (sampled gauge; buses that cannot tell do not set it).
 pub const REPLY_CONSUMER_LAG: &str = "skald_reply_consumer_lag";
+/// `skald_commit_conflicts_total{saga_type}`: commits of a saga's transition refused
+/// because another writer moved the saga on since this process read it (another process
+/// applied an input to it): the instance reloads the saga and decides again (counter).
+pub const COMMIT_CONFLICTS: &str = "skald_commit_conflicts_total";
+/// `skald_cold_activations_total{saga_type}`: instance actors activated by loading their
+/// saga from the store, i.e. not created by a start in this process: the first input of
+/// a saga started elsewhere, one that passivated, or one whose actor crashed (counter).
+pub const COLD_ACTIVATIONS: &str = "skald_cold_activations_total";
 /// `skald_store_commit_duration_seconds`: one group commit's store transaction.
 pub const COMMIT_DURATION: &str = "skald_store_commit_duration_seconds";
 /// `skald_store_commit_batch_size`: writes in one group commit.
@@ -97,6 +105,14 @@ pub fn describe() {
         "Step attempts: command sent to reply applied."
     );
     describe_counter!(STEP_RETRIES, "Step retries scheduled.");
+    describe_counter!(
+        COMMIT_CONFLICTS,
+        "Transitions refused at commit: another writer moved the saga on (reloaded and decided again)."
+    );
+    describe_counter!(
+        COLD_ACTIVATIONS,
+        "Saga instance actors activated by loading the saga from the store (not started here)."
+    );
     describe_gauge!(
         SAGAS_IN_FLIGHT,
         "Sagas running or compensating in the store (sampled)."
@@ -196,6 +212,8 @@ struct TypeMetrics {
     completed: Counter,
     compensated: Counter,
     dead_lettered: Counter,
+    conflicts: Counter,
+    cold_activations: Counter,
     in_flight: Gauge,
     /// By definition version, then step index (versions may differ in their steps; a
     /// step of the same name shares its series across versions).
@@ -230,6 +248,8 @@ impl Metrics {
                     completed: counter!(SAGAS_COMPLETED, &label),
                     compensated: counter!(SAGAS_COMPENSATED, &label),
                     dead_lettered: counter!(SAGAS_DEAD_LETTERED, &label),
+                    conflicts: counter!(COMMIT_CONFLICTS, &label),
+                    cold_activations: counter!(COLD_ACTIVATIONS, &label),
                     in_flight: gauge!(SAGAS_IN_FLIGHT, &label),
                     steps: BTreeMap::new(),
                 }
@@ -265,6 +285,20 @@ impl Metrics {
         match kind {
             CommandKind::Action => Some(&s.action),
             CommandKind::Compensation => s.compensation.as_ref(),
+        }
+    }
+
+    /// Counts a commit of a `saga_type` saga refused for a version conflict.
+    pub(crate) fn commit_conflict(&self, saga_type: &SagaType) {
+        if let Some(t) = self.types.get(saga_type) {
+            t.conflicts.increment(1);
+        }
+    }
+
+    /// Counts an instance actor of a `saga_type` saga activated from the store.
+    pub(crate) fn cold_activation(&self, saga_type: &SagaType) {
+        if let Some(t) = self.types.get(saga_type) {
+            t.cold_activations.increment(1);
         }
     }
 

@@ -21,6 +21,12 @@
 //! docs/operations.md shows every command with its output; the exit codes are
 //! [`ExitStatus`]'s.
 //!
+//! `serve` runs an orchestrator node instead: a runtime with the registered definitions
+//! (and upcasters) on `--db` (migrated at start-up) and `--nats`, which applies replies,
+//! wake-ups and operator requests and answers start requests until SIGINT or SIGTERM,
+//! and starts no sagas itself. A deployment is N such nodes, plus the services that
+//! start sagas.
+//!
 //! Operator requests carry an expiry (`--ttl`, default 10 min, at most 1 h), the saga's
 //! re-drive count as the CLI read it (a runtime applies the request only if nobody
 //! re-drove the saga since), optionally `--if-version N` (only at that stored version),
@@ -44,6 +50,9 @@ use clap::{Args, Parser, Subcommand};
 use skald_runtime::definition::{Definition, SagaDefinition};
 use skald_runtime::ids::SagaType;
 use skald_runtime::ports::StoreError;
+use skald_runtime::runtime::RuntimeBuilder;
+
+use crate::telemetry::LogFormat;
 
 /// What the CLI's exit code means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,8 +134,25 @@ impl From<StoreError> for CliError {
 /// [`Cli::main`].
 #[derive(Debug, Default, Clone)]
 pub struct Cli {
-    definitions: HashMap<(SagaType, u32), Arc<Definition>>,
+    definitions: HashMap<(SagaType, u32), Registered>,
     upcasters: skald_runtime::upcast::Upcasters,
+}
+
+/// A registered definition, and how `serve` hands it to a runtime builder (which takes
+/// it typed).
+#[derive(Clone)]
+struct Registered {
+    definition: Arc<Definition>,
+    register: Arc<dyn Fn(RuntimeBuilder) -> RuntimeBuilder + Send + Sync>,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered")
+            .field("saga_type", self.definition.saga_type())
+            .field("version", &self.definition.version())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Cli {
@@ -136,17 +162,23 @@ impl Cli {
         Cli::default()
     }
 
-    /// Registers a definition (every version the runtimes may run).
-    pub fn register<D>(mut self, definition: &SagaDefinition<D>) -> Cli {
+    /// Registers a definition (every version the runtimes may run): the commands read
+    /// sagas with it, and `serve` runs it.
+    pub fn register<D: 'static>(mut self, definition: &SagaDefinition<D>) -> Cli {
         let def = Arc::clone(definition.definition());
+        let typed = definition.clone();
+        let registered = Registered {
+            definition: Arc::clone(&def),
+            register: Arc::new(move |builder: RuntimeBuilder| builder.register(&typed)),
+        };
         self.definitions
-            .insert((def.saga_type().clone(), def.version()), def);
+            .insert((def.saga_type().clone(), def.version()), registered);
         self
     }
 
     /// The upcasters the runtimes use (build one [`Upcasters`] and hand it to both, with
     /// `RuntimeBuilder::upcasters`): `at`, `replay` and `migrate-payloads` bring stored
-    /// data of older schema versions up with them.
+    /// data of older schema versions up with them, and `serve`'s runtime runs with them.
     ///
     /// [`Upcasters`]: skald_runtime::upcast::Upcasters
     pub fn with_upcasters(mut self, upcasters: skald_runtime::upcast::Upcasters) -> Cli {
@@ -176,11 +208,13 @@ impl Cli {
                 return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
             }
         };
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-        {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        // A node's store and bus I/O runs on this runtime: one worker per core. The other
+        // commands make a few queries.
+        if !matches!(args.command, Command::Serve(_)) {
+            builder.worker_threads(2);
+        }
+        let runtime = match builder.enable_all().build() {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("skald: cannot start the async runtime: {e}");
@@ -219,7 +253,24 @@ impl Cli {
         saga_type: &SagaType,
         version: u32,
     ) -> Option<&Arc<Definition>> {
-        self.definitions.get(&(saga_type.clone(), version))
+        self.definitions
+            .get(&(saga_type.clone(), version))
+            .map(|r| &r.definition)
+    }
+
+    /// The registered (type, version) pairs, in order.
+    pub(crate) fn registered(&self) -> Vec<(SagaType, u32)> {
+        let mut pairs: Vec<(SagaType, u32)> = self.definitions.keys().cloned().collect();
+        pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()).then(a.1.cmp(&b.1)));
+        pairs
+    }
+
+    /// `builder` with every registered definition and the upcasters.
+    pub(crate) fn register_with(&self, mut builder: RuntimeBuilder) -> RuntimeBuilder {
+        for registered in self.definitions.values() {
+            builder = (registered.register)(builder);
+        }
+        builder.upcasters(self.upcasters.clone())
     }
 }
 
@@ -230,7 +281,9 @@ Exit codes:
   2  bad usage (unknown flag, malformed id, time or duration)
   3  no saga or dead letter with that id
   4  the database cannot be used: unreachable, bad URL, no such file, no skald schema
-  5  NATS cannot be reached or refused the connection (redrive and cancel need it)
+     (serve: or its runtime stopped on a schema problem)
+  5  NATS cannot be reached or refused the connection (serve, redrive and cancel need
+     it)
   6  refused: the action does not apply to the saga as it is, or the runtime refused the
      request (expired, --if-version or a re-drive meanwhile, unverified operator);
      nothing changed
@@ -242,14 +295,16 @@ Exit codes:
 Durations: 250ms, 30s, 5m, 2h, 7d, 1h30m. Times: RFC 3339 (2026-11-24T03:50:12Z),
 milliseconds since the epoch, or a duration ago (-5m).
 
-NATS (redrive, cancel): --nats URL (SKALD_NATS; tls:// for TLS), authenticated with
---creds FILE, --nkey SEED_FILE, --user and --password, or --token (SKALD_NATS_CREDS,
-_NKEY, _USER, _PASSWORD, _TOKEN); TLS with --tls-ca, --tls-cert and --tls-key
-(SKALD_NATS_TLS_CA, _CERT, _KEY). Requests are signed with --operator-nkey SEED_FILE
-(SKALD_OPERATOR_NKEY) when given. Prefer the environment to secrets on the command line;
-they are never printed.";
+serve runs until SIGINT or SIGTERM, then stops gracefully and exits 0.
 
-/// skald's operator CLI: see, find, re-drive and cancel sagas.
+NATS (serve, redrive, cancel): --nats URL (SKALD_NATS; tls:// for TLS), authenticated
+with --creds FILE, --nkey SEED_FILE, --user and --password, or --token
+(SKALD_NATS_CREDS, _NKEY, _USER, _PASSWORD, _TOKEN); TLS with --tls-ca, --tls-cert and
+--tls-key (SKALD_NATS_TLS_CA, _CERT, _KEY). Requests are signed with --operator-nkey
+SEED_FILE (SKALD_OPERATOR_NKEY) when given. Prefer the environment to secrets on the
+command line; they are never printed.";
+
+/// skald's operator CLI: see, find, re-drive and cancel sagas; run an orchestrator node.
 #[derive(Parser)]
 #[command(name = "skald", version, after_help = EXIT_CODES)]
 pub(crate) struct Arguments {
@@ -261,8 +316,8 @@ pub(crate) struct Arguments {
         default_value = "sqlite://skald.db"
     )]
     pub(crate) db: String,
-    /// NATS, for the commands that send (redrive, cancel): nats://HOST:PORT (tls://
-    /// for TLS). Authenticate with the flags under "NATS authentication and TLS".
+    /// NATS, for serve and the commands that send (redrive, cancel): nats://HOST:PORT
+    /// (tls:// for TLS). Authenticate with the flags under "NATS authentication and TLS".
     #[arg(long, global = true, env = "SKALD_NATS")]
     pub(crate) nats: Option<String>,
     #[command(flatten)]
@@ -382,6 +437,47 @@ pub(crate) enum Command {
         #[arg(long, default_value = "1m", value_parser = duration_arg)]
         window: Duration,
     },
+    /// Run an orchestrator node until SIGINT or SIGTERM; it starts no sagas.
+    ///
+    /// A runtime with this CLI's definitions on --db (migrated at start-up) and --nats:
+    /// it applies the replies, wake-ups and operator requests of their sagas and answers
+    /// their start requests, sharing them with every other node on the same database and
+    /// NATS. It prints one line on stderr when ready; on SIGINT or SIGTERM it stops
+    /// gracefully and exits 0.
+    Serve(ServeArgs),
+}
+
+/// `serve`'s own flags (the store, NATS and its authentication are the global ones).
+/// Defaults are `RuntimeOptions::default()`'s.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464; port 0 picks
+    /// a free one, printed when ready). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines on stderr as text or json (RUST_LOG filters; default: info).
+    #[arg(long, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub(crate) log_format: LogFormat,
+    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
+    #[cfg(feature = "otlp")]
+    #[arg(long, value_name = "URL")]
+    pub(crate) otlp_endpoint: Option<String>,
+    /// The prefix of the durable consumers replies and operator requests are read with,
+    /// and the queue group of start requests: every node of one deployment uses the
+    /// same one.
+    #[arg(long, default_value = "skald-orchestrator", value_name = "NAME")]
+    pub(crate) reply_group: String,
+    /// An active saga's actor leaves memory after this long without input (ms).
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    pub(crate) idle_timeout_ms: u64,
+    /// How long JetStream waits for a node's ack before redelivering (s): how soon the
+    /// other nodes take over the replies a killed node held.
+    #[arg(long, default_value_t = 30, value_name = "S")]
+    pub(crate) ack_wait_secs: u64,
+    /// At start-up, wait up to this long for a NATS server that is not up yet (s;
+    /// default: fail at once).
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub(crate) nats_wait_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -529,6 +625,49 @@ mod tests {
         assert_eq!(send.if_version, None);
         assert_eq!(send.operator_nkey, Some(PathBuf::from("ops.nk")));
         assert!(parse(&["cancel", "x", "--ttl", "10 minutes"]).is_err());
+    }
+
+    #[test]
+    fn serve_defaults_are_the_runtime_options_defaults() {
+        let a = parse(&["serve", "--nats", "nats://h:4222"]).expect("parses");
+        assert_eq!(a.nats.as_deref(), Some("nats://h:4222"));
+        let Command::Serve(serve) = a.command else {
+            panic!("not serve: {a:?}");
+        };
+        let defaults = skald_runtime::runtime::RuntimeOptions::default();
+        assert_eq!(serve.reply_group, defaults.reply_group);
+        assert_eq!(
+            Duration::from_millis(serve.idle_timeout_ms),
+            defaults.idle_timeout
+        );
+        let nats = skald_adapters::nats::NatsOptions::new("nats://h:4222");
+        assert_eq!(Duration::from_secs(serve.ack_wait_secs), nats.ack_wait);
+        assert_eq!(serve.nats_wait_secs, 0);
+        assert_eq!(serve.metrics_addr, None);
+        assert_eq!(serve.log_format, LogFormat::Text);
+        let a = parse(&[
+            "serve",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--reply-group",
+            "orders",
+            "--idle-timeout-ms",
+            "5000",
+        ])
+        .expect("parses");
+        let Command::Serve(serve) = a.command else {
+            panic!("not serve: {a:?}");
+        };
+        assert_eq!(
+            serve.metrics_addr,
+            Some("127.0.0.1:0".parse().expect("addr"))
+        );
+        assert_eq!(serve.log_format, LogFormat::Json);
+        assert_eq!(serve.reply_group, "orders");
+        assert_eq!(serve.idle_timeout_ms, 5000);
+        assert!(parse(&["serve", "--log-format", "yaml"]).is_err());
     }
 
     #[test]

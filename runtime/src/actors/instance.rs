@@ -101,6 +101,9 @@ pub struct SagaInstance {
     /// Counted in the `skald_live_actors` gauge (between `started` and `stopped`, or
     /// the drop of an actor that died in a panic).
     live: bool,
+    /// Activated without a state (not created by a start in this process): counted as a
+    /// cold activation (`skald_cold_activations_total`) once its saga is loaded.
+    cold: bool,
 }
 
 impl std::fmt::Debug for SagaInstance {
@@ -120,6 +123,7 @@ impl SagaInstance {
         registry: Addr<Registry>,
         initial: Option<SagaState>,
     ) -> Self {
+        let cold = initial.is_none();
         SagaInstance {
             id,
             shared,
@@ -134,6 +138,7 @@ impl SagaInstance {
             wake_failures: 0,
             passivated: false,
             live: false,
+            cold,
         }
     }
 
@@ -149,7 +154,14 @@ impl SagaInstance {
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
             act.load = match res {
-                Ok(Some(saga)) => Load::Ready(Box::new(saga)),
+                Ok(Some(saga)) => {
+                    // The activation's first load (not a reload after a failure).
+                    if std::mem::take(&mut act.cold) {
+                        RuntimeStats::incr(&act.shared.stats.cold_activations);
+                        act.shared.metrics.cold_activation(&saga.state.saga_type);
+                    }
+                    Load::Ready(Box::new(saga))
+                }
                 Ok(None) => Load::Missing,
                 Err(e) => {
                     warn!(saga.id = %act.id, error = %e, "loading saga failed");
@@ -509,6 +521,7 @@ async fn process(
             }
             Ok((WriteOutcome::Conflict, _)) => {
                 RuntimeStats::incr(&shared.stats.conflicts);
+                shared.metrics.commit_conflict(&saga.state.saga_type);
                 debug!(saga.id = %saga.state.id, "version conflict: reloading");
                 let store = Arc::clone(&shared.store);
                 let id = saga.state.id;

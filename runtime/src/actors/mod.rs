@@ -265,8 +265,11 @@ crate::counters! {
         forged,
         /// Store version conflicts resolved by reloading.
         conflicts,
-        /// Instance actors activated.
+        /// Instance actors activated (created by a start here, or loaded from the store).
         activations,
+        /// Of the activations, those that loaded their saga from the store (not created
+        /// by a start in this process): `skald_cold_activations_total`.
+        cold_activations,
         /// Instance actors passivated.
         passivations,
         /// Instance actors found dead (crashed) and re-activated.

@@ -1,5 +1,5 @@
 //! The CLI's commands: each reads the store (and, for actions, sends over NATS) and
-//! returns what to print, a human table or one JSON document.
+//! returns what to print, a human table or one JSON document; `serve` runs a node.
 //!
 //! One module per command family; this one dispatches a parsed command and holds what
 //! they share (opening the store, reading a saga, rendering a saga's step and phase).
@@ -9,6 +9,7 @@ mod list;
 mod migrate;
 mod replay;
 mod requests;
+mod serve;
 mod show;
 mod stats;
 mod stuck;
@@ -35,6 +36,11 @@ pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> 
     args.nats_auth
         .validate()
         .map_err(|e| usage(e.to_string()))?;
+    // A node opens (and migrates) the store itself; the other commands only read it.
+    if let Command::Serve(serve) = args.command {
+        let nats = args.nats.as_deref();
+        return serve::serve(cli, &args.db, nats, &args.nats_auth, serve).await;
+    }
     let store = open_store(&args.db).await?;
     let now = SystemClock.now();
     let json = args.json;
@@ -43,6 +49,8 @@ pub(crate) async fn run(cli: &Cli, args: Arguments) -> Result<String, CliError> 
         auth: &args.nats_auth,
     };
     match args.command {
+        // Run above, before the store is opened read-only.
+        Command::Serve(_) => Ok(String::new()),
         Command::Sagas(a) => list::sagas(cli, &store, a, now, json).await,
         Command::Show { id } => show::show(cli, &store, saga_id(&id)?, now, json).await,
         Command::At { id, time } => {
@@ -108,16 +116,20 @@ async fn open_store(url: &str) -> Result<Store, CliError> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Arc::new(PostgresStore::open_existing(url).await?)
     } else {
-        return Err(CliError::new(
-            ExitStatus::Database,
-            format!(
-                "unsupported database URL {:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB \
-                 (--db or SKALD_DB)",
-                skald_adapters::redact_url(url)
-            ),
-        ));
+        return Err(unsupported_db(url));
     };
     Ok(store)
+}
+
+fn unsupported_db(url: &str) -> CliError {
+    CliError::new(
+        ExitStatus::Database,
+        format!(
+            "unsupported database URL {:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB \
+             (--db or SKALD_DB)",
+            skald_adapters::redact_url(url)
+        ),
+    )
 }
 
 fn uuid(s: &str) -> Result<Uuid, CliError> {
