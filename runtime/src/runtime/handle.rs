@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use actix::Addr;
 
-use crate::actors::{Applied, Registry, Shared};
+use crate::actors::{Applied, OutcomeWatch, Registry, Shared};
 use crate::definition::SagaDefinition;
 use crate::error::RuntimeError;
 use crate::ids::SagaId;
@@ -49,6 +49,10 @@ pub struct SagaHandle<D> {
     /// loop ends when the runtime does) and answers `ShuttingDown`.
     shared: Weak<Shared>,
     registry: Addr<Registry>,
+    /// Registered before the start that made this handle was committed, so the first
+    /// `outcome()` needs no read of the store to know it missed nothing (taken by it;
+    /// clones share it).
+    started_watch: Arc<std::sync::Mutex<Option<OutcomeWatch>>>,
     _data: PhantomData<fn() -> D>,
 }
 
@@ -60,6 +64,7 @@ impl<D> Clone for SagaHandle<D> {
             definition: self.definition.clone(),
             shared: Weak::clone(&self.shared),
             registry: self.registry.clone(),
+            started_watch: Arc::clone(&self.started_watch),
             _data: PhantomData,
         }
     }
@@ -118,6 +123,7 @@ where
         definition: &SagaDefinition<D>,
         shared: &Arc<Shared>,
         registry: Addr<Registry>,
+        started_watch: Option<OutcomeWatch>,
     ) -> Self {
         SagaHandle {
             id,
@@ -125,6 +131,7 @@ where
             definition: definition.clone(),
             shared: Arc::downgrade(shared),
             registry,
+            started_watch: Arc::new(std::sync::Mutex::new(started_watch)),
             _data: PhantomData,
         }
     }
@@ -163,14 +170,29 @@ where
     pub async fn outcome(&self) -> Result<SagaView<D>, RuntimeError> {
         // Register before reading: a settle between the read and the wait still wakes
         // this handle.
-        let (watch, recheck) = {
-            let shared = self.shared()?;
-            // No waking for this long (a poller that died, a runtime dropped without a
-            // shutdown): read the store anyway, so a handle degrades, never hangs.
-            let recheck = (shared.options.outcome_poll_interval * 20).max(Duration::from_secs(5));
-            (shared.outcomes.watch(self.id), recheck)
+        let shared = self.shared()?;
+        // No waking for this long (a poller that died, a runtime dropped without a
+        // shutdown): read the store anyway, so a handle degrades, never hangs.
+        let recheck = (shared.options.outcome_poll_interval * 20).max(Duration::from_secs(5));
+        let started = self.started_watch.lock().ok().and_then(|mut w| w.take());
+        let (watch, mut state) = match started {
+            // Watched since before the start committed: every settle since woke it. The
+            // saga was not settled when it was created: wait at once.
+            Some(watch) => {
+                drop(shared);
+                let state = match tokio::time::timeout(recheck, watch.woken()).await {
+                    Ok(Some(settled)) => (*settled).clone(),
+                    Ok(None) | Err(_) => self.load_patiently(&watch).await?,
+                };
+                (watch, state)
+            }
+            None => {
+                let watch = shared.outcomes.watch(self.id);
+                drop(shared);
+                let state = self.load_patiently(&watch).await?;
+                (watch, state)
+            }
         };
-        let mut state = self.load_patiently(&watch).await?;
         loop {
             if state.status.is_settled() {
                 return self.view(state);
@@ -215,7 +237,7 @@ where
     /// what waiting cannot mend (an unknown saga, another type).
     async fn load_patiently(
         &self,
-        watch: &crate::actors::OutcomeWatch,
+        watch: &OutcomeWatch,
     ) -> Result<SagaState, RuntimeError> {
         let mut delay = Duration::from_millis(50);
         loop {

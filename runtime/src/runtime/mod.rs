@@ -246,10 +246,19 @@ impl Runtime {
         let state = self.initial_state(id, definition, data)?;
         let def = definition.definition();
         let span = crate::trace::saga_span(&id, def.saga_type());
+        // Watched from before the start commits: the handle's outcome needs no read.
+        let watch = self.shared.outcomes.watch(id);
         deliver(&self.registry, id, Some(state), Input::Started, None, None)
             .instrument(span)
             .await?;
-        Ok(self.handle(id, false, definition))
+        Ok(SagaHandle::new(
+            id,
+            false,
+            definition,
+            &self.shared,
+            self.registry.clone(),
+            Some(watch),
+        ))
     }
 
     /// The state a new saga of `definition` with `data` starts from (status `Created`),
@@ -297,7 +306,14 @@ impl Runtime {
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
-        SagaHandle::new(id, existing, definition, &self.shared, self.registry.clone())
+        SagaHandle::new(
+            id,
+            existing,
+            definition,
+            &self.shared,
+            self.registry.clone(),
+            None,
+        )
     }
 
     /// Applies every wake-up due by the runtime's clock now (retries whose backoff
