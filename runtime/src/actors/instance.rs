@@ -44,6 +44,10 @@ pub struct Apply {
     /// input. A disabled span (`Span::none()`) makes that span a child of the saga's
     /// root span instead.
     pub span: tracing::Span,
+    /// For a start: the state the saga is created from. It replaces an uncommitted
+    /// state the actor holds (another start of the same id whose `Apply` has not run,
+    /// or was abandoned): the start that commits first commits its own data.
+    pub initial: Option<SagaState>,
 }
 
 /// Check whether a wake-up (reply deadline or retry) is due, and act on it.
@@ -412,6 +416,27 @@ impl Handler<Apply> for SagaInstance {
     type Result = AtomicResponse<Self, Result<Applied, RuntimeError>>;
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(initial) = msg.initial {
+            match &self.load {
+                // Not committed yet: this start's data, not the one the actor was
+                // created with (a start whose Apply has not run, or was abandoned).
+                Load::Ready(saga) if saga.version == 0 => {
+                    self.load = Load::Ready(Box::new(StoredSaga {
+                        state: initial,
+                        version: 0,
+                    }));
+                }
+                // Activated by something else before the saga existed (a stray reply):
+                // the start creates it.
+                Load::Missing => {
+                    self.load = Load::Ready(Box::new(StoredSaga {
+                        state: initial,
+                        version: 0,
+                    }));
+                }
+                _ => {}
+            }
+        }
         AtomicResponse::new(self.run(Some(msg.input), msg.inbox, msg.condition, msg.span, ctx))
     }
 }

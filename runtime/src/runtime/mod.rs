@@ -115,6 +115,7 @@ async fn deliver(
                 inbox: inbox.clone(),
                 condition: condition.clone(),
                 span: tracing::Span::current(),
+                initial: initial.clone(),
             })
             .await
         {
