@@ -247,7 +247,8 @@ mod harness {
         attempt: u32,
         /// The id the runtime's inbox and journal know the reply by.
         inbox_id: String,
-        /// Answered at once on receipt, to the attempt the saga was waiting for.
+        /// Answered to the attempt the saga was waiting for when it was sent (a script's
+        /// answer on receipt, or a hand-sent one to the awaited attempt).
         scripted: bool,
         what: String,
     }
@@ -619,7 +620,17 @@ mod harness {
             let Some(outcome) = reply.outcome() else {
                 panic!("TestRuntime::reply: Reply::NoReply publishes nothing");
             };
-            self.desk.lock().track(command, &outcome, false);
+            // A reply to the attempt the saga waits for (virtual time stands still
+            // meanwhile) is applied once the saga waits for it no more, even where the
+            // journal does not name it (a retry run past the journal's window); a late
+            // or duplicate one, only once the journal names it.
+            let awaited = match self.store.load(command.saga_id()).await {
+                Ok(saga) => saga.is_some_and(|s| {
+                    self.awaits(&s.state, command.step(), command.kind(), command.attempt())
+                }),
+                Err(e) => panic!("TestRuntime: the memory store failed: {e}"),
+            };
+            self.desk.lock().track(command, &outcome, awaited);
             let message = wire::encode_reply(command.command(), &outcome);
             if let Err(e) = self.bus.publish(message).await {
                 panic!("TestRuntime::reply: publishing the reply failed: {e}");

@@ -366,6 +366,36 @@ async fn retries_past_the_journal_window_settle_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_by_hand_past_the_journal_window_settle_too() {
+    // The same run answered by hand: each retryable failure is applied (the saga moves
+    // to its backoff) even where the journal no longer names it.
+    let checkout = checkout_definition(CheckoutTiming::default()).expect("valid");
+    let t = TestRuntime::builder()
+        .register(&checkout)
+        .options(|o| o.journal_retry_window = 1)
+        .start()
+        .await
+        .expect("started");
+    t.on(subjects::RESERVE, |_| Reply::no_reply())
+        .on(subjects::CHARGE, |_| Reply::fail("card_declined", false))
+        .on(subjects::RELEASE, |_| Reply::success(json!(null)));
+    let saga = t.start(&checkout, &order()).await.expect("started");
+    for attempt in 1..=4u32 {
+        let reserve = t.commands_on(subjects::RESERVE)[attempt as usize - 1].clone();
+        assert_eq!(reserve.attempt(), attempt);
+        t.reply(&reserve, Reply::fail("warehouse_busy", true)).await;
+        t.advance_to_next_wakeup().await;
+    }
+    let last = t.commands_on(subjects::RESERVE)[4].clone();
+    t.reply(&last, Reply::success(json!({ "reservation_id": "r-1" })))
+        .await;
+    let outcome = t.outcome(&saga).await.expect("settled");
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    assert_eq!(t.now(), Duration::from_millis(750));
+    t.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_sagas_each_keep_their_own_virtual_times() {
     let (t, checkout) = harness().await;
     // Orders started 1 s apart; the charge of every odd one never answers.
