@@ -13,7 +13,16 @@
 //! - a request over the size limits is refused (`too_large`);
 //! - the in-process bus serves the same requests;
 //! - on a broker with the permissions of docs/security.md, the orchestrators answer
-//!   start requests and a participant may not send them.
+//!   start requests and a participant may not send them; a request naming a reply
+//!   subject that is no requester's inbox (a JetStream API subject, a lifecycle event's
+//!   subject) is neither applied nor answered;
+//! - a flood beyond `max_in_flight_starts` (or their byte budget) is refused
+//!   `unavailable` at once, nothing stored;
+//! - a start whose commit's outcome is unknown is never answered "nothing was stored";
+//! - data with fields the orchestrator's data type does not know is refused
+//!   `version_skew`, nothing stored; a start's answer names its definition version;
+//! - a runtime shutting down answers every request it took (or the broker answers "no
+//!   responders"): no requester waits out its timeout.
 
 mod common;
 
@@ -28,7 +37,7 @@ use serde_json::{Value, json};
 use skald::adapters::nats::NatsBus;
 use skald::ids::{SagaId, SagaType};
 use skald::machine::SagaStatus;
-use skald::ports::{BusError, Headers, SagaStore};
+use skald::ports::{Bus, BusError, Headers, SagaStore};
 use skald::{Runtime, RuntimeOptions};
 use skald_sagas::checkout::{Checkout, checkout_definition};
 use skald_sagas::sim::MemoryLedger;
@@ -139,10 +148,20 @@ async fn stored_sagas(store: &dyn SagaStore) -> usize {
 
 /// A runtime with the checkout saga (no participants) and `options`, on `res`.
 async fn runtime(res: &Resources, options: RuntimeOptions) -> Runtime {
+    runtime_on(Arc::clone(&res.store), res.bus().await, options).await
+}
+
+/// A runtime with the checkout saga (no participants) and `options`, on `store` and
+/// `bus`.
+async fn runtime_on(
+    store: Arc<dyn SagaStore>,
+    bus: Arc<dyn Bus>,
+    options: RuntimeOptions,
+) -> Runtime {
     let checkout = checkout_definition(fast_timing()).expect("valid definition");
     Runtime::builder()
-        .store(Arc::clone(&res.store))
-        .bus(res.bus().await)
+        .store(store)
+        .bus(bus)
         .register(&checkout)
         .options(options)
         .reply_keys(test_reply_keys())
@@ -407,8 +426,7 @@ async fn a_type_nobody_serves_gets_no_responders_at_once() {
     )
     .await;
     assert!(!answer.existing(), "{:?}", answer.body);
-    // A runtime that stops stops serving (once the broker has its unsubscription: a
-    // request the stopped runtime still took is left unanswered).
+    // A runtime that stops stops serving.
     runtime.shutdown().await;
     Wait::new("the stopped runtime to serve no more")
         .until_ok(async || {
@@ -693,4 +711,605 @@ async fn the_python_client_of_the_protocol_page_starts_a_saga() {
     );
     wait_status(env.store.as_ref(), id, SagaStatus::Completed).await;
     env.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Forged reply subjects, floods, unknown outcomes, version skew, shutdown
+// ---------------------------------------------------------------------------------
+
+/// A store whose commits wait while it is closed ([`GatedStore::close`]), and whose
+/// next commit may be made to fail after it was applied ([`GatedStore::lie_once`]: a
+/// connection lost during COMMIT, the outcome unknown to the runtime).
+struct GatedStore {
+    inner: Arc<dyn SagaStore>,
+    open: tokio::sync::watch::Sender<bool>,
+    lie: std::sync::atomic::AtomicBool,
+}
+
+impl GatedStore {
+    fn new(inner: Arc<dyn SagaStore>) -> Arc<GatedStore> {
+        Arc::new(GatedStore {
+            inner,
+            open: tokio::sync::watch::channel(true).0,
+            lie: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn close(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    fn lie_once(&self) {
+        self.lie.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl SagaStore for GatedStore {
+    async fn load(
+        &self,
+        id: SagaId,
+    ) -> Result<Option<skald::ports::StoredSaga>, skald::ports::StoreError> {
+        self.inner.load(id).await
+    }
+    async fn shared_secret(
+        &self,
+        name: &str,
+        candidate: &[u8],
+    ) -> Result<Vec<u8>, skald::ports::StoreError> {
+        self.inner.shared_secret(name, candidate).await
+    }
+    async fn commit(
+        &self,
+        writes: &[skald::ports::SagaWrite],
+        published: &[uuid::Uuid],
+    ) -> Result<Vec<skald::ports::WriteOutcome>, skald::ports::StoreError> {
+        let _ = self.open.subscribe().wait_for(|open| *open).await;
+        let outcome = self.inner.commit(writes, published).await?;
+        if self.lie.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(skald::ports::StoreError::Unavailable(
+                "injected: connection lost during COMMIT".into(),
+            ));
+        }
+        Ok(outcome)
+    }
+    async fn claim_wakeups(
+        &self,
+        now: skald::machine::Timestamp,
+        types: &[(SagaType, u32)],
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
+        self.inner.claim_wakeups(now, types, limit, lease).await
+    }
+    async fn claim_outbox(
+        &self,
+        now: skald::machine::Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<skald::ports::OutboxMessage>, skald::ports::StoreError> {
+        self.inner.claim_outbox(now, lease, limit).await
+    }
+    async fn prune_inbox(
+        &self,
+        before: skald::machine::Timestamp,
+    ) -> Result<u64, skald::ports::StoreError> {
+        self.inner.prune_inbox(before).await
+    }
+    async fn outbox_backlog(
+        &self,
+    ) -> Result<(u64, Option<skald::machine::Timestamp>), skald::ports::StoreError> {
+        self.inner.outbox_backlog().await
+    }
+    async fn active_sagas(
+        &self,
+        after: Option<SagaId>,
+        limit: usize,
+    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
+        self.inner.active_sagas(after, limit).await
+    }
+    async fn unfinished_versions(
+        &self,
+        types: &[SagaType],
+    ) -> Result<Vec<(SagaType, u32, u64)>, skald::ports::StoreError> {
+        self.inner.unfinished_versions(types).await
+    }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: skald::machine::Timestamp,
+        lease: Duration,
+    ) -> Result<bool, skald::ports::StoreError> {
+        self.inner.acquire_lease(name, holder, now, lease).await
+    }
+    async fn purge_finished(
+        &self,
+        before: skald::machine::Timestamp,
+        limit: usize,
+    ) -> Result<skald::ports::PurgeReport, skald::ports::StoreError> {
+        self.inner.purge_finished(before, limit).await
+    }
+    async fn record_sweep(
+        &self,
+        name: &str,
+        holder: &str,
+        at: skald::machine::Timestamp,
+        report: &skald::ports::PurgeReport,
+    ) -> Result<(), skald::ports::StoreError> {
+        self.inner.record_sweep(name, holder, at, report).await
+    }
+    async fn record_poison(
+        &self,
+        record: &skald::ports::DeadLetterRecord,
+        outbox: &[skald::ports::OutboxMessage],
+    ) -> Result<(), skald::ports::StoreError> {
+        self.inner.record_poison(record, outbox).await
+    }
+    async fn dead_letters(
+        &self,
+        open_only: bool,
+        limit: usize,
+    ) -> Result<Vec<skald::ports::DeadLetterRecord>, skald::ports::StoreError> {
+        self.inner.dead_letters(open_only, limit).await
+    }
+    async fn journal(
+        &self,
+        id: SagaId,
+    ) -> Result<Vec<skald::ports::JournalEntry>, skald::ports::StoreError> {
+        self.inner.journal(id).await
+    }
+    async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+    ) -> Result<Vec<skald::ports::SagaSummary>, skald::ports::StoreError> {
+        self.inner.list(status, after, limit).await
+    }
+}
+
+/// The id of checkout business key `key`.
+fn keyed(key: &str) -> SagaId {
+    SagaId::for_key(&checkout_type(), key).expect("key")
+}
+
+/// A JetStream stream's state, read by the test's admin.
+async fn stream_state(
+    admin: &async_nats::Client,
+    stream: &str,
+) -> async_nats::jetstream::stream::State {
+    let js = async_nats::jetstream::new(admin.clone());
+    let mut stream = js.get_stream(stream).await.expect("the stream exists");
+    stream.info().await.expect("stream info").state.clone()
+}
+
+/// A sender allowed to send start requests (the storefront of docs/security.md) names a
+/// JetStream API subject, or a lifecycle event's subject, as its request's reply
+/// subject: the orchestrator (which answers with `allow_responses`) neither starts the
+/// saga nor publishes anything there. The stream is not purged, no event is planted.
+async fn forged_reply_subjects_are_neither_applied_nor_answered(server: SecureServer) {
+    let dir = TempDir::new();
+    let store = sqlite_store(&dir).await;
+    let orchestrator = NatsBus::connect(server.options(Principal::Orchestrator))
+        .await
+        .expect("the orchestrator connects");
+    let runtime = runtime_on(Arc::clone(&store), Arc::new(orchestrator), options()).await;
+    let admin = secure_client(&server, Principal::Admin).await;
+    let storefront = secure_client(&server, Principal::Storefront).await;
+
+    // A legitimate start, from the storefront's own inbox: its saga's `started` event
+    // puts a message in SKALD_EVENTS.
+    let first = ask(
+        &storefront,
+        "checkout",
+        json_body(json!({ "data": order("order-f0"), "key": "order-f0" })),
+    )
+    .await;
+    assert!(!first.existing(), "{:?}", first.body);
+    let before = Wait::new("the started event in SKALD_EVENTS")
+        .until(async || {
+            let state = stream_state(&admin, "SKALD_EVENTS").await;
+            (state.messages > 0).then_some(state)
+        })
+        .await;
+    let mut planted = admin
+        .subscribe("skald.evt.checkout.completed")
+        .await
+        .expect("subscribe");
+    admin.flush().await.expect("flush");
+
+    for (key, reply) in [
+        ("order-f1", "$JS.API.STREAM.PURGE.SKALD_EVENTS"),
+        ("order-f2", "skald.evt.checkout.completed"),
+        ("order-f3", "$JS.API.STREAM.PURGE.SKALD_REPLIES"),
+        ("order-f4", "_INBOX.*"),
+    ] {
+        storefront
+            .publish_with_reply(
+                "skald.start.checkout",
+                reply,
+                json_body(json!({ "data": order(key), "key": key })),
+            )
+            .await
+            .expect("the storefront may publish there");
+    }
+    // Served in order on one connection: once this one is answered, the forged ones
+    // were read (and dropped) before it.
+    let last = ask(
+        &storefront,
+        "checkout",
+        json_body(json!({ "data": order("order-f5"), "key": "order-f5" })),
+    )
+    .await;
+    assert!(!last.existing(), "{:?}", last.body);
+    // Had the forged ones been started, their answers would go out as their starts
+    // finish, about when this one's did: give them the time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let after = stream_state(&admin, "SKALD_EVENTS").await;
+    assert_eq!(
+        after.first_sequence, before.first_sequence,
+        "SKALD_EVENTS was purged: {after:?}"
+    );
+    assert!(after.messages >= before.messages, "{before:?} -> {after:?}");
+    assert!(
+        stream_state(&admin, "SKALD_REPLIES").await.first_sequence <= 1,
+        "SKALD_REPLIES was purged"
+    );
+    let js = async_nats::jetstream::new(admin.clone());
+    let events = js.get_stream("SKALD_EVENTS").await.expect("stream");
+    assert!(
+        events
+            .get_last_raw_message_by_subject("skald.evt.checkout.completed")
+            .await
+            .is_err(),
+        "an answer was planted as a lifecycle event"
+    );
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            futures_util::StreamExt::next(&mut planted)
+        )
+        .await
+        .is_err(),
+        "something was published on skald.evt.checkout.completed"
+    );
+    for key in ["order-f1", "order-f2", "order-f3", "order-f4"] {
+        assert!(
+            store.load(keyed(key)).await.expect("load").is_none(),
+            "{key} was started"
+        );
+    }
+    assert!(store.load(keyed("order-f5")).await.expect("load").is_some());
+    assert_eq!(server.violations(), Vec::<String>::new());
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reply_subjects_are_neither_applied_nor_answered_on_users() {
+    forged_reply_subjects_are_neither_applied_nor_answered(SecureServer::users(Tls::None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reply_subjects_are_neither_applied_nor_answered_on_creds_files() {
+    forged_reply_subjects_are_neither_applied_nor_answered(SecureServer::operator_mode()).await;
+}
+
+/// Sends `bodies` at once, each as a request of its own with `timeout`, and returns
+/// each one's answer (or error) and how long it took.
+async fn flood(
+    client: &async_nats::Client,
+    bodies: Vec<Bytes>,
+    timeout: Duration,
+) -> Vec<(Result<Answer, async_nats::RequestError>, Duration)> {
+    futures_util::future::join_all(bodies.into_iter().map(|body| {
+        let client = client.clone();
+        async move {
+            let begun = Instant::now();
+            let request = async_nats::Request::new()
+                .payload(body)
+                .timeout(Some(timeout));
+            let result = client
+                .send_request("skald.start.checkout", request)
+                .await
+                .map(|m| Answer {
+                    body: serde_json::from_slice(&m.payload).expect("a JSON answer"),
+                    headers: m.headers,
+                });
+            (result, begun.elapsed())
+        }
+    }))
+    .await
+}
+
+/// A flood beyond the byte budget of start requests, then one beyond
+/// `max_in_flight_starts`, while the starts under way cannot finish (the store's commits
+/// held): the requests past the limits are refused `unavailable` at once, before any
+/// start could finish (nothing waits for capacity in memory), and nothing of them is
+/// stored; the ones under way finish once the store commits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_capacity_is_refused_at_once() {
+    let res = Resources::new(Backend::SqliteNats).await;
+    let store = GatedStore::new(Arc::clone(&res.store));
+    let runtime = runtime_on(
+        store.clone(),
+        res.bus().await,
+        RuntimeOptions {
+            max_in_flight_starts: 8,
+            max_in_flight_bytes: 1024 * 1024,
+            ..options()
+        },
+    )
+    .await;
+    let client = plain_client(&res).await;
+    store.close();
+    let begun = Instant::now();
+    // 12 requests of 400 KiB (a long customer id): the byte budget (1 MiB) takes two.
+    let big: Vec<Bytes> = (0..12)
+        .map(|i| {
+            let mut data = order(&format!("b-{i}"));
+            data["customer_id"] = json!("c".repeat(400 * 1024));
+            json_body(json!({ "data": data, "key": format!("b-{i}") }))
+        })
+        .collect();
+    let big = tokio::spawn({
+        let client = client.clone();
+        async move { flood(&client, big, DEADLINE).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // 60 small ones: the count (8, less the two big ones) takes six.
+    let small: Vec<Bytes> = (0..60)
+        .map(|i| json_body(json!({ "data": order(&format!("s-{i}")), "key": format!("s-{i}") })))
+        .collect();
+    let small = tokio::spawn({
+        let client = client.clone();
+        async move { flood(&client, small, DEADLINE).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let opened = begun.elapsed();
+    store.open();
+
+    let mut stored = 0;
+    for (prefix, answers, most) in [
+        ("b", big.await.expect("join"), 2),
+        ("s", small.await.expect("join"), 6),
+    ] {
+        let mut started = 0;
+        for (i, (answer, took)) in answers.iter().enumerate() {
+            let key = format!("{prefix}-{i}");
+            let answer = answer
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{key} was not answered: {e}"));
+            if answer.body.get("saga_id").is_some() {
+                started += 1;
+                continue;
+            }
+            let (code, reason) = answer.refusal();
+            assert_eq!(code, "unavailable", "{key}: {reason}");
+            assert!(
+                reason.contains("at capacity") && reason.contains("nothing was stored"),
+                "{reason}"
+            );
+            assert_eq!(
+                answer.header("Nats-Service-Error-Code").as_deref(),
+                Some("503")
+            );
+            assert!(
+                *took < opened,
+                "{key} was refused after {took:?}, not at once"
+            );
+            assert!(
+                res.store.load(keyed(&key)).await.expect("load").is_none(),
+                "{key} was refused, yet stored"
+            );
+        }
+        assert!(
+            (1..=most).contains(&started),
+            "{prefix}: {started} under way at once, at most {most} expected"
+        );
+        stored += started;
+    }
+    assert_eq!(stored_sagas(res.store.as_ref()).await, stored);
+    // Capacity is back: a new request starts.
+    let answer = ask(
+        &client,
+        "checkout",
+        json_body(json!({ "data": order("s-after") })),
+    )
+    .await;
+    assert!(!answer.existing(), "{:?}", answer.body);
+    runtime.shutdown().await;
+}
+
+/// A start whose commit fails after it was applied (a connection lost during COMMIT: the
+/// runtime cannot know): an unkeyed request is answered `unknown_outcome` (504) naming
+/// the saga, which does exist, never "nothing was stored"; a keyed one is answered the
+/// saga the store shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_outcome_is_unknown_is_never_said_to_have_stored_nothing() {
+    let res = Resources::new(Backend::SqliteNats).await;
+    let store = GatedStore::new(Arc::clone(&res.store));
+    let runtime = runtime_on(store.clone(), res.bus().await, options()).await;
+    let client = plain_client(&res).await;
+
+    store.lie_once();
+    let answer = ask(
+        &client,
+        "checkout",
+        json_body(json!({ "data": order("u-1") })),
+    )
+    .await;
+    let (code, reason) = answer.refusal();
+    assert_eq!(code, "unknown_outcome", "{reason}");
+    assert_eq!(
+        answer.header("Nats-Service-Error-Code").as_deref(),
+        Some("504")
+    );
+    assert!(
+        reason.contains("cannot be retried safely") && !reason.contains("nothing was stored"),
+        "{reason}"
+    );
+    let id: SagaId = reason
+        .split_whitespace()
+        .find_map(|w| {
+            w.trim_matches(|c: char| !c.is_ascii_hexdigit() && c != '-')
+                .parse()
+                .ok()
+        })
+        .expect("the reason names the saga");
+    assert!(
+        res.store.load(id).await.expect("load").is_some(),
+        "the saga {id} the answer says may exist does"
+    );
+
+    store.lie_once();
+    let answer = ask(
+        &client,
+        "checkout",
+        json_body(json!({ "data": order("u-2"), "key": "u-2" })),
+    )
+    .await;
+    assert_eq!(answer.saga_id(), keyed("u-2"), "{:?}", answer.body);
+    assert!(res.store.load(keyed("u-2")).await.expect("load").is_some());
+    runtime.shutdown().await;
+}
+
+/// Data with fields the orchestrator's data type does not know (a client written for a
+/// newer version of the saga type, during a rolling deploy) is refused `version_skew`
+/// (503, retryable), naming the fields, and nothing is stored; a field set to `null`
+/// reads as absent. A start's answer names the definition version it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_with_fields_this_version_does_not_know_is_refused_as_version_skew() {
+    let res = Resources::new(Backend::SqliteNats).await;
+    let runtime = runtime(&res, options()).await;
+    let client = plain_client(&res).await;
+    let mut newer = order("v-1");
+    newer["gift_wrap"] = json!(true);
+    newer["items"][0]["colour"] = json!("red");
+    let answer = ask(
+        &client,
+        "checkout",
+        json_body(json!({ "data": newer, "key": "v-1" })),
+    )
+    .await;
+    let (code, reason) = answer.refusal();
+    assert_eq!(code, "version_skew", "{reason}");
+    assert!(
+        reason.contains("items[0].colour")
+            && reason.contains("gift_wrap")
+            && reason.contains("definition version 1"),
+        "{reason}"
+    );
+    assert_eq!(
+        answer.header("Nats-Service-Error-Code").as_deref(),
+        Some("503")
+    );
+    assert!(res.store.load(keyed("v-1")).await.expect("load").is_none());
+    assert_eq!(stored_sagas(res.store.as_ref()).await, 0);
+
+    let mut with_nulls = order("v-2");
+    with_nulls["coupon"] = json!(null);
+    with_nulls["shipment_id"] = json!(null);
+    let answer = ask(
+        &client,
+        "checkout",
+        json_body(json!({ "data": with_nulls, "key": "v-2" })),
+    )
+    .await;
+    assert!(!answer.existing(), "{:?}", answer.body);
+    let version = checkout_definition(fast_timing())
+        .expect("valid")
+        .definition()
+        .version();
+    assert_eq!(answer.body["definition_version"], json!(version));
+    let again = ask(
+        &client,
+        "checkout",
+        json_body(json!({ "data": order("v-2"), "key": "v-2" })),
+    )
+    .await;
+    assert!(again.existing());
+    assert_eq!(again.body["definition_version"], json!(version));
+    runtime.shutdown().await;
+}
+
+/// A runtime shutting down with start requests under way (the store's commits held) and
+/// more arriving: every requester gets an answer or the broker's "no responders", none
+/// waits out its timeout; a request answered `unavailable` stored nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_every_request_it_took() {
+    let res = Resources::new(Backend::SqliteNats).await;
+    let store = GatedStore::new(Arc::clone(&res.store));
+    let runtime = runtime_on(
+        store.clone(),
+        res.bus().await,
+        RuntimeOptions {
+            max_in_flight_starts: 4,
+            ..options()
+        },
+    )
+    .await;
+    let client = plain_client(&res).await;
+    store.close();
+    let timeout = Duration::from_secs(30);
+    let body = |i: usize| {
+        let key = format!("sd-{i}");
+        json_body(json!({ "data": order(&key), "key": key }))
+    };
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { flood(&client, (0..8).map(body).collect(), timeout).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(runtime.shutdown());
+    let second = tokio::spawn({
+        let client = client.clone();
+        async move { flood(&client, (8..16).map(body).collect(), timeout).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store.open();
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the shutdown ends")
+        .expect("join");
+    let mut answers = first.await.expect("join");
+    answers.extend(second.await.expect("join"));
+    let mut seen = Vec::new();
+    for (i, (result, took)) in answers.iter().enumerate() {
+        assert!(
+            *took < Duration::from_secs(15),
+            "request {i} waited {took:?}"
+        );
+        match result {
+            Ok(answer) => {
+                let code = match answer.body.get("error") {
+                    None => "started",
+                    Some(_) => answer.refusal().0,
+                };
+                assert!(
+                    ["started", "unavailable", "unknown_outcome"].contains(&code),
+                    "request {i}: {:?}",
+                    answer.body
+                );
+                if code == "unavailable" {
+                    let key = format!("sd-{i}");
+                    assert!(
+                        res.store.load(keyed(&key)).await.expect("load").is_none(),
+                        "{key} answered unavailable, yet stored"
+                    );
+                }
+                seen.push(code.to_owned());
+            }
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+                seen.push("no responders".into())
+            }
+            Err(e) => panic!("request {i}: {e} after {took:?}"),
+        }
+    }
+    assert!(seen.iter().any(|c| c == "unavailable"), "{seen:?}");
 }

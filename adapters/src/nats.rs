@@ -5,6 +5,14 @@
 //!   created, or updated, at start-up when they are missing or differ from
 //!   [`StreamOptions`]; a stream already as wanted is only read, so a participant's user
 //!   needs no permission to create streams (docs/security.md).
+//! - A cluster: [`NatsOptions::url`] may list several seed servers, comma-separated
+//!   (`nats://a:4222,nats://b:4222,nats://c:4222`, or [`NatsOptions::with_servers`]); the
+//!   client connects to any of them and fails over between them (and the servers the
+//!   cluster announces). [`NatsOptions::replicas`] sets the streams' replica count (3 on
+//!   a three-node cluster); the consumers inherit it. A stream with fewer replicas than
+//!   asked is scaled up in place; one with more is left as it is (logged), so a process
+//!   started with the default of 1 (a participant, the operator CLI) never scales a
+//!   cluster's streams down.
 //! - Every publish is a JetStream publish awaiting the server's ack, carrying the
 //!   message's `Nats-Msg-Id`, so the server drops duplicates within its window.
 //! - A subscription is a durable pull consumer (named after the group, filtered on the
@@ -13,11 +21,15 @@
 //! - Requests ([`Bus::serve`], [`Bus::request`]) are core NATS request/reply on
 //!   subjects outside the streams (start requests, `skald.start.<saga_type>`): a queue
 //!   subscription, each request answered on its reply subject; a subject a stream
-//!   captures is refused, since JetStream would answer there with a publish ack.
+//!   captures is refused, since JetStream would answer there with a publish ack. Served
+//!   requests arrive on a connection of their own (same servers, credentials and TLS),
+//!   holding few of them: a flood of requests, or one whose headers make the client
+//!   drop its connection, never stalls the JetStream traffic of the bus.
 //! - Connection loss: async-nats reconnects by itself; the consumer pump re-creates its
 //!   message stream with backoff and logs what happens; nothing panics.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
@@ -25,8 +37,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use skald_runtime::ports::{
-    Acker, Bus, BusError, Delivery, Headers, Message, Request, RequestStream, Responder,
-    Subscription,
+    Acker, Bus, BusError, Delivery, Headers, Message, ReplyTo, Request, RequestSource,
+    RequestStream, Responder, Subscription,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -61,7 +73,9 @@ pub struct StreamOptions {
     pub prefix: String,
     /// File or memory.
     pub storage: Storage,
-    /// Replicas (1 for a single server; 3 for a cluster).
+    /// Replicas (1 for a single server; 3 for a cluster; at most 5). Set it with
+    /// [`NatsOptions::replicas`]. An existing stream with fewer is scaled up; one with
+    /// more is left as it is.
     pub replicas: usize,
     /// Retention policy.
     pub retention: Retention,
@@ -88,7 +102,12 @@ impl Default for StreamOptions {
 /// password, the token, the NKey seed and a password in the URL.
 #[derive(Clone)]
 pub struct NatsOptions {
-    /// The server URL, e.g. `nats://127.0.0.1:4222`.
+    /// The server URL, e.g. `nats://127.0.0.1:4222`, or several seed URLs of one
+    /// cluster, comma-separated (`nats://a:4222,nats://b:4222,nats://c:4222`): the client
+    /// connects to any one of them (tried in random order) and, when it loses the
+    /// connection, reconnects to another (or to a server the cluster announced). User
+    /// info written in the URLs (`nats://user:password@host`) is taken from the first URL
+    /// that has some.
     pub url: String,
     /// The connection's name as the server shows it.
     pub name: String,
@@ -125,7 +144,7 @@ pub struct NatsOptions {
 }
 
 impl NatsOptions {
-    /// Defaults for `url`.
+    /// Defaults for `url`: one server URL, or several seed URLs comma-separated.
     pub fn new(url: impl Into<String>) -> Self {
         NatsOptions {
             url: url.into(),
@@ -145,6 +164,40 @@ impl NatsOptions {
             max_ack_pending: 10_000,
         }
     }
+
+    /// Defaults for the seed servers `urls` of one cluster (the same as
+    /// [`NatsOptions::new`] with the URLs comma-separated).
+    pub fn with_servers<I, S>(urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        NatsOptions::new(urls.join(","))
+    }
+
+    /// The streams' replica count ([`StreamOptions::replicas`]): 1 (the default) for a
+    /// single server, 3 on a three-node cluster. An existing stream with fewer replicas is
+    /// scaled up at connect time; one with more is left as it is.
+    #[must_use]
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.streams.replicas = replicas;
+        self
+    }
+
+    /// The seed URLs in [`url`](Self::url), surrounding spaces trimmed, empty entries
+    /// left out.
+    pub fn servers(&self) -> Vec<&str> {
+        server_list(&self.url)
+    }
+}
+
+/// The non-empty, trimmed entries of a comma-separated list of URLs.
+fn server_list(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 impl std::fmt::Debug for NatsOptions {
@@ -192,6 +245,9 @@ impl std::fmt::Debug for NatsBus {
     }
 }
 
+/// The most replicas JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
+
 /// The oldest nats-server skald works with (multi-filter consumers, per-message TTL).
 pub const MIN_SERVER_VERSION: (u32, u32) = (2, 10);
 
@@ -229,6 +285,31 @@ impl NatsBus {
         // ever printed.
         let (dial, in_url) = split_credentials(&options.url);
         let url = crate::redact_url(&options.url);
+        if dial.is_empty() {
+            return Err(BusError::Other(
+                "no NATS server URL given (e.g. nats://127.0.0.1:4222, or several seed URLs \
+                 of one cluster, comma-separated)"
+                    .into(),
+            ));
+        }
+        let dial = dial
+            .iter()
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    BusError::Other(format!(
+                        "NATS server URL {} (in {url}): {e}",
+                        crate::redact_url(u)
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let replicas = options.streams.replicas;
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(BusError::Other(format!(
+                "{replicas} stream replicas asked for: JetStream keeps 1 to {MAX_REPLICAS} \
+                 (1 on a single server, 3 on a three-node cluster)"
+            )));
+        }
         let mut connect = async_nats::ConnectOptions::new()
             .name(&options.name)
             .connection_timeout(options.connect_timeout)
@@ -280,7 +361,7 @@ impl NatsBus {
             connect = connect.custom_inbox_prefix(prefix.as_str());
         }
         let client = match options.wait_for_server {
-            None => connect.connect(dial.as_str()).await.map_err(|e| {
+            None => connect.connect(dial.clone()).await.map_err(|e| {
                 BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}"))
             })?,
             Some(wait) => {
@@ -288,7 +369,7 @@ impl NatsBus {
                 let mut attempt = 0u32;
                 loop {
                     attempt += 1;
-                    match connect.clone().connect(dial.as_str()).await {
+                    match connect.clone().connect(dial.clone()).await {
                         Ok(c) => break c,
                         Err(e) if tokio::time::Instant::now() < deadline => {
                             warn!(url, attempt, error = %e, "NATS not reachable yet; retrying");
@@ -307,6 +388,14 @@ impl NatsBus {
         if !client.server_info().jetstream {
             return Err(BusError::Other(format!(
                 "nats-server at {url} runs without JetStream: start it with -js"
+            )));
+        }
+        if replicas > 1 && client.server_info().cluster.is_none() {
+            return Err(BusError::Other(format!(
+                "{replicas} stream replicas asked for, but nats-server {} at {url} is not \
+                 part of a cluster: replicas need a JetStream cluster of at least as many \
+                 servers (or ask for 1)",
+                client.server_info().server_name
             )));
         }
         let js = jetstream::new(client.clone());
@@ -347,7 +436,7 @@ impl NatsBus {
     async fn ensure_streams(&self) -> Result<(), BusError> {
         let o = &self.options.streams;
         for (name, subject) in self.stream_names() {
-            let config = stream::Config {
+            let mut config = stream::Config {
                 name: name.clone(),
                 subjects: vec![subject.to_owned()],
                 storage: match o.storage {
@@ -363,35 +452,71 @@ impl NatsBus {
                 },
                 ..Default::default()
             };
-            // Already as wanted: only read (a participant's user may read streams, not
-            // create them).
             if let Ok(mut existing) = self.js.get_stream(&name).await
                 && let Ok(info) = existing.info().await
-                && same_stream(&info.config, &config)
             {
-                continue;
+                let have = info.config.num_replicas.max(1);
+                if have > config.num_replicas {
+                    // Never scaled down from here: a process started with the default (a
+                    // participant, the operator CLI) must not take a cluster's streams
+                    // down to one copy. Scaling down is an operator's decision.
+                    info!(
+                        stream = %name,
+                        replicas = have,
+                        asked = config.num_replicas,
+                        "stream has more replicas than asked for: left as it is \
+                         (scale it down with `nats stream edit {name} --replicas N`)"
+                    );
+                    config.num_replicas = have;
+                } else if have < config.num_replicas {
+                    info!(
+                        stream = %name,
+                        from = have,
+                        to = config.num_replicas,
+                        "scaling the stream up"
+                    );
+                }
+                // Already as wanted: only read (a participant's user may read streams,
+                // not create them).
+                if same_stream(&info.config, &config) {
+                    continue;
+                }
             }
-            // A JetStream API request can time out while the server is busy (several
-            // processes starting at once against a fresh server): try a few times before
-            // calling it an error.
-            let mut attempt = 0u32;
-            loop {
-                attempt += 1;
-                match self.js.create_or_update_stream(config.clone()).await {
-                    Ok(_) => break,
-                    Err(e) if attempt < 5 && e.to_string().contains("timed out") => {
-                        warn!(stream = %name, error = %e, attempt, "stream request timed out; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                    }
-                    Err(e) => {
-                        return Err(BusError::Other(format!(
-                            "creating or updating stream {name}: {e}"
-                        )));
-                    }
+            self.create_or_update_stream(config).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates or updates a stream, retrying what a busy or re-electing cluster answers
+    /// for a moment (several processes starting at once against a fresh server; a
+    /// cluster choosing a new meta leader after losing a node).
+    async fn create_or_update_stream(&self, config: stream::Config) -> Result<(), BusError> {
+        let name = config.name.clone();
+        let replicas = config.num_replicas;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.js.create_or_update_stream(config.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < 10 && transient_stream_error(&e.to_string()) => {
+                    warn!(stream = %name, error = %e, attempt, "stream request failed for now; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    let hint = if replicas > 1 {
+                        format!(
+                            " ({replicas} replicas need a JetStream cluster of at least \
+                             {replicas} servers, all up)"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    return Err(BusError::Other(format!(
+                        "creating or updating stream {name}: {e}{hint}"
+                    )));
                 }
             }
         }
-        Ok(())
     }
 
     /// The underlying client (for health checks).
@@ -407,13 +532,13 @@ enum UrlCredential {
     Token(String),
 }
 
-/// `urls` (comma-separated) without their user info, and the first URL's credentials.
-fn split_credentials(urls: &str) -> (String, Option<UrlCredential>) {
+/// The URLs of the comma-separated list `urls` without their user info, and the first
+/// credentials found in them.
+fn split_credentials(urls: &str) -> (Vec<String>, Option<UrlCredential>) {
     let mut found = None;
-    let stripped: Vec<String> = urls
-        .split(',')
+    let stripped = server_list(urls)
+        .into_iter()
         .map(|url| {
-            let url = url.trim();
             let start = url.find("://").map_or(0, |i| i + 3);
             let end = url[start..]
                 .find(['/', '?', '#'])
@@ -433,7 +558,18 @@ fn split_credentials(urls: &str) -> (String, Option<UrlCredential>) {
             }
         })
         .collect();
-    (stripped.join(","), found)
+    (stripped, found)
+}
+
+/// Whether a failed stream request may succeed if tried again shortly: a timeout, a
+/// cluster without a meta leader for the moment (JetStream error 10008), or one that
+/// cannot place the replicas yet (10005: a cluster that has just formed, a node that is
+/// restarting; for good if the cluster has fewer servers than replicas).
+fn transient_stream_error(error: &str) -> bool {
+    error.contains("timed out")
+        || error.contains("temporarily unavailable")
+        || error.contains("error code 10008")
+        || error.contains("no suitable peers")
 }
 
 /// Whether an existing stream's configuration is the one skald would set.
@@ -516,17 +652,19 @@ impl Bus for NatsBus {
                 .map_err(|e| BusError::Unavailable(format!("publish: {e}")));
             pending.push(sent);
         }
-        let mut results = Vec::with_capacity(pending.len());
-        for p in pending {
-            results.push(match p {
+        // The acks are awaited together: each one's timeout starts when it is first
+        // polled, so awaiting them one by one would make a batch whose acks were lost
+        // (its connection dropped, a stream leader died) take one timeout per message.
+        futures_util::future::join_all(pending.into_iter().map(|p| async move {
+            match p {
                 Ok(ack) => ack
                     .await
                     .map(|_| ())
                     .map_err(|e| BusError::Unavailable(format!("publish ack: {e}"))),
                 Err(e) => Err(e),
-            });
-        }
-        results
+            }
+        }))
+        .await
     }
 
     async fn subscribe(&self, subjects: &[String], group: &str) -> Result<Subscription, BusError> {
@@ -612,38 +750,41 @@ impl Bus for NatsBus {
         true
     }
 
-    async fn serve(&self, subject: &str, queue: &str) -> Result<RequestStream, BusError> {
-        // A stream capturing the subject would answer every request with its publish
+    async fn serve(
+        &self,
+        subjects: &[String],
+        queue: &str,
+        capacity: usize,
+    ) -> Result<RequestStream, BusError> {
+        // A stream capturing a subject would answer every request with its publish
         // ack, before (and besides) the server.
-        if let Ok(stream) = self.stream_for(subject) {
-            return Err(BusError::Other(format!(
-                "cannot serve requests on {subject}: stream {stream} captures it, and \
-                 JetStream would answer them with its publish acknowledgement"
-            )));
+        for subject in subjects {
+            if let Ok(stream) = self.stream_for(subject) {
+                return Err(BusError::Other(format!(
+                    "cannot serve requests on {subject}: stream {stream} captures it, and \
+                     JetStream would answer them with its publish acknowledgement"
+                )));
+            }
         }
-        let subscriber = self
-            .client
-            .queue_subscribe(subject.to_owned(), queue.to_owned())
-            .await
-            .map_err(|e| other(format!("subscribing to {subject} (queue {queue}): {e}")))?;
-        // Once the server has the subscription, a request finds a responder.
-        self.client
+        let client = serving_connection(&self.options, capacity).await?;
+        let mut subscribers = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            let subscriber = client
+                .queue_subscribe(subject.clone(), queue.to_owned())
+                .await
+                .map_err(|e| other(format!("subscribing to {subject} (queue {queue}): {e}")))?;
+            subscribers.push(subscriber);
+        }
+        // Once the server has the subscriptions, a request finds a responder.
+        client
             .flush()
             .await
-            .map_err(|e| BusError::Unavailable(format!("subscribing to {subject}: {e}")))?;
-        let client = self.client.clone();
-        Ok(Box::pin(subscriber.map(move |m| {
-            let message = Message {
-                subject: m.subject.to_string(),
-                headers: from_nats_headers(m.headers.as_ref()),
-                payload: m.payload,
-            };
-            let responder = NatsResponder {
-                client: client.clone(),
-                reply: m.reply,
-            };
-            Request::new(message, Box::new(responder))
-        })))
+            .map_err(|e| BusError::Unavailable(format!("subscribing to {subjects:?}: {e}")))?;
+        Ok(Box::new(NatsRequests {
+            connection: Arc::new(ServingConnection(client)),
+            subscribers,
+            next: 0,
+        }))
     }
 
     async fn request(
@@ -699,8 +840,23 @@ struct Fetch {
     bytes: usize,
 }
 
+/// How often the server signals an idle pull request is alive: two missed in a row, and
+/// the pull is taken for lost (its consumer's leader died with it, on a cluster) and
+/// made again. The client's default (15 s, and a 30 s pull) would leave a consumer
+/// whose leader moved idle for up to 35 s.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long one pull request waits on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+
 /// Moves messages from the consumer to the subscription's channel until the
 /// subscription is dropped; re-creates the message stream after errors.
+///
+/// Any error of the message stream (a missed heartbeat, a pull request that failed or
+/// found no responder while a cluster elects a consumer leader) ends that stream: the
+/// client would not pull again before the request expired, so a new one is made at
+/// once (with backoff while errors repeat). Messages delivered to the old one and not
+/// acknowledged come back after the ack wait.
 async fn pump(
     consumer: consumer::PullConsumer,
     name: String,
@@ -714,46 +870,52 @@ async fn pump(
         }
         let messages = consumer
             .stream()
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
             .max_messages_per_batch(fetch.messages)
             .max_bytes_per_batch(fetch.bytes)
             .messages()
             .await;
         match messages {
             Ok(mut messages) => {
-                while let Some(item) = messages.next().await {
-                    match item {
-                        Ok(msg) => {
-                            failures = 0;
-                            let (delivered, bus_id) = msg
-                                .info()
-                                .map(|i| {
-                                    (
-                                        u32::try_from(i.delivered).unwrap_or(u32::MAX),
-                                        Some(format!("{}:{}", i.stream, i.stream_sequence)),
-                                    )
-                                })
-                                .unwrap_or((1, None));
-                            let (m, acker) = msg.split();
-                            let message = Message {
-                                subject: m.subject.to_string(),
-                                headers: from_nats_headers(m.headers.as_ref()),
-                                payload: m.payload,
-                            };
-                            let mut delivery =
-                                Delivery::new(message, delivered, Box::new(NatsAcker(acker)));
-                            if let Some(id) = bus_id {
-                                delivery = delivery.with_bus_id(id);
-                            }
-                            if tx.send(delivery).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            warn!(consumer = %name, error = %e, "consumer stream error; continuing");
-                        }
+                let error = loop {
+                    let msg = match messages.next().await {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(e)) => break Some(e),
+                        None => break None,
+                    };
+                    failures = 0;
+                    let (delivered, bus_id) = msg
+                        .info()
+                        .map(|i| {
+                            (
+                                u32::try_from(i.delivered).unwrap_or(u32::MAX),
+                                Some(format!("{}:{}", i.stream, i.stream_sequence)),
+                            )
+                        })
+                        .unwrap_or((1, None));
+                    let (m, acker) = msg.split();
+                    let message = Message {
+                        subject: m.subject.to_string(),
+                        headers: from_nats_headers(m.headers.as_ref()),
+                        payload: m.payload,
+                    };
+                    let mut delivery =
+                        Delivery::new(message, delivered, Box::new(NatsAcker(acker)));
+                    if let Some(id) = bus_id {
+                        delivery = delivery.with_bus_id(id);
                     }
+                    if tx.send(delivery).await.is_err() {
+                        return;
+                    }
+                };
+                match error {
+                    Some(e) => {
+                        failures += 1;
+                        warn!(consumer = %name, error = %e, attempt = failures, "consumer stream error; pulling again");
+                    }
+                    None => warn!(consumer = %name, "consumer stream ended; re-creating"),
                 }
-                warn!(consumer = %name, "consumer stream ended; re-creating");
             }
             Err(e) => {
                 failures += 1;
@@ -765,19 +927,212 @@ async fn pump(
     }
 }
 
-/// Answers a served request on its reply subject.
+/// The connection served requests arrive on ([`Bus::serve`]): the bus's servers,
+/// credentials, TLS and inbox prefix, its own TCP connection, and a subscription
+/// capacity of `capacity` messages (async-nats's default, 65,536 per subscription,
+/// would let a flood of 1 MiB requests buffer 64 GiB). Apart from the bus's connection,
+/// so a flood of requests never delays a JetStream pull, ack or publish, and a request
+/// whose header block async-nats cannot read (not UTF-8: it drops the connection)
+/// costs a reconnect of this connection only.
+async fn serving_connection(
+    options: &NatsOptions,
+    capacity: usize,
+) -> Result<async_nats::Client, BusError> {
+    let (dial, in_url) = split_credentials(&options.url);
+    let url = crate::redact_url(&options.url);
+    let dial = dial
+        .iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                BusError::Other(format!(
+                    "NATS server URL {} (in {url}): {e}",
+                    crate::redact_url(u)
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(format!("{}-requests", options.name))
+        .connection_timeout(options.connect_timeout)
+        .subscription_capacity(capacity.max(1))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    warn!("NATS connection of served requests lost; reconnecting")
+                }
+                async_nats::Event::Connected => info!("NATS connection of served requests up"),
+                async_nats::Event::SlowConsumer(sid) => {
+                    // One event per dropped request: said once in a while.
+                    static LAST: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+                    if now.saturating_sub(last) >= 10 {
+                        LAST.store(now, std::sync::atomic::Ordering::Relaxed);
+                        warn!(
+                            subscription = sid,
+                            "served requests arrive faster than they are read: some are \
+                             dropped unanswered (their requesters time out)"
+                        );
+                    }
+                }
+                other => info!(event = %other, "NATS event (served requests)"),
+            }
+        })
+        .reconnect_delay_callback(|attempts| {
+            let ms = 100u64.saturating_mul(1 << attempts.min(6)).min(5_000);
+            Duration::from_millis(ms)
+        });
+    if let Some(creds) = &options.credentials_file {
+        connect = connect.credentials_file(creds).await.map_err(|e| {
+            BusError::Other(format!("reading NATS credentials {}: {e}", creds.display()))
+        })?;
+    }
+    if let Some(seed) = &options.nkey_seed {
+        connect = connect.nkey(seed.clone());
+    }
+    if let Some((user, password)) = &options.user_password {
+        connect = connect.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &options.token {
+        connect = connect.token(token.clone());
+    }
+    if options.user_password.is_none() && options.token.is_none() {
+        match in_url {
+            Some(UrlCredential::UserPassword(user, password)) => {
+                connect = connect.user_and_password(user, password);
+            }
+            Some(UrlCredential::Token(token)) => connect = connect.token(token),
+            None => {}
+        }
+    }
+    if options.require_tls {
+        connect = connect.require_tls(true);
+    }
+    if let Some(roots) = &options.root_certificates {
+        connect = connect.add_root_certificates(roots.clone());
+    }
+    if let Some((cert, key)) = &options.client_certificate {
+        connect = connect.add_client_certificate(cert.clone(), key.clone());
+    }
+    if let Some(prefix) = &options.inbox_prefix {
+        connect = connect.custom_inbox_prefix(prefix.as_str());
+    }
+    connect.connect(dial).await.map_err(|e| {
+        BusError::Unavailable(format!(
+            "cannot connect to NATS at {url} (the connection of served requests): {e}"
+        ))
+    })
+}
+
+/// The connection of served requests, shared by their reader and their responders.
+/// async-nats closes a connection when its last client handle is dropped, without
+/// writing what was still buffered: an answer sent just before would be lost. So the
+/// last user of this one gone, a task flushes it first (bounded), then lets it close.
+struct ServingConnection(async_nats::Client);
+
+impl Drop for ServingConnection {
+    fn drop(&mut self) {
+        let client = self.0.clone();
+        if let Ok(io) = tokio::runtime::Handle::try_current() {
+            io.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+            });
+        }
+    }
+}
+
+/// The requests of [`Bus::serve`]: one queue subscription per subject on the serving
+/// connection, read in turn.
+struct NatsRequests {
+    connection: Arc<ServingConnection>,
+    subscribers: Vec<async_nats::Subscriber>,
+    /// The subscription read first next time (so none starves the others).
+    next: usize,
+}
+
+impl NatsRequests {
+    fn request(&self, m: async_nats::Message) -> Request {
+        let message = Message {
+            subject: m.subject.to_string(),
+            headers: from_nats_headers(m.headers.as_ref()),
+            payload: m.payload,
+        };
+        let responder = NatsResponder {
+            connection: Arc::clone(&self.connection),
+            reply: m.reply,
+        };
+        Request::new(message, Box::new(responder))
+    }
+}
+
+#[async_trait]
+impl RequestSource for NatsRequests {
+    async fn next(&mut self) -> Option<Request> {
+        let m = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            let len = self.subscribers.len();
+            if len == 0 {
+                return Poll::Ready(None);
+            }
+            for i in 0..len {
+                let at = (self.next + i) % len;
+                match self.subscribers[at].poll_next_unpin(cx) {
+                    Poll::Ready(Some(m)) => {
+                        self.next = (at + 1) % len;
+                        return Poll::Ready(Some(m));
+                    }
+                    // Drained (or the connection closed for good): read the others.
+                    Poll::Ready(None) => {
+                        self.subscribers.swap_remove(at);
+                        self.next = 0;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await?;
+        Some(self.request(m))
+    }
+
+    async fn stop(&mut self) {
+        // A drain: the server stops routing requests here at once; what it sent before
+        // is still delivered, then each subscription ends.
+        for subscriber in &mut self.subscribers {
+            if let Err(e) = subscriber.drain().await {
+                warn!(error = %e, "unsubscribing from served requests");
+            }
+        }
+    }
+}
+
+/// Answers a served request on its reply subject, on the connection it came on (the
+/// broker's `allow_responses` holds for that connection only).
 struct NatsResponder {
-    client: async_nats::Client,
+    connection: Arc<ServingConnection>,
     reply: Option<async_nats::Subject>,
 }
 
 #[async_trait]
 impl Responder for NatsResponder {
+    fn reply_to(&self) -> ReplyTo<'_> {
+        match &self.reply {
+            Some(reply) => ReplyTo::Subject(reply.as_str()),
+            None => ReplyTo::Nowhere,
+        }
+    }
+
     async fn respond(self: Box<Self>, headers: Headers, payload: Bytes) -> Result<(), BusError> {
         let Some(reply) = self.reply else {
             return Ok(());
         };
-        self.client
+        self.connection
+            .0
             .publish_with_headers(reply, to_nats_headers(&headers), payload)
             .await
             .map_err(|e| BusError::Unavailable(format!("answering a request: {e}")))
@@ -841,21 +1196,70 @@ mod tests {
         assert_eq!(
             split_credentials("nats://u:p@h1:4222,nats://h2:4222"),
             (
-                "nats://h1:4222,nats://h2:4222".to_owned(),
+                vec!["nats://h1:4222".to_owned(), "nats://h2:4222".to_owned()],
                 Some(UrlCredential::UserPassword("u".into(), "p".into()))
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://h1:4222, nats://t0k@h2:4222"),
+            (
+                vec!["nats://h1:4222".to_owned(), "nats://h2:4222".to_owned()],
+                Some(UrlCredential::Token("t0k".into()))
             )
         );
         assert_eq!(
             split_credentials("t0k@h:4222"),
             (
-                "h:4222".to_owned(),
+                vec!["h:4222".to_owned()],
                 Some(UrlCredential::Token("t0k".into()))
             )
         );
         assert_eq!(
             split_credentials("nats://h:4222"),
-            ("nats://h:4222".to_owned(), None)
+            (vec!["nats://h:4222".to_owned()], None)
         );
+    }
+
+    #[test]
+    fn several_seed_urls() {
+        let one = NatsOptions::new("nats://h:4222");
+        assert_eq!(one.servers(), ["nats://h:4222"]);
+        let list = NatsOptions::new(" nats://a:1, nats://b:2,,nats://c:3 ,");
+        assert_eq!(list.servers(), ["nats://a:1", "nats://b:2", "nats://c:3"]);
+        let built = NatsOptions::with_servers(["nats://a:1", "nats://b:2"]).replicas(3);
+        assert_eq!(built.url, "nats://a:1,nats://b:2");
+        assert_eq!(built.streams.replicas, 3);
+        assert_eq!(NatsOptions::new("nats://h").streams.replicas, 1);
+        let shown = format!(
+            "{:?}",
+            NatsOptions::new("nats://u:s3cret@a:1,nats://t0ken@b:2")
+        );
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0ken") && shown.contains("b:2"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_server_lists_and_replica_counts_are_refused_before_dialling() {
+        let err = NatsBus::connect(NatsOptions::new(" , "))
+            .await
+            .expect_err("no URL");
+        assert!(err.to_string().contains("no NATS server URL"), "{err}");
+        let err = NatsBus::connect(NatsOptions::new("nats://a:1,http://u:s3cret@b:2"))
+            .await
+            .expect_err("bad scheme");
+        let text = err.to_string();
+        assert!(
+            text.contains("http://b:2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        for n in [0, 6] {
+            let err = NatsBus::connect(NatsOptions::new("nats://a:1").replicas(n))
+                .await
+                .expect_err("replicas out of range");
+            assert!(err.to_string().contains("1 to 5"), "{err}");
+        }
     }
 
     #[test]

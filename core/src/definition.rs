@@ -113,7 +113,14 @@ impl DataError {
 }
 
 type BuildFn = Arc<dyn Fn(&Value) -> Result<Value, DataError> + Send + Sync>;
-type ReadDataFn = fn(&Value) -> Result<Value, DataError>;
+type ReadDataFn = fn(DataInput<'_>) -> Result<Value, DataError>;
+
+/// What [`Definition::read_data`] and [`Definition::read_data_json`] read.
+#[derive(Clone, Copy)]
+enum DataInput<'a> {
+    Value(&'a Value),
+    Json(&'a str),
+}
 type ApplyFn = Arc<dyn Fn(&Value, &Value) -> Result<Value, DataError> + Send + Sync>;
 
 /// A command as declared: where it goes and how its payload is built from the data.
@@ -233,9 +240,185 @@ impl fmt::Debug for Definition {
 }
 
 /// `data` decoded as `D` and encoded again.
-fn read_data<D: Serialize + DeserializeOwned>(data: &Value) -> Result<Value, DataError> {
-    let typed = D::deserialize(data).map_err(|e| DataError::new("decoding saga data", e))?;
+fn read_data<D: Serialize + DeserializeOwned>(data: DataInput<'_>) -> Result<Value, DataError> {
+    let typed: D = match data {
+        DataInput::Value(v) => {
+            D::deserialize(v).map_err(|e| DataError::new("decoding saga data", e))?
+        }
+        DataInput::Json(text) => serde_json::from_str(text).map_err(|e| {
+            // serde's reason without the position in `text` (which is not the whole
+            // message the client sent): the same reason as from a `Value`.
+            let position = format!(" at line {} column {}", e.line(), e.column());
+            let reason = e.to_string();
+            let reason = reason.strip_suffix(&position).unwrap_or(&reason);
+            DataError::new("decoding saga data", reason)
+        })?,
+    };
     serde_json::to_value(&typed).map_err(|e| DataError::new("encoding saga data", e))
+}
+
+/// Saga data read from JSON text ([`Definition::read_data_json`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadData {
+    /// The data as a saga started with it stores it (decoded as the data type and
+    /// encoded again).
+    pub data: Value,
+    /// Fields of the input that [`ReadData::data`] no longer has, but those whose value is
+    /// empty (`null`, `[]`, `{}`: what a data type skipping empty values leaves out): fields the data type does not know (a client writing for a newer
+    /// version of it, during a rolling deploy), which decoding ignored. Paths from the
+    /// top of the data (`gift_wrap`, `items[0].colour`), each at most
+    /// [`MAX_LOST_FIELD_BYTES`] bytes; at most [`MAX_LOST_FIELDS`] of them.
+    pub lost_fields: Vec<String>,
+}
+
+/// The most fields [`ReadData::lost_fields`] names.
+pub const MAX_LOST_FIELDS: usize = 8;
+/// The most bytes of one path in [`ReadData::lost_fields`].
+pub const MAX_LOST_FIELD_BYTES: usize = 128;
+
+/// The paths of the object fields of the JSON text `input` (not empty: `null`, `[]`,
+/// `{}`) that `kept` does not have at the same place: compared object by object and array element by array
+/// element, as far as both have the same shape. Read as a stream: nothing of `input` is
+/// held but the path being walked.
+fn lost_fields(input: &str, kept: &Value) -> Vec<String> {
+    let mut walk = Walk {
+        path: String::new(),
+        lost: Vec::new(),
+    };
+    let mut de = serde_json::Deserializer::from_str(input);
+    // `input` was decoded already: an error here (none is expected) only ends the walk.
+    let _ = serde::de::DeserializeSeed::deserialize(
+        Node {
+            kept: Some(kept),
+            walk: &mut walk,
+        },
+        &mut de,
+    );
+    walk.lost
+}
+
+struct Walk {
+    /// The path of the node being read (`items[0].colour`).
+    path: String,
+    lost: Vec<String>,
+}
+
+impl Walk {
+    fn lose(&mut self, key: &str) {
+        if self.lost.len() >= MAX_LOST_FIELDS {
+            return;
+        }
+        let mut path = self.path.clone();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+        self.lost
+            .push(crate::text::cap(&path, MAX_LOST_FIELD_BYTES).to_owned());
+    }
+}
+
+/// One value of the input, compared with `kept` (`None`: nothing to compare with).
+/// Yields whether it was empty: `null`, `[]` or `{}`.
+struct Node<'a, 'w> {
+    kept: Option<&'a Value>,
+    walk: &'w mut Walk,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Node<'_, '_> {
+    type Value = bool;
+
+    fn deserialize<De: serde::Deserializer<'de>>(self, de: De) -> Result<bool, De::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Node<'_, '_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_none<E>(self) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let kept = self.kept.and_then(Value::as_array);
+        let mut i = 0usize;
+        loop {
+            let child = kept.and_then(|k| k.get(i));
+            let len = self.walk.path.len();
+            if child.is_some() {
+                use fmt::Write as _;
+                let _ = write!(self.walk.path, "[{i}]");
+            }
+            let read = seq.next_element_seed(Node {
+                kept: child,
+                walk: &mut *self.walk,
+            })?;
+            self.walk.path.truncate(len);
+            if read.is_none() {
+                return Ok(i == 0);
+            }
+            i += 1;
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let kept = self.kept.and_then(Value::as_object);
+        let mut empty = true;
+        while let Some(key) = map.next_key::<String>()? {
+            empty = false;
+            // Not an object where the input has one: not comparable.
+            let Some(kept) = kept else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            };
+            match kept.get(&key) {
+                Some(child) => {
+                    let len = self.walk.path.len();
+                    if len > 0 {
+                        self.walk.path.push('.');
+                    }
+                    self.walk.path.push_str(&key);
+                    map.next_value_seed(Node {
+                        kept: Some(child),
+                        walk: &mut *self.walk,
+                    })?;
+                    self.walk.path.truncate(len);
+                }
+                None => {
+                    let empty = map.next_value_seed(Node {
+                        kept: None,
+                        walk: &mut *self.walk,
+                    })?;
+                    if !empty {
+                        self.walk.lose(&key);
+                    }
+                }
+            }
+        }
+        Ok(empty)
+    }
 }
 
 impl Definition {
@@ -288,7 +471,39 @@ impl Definition {
     /// assert!(err.to_string().starts_with("decoding saga data: invalid type"), "{err}");
     /// ```
     pub fn read_data(&self, data: &Value) -> Result<Value, DataError> {
-        (self.read_data)(data)
+        (self.read_data)(DataInput::Value(data))
+    }
+
+    /// [`Definition::read_data`] of JSON text, decoded straight from the text (no
+    /// `Value` of the input is built: memory stays in proportion to the text), and the
+    /// fields of the input the data type does not know ([`ReadData::lost_fields`]): a
+    /// start written for a newer version of the data type, landing on an older build,
+    /// would otherwise lose them without a word. A field whose value is empty (`null`,
+    /// `[]`, `{}`) is never counted lost (it reads as absent, or as a data type skipping
+    /// empty values writes it). A field the data type reads under another name (a serde
+    /// `alias`) or skips writing (`skip_serializing`, or `skip_serializing_if` on a
+    /// value that is not empty) is counted lost: such a data type gets false reports.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use skald_core::definition::{SagaDefinition, Step};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Order { id: String, #[serde(default)] note: Option<String> }
+    /// let def = SagaDefinition::<Order>::builder("order", 1)
+    ///     .step(Step::new("ship").action("skald.cmd.shipping.ship", |o: &Order| o.id.clone()))
+    ///     .build()
+    ///     .expect("valid");
+    /// let read = def.definition().read_data_json(r#"{"id": "o-1", "gift": true, "x": null}"#)
+    ///     .expect("an Order");
+    /// assert_eq!(read.data, serde_json::json!({"id": "o-1", "note": null}));
+    /// assert_eq!(read.lost_fields, ["gift"]);
+    /// ```
+    pub fn read_data_json(&self, json: &str) -> Result<ReadData, DataError> {
+        let data = (self.read_data)(DataInput::Json(json))?;
+        let lost_fields = lost_fields(json, &data);
+        Ok(ReadData { data, lost_fields })
     }
 }
 
@@ -876,6 +1091,55 @@ mod tests {
             erased.read_data(&serde_json::json!("n")).is_err(),
             "a string is no Data"
         );
+    }
+
+    #[test]
+    fn data_read_from_text_names_the_fields_it_lost() {
+        #[derive(Serialize, Deserialize)]
+        struct Item {
+            sku: String,
+        }
+        #[derive(Serialize, Deserialize)]
+        struct Order {
+            n: u32,
+            items: Vec<Item>,
+            note: Option<String>,
+            extra: Value,
+        }
+        let def = SagaDefinition::<Order>::builder("order", 1)
+            .step(Step::new("a").action("skald.cmd.svc.a", |o: &Order| o.n))
+            .build()
+            .expect("valid");
+        let erased = def.definition();
+        let read = erased
+            .read_data_json(
+                r#"{"n": 1, "items": [{"sku": "a"}, {"sku": "b", "colour": "red"}],
+                    "note": null, "gift": {"wrap": true}, "nothing": null, "none": [],
+                    "nobody": {},
+                    "extra": {"anything": [1, {"goes": 2}]}}"#,
+            )
+            .expect("an Order");
+        assert_eq!(read.data["n"], 1);
+        assert_eq!(read.lost_fields, ["items[1].colour", "gift"]);
+        let read = erased
+            .read_data_json(r#"{"n": 1, "items": [], "note": "x", "extra": null}"#)
+            .expect("an Order");
+        assert!(read.lost_fields.is_empty(), "{:?}", read.lost_fields);
+        // The same reason as from a Value: no position in the text.
+        let err = erased
+            .read_data_json(r#"{"n": -1, "items": [], "note": null, "extra": 1}"#)
+            .expect_err("not a u32");
+        assert_eq!(
+            Err(err),
+            erased.read_data(&serde_json::json!({"n": -1, "items": [], "note": null, "extra": 1}))
+        );
+        let many: String = (0..20).map(|i| format!(r#","f{i}":{i}"#)).collect();
+        let read = erased
+            .read_data_json(&format!(
+                r#"{{"n":1,"items":[],"note":null,"extra":1{many}}}"#
+            ))
+            .expect("an Order");
+        assert_eq!(read.lost_fields.len(), MAX_LOST_FIELDS);
     }
 
     #[test]

@@ -75,9 +75,11 @@ pub const PARTICIPANT_COMMANDS: &str = "skald_participant_commands_total";
 pub const PARTICIPANT_DURATION: &str = "skald_participant_command_duration_seconds";
 
 /// `skald_start_requests_total{saga_type,answer}`: start requests over the bus
-/// (`skald.start.<saga_type>`), by answer: `started`, `existing`, or the refusal's code
+/// (`skald.start.<saga_type>`), by answer: `started`, `existing`, the refusal's code
 /// (`invalid_data`, `invalid_key`, `invalid_request`, `too_large`, `unavailable`,
-/// `internal`).
+/// `version_skew`, `unknown_outcome`, `internal`), or `forged_reply` for a request
+/// neither applied nor answered because its reply subject is no requester's inbox
+/// (`RuntimeOptions::start_reply_prefixes`).
 pub const START_REQUESTS: &str = "skald_start_requests_total";
 
 /// Label: the saga type.

@@ -744,9 +744,26 @@ impl Delivery {
 /// A stream of deliveries.
 pub type Subscription = Pin<Box<dyn Stream<Item = Delivery> + Send>>;
 
+/// Where the answer to a served request goes ([`Responder::reply_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyTo<'a> {
+    /// Nowhere: the request was published without a reply subject.
+    Nowhere,
+    /// The subject the requester named (NATS: the request's reply subject). Whoever may
+    /// publish a request chooses it, and the broker checks it against nobody's
+    /// permissions: the runtime answers only subjects it takes for a requester's inbox.
+    Subject(&'a str),
+    /// Straight back to the requester, on no subject anyone can name (the in-process
+    /// bus).
+    Requester,
+}
+
 /// How a served request is answered.
 #[async_trait]
 pub trait Responder: Send + Sync + 'static {
+    /// Where [`Responder::respond`] would send the answer.
+    fn reply_to(&self) -> ReplyTo<'_>;
+
     /// Sends `payload`, with `headers`, to the requester. A request that named nowhere to
     /// answer (published without a reply subject) is answered to nobody: `Ok`.
     async fn respond(self: Box<Self>, headers: Headers, payload: Bytes) -> Result<(), BusError>;
@@ -763,7 +780,8 @@ impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Request")
             .field("message", &self.message)
-            .finish_non_exhaustive()
+            .field("reply_to", &self.responder.reply_to())
+            .finish()
     }
 }
 
@@ -773,6 +791,11 @@ impl Request {
         Request { message, responder }
     }
 
+    /// Where the answer would go.
+    pub fn reply_to(&self) -> ReplyTo<'_> {
+        self.responder.reply_to()
+    }
+
     /// The request and the way to answer it, apart: the message can be dropped before
     /// the answer is sent.
     pub fn into_parts(self) -> (Message, Box<dyn Responder>) {
@@ -780,8 +803,24 @@ impl Request {
     }
 }
 
-/// A stream of requests ([`Bus::serve`]).
-pub type RequestStream = Pin<Box<dyn Stream<Item = Request> + Send>>;
+/// The requests a server receives ([`Bus::serve`]).
+#[async_trait]
+pub trait RequestSource: Send + 'static {
+    /// The next request received; `None` once the source has ended (after
+    /// [`RequestSource::stop`], once the requests received before it were returned).
+    /// Cancel-safe: a call dropped before it completes loses no request.
+    async fn next(&mut self) -> Option<Request>;
+
+    /// Stops taking requests: the broker hands the next ones to the other servers of
+    /// the queue group (or, with none left, answers "no responders"). The requests
+    /// received before it are still returned by [`RequestSource::next`], which then
+    /// returns `None`.
+    async fn stop(&mut self);
+}
+
+/// The requests a server receives ([`Bus::serve`]); dropping it stops serving (without
+/// returning what was received).
+pub type RequestStream = Box<dyn RequestSource>;
 
 /// Publish/subscribe with explicit acknowledgement.
 #[async_trait]
@@ -822,15 +861,23 @@ pub trait Bus: Send + Sync + 'static {
     /// Whether published messages survive a process restart.
     fn is_durable(&self) -> bool;
 
-    /// Serves requests on `subject` (core request/reply: not stored, not redelivered):
-    /// every request goes to one server of the `queue` group, which answers it through
-    /// its [`Request`]. Dropping the stream stops serving. The default is
-    /// [`BusError::Unsupported`]: a bus that does not serve requests (the runtime then
+    /// Serves requests on each of `subjects` (core request/reply: not stored, not
+    /// redelivered): every request goes to one server of the `queue` group, which
+    /// answers it through its [`Request`]. At most `capacity` requests received and not
+    /// yet taken by [`RequestSource::next`] are held (per subject); past it the bus drops
+    /// them unanswered (NATS: a slow consumer), so memory stays bounded whatever is sent:
+    /// a server that reads continuously and sheds load never gets there. The default
+    /// is [`BusError::Unsupported`]: a bus that does not serve requests (the runtime then
     /// runs without its start endpoint, and says so).
-    async fn serve(&self, subject: &str, queue: &str) -> Result<RequestStream, BusError> {
-        let _ = queue;
+    async fn serve(
+        &self,
+        subjects: &[String],
+        queue: &str,
+        capacity: usize,
+    ) -> Result<RequestStream, BusError> {
+        let _ = (queue, capacity);
         Err(BusError::Unsupported(format!(
-            "this bus does not serve requests (asked to serve {subject})"
+            "this bus does not serve requests (asked to serve {subjects:?})"
         )))
     }
 

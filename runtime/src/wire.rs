@@ -204,10 +204,12 @@ pub const START_PREFIX: &str = "skald.start";
 
 /// The subject start requests for saga type `saga_type` are sent on:
 /// `skald.start.<saga_type>` (core NATS request/reply; docs/protocol.md, "Starting a
-/// saga"). No JetStream stream captures it (skald's streams hold `skald.cmd.>`,
-/// `skald.reply.>`, `skald.op.>`, `skald.evt.>` and `skald.dlq.>`), so a request is
-/// answered by an orchestrator, never by a stream's publish acknowledgement; and a NATS
-/// permission on it decides who may start sagas of the type.
+/// saga"). No stream of skald's captures it (they hold `skald.cmd.>`, `skald.reply.>`,
+/// `skald.op.>`, `skald.evt.>` and `skald.dlq.>`), so a request is answered by an
+/// orchestrator, not by a stream's publish acknowledgement (unless an operator's own
+/// stream captures `skald.>`: an answer with a `stream` field is such an
+/// acknowledgement, not skald's); and a NATS permission on it decides who may start
+/// sagas of the type.
 pub fn start_subject(saga_type: &SagaType) -> String {
     format!("{START_PREFIX}.{saga_type}")
 }
@@ -215,11 +217,13 @@ pub fn start_subject(saga_type: &SagaType) -> String {
 /// A start request's body: `{"data": <saga data>, "key": "<business key>"}`, `key`
 /// optional. Any other field is refused (a misspelt `"Key"` would otherwise make a
 /// retried start a second saga).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
-    /// The saga's data, as the saga type's definition declares it.
-    pub data: Value,
+    /// The saga's data, as the saga type's definition declares it: its JSON text, as
+    /// sent (checked to be JSON, not parsed into a tree: held, it takes no more memory
+    /// than the bytes received; the saga's data type is decoded from it).
+    pub data: Box<serde_json::value::RawValue>,
     /// The business key: a second start with the same key answers the same saga
     /// (`"existing": true`). `null` is the same as absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,15 +251,25 @@ pub const START_INVALID_DATA: &str = "invalid_data";
 pub const START_INVALID_KEY: &str = "invalid_key";
 /// Refusal code: the request is over the orchestrator's inbound size limits.
 pub const START_TOO_LARGE: &str = "too_large";
-/// Refusal code: the orchestrator cannot start it now (store or bus trouble, shutting
-/// down): send it again later, with a key.
+/// Refusal code: the orchestrator cannot start it now (at capacity, its store or the bus
+/// unavailable, shutting down, or the request waited too long); nothing was stored:
+/// send it again later.
 pub const START_UNAVAILABLE: &str = "unavailable";
+/// Refusal code: `data` has fields the answering orchestrator's data type does not know
+/// (a client written for a newer version of the saga type, during a rolling deploy);
+/// nothing was stored: send it again, another orchestrator may run the newer version.
+pub const START_VERSION_SKEW: &str = "version_skew";
+/// Refusal code: the start was under way when it failed (a commit whose outcome is
+/// unknown, the orchestrator stopping): the saga may exist. A keyed request may be sent
+/// again (it answers the saga if it exists); an unkeyed one cannot be retried safely.
+pub const START_UNKNOWN_OUTCOME: &str = "unknown_outcome";
 /// Refusal code: an error of the orchestrator itself (a bug): nothing to fix in the
 /// request.
 pub const START_INTERNAL: &str = "internal";
 
 /// Header on a refused start's answer: an HTTP-like status for generic NATS service
-/// tooling (400 for a bad request, 413 too large, 503 unavailable, 500 internal).
+/// tooling (400 for a bad request, 413 too large, 503 unavailable or version skew, 504
+/// unknown outcome, 500 internal).
 pub const H_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 /// Header on a refused start's answer: the reason (at most 512 bytes, control
 /// characters replaced by spaces).
@@ -264,8 +278,9 @@ pub const H_SERVICE_ERROR: &str = "Nats-Service-Error";
 /// Why a start request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartRefusal {
-    /// `invalid_request`, `invalid_data`, `invalid_key`, `too_large`, `unavailable` or
-    /// `internal` (the `START_*` constants); read any other as `internal`.
+    /// `invalid_request`, `invalid_data`, `invalid_key`, `too_large`, `unavailable`,
+    /// `version_skew`, `unknown_outcome` or `internal` (the `START_*` constants); read
+    /// any other as `internal`.
     pub code: String,
     /// For humans (serde's error for `invalid_data`).
     pub reason: String,
@@ -280,16 +295,26 @@ impl StartRefusal {
         }
     }
 
-    /// Whether sending the same request again later may succeed (`unavailable`).
+    /// Whether sending the same request again later may succeed, with nothing stored
+    /// by this one (`unavailable`, `version_skew`). `unknown_outcome` is not: a keyed
+    /// request may be sent again (it answers the saga if this one stored it), an
+    /// unkeyed one would start a second saga.
     pub fn is_retryable(&self) -> bool {
-        self.code == START_UNAVAILABLE
+        self.code == START_UNAVAILABLE || self.code == START_VERSION_SKEW
+    }
+
+    /// Whether the refusal says nothing was stored (every code but `unknown_outcome`
+    /// and `internal`).
+    pub fn nothing_stored(&self) -> bool {
+        self.code != START_UNKNOWN_OUTCOME && self.code != START_INTERNAL
     }
 
     fn status(&self) -> u16 {
         match self.code.as_str() {
             START_INVALID_REQUEST | START_INVALID_DATA | START_INVALID_KEY => 400,
             START_TOO_LARGE => 413,
-            START_UNAVAILABLE => 503,
+            START_UNAVAILABLE | START_VERSION_SKEW => 503,
+            START_UNKNOWN_OUTCOME => 504,
             _ => 500,
         }
     }
@@ -298,16 +323,20 @@ impl StartRefusal {
 /// The answer to a start request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartAnswer {
-    /// `{"saga_id": "...", "existing": false}`: the saga is stored and its first command
-    /// published (or in the outbox); `existing` when the key's saga already existed
-    /// (this request's `data` was then not used).
+    /// `{"saga_id": "...", "existing": false, "definition_version": 3}`: the saga is
+    /// stored and its first command published (or in the outbox); `existing` when the
+    /// key's saga already existed (this request's `data` was then not used).
     Started {
         /// The saga.
         saga_id: SagaId,
         /// Whether the key named a saga that already existed.
         existing: bool,
+        /// The definition version the saga runs (absent when the orchestrator could not
+        /// read it: an existing saga's, found by a start that raced it).
+        definition_version: Option<u32>,
     },
-    /// `{"error": {"code": "...", "reason": "..."}}`: nothing was stored.
+    /// `{"error": {"code": "...", "reason": "..."}}`: nothing was stored, unless the code
+    /// is `unknown_outcome` (or `internal`) ([`StartRefusal::nothing_stored`]).
     Refused(StartRefusal),
 }
 
@@ -317,6 +346,8 @@ struct StartAnswerBody {
     saga_id: Option<SagaId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     existing: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    definition_version: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<StartRefusal>,
 }
@@ -328,9 +359,14 @@ const MAX_SERVICE_ERROR: usize = 512;
 pub fn encode_start_answer(answer: &StartAnswer) -> (Headers, Bytes) {
     let mut headers = Headers::new();
     let body = match answer {
-        StartAnswer::Started { saga_id, existing } => StartAnswerBody {
+        StartAnswer::Started {
+            saga_id,
+            existing,
+            definition_version,
+        } => StartAnswerBody {
             saga_id: Some(*saga_id),
             existing: Some(*existing),
+            definition_version: *definition_version,
             error: None,
         },
         StartAnswer::Refused(refusal) => {
@@ -343,6 +379,7 @@ pub fn encode_start_answer(answer: &StartAnswer) -> (Headers, Bytes) {
             StartAnswerBody {
                 saga_id: None,
                 existing: None,
+                definition_version: None,
                 error: Some(refusal.clone()),
             }
         }
@@ -361,6 +398,7 @@ pub fn decode_start_answer(body: &[u8]) -> Result<StartAnswer, serde_json::Error
         (None, Some(saga_id)) => Ok(StartAnswer::Started {
             saga_id,
             existing: body.existing.unwrap_or(false),
+            definition_version: body.definition_version,
         }),
         (None, None) => Err(serde_json::Error::custom(
             "a start answer holds either saga_id or error",
@@ -1149,16 +1187,17 @@ mod tests {
     fn start_requests_and_answers() {
         let ty = SagaType::new("checkout").expect("name");
         assert_eq!(start_subject(&ty), "skald.start.checkout");
-        let r = decode_start_request(br#"{"data":{"a":1},"key":"order-1"}"#).expect("valid");
+        let r = decode_start_request(br#"{"data": {"a": 1},"key":"order-1"}"#).expect("valid");
         assert_eq!(r.key.as_deref(), Some("order-1"));
-        assert_eq!(r.data, serde_json::json!({"a": 1}));
+        assert_eq!(r.data.get(), r#"{"a": 1}"#, "the text as sent");
         let r = decode_start_request(br#"{"data":null,"key":null}"#).expect("valid");
-        assert_eq!((r.data, r.key), (Value::Null, None));
+        assert_eq!((r.data.get(), r.key), ("null", None));
         for bad in [
             &br#"{"key":"k"}"#[..],
             br#"{"data":{},"Key":"k"}"#,
             br#"{"data":{},"key":42}"#,
             br#"[1]"#,
+            br#"{"data":{"a":}}"#,
             b"not json",
         ] {
             assert!(decode_start_request(bad).is_err(), "{bad:?}");
@@ -1168,14 +1207,26 @@ mod tests {
         let started = StartAnswer::Started {
             saga_id,
             existing: true,
+            definition_version: Some(3),
         };
         let (headers, body) = encode_start_answer(&started);
         assert!(headers.is_empty());
         assert_eq!(
             serde_json::from_slice::<Value>(&body).expect("json"),
-            serde_json::json!({"saga_id": saga_id.to_string(), "existing": true})
+            serde_json::json!({"saga_id": saga_id.to_string(), "existing": true,
+                "definition_version": 3})
         );
         assert_eq!(decode_start_answer(&body).expect("decodes"), started);
+        let unknown_version = StartAnswer::Started {
+            saga_id,
+            existing: true,
+            definition_version: None,
+        };
+        let (_, body) = encode_start_answer(&unknown_version);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).expect("json"),
+            serde_json::json!({"saga_id": saga_id.to_string(), "existing": true})
+        );
 
         let refused = StartAnswer::Refused(StartRefusal::new(
             START_INVALID_DATA,
@@ -1194,8 +1245,17 @@ mod tests {
         assert!(decode_start_answer(b"{}").is_err());
         let unavailable = StartRefusal::new(START_UNAVAILABLE, "later");
         assert!(unavailable.is_retryable());
+        assert!(unavailable.nothing_stored());
         let (headers, _) = encode_start_answer(&StartAnswer::Refused(unavailable));
         assert_eq!(headers.get(H_SERVICE_ERROR_CODE), Some("503"));
+        let skew = StartRefusal::new(START_VERSION_SKEW, "newer");
+        assert!(skew.is_retryable() && skew.nothing_stored());
+        let (headers, _) = encode_start_answer(&StartAnswer::Refused(skew));
+        assert_eq!(headers.get(H_SERVICE_ERROR_CODE), Some("503"));
+        let unknown = StartRefusal::new(START_UNKNOWN_OUTCOME, "may exist");
+        assert!(!unknown.is_retryable() && !unknown.nothing_stored());
+        let (headers, _) = encode_start_answer(&StartAnswer::Refused(unknown));
+        assert_eq!(headers.get(H_SERVICE_ERROR_CODE), Some("504"));
     }
 
     #[test]

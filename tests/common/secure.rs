@@ -58,12 +58,18 @@ pub enum Principal {
     Orchestrator,
     /// `skald cancel` / `skald dlq redrive`.
     Operator,
+    /// A service that starts checkout sagas and does nothing else on the bus (the
+    /// `storefront` user of docs/security.md): start requests on `skald.start.checkout`,
+    /// its answers on its own inbox. It connects a plain NATS client, never a `NatsBus`
+    /// (which reads the streams' configuration), so it is not among [`Principal::all`].
+    Storefront,
     /// The test's own inspection: no restrictions (never given to skald).
     Admin,
 }
 
 impl Principal {
-    /// Every principal of the configurations.
+    /// Every principal of the configurations that connects a `NatsBus` (all but
+    /// [`Principal::Storefront`]).
     pub fn all() -> Vec<Principal> {
         let mut all: Vec<Principal> = SERVICES.iter().map(|s| Principal::Service(s)).collect();
         all.extend([
@@ -74,12 +80,21 @@ impl Principal {
         all
     }
 
+    /// Every principal the configurations have a user for: [`Principal::all`] and the
+    /// storefront.
+    pub fn configured() -> Vec<Principal> {
+        let mut all = Principal::all();
+        all.push(Principal::Storefront);
+        all
+    }
+
     /// The user name in the configurations.
     pub fn name(self) -> String {
         match self {
             Principal::Service(s) => s.to_owned(),
             Principal::Orchestrator => "orchestrator".into(),
             Principal::Operator => "operator".into(),
+            Principal::Storefront => "storefront".into(),
             Principal::Admin => "admin".into(),
         }
     }
@@ -120,7 +135,8 @@ pub struct Permissions {
 ///   `SKALD_OPS`, acknowledge there; serve start requests (subscribe to
 ///   `skald.start.>`, answer each on its reply subject: `allow_responses`);
 /// - an operator: publish operator requests on `skald.op.>` (the CLI's `NatsBus` reads
-///   the streams' configuration when it connects), nothing else on the bus.
+///   the streams' configuration when it connects), nothing else on the bus;
+/// - the storefront: publish start requests on `skald.start.checkout`, nothing else.
 ///
 /// Everyone subscribes to its own inbox for responses (JetStream API answers, publish
 /// acks, pulled messages), `_INBOX_<principal>.>` ([`Principal::inbox`]), and to nothing
@@ -156,6 +172,7 @@ pub fn permissions(principal: Principal) -> Option<Permissions> {
             p
         }
         Principal::Operator => stream_info.chain(["skald.op.>".to_owned()]).collect(),
+        Principal::Storefront => vec!["skald.start.checkout".to_owned()],
     };
     let mut subscribe = vec![principal.inbox()];
     if principal == Principal::Orchestrator {
@@ -344,7 +361,7 @@ impl SecureServer {
     pub fn users(tls: Tls) -> SecureServer {
         let mut credentials = BTreeMap::new();
         let mut users = String::new();
-        for p in Principal::all() {
+        for p in Principal::configured() {
             let (user, password) = (p.name(), random_secret("pw"));
             writeln!(
                 users,
@@ -364,7 +381,7 @@ impl SecureServer {
     pub fn nkeys() -> SecureServer {
         let mut credentials = BTreeMap::new();
         let mut users = String::new();
-        for p in Principal::all() {
+        for p in Principal::configured() {
             let key = nkeys::KeyPair::new_user();
             let public = key.public_key();
             writeln!(
@@ -389,7 +406,7 @@ impl SecureServer {
     /// A single token: whoever has it may do anything (every principal gets it).
     pub fn token() -> SecureServer {
         let token = random_secret("tok");
-        let credentials = Principal::all()
+        let credentials = Principal::configured()
             .into_iter()
             .map(|p| (p, Credential::Token(token.clone())))
             .collect();
@@ -410,7 +427,7 @@ impl SecureServer {
         let system = nkeys::KeyPair::new_account();
         let system_jwt = jwt::account(&operator, &system, "SYS", false);
         let mut credentials = BTreeMap::new();
-        for p in Principal::all() {
+        for p in Principal::configured() {
             let user = nkeys::KeyPair::new_user();
             let user_jwt = jwt::user(&account, &user, &p.name(), permissions(p).as_ref());
             let seed = user.seed().expect("seed");

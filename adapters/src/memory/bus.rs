@@ -4,10 +4,14 @@
 //! group after the delay; `ack` and `term` forget it. Publishing to a subject nobody
 //! subscribes to drops the message, as NATS core does.
 //!
-//! Requests work as on NATS: [`Bus::serve`] joins a queue group of servers on a subject,
+//! Requests work as on NATS: [`Bus::serve`] joins a queue group of servers on subjects,
 //! [`Bus::request`] hands the request to one server of every group serving it and
 //! returns the first answer, or [`BusError::NoResponders`] at once when nobody serves
-//! the subject. A plain publish reaches the servers too, with nowhere to answer.
+//! the subject. A plain publish reaches the servers too, with nowhere to answer. A
+//! server holds at most its `capacity` of requests not yet read: past it a request goes
+//! to another server of the group, or is dropped (as a NATS client drops messages for a
+//! slow consumer). [`RequestSource::stop`] leaves the groups: new requests go to the
+//! other servers, and the ones received before are still read.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -16,8 +20,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use skald_runtime::ports::{
-    Acker, Bus, BusError, Delivery, Headers, Message, Request, RequestStream, Responder,
-    Subscription,
+    Acker, Bus, BusError, Delivery, Headers, Message, ReplyTo, Request, RequestSource,
+    RequestStream, Responder, Subscription,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,11 +36,12 @@ struct Group {
     next: AtomicUsize,
 }
 
-/// A queue group of servers of requests on a subject pattern.
+/// A queue group of servers of requests on a subject pattern: each member's id (a
+/// server serving several subjects is a member of several groups) and its queue.
 struct Servers {
     pattern: String,
     queue: String,
-    members: Vec<mpsc::UnboundedSender<Request>>,
+    members: Vec<(u64, mpsc::Sender<Request>)>,
     next: AtomicUsize,
 }
 
@@ -45,13 +50,17 @@ struct Inner {
     // A std mutex: held to route one message, never across an await.
     groups: Mutex<Vec<Group>>,
     servers: Mutex<Vec<Servers>>,
+    /// The id of the next server ([`Bus::serve`]).
+    next_server: std::sync::atomic::AtomicU64,
 }
 
 /// Where the first answer to a request goes (every server it reached shares it).
 type AnswerSlot = Arc<Mutex<Option<oneshot::Sender<(Headers, Bytes)>>>>;
 
 /// Hands `message` to one member of every group of servers matching its subject, each
-/// answering into `answer` (`None`: nowhere to answer). Returns how many got it.
+/// answering into `answer` (`None`: nowhere to answer). Returns how many groups had a
+/// live member: a member whose queue is full is passed over, and a group whose members
+/// are all full drops the request (its requester's answer slot is then dropped).
 fn dispatch_request(inner: &Inner, message: &Message, answer: Option<&AnswerSlot>) -> usize {
     let Ok(mut servers) = inner.servers.lock() else {
         return 0;
@@ -61,14 +70,17 @@ fn dispatch_request(inner: &Inner, message: &Message, answer: Option<&AnswerSlot
         if !subject_matches(&group.pattern, &message.subject) {
             continue;
         }
-        group.members.retain(|m| !m.is_closed());
+        group.members.retain(|(_, m)| !m.is_closed());
         let n = group.members.len();
+        if n == 0 {
+            continue;
+        }
+        reached += 1;
         let start = group.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
             let responder = MemoryResponder(answer.map(Arc::clone));
             let request = Request::new(message.clone(), Box::new(responder));
-            if group.members[(start + i) % n].send(request).is_ok() {
-                reached += 1;
+            if group.members[(start + i) % n].1.try_send(request).is_ok() {
                 break;
             }
         }
@@ -81,6 +93,13 @@ struct MemoryResponder(Option<AnswerSlot>);
 
 #[async_trait]
 impl Responder for MemoryResponder {
+    fn reply_to(&self) -> ReplyTo<'_> {
+        match self.0 {
+            Some(_) => ReplyTo::Requester,
+            None => ReplyTo::Nowhere,
+        }
+    }
+
     async fn respond(self: Box<Self>, headers: Headers, payload: Bytes) -> Result<(), BusError> {
         let Some(slot) = self.0 else {
             return Ok(());
@@ -91,6 +110,45 @@ impl Responder for MemoryResponder {
             let _ = sender.send((headers, payload));
         }
         Ok(())
+    }
+}
+
+/// The requests of one server ([`Bus::serve`]).
+struct MemoryRequests {
+    bus: Weak<Inner>,
+    id: u64,
+    rx: mpsc::Receiver<Request>,
+}
+
+impl MemoryRequests {
+    /// Leaves every group: the senders the groups held are dropped, so the queue ends
+    /// once what it holds is read.
+    fn leave(&self) {
+        if let Some(inner) = self.bus.upgrade()
+            && let Ok(mut servers) = inner.servers.lock()
+        {
+            for group in servers.iter_mut() {
+                group.members.retain(|(id, _)| *id != self.id);
+            }
+            servers.retain(|g| !g.members.is_empty());
+        }
+    }
+}
+
+#[async_trait]
+impl RequestSource for MemoryRequests {
+    async fn next(&mut self) -> Option<Request> {
+        self.rx.recv().await
+    }
+
+    async fn stop(&mut self) {
+        self.leave();
+    }
+}
+
+impl Drop for MemoryRequests {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -166,29 +224,38 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn serve(&self, subject: &str, queue: &str) -> Result<RequestStream, BusError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    async fn serve(
+        &self,
+        subjects: &[String],
+        queue: &str,
+        capacity: usize,
+    ) -> Result<RequestStream, BusError> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let id = self.inner.next_server.fetch_add(1, Ordering::Relaxed);
         let mut servers = self
             .inner
             .servers
             .lock()
             .map_err(|_| BusError::Other("memory bus lock poisoned".into()))?;
-        match servers
-            .iter_mut()
-            .find(|g| g.pattern == subject && g.queue == queue)
-        {
-            Some(g) => g.members.push(tx),
-            None => servers.push(Servers {
-                pattern: subject.to_owned(),
-                queue: queue.to_owned(),
-                members: vec![tx],
-                next: AtomicUsize::new(0),
-            }),
+        for subject in subjects {
+            match servers
+                .iter_mut()
+                .find(|g| g.pattern == *subject && g.queue == queue)
+            {
+                Some(g) => g.members.push((id, tx.clone())),
+                None => servers.push(Servers {
+                    pattern: subject.clone(),
+                    queue: queue.to_owned(),
+                    members: vec![(id, tx.clone())],
+                    next: AtomicUsize::new(0),
+                }),
+            }
         }
-        Ok(Box::pin(futures_util::stream::unfold(
+        Ok(Box::new(MemoryRequests {
+            bus: Arc::downgrade(&self.inner),
+            id,
             rx,
-            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
-        )))
+        }))
     }
 
     async fn request(
@@ -355,8 +422,8 @@ mod tests {
             ask(bus.clone(), "svc.a").await,
             Err(BusError::NoResponders("svc.a".into()))
         );
-        let mut s1 = bus.serve("svc.*", "q").await.expect("serve");
-        let mut s2 = bus.serve("svc.*", "q").await.expect("serve");
+        let mut s1 = bus.serve(&["svc.*".into()], "q", 8).await.expect("serve");
+        let mut s2 = bus.serve(&["svc.*".into()], "q", 8).await.expect("serve");
         let asking = tokio::spawn(ask(bus.clone(), "svc.a"));
         // One of the two servers gets it; it answers.
         let request = tokio::select! {
@@ -391,6 +458,54 @@ mod tests {
             ask(bus.clone(), "svc.a").await,
             Err(BusError::NoResponders("svc.a".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_server_drops_and_a_stopped_one_is_read_to_the_end() {
+        let bus = MemoryBus::new();
+        let mut server = bus
+            .serve(&["svc.a".into(), "svc.b".into()], "q", 1)
+            .await
+            .expect("serve");
+        let ask = |subject: &'static str| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.request(
+                    subject,
+                    Headers::new(),
+                    Bytes::from_static(b"ping"),
+                    Duration::from_secs(5),
+                )
+                .await
+            })
+        };
+        let first = ask("svc.b");
+        // The first fills the queue of one: the second is dropped at once, unanswered.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = ask("svc.a");
+        assert!(matches!(
+            second.await.expect("join"),
+            Err(BusError::Unavailable(_))
+        ));
+        // Stopped: nobody serves any more, and what was received is still read.
+        server.stop().await;
+        assert_eq!(
+            ask("svc.a").await.expect("join"),
+            Err(BusError::NoResponders("svc.a".into()))
+        );
+        let request = server.next().await.expect("the request received before");
+        assert_eq!(request.message.subject, "svc.b");
+        assert_eq!(request.reply_to(), ReplyTo::Requester);
+        let (_, responder) = request.into_parts();
+        responder
+            .respond(Headers::new(), Bytes::from_static(b"pong"))
+            .await
+            .expect("respond");
+        assert_eq!(
+            &first.await.expect("join").expect("answered").payload[..],
+            b"pong"
+        );
+        assert!(server.next().await.is_none(), "the source ended");
     }
 
     #[tokio::test]

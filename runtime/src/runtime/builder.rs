@@ -334,27 +334,25 @@ impl RuntimeBuilder {
         let replies = futures_util::stream::select_all(inbound);
         // Start requests (docs/protocol.md, "Starting a saga"): one queue subscription
         // per registered type, so a request for a type no runtime runs gets the broker's
-        // "no responders" at once. A runtime that consumes nothing serves none.
-        let mut starts = Vec::new();
+        // "no responders" at once; the bus holds few of them not yet read
+        // (`start_requests::bus_capacity`). A runtime that consumes nothing serves none.
+        let mut starts = None;
         if shared.options.consume && shared.options.start_requests {
-            for ty in &types {
-                let subject = wire::start_subject(ty);
-                match shared
-                    .bus
-                    .serve(&subject, &shared.options.reply_group)
-                    .await
-                {
-                    Ok(requests) => {
-                        let ty = ty.clone();
-                        starts.push(requests.map(move |r| (ty.clone(), r)).boxed());
-                    }
-                    Err(BusError::Unsupported(reason)) => {
-                        warn!(%reason, "start requests are not served: this bus does not serve requests");
-                        starts.clear();
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
+            let subjects: Vec<String> = types.iter().map(wire::start_subject).collect();
+            match shared
+                .bus
+                .serve(
+                    &subjects,
+                    &shared.options.reply_group,
+                    start_requests::bus_capacity(&shared.options),
+                )
+                .await
+            {
+                Ok(requests) => starts = Some(requests),
+                Err(BusError::Unsupported(reason)) => {
+                    warn!(%reason, "start requests are not served: this bus does not serve requests");
                 }
+                Err(e) => return Err(e.into()),
             }
         }
 
@@ -377,13 +375,10 @@ impl RuntimeBuilder {
         ));
         let mut tasks = background::spawn(&shared);
         tasks.extend([intake, publisher]);
-        if !starts.is_empty() {
-            tasks.push(tokio::spawn(start_requests::serve(
-                Arc::clone(&shared),
-                registry.clone(),
-                futures_util::stream::select_all(starts),
-            )));
-        }
+        // Stopped first at shutdown (`Runtime::shutdown`), while the actors still run.
+        let starts = starts.map(|requests| {
+            start_requests::Serving::spawn(Arc::clone(&shared), registry.clone(), &types, requests)
+        });
         // The commit loop last: shutdown stops it after everything else.
         tasks.push(commit_task);
         let runtime = Runtime {
@@ -393,6 +388,7 @@ impl RuntimeBuilder {
             system,
             thread: Some(thread),
             tasks,
+            starts,
         };
         // The outbox covers a crash between commit and publish. An in-process bus also
         // loses what was published but not yet consumed when the process died: re-send

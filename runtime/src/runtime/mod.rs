@@ -66,6 +66,8 @@ pub struct Runtime {
     system: actix::System,
     thread: Option<JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The start requests' endpoint (`start_requests`), stopped first at shutdown.
+    starts: Option<start_requests::Serving>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -440,6 +442,12 @@ impl Runtime {
     /// Stops the intake and the actors. Committed state is kept; unfinished sagas
     /// continue when a runtime starts again on the same store.
     pub async fn shutdown(mut self) {
+        // Start requests first, while the actors still run: drained (new requests go
+        // to the other orchestrators), those received answered, those under way
+        // finished (bounded).
+        if let Some(starts) = self.starts.take() {
+            starts.shutdown().await;
+        }
         // Stop taking replies, then the actors; the commit loop goes last, so that a
         // transition in flight is committed (or not) as a whole, never cut in half.
         // Handles waiting for an outcome give up (nothing here will settle a saga).

@@ -134,10 +134,31 @@ pub struct RuntimeOptions {
     /// a runtime that consumes (`consume`) serves them; on a bus that does not serve
     /// requests the runtime runs without them (and logs it). Default: true.
     pub start_requests: bool,
-    /// Start requests being applied at once; past it the next request waits (in the bus
-    /// client's buffer) for one to finish. Their bytes count against a budget of
-    /// `max_in_flight_bytes` of their own. Default: 256.
+    /// Start requests being applied at once; past it (or past a budget of
+    /// `max_in_flight_bytes` of their own) a request is refused `unavailable` at once,
+    /// its body dropped, nothing stored. It is also how many requests the bus may hold
+    /// received and not yet read, per saga type (at least 64; NATS: the subscription's
+    /// capacity), past which it drops them unanswered. Default: 256.
     pub max_in_flight_starts: usize,
+    /// The reply subjects start requests are answered on: those beginning with one of
+    /// these prefixes. A prefix ending in `.` matches what follows it; any other (such
+    /// as `_INBOX_`, for the per-user prefixes `_INBOX_<user>` of docs/security.md) must
+    /// be followed by a token of at least one character and a `.`. Whatever is listed,
+    /// a reply subject with a wildcard (`*`, `>`), white space, an empty token, or
+    /// beginning with `$` or `skald.` is never answered; an empty prefix, or one
+    /// beginning with `$` or `skald.`, matches nothing. A request naming another reply
+    /// subject is neither applied nor answered (counted as `forged_reply` in
+    /// `skald_start_requests_total`): the broker lets a requester name any reply
+    /// subject, and an orchestrator answering with `allow_responses` may publish there
+    /// whatever its permissions say. A request with no reply subject is applied and
+    /// answered to nobody. Default: `_INBOX.` and `_INBOX_`.
+    pub start_reply_prefixes: Vec<String>,
+    /// A start request not yet under way this long after it was received (the store
+    /// slow to answer whether its key's saga exists, under load) is refused
+    /// `unavailable`, nothing stored, rather than started after its requester has
+    /// probably given up (and, without a key, sent it again). Default: 5 s.
+    #[serde(with = "crate::serde_millis")]
+    pub max_start_wait: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -172,6 +193,8 @@ impl Default for RuntimeOptions {
             consume: true,
             start_requests: true,
             max_in_flight_starts: 256,
+            start_reply_prefixes: vec!["_INBOX.".into(), "_INBOX_".into()],
+            max_start_wait: Duration::from_secs(5),
         }
     }
 }
