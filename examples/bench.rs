@@ -9,6 +9,8 @@
 //! cargo run --release --example bench -- --config production --nats nats://127.0.0.1:4222 \
 //!     --pg postgres://postgres@127.0.0.1:5432/postgres
 //! cargo run --release --example bench -- --config all --json   # one JSON line per run
+//! cargo run --release --example bench -- --config production \
+//!     --nats nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224 --nats-replicas 3
 //! ```
 //!
 //! Configurations:
@@ -44,9 +46,9 @@ use skald::adapters::sqlite::SqliteStore;
 use skald::ids::SagaId;
 use skald::participant;
 use skald::ports::{Bus, Headers, Message, SagaStore};
+use skald::{Runtime, RuntimeOptions, SagaOutcome};
 use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
 use skald_sagas::sim::{MemoryLedger, SimConfig, SimServices};
-use skald::{Runtime, RuntimeOptions, SagaOutcome};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -80,9 +82,14 @@ struct Args {
     /// Waiting sagas in the memory configuration.
     #[arg(long, default_value_t = 100_000)]
     waiting: usize,
-    /// The nats-server (production, floor, memory).
+    /// The nats-server (production, floor, memory), or several seed URLs of one
+    /// cluster, comma-separated.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// The replica count of skald's streams (3 on a three-node cluster; 1 to 5).
+    #[arg(long, global = true, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=5))]
+    nats_replicas: u64,
     /// A PostgreSQL server where the user may create databases (production, floor,
     /// memory); each run gets a database of its own, dropped afterwards.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
@@ -317,9 +324,9 @@ async fn drop_db(server: &str, name: &str) {
     }
 }
 
-async fn nats_bus(url: &str) -> anyhow::Result<Arc<dyn Bus>> {
+async fn nats_bus(url: &str, replicas: u64) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(Arc::new(
-        NatsBus::connect(NatsOptions::new(url))
+        NatsBus::connect(NatsOptions::new(url).replicas(replicas as usize))
             .await
             .with_context(|| {
                 format!(
@@ -553,7 +560,7 @@ async fn embedded(args: &Args) -> anyhow::Result<Vec<Figures>> {
     Ok(out)
 }
 
-fn participant_args(nats: &str) -> Vec<Vec<String>> {
+fn participant_args(nats: &str, replicas: u64) -> Vec<Vec<String>> {
     ["inventory", "payment", "shipping"]
         .iter()
         .map(|s| {
@@ -563,12 +570,14 @@ fn participant_args(nats: &str) -> Vec<Vec<String>> {
                 (*s).into(),
                 "--nats".into(),
                 nats.into(),
+                "--nats-replicas".into(),
+                replicas.to_string(),
             ]
         })
         .collect()
 }
 
-async fn synchronous_commit(url: &str) -> String {
+async fn synchronous_commit(url: &str, replicas: u64) -> String {
     let Ok(mut conn) = PgConnection::connect(url).await else {
         return "?".into();
     };
@@ -580,9 +589,15 @@ async fn synchronous_commit(url: &str) -> String {
         .await;
     let _ = conn.close().await;
     format!(
-        "PostgreSQL synchronous_commit={}, fsync={}; NATS JetStream file storage, acked publishes",
+        "PostgreSQL synchronous_commit={}, fsync={}; NATS JetStream file storage{}, acked \
+         publishes",
         v.unwrap_or_else(|_| "?".into()),
-        fsync.unwrap_or_else(|_| "?".into())
+        fsync.unwrap_or_else(|_| "?".into()),
+        if replicas > 1 {
+            format!(", {replicas} replicas")
+        } else {
+            String::new()
+        }
     )
 }
 
@@ -592,8 +607,8 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
         let (db, url) = create_db(&args.pg, "skald_bench").await?;
         let result = async {
             let store = Arc::new(PostgresStore::connect(&url).await?);
-            let bus = nats_bus(&args.nats).await?;
-            let children = spawn_children(&participant_args(&args.nats))?;
+            let bus = nats_bus(&args.nats, args.nats_replicas).await?;
+            let children = spawn_children(&participant_args(&args.nats, args.nats_replicas))?;
             let checkout = checkout_definition(CheckoutTiming::default())?;
             let runtime = Runtime::builder()
                 .store(store)
@@ -623,7 +638,7 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
                     cpu_orchestrator_ms: cpu,
                     cpu_participants_ms: Some(ccpu),
                 },
-                synchronous_commit(&url).await,
+                synchronous_commit(&url, args.nats_replicas).await,
             );
             f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
             f.peak_rss_mb_participants = Some(round2(children.peak_mb()));
@@ -645,11 +660,13 @@ async fn production(args: &Args) -> anyhow::Result<Vec<Figures>> {
 async fn floor(args: &Args) -> anyhow::Result<Vec<Figures>> {
     let mut out = Vec::new();
     for (mode, n, concurrency) in closed_modes(args) {
-        let bus = nats_bus(&args.nats).await?;
+        let bus = nats_bus(&args.nats, args.nats_replicas).await?;
         let children = spawn_children(&[vec![
             "floor-participant".into(),
             "--nats".into(),
             args.nats.clone(),
+            "--nats-replicas".into(),
+            args.nats_replicas.to_string(),
         ]])?;
         let mut replies = bus
             .subscribe(&["skald.reply.floor".to_owned()], "bench-floor-client")
@@ -798,7 +815,7 @@ async fn pg_floor(args: &Args) -> anyhow::Result<Figures> {
         let cpu = cpu_ms("self") - cpu0;
         let transitions = latencies.len();
         let pg_cpu = servers_cpu_ms().1 - pg0;
-        let mut f = figures("floor-postgres", "throughput", CLIENTS, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
+        let mut f = figures("floor-postgres", "throughput", CLIENTS, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url, args.nats_replicas).await);
         // Sagas/s implied: 4 transitions per checkout saga.
         f.sagas_per_sec = round2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
         f.sagas = transitions / 4;
@@ -866,7 +883,7 @@ async fn pg_floor_batched(args: &Args) -> anyhow::Result<Figures> {
         let cpu = cpu_ms("self") - cpu0;
         let pg_cpu = servers_cpu_ms().1 - pg0;
         let transitions = rounds * BATCH;
-        let mut f = figures("floor-pg-batched", "throughput", 1, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
+        let mut f = figures("floor-pg-batched", "throughput", 1, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url, args.nats_replicas).await);
         f.sagas_per_sec = round2(transitions as f64 / elapsed.as_secs_f64() / 4.0);
         f.sagas = transitions / 4;
         f.per_step_ms = 0.0;
@@ -888,7 +905,7 @@ async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
     let (db, url) = create_db(&args.pg, "skald_bench_memory").await?;
     let result = async {
         let store: Arc<dyn SagaStore> = Arc::new(PostgresStore::connect(&url).await?);
-        let bus = nats_bus(&args.nats).await?;
+        let bus = nats_bus(&args.nats, args.nats_replicas).await?;
         let checkout = checkout_definition(CheckoutTiming {
             // Long enough that no reply deadline passes while the participants are away.
             timeout: Duration::from_secs(3_600),
@@ -933,7 +950,7 @@ async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let waiting_kb = status_kb("self", "VmRSS:");
         let peak_waiting_kb = status_kb("self", "VmHWM:");
-        let children = spawn_children(&participant_args(&args.nats))?;
+        let children = spawn_children(&participant_args(&args.nats, args.nats_replicas))?;
         let mut latencies = Vec::with_capacity(n);
         let deadline = Instant::now() + Duration::from_secs(1_800);
         while latencies.len() < n {
@@ -947,7 +964,7 @@ async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
         }
         let elapsed = t0.elapsed();
         let cpu = cpu_ms("self") - cpu0;
-        let mut f = figures("memory", "waiting", 1_000, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url).await);
+        let mut f = figures("memory", "waiting", 1_000, Measured { elapsed, latencies, cpu_orchestrator_ms: cpu, cpu_participants_ms: None }, synchronous_commit(&url, args.nats_replicas).await);
         f.peak_rss_mb_orchestrator = round2(status_kb("self", "VmHWM:") / 1024.0);
         f.peak_rss_mb_participants = Some(round2(children.peak_mb()));
         f.rss_kb_per_waiting_saga = Some(round2((waiting_kb - base_kb).max(0.0) / n as f64));
@@ -968,8 +985,8 @@ async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
 // ---------------------------------------------------------------------------------------
 // Participant roles (separate processes)
 
-async fn serve_participant(service: &str, nats: &str) -> anyhow::Result<()> {
-    let bus = nats_bus(nats).await?;
+async fn serve_participant(service: &str, nats: &str, replicas: u64) -> anyhow::Result<()> {
+    let bus = nats_bus(nats, replicas).await?;
     let services = SimServices::new(Arc::new(MemoryLedger::new()), reliable());
     let subject = format!("skald.cmd.{service}.>");
     let _handle = participant::serve(bus, &subject, service, 1024, move |cmd| {
@@ -981,8 +998,8 @@ async fn serve_participant(service: &str, nats: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_floor(nats: &str) -> anyhow::Result<()> {
-    let bus = nats_bus(nats).await?;
+async fn serve_floor(nats: &str, replicas: u64) -> anyhow::Result<()> {
+    let bus = nats_bus(nats, replicas).await?;
     let mut commands = bus
         .subscribe(&["skald.cmd.floor.>".to_owned()], "bench-floor")
         .await?;
@@ -1060,8 +1077,10 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let result = match &args.role {
-        Some(Role::Participant { service, nats }) => serve_participant(service, nats).await,
-        Some(Role::FloorParticipant { nats }) => serve_floor(nats).await,
+        Some(Role::Participant { service, nats }) => {
+            serve_participant(service, nats, args.nats_replicas).await
+        }
+        Some(Role::FloorParticipant { nats }) => serve_floor(nats, args.nats_replicas).await,
         None => run(&args).await,
     };
     match result {

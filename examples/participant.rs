@@ -17,6 +17,10 @@
 //! cargo run --example participant -- shipping  --nats nats://127.0.0.1:4222 --db sqlite://skald.db
 //! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222 --no-participants
 //!
+//! # on a three-node cluster: several seed URLs, streams at three replicas
+//! cargo run --example participant -- payment --nats nats://a:4222,nats://b:4222,nats://c:4222 \
+//!     --nats-replicas 3 --db sqlite://skald.db
+//!
 //! # on PostgreSQL, each command taking 0-100 ms, redelivered 5 s after a crash:
 //! cargo run --example participant -- payment --nats nats://127.0.0.1:4222 \
 //!     --db postgres://postgres@127.0.0.1:5432/skald --latency-ms 50 --ack-wait-secs 5
@@ -91,9 +95,15 @@ impl Service {
 struct Args {
     /// Which service to run.
     service: Service,
-    /// The NATS server (tls:// for TLS).
+    /// The NATS server (tls:// for TLS), or several seed URLs of one cluster,
+    /// comma-separated (nats://a:4222,nats://b:4222,nats://c:4222).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// The replica count of skald's streams, should this participant create them (3 on
+    /// a three-node cluster; 1 to 5). Streams with more are left as they are.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=5))]
+    nats_replicas: u64,
     /// How to authenticate to NATS, and TLS.
     #[command(flatten)]
     nats_auth: skald::cli::NatsArgs,
@@ -189,7 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .connect(NatsOptions {
                 name: format!("skald-participant-{name}"),
                 ack_wait: Duration::from_secs(args.ack_wait_secs),
-                ..NatsOptions::new(args.nats.as_str())
+                ..NatsOptions::new(args.nats.as_str()).replicas(args.nats_replicas as usize)
             })
             .await
             .with_context(|| format!("connecting to NATS at {nats}"))?,

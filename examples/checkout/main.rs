@@ -12,6 +12,8 @@
 //! cargo run --release --example checkout -- --json           # summary as JSON (last line)
 //! cargo run --release --example checkout -- --resume         # finish a killed run
 //! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222   # over JetStream
+//! cargo run --release --example checkout -- --nats nats://a:4222,nats://b:4222,nats://c:4222 \
+//!     --nats-replicas 3                                             # on a three-node cluster
 //! cargo run --release --example checkout -- --db postgres://postgres@127.0.0.1:5432/skald
 //! cargo run --release --example checkout -- --metrics-addr 127.0.0.1:9464   # GET /metrics
 //! cargo run --release --example checkout -- --log-format json                # JSON log lines
@@ -140,9 +142,16 @@ struct Args {
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
     /// Send every command and reply over NATS JetStream at this URL (e.g.
-    /// nats://127.0.0.1:4222) instead of the in-process bus.
+    /// nats://127.0.0.1:4222) instead of the in-process bus; for a cluster, several seed
+    /// URLs comma-separated (nats://a:4222,nats://b:4222,nats://c:4222): the client
+    /// fails over between them.
     #[arg(long)]
     nats: Option<String>,
+    /// With --nats: the replica count of skald's streams (3 on a three-node cluster; 1
+    /// to 5). A stream with fewer is scaled up; one with more is left as it is.
+    #[arg(long, requires = "nats", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=5))]
+    nats_replicas: u64,
     /// With --nats: if the broker is unreachable at start-up, keep retrying (visibly)
     /// for this many seconds instead of failing at once.
     #[arg(long, requires = "nats", default_value_t = 0)]
@@ -388,7 +397,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     wait_for_server: (args.nats_wait_secs > 0)
                         .then(|| Duration::from_secs(args.nats_wait_secs)),
                     ack_wait: Duration::from_secs(args.ack_wait_secs),
-                    ..NatsOptions::new(url.as_str())
+                    ..NatsOptions::new(url.as_str()).replicas(args.nats_replicas as usize)
                 })
                 .await
                 .with_context(|| format!("connecting to NATS at {}", redact(url)))?,
@@ -521,8 +530,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         println!("  durability     {durability}");
         match &args.nats {
             Some(url) => println!(
-                "  transport      NATS JetStream at {} (file storage, acked publishes{})",
+                "  transport      NATS JetStream at {} (file storage{}, acked publishes{})",
                 redact(url),
+                if args.nats_replicas > 1 {
+                    format!(", {} replicas", args.nats_replicas)
+                } else {
+                    String::new()
+                },
                 if args.nats_auth.requires_tls() {
                     ", TLS"
                 } else {

@@ -436,4 +436,25 @@ mod tests {
         let m = connect_error("nats://h:4222", &BusError::Other("timed out".into()));
         assert!(m.starts_with("NATS at nats://h:4222: "), "{m}");
     }
+
+    #[test]
+    fn several_seed_urls_pass_through_and_are_redacted() {
+        let urls = "nats://app:hunter2@a:4222,nats://b:4223,nats://t0ken@c:4224";
+        let a = NatsArgs::default();
+        let o = a.configure(NatsOptions::new(urls)).expect("ok");
+        assert_eq!(o.servers().len(), 3);
+        let shown = format!("{o:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("t0ken") && shown.contains("b:4223"),
+            "{shown}"
+        );
+        let e = BusError::Unavailable(format!("cannot connect to NATS at {urls}: refused"));
+        let m = connect_error(urls, &e);
+        assert!(
+            !m.contains("hunter2")
+                && !m.contains("t0ken")
+                && m.contains("nats://app:***@a:4222,nats://b:4223,nats://***@c:4224"),
+            "{m}"
+        );
+    }
 }

