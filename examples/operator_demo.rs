@@ -37,10 +37,10 @@ use skald::adapters::sqlite::SqliteStore;
 use skald::machine::SagaStatus;
 use skald::participant;
 use skald::ports::{Bus, SagaStore};
+use skald::{Runtime, SagaOutcome};
 use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
 use skald_sagas::scripted::Scripted;
 use skald_sagas::sim::SimServices;
-use skald::{Runtime, SagaOutcome};
 
 #[derive(Debug, Parser)]
 #[command(name = "operator_demo", about = "Leaves checkout sagas in every state")]

@@ -80,14 +80,14 @@ pub mod testing;
 /// assert_eq!(t.status(), SagaStatus::Completed);
 /// ```
 pub mod prelude {
+    #[cfg(feature = "memory")]
+    pub use crate::testing::TestRuntime;
     pub use skald_runtime::definition::{SagaDefinition, Step};
     pub use skald_runtime::ids::SagaId;
     pub use skald_runtime::machine::SagaStatus;
     pub use skald_runtime::retry::RetryPolicy;
     pub use skald_runtime::runtime::{Runtime, RuntimeOptions, SagaHandle, SagaView};
     pub use skald_runtime::testing::SagaTest;
-    #[cfg(feature = "memory")]
-    pub use crate::testing::TestRuntime;
 
     pub use crate::RuntimeError;
 }

@@ -23,10 +23,10 @@ use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
+use skald::{Runtime, RuntimeOptions};
 use skald_sagas::checkout::{Checkout, CheckoutTiming, checkout_definition};
 use skald_sagas::scripted::Scripted;
 use skald_sagas::sim::SimServices;
-use skald::{Runtime, RuntimeOptions};
 
 /// The environment variables the `skald` binary reads.
 const SKALD_ENV: [&str; 12] = [
@@ -170,23 +170,28 @@ async fn operator_cli_end_to_end(kind: Backend) {
     let ok = rt
         .start_saga(&checkout, &tea_order("ok-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     let declined = rt
         .start_saga(&checkout, &tea_order("decline-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     let broken = rt
         .start_saga(&checkout, &tea_order("broken-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     let to_cancel = rt
         .start_saga(&checkout, &tea_order("slow-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     let hanging = rt
         .start_saga(&checkout, &tea_order("hang-2"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     wait_status(backend.store.as_ref(), ok, SagaStatus::Completed).await;
     wait_status(backend.store.as_ref(), declined, SagaStatus::Compensated).await;
     wait_status(backend.store.as_ref(), broken, SagaStatus::Failed).await;
@@ -538,7 +543,8 @@ async fn operator_requests_are_signed_and_their_refusals_named() {
     let hanging = rt
         .start_saga(&checkout, &tea_order("hang-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     wait_saga(backend.store.as_ref(), hanging, "at step 2", |s| {
         s.state.pending.is_some_and(|p| p.step == 2)
     })

@@ -30,10 +30,10 @@ use skald::machine::{
 };
 use skald::ports::{DeadLetterRecord, Headers, JournalEntry, Message};
 use skald::retry::Jitter;
-use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
 use skald::trace::TraceContext;
 use skald::upcast::Upcasters;
 use skald::wire::{self, Outcome};
+use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
 
 // ---------------------------------------------------------------------------------------
 // Configuration and comparisons

@@ -17,10 +17,10 @@ use skald::adapters::memory::MemoryBus;
 use skald::adapters::sqlite::SqliteStore;
 use skald::machine::SagaStatus;
 use skald::ports::{Bus, BusError, Message, StoreError, Subscription};
-use skald_sagas::checkout::{Checkout, checkout_definition};
-use skald_sagas::sim::MemoryLedger;
 use skald::wire;
 use skald::{Runtime, RuntimeError, RuntimeOptions};
+use skald_sagas::checkout::{Checkout, checkout_definition};
+use skald_sagas::sim::MemoryLedger;
 
 /// A bus whose publishes fail while `down` is set (a broker outage as a publisher sees
 /// it). It claims to be durable, so that a start re-sends nothing: only the outbox can
@@ -85,7 +85,13 @@ async fn commands_a_failed_publish_left_in_the_outbox_are_published_by_the_relay
     let mut ids = Vec::new();
     for n in 0..20 {
         let order = Checkout::new(format!("order-{n}"), "c", Vec::new(), 100);
-        ids.push(runtime.start_saga(&checkout, &order).await.expect("start").id());
+        ids.push(
+            runtime
+                .start_saga(&checkout, &order)
+                .await
+                .expect("start")
+                .id(),
+        );
     }
     let (backlog, oldest) = backend.store.outbox_backlog().await.expect("backlog");
     assert!(backlog >= 20, "the commands wait in the outbox: {backlog}");
@@ -140,7 +146,11 @@ async fn a_reply_delivered_twice_is_applied_once() {
         .expect("start");
     let mut outcomes = runtime.outcomes();
     let order = Checkout::new("order-1", "c", Vec::new(), 100);
-    let id = runtime.start_saga(&checkout, &order).await.expect("start").id();
+    let id = runtime
+        .start_saga(&checkout, &order)
+        .await
+        .expect("start")
+        .id();
 
     let delivery = tokio::time::timeout(DEADLINE, payments.next())
         .await
@@ -217,7 +227,13 @@ async fn two_runtimes_share_the_sagas_and_one_finishes_what_a_dropped_one_left()
     for n in 0..200 {
         let order = Checkout::new(format!("order-{n}"), "c", Vec::new(), 100 + n);
         let runtime = if n % 2 == 0 { &a } else { &b };
-        ids.push(runtime.start_saga(&checkout, &order).await.expect("start").id());
+        ids.push(
+            runtime
+                .start_saga(&checkout, &order)
+                .await
+                .expect("start")
+                .id(),
+        );
     }
     // The first process goes away mid-run, without a shutdown: its unacknowledged
     // replies come back (ack wait), its unpublished outbox rows are relayed once their
@@ -361,7 +377,11 @@ async fn text_the_database_cannot_hold_is_dead_lettered_not_redelivered_forever(
         .await
         .expect("start");
     let order = Checkout::new("order-1", "c", Vec::new(), 100);
-    let id = runtime.start_saga(&checkout, &order).await.expect("start").id();
+    let id = runtime
+        .start_saga(&checkout, &order)
+        .await
+        .expect("start")
+        .id();
     let reply = |body: &'static [u8]| {
         let mut h = skald::ports::Headers::new();
         h.insert(wire::H_SAGA_ID, id.to_string());

@@ -16,10 +16,10 @@ use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::ports::{Bus, DeadLetterCategory, Headers, Message, SagaStore};
-use skald_sagas::checkout::{check_consistency, checkout_definition};
-use skald_sagas::sim::{Ledger, MemoryLedger};
 use skald::wire;
 use skald::{Runtime, RuntimeOptions};
+use skald_sagas::checkout::{check_consistency, checkout_definition};
+use skald_sagas::sim::{Ledger, MemoryLedger};
 
 const SAGAS: usize = 2_000;
 const FORGED: usize = 2_000;
@@ -149,7 +149,8 @@ async fn forged_and_oversized_floods_change_nothing_and_memory_stays_bounded() {
             runtime
                 .start_saga(&checkout, &tea_order(&format!("o-{i}")))
                 .await
-                .expect("start").id(),
+                .expect("start")
+                .id(),
         );
         if i % 10 == 0 {
             let batch: Vec<Message> = (i..i + 10)

@@ -84,7 +84,8 @@ async fn broker_killed_and_restarted_under_load_loses_nothing() {
             runtime
                 .start_saga(&checkout, &order)
                 .await
-                .expect("start saga").id(),
+                .expect("start saga")
+                .id(),
         );
     }
     // Kill the broker once some sagas have finished and most are in flight.
@@ -208,7 +209,8 @@ async fn a_participant_down_for_a_while_is_retried_until_it_returns() {
             runtime
                 .start_saga(&checkout, &order)
                 .await
-                .expect("start saga").id(),
+                .expect("start saga")
+                .id(),
         );
     }
     // Wait until every saga has timed out on shipping at least twice (retries with backoff).

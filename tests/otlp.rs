@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use skald_sagas::sim::MemoryLedger;
 use skald::telemetry::{self, LogFormat, OtlpOptions};
 use skald::trace::{TraceContext, span_id_of};
+use skald_sagas::sim::MemoryLedger;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One exported span: the ids and the name.

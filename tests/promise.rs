@@ -28,12 +28,12 @@ use skald::machine::{Command, Input, SagaStatus, Timestamp};
 use skald::participant::{self, Fence, MemoryFence, ParticipantHandle, ParticipantOptions};
 use skald::ports::{Bus, Message, SagaStore};
 use skald::retry::RetryPolicy;
+use skald::wire::{self, IncomingCommand, Outcome};
+use skald::{Runtime, SagaOutcome};
 use skald_sagas::checkout::{
     Checkout, CheckoutTiming, LineItem, check_consistency, checkout_definition, subjects,
 };
 use skald_sagas::sim::{Ledger, MemoryLedger, SimConfig, SimServices};
-use skald::wire::{self, IncomingCommand, Outcome};
-use skald::{Runtime, SagaOutcome};
 use tokio::sync::{mpsc::Receiver, watch};
 
 on_every_backend!(
@@ -203,7 +203,8 @@ impl Env {
         self.runtime
             .start_saga(&self.checkout, &order(n))
             .await
-            .expect("saga starts").id()
+            .expect("saga starts")
+            .id()
     }
 
     fn store(&self) -> &dyn SagaStore {

@@ -15,9 +15,9 @@ use skald::journal::JournalRecord;
 use skald::machine::SagaStatus;
 use skald::participant::serve;
 use skald::retry::RetryPolicy;
-use skald_sagas::checkout::{Checkout, LineItem, subjects};
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeOptions};
+use skald_sagas::checkout::{Checkout, LineItem, subjects};
 
 const RETRIES: u32 = 10_000;
 
@@ -190,7 +190,8 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
         let id = runtime
             .start_saga(&checkout, &order(name))
             .await
-            .expect("start").id();
+            .expect("start")
+            .id();
         wait_status(store.as_ref(), id, want).await;
         old_finished.push(id);
     }
@@ -205,12 +206,14 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
     let old_failed = runtime
         .start_saga(&checkout, &order("broken-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     wait_status(store.as_ref(), old_failed, SagaStatus::Failed).await;
     let old_running = runtime
         .start_saga(&checkout, &order("hang-1"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     wait_until("the hanging saga to wait on shipping", || async {
         let s = store.load(old_running).await.expect("load")?;
         s.state.pending.filter(|p| p.step == 2).map(|_| ())
@@ -243,7 +246,8 @@ async fn retention_deletes_exactly_the_finished_sagas_older_than_the_period() {
     let recent = runtime
         .start_saga(&checkout, &order("ok-3"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     wait_status(store.as_ref(), recent, SagaStatus::Completed).await;
 
     let swept = wait_until("the sweeper to delete the old finished sagas", || async {

@@ -21,10 +21,10 @@ use skald::machine::{SagaStatus, StepError};
 use skald::participant;
 use skald::ports::{Bus, DeadLetterCategory, Headers, Message};
 use skald::retry::RetryPolicy;
-use skald_sagas::checkout::{Checkout, check_consistency, checkout_definition, steps, subjects};
-use skald_sagas::sim::{Ledger, MemoryLedger, SimConfig};
 use skald::wire::{self, Outcome};
 use skald::{Applied, Runtime, RuntimeError};
+use skald_sagas::checkout::{Checkout, check_consistency, checkout_definition, steps, subjects};
+use skald_sagas::sim::{Ledger, MemoryLedger, SimConfig};
 
 on_every_backend!(
     happy_path,
@@ -497,7 +497,8 @@ async fn panicking_handler_is_reactivated_from_the_store(kind: Backend) {
     let id = runtime
         .start_saga(&def, &Counter { n: 1 })
         .await
-        .expect("start saga").id();
+        .expect("start saga")
+        .id();
     let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
         .await
         .expect("settles in time")
@@ -791,7 +792,8 @@ async fn reply_timeouts_retry_per_policy_under_a_controlled_clock() {
     let id = runtime
         .start_saga(&checkout, &order)
         .await
-        .expect("start saga").id();
+        .expect("start saga")
+        .id();
 
     // Each time the clock passes the deadline (or the backoff), one more input is applied.
     let max = timing.retry.max_attempts as usize;

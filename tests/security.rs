@@ -30,10 +30,10 @@ use skald::journal::{JournalRecord, Refused};
 use skald::machine::SagaStatus;
 use skald::participant::ParticipantHandle;
 use skald::ports::{Bus, DeadLetterCategory, DeadLetterRecord, Headers, Message, SagaStore};
-use skald_sagas::checkout::{Checkout, CheckoutTiming, check_consistency, checkout_definition};
-use skald_sagas::sim::{Ledger, MemoryLedger};
 use skald::wire::{OperatorAction, OperatorRequest, encode_operator_request};
 use skald::{Runtime, RuntimeOptions, SagaOutcome};
+use skald_sagas::checkout::{Checkout, CheckoutTiming, check_consistency, checkout_definition};
+use skald_sagas::sim::{Ledger, MemoryLedger};
 use tokio::sync::mpsc::Receiver;
 
 /// Connects `principal` to `server` through skald's own connector.
@@ -717,7 +717,8 @@ impl SecureEnv {
         self.runtime
             .start_saga(&self.checkout, &tea_order(&format!("order-{n}")))
             .await
-            .expect("saga starts").id()
+            .expect("saga starts")
+            .id()
     }
 
     /// Waits until `id` has reserved its stock and waits for the charge.

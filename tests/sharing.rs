@@ -17,10 +17,10 @@ use skald::ids::SagaId;
 use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::{Bus, DeadLetterCategory, SagaStore};
-use skald_sagas::checkout::checkout_definition;
-use skald_sagas::sim::MemoryLedger;
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeOptions};
+use skald_sagas::checkout::checkout_definition;
+use skald_sagas::sim::MemoryLedger;
 
 /// A second saga type, run by another team: one step, one participant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,7 +163,8 @@ async fn two_runtimes_with_different_saga_types_share_one_broker() {
         checkouts.push(
             a.start_saga(&checkout, &tea_order(&format!("o-{i}")))
                 .await
-                .expect("start checkout").id(),
+                .expect("start checkout")
+                .id(),
         );
         let r = Refund {
             order_id: format!("o-{i}"),
@@ -230,7 +231,8 @@ async fn a_rolling_deploy_that_adds_a_type_disturbs_nothing() {
         checkouts.push(
             old.start_saga(&checkout, &tea_order(&format!("o-{i}")))
                 .await
-                .expect("start").id(),
+                .expect("start")
+                .id(),
         );
     }
     wait_until("every checkout to wait on shipping", || {
@@ -268,11 +270,17 @@ async fn a_rolling_deploy_that_adds_a_type_disturbs_nothing() {
             order_id: format!("o-{i}"),
             refund_id: None,
         };
-        more.push(new.start_saga(&refund, &r).await.expect("start refund").id());
+        more.push(
+            new.start_saga(&refund, &r)
+                .await
+                .expect("start refund")
+                .id(),
+        );
         checkouts.push(
             new.start_saga(&checkout, &tea_order(&format!("n-{i}")))
                 .await
-                .expect("start").id(),
+                .expect("start")
+                .id(),
         );
     }
     all_in(&shared, &checkouts, SagaStatus::Completed).await;

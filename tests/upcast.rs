@@ -430,7 +430,8 @@ async fn data_written_by_a_newer_build_is_left_to_it_not_dead_lettered() {
             &json!({ "order": "o-9", "amount": { "cents": 5, "currency": "EUR" } }),
         )
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     shop.wait(id, "waiting on the charge", |s| {
         s.state
             .pending
@@ -476,7 +477,8 @@ async fn a_reply_a_build_cannot_apply_is_deferred_past_max_deliveries_never_pois
             &json!({ "order": "o-7", "amount": { "cents": 5, "currency": "EUR" } }),
         )
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     shop.wait(id, "waiting on the charge", |s| {
         s.state.pending.is_some_and(|p| p.step == 1)
     })

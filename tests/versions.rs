@@ -17,9 +17,9 @@ use skald::machine::SagaStatus;
 use skald::participant::{ParticipantHandle, serve};
 use skald::ports::Bus;
 use skald::retry::RetryPolicy;
-use skald_sagas::checkout::{Checkout, subjects};
 use skald::wire::Outcome;
 use skald::{Runtime, RuntimeError};
+use skald_sagas::checkout::{Checkout, subjects};
 
 /// Patient retries: a step can wait on a closed gate across a restart.
 fn patient() -> RetryPolicy {
@@ -121,7 +121,11 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
 
     // A v1 saga gets stuck retrying its shipping while the first runtime runs.
     let rt = start(&backend, &[&v1]).await.expect("start on v1");
-    let old = rt.start_saga(&v1, &tea_order("old")).await.expect("start").id();
+    let old = rt
+        .start_saga(&v1, &tea_order("old"))
+        .await
+        .expect("start")
+        .id();
     wait_until("the v1 saga to retry its shipping", || async {
         let s = backend.store.load(old).await.expect("load")?;
         s.state
@@ -175,7 +179,8 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
     let new = rt
         .start_saga(&v2, &tea_order("new"))
         .await
-        .expect("start on v2").id();
+        .expect("start on v2")
+        .id();
     gate.store(true, Ordering::SeqCst);
     wait_status(backend.store.as_ref(), old, SagaStatus::Completed).await;
     wait_status(backend.store.as_ref(), new, SagaStatus::Completed).await;
@@ -219,7 +224,8 @@ async fn in_flight_sagas_finish_on_their_version_and_new_ones_start_on_the_lates
     let newer = rt
         .start_saga(&v2, &tea_order("newer"))
         .await
-        .expect("start").id();
+        .expect("start")
+        .id();
     wait_until("the v2 saga to retry its shipping", || async {
         let s = backend.store.load(newer).await.expect("load")?;
         s.state.pending.filter(|p| p.step == 2).map(|_| ())

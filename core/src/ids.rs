@@ -77,7 +77,10 @@ pub fn check_business_key(key: &str) -> Result<(), NameError> {
         return Err(NameError::new(
             "business key",
             &key[..key.floor_char_boundary(64)],
-            format!("must be at most {MAX_BUSINESS_KEY_BYTES} bytes (was {})", key.len()),
+            format!(
+                "must be at most {MAX_BUSINESS_KEY_BYTES} bytes (was {})",
+                key.len()
+            ),
         ));
     }
     if key.chars().any(char::is_control) {

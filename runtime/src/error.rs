@@ -160,7 +160,9 @@ pub enum RuntimeError {
     ConditionUnmet(String),
     /// A saga handle's outcome did not come within the time asked for. The saga runs
     /// on: ask again later.
-    #[error("saga {id} did not settle within {waited:?}; it runs on: ask for its outcome again later")]
+    #[error(
+        "saga {id} did not settle within {waited:?}; it runs on: ask for its outcome again later"
+    )]
     OutcomeTimeout {
         /// The saga.
         id: SagaId,

@@ -235,10 +235,7 @@ where
     /// Loads the saga's state, waiting out a store that is briefly unavailable (a
     /// handle waiting for an outcome outlives a database restart); fails at once for
     /// what waiting cannot mend (an unknown saga, another type).
-    async fn load_patiently(
-        &self,
-        watch: &OutcomeWatch,
-    ) -> Result<SagaState, RuntimeError> {
+    async fn load_patiently(&self, watch: &OutcomeWatch) -> Result<SagaState, RuntimeError> {
         let mut delay = Duration::from_millis(50);
         loop {
             if watch.is_closed() {

@@ -43,10 +43,10 @@ use tracing::{Instrument, debug, info, warn};
 
 pub use builder::{IntoBus, IntoStore, RuntimeBuilder};
 pub use handle::{SagaHandle, SagaView};
-pub use transactional::PreparedStart;
 pub use intake::MAX_REQUEST_TTL;
 pub(crate) use intake::reply_consumer;
 pub use options::RuntimeOptions;
+pub use transactional::PreparedStart;
 
 use crate::actors::{
     Applied, Apply, Lookup, Registry, SagaOutcome, Shared, StatsSnapshot, SweepNow, WakeupSweeper,
@@ -145,9 +145,8 @@ pub(crate) async fn start_or_find(
     data: serde_json::Value,
     keyed: bool,
 ) -> Result<bool, RuntimeError> {
-    let exists = async || -> Result<bool, RuntimeError> {
-        Ok(shared.store.load(id).await?.is_some())
-    };
+    let exists =
+        async || -> Result<bool, RuntimeError> { Ok(shared.store.load(id).await?.is_some()) };
     // The common repeat (a client retrying) is answered from the store, without asking
     // the saga's actor to start it again.
     if keyed && exists().await? {
@@ -157,9 +156,16 @@ pub(crate) async fn start_or_find(
     let span = crate::trace::saga_span(&id, definition.saga_type());
     let mut retried = false;
     loop {
-        let started = deliver(registry, id, Some(state.clone()), Input::Started, None, None)
-            .instrument(span.clone())
-            .await;
+        let started = deliver(
+            registry,
+            id,
+            Some(state.clone()),
+            Input::Started,
+            None,
+            None,
+        )
+        .instrument(span.clone())
+        .await;
         match started {
             Ok(_) => return Ok(false),
             Err(e) if !keyed => return Err(e),
