@@ -317,7 +317,8 @@ pub(crate) struct Arguments {
     )]
     pub(crate) db: String,
     /// NATS, for serve and the commands that send (redrive, cancel): nats://HOST:PORT
-    /// (tls:// for TLS). Authenticate with the flags under "NATS authentication and TLS".
+    /// (tls:// for TLS), or several seed URLs comma-separated (a cluster). Authenticate
+    /// with the flags under "NATS authentication and TLS".
     #[arg(long, global = true, env = "SKALD_NATS")]
     pub(crate) nats: Option<String>,
     #[command(flatten)]
