@@ -527,10 +527,15 @@ async fn operator_requests_are_signed_and_their_refusals_named() {
         path.display().to_string()
     };
     let (alice_seed, mallory_seed) = (seed_file("alice", &alice), seed_file("mallory", &mallory));
+    // The runtime's clock, moved past the expired request's expiry before it is sent: on
+    // loopback a request can be applied within its 1 ms.
+    let clock =
+        skald::ports::ManualClock::new(skald::ports::Clock::now(&skald::ports::SystemClock));
     let rt = Runtime::builder()
         .store(Arc::clone(&backend.store))
         .bus(backend.bus().await)
         .register(&checkout)
+        .clock(Arc::new(clock.clone()))
         .options(RuntimeOptions {
             arbiters: 2,
             wakeup_poll_interval: Duration::from_millis(50),
@@ -579,6 +584,9 @@ async fn operator_requests_are_signed_and_their_refusals_named() {
             "expired",
         ),
     ] {
+        if what == "expired" {
+            clock.advance(Duration::from_secs(60));
+        }
         let (code, out, err) = run(cancel(&extra)).await;
         assert_eq!(code, 6, "{what}: {err}\n{out}");
         assert!(

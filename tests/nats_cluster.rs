@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::{
-    ALL_SERVICES, NatsCluster, NatsServer, TempDir, Wait, await_outcomes, fast_timing, no_script,
-    options, reliable, sqlite_store, start_participants, tea_order, test_reply_keys,
+    ALL_SERVICES, NatsCluster, NatsServer, TempDir, Wait, fast_timing, no_script, options,
+    reliable, sqlite_store, start_participants, tea_order, test_reply_keys,
 };
 use skald::Runtime;
 use skald::adapters::nats::{NatsBus, NatsOptions};
@@ -170,7 +170,32 @@ async fn start(
 
 /// Waits for every saga of `ids` to settle, and asserts it completed.
 async fn completed(outcomes: &mut Receiver<skald::SagaOutcome>, ids: &[SagaId]) {
-    for o in await_outcomes(outcomes, ids).await {
+    completed_within(outcomes, ids, common::DEADLINE).await;
+}
+
+/// Like [`completed`], within `within`: a failover (a missed heartbeat, an election,
+/// acks and replies redelivered) takes longer than a test's usual wait on a loaded
+/// machine.
+async fn completed_within(
+    outcomes: &mut Receiver<skald::SagaOutcome>,
+    ids: &[SagaId],
+    within: Duration,
+) {
+    let mut want: HashSet<SagaId> = ids.iter().copied().collect();
+    let mut got = Vec::new();
+    Wait::new(format!("{} sagas to settle", want.len()))
+        .within(within)
+        .receive(
+            async || outcomes.recv().await,
+            async |outcome| {
+                if want.remove(&outcome.id) {
+                    got.push(outcome);
+                }
+                want.is_empty()
+            },
+        )
+        .await;
+    for o in got {
         assert_eq!(o.status, SagaStatus::Completed, "saga {}: {o:?}", o.id);
     }
 }
@@ -223,7 +248,7 @@ async fn checkout_sagas_complete_while_a_cluster_node_is_down() {
     let while_down = start(&runtime, &checkout, "while-down", 20).await;
     all.extend(in_flight);
     all.extend(while_down);
-    completed(&mut outcomes, &all[20..]).await;
+    completed_within(&mut outcomes, &all[20..], Duration::from_secs(90)).await;
     eprintln!(
         "node {connected} down: 40 sagas settled {:?} after the kill",
         down.elapsed()

@@ -436,7 +436,7 @@ impl NatsBus {
     async fn ensure_streams(&self) -> Result<(), BusError> {
         let o = &self.options.streams;
         for (name, subject) in self.stream_names() {
-            let mut config = stream::Config {
+            let config = stream::Config {
                 name: name.clone(),
                 subjects: vec![subject.to_owned()],
                 storage: match o.storage {
@@ -452,69 +452,94 @@ impl NatsBus {
                 },
                 ..Default::default()
             };
-            if let Ok(mut existing) = self.js.get_stream(&name).await
-                && let Ok(info) = existing.info().await
-            {
-                let have = info.config.num_replicas.max(1);
-                if have > config.num_replicas {
-                    // Never scaled down from here: a process started with the default (a
-                    // participant, the operator CLI) must not take a cluster's streams
-                    // down to one copy. Scaling down is an operator's decision.
-                    info!(
-                        stream = %name,
-                        replicas = have,
-                        asked = config.num_replicas,
-                        "stream has more replicas than asked for: left as it is \
-                         (scale it down with `nats stream edit {name} --replicas N`)"
-                    );
-                    config.num_replicas = have;
-                } else if have < config.num_replicas {
-                    info!(
-                        stream = %name,
-                        from = have,
-                        to = config.num_replicas,
-                        "scaling the stream up"
-                    );
-                }
-                // Already as wanted: only read (a participant's user may read streams,
-                // not create them).
-                if same_stream(&info.config, &config) {
-                    continue;
-                }
-            }
-            self.create_or_update_stream(config).await?;
+            self.ensure_stream(config).await?;
         }
         Ok(())
     }
 
-    /// Creates or updates a stream, retrying what a busy or re-electing cluster answers
-    /// for a moment (several processes starting at once against a fresh server; a
-    /// cluster choosing a new meta leader after losing a node).
-    async fn create_or_update_stream(&self, config: stream::Config) -> Result<(), BusError> {
+    /// Makes stream `config.name` exist as `config` says, never with fewer replicas than
+    /// it has: a process started with the default (a participant, the operator CLI, a
+    /// node without `--nats-replicas`) must not take a cluster's streams down to one
+    /// copy. The stream is read before every write, and written only from a definitive
+    /// read: an update from a failed or stale read could scale it down, so a read that
+    /// fails for a moment (a cluster electing a new meta leader) is tried again, and a
+    /// create that finds the stream made meanwhile by another process reads it again.
+    /// Retries what a busy or re-electing cluster answers for a moment, about 9 s in all.
+    async fn ensure_stream(&self, mut config: stream::Config) -> Result<(), BusError> {
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
         let name = config.name.clone();
-        let replicas = config.num_replicas;
+        let asked = config.num_replicas;
         let mut attempt = 0u32;
+        let fail = |e: String| {
+            let hint = if asked > 1 {
+                format!(
+                    " ({asked} replicas need a JetStream cluster of at least {asked} \
+                     servers, all up)"
+                )
+            } else {
+                String::new()
+            };
+            BusError::Other(format!("creating or updating stream {name}: {e}{hint}"))
+        };
         loop {
             attempt += 1;
-            match self.js.create_or_update_stream(config.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(e) if attempt < 10 && transient_stream_error(&e.to_string()) => {
+            let retry = |e: &str| attempt < 10 && transient_stream_error(e);
+            let written = match self.js.get_stream(&name).await {
+                Ok(existing) => {
+                    let info = existing.cached_info();
+                    let have = info.config.num_replicas.max(1);
+                    config.num_replicas = have.max(asked);
+                    if have > asked {
+                        info!(
+                            stream = %name,
+                            replicas = have,
+                            asked,
+                            "stream has more replicas than asked for: left as it is \
+                             (scale it down with `nats stream edit {name} --replicas N`)"
+                        );
+                    } else if have < asked {
+                        info!(stream = %name, from = have, to = asked, "scaling the stream up");
+                    }
+                    // Already as wanted: only read (a participant's user may read
+                    // streams, not create them).
+                    if same_stream(&info.config, &config) {
+                        return Ok(());
+                    }
+                    self.js
+                        .update_stream(config.clone())
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                }
+                Err(e)
+                    if matches!(e.kind(), GetStreamErrorKind::JetStream(ref js)
+                        if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    match self.js.create_stream(config.clone()).await {
+                        Ok(_) => return Ok(()),
+                        // Made meanwhile by another process: read it again.
+                        Err(e)
+                            if matches!(e.kind(), CreateStreamErrorKind::JetStream(ref js)
+                                if js.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
+                        {
+                            if attempt < 10 {
+                                continue;
+                            }
+                            Err(e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(e) if retry(&e) => {
                     warn!(stream = %name, error = %e, attempt, "stream request failed for now; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
-                Err(e) => {
-                    let hint = if replicas > 1 {
-                        format!(
-                            " ({replicas} replicas need a JetStream cluster of at least \
-                             {replicas} servers, all up)"
-                        )
-                    } else {
-                        String::new()
-                    };
-                    return Err(BusError::Other(format!(
-                        "creating or updating stream {name}: {e}{hint}"
-                    )));
-                }
+                Err(e) => return Err(fail(e)),
             }
         }
     }
@@ -914,7 +939,12 @@ async fn pump(
                         failures += 1;
                         warn!(consumer = %name, error = %e, attempt = failures, "consumer stream error; pulling again");
                     }
-                    None => warn!(consumer = %name, "consumer stream ended; re-creating"),
+                    // Backs off like an error: a stream that keeps ending at once must
+                    // not spin.
+                    None => {
+                        failures += 1;
+                        warn!(consumer = %name, attempt = failures, "consumer stream ended; re-creating");
+                    }
                 }
             }
             Err(e) => {

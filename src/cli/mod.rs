@@ -221,7 +221,11 @@ impl Cli {
                 return ExitCode::from(ExitStatus::Failure as u8);
             }
         };
-        match runtime.block_on(commands::run(&self, args)) {
+        let result = runtime.block_on(commands::run(&self, args));
+        // Bounded: a task stuck past a command's end (an actor thread that would not
+        // join after serve's grace) must not hold the process.
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        match result {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS
@@ -479,6 +483,15 @@ pub(crate) struct ServeArgs {
     /// default: fail at once).
     #[arg(long, default_value_t = 0, value_name = "S")]
     pub(crate) nats_wait_secs: u64,
+    /// Copies of each skald stream on a NATS cluster (1 to 5). A stream with fewer is
+    /// scaled up; one with more is never scaled down from here.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        env = "SKALD_NATS_REPLICAS"
+    )]
+    pub(crate) nats_replicas: usize,
 }
 
 #[derive(Debug, Args)]

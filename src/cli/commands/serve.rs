@@ -56,7 +56,7 @@ pub(crate) async fn serve(
         ));
     }
     let _telemetry = init_logs(&args)?;
-    // Before anything slow: a signal during start-up stops the node once it is up.
+    // Before anything slow: a signal stops the node, even during start-up.
     let stop = stop_signal().map_err(|e| {
         CliError::new(
             ExitStatus::Failure,
@@ -71,30 +71,43 @@ pub(crate) async fn serve(
         None => None,
     };
 
-    let store = open_migrated(db).await?;
-    let options = NatsOptions {
-        name: "skald-serve".into(),
-        ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
-        wait_for_server: (args.nats_wait_secs > 0)
-            .then(|| Duration::from_secs(args.nats_wait_secs)),
-        ..NatsOptions::new(nats)
-    };
-    let bus = auth.connect(options).await.map_err(|e| match e {
-        NatsArgsError::Invalid(m) => usage(m),
-        e => broker(format!("cannot reach NATS: {e}")),
-    })?;
+    // A signal during start-up (a broker not up yet, a cluster electing) stops it there.
+    let mut stop = std::pin::pin!(stop);
+    let up = async {
+        let store = open_migrated(db).await?;
+        let options = NatsOptions {
+            name: "skald-serve".into(),
+            ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
+            wait_for_server: (args.nats_wait_secs > 0)
+                .then(|| Duration::from_secs(args.nats_wait_secs)),
+            ..NatsOptions::new(nats)
+        }
+        .replicas(args.nats_replicas);
+        let bus = auth.connect(options).await.map_err(|e| match e {
+            NatsArgsError::Invalid(m) => usage(m),
+            e => broker(format!("cannot reach NATS: {e}")),
+        })?;
 
-    let options = RuntimeOptions {
-        reply_group: args.reply_group.clone(),
-        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
-        ..RuntimeOptions::default()
+        let options = RuntimeOptions {
+            reply_group: args.reply_group.clone(),
+            idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+            ..RuntimeOptions::default()
+        };
+        let builder = Runtime::builder().store(store).bus(bus).options(options);
+        let runtime = cli
+            .register_with(builder)
+            .start()
+            .await
+            .map_err(|e| start_error(e, db, nats))?;
+        Ok::<_, CliError>(runtime)
     };
-    let builder = Runtime::builder().store(store).bus(bus).options(options);
-    let runtime = cli
-        .register_with(builder)
-        .start()
-        .await
-        .map_err(|e| start_error(e, db, nats))?;
+    let runtime = tokio::select! {
+        runtime = up => runtime?,
+        signal = &mut stop => {
+            eprintln!("skald serve: {signal} during start-up: stopped");
+            return Ok(String::new());
+        }
+    };
 
     let metrics_line = metrics
         .as_ref()
@@ -108,13 +121,26 @@ pub(crate) async fn serve(
     );
 
     let failed = tokio::select! {
-        signal = stop => {
-            eprintln!("skald serve: {signal}: stopping");
+        signal = &mut stop => {
+            eprintln!("skald serve: {signal}: stopping (a second signal stops at once)");
             None
         }
         fatal = runtime.failed() => Some(fatal),
     };
-    let stopped = tokio::time::timeout(SHUTDOWN_GRACE, runtime.shutdown()).await;
+    // A second signal cuts the graceful shutdown short.
+    let again = stop_signal().map_err(|e| {
+        CliError::new(
+            ExitStatus::Failure,
+            format!("cannot listen for SIGINT and SIGTERM: {e}"),
+        )
+    })?;
+    let stopped = tokio::select! {
+        stopped = tokio::time::timeout(SHUTDOWN_GRACE, runtime.shutdown()) => stopped.is_ok(),
+        signal = again => {
+            eprintln!("skald serve: {signal} again: stopped without finishing the shutdown");
+            false
+        }
+    };
     if let Some(fatal) = failed {
         return Err(CliError::new(
             ExitStatus::Database,
@@ -124,11 +150,12 @@ pub(crate) async fn serve(
             ),
         ));
     }
-    if stopped.is_err() {
+    if !stopped {
         return Err(CliError::new(
             ExitStatus::Failure,
             format!(
-                "the runtime did not shut down within {}s",
+                "the runtime did not shut down (grace {}s); committed state is kept, \
+                 unfinished sagas continue on the other nodes",
                 SHUTDOWN_GRACE.as_secs()
             ),
         ));
