@@ -113,7 +113,13 @@ impl DataError {
 }
 
 type BuildFn = Arc<dyn Fn(&Value) -> Result<Value, DataError> + Send + Sync>;
-type ReadDataFn = fn(DataInput<'_>) -> Result<Value, DataError>;
+/// The data decoded as the data type and encoded again; for JSON text, also the paths of
+/// the input fields decoding ignored (written as [`ReadData::lost_fields`] writes them;
+/// at most [`MAX_IGNORED`]).
+type ReadDataFn = fn(DataInput<'_>) -> Result<(Value, Vec<String>), DataError>;
+
+/// The most ignored input paths [`Definition::read_data_json`] keeps track of.
+const MAX_IGNORED: usize = 256;
 
 /// What [`Definition::read_data`] and [`Definition::read_data_json`] read.
 #[derive(Clone, Copy)]
@@ -239,22 +245,58 @@ impl fmt::Debug for Definition {
     }
 }
 
-/// `data` decoded as `D` and encoded again.
-fn read_data<D: Serialize + DeserializeOwned>(data: DataInput<'_>) -> Result<Value, DataError> {
+/// `data` decoded as `D` and encoded again, with the input paths decoding ignored (JSON
+/// text only).
+fn read_data<D: Serialize + DeserializeOwned>(
+    data: DataInput<'_>,
+) -> Result<(Value, Vec<String>), DataError> {
+    let mut ignored = Vec::new();
     let typed: D = match data {
         DataInput::Value(v) => {
             D::deserialize(v).map_err(|e| DataError::new("decoding saga data", e))?
         }
-        DataInput::Json(text) => serde_json::from_str(text).map_err(|e| {
-            // serde's reason without the position in `text` (which is not the whole
-            // message the client sent): the same reason as from a `Value`.
-            let position = format!(" at line {} column {}", e.line(), e.column());
-            let reason = e.to_string();
-            let reason = reason.strip_suffix(&position).unwrap_or(&reason);
-            DataError::new("decoding saga data", reason)
-        })?,
+        DataInput::Json(text) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            serde_ignored::deserialize(&mut de, |path| {
+                if ignored.len() < MAX_IGNORED {
+                    ignored.push(ignored_path(&path));
+                }
+            })
+            .and_then(|typed| de.end().map(|()| typed))
+            .map_err(|e| {
+                // serde's reason without the position in `text` (which is not the whole
+                // message the client sent): the same reason as from a `Value`.
+                let position = format!(" at line {} column {}", e.line(), e.column());
+                let reason = e.to_string();
+                let reason = reason.strip_suffix(&position).unwrap_or(&reason);
+                DataError::new("decoding saga data", reason)
+            })?
+        }
     };
-    serde_json::to_value(&typed).map_err(|e| DataError::new("encoding saga data", e))
+    let value =
+        serde_json::to_value(&typed).map_err(|e| DataError::new("encoding saga data", e))?;
+    Ok((value, ignored))
+}
+
+/// A path decoding ignored, written as [`ReadData::lost_fields`] writes paths
+/// (`items[0].colour`).
+fn ignored_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = ignored_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
+    }
 }
 
 /// Saga data read from JSON text ([`Definition::read_data_json`]).
@@ -263,10 +305,10 @@ pub struct ReadData {
     /// The data as a saga started with it stores it (decoded as the data type and
     /// encoded again).
     pub data: Value,
-    /// Fields of the input that [`ReadData::data`] no longer has, but those whose value is
-    /// empty (`null`, `[]`, `{}`: what a data type skipping empty values leaves out): fields the data type does not know (a client writing for a newer
-    /// version of it, during a rolling deploy), which decoding ignored. Paths from the
-    /// top of the data (`gift_wrap`, `items[0].colour`), each at most
+    /// Fields of the input that decoding ignored and [`ReadData::data`] does not have,
+    /// but those whose value is empty (`null`, `[]`, `{}`): fields the data type does
+    /// not know (a client writing for a newer version of it, during a rolling deploy).
+    /// Paths from the top of the data (`gift_wrap`, `items[0].colour`), each at most
     /// [`MAX_LOST_FIELD_BYTES`] bytes; at most [`MAX_LOST_FIELDS`] of them.
     pub lost_fields: Vec<String>,
 }
@@ -280,10 +322,11 @@ pub const MAX_LOST_FIELD_BYTES: usize = 128;
 /// `{}`) that `kept` does not have at the same place: compared object by object and array element by array
 /// element, as far as both have the same shape. Read as a stream: nothing of `input` is
 /// held but the path being walked.
-fn lost_fields(input: &str, kept: &Value) -> Vec<String> {
+fn lost_fields(input: &str, kept: &Value, ignored: &[String]) -> Vec<String> {
     let mut walk = Walk {
         path: String::new(),
         lost: Vec::new(),
+        ignored,
     };
     let mut de = serde_json::Deserializer::from_str(input);
     // `input` was decoded already: an error here (none is expected) only ends the walk.
@@ -297,13 +340,16 @@ fn lost_fields(input: &str, kept: &Value) -> Vec<String> {
     walk.lost
 }
 
-struct Walk {
+struct Walk<'i> {
     /// The path of the node being read (`items[0].colour`).
     path: String,
     lost: Vec<String>,
+    /// The paths decoding ignored: only those are lost. A field the encoding leaves
+    /// out but decoding read (`skip_serializing_if`, an `alias`) is not.
+    ignored: &'i [String],
 }
 
-impl Walk {
+impl Walk<'_> {
     fn lose(&mut self, key: &str) {
         if self.lost.len() >= MAX_LOST_FIELDS {
             return;
@@ -313,6 +359,9 @@ impl Walk {
             path.push('.');
         }
         path.push_str(key);
+        if !self.ignored.contains(&path) {
+            return;
+        }
         self.lost
             .push(crate::text::cap(&path, MAX_LOST_FIELD_BYTES).to_owned());
     }
@@ -320,12 +369,12 @@ impl Walk {
 
 /// One value of the input, compared with `kept` (`None`: nothing to compare with).
 /// Yields whether it was empty: `null`, `[]` or `{}`.
-struct Node<'a, 'w> {
+struct Node<'a, 'w, 'i> {
     kept: Option<&'a Value>,
-    walk: &'w mut Walk,
+    walk: &'w mut Walk<'i>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Node<'_, '_> {
+impl<'de> serde::de::DeserializeSeed<'de> for Node<'_, '_, '_> {
     type Value = bool;
 
     fn deserialize<De: serde::Deserializer<'de>>(self, de: De) -> Result<bool, De::Error> {
@@ -333,7 +382,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for Node<'_, '_> {
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for Node<'_, '_> {
+impl<'de> serde::de::Visitor<'de> for Node<'_, '_, '_> {
     type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -471,18 +520,18 @@ impl Definition {
     /// assert!(err.to_string().starts_with("decoding saga data: invalid type"), "{err}");
     /// ```
     pub fn read_data(&self, data: &Value) -> Result<Value, DataError> {
-        (self.read_data)(DataInput::Value(data))
+        (self.read_data)(DataInput::Value(data)).map(|(data, _)| data)
     }
 
     /// [`Definition::read_data`] of JSON text, decoded straight from the text (no
     /// `Value` of the input is built: memory stays in proportion to the text), and the
     /// fields of the input the data type does not know ([`ReadData::lost_fields`]): a
     /// start written for a newer version of the data type, landing on an older build,
-    /// would otherwise lose them without a word. A field whose value is empty (`null`,
-    /// `[]`, `{}`) is never counted lost (it reads as absent, or as a data type skipping
-    /// empty values writes it). A field the data type reads under another name (a serde
-    /// `alias`) or skips writing (`skip_serializing`, or `skip_serializing_if` on a
-    /// value that is not empty) is counted lost: such a data type gets false reports.
+    /// would otherwise lose them without a word. Lost means what decoding ignored (the
+    /// deserializer itself reports it): a field the data type reads under another name
+    /// (a serde `alias`) or reads and skips writing (`skip_serializing_if`) is not lost.
+    /// A field whose value is empty (`null`, `[]`, `{}`) is never counted lost either
+    /// (it reads as absent).
     ///
     /// # Examples
     ///
@@ -501,8 +550,12 @@ impl Definition {
     /// assert_eq!(read.lost_fields, ["gift"]);
     /// ```
     pub fn read_data_json(&self, json: &str) -> Result<ReadData, DataError> {
-        let data = (self.read_data)(DataInput::Json(json))?;
-        let lost_fields = lost_fields(json, &data);
+        let (data, ignored) = (self.read_data)(DataInput::Json(json))?;
+        let lost_fields = if ignored.is_empty() {
+            Vec::new()
+        } else {
+            lost_fields(json, &data, &ignored)
+        };
         Ok(ReadData { data, lost_fields })
     }
 }
@@ -1140,6 +1193,34 @@ mod tests {
             ))
             .expect("an Order");
         assert_eq!(read.lost_fields.len(), MAX_LOST_FIELDS);
+    }
+
+    #[test]
+    fn fields_read_but_not_written_back_are_not_lost() {
+        // What decoding read is not lost, though the encoding leaves it out or writes it
+        // under another name: only what decoding ignored is.
+        #[derive(Serialize, Deserialize)]
+        struct Order {
+            n: u32,
+            #[serde(default, skip_serializing_if = "String::is_empty")]
+            note: String,
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            urgent: bool,
+            #[serde(default, alias = "customer_id")]
+            customer: String,
+        }
+        let def = SagaDefinition::<Order>::builder("order", 1)
+            .step(Step::new("a").action("skald.cmd.svc.a", |o: &Order| o.n))
+            .build()
+            .expect("valid");
+        let read = def
+            .definition()
+            .read_data_json(
+                r#"{"n": 1, "note": "", "urgent": false, "customer_id": "c-7", "gift": "yes"}"#,
+            )
+            .expect("an Order");
+        assert_eq!(read.lost_fields, ["gift"]);
+        assert_eq!(read.data["customer"], "c-7");
     }
 
     #[test]
