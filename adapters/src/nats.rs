@@ -292,17 +292,7 @@ impl NatsBus {
                     .into(),
             ));
         }
-        let dial = dial
-            .iter()
-            .map(|u| {
-                u.parse::<async_nats::ServerAddr>().map_err(|e| {
-                    BusError::Other(format!(
-                        "NATS server URL {} (in {url}): {e}",
-                        crate::redact_url(u)
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let dial = server_addrs(&dial, &url)?;
         let replicas = options.streams.replicas;
         if !(1..=MAX_REPLICAS).contains(&replicas) {
             return Err(BusError::Other(format!(
@@ -325,41 +315,7 @@ impl NatsBus {
                 let ms = 100u64.saturating_mul(1 << attempts.min(6)).min(5_000);
                 Duration::from_millis(ms)
             });
-        if let Some(creds) = &options.credentials_file {
-            connect = connect.credentials_file(creds).await.map_err(|e| {
-                BusError::Other(format!("reading NATS credentials {}: {e}", creds.display()))
-            })?;
-        }
-        if let Some(seed) = &options.nkey_seed {
-            connect = connect.nkey(seed.clone());
-        }
-        if let Some((user, password)) = &options.user_password {
-            connect = connect.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &options.token {
-            connect = connect.token(token.clone());
-        }
-        if options.user_password.is_none() && options.token.is_none() {
-            match in_url {
-                Some(UrlCredential::UserPassword(user, password)) => {
-                    connect = connect.user_and_password(user, password);
-                }
-                Some(UrlCredential::Token(token)) => connect = connect.token(token),
-                None => {}
-            }
-        }
-        if options.require_tls {
-            connect = connect.require_tls(true);
-        }
-        if let Some(roots) = &options.root_certificates {
-            connect = connect.add_root_certificates(roots.clone());
-        }
-        if let Some((cert, key)) = &options.client_certificate {
-            connect = connect.add_client_certificate(cert.clone(), key.clone());
-        }
-        if let Some(prefix) = &options.inbox_prefix {
-            connect = connect.custom_inbox_prefix(prefix.as_str());
-        }
+        connect = with_credentials(connect, &options, in_url).await?;
         let client = match options.wait_for_server {
             None => connect.connect(dial.clone()).await.map_err(|e| {
                 BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}"))
@@ -548,6 +504,67 @@ impl NatsBus {
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
+}
+
+/// The seed URLs (credentials taken out) as addresses to dial; `url` is the redacted
+/// list, for the error. The bus's connection and the served requests' share it.
+fn server_addrs(dial: &[String], url: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    dial.iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                BusError::Other(format!(
+                    "NATS server URL {} (in {url}): {e}",
+                    crate::redact_url(u)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `connect` with the credentials, TLS and inbox prefix of `options` (credentials
+/// written in the URL, `in_url`, when no user or token is configured): one setup for
+/// the bus's connection and the served requests', so the two never drift apart.
+async fn with_credentials(
+    mut connect: async_nats::ConnectOptions,
+    options: &NatsOptions,
+    in_url: Option<UrlCredential>,
+) -> Result<async_nats::ConnectOptions, BusError> {
+    if let Some(creds) = &options.credentials_file {
+        connect = connect.credentials_file(creds).await.map_err(|e| {
+            BusError::Other(format!("reading NATS credentials {}: {e}", creds.display()))
+        })?;
+    }
+    if let Some(seed) = &options.nkey_seed {
+        connect = connect.nkey(seed.clone());
+    }
+    if let Some((user, password)) = &options.user_password {
+        connect = connect.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &options.token {
+        connect = connect.token(token.clone());
+    }
+    if options.user_password.is_none() && options.token.is_none() {
+        match in_url {
+            Some(UrlCredential::UserPassword(user, password)) => {
+                connect = connect.user_and_password(user, password);
+            }
+            Some(UrlCredential::Token(token)) => connect = connect.token(token),
+            None => {}
+        }
+    }
+    if options.require_tls {
+        connect = connect.require_tls(true);
+    }
+    if let Some(roots) = &options.root_certificates {
+        connect = connect.add_root_certificates(roots.clone());
+    }
+    if let Some((cert, key)) = &options.client_certificate {
+        connect = connect.add_client_certificate(cert.clone(), key.clone());
+    }
+    if let Some(prefix) = &options.inbox_prefix {
+        connect = connect.custom_inbox_prefix(prefix.as_str());
+    }
+    Ok(connect)
 }
 
 /// Credentials written in a server URL.
@@ -970,17 +987,7 @@ async fn serving_connection(
 ) -> Result<async_nats::Client, BusError> {
     let (dial, in_url) = split_credentials(&options.url);
     let url = crate::redact_url(&options.url);
-    let dial = dial
-        .iter()
-        .map(|u| {
-            u.parse::<async_nats::ServerAddr>().map_err(|e| {
-                BusError::Other(format!(
-                    "NATS server URL {} (in {url}): {e}",
-                    crate::redact_url(u)
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let dial = server_addrs(&dial, &url)?;
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("{}-requests", options.name))
         .connection_timeout(options.connect_timeout)
@@ -1015,41 +1022,7 @@ async fn serving_connection(
             let ms = 100u64.saturating_mul(1 << attempts.min(6)).min(5_000);
             Duration::from_millis(ms)
         });
-    if let Some(creds) = &options.credentials_file {
-        connect = connect.credentials_file(creds).await.map_err(|e| {
-            BusError::Other(format!("reading NATS credentials {}: {e}", creds.display()))
-        })?;
-    }
-    if let Some(seed) = &options.nkey_seed {
-        connect = connect.nkey(seed.clone());
-    }
-    if let Some((user, password)) = &options.user_password {
-        connect = connect.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &options.token {
-        connect = connect.token(token.clone());
-    }
-    if options.user_password.is_none() && options.token.is_none() {
-        match in_url {
-            Some(UrlCredential::UserPassword(user, password)) => {
-                connect = connect.user_and_password(user, password);
-            }
-            Some(UrlCredential::Token(token)) => connect = connect.token(token),
-            None => {}
-        }
-    }
-    if options.require_tls {
-        connect = connect.require_tls(true);
-    }
-    if let Some(roots) = &options.root_certificates {
-        connect = connect.add_root_certificates(roots.clone());
-    }
-    if let Some((cert, key)) = &options.client_certificate {
-        connect = connect.add_client_certificate(cert.clone(), key.clone());
-    }
-    if let Some(prefix) = &options.inbox_prefix {
-        connect = connect.custom_inbox_prefix(prefix.as_str());
-    }
+    connect = with_credentials(connect, options, in_url).await?;
     connect.connect(dial).await.map_err(|e| {
         BusError::Unavailable(format!(
             "cannot connect to NATS at {url} (the connection of served requests): {e}"
