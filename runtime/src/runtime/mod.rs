@@ -134,9 +134,10 @@ async fn deliver(
 }
 
 /// Starts saga `id` of `definition` with `data` (already encoded as its data), or, for a
-/// `keyed` id ([`SagaId::for_key`]), finds it started before. Returns whether it existed.
-/// The one start path of keyed starts, in Rust ([`Runtime::start_saga_keyed`]) and over
-/// the bus (`start_requests`).
+/// `keyed` id ([`SagaId::for_key`]), finds it started meanwhile by another start of the
+/// key. Returns whether it existed. The one start path of keyed starts, in Rust
+/// ([`Runtime::start_saga_keyed`]) and over the bus (`start_requests`); each caller
+/// answers the common repeat (a client retrying) from the store before calling it.
 pub(crate) async fn start_or_find(
     shared: &Shared,
     registry: &Addr<Registry>,
@@ -147,11 +148,6 @@ pub(crate) async fn start_or_find(
 ) -> Result<bool, RuntimeError> {
     let exists =
         async || -> Result<bool, RuntimeError> { Ok(shared.store.load(id).await?.is_some()) };
-    // The common repeat (a client retrying) is answered from the store, without asking
-    // the saga's actor to start it again.
-    if keyed && exists().await? {
-        return Ok(true);
-    }
     let state = SagaState::new(id, definition, data, shared.clock.now());
     let span = crate::trace::saga_span(&id, definition.saga_type());
     let mut retried = false;
@@ -228,6 +224,11 @@ impl Runtime {
         let def = definition.definition();
         let id = SagaId::for_key(def.saga_type(), key).map_err(RuntimeError::InvalidKey)?;
         self.initial_state(id, definition, data)?;
+        // The common repeat (a client retrying) is answered from the store, without
+        // asking the saga's actor to start it again.
+        if self.load(id).await?.is_some() {
+            return Ok(self.handle(id, true, definition));
+        }
         let existing = start_or_find(
             &self.shared,
             &self.registry,

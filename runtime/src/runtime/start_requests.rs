@@ -437,9 +437,6 @@ async fn start(
         .read_data_json(request.data.get())
         .map_err(|e| StartRefusal::new(wire::START_INVALID_DATA, e.to_string()))?;
     drop(request);
-    if !read.lost_fields.is_empty() {
-        return Err(version_skew(&definition, &read.lost_fields));
-    }
     tracing::Span::current().record("saga.id", tracing::field::display(id));
     // The common repeat (a client retrying) is answered from the store.
     if keyed {
@@ -457,6 +454,11 @@ async fn start(
                 return Err(unavailable());
             }
         }
+    }
+    // After the lookup: a keyed retry of a saga a newer node started is answered
+    // `existing`, not refused for fields this node does not know.
+    if !read.lost_fields.is_empty() {
+        return Err(version_skew(&definition, &read.lost_fields));
     }
     let waited = received.elapsed();
     if waited > shared.options.max_start_wait {
