@@ -728,6 +728,7 @@ async fn seeded_store(dir: &TempDir) -> (String, SagaId) {
     let snapshot = JournalEntry::new(Timestamp(t0 + 10_000), &snapshot(&state, "compacted"));
     let write = SagaWrite {
         id,
+        partition: id.partition(16),
         expected_version: 0,
         state: Some(state),
         journal: vec![first.expect("the start"), snapshot],
@@ -1088,6 +1089,7 @@ async fn sagas_are_listed_by_creation_time_with_keyed_ones_among_them() {
         let (state, _) = transition(d, &fresh, &Input::Started, at).expect("start");
         let write = SagaWrite {
             id: *id,
+            partition: id.partition(16),
             expected_version: 0,
             state: Some(state),
             journal: Vec::new(),

@@ -629,18 +629,22 @@ impl skald::ports::SagaStore for FlakyStore {
         &self,
         now: skald::machine::Timestamp,
         types: &[(skald::ids::SagaType, u32)],
+        partitions: Option<&[u32]>,
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
-        self.inner.claim_wakeups(now, types, limit, lease).await
+        self.inner
+            .claim_wakeups(now, types, partitions, limit, lease)
+            .await
     }
     async fn claim_outbox(
         &self,
         now: skald::machine::Timestamp,
+        partitions: Option<&[u32]>,
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<skald::ports::OutboxMessage>, skald::ports::StoreError> {
-        self.inner.claim_outbox(now, lease, limit).await
+        self.inner.claim_outbox(now, partitions, lease, limit).await
     }
     async fn prune_inbox(
         &self,
@@ -674,6 +678,29 @@ impl skald::ports::SagaStore for FlakyStore {
         lease: Duration,
     ) -> Result<bool, skald::ports::StoreError> {
         self.inner.acquire_lease(name, holder, now, lease).await
+    }
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        now: skald::machine::Timestamp,
+        lease: Duration,
+    ) -> Result<Vec<String>, skald::ports::StoreError> {
+        self.inner.acquire_leases(names, holder, now, lease).await
+    }
+    async fn release_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+    ) -> Result<(), skald::ports::StoreError> {
+        self.inner.release_leases(names, holder).await
+    }
+    async fn leases(
+        &self,
+        prefix: &str,
+        now: skald::machine::Timestamp,
+    ) -> Result<Vec<skald::ports::Lease>, skald::ports::StoreError> {
+        self.inner.leases(prefix, now).await
     }
     async fn purge_finished(
         &self,

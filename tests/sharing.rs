@@ -1,7 +1,8 @@
 //! Runtimes that share a broker: teams that run different saga types on one NATS, and a
 //! rolling deploy that adds a saga type. Each runtime reads the replies of its own types
-//! through a consumer of its own (`skald-orchestrator-<type>`), so neither rewrites the
-//! other's consumer, and a reply of a type a process does not run never reaches it.
+//! through consumers of its own (`skald-orchestrator-<type>` for partition 0,
+//! `skald-orchestrator-<type>-p<n>` for partition n), so neither rewrites the other's
+//! consumers, and a reply of a type a process does not run never reaches it.
 
 #[macro_use]
 mod common;
@@ -182,13 +183,19 @@ async fn two_runtimes_with_different_saga_types_share_one_broker() {
     assert_eq!(one.state.data["refund_id"], "rf-o-0");
     no_poison(&store_a).await;
     no_poison(&store_b).await;
+    // One consumer per type and partition: partition 0's keeps the name every type's
+    // replies were read with before partitions.
     assert_eq!(
         consumer_filters(&bus_a, "skald-orchestrator-checkout").await,
-        vec!["skald.reply.*.checkout.>".to_owned()]
+        vec!["skald.reply.*.checkout.0".to_owned()]
     );
     assert_eq!(
-        consumer_filters(&bus_b, "skald-orchestrator-refund").await,
-        vec!["skald.reply.*.refund.>".to_owned()]
+        consumer_filters(&bus_a, "skald-orchestrator-checkout-p15").await,
+        vec!["skald.reply.*.checkout.15".to_owned()]
+    );
+    assert_eq!(
+        consumer_filters(&bus_b, "skald-orchestrator-refund-p7").await,
+        vec!["skald.reply.*.refund.7".to_owned()]
     );
     drop((participants, refunds));
     a.shutdown().await;

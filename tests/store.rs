@@ -3,7 +3,9 @@
 //! the types a runtime can run, the outbox (leases, claims, deletion once published)
 //! and the inbox (a message applied once is refused after), paging of active sagas,
 //! dead letters and their resolution; keyed sagas (version-8 ids) among unkeyed ones:
-//! never purged, listed newest first by creation time, paged once each.
+//! never purged, listed newest first by creation time, paged once each; claims limited
+//! to partitions (rows of no partition, written before partitions existed, claimed by
+//! everyone), sets of leases, and the partitions migration over existing rows.
 
 mod common;
 
@@ -66,6 +68,7 @@ fn started_as(def: &SagaDefinition<Data>, id: SagaId, t0: u64) -> SagaState {
 fn write(state: &SagaState, expected: u64, journal: &str) -> SagaWrite {
     SagaWrite {
         id: state.id,
+        partition: state.id.partition(16),
         expected_version: expected,
         state: Some(state.clone()),
         journal: vec![entry(state.updated_at.0, journal)],
@@ -145,6 +148,7 @@ async fn contract_on(store: &dyn SagaStore) {
     // A journal-only write (an ignored input) is valid only on the version it read.
     let ignored = |expected| SagaWrite {
         id: s1.id,
+        partition: s1.id.partition(16),
         expected_version: expected,
         state: None,
         journal: vec![entry(3_000, "ignored")],
@@ -192,7 +196,7 @@ async fn contract_on(store: &dyn SagaStore) {
         .expect("commit");
     let alpha1 = [(SagaType::new("alpha").expect("name"), 1)];
     let claim = |now: u64, types: &'static [(SagaType, u32)]| {
-        store.claim_wakeups(Timestamp(now), types, 10, LEASE)
+        store.claim_wakeups(Timestamp(now), types, None, 10, LEASE)
     };
     let alpha1: &'static [(SagaType, u32)] = Box::leak(Box::new(alpha1));
     assert_eq!(
@@ -314,14 +318,14 @@ async fn outbox_and_inbox(store: &dyn SagaStore) {
     assert!(oldest.is_some());
     assert!(
         store
-            .claim_outbox(Timestamp(5_999), LEASE, 10)
+            .claim_outbox(Timestamp(5_999), None, LEASE, 10)
             .await
             .expect("claim")
             .is_empty(),
         "the writer's lease holds"
     );
     let claimed = store
-        .claim_outbox(Timestamp(6_000), LEASE, 10)
+        .claim_outbox(Timestamp(6_000), None, LEASE, 10)
         .await
         .expect("claim");
     assert_eq!(
@@ -332,14 +336,14 @@ async fn outbox_and_inbox(store: &dyn SagaStore) {
     assert_eq!(claimed[0].message, w.outbox[0].message, "stored as written");
     assert!(
         store
-            .claim_outbox(Timestamp(6_000), LEASE, 10)
+            .claim_outbox(Timestamp(6_000), None, LEASE, 10)
             .await
             .expect("claim")
             .is_empty(),
         "claimed rows are not handed out twice"
     );
     let again = store
-        .claim_outbox(Timestamp(6_000 + 3_600_000), LEASE, 1)
+        .claim_outbox(Timestamp(6_000 + 3_600_000), None, LEASE, 1)
         .await
         .expect("claim");
     assert_eq!(
@@ -384,7 +388,7 @@ async fn outbox_and_inbox(store: &dyn SagaStore) {
     assert_eq!(store.outbox_backlog().await.expect("backlog").0, 0);
     assert!(
         store
-            .claim_outbox(Timestamp(u64::MAX / 4), LEASE, 10)
+            .claim_outbox(Timestamp(u64::MAX / 4), None, LEASE, 10)
             .await
             .expect("claim")
             .is_empty()
@@ -409,7 +413,7 @@ async fn outbox_and_inbox(store: &dyn SagaStore) {
         .await
         .expect("poison");
     let claimed = store
-        .claim_outbox(Timestamp(8_000), LEASE, 10)
+        .claim_outbox(Timestamp(8_000), None, LEASE, 10)
         .await
         .expect("claim");
     assert_eq!(subjects(&claimed), ["skald.dlq.unknown"]);
@@ -1349,4 +1353,643 @@ async fn listings_with_keyed_sagas_are_newest_first_by_creation_on_every_store()
         .await
         .expect("postgres");
     keyed_listings(&pg).await;
+}
+
+/// The raw rows of a SQL store, for what the `SagaStore` contract cannot show: a saga
+/// or outbox row as written before partitions existed (`partition_no` NULL), and the
+/// partitions as stored.
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    Sqlite(&'a sqlx::sqlite::SqlitePool),
+    Postgres(&'a sqlx::postgres::PgPool),
+}
+
+impl Raw<'_> {
+    /// Makes `id`'s row look created before partitions existed.
+    async fn forget_partition(self, id: SagaId) {
+        let updated = match self {
+            Raw::Sqlite(pool) => {
+                sqlx::query("UPDATE saga_instances SET partition_no = NULL WHERE id = ?")
+                    .bind(id.to_string())
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected())
+            }
+            Raw::Postgres(pool) => {
+                sqlx::query("UPDATE saga_instances SET partition_no = NULL WHERE id = $1::uuid")
+                    .bind(id.to_string())
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected())
+            }
+        };
+        assert_eq!(updated.expect("forget the partition"), 1);
+    }
+
+    /// `id`'s partition as stored.
+    async fn saga_partition(self, id: SagaId) -> Option<i64> {
+        match self {
+            Raw::Sqlite(pool) => {
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT partition_no FROM saga_instances WHERE id = ?",
+                )
+                .bind(id.to_string())
+                .fetch_one(pool)
+                .await
+            }
+            Raw::Postgres(pool) => sqlx::query_scalar::<_, Option<i32>>(
+                "SELECT partition_no FROM saga_instances WHERE id = $1::uuid",
+            )
+            .bind(id.to_string())
+            .fetch_one(pool)
+            .await
+            .map(|p| p.map(i64::from)),
+        }
+        .expect("the saga's partition")
+    }
+
+    /// The outbox rows' subjects and partitions as stored, in commit order.
+    async fn outbox_partitions(self) -> Vec<(String, Option<i64>)> {
+        match self {
+            Raw::Sqlite(pool) => {
+                sqlx::query_as::<_, (String, Option<i64>)>(
+                    "SELECT subject, partition_no FROM outbox ORDER BY seq",
+                )
+                .fetch_all(pool)
+                .await
+            }
+            Raw::Postgres(pool) => sqlx::query_as::<_, (String, Option<i32>)>(
+                "SELECT subject, partition_no FROM outbox ORDER BY seq",
+            )
+            .fetch_all(pool)
+            .await
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|(s, p)| (s, p.map(i64::from)))
+                    .collect()
+            }),
+        }
+        .expect("the outbox's partitions")
+    }
+
+    /// Writes `s` (version 1) and an outbox row `subject` of it as a release before
+    /// partitions did: with the columns of that schema only.
+    async fn insert_old_rows(self, s: &SagaState, subject: &str) {
+        let state = serde_json::to_string(s).expect("state");
+        let headers = r#"[["Nats-Msg-Id","id-old"]]"#;
+        let wake = s.wake_at().map(|t| i64::try_from(t.0).expect("time"));
+        let (created, updated) = (s.created_at.0 as i64, s.updated_at.0 as i64);
+        let row = uuid::Uuid::now_v7().to_string();
+        match self {
+            Raw::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO saga_instances (id, saga_type, definition_version, status, \
+                     version, state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+                     VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                )
+                .bind(s.id.to_string())
+                .bind(s.saga_type.as_str())
+                .bind(i64::from(s.definition_version))
+                .bind(s.status.as_str())
+                .bind(&state)
+                .bind(wake)
+                .bind(created)
+                .bind(updated)
+                .execute(pool)
+                .await
+                .expect("old saga row");
+                sqlx::query(
+                    "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, \
+                     available_at_ms) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                )
+                .bind(&row)
+                .bind(s.id.to_string())
+                .bind(subject)
+                .bind(headers)
+                .bind(&b"{}"[..])
+                .bind(created)
+                .execute(pool)
+                .await
+                .expect("old outbox row");
+            }
+            Raw::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO saga_instances (id, saga_type, definition_version, status, \
+                     version, state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+                     VALUES ($1::uuid, $2, $3, $4, 1, $5::jsonb, $6, $7, $8)",
+                )
+                .bind(s.id.to_string())
+                .bind(s.saga_type.as_str())
+                .bind(i32::try_from(s.definition_version).expect("version"))
+                .bind(s.status.as_str())
+                .bind(&state)
+                .bind(wake)
+                .bind(created)
+                .bind(updated)
+                .execute(pool)
+                .await
+                .expect("old saga row");
+                sqlx::query(
+                    "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, \
+                     available_at_ms) VALUES ($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, 0)",
+                )
+                .bind(&row)
+                .bind(s.id.to_string())
+                .bind(subject)
+                .bind(headers)
+                .bind(&b"{}"[..])
+                .bind(created)
+                .execute(pool)
+                .await
+                .expect("old outbox row");
+            }
+        }
+    }
+}
+
+/// `s`, changed at `at` (the same wake-up).
+fn changed(s: &SagaState, at: u64) -> SagaState {
+    let mut s = s.clone();
+    s.updated_at = Timestamp(at);
+    s
+}
+
+/// `w`, written for partition `partition`.
+fn in_partition(mut w: SagaWrite, partition: u32) -> SagaWrite {
+    w.partition = partition;
+    w
+}
+
+/// The lease of these tests, in milliseconds.
+const LEASE_MS: u64 = 3_600_000;
+
+/// Claims limited to partitions, on `store`: the due wake-ups and the outbox rows of the
+/// partitions asked for, and those of no partition (a saga created before partitions
+/// existed, a poison message's announcement), which every claimer takes; `None` takes
+/// every partition, `Some(&[])` only the rows of none. A saga stays in the partition it
+/// was created in (or in none) whatever its later writes say; an outbox row is in its
+/// write's partition. `raw` (the SQL stores) makes one saga look created before
+/// partitions existed; the memory store has no such saga, and keeps it in partition 3.
+async fn partition_claims(store: &dyn SagaStore, raw: Option<Raw<'_>>) {
+    let def = definition("pi", 1);
+    let pi: &[(SagaType, u32)] = &[(SagaType::new("pi").expect("name"), 1)];
+    let claim = |now: u64, partitions: Option<&'static [u32]>| {
+        store.claim_wakeups(Timestamp(now), pi, partitions, 10, LEASE)
+    };
+    // Due at 10,500 (s0), 11,000 (s1, partition 1) and 12,000 (s2, partition 2).
+    let s0 = started(&def, 500);
+    let s1 = started(&def, 1_000);
+    let s2 = started(&def, 2_000);
+    for (s, p) in [(&s0, 3), (&s1, 1), (&s2, 2)] {
+        assert_eq!(
+            store
+                .commit(&[in_partition(write(s, 0, "transition"), p)], &[])
+                .await
+                .expect("create"),
+            vec![WriteOutcome::Committed { version: 1 }]
+        );
+    }
+    if let Some(raw) = raw {
+        assert_eq!(raw.saga_partition(s1.id).await, Some(1));
+        raw.forget_partition(s0.id).await;
+    }
+    // The saga of no partition, where the store has one: claimed by everyone.
+    let none: Vec<SagaId> = raw.map(|_| s0.id).into_iter().collect();
+
+    let t1 = 100_000;
+    assert_eq!(
+        claim(t1, Some(&[1])).await.expect("claim"),
+        [none.clone(), vec![s1.id]].concat(),
+        "partition 1 and the saga of none"
+    );
+    assert_eq!(claim(t1, Some(&[2])).await.expect("claim"), vec![s2.id]);
+    assert!(claim(t1, Some(&[])).await.expect("claim").is_empty());
+    let t2 = t1 + LEASE_MS;
+    assert_eq!(
+        claim(t2, Some(&[])).await.expect("claim"),
+        none,
+        "no partition: only the saga of none"
+    );
+    assert!(claim(t2, Some(&[7])).await.expect("claim").is_empty());
+    let rest = if raw.is_some() {
+        vec![s1.id, s2.id]
+    } else {
+        vec![s0.id, s1.id, s2.id]
+    };
+    assert_eq!(claim(t2, None).await.expect("claim"), rest, "None: all");
+    let t3 = t2 + LEASE_MS;
+    assert_eq!(
+        claim(t3, None).await.expect("claim"),
+        vec![s0.id, s1.id, s2.id],
+        "None: all, oldest first"
+    );
+
+    // Later writes in other partitions (another partition count): the sagas stay where
+    // they were created. (A state change ends the claims.)
+    let s0 = changed(&s0, 20_000);
+    let s1 = changed(&s1, 20_000);
+    for (s, p) in [(&s0, 5), (&s1, 9)] {
+        assert_eq!(
+            store
+                .commit(&[in_partition(write(s, 1, "transition"), p)], &[])
+                .await
+                .expect("update"),
+            vec![WriteOutcome::Committed { version: 2 }]
+        );
+    }
+    let t4 = t3 + LEASE_MS;
+    assert_eq!(
+        claim(t4, Some(&[5, 9])).await.expect("claim"),
+        none,
+        "s1 stays in partition 1, s0 in none"
+    );
+    assert_eq!(claim(t4, Some(&[1])).await.expect("claim"), vec![s1.id]);
+    if let Some(raw) = raw {
+        assert_eq!(raw.saga_partition(s0.id).await, None);
+        assert_eq!(raw.saga_partition(s1.id).await, Some(1));
+    } else {
+        assert_eq!(claim(t4, Some(&[3])).await.expect("claim"), vec![s0.id]);
+    }
+
+    // Outbox rows: in their write's partition; a poison message's announcement in none.
+    let mut w = in_partition(write(&changed(&s1, 21_000), 2, "transition"), 1);
+    w.outbox = vec![outbox_row("one", 0)];
+    store.commit(&[w], &[]).await.expect("commit");
+    let poison = DeadLetterRecord {
+        id: uuid::Uuid::now_v7(),
+        category: DeadLetterCategory::Poison,
+        saga_id: None,
+        saga_type: None,
+        step: None,
+        kind: None,
+        reason: "undecodable".into(),
+        attempts: 1,
+        message: None,
+        at: Timestamp(21_000),
+        resolved_at: None,
+    };
+    store
+        .record_poison(&poison, &[outbox_row("none", 0)])
+        .await
+        .expect("poison");
+    let mut w = in_partition(write(&changed(&s2, 21_000), 1, "transition"), 2);
+    w.outbox = vec![outbox_row("two", 0)];
+    store.commit(&[w], &[]).await.expect("commit");
+    // A later write of s1 for partition 9: its row is in 9 (the write's partition).
+    let mut w = in_partition(write(&changed(&s1, 22_000), 3, "transition"), 9);
+    w.outbox = vec![outbox_row("nine", 0)];
+    assert_eq!(
+        store.commit(&[w], &[]).await.expect("commit"),
+        vec![WriteOutcome::Committed { version: 4 }]
+    );
+    if let Some(raw) = raw {
+        assert_eq!(
+            raw.outbox_partitions().await,
+            vec![
+                ("one".to_owned(), Some(1)),
+                ("none".to_owned(), None),
+                ("two".to_owned(), Some(2)),
+                ("nine".to_owned(), Some(9)),
+            ]
+        );
+    }
+    let outbox = |now: u64, partitions: Option<&'static [u32]>| async move {
+        let rows = store
+            .claim_outbox(Timestamp(now), partitions, LEASE, 10)
+            .await
+            .expect("claim");
+        rows.iter()
+            .map(|r| r.message.subject.clone())
+            .collect::<Vec<String>>()
+    };
+    let t = 1_000_000;
+    assert_eq!(outbox(t, Some(&[1])).await, ["one", "none"], "commit order");
+    assert!(outbox(t, Some(&[1])).await.is_empty());
+    assert_eq!(outbox(t, Some(&[2, 3])).await, ["two"]);
+    assert_eq!(outbox(t, Some(&[9])).await, ["nine"]);
+    let t = t + LEASE_MS;
+    assert_eq!(outbox(t, Some(&[])).await, ["none"], "only the row of none");
+    assert_eq!(outbox(t, None).await, ["one", "two", "nine"]);
+    let t = t + LEASE_MS;
+    assert_eq!(outbox(t, None).await, ["one", "none", "two", "nine"]);
+}
+
+#[tokio::test]
+async fn claims_are_limited_to_partitions_on_every_store() {
+    partition_claims(&skald::adapters::memory::MemoryStore::new(), None).await;
+    // SQLite, row by row and set-based.
+    for per_row_max_writes in [4, 0] {
+        let dir = TempDir::new();
+        let sqlite = skald::adapters::sqlite::SqliteStore::connect_with(
+            &dir.sqlite_url(),
+            skald::adapters::sqlite::SqliteOptions {
+                per_row_max_writes,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("sqlite");
+        partition_claims(&sqlite, Some(Raw::Sqlite(sqlite.pool()))).await;
+    }
+    // PostgreSQL, through `skald_commit` and set-based.
+    for single_call_max_writes in [16, 0] {
+        let db = PgDatabase::create().await;
+        let pg = skald::adapters::postgres::PostgresStore::connect_with(
+            &db.url(),
+            skald::adapters::postgres::PostgresOptions {
+                single_call_max_writes,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("postgres");
+        partition_claims(&pg, Some(Raw::Postgres(pg.pool()))).await;
+    }
+}
+
+/// The leases named by `prefix` held at `at`: (name, holder, until).
+async fn held(store: &dyn SagaStore, prefix: &str, at: u64) -> Vec<(String, String, u64)> {
+    store
+        .leases(prefix, Timestamp(at))
+        .await
+        .expect("leases")
+        .into_iter()
+        .map(|l| (l.name, l.holder, l.until.0))
+        .collect()
+}
+
+/// Sets of leases, on `store`: `acquire_leases` takes the free ones (or its holder's)
+/// and answers which, a name given twice is one lease, two holders racing for the same
+/// names get each name once between them; a lease is free once its end has passed
+/// (`until < now`, as `acquire_lease`); `release_leases` ends only the holder's own;
+/// `leases` lists those held, by string prefix (no wildcards), in name order.
+async fn lease_sets(store: &dyn SagaStore) {
+    let l = Duration::from_secs(10);
+    let names = |ns: &[&str]| ns.iter().map(|n| (*n).to_owned()).collect::<Vec<String>>();
+    let acquire = |ns: Vec<String>, holder: &'static str, at: u64| async move {
+        let mut got = store
+            .acquire_leases(&ns, holder, Timestamp(at), l)
+            .await
+            .expect("acquire");
+        got.sort();
+        got
+    };
+    let (n1, n2) = ("n1", "n2");
+    let p = names(&["partition/1", "partition/10", "partition/2"]);
+    assert_eq!(acquire(p.clone(), n1, 100_000).await, p, "free: all taken");
+    assert_eq!(
+        acquire(names(&["partition/2", "partition/3"]), n2, 105_000).await,
+        names(&["partition/3"]),
+        "another holder's are not free"
+    );
+    assert_eq!(
+        acquire(
+            names(&["partition/2", "partition/1", "partition/2"]),
+            n1,
+            106_000
+        )
+        .await,
+        names(&["partition/1", "partition/2"]),
+        "renewed by their holder, a name twice is one lease"
+    );
+    assert!(acquire(Vec::new(), n1, 106_000).await.is_empty());
+    assert_eq!(
+        acquire(names(&["node/n1"]), n1, 106_000).await,
+        names(&["node/n1"])
+    );
+    assert_eq!(
+        acquire(names(&["part_tion/9", "node/n2"]), n2, 106_000).await,
+        names(&["node/n2", "part_tion/9"])
+    );
+
+    // Listed by prefix, in name order (bytes), while held.
+    let lease = |name: &str, holder: &str, until: u64| (name.to_owned(), holder.to_owned(), until);
+    assert_eq!(
+        held(store, "partition/", 106_000).await,
+        vec![
+            lease("partition/1", n1, 116_000),
+            lease("partition/10", n1, 110_000),
+            lease("partition/2", n1, 116_000),
+            lease("partition/3", n2, 115_000),
+        ],
+        "not part_tion/9: the prefix has no wildcards"
+    );
+    assert_eq!(
+        held(store, "partition/10", 106_000).await,
+        vec![lease("partition/10", n1, 110_000)],
+        "partition/1 does not start with partition/10"
+    );
+    assert_eq!(
+        held(store, "partition/1", 106_000).await,
+        vec![
+            lease("partition/1", n1, 116_000),
+            lease("partition/10", n1, 110_000)
+        ]
+    );
+    assert_eq!(
+        held(store, "node/", 106_000).await,
+        vec![lease("node/n1", n1, 116_000), lease("node/n2", n2, 116_000)]
+    );
+    assert_eq!(
+        held(store, "part_tion/", 106_000).await,
+        vec![lease("part_tion/9", n2, 116_000)]
+    );
+    assert!(held(store, "%", 106_000).await.is_empty());
+    assert!(held(store, "Partition/", 106_000).await.is_empty(), "case");
+    assert_eq!(held(store, "", 106_000).await.len(), 7);
+
+    // Held up to its end, free after it.
+    assert_eq!(held(store, "partition/10", 110_000).await.len(), 1);
+    assert!(
+        acquire(names(&["partition/10"]), n2, 110_000)
+            .await
+            .is_empty()
+    );
+    assert!(held(store, "partition/10", 110_001).await.is_empty());
+    assert!(
+        !store
+            .acquire_lease("partition/10", n2, Timestamp(110_000), l)
+            .await
+            .expect("lease"),
+        "acquire_lease: the same rule"
+    );
+    assert_eq!(
+        acquire(names(&["partition/10"]), n2, 110_001).await,
+        names(&["partition/10"])
+    );
+    assert_eq!(
+        held(store, "partition/10", 110_001).await,
+        vec![lease("partition/10", n2, 120_001)]
+    );
+
+    // Released: only the holder's own.
+    store
+        .release_leases(&names(&["partition/1", "partition/3", "partition/10"]), n2)
+        .await
+        .expect("release");
+    store.release_leases(&[], n2).await.expect("release none");
+    assert_eq!(
+        held(store, "partition/", 110_001).await,
+        vec![
+            lease("partition/1", n1, 116_000),
+            lease("partition/2", n1, 116_000)
+        ]
+    );
+    assert_eq!(
+        acquire(names(&["partition/3", "partition/10"]), n1, 110_002).await,
+        names(&["partition/10", "partition/3"]),
+        "released: free at once"
+    );
+
+    // Two holders racing for the same names: each name goes to one of them.
+    let contested = names(&["partition/20", "partition/21", "partition/22"]);
+    let (a, b) = tokio::join!(
+        acquire(contested.clone(), "n3", 200_000),
+        acquire(contested.clone(), "n4", 200_000)
+    );
+    let mut all = [a.clone(), b.clone()].concat();
+    all.sort();
+    assert_eq!(all, contested, "{a:?} {b:?}");
+    for (name, holder, _) in held(store, "partition/2", 200_000).await {
+        let winner = if a.contains(&name) { "n3" } else { "n4" };
+        assert_eq!(holder, winner, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn lease_sets_on_every_store() {
+    lease_sets(&skald::adapters::memory::MemoryStore::new()).await;
+    let dir = TempDir::new();
+    let sqlite = skald::adapters::sqlite::SqliteStore::connect(&dir.sqlite_url())
+        .await
+        .expect("sqlite");
+    lease_sets(&sqlite).await;
+    let db = PgDatabase::create().await;
+    let pg = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("postgres");
+    lease_sets(&pg).await;
+}
+
+/// The last migration before partitions.
+const BEFORE_PARTITIONS: i64 = 20261201000001;
+
+/// A prepared start, as `start_in` takes it.
+struct Start(SagaWrite);
+
+impl AsRef<SagaWrite> for Start {
+    fn as_ref(&self) -> &SagaWrite {
+        &self.0
+    }
+}
+
+/// What an upgrade leaves, on a store just migrated (`store`) over rows written before
+/// partitions existed (`old`, with its outbox row `old`): those rows have no partition
+/// and every claimer takes them; the old saga stays in none after a write of it; sagas
+/// and rows written now have theirs.
+async fn after_upgrade(store: &dyn SagaStore, raw: Raw<'_>, old: &SagaState) {
+    assert_eq!(raw.saga_partition(old.id).await, None);
+    assert_eq!(
+        raw.outbox_partitions().await,
+        vec![("old".to_owned(), None)]
+    );
+    let alpha: &[(SagaType, u32)] = &[(SagaType::new("alpha").expect("name"), 1)];
+    assert_eq!(
+        store
+            .claim_wakeups(Timestamp(1_000_000), alpha, Some(&[]), 10, LEASE)
+            .await
+            .expect("claim"),
+        vec![old.id],
+        "an old saga is everyone's"
+    );
+    let rows = store
+        .claim_outbox(Timestamp(1_000_000), Some(&[]), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(subjects(&rows), ["old"], "an old row is everyone's");
+    let loaded = store
+        .load(old.id)
+        .await
+        .expect("load")
+        .expect("the old saga");
+    assert_eq!((&loaded.state, loaded.version), (old, 1), "read as written");
+    // Written again: still in no partition; its new outbox row in the write's.
+    let mut w = in_partition(write(&changed(old, 50_000), 1, "transition"), 4);
+    w.outbox = vec![outbox_row("after", 0)];
+    assert_eq!(
+        store.commit(&[w], &[]).await.expect("commit"),
+        vec![WriteOutcome::Committed { version: 2 }]
+    );
+    assert_eq!(raw.saga_partition(old.id).await, None);
+    // Created now, by a commit and by a transactional start: in their partitions.
+    let def = definition("alpha", 1);
+    let fresh = started(&def, 60_000);
+    store
+        .commit(&[in_partition(write(&fresh, 0, "transition"), 11)], &[])
+        .await
+        .expect("create");
+    assert_eq!(raw.saga_partition(fresh.id).await, Some(11));
+    let begun = started(&def, 61_000);
+    let mut start = in_partition(write(&begun, 0, "transition"), 12);
+    start.outbox = vec![outbox_row("begun", 0)];
+    let start = Start(start);
+    let answer = match raw {
+        Raw::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
+            let answer = skald::adapters::sqlite::SqliteStore::start_in(&mut tx, &start).await;
+            tx.commit().await.expect("commit");
+            answer
+        }
+        Raw::Postgres(pool) => {
+            let mut tx = pool.begin().await.expect("begin");
+            let answer = skald::adapters::postgres::PostgresStore::start_in(&mut tx, &start).await;
+            tx.commit().await.expect("commit");
+            answer
+        }
+    };
+    assert!(!answer.expect("start_in").is_existing());
+    assert_eq!(raw.saga_partition(begun.id).await, Some(12));
+    assert_eq!(
+        raw.outbox_partitions().await,
+        vec![
+            ("old".to_owned(), None),
+            ("after".to_owned(), Some(4)),
+            ("begun".to_owned(), Some(12)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn migrations_leave_existing_rows_in_no_partition_on_sql_stores() {
+    let old = started(&definition("alpha", 1), 1_000);
+    // SQLite: the schema of the release before, its rows, then this release's store.
+    let dir = TempDir::new();
+    let url = dir.sqlite_url();
+    let pool = skald::adapters::sqlite::open_pool(&url, &Default::default())
+        .await
+        .expect("pool");
+    skald::adapters::sqlite::MIGRATOR
+        .run_to(BEFORE_PARTITIONS, &pool)
+        .await
+        .expect("the migrations before partitions");
+    Raw::Sqlite(&pool).insert_old_rows(&old, "old").await;
+    let sqlite = skald::adapters::sqlite::SqliteStore::connect(&url)
+        .await
+        .expect("migrated");
+    after_upgrade(&sqlite, Raw::Sqlite(sqlite.pool()), &old).await;
+
+    // PostgreSQL alike.
+    let db = PgDatabase::create().await;
+    let pool = skald::adapters::postgres::open_pool(&db.url(), &Default::default())
+        .await
+        .expect("pool");
+    skald::adapters::postgres::MIGRATOR
+        .run_to(BEFORE_PARTITIONS, &pool)
+        .await
+        .expect("the migrations before partitions");
+    Raw::Postgres(&pool).insert_old_rows(&old, "old").await;
+    let pg = skald::adapters::postgres::PostgresStore::connect(&db.url())
+        .await
+        .expect("migrated");
+    after_upgrade(&pg, Raw::Postgres(pg.pool()), &old).await;
 }

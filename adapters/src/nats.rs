@@ -41,7 +41,7 @@ use skald_runtime::ports::{
     RequestStream, Responder, Subscription,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Storage of the streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -921,7 +921,13 @@ async fn pump(
         match messages {
             Ok(mut messages) => {
                 let error = loop {
-                    let msg = match messages.next().await {
+                    let next = tokio::select! {
+                        next = messages.next() => next,
+                        // The subscriber is gone (a node handing a partition over):
+                        // stop pulling at once, and hand back what was pulled.
+                        _ = tx.closed() => return give_back(messages).await,
+                    };
+                    let msg = match next {
                         Some(Ok(msg)) => msg,
                         Some(Err(e)) => break Some(e),
                         None => break None,
@@ -947,8 +953,12 @@ async fn pump(
                     if let Some(id) = bus_id {
                         delivery = delivery.with_bus_id(id);
                     }
-                    if tx.send(delivery).await.is_err() {
-                        return;
+                    if let Err(mpsc::error::SendError(delivery)) = tx.send(delivery).await {
+                        let (_, _, acker) = delivery.into_parts();
+                        if let Err(e) = acker.nak(Duration::ZERO).await {
+                            debug!(error = %e, "handing a pulled message back failed: it comes back after the ack wait");
+                        }
+                        return give_back(messages).await;
                     }
                 };
                 match error {
@@ -971,6 +981,24 @@ async fn pump(
         }
         let backoff = Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Ends a pull whose subscriber is gone: the messages the client already received are
+/// taken out of it, the pull is dropped (so the server sends it no more), and those
+/// messages are handed back to the server (negative acknowledgement, no delay), for
+/// whoever pulls the consumer next, at once rather than after the ack wait.
+async fn give_back(mut messages: consumer::pull::Stream) {
+    use futures_util::FutureExt;
+    let mut received = Vec::new();
+    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+        received.push(msg);
+    }
+    drop(messages);
+    for msg in received {
+        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+            debug!(error = %e, "handing a pulled message back failed: it comes back after the ack wait");
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
+    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, Lease, MAX_QUERY_ROWS,
     OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
     SagaWrite, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
@@ -366,12 +366,16 @@ impl<'a> Batch<'a> {
             for (_, s) in &creates {
                 states.push(encode_json(s)?);
             }
+            let mut partitions = Vec::with_capacity(creates.len());
+            for (w, _) in &creates {
+                partitions.push(partition_no(w.partition)?);
+            }
             let ids: Vec<String> = sqlx::query_scalar(
                 "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
-                 state, next_wakeup_ms, created_at_ms, updated_at_ms) \
-                 SELECT u.id::uuid, u.ty, u.dv, u.st, 1, u.state::jsonb, u.wake, u.created, u.updated \
-                 FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
-                   AS u(id, ty, dv, st, state, wake, created, updated) \
+                 state, next_wakeup_ms, created_at_ms, updated_at_ms, partition_no) \
+                 SELECT u.id::uuid, u.ty, u.dv, u.st, 1, u.state::jsonb, u.wake, u.created, u.updated, u.p \
+                 FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int4[]) \
+                   AS u(id, ty, dv, st, state, wake, created, updated, p) \
                  ON CONFLICT (id) DO NOTHING RETURNING id::text",
             )
             .bind(strings(creates.iter().map(|(w, _)| w.id)))
@@ -387,6 +391,7 @@ impl<'a> Batch<'a> {
             .bind(creates.iter().map(|(_, s)| s.wake_at().map(ms)).collect::<Vec<Option<i64>>>())
             .bind(creates.iter().map(|(_, s)| ms(s.created_at)).collect::<Vec<i64>>())
             .bind(creates.iter().map(|(_, s)| ms(s.updated_at)).collect::<Vec<i64>>())
+            .bind(partitions)
             .fetch_all(&mut **tx)
             .await
             .map_err(store_error)?;
@@ -497,11 +502,16 @@ impl<'a> Batch<'a> {
             .map_err(store_error)?;
         }
 
-        // 6. Outbox rows, in commit order.
-        let rows: Vec<(String, &OutboxMessage)> = committed
-            .iter()
-            .flat_map(|w| w.outbox.iter().map(move |m| (w.id.to_string(), m)))
-            .collect();
+        // 6. Outbox rows, in commit order, in their write's partition.
+        let mut rows: Vec<OutboxRow<'_>> = Vec::new();
+        for w in &committed {
+            let partition = Some(partition_no(w.partition)?);
+            rows.extend(w.outbox.iter().map(|m| OutboxRow {
+                saga: Some(w.id.to_string()),
+                partition,
+                message: m,
+            }));
+        }
         insert_outbox_rows(tx, &rows).await?;
 
         // Dead letters and their resolution: rare, row by row.
@@ -554,31 +564,53 @@ fn strings<T: ToString>(xs: impl Iterator<Item = T>) -> Vec<String> {
     xs.map(|x| x.to_string()).collect()
 }
 
-/// Inserts outbox rows (saga id, row) with one statement, in the order given.
+/// A partition as stored (`integer`). Partitions are below `MAX_PARTITIONS`; one that is
+/// not representable is refused rather than stored as another.
+fn partition_no(partition: u32) -> Result<i32, StoreError> {
+    i32::try_from(partition)
+        .map_err(|_| StoreError::Other(format!("partition {partition} is out of range")))
+}
+
+/// The partitions a claim is limited to, as bound (`NULL`: no limit). One no row can be
+/// stored in matches nothing, and is left out.
+fn partition_filter(partitions: Option<&[u32]>) -> Option<Vec<i32>> {
+    partitions.map(|ps| ps.iter().filter_map(|p| i32::try_from(*p).ok()).collect())
+}
+
+/// One outbox row to insert: its saga and partition (none for a poison message's
+/// announcement) and the message.
+struct OutboxRow<'a> {
+    saga: Option<String>,
+    partition: Option<i32>,
+    message: &'a OutboxMessage,
+}
+
+/// Inserts outbox rows with one statement, in the order given.
 async fn insert_outbox_rows(
     tx: &mut Transaction<'static, Postgres>,
-    rows: &[(String, &OutboxMessage)],
+    rows: &[OutboxRow<'_>],
 ) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
     }
     let mut headers = Vec::with_capacity(rows.len());
-    for (_, m) in rows {
-        headers.push(encode_headers(&m.message.headers)?);
+    for r in rows {
+        headers.push(encode_headers(&r.message.message.headers)?);
     }
     sqlx::query(
-        "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) \
-         SELECT u.id::uuid, u.s::uuid, u.subj, u.h::jsonb, u.p, u.c, u.a \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::int8[]) \
-           WITH ORDINALITY AS u(id, s, subj, h, p, c, a, n) ORDER BY u.n",
+        "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms, partition_no) \
+         SELECT u.id::uuid, u.s::uuid, u.subj, u.h::jsonb, u.p, u.c, u.a, u.part \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::int8[], $8::int4[]) \
+           WITH ORDINALITY AS u(id, s, subj, h, p, c, a, part, n) ORDER BY u.n",
     )
-    .bind(strings(rows.iter().map(|(_, m)| m.id)))
-    .bind(rows.iter().map(|(s, _)| (!s.is_empty()).then(|| s.clone())).collect::<Vec<Option<String>>>())
-    .bind(strings(rows.iter().map(|(_, m)| m.message.subject.as_str())))
+    .bind(strings(rows.iter().map(|r| r.message.id)))
+    .bind(rows.iter().map(|r| r.saga.clone()).collect::<Vec<Option<String>>>())
+    .bind(strings(rows.iter().map(|r| r.message.message.subject.as_str())))
     .bind(headers)
-    .bind(rows.iter().map(|(_, m)| m.message.payload.to_vec()).collect::<Vec<Vec<u8>>>())
-    .bind(rows.iter().map(|(_, m)| ms(crate::created_at(m.id))).collect::<Vec<i64>>())
-    .bind(rows.iter().map(|(_, m)| ms(m.available_at)).collect::<Vec<i64>>())
+    .bind(rows.iter().map(|r| r.message.message.payload.to_vec()).collect::<Vec<Vec<u8>>>())
+    .bind(rows.iter().map(|r| ms(crate::created_at(r.message.id))).collect::<Vec<i64>>())
+    .bind(rows.iter().map(|r| ms(r.message.available_at)).collect::<Vec<i64>>())
+    .bind(rows.iter().map(|r| r.partition).collect::<Vec<Option<i32>>>())
     .execute(&mut **tx)
     .await
     .map_err(store_error)?;
@@ -661,15 +693,19 @@ impl SagaStore for PostgresStore {
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
+        partitions: Option<&[u32]>,
         max: usize,
         lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError> {
         let types: Vec<String> = types.iter().map(|(t, v)| format!("{t}:{v}")).collect();
+        // $5 NULL: every partition. Sagas with no partition (created before partitions
+        // existed) are everyone's.
         let rows = sqlx::query(
             "UPDATE saga_instances SET wakeup_claimed_until_ms = $1 WHERE id IN ( \
                SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= $2 \
                AND (wakeup_claimed_until_ms IS NULL OR wakeup_claimed_until_ms <= $2) \
                AND (saga_type || ':' || definition_version) = ANY($3::text[]) \
+               AND ($5::int4[] IS NULL OR partition_no IS NULL OR partition_no = ANY($5::int4[])) \
                ORDER BY next_wakeup_ms LIMIT $4 FOR UPDATE SKIP LOCKED) \
              RETURNING id::text AS id, next_wakeup_ms",
         )
@@ -677,6 +713,7 @@ impl SagaStore for PostgresStore {
         .bind(ms(now))
         .bind(types)
         .bind(limit(max))
+        .bind(partition_filter(partitions))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
@@ -686,20 +723,25 @@ impl SagaStore for PostgresStore {
     async fn claim_outbox(
         &self,
         now: Timestamp,
+        partitions: Option<&[u32]>,
         lease: Duration,
         max: usize,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
         let until = now.plus(lease);
+        // $4 NULL: every partition. Rows with no partition (a poison message's
+        // announcement, rows written before partitions existed) are everyone's.
         let rows = sqlx::query(
             "WITH claimed AS ( \
-               SELECT seq FROM outbox WHERE available_at_ms <= $2 ORDER BY seq LIMIT $3 \
-               FOR UPDATE SKIP LOCKED) \
+               SELECT seq FROM outbox WHERE available_at_ms <= $2 \
+               AND ($4::int4[] IS NULL OR partition_no IS NULL OR partition_no = ANY($4::int4[])) \
+               ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) \
              UPDATE outbox o SET available_at_ms = $1 FROM claimed WHERE o.seq = claimed.seq \
              RETURNING o.seq, o.id::text AS id, o.subject, o.headers::text AS headers, o.payload",
         )
         .bind(ms(until))
         .bind(ms(now))
         .bind(limit(max))
+        .bind(partition_filter(partitions))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
@@ -805,6 +847,72 @@ impl SagaStore for PostgresStore {
         Ok(got.as_deref() == Some(holder))
     }
 
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        // One statement, `acquire_lease`'s rule for each name. The names sorted and
+        // once each: two holders take the rows' locks in the same order (no deadlock),
+        // and no row is upserted twice by one statement (an error in PostgreSQL).
+        let names = crate::sql::lease_names(names);
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar(
+            "INSERT INTO skald_leases (name, holder, until_ms) \
+             SELECT u.name, $2, $3 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(name, n) ORDER BY u.n \
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms \
+             WHERE skald_leases.holder = EXCLUDED.holder OR skald_leases.until_ms < $4 \
+             RETURNING name",
+        )
+        .bind(names)
+        .bind(holder)
+        .bind(ms(now.plus(lease)))
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)
+    }
+
+    async fn release_leases(&self, names: &[String], holder: &str) -> Result<(), StoreError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        // The rows locked in `acquire_leases`'s order (bytes: COLLATE "C"), so that a
+        // release and another holder's acquisition of the same names never deadlock.
+        sqlx::query(
+            "DELETE FROM skald_leases WHERE name IN ( \
+               SELECT name FROM skald_leases WHERE name = ANY($1::text[]) AND holder = $2 \
+               ORDER BY name COLLATE \"C\" FOR UPDATE) \
+             AND holder = $2",
+        )
+        .bind(names)
+        .bind(holder)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn leases(&self, prefix: &str, now: Timestamp) -> Result<Vec<Lease>, StoreError> {
+        // A prefix compared as a string (not LIKE: `_` and `%` are no wildcards here);
+        // name order by bytes, as the other stores sort.
+        let rows = sqlx::query(
+            "SELECT name, holder, until_ms FROM skald_leases \
+             WHERE until_ms >= $2 AND left(name, char_length($1::text)) = $1::text \
+             ORDER BY name COLLATE \"C\"",
+        )
+        .bind(prefix)
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(crate::sql::decode_lease).collect()
+    }
+
     async fn purge_finished(
         &self,
         before: Timestamp,
@@ -889,9 +997,16 @@ impl SagaStore for PostgresStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         insert_dead_letter(&mut tx, record).await?;
-        let saga = record.saga_id.map(|s| s.to_string()).unwrap_or_default();
-        let rows: Vec<(String, &OutboxMessage)> =
-            outbox.iter().map(|m| (saga.clone(), m)).collect();
+        // No partition: every node may publish a poison message's announcement.
+        let saga = record.saga_id.map(|s| s.to_string());
+        let rows: Vec<OutboxRow<'_>> = outbox
+            .iter()
+            .map(|m| OutboxRow {
+                saga: saga.clone(),
+                partition: None,
+                message: m,
+            })
+            .collect();
         insert_outbox_rows(&mut tx, &rows).await?;
         tx.commit().await.map_err(store_error)
     }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use skald_runtime::ids::{CommandKind, SagaId, SagaType};
 use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
+    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, Lease, MAX_QUERY_ROWS,
     OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
     SagaWrite, StoreError, StoreStats, StoredSaga, WriteOutcome,
 };
@@ -302,8 +302,8 @@ async fn write_state(
     let affected = if w.expected_version == 0 {
         sqlx::query(
             "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
-             state, next_wakeup_ms, created_at_ms, updated_at_ms) \
-             VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+             state, next_wakeup_ms, created_at_ms, updated_at_ms, partition_no) \
+             VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         )
         .bind(id)
         .bind(state.saga_type.as_str())
@@ -313,10 +313,11 @@ async fn write_state(
         .bind(wake)
         .bind(ms(state.created_at))
         .bind(ms(state.updated_at))
+        .bind(i64::from(w.partition))
         .execute(&mut *conn)
         .await
     } else {
-        // A state change ends any claim on the old wake-up.
+        // A state change ends any claim on the old wake-up; the partition stays.
         sqlx::query(
             "UPDATE saga_instances SET status = ?, version = ?, state = ?, next_wakeup_ms = ?, \
              wakeup_claimed_until_ms = NULL, updated_at_ms = ? WHERE id = ? AND version = ?",
@@ -410,7 +411,7 @@ async fn write_row_extras(
     if let Some(dl) = &w.dead_letter {
         insert_dead_letter(&mut *conn, dl).await?;
     }
-    insert_outbox(conn, Some(id), &w.outbox).await
+    insert_outbox(conn, Some(id), Some(w.partition), &w.outbox).await
 }
 
 /// `[w1, w2, ...]` from writes already serialized one by one.
@@ -475,11 +476,12 @@ async fn apply_set(
     if live_now.iter().any(|&i| creates(i)) {
         let ids: Vec<String> = sqlx::query_scalar(
             "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, \
-             state, next_wakeup_ms, created_at_ms, updated_at_ms) \
+             state, next_wakeup_ms, created_at_ms, updated_at_ms, partition_no) \
              SELECT json_extract(value, '$.id'), json_extract(value, '$.saga_type'), \
                     json_extract(value, '$.definition_version'), json_extract(value, '$.status'), 1, \
                     json_extract(value, '$.state'), json_extract(value, '$.wake'), \
-                    json_extract(value, '$.created'), json_extract(value, '$.updated') \
+                    json_extract(value, '$.created'), json_extract(value, '$.updated'), \
+                    json_extract(value, '$.partition') \
              FROM json_each(?) WHERE 1 ON CONFLICT (id) DO NOTHING RETURNING id",
         )
         .bind(array(&|i| live_now.contains(&i) && creates(i)))
@@ -492,7 +494,7 @@ async fn apply_set(
     }
     let updates = |i: usize| writes[i].state.is_some() && writes[i].expected_version > 0;
     if live_now.iter().any(|&i| updates(i)) {
-        // A state change ends any claim on the old wake-up.
+        // A state change ends any claim on the old wake-up; the partition stays.
         let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE saga_instances AS s SET status = u.st, version = u.v + 1, state = u.state, \
              next_wakeup_ms = u.wake, wakeup_claimed_until_ms = NULL, updated_at_ms = u.updated \
@@ -567,15 +569,18 @@ async fn apply_set(
     Ok(())
 }
 
+/// Inserts outbox rows of `saga_id` in `partition` (none for a poison message's
+/// announcement: every node may publish it), in the order given.
 async fn insert_outbox(
     conn: &mut SqliteConnection,
     saga_id: Option<&str>,
+    partition: Option<u32>,
     rows: &[OutboxMessage],
 ) -> Result<(), StoreError> {
     for m in rows {
         sqlx::query(
-            "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO outbox (id, saga_id, subject, headers, payload, created_at_ms, available_at_ms, \
+             partition_no) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(m.id.to_string())
         .bind(saga_id)
@@ -584,6 +589,7 @@ async fn insert_outbox(
         .bind(m.message.payload.as_ref())
         .bind(ms(crate::created_at(m.id)))
         .bind(ms(m.available_at))
+        .bind(partition.map(i64::from))
         .execute(&mut *conn)
         .await
         .map_err(store_error)?;
@@ -677,24 +683,29 @@ impl SagaStore for SqliteStore {
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
+        partitions: Option<&[u32]>,
         max: usize,
         lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError> {
         let types: Vec<String> = types.iter().map(|(t, v)| format!("{t}:{v}")).collect();
         let types = encode_json(&types)?;
+        // ?5 NULL: every partition. Sagas with no partition (created before partitions
+        // existed) are everyone's.
         let rows = sqlx::query(
-            "UPDATE saga_instances SET wakeup_claimed_until_ms = ? WHERE id IN ( \
-               SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= ? \
-               AND (wakeup_claimed_until_ms IS NULL OR wakeup_claimed_until_ms <= ?) \
-               AND saga_type || ':' || definition_version IN (SELECT value FROM json_each(?)) \
-               ORDER BY next_wakeup_ms LIMIT ?) \
+            "UPDATE saga_instances SET wakeup_claimed_until_ms = ?1 WHERE id IN ( \
+               SELECT id FROM saga_instances WHERE next_wakeup_ms IS NOT NULL AND next_wakeup_ms <= ?2 \
+               AND (wakeup_claimed_until_ms IS NULL OR wakeup_claimed_until_ms <= ?2) \
+               AND saga_type || ':' || definition_version IN (SELECT value FROM json_each(?3)) \
+               AND (?5 IS NULL OR partition_no IS NULL \
+                    OR partition_no IN (SELECT value FROM json_each(?5))) \
+               ORDER BY next_wakeup_ms LIMIT ?4) \
              RETURNING id, next_wakeup_ms",
         )
         .bind(ms(now.plus(lease)))
         .bind(ms(now))
-        .bind(ms(now))
         .bind(types)
         .bind(limit(max))
+        .bind(partitions.map(encode_json).transpose()?)
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
@@ -704,18 +715,25 @@ impl SagaStore for SqliteStore {
     async fn claim_outbox(
         &self,
         now: Timestamp,
+        partitions: Option<&[u32]>,
         lease: Duration,
         max: usize,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
         let until = now.plus(lease);
+        // ?4 NULL: every partition. Rows with no partition (a poison message's
+        // announcement, rows written before partitions existed) are everyone's.
         let rows = sqlx::query(
-            "UPDATE outbox SET available_at_ms = ? WHERE seq IN ( \
-               SELECT seq FROM outbox WHERE available_at_ms <= ? ORDER BY seq LIMIT ?) \
+            "UPDATE outbox SET available_at_ms = ?1 WHERE seq IN ( \
+               SELECT seq FROM outbox WHERE available_at_ms <= ?2 \
+               AND (?4 IS NULL OR partition_no IS NULL \
+                    OR partition_no IN (SELECT value FROM json_each(?4))) \
+               ORDER BY seq LIMIT ?3) \
              RETURNING seq, id, subject, headers, payload",
         )
         .bind(ms(until))
         .bind(ms(now))
         .bind(limit(max))
+        .bind(partitions.map(encode_json).transpose()?)
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
@@ -821,6 +839,67 @@ impl SagaStore for SqliteStore {
         .await
         .map_err(store_error)?;
         Ok(got.as_deref() == Some(holder))
+    }
+
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        // One statement (its own transaction), `acquire_lease`'s rule for each name,
+        // each name once. `WHERE true`: an upsert's SELECT needs a WHERE clause, or
+        // SQLite reads ON CONFLICT as part of a join.
+        let names = crate::sql::lease_names(names);
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar(
+            "INSERT INTO skald_leases (name, holder, until_ms) \
+             SELECT value, ?2, ?3 FROM json_each(?1) WHERE true \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
+             WHERE skald_leases.holder = excluded.holder OR skald_leases.until_ms < ?4 \
+             RETURNING name",
+        )
+        .bind(encode_json(&names)?)
+        .bind(holder)
+        .bind(ms(now.plus(lease)))
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)
+    }
+
+    async fn release_leases(&self, names: &[String], holder: &str) -> Result<(), StoreError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "DELETE FROM skald_leases WHERE holder = ?2 \
+             AND name IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(encode_json(names)?)
+        .bind(holder)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn leases(&self, prefix: &str, now: Timestamp) -> Result<Vec<Lease>, StoreError> {
+        // A prefix compared as a string (not LIKE: `_` and `%` are no wildcards here,
+        // and LIKE ignores case); name order by bytes (BINARY).
+        let rows = sqlx::query(
+            "SELECT name, holder, until_ms FROM skald_leases \
+             WHERE until_ms >= ?2 AND substr(name, 1, length(?1)) = ?1 ORDER BY name",
+        )
+        .bind(prefix)
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(crate::sql::decode_lease).collect()
     }
 
     async fn purge_finished(
@@ -952,7 +1031,7 @@ impl SagaStore for SqliteStore {
             .map_err(store_error)?;
         insert_dead_letter(&mut *tx, record).await?;
         let saga = record.saga_id.map(|s| s.to_string());
-        insert_outbox(&mut tx, saga.as_deref(), outbox).await?;
+        insert_outbox(&mut tx, saga.as_deref(), None, outbox).await?;
         tx.commit().await.map_err(store_error)
     }
 

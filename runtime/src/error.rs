@@ -110,6 +110,22 @@ pub enum RuntimeError {
         /// The least allowed.
         minimum: Duration,
     },
+    /// A runtime option is out of its range.
+    #[error("invalid runtime option: {0}")]
+    InvalidOption(String),
+    /// The store's sagas are spread over another number of partitions than the one
+    /// configured (`RuntimeOptions::partitions`): the count is fixed for a store's life.
+    #[error(
+        "this store's sagas are spread over {recorded} partitions, and this runtime is \
+         configured with {configured}: the count is fixed for a store's life; leave \
+         `partitions` unset to take the store's, or set it to {recorded}"
+    )]
+    PartitionCount {
+        /// The configured count.
+        configured: u32,
+        /// The count the store recorded.
+        recorded: u32,
+    },
     /// An entry of `RuntimeOptions::operators` is not a public NKey.
     #[error("operator {name:?}: {reason}; list each operator's public user NKey (U...)")]
     InvalidOperatorKey {
@@ -221,6 +237,8 @@ impl RuntimeError {
             | RuntimeError::NoDefinitions
             | RuntimeError::DuplicateDefinition { .. }
             | RuntimeError::InboxRetentionTooShort { .. }
+            | RuntimeError::InvalidOption(_)
+            | RuntimeError::PartitionCount { .. }
             | RuntimeError::InvalidOperatorKey { .. }
             | RuntimeError::ReplyKeys(_)
             | RuntimeError::NoTokioRuntime

@@ -88,6 +88,7 @@ pub mod committer;
 pub mod error;
 pub mod metrics;
 pub mod participant;
+pub mod partitions;
 pub mod ports;
 pub mod runtime;
 pub mod trace;

@@ -62,6 +62,11 @@ pub const COMMIT_CONFLICTS: &str = "skald_commit_conflicts_total";
 /// saga from the store, i.e. not created by a start in this process: the first input of
 /// a saga started elsewhere, one that passivated, or one whose actor crashed (counter).
 pub const COLD_ACTIVATIONS: &str = "skald_cold_activations_total";
+/// `skald_partitions_held`: partitions this node holds (gauge; docs/scaling.md).
+pub const PARTITIONS_HELD: &str = "skald_partitions_held";
+/// `skald_partition_handovers_total{event}`: partitions this node `taken`, `released`
+/// (handed over cleanly) or `lost` (its lease ended before it could renew it) (counter).
+pub const PARTITION_HANDOVERS: &str = "skald_partition_handovers_total";
 /// `skald_store_commit_duration_seconds`: one group commit's store transaction.
 pub const COMMIT_DURATION: &str = "skald_store_commit_duration_seconds";
 /// `skald_store_commit_batch_size`: writes in one group commit.
@@ -114,6 +119,11 @@ pub fn describe() {
     describe_counter!(
         COLD_ACTIVATIONS,
         "Saga instance actors activated by loading the saga from the store (not started here)."
+    );
+    describe_gauge!(PARTITIONS_HELD, "Partitions this node holds.");
+    describe_counter!(
+        PARTITION_HANDOVERS,
+        "Partitions taken, released (handed over) or lost (lease ended) by this node."
     );
     describe_gauge!(
         SAGAS_IN_FLIGHT,
@@ -226,6 +236,7 @@ struct TypeMetrics {
 pub(crate) struct Metrics {
     types: HashMap<SagaType, TypeMetrics>,
     pub(crate) live_actors: Gauge,
+    pub(crate) partitions_held: Gauge,
     outbox_backlog: Gauge,
     outbox_lag: Gauge,
 }
@@ -271,6 +282,7 @@ impl Metrics {
         Metrics {
             types,
             live_actors: gauge!(LIVE_ACTORS),
+            partitions_held: gauge!(PARTITIONS_HELD),
             outbox_backlog: gauge!(OUTBOX_BACKLOG),
             outbox_lag: gauge!(OUTBOX_LAG),
         }
@@ -295,6 +307,11 @@ impl Metrics {
         if let Some(t) = self.types.get(saga_type) {
             t.conflicts.increment(1);
         }
+    }
+
+    /// Counts a partition `taken`, `released` or `lost`.
+    pub(crate) fn partition_handover(&self, event: &'static str) {
+        counter!(PARTITION_HANDOVERS, "event" => event).increment(1);
     }
 
     /// Counts an instance actor of a `saga_type` saga activated from the store.
@@ -367,18 +384,38 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
     if interval.is_zero() {
         return;
     }
-    let consumers: Vec<(String, String)> = shared
-        .definitions
-        .types()
-        .map(|t| {
-            (
-                crate::wire::reply_filter(t),
-                crate::runtime::reply_consumer(&shared.options.reply_group, t),
-            )
-        })
-        .collect();
+    let group = &shared.options.reply_group;
     let m = &shared.metrics;
     loop {
+        // The consumers read here: one per registered type, or, on a node leasing
+        // partitions, one per type and held partition.
+        let consumers: Vec<(String, String)> = match shared.ownership.mode() {
+            crate::partitions::Mode::Leased => {
+                let held = shared.ownership.held();
+                shared
+                    .definitions
+                    .types()
+                    .flat_map(|t| {
+                        held.iter().map(move |p| {
+                            (
+                                crate::wire::reply_partition_filter(t, *p),
+                                crate::runtime::partition_consumer(group, t, *p),
+                            )
+                        })
+                    })
+                    .collect()
+            }
+            _ => shared
+                .definitions
+                .types()
+                .map(|t| {
+                    (
+                        crate::wire::reply_filter(t),
+                        crate::runtime::reply_consumer(group, t),
+                    )
+                })
+                .collect(),
+        };
         match shared.store.in_flight_counts().await {
             Ok(counts) => {
                 for (ty, tm) in &m.types {

@@ -107,6 +107,10 @@ pub struct OutboxMessage {
 pub struct SagaWrite {
     /// The saga.
     pub id: SagaId,
+    /// The saga's partition ([`SagaId::partition`] of the deployment's partition count):
+    /// recorded with the saga when it is created, and with every outbox row of the
+    /// write, so claims can be limited to the partitions a node holds.
+    pub partition: u32,
     /// The version the writer read; `0` creates the saga. Checked for journal-only
     /// writes too: an input ignored on a stale version must be re-evaluated.
     pub expected_version: u64,
@@ -125,6 +129,17 @@ pub struct SagaWrite {
     /// inbox with the state change. A write whose id is already in the inbox was
     /// applied before: it is skipped whole and reported as [`WriteOutcome::Duplicate`].
     pub inbox: Option<String>,
+}
+
+/// A lease held in the store ([`SagaStore::leases`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// What it is for (`retention`, `node/<holder>`, `partition/<n>`).
+    pub name: String,
+    /// Who holds it.
+    pub holder: String,
+    /// When it ends, unless renewed.
+    pub until: Timestamp,
 }
 
 /// The result of one [`SagaWrite`] inside a commit.
@@ -252,10 +267,14 @@ pub trait SagaStore: Send + Sync + 'static {
     /// the lease ends or the saga's state changes, no other caller gets them. (Several
     /// processes sharing the store never fire the same wake-up. A runtime only claims
     /// the sagas it can run: those of other types or versions are someone else's.)
+    ///
+    /// With `partitions` set, only sagas recorded in one of those partitions, or with no
+    /// partition recorded (sagas created before partitions existed), are claimed.
     async fn claim_wakeups(
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
+        partitions: Option<&[u32]>,
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError>;
@@ -263,9 +282,14 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Claims outbox rows that are available (`available_at <= now`) in commit order, for
     /// `lease`: they are not available to anyone else until the lease ends. The claimer
     /// publishes them and reports them published (they are deleted by the next commit).
+    ///
+    /// With `partitions` set, only rows of those partitions, or with no partition (a
+    /// poison message's announcement, rows written before partitions existed), are
+    /// claimed.
     async fn claim_outbox(
         &self,
         now: Timestamp,
+        partitions: Option<&[u32]>,
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<OutboxMessage>, StoreError>;
@@ -317,6 +341,34 @@ pub trait SagaStore: Send + Sync + 'static {
         now: Timestamp,
         lease: Duration,
     ) -> Result<bool, StoreError>;
+
+    /// Takes or renews every lease of `names` for `holder` until `now + lease` (as
+    /// [`SagaStore::acquire_lease`] does one), in one round trip. Returns the names
+    /// `holder` holds now, in any order. Orchestrator nodes renew their membership and
+    /// their partitions with it at every heartbeat.
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut held = Vec::with_capacity(names.len());
+        for name in names {
+            if self.acquire_lease(name, holder, now, lease).await? {
+                held.push(name.clone());
+            }
+        }
+        Ok(held)
+    }
+
+    /// Ends the leases of `names` that `holder` holds, at once (a node handing its
+    /// partitions over, or leaving). Leases held by someone else are left alone.
+    async fn release_leases(&self, names: &[String], holder: &str) -> Result<(), StoreError>;
+
+    /// The leases whose name starts with `prefix` and that are held at `now` (not
+    /// expired), in name order.
+    async fn leases(&self, prefix: &str, now: Timestamp) -> Result<Vec<Lease>, StoreError>;
 
     /// Deletes up to `limit` finished (completed or compensated) sagas whose last
     /// transition was before `before`, with their journals and dead letters, oldest

@@ -145,8 +145,9 @@ pub const H_REPLY_TOKEN: &str = "Skald-Reply-Token";
 /// Prefix of command subjects: `skald.cmd.<service>.<action>`.
 pub const COMMAND_PREFIX: &str = "skald.cmd";
 
-/// The partition every saga belongs to until partitioned scale-out: the last token of
-/// reply and operator subjects, so that routing by partition needs no new layout.
+/// The partition token of operator requests (read by every node: one consumer per saga
+/// type, whatever the partition), and of the replies to commands stored before
+/// partitions existed.
 pub const DEFAULT_PARTITION: u32 = 0;
 
 /// The subject the replies of `service` to commands of saga type `saga_type` are
@@ -161,6 +162,12 @@ pub fn reply_subject(service: &str, saga_type: &SagaType, partition: u32) -> Str
 /// The filter of the replies of every service for saga type `saga_type`.
 pub fn reply_filter(saga_type: &SagaType) -> String {
     format!("skald.reply.*.{saga_type}.>")
+}
+
+/// The filter of the replies of every service for the sagas of type `saga_type` in
+/// partition `partition`: what the node holding the partition reads.
+pub fn reply_partition_filter(saga_type: &SagaType, partition: u32) -> String {
+    format!("skald.reply.*.{saga_type}.{partition}")
 }
 
 /// The parts of a reply subject: (service, saga type, partition); `None` when `subject`
@@ -709,6 +716,17 @@ pub fn encode_command_with(
     command: &Command,
     keys: Option<&crate::auth::ReplyKeys>,
 ) -> Result<Message, serde_json::Error> {
+    encode_command_for(command, keys, DEFAULT_PARTITION)
+}
+
+/// Encodes a command as a bus message, with the reply token of `keys`, naming the reply
+/// subject of the saga's partition `partition` ([`reply_subject`]): its replies go to the
+/// node holding that partition.
+pub fn encode_command_for(
+    command: &Command,
+    keys: Option<&crate::auth::ReplyKeys>,
+    partition: u32,
+) -> Result<Message, serde_json::Error> {
     let mut h = Headers::new();
     h.insert(H_SAGA_ID, command.saga_id.to_string());
     h.insert(H_SAGA_TYPE, command.saga_type.as_str());
@@ -721,7 +739,7 @@ pub fn encode_command_with(
         reply_subject(
             crate::ids::service_of(&command.subject),
             &command.saga_type,
-            DEFAULT_PARTITION,
+            partition,
         ),
     );
     if let Some(keys) = keys {

@@ -475,6 +475,14 @@ pub(crate) struct ServeArgs {
     /// An active saga's actor leaves memory after this long without input (ms).
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
     pub(crate) idle_timeout_ms: u64,
+    /// How many partitions the store's sagas are spread over: recorded by the first
+    /// node on a store (16 when no node sets it), fixed after (docs/scaling.md).
+    #[arg(long, value_name = "N")]
+    pub(crate) partitions: Option<u32>,
+    /// How long a node's partition leases last without renewal (ms): how soon the other
+    /// nodes take over the partitions of a node that died.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub(crate) partition_lease_ms: u64,
     /// How long JetStream waits for a node's ack before redelivering (s): how soon the
     /// other nodes take over the replies a killed node held.
     #[arg(long, default_value_t = 30, value_name = "S")]
@@ -654,6 +662,11 @@ mod tests {
             Duration::from_millis(serve.idle_timeout_ms),
             defaults.idle_timeout
         );
+        assert_eq!(
+            Duration::from_millis(serve.partition_lease_ms),
+            defaults.partition_lease
+        );
+        assert_eq!(serve.partitions, defaults.partitions);
         let nats = skald_adapters::nats::NatsOptions::new("nats://h:4222");
         assert_eq!(Duration::from_secs(serve.ack_wait_secs), nats.ack_wait);
         assert_eq!(serve.nats_wait_secs, 0);
@@ -681,6 +694,21 @@ mod tests {
         assert_eq!(serve.log_format, LogFormat::Json);
         assert_eq!(serve.reply_group, "orders");
         assert_eq!(serve.idle_timeout_ms, 5000);
+        assert_eq!(
+            parse(&[
+                "serve",
+                "--partitions",
+                "32",
+                "--partition-lease-ms",
+                "2000"
+            ])
+            .map(|a| match a.command {
+                Command::Serve(s) => (s.partitions, s.partition_lease_ms),
+                _ => (None, 0),
+            })
+            .ok(),
+            Some((Some(32), 2000))
+        );
         assert!(parse(&["serve", "--log-format", "yaml"]).is_err());
     }
 

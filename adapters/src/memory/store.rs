@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::{SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, MAX_QUERY_ROWS,
+    DeadLetterCategory, DeadLetterQuery, DeadLetterRecord, JournalEntry, Lease, MAX_QUERY_ROWS,
     OutboxMessage, PurgeReport, SagaOrder, SagaQueries, SagaQuery, SagaStore, SagaSummary,
     SagaWrite, StatusCount, StoreError, StoreStats, StoredSaga, SweepStats, WriteOutcome,
 };
@@ -19,10 +19,13 @@ struct Data {
     // BTreeMap: id order, the stable order `list` and `active_sagas` page in (not time
     // order: keyed ids are version 8, hashes of their key).
     sagas: BTreeMap<SagaId, StoredSaga>,
+    /// Each saga's partition, recorded when it is created and never changed.
+    partitions: HashMap<SagaId, u32>,
     journal: HashMap<SagaId, Vec<JournalEntry>>,
     dead_letters: Vec<(DeadLetterRecord, Option<Timestamp>)>,
-    /// Unpublished rows by sequence (commit order).
-    outbox: BTreeMap<u64, OutboxMessage>,
+    /// Unpublished rows by sequence (commit order), with their partition (none for a
+    /// poison message's announcement: anyone's).
+    outbox: BTreeMap<u64, (OutboxMessage, Option<u32>)>,
     outbox_seq: u64,
     /// Consumed message ids and when they were recorded.
     inbox: HashMap<String, Timestamp>,
@@ -63,6 +66,15 @@ impl MemoryStore {
     }
 }
 
+/// Whether a row of `partition` (`None`: no partition, anyone's) is among `partitions`
+/// (`None`: every one).
+fn in_partitions(partition: Option<u32>, partitions: Option<&[u32]>) -> bool {
+    match (partition, partitions) {
+        (Some(p), Some(ps)) => ps.contains(&p),
+        _ => true,
+    }
+}
+
 fn is_active(status: SagaStatus) -> bool {
     matches!(status, SagaStatus::Running | SagaStatus::Compensating)
 }
@@ -81,7 +93,7 @@ impl SagaStore for MemoryStore {
         let mut data = self.lock()?;
         let data = &mut *data;
         if !published.is_empty() {
-            data.outbox.retain(|_, m| !published.contains(&m.id));
+            data.outbox.retain(|_, (m, _)| !published.contains(&m.id));
         }
         let mut outcomes = Vec::with_capacity(writes.len());
         for w in writes {
@@ -100,6 +112,8 @@ impl SagaStore for MemoryStore {
                     }
                     let version = current + 1;
                     data.wake_claims.remove(&w.id);
+                    // Created: in the write's partition, for good.
+                    data.partitions.entry(w.id).or_insert(w.partition);
                     data.sagas.insert(
                         w.id,
                         StoredSaga {
@@ -138,7 +152,8 @@ impl SagaStore for MemoryStore {
             }
             for m in &w.outbox {
                 data.outbox_seq += 1;
-                data.outbox.insert(data.outbox_seq, m.clone());
+                data.outbox
+                    .insert(data.outbox_seq, (m.clone(), Some(w.partition)));
             }
             if let Some(id) = &w.inbox {
                 let at = w.journal.first().map(|j| j.at).unwrap_or_default();
@@ -153,12 +168,14 @@ impl SagaStore for MemoryStore {
         &self,
         now: Timestamp,
         types: &[(SagaType, u32)],
+        partitions: Option<&[u32]>,
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<SagaId>, StoreError> {
         let mut data = self.lock()?;
         let data = &mut *data;
         let claims = &data.wake_claims;
+        let of = &data.partitions;
         let mut due: Vec<(Timestamp, SagaId)> = data
             .sagas
             .values()
@@ -168,6 +185,7 @@ impl SagaStore for MemoryStore {
                     .any(|(t, v)| *t == s.state.saga_type && *v == s.state.definition_version)
             })
             .filter(|s| claims.get(&s.state.id).is_none_or(|until| *until <= now))
+            .filter(|s| in_partitions(of.get(&s.state.id).copied(), partitions))
             .filter_map(|s| {
                 s.state
                     .wake_at()
@@ -187,6 +205,7 @@ impl SagaStore for MemoryStore {
     async fn claim_outbox(
         &self,
         now: Timestamp,
+        partitions: Option<&[u32]>,
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
@@ -195,7 +214,8 @@ impl SagaStore for MemoryStore {
         Ok(data
             .outbox
             .values_mut()
-            .filter(|m| m.available_at <= now)
+            .filter(|(m, p)| m.available_at <= now && in_partitions(*p, partitions))
+            .map(|(m, _)| m)
             .take(limit)
             .map(|m| {
                 m.available_at = until;
@@ -213,7 +233,11 @@ impl SagaStore for MemoryStore {
 
     async fn outbox_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
         let data = self.lock()?;
-        let oldest = data.outbox.values().next().map(|m| crate::created_at(m.id));
+        let oldest = data
+            .outbox
+            .values()
+            .next()
+            .map(|(m, _)| crate::created_at(m.id));
         Ok((data.outbox.len() as u64, oldest))
     }
 
@@ -277,6 +301,54 @@ impl SagaStore for MemoryStore {
         Ok(free)
     }
 
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut data = self.lock()?;
+        let mut held: Vec<String> = Vec::with_capacity(names.len());
+        // Each name once, as the SQL stores take them.
+        let names: std::collections::BTreeSet<&String> = names.iter().collect();
+        for name in names {
+            let free = data
+                .leases
+                .get(name)
+                .is_none_or(|(h, until)| h == holder || *until < now);
+            if free {
+                data.leases
+                    .insert(name.clone(), (holder.to_owned(), now.plus(lease)));
+                held.push(name.clone());
+            }
+        }
+        Ok(held)
+    }
+
+    async fn release_leases(&self, names: &[String], holder: &str) -> Result<(), StoreError> {
+        let mut data = self.lock()?;
+        data.leases
+            .retain(|name, (h, _)| h != holder || !names.contains(name));
+        Ok(())
+    }
+
+    async fn leases(&self, prefix: &str, now: Timestamp) -> Result<Vec<Lease>, StoreError> {
+        let data = self.lock()?;
+        let mut held: Vec<Lease> = data
+            .leases
+            .iter()
+            .filter(|(name, (_, until))| name.starts_with(prefix) && *until >= now)
+            .map(|(name, (holder, until))| Lease {
+                name: name.clone(),
+                holder: holder.clone(),
+                until: *until,
+            })
+            .collect();
+        held.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(held)
+    }
+
     async fn purge_finished(
         &self,
         before: Timestamp,
@@ -300,6 +372,7 @@ impl SagaStore for MemoryStore {
         let mut report = PurgeReport::default();
         for (_, id) in old {
             data.sagas.remove(&id);
+            data.partitions.remove(&id);
             report.sagas += 1;
             report.journal_entries += data.journal.remove(&id).map_or(0, |j| j.len() as u64);
             let before_len = data.dead_letters.len();
@@ -376,10 +449,11 @@ impl SagaStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let mut data = self.lock()?;
         data.dead_letters.push((record.clone(), None));
+        // No partition: every node may publish a poison message's announcement.
         for m in outbox {
             data.outbox_seq += 1;
             let seq = data.outbox_seq;
-            data.outbox.insert(seq, m.clone());
+            data.outbox.insert(seq, (m.clone(), None));
         }
         Ok(())
     }
@@ -510,7 +584,11 @@ impl SagaQueries for MemoryStore {
                 )
             }),
             outbox_backlog: data.outbox.len() as u64,
-            outbox_oldest: data.outbox.values().next().map(|m| crate::created_at(m.id)),
+            outbox_oldest: data
+                .outbox
+                .values()
+                .next()
+                .map(|(m, _)| crate::created_at(m.id)),
             open_dead_letters: data
                 .dead_letters
                 .iter()

@@ -24,6 +24,8 @@ pub(crate) struct CommitBatch<'a> {
 #[derive(Serialize)]
 pub(crate) struct CommitWrite<'a> {
     id: SagaId,
+    /// Recorded with a created saga and with every outbox row of the write.
+    partition: u32,
     expected: u64,
     state: Option<&'a SagaState>,
     saga_type: Option<&'a str>,
@@ -89,6 +91,7 @@ impl<'a> CommitWrite<'a> {
         let state = w.state.as_ref();
         CommitWrite {
             id: w.id,
+            partition: w.partition,
             expected: w.expected_version,
             state,
             saga_type: state.map(|s| s.saga_type.as_str()),

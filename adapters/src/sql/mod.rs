@@ -15,9 +15,9 @@ pub(crate) use commit::{
 };
 pub(crate) use rows::{
     IN_FLIGHT_COUNTS, OUTBOX_BACKLOG, QueryRow, SWEEPS, decode_backlog, decode_dead_letter,
-    decode_ids, decode_journal_entry, decode_state, decode_status_count, decode_summary,
-    decode_sweep, decode_type_count, decode_version_count, due_in_order, outbox_in_order,
-    store_stats, stored_secret,
+    decode_ids, decode_journal_entry, decode_lease, decode_state, decode_status_count,
+    decode_summary, decode_sweep, decode_type_count, decode_version_count, due_in_order,
+    outbox_in_order, store_stats, stored_secret,
 };
 
 /// What a store's `start_in` did in the caller's transaction (`PostgresStore::start_in`,
@@ -105,6 +105,15 @@ pub(crate) fn check_candidate(name: &str, candidate: &[u8]) -> Result<(), StoreE
         )));
     }
     Ok(())
+}
+
+/// The lease names of an `acquire_leases`, sorted (by bytes) and each once: concurrent
+/// acquirers then lock the rows in one order, and no statement upserts a row twice.
+pub(crate) fn lease_names(names: &[String]) -> Vec<&str> {
+    let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 pub(crate) fn parse_id(s: &str) -> Result<SagaId, StoreError> {

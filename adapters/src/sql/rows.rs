@@ -5,7 +5,7 @@
 use skald_runtime::ids::{SagaId, SagaType};
 use skald_runtime::machine::{SagaState, SagaStatus, Timestamp};
 use skald_runtime::ports::{
-    DeadLetterCategory, DeadLetterRecord, JournalEntry, Message, OutboxMessage, PurgeReport,
+    DeadLetterCategory, DeadLetterRecord, JournalEntry, Lease, Message, OutboxMessage, PurgeReport,
     SagaSummary, StatusCount, StoreError, StoreStats, StoredSaga, SweepStats,
 };
 use uuid::Uuid;
@@ -66,6 +66,15 @@ pub(crate) fn decode_state(r: &impl QueryRow) -> Result<StoredSaga, StoreError> 
     Ok(StoredSaga {
         state,
         version: u64::try_from(version).map_err(|e| corrupt("version", e))?,
+    })
+}
+
+/// `name, holder, until_ms`: a lease.
+pub(crate) fn decode_lease(r: &impl QueryRow) -> Result<Lease, StoreError> {
+    Ok(Lease {
+        name: r.text("name")?,
+        holder: r.text("holder")?,
+        until: r.time("until_ms")?,
     })
 }
 

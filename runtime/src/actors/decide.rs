@@ -88,6 +88,9 @@ pub(crate) struct Decider<'a> {
     /// Whether the messages go to the outbox with the write; otherwise (an in-process
     /// bus) they are handed to the publisher only.
     pub(crate) outbox_stored: bool,
+    /// The deployment's partition count: a saga's partition names its commands' reply
+    /// subject and is recorded with its writes.
+    pub(crate) partitions: u32,
 }
 
 /// The write to commit, and what follows once it is committed.
@@ -181,7 +184,7 @@ impl<'a> Decider<'a> {
                         e.is_ignorable()
                     } =>
             {
-                Ok(ignored(saga, &input, &e, inbox, now))
+                Ok(ignored(saga, &input, &e, inbox, now, self.partitions))
             }
             Err(e) => Err(e.into()),
         }
@@ -242,6 +245,7 @@ impl<'a> Decider<'a> {
             saga.state.status == SagaStatus::Failed && state.status != SagaStatus::Failed;
         let write = SagaWrite {
             id: saga.state.id,
+            partition: saga.state.id.partition(self.partitions),
             expected_version: saga.version,
             // Moved, not copied: the committer hands the write back.
             state: Some(state),
@@ -319,7 +323,8 @@ impl<'a> Decider<'a> {
         for effect in effects {
             match effect {
                 Effect::SendCommand(cmd) => {
-                    match wire::encode_command_with(cmd, Some(self.reply_keys)) {
+                    let partition = cmd.saga_id.partition(self.partitions);
+                    match wire::encode_command_for(cmd, Some(self.reply_keys), partition) {
                         Ok(msg) => push(msg),
                         // The state is committed without it; the reply deadline re-sends
                         // it.
@@ -352,6 +357,7 @@ fn ignored<'i>(
     e: &Refusal,
     inbox: Option<&str>,
     now: Timestamp,
+    partitions: u32,
 ) -> Decision<'i> {
     let body = JournalRecord::Ignored(Ignored {
         input: input.clone(),
@@ -365,6 +371,7 @@ fn ignored<'i>(
     });
     let write = SagaWrite {
         id: saga.state.id,
+        partition: saga.state.id.partition(partitions),
         expected_version: saga.version,
         state: None,
         journal: vec![JournalEntry::new(now, &body)],
@@ -541,6 +548,7 @@ mod tests {
                 reply_keys: &self.keys,
                 options: &self.options,
                 outbox_stored: self.outbox_stored,
+                partitions: 16,
             }
         }
     }

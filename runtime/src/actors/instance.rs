@@ -248,14 +248,17 @@ impl SagaInstance {
         if let Some(h) = self.idle_timer.take() {
             ctx.cancel_future(h);
         }
-        // Settled and unknown sagas expect no more input: free them at once. A runtime
-        // that consumes no replies (`RuntimeOptions::consume`) frees its sagas within a
-        // second: their input goes to the orchestrators, and a live actor here would
-        // only hold a stale state (its timer firing a timeout the others moved past).
+        // Settled and unknown sagas expect no more input: free them at once. A saga of a
+        // partition this runtime does not hold (started here for another node, or in a
+        // runtime that consumes nothing, `RuntimeOptions::consume`) is freed within a
+        // second: its input goes to the partition's holder, and a live actor here would
+        // only hold a stale state (its timer firing a timeout the holder moved past).
         // (A saga being created waits for its `Started` input in any case.)
         let idle = match self.status() {
             Some(SagaStatus::Created) => self.shared.options.idle_timeout,
-            Some(SagaStatus::Running | SagaStatus::Compensating) if self.shared.options.consume => {
+            Some(SagaStatus::Running | SagaStatus::Compensating)
+                if self.shared.ownership.owns(&self.id) =>
+            {
                 self.shared.options.idle_timeout
             }
             // Not zero: a request just routed here (a cancel) must reach it first.
@@ -441,6 +444,23 @@ impl Handler<Apply> for SagaInstance {
     }
 }
 
+/// The saga's partition went to another node: go now (the registry sends it to every
+/// live actor of the partition at a handover). Handled between transitions, never in
+/// the middle of one.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Release;
+
+impl Handler<Release> for SagaInstance {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Release, ctx: &mut Context<Self>) {
+        if !self.passivated && !self.shared.ownership.owns(&self.id) {
+            self.passivate(ctx);
+        }
+    }
+}
+
 impl Handler<Wake> for SagaInstance {
     type Result = AtomicResponse<Self, ()>;
 
@@ -474,6 +494,7 @@ async fn process(
         reply_keys: &shared.reply_keys,
         options: &shared.options,
         outbox_stored: shared.outbox_stored,
+        partitions: shared.ownership.count(),
     };
     for _ in 0..MAX_CONFLICT_RETRIES {
         let now = shared.clock.now();

@@ -41,7 +41,7 @@ pub use decide::Condition;
 pub(crate) use decide::{Decider, Then};
 pub use instance::{Applied, Apply, SagaInstance, Wake};
 pub(crate) use publisher::{publish_outbox, publisher};
-pub use registry::{Lookup, Registry};
+pub use registry::{Lookup, Registry, ReleasePartition};
 pub(crate) use wakeups::SweepNow;
 pub use wakeups::WakeupSweeper;
 
@@ -374,6 +374,10 @@ pub struct Shared {
     /// Wakes the outbox relay before its next poll: rows committed outside the runtime
     /// (a start in the caller's transaction) go out at once.
     pub(crate) relay_nudge: tokio::sync::Notify,
+    /// The partitions this runtime holds ([`crate::partitions`]).
+    pub(crate) ownership: Arc<crate::partitions::Ownership>,
+    /// This runtime's name in the store's leases (`pid<pid>-<uuid>`).
+    pub(crate) node: String,
 }
 
 impl std::fmt::Debug for Shared {

@@ -116,6 +116,29 @@ impl Handler<Lookup> for Registry {
     }
 }
 
+/// Lets every live actor of a partition go (this node handed it over).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ReleasePartition {
+    /// The partition.
+    pub partition: u32,
+}
+
+impl Handler<ReleasePartition> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReleasePartition, _: &mut Context<Self>) {
+        let ownership = &self.shared.ownership;
+        for (id, weak) in &self.instances {
+            if ownership.partition_of(id) == msg.partition
+                && let Some(addr) = weak.upgrade()
+            {
+                addr.do_send(super::instance::Release);
+            }
+        }
+    }
+}
+
 impl Handler<Passivated> for Registry {
     type Result = ();
 

@@ -90,10 +90,12 @@ impl WakeupSweeper {
                 let types = shared.definitions.pairs();
                 let lease = shared.options.claim_lease;
                 let batch = left.min(CLAIM_BATCH);
+                // Only the partitions held (a node leasing them).
+                let partitions = shared.ownership.claim_filter();
                 let due = shared
                     .on_io(async move {
                         store
-                            .claim_wakeups(now, &types, batch, lease)
+                            .claim_wakeups(now, &types, partitions.as_deref(), batch, lease)
                             .await
                             .map_err(RuntimeError::from)
                     })

@@ -45,12 +45,7 @@ pub(super) fn run_actor_system(
 /// sweeper and the metrics sampler. Each runs until its task is aborted.
 pub(super) fn spawn(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
     let relay = tokio::spawn(relay(Arc::clone(shared)));
-    let holder = format!(
-        "pid{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7().simple()
-    );
-    let sweeper = tokio::spawn(sweeper(Arc::clone(shared), holder));
+    let sweeper = tokio::spawn(sweeper(Arc::clone(shared), shared.node.clone()));
     let sampler = tokio::spawn(crate::metrics::sampler(Arc::clone(shared)));
     let outcomes = tokio::spawn(outcome_poller(Arc::clone(shared)));
     vec![sampler, relay, sweeper, outcomes]

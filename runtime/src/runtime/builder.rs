@@ -12,13 +12,16 @@ use super::background;
 use super::intake::{self, Inbound, OP_PENDING, op_consumer, reply_consumer};
 use super::options::RuntimeOptions;
 use super::outbox::PUBLISHER_QUEUE;
-use super::{AbortOnDrop, Runtime, start_requests};
+use super::{AbortOnDrop, Runtime, leases, start_requests};
 use crate::actors::{Definitions, OutcomeHub, RuntimeStats, SagaOutcome, Shared, publisher};
 use crate::committer::Committer;
 use crate::definition::SagaDefinition;
 use crate::error::RuntimeError;
 use crate::ids::SagaType;
-use crate::ports::{Bus, BusError, Clock, JitterSource, RandomJitter, SagaStore, SystemClock};
+use crate::partitions::{DEFAULT_PARTITIONS, Mode, Ownership, PARTITIONS_SETTING};
+use crate::ports::{
+    Bus, BusError, Clock, Delivery, JitterSource, RandomJitter, SagaStore, SystemClock,
+};
 use crate::wire;
 
 /// What [`RuntimeBuilder::store`] takes: a store by value, or an `Arc` of one.
@@ -260,6 +263,14 @@ impl RuntimeBuilder {
                     .map_err(|e| RuntimeError::ReplyKeys(e.to_string()))?
             }
         };
+        let partitions = partition_count(&*store, self.options.partitions).await?;
+        let mode = if !self.options.consume {
+            Mode::Nothing
+        } else if bus.is_durable() {
+            Mode::Leased
+        } else {
+            Mode::All
+        };
         let io = tokio::runtime::Handle::try_current().map_err(|_| RuntimeError::NoTokioRuntime)?;
         let (fatal, _) = watch::channel(None);
         let (publisher_tx, publisher_rx) = mpsc::channel(PUBLISHER_QUEUE);
@@ -303,34 +314,52 @@ impl RuntimeBuilder {
             reply_keys,
             publish_waiters: Arc::new(Semaphore::new(PUBLISHER_QUEUE)),
             relay_nudge: tokio::sync::Notify::new(),
+            ownership: Arc::new(Ownership::new(partitions, mode)),
+            node: format!(
+                "pid{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
         });
         let publisher = tokio::spawn(publisher(Arc::clone(&shared), publisher_rx));
 
-        // Subscribe before anything is sent, so no reply is missed. One consumer per
-        // registered saga type for its replies, one for its operator requests: runtimes
-        // with different sagas share a broker without touching each other's consumers,
-        // and a deploy that adds a type adds consumers and changes none.
+        // Subscribe before anything is sent, so no reply is missed. Per registered saga
+        // type, one consumer for its operator requests, and for its replies one (every
+        // partition, on a bus only this runtime reads) or one per partition held (a
+        // node leasing partitions: `leases`, which subscribes as it takes them).
+        // Runtimes with different sagas share a broker without touching each other's
+        // consumers, and a deploy that adds a type adds consumers and changes none.
         let types: Vec<SagaType> = shared.definitions.types().cloned().collect();
         let per_type = (shared.options.max_in_flight_replies / types.len().max(1)).max(64);
-        let mut inbound = Vec::with_capacity(types.len() * 2);
+        let mut inbound = Vec::with_capacity(types.len() * 2 + 1);
         let consumed: &[SagaType] = if shared.options.consume { &types } else { &[] };
         for ty in consumed {
             let group = &shared.options.reply_group;
-            let replies = shared
-                .bus
-                .subscribe_bounded(
-                    &[wire::reply_filter(ty)],
-                    &reply_consumer(group, ty),
-                    per_type,
-                )
-                .await?;
+            if mode == Mode::All {
+                let replies = shared
+                    .bus
+                    .subscribe_bounded(
+                        &[wire::reply_filter(ty)],
+                        &reply_consumer(group, ty),
+                        per_type,
+                    )
+                    .await?;
+                inbound.push(replies.map(|d| (Inbound::Reply, d)).boxed());
+            }
             let requests = shared
                 .bus
                 .subscribe_bounded(&[wire::op_filter(ty)], &op_consumer(group, ty), OP_PENDING)
                 .await?;
-            inbound.push(replies.map(|d| (Inbound::Reply, d)).boxed());
             inbound.push(requests.map(|d| (Inbound::Request, d)).boxed());
         }
+        // The partitions' consumers hand their replies over here.
+        let (partition_tx, partition_rx) = mpsc::channel::<(Inbound, Delivery)>(64);
+        inbound.push(
+            futures_util::stream::unfold(partition_rx, |mut rx| async move {
+                rx.recv().await.map(|d| (d, rx))
+            })
+            .boxed(),
+        );
         let replies = futures_util::stream::select_all(inbound);
         // Start requests (docs/protocol.md, "Starting a saga"): one queue subscription
         // per registered type, so a request for a type no runtime runs gets the broker's
@@ -368,6 +397,19 @@ impl RuntimeBuilder {
             RuntimeError::ActorSystem("its thread ended before the registry started".into())
         })?;
 
+        // A node leasing partitions takes its share before anything is read (a lone
+        // node: every partition), so that the first inputs find their partitions held,
+        // then keeps it up to date.
+        let leases = if mode == Mode::Leased {
+            let mut leases =
+                leases::Leases::new(Arc::clone(&shared), registry.clone(), partition_tx);
+            leases.tick().await;
+            let (stop, stopped) = watch::channel(false);
+            Some((stop, tokio::spawn(leases.run(stopped))))
+        } else {
+            drop(partition_tx);
+            None
+        };
         let intake = tokio::spawn(intake::intake(
             Arc::clone(&shared),
             registry.clone(),
@@ -389,6 +431,7 @@ impl RuntimeBuilder {
             thread: Some(thread),
             tasks,
             starts,
+            leases,
         };
         // The outbox covers a crash between commit and publish. An in-process bus also
         // loses what was published but not yet consumed when the process died: re-send
@@ -400,5 +443,36 @@ impl RuntimeBuilder {
             runtime.resume_active().await?;
         }
         Ok(runtime)
+    }
+}
+
+/// The store's partition count: the one it recorded, or `configured` (16 when unset)
+/// recorded now by the first runtime on it. A runtime configured with another count
+/// than the store's is refused: sagas are recorded with their partition.
+async fn partition_count(
+    store: &dyn SagaStore,
+    configured: Option<u32>,
+) -> Result<u32, RuntimeError> {
+    let candidate = configured.unwrap_or(DEFAULT_PARTITIONS);
+    let recorded = store
+        .shared_secret(PARTITIONS_SETTING, candidate.to_string().as_bytes())
+        .await?;
+    let recorded = std::str::from_utf8(&recorded)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|n| (1..=crate::ids::MAX_PARTITIONS).contains(n))
+        .ok_or_else(|| {
+            RuntimeError::Store(crate::ports::StoreError::Other(format!(
+                "the store's partition count ({PARTITIONS_SETTING:?} in skald_secrets) is not a \
+                 number from 1 to {}",
+                crate::ids::MAX_PARTITIONS
+            )))
+        })?;
+    match configured {
+        Some(c) if c != recorded => Err(RuntimeError::PartitionCount {
+            configured: c,
+            recorded,
+        }),
+        _ => Ok(recorded),
     }
 }

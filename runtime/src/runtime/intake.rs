@@ -112,7 +112,23 @@ pub(super) async fn intake(
     let count = Arc::new(Semaphore::new(o.max_in_flight_replies.max(1)));
     let max_bytes = o.max_in_flight_bytes.clamp(1, u32::MAX as usize);
     let bytes = Arc::new(Semaphore::new(max_bytes));
+    let leased = shared.ownership.mode() == crate::partitions::Mode::Leased;
     while let Some((kind, mut delivery)) = inbound.next().await {
+        // A reply of a partition handed over since it was received goes back to the
+        // broker at once, unapplied, for the partition's new holder; one being applied
+        // holds the handover until it is settled.
+        let applying = match wire::reply_subject_parts(&delivery.message.subject) {
+            Some((_, _, p)) if leased && kind == Inbound::Reply => {
+                if !shared.ownership.holds(p) {
+                    RuntimeStats::incr(&shared.stats.deferred);
+                    let (_, _, acker) = delivery.into_parts();
+                    tokio::spawn(async move { settle(acker.nak(Duration::ZERO).await) });
+                    continue;
+                }
+                Some(shared.ownership.applying(p))
+            }
+            _ => None,
+        };
         // Past the limits: only a capped copy of the body is kept (for the dead
         // letter), so an oversized message holds neither memory nor the byte budget.
         let oversized = check_limits(o, &delivery.message).err().map(|reason| {
@@ -134,7 +150,7 @@ pub(super) async fn intake(
         let registry = registry.clone();
         tokio::spawn(async move {
             handle_inbound(&shared, &registry, kind, delivery, oversized).await;
-            drop((one, held));
+            drop((one, held, applying));
         });
     }
     debug!("reply intake stopped");

@@ -26,6 +26,7 @@ mod background;
 mod builder;
 mod handle;
 mod intake;
+mod leases;
 mod options;
 pub(crate) mod outbox;
 mod start_requests;
@@ -45,6 +46,7 @@ pub use builder::{IntoBus, IntoStore, RuntimeBuilder};
 pub use handle::{SagaHandle, SagaView};
 pub use intake::MAX_REQUEST_TTL;
 pub(crate) use intake::reply_consumer;
+pub(crate) use leases::partition_consumer;
 pub use options::RuntimeOptions;
 pub use transactional::PreparedStart;
 
@@ -68,6 +70,12 @@ pub struct Runtime {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The start requests' endpoint (`start_requests`), stopped first at shutdown.
     starts: Option<start_requests::Serving>,
+    /// A node's partition leases (`leases`): told to stop at shutdown, when it hands
+    /// every partition over, while the actors still run.
+    leases: Option<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -198,7 +206,7 @@ impl Runtime {
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
-        self.start_saga_with_id(SagaId::new(), definition, data)
+        self.start_saga_with_id(self.shared.ownership.fresh_id(), definition, data)
             .await
     }
 
@@ -380,6 +388,23 @@ impl Runtime {
         self.shared.stats.snapshot()
     }
 
+    /// How many partitions the store's sagas are spread over (docs/scaling.md).
+    pub fn partition_count(&self) -> u32 {
+        self.shared.ownership.count()
+    }
+
+    /// The partitions this runtime holds now, in order: every one on a bus only it
+    /// reads, none when it consumes nothing, its share of the leases on a node.
+    pub fn held_partitions(&self) -> Vec<u32> {
+        self.shared.ownership.held().to_vec()
+    }
+
+    /// This runtime's name in the store's leases (`node/<name>`, and as the holder of
+    /// its partitions' leases).
+    pub fn node_name(&self) -> &str {
+        &self.shared.node
+    }
+
     /// The group commit loop's counters now: a plain snapshot.
     pub fn commit_stats(&self) -> CommitSnapshot {
         self.shared.committer.stats().snapshot()
@@ -455,6 +480,21 @@ impl Runtime {
         if let Some(starts) = self.starts.take() {
             starts.shutdown().await;
         }
+        // Then the partitions, handed over cleanly: the other nodes take them at their
+        // next renewal instead of after the leases end.
+        if let Some((stop, task)) = self.leases.take() {
+            let _ = stop.send(true);
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .is_err()
+            {
+                warn!(
+                    "handing the partitions over took too long; they pass on when their leases end"
+                );
+                abort.abort();
+            }
+        }
         // Stop taking replies, then the actors; the commit loop goes last, so that a
         // transition in flight is committed (or not) as a whole, never cut in half.
         // Handles waiting for an outcome give up (nothing here will settle a saga).
@@ -489,6 +529,9 @@ impl Drop for Runtime {
         self.shared.outcomes.close();
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some((_, task)) = &self.leases {
+            task.abort();
         }
         if self.thread.is_some() {
             self.system.stop();

@@ -159,6 +159,18 @@ pub struct RuntimeOptions {
     /// probably given up (and, without a key, sent it again). Default: 5 s.
     #[serde(with = "crate::serde_millis")]
     pub max_start_wait: Duration,
+    /// How many partitions the sagas are spread over (docs/scaling.md): fixed for the
+    /// life of a store. The first runtime on a store records its count (this, or 16 when
+    /// unset); later runtimes take the recorded count, and one configured with another
+    /// count refuses to start. At most 1024. Default: unset.
+    pub partitions: Option<u32>,
+    /// How long a node's lease on its partitions (and on its membership) lasts without
+    /// renewal: a node that dies leaves its partitions to the others after this long.
+    /// Renewed every fifth of it. Only nodes that consume from a durable bus (NATS)
+    /// lease partitions; a runtime on the in-process bus runs every partition, one that
+    /// does not consume (`consume`) none. At least 1 s. Default: 5 s.
+    #[serde(with = "crate::serde_millis")]
+    pub partition_lease: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -195,6 +207,8 @@ impl Default for RuntimeOptions {
             max_in_flight_starts: 256,
             start_reply_prefixes: vec!["_INBOX.".into(), "_INBOX_".into()],
             max_start_wait: Duration::from_secs(5),
+            partitions: None,
+            partition_lease: Duration::from_secs(5),
         }
     }
 }
@@ -209,6 +223,20 @@ impl RuntimeOptions {
                 configured: self.inbox_retention,
                 minimum: MAX_REQUEST_TTL,
             });
+        }
+        if let Some(n) = self.partitions
+            && !(1..=skald_core::ids::MAX_PARTITIONS).contains(&n)
+        {
+            return Err(RuntimeError::InvalidOption(format!(
+                "partitions = {n}: a deployment has 1 to {} partitions",
+                skald_core::ids::MAX_PARTITIONS
+            )));
+        }
+        if self.partition_lease < Duration::from_secs(1) {
+            return Err(RuntimeError::InvalidOption(format!(
+                "partition-lease = {:?}: at least 1 s (it is renewed every fifth of it)",
+                self.partition_lease
+            )));
         }
         for (name, key) in &self.operators {
             crate::auth::check_operator_key(key).map_err(|e| RuntimeError::InvalidOperatorKey {

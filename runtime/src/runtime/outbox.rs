@@ -103,7 +103,12 @@ pub(super) async fn relay(shared: Arc<Shared>) {
         let now = shared.clock.now();
         match shared
             .store
-            .claim_outbox(now, shared.options.claim_lease, BATCH)
+            .claim_outbox(
+                now,
+                shared.ownership.claim_filter().as_deref(),
+                shared.options.claim_lease,
+                BATCH,
+            )
             .await
         {
             Ok(rows) if !rows.is_empty() => {
@@ -148,7 +153,7 @@ fn restamp_reply(shared: &Shared, m: &mut Message) {
     let subject = wire::reply_subject(
         crate::ids::service_of(&m.subject),
         &env.saga_type,
-        wire::DEFAULT_PARTITION,
+        shared.ownership.partition_of(&env.saga_id),
     );
     m.headers.insert(wire::H_REPLY_TO, subject);
     m.headers

@@ -431,7 +431,8 @@ async fn start(
     let id = match &request.key {
         Some(key) => SagaId::for_key(ty, key)
             .map_err(|e| StartRefusal::new(wire::START_INVALID_KEY, e.to_string()))?,
-        None => SagaId::new(),
+        // In a partition this node holds: the saga's replies come back to its actor.
+        None => shared.ownership.fresh_id(),
     };
     let read = definition
         .read_data_json(request.data.get())

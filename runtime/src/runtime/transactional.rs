@@ -104,7 +104,7 @@ impl Runtime {
     where
         D: Serialize + DeserializeOwned + Send + 'static,
     {
-        self.prepare(SagaId::new(), definition, data)
+        self.prepare(self.shared.ownership.fresh_id(), definition, data)
     }
 
     /// Like [`Runtime::prepare_start`], for the one saga of `definition`'s type for
@@ -183,6 +183,7 @@ impl Runtime {
             // No actor publishes these messages after the caller's commit: the relay
             // does, from the outbox, whatever `RuntimeOptions::outbox` says.
             outbox_stored: true,
+            partitions: shared.ownership.count(),
         };
         let mut saga = StoredSaga {
             state: created.clone(),

@@ -96,6 +96,9 @@ pub(super) async fn migrate_payloads(
             );
             let write = SagaWrite {
                 id: s.id,
+                // An update with no outbox rows: the saga keeps the partition it was
+                // created in, and nothing else takes this one.
+                partition: 0,
                 expected_version: saga.version,
                 journal: vec![JournalEntry::new(
                     now,

@@ -91,6 +91,8 @@ pub(crate) async fn serve(
         let options = RuntimeOptions {
             reply_group: args.reply_group.clone(),
             idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+            partitions: args.partitions,
+            partition_lease: Duration::from_millis(args.partition_lease_ms),
             ..RuntimeOptions::default()
         };
         let builder = Runtime::builder().store(store).bus(bus).options(options);

@@ -1,0 +1,304 @@
+//! Partitioned ownership (docs/scaling.md): orchestrator nodes on one PostgreSQL and one
+//! NATS share the partitions through leases in the store, each runs the sagas of its
+//! own (their replies come to it: no cold loads, no conflicts), a node that leaves hands
+//! its partitions over at once, and a node that dies leaves them to the others when its
+//! leases end.
+
+#[macro_use]
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use skald::RuntimeError;
+use skald::ids::SagaId;
+use skald::machine::SagaStatus;
+use skald::ports::Bus;
+use skald::wire::IncomingCommand;
+use skald::{Runtime, RuntimeOptions};
+use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald_sagas::sim::MemoryLedger;
+
+/// The checkout saga with a reply timeout no wait here reaches: no attempt times out
+/// while its partition changes hands.
+fn checkout() -> skald::definition::SagaDefinition<Checkout> {
+    checkout_definition(CheckoutTiming {
+        timeout: Duration::from_secs(60),
+        ..fast_timing()
+    })
+    .expect("valid definition")
+}
+
+fn node_options(lease: Duration) -> RuntimeOptions {
+    RuntimeOptions {
+        partition_lease: lease,
+        metrics_interval: Duration::ZERO,
+        ..options()
+    }
+}
+
+async fn node(res: &Resources, bus: Arc<dyn Bus>, lease: Duration) -> Runtime {
+    let checkout = checkout();
+    Runtime::builder()
+        .store(Arc::clone(&res.store))
+        .bus(bus)
+        .register(&checkout)
+        .options(node_options(lease))
+        .reply_keys(test_reply_keys())
+        .start()
+        .await
+        .expect("node starts")
+}
+
+fn order(n: usize) -> Checkout {
+    Checkout::new(
+        format!("order-{n}"),
+        "customer",
+        vec![LineItem {
+            sku: "sku-1".into(),
+            quantity: 1,
+        }],
+        1_000,
+    )
+}
+
+/// Starts `n` sagas on `node`, numbered from `first`.
+async fn start_sagas(node: &Runtime, first: usize, n: usize) -> Vec<SagaId> {
+    let checkout = checkout();
+    let mut ids = Vec::with_capacity(n);
+    for i in first..first + n {
+        let handle = node
+            .start_saga(&checkout, &order(i))
+            .await
+            .expect("saga starts");
+        ids.push(handle.id());
+    }
+    ids
+}
+
+async fn all_completed(res: &Resources, ids: &[SagaId], within: Duration) {
+    Wait::new(format!("{} sagas completed", ids.len()))
+        .within(within)
+        .every(Duration::from_millis(100))
+        .until_ok(async || {
+            let mut open = 0;
+            for id in ids {
+                let saga = res.store.load(*id).await.map_err(|e| e.to_string())?;
+                match saga.map(|s| s.state.status) {
+                    Some(SagaStatus::Completed) => {}
+                    Some(SagaStatus::Compensated | SagaStatus::Failed) => {
+                        panic!("saga {id} did not complete")
+                    }
+                    _ => open += 1,
+                }
+            }
+            if open == 0 {
+                Ok(())
+            } else {
+                Err(format!("{open} open"))
+            }
+        })
+        .await;
+}
+
+/// Waits until the nodes hold `shares` partitions each, disjoint and covering all 16.
+async fn balanced(nodes: &[&Runtime], shares: &[usize], within: Duration) {
+    Wait::new(format!("partitions held {shares:?}"))
+        .within(within)
+        .every(Duration::from_millis(50))
+        .until_ok(async || {
+            let held: Vec<Vec<u32>> = nodes.iter().map(|n| n.held_partitions()).collect();
+            let mut counts: Vec<usize> = held.iter().map(Vec::len).collect();
+            counts.sort_unstable();
+            let union: BTreeSet<u32> = held.iter().flatten().copied().collect();
+            let total: usize = held.iter().map(Vec::len).sum();
+            if counts == shares && union.len() == 16 && total == 16 {
+                Ok(())
+            } else {
+                Err(format!("{held:?}"))
+            }
+        })
+        .await;
+}
+
+/// Every command names the reply subject of its saga's partition.
+fn recorder(seen: &Arc<Mutex<Vec<(SagaId, String)>>>) -> Script {
+    let seen = Arc::clone(seen);
+    Arc::new(move |cmd: &IncomingCommand| {
+        seen.lock()
+            .expect("lock")
+            .push((cmd.envelope.saga_id, cmd.reply_to.clone()));
+        None
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_the_partitions_and_each_runs_its_own_sagas() {
+    let res = Resources::new(Backend::PostgresNats).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _participants = start_participants(
+        res.bus().await,
+        MemoryLedger::new(),
+        reliable(),
+        recorder(&seen),
+        ALL_SERVICES,
+    )
+    .await;
+    let lease = Duration::from_secs(10);
+    let a = node(&res, res.bus().await, lease).await;
+    assert_eq!(a.partition_count(), 16);
+    assert_eq!(
+        a.held_partitions(),
+        (0..16).collect::<Vec<_>>(),
+        "a lone node holds all"
+    );
+    let b = node(&res, res.bus().await, lease).await;
+    // A renews every 2 s: it hands 8 over at its next renewal, B takes them at its own.
+    balanced(&[&a, &b], &[8, 8], Duration::from_secs(15)).await;
+
+    let ids_a = start_sagas(&a, 0, 60).await;
+    let ids_b = start_sagas(&b, 100, 60).await;
+    let (held_a, held_b) = (a.held_partitions(), b.held_partitions());
+    assert!(ids_a.iter().all(|id| held_a.contains(&id.partition(16))));
+    assert!(ids_b.iter().all(|id| held_b.contains(&id.partition(16))));
+    let all: Vec<SagaId> = ids_a.iter().chain(&ids_b).copied().collect();
+    all_completed(&res, &all, Duration::from_secs(30)).await;
+
+    // Each saga's replies reached the node that started it: no cold load, no conflict.
+    for n in [&a, &b] {
+        let stats = n.stats();
+        assert_eq!(stats.cold_activations, 0, "{stats:?}");
+        assert_eq!(stats.conflicts, 0, "{stats:?}");
+    }
+    for (id, reply_to) in seen.lock().expect("lock").iter() {
+        assert!(
+            reply_to.ends_with(&format!(".checkout.{}", id.partition(16))),
+            "{id}: {reply_to}"
+        );
+    }
+
+    // A leaves: it hands its partitions over, and B takes them at its next renewal,
+    // long before A's leases would have ended.
+    let left = Instant::now();
+    a.shutdown().await;
+    balanced(&[&b], &[16], Duration::from_secs(8)).await;
+    eprintln!(
+        "handover on leaving: {:?} (lease {lease:?})",
+        left.elapsed()
+    );
+    assert!(left.elapsed() < lease);
+    let after = start_sagas(&b, 200, 20).await;
+    all_completed(&res, &after, Duration::from_secs(30)).await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_partitions_move_when_its_leases_end() {
+    let res = Resources::new(Backend::PostgresNats).await;
+    let ledger = MemoryLedger::new();
+    let bus = res.bus().await;
+    // No payment service yet: the sagas wait at their charge.
+    let _others = start_participants(
+        bus.clone(),
+        ledger.clone(),
+        reliable(),
+        no_script(),
+        &["inventory", "shipping"],
+    )
+    .await;
+    let lease = Duration::from_secs(2);
+    let a = node(&res, res.bus().await, lease).await;
+    let b = node(&res, res.bus().await, lease).await;
+    balanced(&[&a, &b], &[8, 8], Duration::from_secs(10)).await;
+    let ids = start_sagas(&a, 0, 40).await;
+    let moved: BTreeSet<u32> = ids.iter().map(|id| id.partition(16)).collect();
+    assert!(moved.iter().all(|p| a.held_partitions().contains(p)));
+    Wait::new("every saga waiting at its charge")
+        .every(Duration::from_millis(50))
+        .until_ok(async || {
+            let mut waiting = 0;
+            for id in &ids {
+                let saga = res.store.load(*id).await.map_err(|e| e.to_string())?;
+                if saga
+                    .and_then(|s| s.state.pending)
+                    .is_some_and(|p| p.step == 1)
+                {
+                    waiting += 1;
+                }
+            }
+            if waiting == ids.len() {
+                Ok(())
+            } else {
+                Err(format!("{waiting} waiting"))
+            }
+        })
+        .await;
+
+    // A dies: no handover. Its partitions pass to B once its leases end.
+    let died = Instant::now();
+    drop(a);
+    let _payment =
+        start_participants(bus, ledger.clone(), reliable(), no_script(), &["payment"]).await;
+    balanced(&[&b], &[16], Duration::from_secs(15)).await;
+    let taken = died.elapsed();
+    all_completed(&res, &ids, Duration::from_secs(30)).await;
+    eprintln!(
+        "a dead node's partitions taken after {taken:?} (lease {lease:?}); its sagas finished after {:?}",
+        died.elapsed()
+    );
+    assert!(
+        taken >= lease - Duration::from_millis(500),
+        "taken before the lease ended: {taken:?}"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_is_fixed_for_a_stores_life() {
+    let res = Resources::new(Backend::MemoryInProcess).await;
+    let checkout = checkout();
+    let start = async |partitions: Option<u32>| {
+        Runtime::builder()
+            .store(Arc::clone(&res.store))
+            .bus(res.bus().await)
+            .register(&checkout)
+            .options(RuntimeOptions {
+                partitions,
+                ..options()
+            })
+            .start()
+            .await
+    };
+    let first = start(Some(32)).await.expect("the first runtime records 32");
+    assert_eq!(first.partition_count(), 32);
+    assert_eq!(
+        first.held_partitions().len(),
+        32,
+        "the in-process bus: every partition"
+    );
+    first.shutdown().await;
+    let unset = start(None).await.expect("unset takes the store's");
+    assert_eq!(unset.partition_count(), 32);
+    unset.shutdown().await;
+    match start(Some(16)).await {
+        Err(RuntimeError::PartitionCount {
+            configured: 16,
+            recorded: 32,
+        }) => {}
+        other => panic!(
+            "expected a refusal, got {:?}",
+            other.map(|r| r.partition_count())
+        ),
+    }
+    match start(Some(0)).await {
+        Err(RuntimeError::InvalidOption(reason)) => {
+            assert!(reason.contains("partitions"), "{reason}")
+        }
+        other => panic!(
+            "expected a refusal, got {:?}",
+            other.map(|r| r.partition_count())
+        ),
+    }
+}
