@@ -15,7 +15,7 @@ use common::*;
 use skald::RuntimeError;
 use skald::ids::SagaId;
 use skald::machine::SagaStatus;
-use skald::ports::Bus;
+use skald::ports::{Bus, Clock};
 use skald::wire::IncomingCommand;
 use skald::{Runtime, RuntimeOptions};
 use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
@@ -301,4 +301,92 @@ async fn the_partition_count_is_fixed_for_a_stores_life() {
             other.map(|r| r.partition_count())
         ),
     }
+}
+
+/// Nodes that run different sagas on one store (teams sharing a database, or two builds
+/// during a rolling deploy) are in different lease groups: each holds every partition
+/// of its own, so no saga waits in a partition held by a node that cannot run it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_run_different_sagas_never_strand_one() {
+    use serde_json::json;
+    use skald::definition::{SagaDefinition, Step};
+    use skald::wire::Outcome;
+
+    let res = Resources::new(Backend::PostgresNats).await;
+    let _participants = start_participants(
+        res.bus().await,
+        MemoryLedger::new(),
+        reliable(),
+        no_script(),
+        ALL_SERVICES,
+    )
+    .await;
+    let notify = SagaDefinition::<serde_json::Value>::builder("notify", 1)
+        .step(
+            Step::new("send")
+                .action("skald.cmd.mailer.send", |v: &serde_json::Value| v.clone())
+                .timeout(Duration::from_secs(60)),
+        )
+        .build()
+        .expect("a valid definition");
+    let _mailer = skald::participant::serve(
+        res.bus().await,
+        "skald.cmd.mailer.>",
+        "mailer",
+        16,
+        |_| async { Outcome::Success(json!({})) },
+    )
+    .await
+    .expect("serve the mailer");
+    let checkout_node = node(&res, res.bus().await, Duration::from_secs(2)).await;
+    let notify_node = Runtime::builder()
+        .store(Arc::clone(&res.store))
+        .bus(res.bus().await)
+        .register(&notify)
+        .options(node_options(Duration::from_secs(2)))
+        .reply_keys(test_reply_keys())
+        .start()
+        .await
+        .expect("node starts");
+    // Two renewals of each (every 400 ms), seen in the store: neither gave the other
+    // anything.
+    let since = skald::ports::SystemClock.now();
+    let renewed_twice = since.plus(Duration::from_secs(2) + Duration::from_millis(800));
+    Wait::new("two renewals of each node")
+        .within(Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .until_ok(async || {
+            let now = skald::ports::SystemClock.now();
+            let leases = res
+                .store
+                .leases("node/", now)
+                .await
+                .map_err(|e| e.to_string())?;
+            let renewed = |node: &Runtime| {
+                leases.iter().any(|l| {
+                    l.name.ends_with(&format!("/{}", node.node_name())) && l.until >= renewed_twice
+                })
+            };
+            if renewed(&checkout_node) && renewed(&notify_node) {
+                Ok(())
+            } else {
+                Err(format!("{leases:?}"))
+            }
+        })
+        .await;
+    assert_eq!(checkout_node.held_partitions().len(), 16);
+    assert_eq!(notify_node.held_partitions().len(), 16);
+    let checkouts = start_sagas(&checkout_node, 0, 40).await;
+    let mut notes = Vec::new();
+    for i in 0..40 {
+        let h = notify_node
+            .start_saga(&notify, &json!({ "to": format!("c-{i}") }))
+            .await
+            .expect("start");
+        notes.push(h.id());
+    }
+    let all: Vec<SagaId> = checkouts.iter().chain(&notes).copied().collect();
+    all_completed(&res, &all, Duration::from_secs(30)).await;
+    checkout_node.shutdown().await;
+    notify_node.shutdown().await;
 }

@@ -26,15 +26,36 @@ pub const DEFAULT_PARTITIONS: u32 = 16;
 /// ([`crate::ports::SagaStore::shared_secret`]: the first writer's value stays).
 pub(crate) const PARTITIONS_SETTING: &str = "partitions";
 
-/// The lease a node holds for as long as it runs (`node/<holder>`): the live nodes,
-/// among which the partitions are shared.
-pub fn node_lease(holder: &str) -> String {
-    format!("{NODE_LEASE_PREFIX}{holder}")
+/// The group of nodes that share partitions: those with the same reply group and the
+/// same registered (saga type, definition version) pairs, i.e. the nodes of one build of
+/// one deployment, which can run exactly the same sagas. It names their leases: 16 hex
+/// digits of FNV-1a over the reply group and the sorted pairs.
+///
+/// Nodes of different groups on one store (a rolling deploy between two builds, teams
+/// running different saga types on one database) each hold every partition of their
+/// own group: whatever partition a saga is in, a node that can run it holds it, and
+/// where two groups overlap they share its replies as they would without partitions
+/// (optimistic concurrency keeps that correct). No saga waits for a node that cannot
+/// run it.
+pub fn lease_group(reply_group: &str, pairs: &[(crate::ids::SagaType, u32)]) -> String {
+    let mut pairs: Vec<String> = pairs.iter().map(|(t, v)| format!("{t}:{v}")).collect();
+    pairs.sort_unstable();
+    let text = format!("{reply_group}\n{}", pairs.join(","));
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{h:016x}")
 }
 
-/// The lease on partition `p` (`partition/<p>`).
-pub fn partition_lease(p: u32) -> String {
-    format!("{PARTITION_LEASE_PREFIX}{p}")
+/// The lease a node holds for as long as it runs (`node/<group>/<holder>`): the live
+/// nodes of its group, among which the group's partitions are shared.
+pub fn node_lease(group: &str, holder: &str) -> String {
+    format!("{NODE_LEASE_PREFIX}{group}/{holder}")
+}
+
+/// The lease on partition `p` in `group` (`partition/<group>/<p>`).
+pub fn partition_lease(group: &str, p: u32) -> String {
+    format!("{PARTITION_LEASE_PREFIX}{group}/{p}")
 }
 
 /// The prefix of the nodes' leases.
@@ -42,9 +63,20 @@ pub const NODE_LEASE_PREFIX: &str = "node/";
 /// The prefix of the partitions' leases.
 pub const PARTITION_LEASE_PREFIX: &str = "partition/";
 
-/// The partition a lease name is for, if it is a partition's lease.
-pub fn lease_partition(name: &str) -> Option<u32> {
-    name.strip_prefix(PARTITION_LEASE_PREFIX)?.parse().ok()
+/// The partition a lease name is for, if it is a partition's lease of `group`.
+pub fn lease_partition(group: &str, name: &str) -> Option<u32> {
+    name.strip_prefix(PARTITION_LEASE_PREFIX)?
+        .strip_prefix(group)?
+        .strip_prefix('/')?
+        .parse()
+        .ok()
+}
+
+/// The node a lease name is for, if it is a node's lease of `group`.
+pub fn lease_node<'a>(group: &str, name: &'a str) -> Option<&'a str> {
+    name.strip_prefix(NODE_LEASE_PREFIX)?
+        .strip_prefix(group)?
+        .strip_prefix('/')
 }
 
 /// How a runtime comes by its partitions.
@@ -251,8 +283,26 @@ mod tests {
 
     #[test]
     fn lease_names() {
-        assert_eq!(lease_partition(&partition_lease(12)), Some(12));
-        assert_eq!(lease_partition(&node_lease("pid1-x")), None);
-        assert_eq!(lease_partition("partition/x"), None);
+        let checkout = crate::ids::SagaType::new("checkout").expect("type");
+        let g = lease_group("skald-orchestrator", &[(checkout.clone(), 1)]);
+        assert_eq!(g.len(), 16);
+        assert_eq!(
+            g,
+            lease_group("skald-orchestrator", &[(checkout.clone(), 1)])
+        );
+        assert_ne!(
+            g,
+            lease_group("skald-orchestrator", &[(checkout.clone(), 2)])
+        );
+        assert_ne!(g, lease_group("other", &[(checkout, 1)]));
+        assert_eq!(lease_partition(&g, &partition_lease(&g, 12)), Some(12));
+        assert_eq!(
+            lease_partition("0000000000000000", &partition_lease(&g, 12)),
+            None
+        );
+        assert_eq!(lease_partition(&g, &node_lease(&g, "pid1-x")), None);
+        assert_eq!(lease_node(&g, &node_lease(&g, "pid1-x")), Some("pid1-x"));
+        assert_eq!(lease_node(&g, &partition_lease(&g, 1)), None);
+        assert_eq!(lease_partition(&g, &format!("partition/{g}/x")), None);
     }
 }

@@ -116,12 +116,12 @@ impl Handler<Lookup> for Registry {
     }
 }
 
-/// Lets every live actor of a partition go (this node handed it over).
+/// Lets every live actor of some partitions go (this node handed them over).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct ReleasePartition {
-    /// The partition.
-    pub partition: u32,
+    /// The partitions.
+    pub partitions: Vec<u32>,
 }
 
 impl Handler<ReleasePartition> for Registry {
@@ -130,7 +130,7 @@ impl Handler<ReleasePartition> for Registry {
     fn handle(&mut self, msg: ReleasePartition, _: &mut Context<Self>) {
         let ownership = &self.shared.ownership;
         for (id, weak) in &self.instances {
-            if ownership.partition_of(id) == msg.partition
+            if msg.partitions.contains(&ownership.partition_of(id))
                 && let Some(addr) = weak.upgrade()
             {
                 addr.do_send(super::instance::Release);

@@ -146,6 +146,18 @@ pub(super) async fn intake(
         let Some(held) = acquire(&bytes, size, &delivery).await else {
             break;
         };
+        // Handed over while it waited for capacity: back to the broker, for the new
+        // holder.
+        if let Some((_, _, p)) = wire::reply_subject_parts(&delivery.message.subject)
+            && applying.is_some()
+            && !shared.ownership.holds(p)
+        {
+            RuntimeStats::incr(&shared.stats.deferred);
+            let (_, _, acker) = delivery.into_parts();
+            tokio::spawn(async move { settle(acker.nak(Duration::ZERO).await) });
+            drop((one, held, applying));
+            continue;
+        }
         let shared = Arc::clone(&shared);
         let registry = registry.clone();
         tokio::spawn(async move {

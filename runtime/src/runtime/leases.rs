@@ -1,9 +1,11 @@
 //! Partition leases: how a node comes by its share of the partitions
 //! ([`crate::partitions`]), keeps it, and hands it over.
 //!
-//! Every node holds a lease on its membership (`node/<node>`) and one per partition it
-//! runs (`partition/<p>`), in the store, for `RuntimeOptions::partition_lease`, renewed
-//! every fifth of it in one statement. At every renewal it reads the leases and:
+//! Every node holds a lease on its membership (`node/<group>/<node>`) and one per
+//! partition it runs (`partition/<group>/<p>`), in the store, for
+//! `RuntimeOptions::partition_lease`, renewed every fifth of it in one statement. The
+//! group ([`crate::partitions::lease_group`]) is the nodes that can run the same sagas;
+//! they share the partitions. At every renewal a node reads its group's leases and:
 //!
 //! - gives up a partition whose lease someone else took (its own had ended), and every
 //!   partition when it could not renew in time (a store outage: the others may take
@@ -33,9 +35,7 @@ use tracing::{debug, info, warn};
 use super::intake::Inbound;
 use crate::actors::{Registry, ReleasePartition, Shared};
 use crate::ids::SagaType;
-use crate::partitions::{
-    NODE_LEASE_PREFIX, PARTITION_LEASE_PREFIX, lease_partition, node_lease, partition_lease,
-};
+use crate::partitions::{lease_group, lease_node, lease_partition, node_lease, partition_lease};
 use crate::ports::Delivery;
 use crate::wire;
 
@@ -65,6 +65,8 @@ pub(super) struct Leases {
     consumers: HashMap<u32, Vec<tokio::task::JoinHandle<()>>>,
     /// When the last renewal that succeeded was sent.
     renewed_at: Option<Instant>,
+    /// The group whose partitions this node shares ([`lease_group`]).
+    group: String,
 }
 
 impl Leases {
@@ -77,13 +79,14 @@ impl Leases {
         let consumers = types.len().max(1) * shared.ownership.count() as usize;
         let per_consumer = (shared.options.max_in_flight_replies / consumers).max(64);
         Leases {
-            shared,
             registry,
             inbound,
             types,
             per_consumer,
             consumers: HashMap::new(),
             renewed_at: None,
+            group: lease_group(&shared.options.reply_group, &shared.definitions.pairs()),
+            shared,
         }
     }
 
@@ -110,16 +113,21 @@ impl Leases {
         let shared = Arc::clone(&self.shared);
         let (store, node, ownership) = (&shared.store, &shared.node, &shared.ownership);
         let lease = shared.options.partition_lease;
+        let group = self.group.clone();
         let held: Vec<u32> = ownership.held().to_vec();
-        let mut names = vec![node_lease(node)];
-        names.extend(held.iter().map(|p| partition_lease(*p)));
+        let mut names = vec![node_lease(&group, node)];
+        names.extend(held.iter().map(|p| partition_lease(&group, *p)));
         let sent = Instant::now();
-        let renewed = match store
-            .acquire_leases(&names, node, shared.clock.now(), lease)
-            .await
-        {
-            Ok(renewed) => renewed,
-            Err(e) => {
+        // A store that does not answer is one that failed: the leases are running out.
+        let patience = 2 * self.every();
+        let renewal = store.acquire_leases(&names, node, shared.clock.now(), lease);
+        let renewed = match tokio::time::timeout(patience, renewal).await {
+            Ok(Ok(renewed)) => renewed,
+            failed => {
+                let e = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {patience:?}"),
+                };
                 // The others may take these partitions once the leases end: stop before,
                 // with two renewals' margin.
                 let late = self
@@ -137,32 +145,34 @@ impl Leases {
         let lost: Vec<u32> = held
             .iter()
             .copied()
-            .filter(|p| !renewed.contains(&partition_lease(*p)))
+            .filter(|p| !renewed.contains(&partition_lease(&group, *p)))
             .collect();
         if !lost.is_empty() {
             warn!(partitions = ?lost, "partition leases taken by another node (ours had ended): giving them up");
             self.hand_over(&lost, false).await;
         }
 
-        let view = match store.leases("", shared.clock.now()).await {
-            Ok(v) => v,
-            Err(e) => {
+        let view = match tokio::time::timeout(patience, store.leases("", shared.clock.now())).await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
                 warn!(error = %e, "reading the partition leases failed");
+                return;
+            }
+            Err(_) => {
+                warn!("reading the partition leases: no answer within {patience:?}");
                 return;
             }
         };
         let mut nodes: HashMap<&str, usize> = view
             .iter()
-            .filter_map(|l| l.name.strip_prefix(NODE_LEASE_PREFIX))
+            .filter_map(|l| lease_node(&group, &l.name))
             .map(|n| (n, 0))
             .collect();
         nodes.entry(node.as_str()).or_insert(0);
         let mut taken: HashSet<u32> = HashSet::new();
-        for l in view
-            .iter()
-            .filter(|l| l.name.starts_with(PARTITION_LEASE_PREFIX))
-        {
-            if let Some(p) = lease_partition(&l.name) {
+        for l in &view {
+            if let Some(p) = lease_partition(&group, &l.name) {
                 taken.insert(p);
                 if let Some(n) = nodes.get_mut(l.holder.as_str()) {
                     *n += 1;
@@ -200,14 +210,17 @@ impl Leases {
                 .cycle()
                 .skip(start)
                 .take(free.len().min(most - held.len()))
-                .map(|p| partition_lease(*p))
+                .map(|p| partition_lease(&group, *p))
                 .collect();
             match store
                 .acquire_leases(&want, node, shared.clock.now(), lease)
                 .await
             {
                 Ok(got) => {
-                    let got: Vec<u32> = got.iter().filter_map(|n| lease_partition(n)).collect();
+                    let got: Vec<u32> = got
+                        .iter()
+                        .filter_map(|n| lease_partition(&group, n))
+                        .collect();
                     if !got.is_empty() {
                         info!(partitions = ?got, live, share = most, "taking partitions");
                         for p in &got {
@@ -322,18 +335,17 @@ impl Leases {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        for p in partitions {
-            if self
-                .registry
-                .send(ReleasePartition { partition: *p })
-                .await
-                .is_err()
-            {
-                debug!("the registry is gone: no actors to let go");
-            }
+        let release_actors = ReleasePartition {
+            partitions: partitions.to_vec(),
+        };
+        if self.registry.send(release_actors).await.is_err() {
+            debug!("the registry is gone: no actors to let go");
         }
         if release {
-            let names: Vec<String> = partitions.iter().map(|p| partition_lease(*p)).collect();
+            let names: Vec<String> = partitions
+                .iter()
+                .map(|p| partition_lease(&self.group, *p))
+                .collect();
             if let Err(e) = shared.store.release_leases(&names, &shared.node).await {
                 warn!(error = %e, "releasing partition leases failed: they pass on when they end");
             }
@@ -358,7 +370,7 @@ impl Leases {
         let shared = &self.shared;
         if let Err(e) = shared
             .store
-            .release_leases(&[node_lease(&shared.node)], &shared.node)
+            .release_leases(&[node_lease(&self.group, &shared.node)], &shared.node)
             .await
         {
             debug!(error = %e, "ending the node's membership lease failed: it ends on its own");
