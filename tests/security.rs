@@ -801,7 +801,9 @@ async fn checkout_end_to_end(server: SecureServer) {
     );
     // Every reply carried the token skald set on its command: the stored replies do.
     let admin = connect(&server, Principal::Admin).await;
-    let reply = last_on(&admin, "SKALD_REPLIES", "skald.reply.shipping.checkout.0")
+    // (On the reply subject of the saga's partition.)
+    let subject = format!("skald.reply.shipping.checkout.{}", ids[0].partition(16));
+    let reply = last_on(&admin, "SKALD_REPLIES", &subject)
         .await
         .expect("a shipping reply is stored");
     assert!(

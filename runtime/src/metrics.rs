@@ -387,16 +387,22 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
     let group = &shared.options.reply_group;
     let m = &shared.metrics;
     loop {
-        // The consumers read here: one per registered type, or, on a node leasing
-        // partitions, one per type and held partition.
+        // The consumers read: one per registered type on a bus only this runtime reads;
+        // on a node leasing partitions, one per type and partition held; a runtime that
+        // reads nothing reports the deployment's, every partition's.
         let consumers: Vec<(String, String)> = match shared.ownership.mode() {
-            crate::partitions::Mode::Leased => {
-                let held = shared.ownership.held();
+            mode @ (crate::partitions::Mode::Leased | crate::partitions::Mode::Nothing) => {
+                let held: Arc<[u32]> = match mode {
+                    crate::partitions::Mode::Leased => shared.ownership.held(),
+                    _ => (0..shared.ownership.count()).collect(),
+                };
                 shared
                     .definitions
                     .types()
                     .flat_map(|t| {
-                        held.iter().map(move |p| {
+                        let held = Arc::clone(&held);
+                        (0..held.len()).map(move |i| {
+                            let p = &held[i];
                             (
                                 crate::wire::reply_partition_filter(t, *p),
                                 crate::runtime::partition_consumer(group, t, *p),

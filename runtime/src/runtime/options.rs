@@ -29,8 +29,10 @@ pub struct RuntimeOptions {
     pub wakeup_poll_interval: Duration,
     /// Inbound messages (replies and operator requests) held at once, being applied or
     /// waiting for capacity; past it the intake stops reading and the broker keeps the
-    /// rest. Shared among the saga types' reply consumers (at least 64 each).
-    /// Default: 4096.
+    /// rest. Shared among the reply consumers: one per saga type (at least 64 each), or
+    /// on a node leasing partitions one per type and partition (at least 64 each, so a
+    /// node holding every partition of a type may hold more than this unacknowledged,
+    /// waiting in line). Default: 4096.
     pub max_in_flight_replies: usize,
     /// Most writes in one group-commit transaction: a larger batch commits more per
     /// round trip under load, at the cost of a longer transaction (under light load a
