@@ -11,6 +11,7 @@
 //! cargo run --release --example bench -- --config all --json   # one JSON line per run
 //! cargo run --release --example bench -- --config production \
 //!     --nats nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224 --nats-replicas 3
+//! scripts/bench --config scaleout                 # provisions a three-node NATS cluster too
 //! ```
 //!
 //! Configurations:
@@ -25,7 +26,15 @@
 //!   PostgreSQL commit rate for skald's row shapes;
 //! - `memory`: 100,000 sagas waiting on participants that are not running yet
 //!   (production configuration, passivation on), then answered: peak RSS and RSS per
-//!   waiting saga.
+//!   waiting saga;
+//! - `scaleout` (not part of `all`: it wants a NATS cluster): the production checkout
+//!   with 1, 2 and 3 orchestrator nodes (`--nodes`), each a process of its own (this
+//!   binary, `bench node`), on a three-node NATS cluster (`--nats` the seed list,
+//!   `--nats-replicas 3`); this process only sends start requests over NATS
+//!   (docs/protocol.md, "Starting a saga") and follows the sagas' lifecycle events.
+//!   One line per node count: throughput, CPU per saga of everything but this process
+//!   (nodes, participants, nats-servers, PostgreSQL), commit conflicts and cold
+//!   activations per saga.
 //!
 //! Modes: `latency` (one saga at a time) and `throughput` (`--concurrency`, default
 //! 1,000 in flight).
@@ -39,6 +48,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use serde::Serialize;
+use serde_json::Value;
 use skald::adapters::memory::MemoryBus;
 use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::adapters::postgres::PostgresStore;
@@ -67,9 +77,9 @@ struct Args {
     /// Which mode(s) to run.
     #[arg(long, value_enum, default_value = "both")]
     mode: Mode,
-    /// Sagas in a throughput run.
-    #[arg(long, default_value_t = 10_000)]
-    sagas: usize,
+    /// Sagas in a throughput run [default: 10,000; scaleout: 20,000 per node count].
+    #[arg(long)]
+    sagas: Option<usize>,
     /// Sagas in a latency run (one at a time).
     #[arg(long, default_value_t = 300)]
     latency_sagas: usize,
@@ -100,6 +110,17 @@ struct Args {
     /// Print one JSON object per run (and nothing else on stdout).
     #[arg(long)]
     json: bool,
+    /// The orchestrator node counts of the scaleout configuration, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3",
+          value_parser = clap::value_parser!(u64).range(1..=16))]
+    nodes: Vec<u64>,
+}
+
+impl Args {
+    /// `--sagas`, or `default` when not given.
+    fn sagas_or(&self, default: usize) -> usize {
+        self.sagas.unwrap_or(default)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +137,17 @@ enum Role {
         #[arg(long)]
         nats: String,
     },
+    /// Internal: an orchestrator node of the scaleout configuration (separate process):
+    /// prints `{"ready":true}` once it serves, its counters as one JSON line for every
+    /// line read on stdin, and, when stdin closes (or on SIGTERM), shuts down and prints
+    /// them a last time.
+    Node {
+        /// The PostgreSQL database (migrated already or not).
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        nats: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,6 +156,8 @@ enum Config {
     Production,
     Floor,
     Memory,
+    /// Not part of `all`.
+    Scaleout,
     All,
 }
 
@@ -476,10 +510,10 @@ fn modes(args: &Args) -> Vec<(&'static str, usize, usize, Option<f64>)> {
         m.push(("latency", args.latency_sagas, 1, None));
     }
     if matches!(args.mode, Mode::Throughput | Mode::Both) {
-        m.push(("throughput", args.sagas, args.concurrency, None));
+        m.push(("throughput", args.sagas_or(10_000), args.concurrency, None));
     }
     if matches!(args.mode, Mode::Paced | Mode::Both) {
-        m.push(("paced", args.sagas, 0, Some(args.rate)));
+        m.push(("paced", args.sagas_or(10_000), 0, Some(args.rate)));
     }
     m
 }
@@ -767,7 +801,7 @@ async fn pg_floor(args: &Args) -> anyhow::Result<Figures> {
         let pool = store.pool().clone();
         let state = serde_json::json!({ "data": order(1), "pad": "x".repeat(600) }).to_string();
         const CLIENTS: usize = 32;
-        let per_client = (args.sagas * 4 / CLIENTS).max(50);
+        let per_client = (args.sagas_or(10_000) * 4 / CLIENTS).max(50);
         for c in 0..CLIENTS {
             sqlx::query(
                 "INSERT INTO saga_instances (id, saga_type, definition_version, status, version, state, created_at_ms, updated_at_ms) \
@@ -855,7 +889,7 @@ async fn pg_floor_batched(args: &Args) -> anyhow::Result<Figures> {
         .bind(&state)
         .execute(&pool)
         .await?;
-        let rounds = (args.sagas * 4 / BATCH).max(10);
+        let rounds = (args.sagas_or(10_000) * 4 / BATCH).max(10);
         let (_, pg0) = servers_cpu_ms();
         let cpu0 = cpu_ms("self");
         let t0 = Instant::now();
@@ -983,6 +1017,829 @@ async fn memory(args: &Args) -> anyhow::Result<Vec<Figures>> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Scale-out: orchestrator nodes as processes, sagas started over NATS
+
+/// Sagas of each scaleout run's warm-up (excluded from its figures).
+const WARM_UP: usize = 50;
+/// Start requests awaiting their answer at once (a node refuses more than
+/// `max_in_flight_starts`, 256, of its own at once: `unavailable`, retried).
+const START_REQUESTS_IN_FLIGHT: usize = 128;
+/// How long a start request waits for its answer (a timeout fails the run: an unkeyed
+/// start cannot be sent again safely).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// A scaleout run fails when no start is answered and no saga settles for this long.
+const STALL: Duration = Duration::from_secs(60);
+
+/// The figures of one scaleout run (one node count).
+#[derive(Debug, Serialize)]
+struct ScaleoutFigures {
+    config: &'static str,
+    nodes: usize,
+    sagas: usize,
+    concurrency: usize,
+    sagas_per_sec: f64,
+    /// From the start request sent to the `completed` event received.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Orchestrators + participants + nats-servers + PostgreSQL (not the load generator).
+    cpu_ms_per_saga_total: f64,
+    cpu_ms_per_saga_orchestrators: f64,
+    cpu_ms_per_saga_participants: f64,
+    cpu_ms_per_saga_nats: f64,
+    cpu_ms_per_saga_postgres: f64,
+    /// This process: start requests and the events it follows.
+    cpu_ms_per_saga_loadgen: f64,
+    /// Commit version conflicts (`skald_commit_conflicts_total`), all nodes.
+    conflicts_per_saga: f64,
+    /// Sagas loaded from the store by a node that did not hold them (all nodes).
+    cold_activations_per_saga: f64,
+    /// Committed transitions, all nodes (4 per checkout saga when nothing is redone).
+    transitions_per_saga: f64,
+    /// Writes per group-commit transaction, all nodes.
+    writes_per_commit: f64,
+    /// Transitions each node committed: how the work spread.
+    transitions_per_node: Vec<u64>,
+    /// Start requests refused `unavailable` (sent again after a pause).
+    start_refusals: usize,
+    durability: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+/// (parent pid, own CPU ms, CPU ms of its children that exited and were waited for).
+fn proc_times(pid: &str) -> Option<(u32, f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // After ')': state, ppid, ..., utime (11), stime (12), cutime (13), cstime (14).
+    let ppid = f.get(1)?.parse().ok()?;
+    Some((
+        ppid,
+        (ticks(11) + ticks(12)) * 10.0,
+        (ticks(13) + ticks(14)) * 10.0,
+    ))
+}
+
+fn proc_pids() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn comm(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The postmaster of the PostgreSQL server `pool` is connected to, when it runs on this
+/// machine (a backend's parent).
+async fn postmaster_of(pool: &sqlx::PgPool) -> Option<u32> {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(pool)
+        .await
+        .ok()?;
+    let backend = backend.to_string();
+    if comm(&backend) != "postgres" {
+        return None;
+    }
+    let (postmaster, ..) = proc_times(&backend)?;
+    (comm(&postmaster.to_string()) == "postgres").then_some(postmaster)
+}
+
+/// CPU ms of one PostgreSQL server: its postmaster, the postmaster's live children, and
+/// (the postmaster's reaped-children time) the backends that exited.
+fn postgres_cpu_ms(postmaster: u32) -> f64 {
+    let pm = postmaster.to_string();
+    proc_pids()
+        .iter()
+        .filter_map(|pid| {
+            let (ppid, own, reaped) = proc_times(pid)?;
+            if *pid == pm {
+                Some(own + reaped)
+            } else if ppid == postmaster {
+                Some(own)
+            } else {
+                None
+            }
+        })
+        .sum()
+}
+
+/// The nats-server processes on this machine serving the client ports of `seeds` (a
+/// `-p PORT` or `--port PORT` on their command line); empty when none is found.
+fn nats_server_pids(seeds: &[String]) -> Vec<String> {
+    let ports: Vec<&str> = seeds
+        .iter()
+        .filter_map(|s| s.trim_end_matches('/').rsplit_once(':').map(|(_, p)| p))
+        .collect();
+    proc_pids()
+        .into_iter()
+        .filter(|pid| comm(pid) == "nats-server")
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            argv.windows(2).any(|w| {
+                matches!(w[0], b"-p" | b"--port" | b"-port")
+                    && ports.iter().any(|p| p.as_bytes() == w[1])
+            })
+        })
+        .collect()
+}
+
+/// CPU ms of everything a scaleout run counts, at one moment.
+#[derive(Debug, Clone, Copy)]
+struct CpuSnapshot {
+    nodes: f64,
+    participants: f64,
+    nats: f64,
+    postgres: f64,
+    loadgen: f64,
+}
+
+/// An orchestrator node process (`bench node`): killed on drop.
+struct NodeProcess {
+    index: usize,
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl NodeProcess {
+    fn spawn(index: usize, args: &[String]) -> anyhow::Result<NodeProcess> {
+        use std::io::BufRead as _;
+        let exe = std::env::current_exe().context("this binary's path")?;
+        let mut child = Command::new(&exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning node {index} ({})", exe.display()))?;
+        let stdout = child.stdout.take().context("the node's stdout")?;
+        let stdin = child.stdin.take();
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(NodeProcess {
+            index,
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// The node's next JSON line, waited for at most `within`.
+    async fn next_line(&mut self, within: Duration, what: &str) -> anyhow::Result<Value> {
+        let i = self.index;
+        match tokio::time::timeout(within, self.lines.recv()).await {
+            Ok(Some(line)) => serde_json::from_str(&line)
+                .with_context(|| format!("node {i} printed {line:?}, not a JSON line")),
+            Ok(None) => bail!("node {i} exited before {what} (its error, if any, is above)"),
+            Err(_) => bail!("node {i}: no {what} within {} s", within.as_secs()),
+        }
+    }
+
+    /// The node's counters now.
+    async fn stats(&mut self) -> anyhow::Result<Value> {
+        use std::io::Write as _;
+        let i = self.index;
+        let stdin = self.stdin.as_mut().context("the node's stdin is closed")?;
+        stdin
+            .write_all(b"stats\n")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("asking node {i} for its counters"))?;
+        self.next_line(Duration::from_secs(10), "its counters")
+            .await
+    }
+
+    /// Closes the node's stdin: it shuts down, prints its counters a last time and exits
+    /// (each within a deadline).
+    async fn stop(&mut self) -> anyhow::Result<Value> {
+        drop(self.stdin.take());
+        let last = self
+            .next_line(Duration::from_secs(60), "its shutdown")
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("node {} exited with {status}", self.index);
+                }
+                return Ok(last);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} did not exit within 10 s of its shutdown",
+                    self.index
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One node's counters as a line of JSON.
+fn node_stats(runtime: &Runtime) -> Value {
+    let s = runtime.stats();
+    let c = runtime.commit_stats();
+    serde_json::json!({
+        "transitions": s.transitions,
+        "ignored": s.ignored,
+        "conflicts": s.conflicts,
+        "activations": s.activations,
+        "cold_activations": s.cold_activations,
+        "passivations": s.passivations,
+        "reactivations": s.reactivations,
+        "commands_sent": s.commands_sent,
+        "publish_failures": s.publish_failures,
+        "relayed": s.relayed,
+        "wakeups_claimed": s.wakeups_claimed,
+        "deferred": s.deferred,
+        "commit_batches": c.batches,
+        "commit_writes": c.writes,
+        "commit_conflicts": c.conflicts,
+        "commit_duplicates": c.duplicates,
+    })
+}
+
+/// `bench node`: an orchestrator node like `skald serve` with the checkout saga: reads
+/// replies and serves start requests, until its stdin closes or SIGTERM.
+async fn serve_node(db: &str, nats: &str, replicas: u64) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let store: Arc<dyn SagaStore> = Arc::new(
+        PostgresStore::connect(db)
+            .await
+            .context("connecting to PostgreSQL (--db)")?,
+    );
+    let bus = nats_bus(nats, replicas).await?;
+    let checkout = checkout_definition(CheckoutTiming::default())?;
+    let runtime = Runtime::builder()
+        .store(store)
+        .bus(bus)
+        .register(&checkout)
+        .options(bench_options())
+        .start()
+        .await?;
+    // Stdin on a thread of its own: a line asks for the counters, its end stops the node.
+    let (tx, mut lines) = mpsc::unbounded_channel::<()>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            if line.is_err() || tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    println!(
+        "{}",
+        serde_json::json!({ "ready": true, "pid": std::process::id() })
+    );
+    let failed = loop {
+        tokio::select! {
+            line = lines.recv() => match line {
+                Some(()) => println!("{}", node_stats(&runtime)),
+                None => break None,
+            },
+            _ = terminate.recv() => break None,
+            fatal = runtime.failed() => break Some(fatal),
+        }
+    };
+    let mut last = node_stats(&runtime);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), runtime.shutdown())
+        .await
+        .is_ok();
+    last["stopped"] = stopped.into();
+    println!("{last}");
+    if let Some(fatal) = failed {
+        bail!("the runtime stopped: {fatal}");
+    }
+    if !stopped {
+        bail!("the runtime did not shut down within 30 s");
+    }
+    Ok(())
+}
+
+/// What one batch of start requests measured.
+struct Load {
+    elapsed: Duration,
+    latencies: Vec<f64>,
+    /// Sagas that settled otherwise than completed (compensated, dead-lettered).
+    not_completed: usize,
+    refusals: usize,
+}
+
+type StartResult = (
+    usize,
+    u32,
+    Instant,
+    Result<async_nats::Message, async_nats::RequestError>,
+);
+
+/// Start request `i` (attempt `attempt`, first sent at `sent`), after `delay`.
+async fn start_request(
+    client: async_nats::Client,
+    body: bytes::Bytes,
+    i: usize,
+    attempt: u32,
+    sent: Instant,
+    delay: Duration,
+) -> StartResult {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let request = async_nats::Request::new()
+        .payload(body)
+        .timeout(Some(START_TIMEOUT));
+    let answer = client
+        .send_request("skald.start.checkout".to_owned(), request)
+        .await;
+    (i, attempt, sent, answer)
+}
+
+/// Starts `n` checkout sagas with start requests (round robin over `clients`), keeping
+/// at most `concurrency` started-or-starting sagas not yet settled; a saga settles when
+/// its `completed` (or `compensated`, `dead_lettered`) event arrives on `settled`.
+/// `warm_up`: "no responders" is tried again (the nodes' interest may still be
+/// spreading through the cluster) instead of failing the run.
+async fn start_load(
+    clients: &[async_nats::Client],
+    settled: &mut (impl futures_util::Stream<Item = async_nats::Message> + Unpin),
+    n: usize,
+    concurrency: usize,
+    warm_up: bool,
+) -> anyhow::Result<Load> {
+    use async_nats::RequestErrorKind;
+    let body = |i: usize| -> anyhow::Result<bytes::Bytes> {
+        Ok(serde_json::to_vec(&serde_json::json!({ "data": order(i) }))?.into())
+    };
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    // Answered, not yet settled: when the start request was first sent.
+    let mut answered: HashMap<uuid::Uuid, Instant> = HashMap::with_capacity(concurrency);
+    // Settled before their answer arrived (or sagas of an earlier batch): completed?
+    let mut early: HashMap<uuid::Uuid, bool> = HashMap::new();
+    let mut latencies = Vec::with_capacity(n);
+    let (mut not_completed, mut refusals, mut next) = (0usize, 0usize, 0usize);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(300) + Duration::from_millis(20 * n as u64);
+    let mut progress = t0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while latencies.len() + not_completed < n {
+        while next < n
+            && pending.len() < START_REQUESTS_IN_FLIGHT
+            && pending.len() + answered.len() < concurrency.max(1)
+        {
+            let client = clients[next % clients.len()].clone();
+            pending.push(start_request(
+                client,
+                body(next)?,
+                next,
+                1,
+                Instant::now(),
+                Duration::ZERO,
+            ));
+            next += 1;
+        }
+        tokio::select! {
+            Some((i, attempt, sent, answer)) = pending.next(), if !pending.is_empty() => {
+                progress = Instant::now();
+                let again = match answer {
+                    Ok(m) => {
+                        let v: Value = serde_json::from_slice(&m.payload).with_context(|| {
+                            format!(
+                                "start request {i}: the answer {:?} is not JSON",
+                                String::from_utf8_lossy(&m.payload)
+                            )
+                        })?;
+                        if let Some(id) = v["saga_id"].as_str() {
+                            let id: uuid::Uuid = id
+                                .parse()
+                                .with_context(|| format!("start request {i}: saga id {id:?}"))?;
+                            match early.remove(&id) {
+                                Some(true) => latencies.push(sent.elapsed().as_secs_f64() * 1e3),
+                                Some(false) => not_completed += 1,
+                                None => {
+                                    answered.insert(id, sent);
+                                }
+                            }
+                            false
+                        } else if v["error"]["code"] == "unavailable" {
+                            refusals += 1;
+                            true
+                        } else {
+                            bail!("start request {i} refused: {v}");
+                        }
+                    }
+                    Err(e) if warm_up && e.kind() == RequestErrorKind::NoResponders => true,
+                    Err(e) => bail!(
+                        "start request {i} (attempt {attempt}): {e}{}",
+                        if e.kind() == RequestErrorKind::NoResponders {
+                            " (no node serves skald.start.checkout)"
+                        } else {
+                            ""
+                        }
+                    ),
+                };
+                if again {
+                    // Nothing was stored: the same request again, after a pause.
+                    let delay = Duration::from_millis((10u64 << attempt.min(6)).min(500));
+                    let client = clients[i % clients.len()].clone();
+                    pending.push(start_request(client, body(i)?, i, attempt + 1, sent, delay));
+                }
+            }
+            Some(m) = settled.next() => {
+                let id = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Skald-Saga-Id"))
+                    .and_then(|v| v.as_str().parse::<uuid::Uuid>().ok());
+                let completed = m.subject.ends_with(".completed");
+                if let Some(id) = id {
+                    match answered.remove(&id) {
+                        Some(sent) => {
+                            progress = Instant::now();
+                            if completed {
+                                latencies.push(sent.elapsed().as_secs_f64() * 1e3);
+                            } else {
+                                not_completed += 1;
+                            }
+                        }
+                        None => {
+                            early.insert(id, completed);
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let state = || format!(
+                    "{} of {n} sagas settled, {} answered and not settled, {} start requests \
+                     awaiting an answer",
+                    latencies.len() + not_completed,
+                    answered.len(),
+                    pending.len()
+                );
+                if Instant::now() > deadline {
+                    bail!("not done within {} s: {}", (deadline - t0).as_secs(), state());
+                }
+                if progress.elapsed() > STALL {
+                    bail!("nothing answered or settled for {} s: {}", STALL.as_secs(), state());
+                }
+            }
+        }
+    }
+    Ok(Load {
+        elapsed: t0.elapsed(),
+        latencies,
+        not_completed,
+        refusals,
+    })
+}
+
+/// Deletes skald's streams (and so their consumers): each run starts on empty ones, as
+/// on a fresh database; the processes of the run create them again.
+async fn reset_streams(client: &async_nats::Client) -> anyhow::Result<()> {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let js = async_nats::jetstream::new(client.clone());
+    for name in [
+        "SKALD_COMMANDS",
+        "SKALD_REPLIES",
+        "SKALD_OPS",
+        "SKALD_EVENTS",
+        "SKALD_DLQ",
+    ] {
+        if let Err(e) = js.delete_stream(name).await {
+            let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
+            if !missing {
+                bail!("deleting stream {name}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The scaleout configuration: one run per node count of `--nodes`, each printed as it
+/// ends, then the efficiency check.
+async fn scaleout(args: &Args) -> anyhow::Result<()> {
+    let seeds: Vec<String> = args
+        .nats
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if seeds.is_empty() {
+        bail!("--nats names no server");
+    }
+    if seeds.len() < 3 || args.nats_replicas < 3 {
+        eprintln!(
+            "note: scaleout is meant for a three-node NATS cluster (--nats with its three \
+             seeds, --nats-replicas 3; scripts/bench --config scaleout provisions one); \
+             running on {} seed(s), {} replica(s)",
+            seeds.len(),
+            args.nats_replicas
+        );
+    }
+    // One connection per seed: each cluster node has requesters (a queue group prefers
+    // the members on the requester's server).
+    let mut clients = Vec::new();
+    for s in &seeds {
+        clients.push(
+            async_nats::ConnectOptions::new()
+                .subscription_capacity(1 << 16)
+                .connect(s.as_str())
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to NATS at {} (--nats)",
+                        skald::adapters::redact_url(s)
+                    )
+                })?,
+        );
+    }
+    let nats_pids = nats_server_pids(&seeds);
+    let n = args.sagas_or(20_000);
+    let mut all = Vec::new();
+    for &nodes in &args.nodes {
+        let nodes = nodes as usize;
+        reset_streams(&clients[0]).await?;
+        let (db, url) = create_db(&args.pg, "skald_bench_scaleout").await?;
+        let result = scaleout_run(args, &seeds, &clients, &nats_pids, &url, nodes, n).await;
+        drop_db(&args.pg, &db).await;
+        let f = result.with_context(|| format!("{nodes} node(s)"))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&f)?);
+        } else {
+            print_scaleout(&f);
+        }
+        all.push(f);
+    }
+    // The issue's efficiency check: informational, never asserted.
+    let lo = all.iter().min_by_key(|f| f.nodes);
+    let hi = all.iter().max_by_key(|f| f.nodes);
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        let ratio = hi.cpu_ms_per_saga_total / lo.cpu_ms_per_saga_total.max(1e-9);
+        let worst = all.iter().map(|f| f.conflicts_per_saga).fold(0.0, f64::max);
+        if args.json {
+            /// The check as one JSON line (fields in this order).
+            #[derive(Serialize)]
+            struct Check {
+                config: &'static str,
+                from_nodes: usize,
+                to_nodes: usize,
+                cpu_ratio: f64,
+                cpu_within_1_2x: bool,
+                max_conflicts_per_saga: f64,
+                conflicts_below_0_01: bool,
+            }
+            let check = Check {
+                config: "scaleout-check",
+                from_nodes: lo.nodes,
+                to_nodes: hi.nodes,
+                cpu_ratio: round4(ratio),
+                cpu_within_1_2x: ratio <= 1.2,
+                max_conflicts_per_saga: worst,
+                conflicts_below_0_01: worst < 0.01,
+            };
+            println!("{}", serde_json::to_string(&check)?);
+        } else {
+            println!(
+                "scaleout check: CPU per saga at {} node(s) / at {} = {ratio:.3} (within 1.2x: \
+                 {}); conflicts per saga at most {worst:.4} (below 0.01: {})",
+                hi.nodes,
+                lo.nodes,
+                if ratio <= 1.2 { "yes" } else { "no" },
+                if worst < 0.01 { "yes" } else { "no" },
+            );
+        }
+    }
+    Ok(())
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+fn print_scaleout(f: &ScaleoutFigures) {
+    println!(
+        "scaleout  {} node(s)  {:>6} sagas @{:<5} {:>8.1} sagas/s  p50 {:>8.2} ms  p99 {:>8.2} ms  \
+         cpu/saga {:.2} ms (orchestrators {:.2}, participants {:.2}, nats {:.2}, postgres {:.2}; \
+         load generator {:.2})  conflicts/saga {:.4}  cold activations/saga {:.4}",
+        f.nodes,
+        f.sagas,
+        f.concurrency,
+        f.sagas_per_sec,
+        f.p50_ms,
+        f.p99_ms,
+        f.cpu_ms_per_saga_total,
+        f.cpu_ms_per_saga_orchestrators,
+        f.cpu_ms_per_saga_participants,
+        f.cpu_ms_per_saga_nats,
+        f.cpu_ms_per_saga_postgres,
+        f.cpu_ms_per_saga_loadgen,
+        f.conflicts_per_saga,
+        f.cold_activations_per_saga,
+    );
+    println!(
+        "{:<10} transitions/saga {:.3} (per node {:?}), writes/commit {:.1}, start refusals {}",
+        "", f.transitions_per_saga, f.transitions_per_node, f.writes_per_commit, f.start_refusals
+    );
+    println!("{:<10} durability: {}", "", f.durability);
+    if let Some(n) = &f.note {
+        println!("{:<10} {n}", "");
+    }
+}
+
+/// One scaleout run: `nodes` orchestrator nodes on the fresh database `url`, `n` sagas.
+async fn scaleout_run(
+    args: &Args,
+    seeds: &[String],
+    clients: &[async_nats::Client],
+    nats_pids: &[String],
+    url: &str,
+    nodes: usize,
+    n: usize,
+) -> anyhow::Result<ScaleoutFigures> {
+    let replicas = args.nats_replicas.to_string();
+    // The schema, before the nodes start.
+    let store = PostgresStore::connect(url).await?;
+    let pool = store.pool().clone();
+    let postmaster = postmaster_of(&pool).await;
+    // Each process on a server of its own, round robin, as deployments spread them.
+    let participants = spawn_children(
+        &["inventory", "payment", "shipping"]
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                vec![
+                    "participant".into(),
+                    "--service".into(),
+                    (*s).into(),
+                    "--nats".into(),
+                    seeds[j % seeds.len()].clone(),
+                    "--nats-replicas".into(),
+                    replicas.clone(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    let mut procs = Vec::with_capacity(nodes);
+    for i in 0..nodes {
+        procs.push(NodeProcess::spawn(
+            i,
+            &[
+                "node".into(),
+                "--db".into(),
+                url.to_owned(),
+                "--nats".into(),
+                seeds[i % seeds.len()].clone(),
+                "--nats-replicas".into(),
+                replicas.clone(),
+            ],
+        )?);
+    }
+    for p in &mut procs {
+        p.next_line(Duration::from_secs(60), "serving (its ready line)")
+            .await?;
+    }
+    let mut settled = futures_util::stream::select_all([
+        clients[0].subscribe("skald.evt.checkout.completed").await?,
+        clients[0]
+            .subscribe("skald.evt.checkout.compensated")
+            .await?,
+        clients[0]
+            .subscribe("skald.evt.checkout.dead_lettered")
+            .await?,
+    ]);
+    // Warm-up: every node's requests served, the participants bound and answering.
+    start_load(clients, &mut settled, WARM_UP * nodes, WARM_UP, true)
+        .await
+        .context("the warm-up")?;
+
+    let snapshot = |procs: &[NodeProcess]| CpuSnapshot {
+        nodes: procs.iter().map(|p| cpu_ms(&p.pid())).sum(),
+        participants: participants.cpu_ms(),
+        nats: if nats_pids.is_empty() {
+            cpu_ms_of("nats-server")
+        } else {
+            nats_pids.iter().map(|p| cpu_ms(p)).sum()
+        },
+        postgres: postmaster.map_or_else(|| cpu_ms_of("postgres"), postgres_cpu_ms),
+        loadgen: cpu_ms("self"),
+    };
+    let mut before = Vec::with_capacity(nodes);
+    for p in &mut procs {
+        before.push(p.stats().await?);
+    }
+    let cpu0 = snapshot(&procs);
+    let load = start_load(clients, &mut settled, n, args.concurrency, false).await?;
+    let cpu1 = snapshot(&procs);
+    let mut after = Vec::with_capacity(nodes);
+    for p in &mut procs {
+        after.push(p.stats().await?);
+    }
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE status = 'completed'")
+            .fetch_one(&pool)
+            .await?;
+    let durability = synchronous_commit(url, args.nats_replicas).await;
+    pool.close().await;
+    for p in &mut procs {
+        let last = p.stop().await?;
+        if last["stopped"] != true {
+            bail!("node {} did not shut down cleanly: {last}", p.index);
+        }
+    }
+    drop(participants);
+
+    let delta = |node: usize, key: &str| {
+        let at = |v: &Value| v[key].as_u64().unwrap_or(0);
+        at(&after[node]).saturating_sub(at(&before[node]))
+    };
+    let total = |key: &str| (0..nodes).map(|i| delta(i, key)).sum::<u64>() as f64;
+    let per = |x: f64| round2(x / n as f64);
+    let Load {
+        elapsed,
+        mut latencies,
+        not_completed,
+        refusals,
+    } = load;
+    latencies.sort_by(f64::total_cmp);
+    let cpu = |f: fn(&CpuSnapshot) -> f64| f(&cpu1) - f(&cpu0);
+    let (orchestrators, participants_ms, nats, postgres) = (
+        cpu(|c| c.nodes),
+        cpu(|c| c.participants),
+        cpu(|c| c.nats),
+        cpu(|c| c.postgres),
+    );
+    let mut notes = Vec::new();
+    let expected = (WARM_UP * nodes + n) as i64;
+    if completed != expected {
+        notes.push(format!(
+            "the store holds {completed} completed sagas, {expected} expected"
+        ));
+    }
+    if not_completed > 0 {
+        notes.push(format!(
+            "{not_completed} sagas compensated or dead-lettered"
+        ));
+    }
+    if nats_pids.is_empty() {
+        notes.push("nats-server CPU: every nats-server on this machine".into());
+    }
+    if postmaster.is_none() {
+        notes.push("PostgreSQL CPU: every postgres process on this machine".into());
+    }
+    Ok(ScaleoutFigures {
+        config: "scaleout",
+        nodes,
+        sagas: n,
+        concurrency: args.concurrency,
+        sagas_per_sec: round2(n as f64 / elapsed.as_secs_f64().max(1e-9)),
+        p50_ms: round2(percentile(&latencies, 50.0)),
+        p99_ms: round2(percentile(&latencies, 99.0)),
+        cpu_ms_per_saga_total: per(orchestrators + participants_ms + nats + postgres),
+        cpu_ms_per_saga_orchestrators: per(orchestrators),
+        cpu_ms_per_saga_participants: per(participants_ms),
+        cpu_ms_per_saga_nats: per(nats),
+        cpu_ms_per_saga_postgres: per(postgres),
+        cpu_ms_per_saga_loadgen: per(cpu(|c| c.loadgen)),
+        conflicts_per_saga: round4(total("conflicts") / n as f64),
+        cold_activations_per_saga: round4(total("cold_activations") / n as f64),
+        transitions_per_saga: round4(total("transitions") / n as f64),
+        writes_per_commit: round2(total("commit_writes") / total("commit_batches").max(1.0)),
+        transitions_per_node: (0..nodes).map(|i| delta(i, "transitions")).collect(),
+        start_refusals: refusals,
+        durability,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // Participant roles (separate processes)
 
 async fn serve_participant(service: &str, nats: &str, replicas: u64) -> anyhow::Result<()> {
@@ -1081,6 +1938,7 @@ async fn main() -> ExitCode {
             serve_participant(service, nats, args.nats_replicas).await
         }
         Some(Role::FloorParticipant { nats }) => serve_floor(nats, args.nats_replicas).await,
+        Some(Role::Node { db, nats }) => serve_node(db, nats, args.nats_replicas).await,
         None => run(&args).await,
     };
     match result {
@@ -1093,6 +1951,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
+    if args.config == Config::Scaleout {
+        return scaleout(args).await.context("the scaleout configuration");
+    }
     let all = args.config == Config::All;
     let mut configs: Vec<Config> = Vec::new();
     for c in [
@@ -1111,7 +1972,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             Config::Production => production(args).await,
             Config::Floor => floor(args).await,
             Config::Memory => memory(args).await,
-            Config::All => unreachable!("expanded above"),
+            Config::Scaleout | Config::All => unreachable!("expanded above"),
         }
         .with_context(|| format!("the {c:?} configuration"))?;
         for f in &figures {
