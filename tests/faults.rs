@@ -33,6 +33,33 @@
 //!   (`in_doubt` > 0, `cancelled` > 0) and no compensated saga may hold a live effect;
 //! - `baseline_without_faults`: the same run undisturbed, to compare times against.
 //!
+//! Scaled out (issue 16, partitioned ownership): three orchestrator nodes (`skald serve`,
+//! the demo binary) on a three-node JetStream cluster (streams at three replicas; every
+//! process gets the three seed URLs), sharing the 16 partitions through their leases in
+//! `skald_leases` (`node/<group>/<node>`, `partition/<group>/<p>`), and a runner that only starts the sagas and awaits their outcomes
+//! (`--no-consume`: it applies no reply, so every saga is run by the nodes):
+//!
+//! - `scaleout_node_killed`: SIGKILL one of the three nodes; its partitions must pass
+//!   to the two others once its leases end, and their sagas make progress there. It
+//!   reports when every one of the dead node's partition leases was held by a live
+//!   node (`leases_moved_ms`), and, from the store's times, when the first saga of
+//!   those partitions settled after the kill (`recover_first_settle_ms`) and when every
+//!   one of them had settled one (`moved_all_progress_ms`); none may settle before the
+//!   dead node's lease on its partition ends (`settled_under_dead_lease`: nobody runs a
+//!   partition whose lease a dead node still holds);
+//! - `scaleout_nats_node_killed_and_restarted`: SIGKILL one nats-server of the cluster
+//!   and restart it 2 s later (same ports and store); the two others keep the quorum. It
+//!   reports when the first saga settled after the kill (from the store's times) and
+//!   after the node rejoined (`recover_first_settle_ms`), and how many settled while it
+//!   was down (`settled_while_down`);
+//! - `scaleout_fourth_node_joins`: start a fourth node mid-run; the partitions must
+//!   rebalance to 4 per node (`rebalance_ms`, from skald_leases) and the new node make
+//!   progress on the ones it took, with nothing run twice.
+//!
+//! These also print, per node still running at the end, its commit conflicts, cold
+//! activations and partition handovers (from its `/metrics`), and, per node, how many
+//! warnings and errors it logged.
+//!
 //! Each prints one line to stdout: the sagas in flight at each fault, the sagas
 //! finished, effects applied twice (0), dead letters (0) and the time to recover, e.g.
 //!
@@ -46,7 +73,9 @@
 //! log (stderr at `RUST_LOG=warn`, and stdout), and keeps the log directory.
 //!
 //! Run: `scripts/test` runs this suite on its own (it is `test = false` in Cargo.toml).
-//! Alone, against a PostgreSQL server and a nats-server binary of your own:
+//! The scaled-out scenarios need the `skald` binary, which only builds with the `demo`
+//! feature (`--all-features`). Alone, against a PostgreSQL server and a nats-server
+//! binary of your own:
 //!
 //! ```text
 //! SKALD_TEST_PG_URL=postgres://postgres@127.0.0.1:5432/postgres \
@@ -56,17 +85,21 @@
 //!
 //! `SKALD_FAULTS_SEED=N` replaces every scenario's fault-timing seed (printed as
 //! `seed=`), to replay a run's fault moments.
+//! `SKALD_FAULTS_KEEP_LOGS=1` keeps every scenario's log directory, passed or not (its
+//! path is printed), to read what the processes logged.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::fs::File;
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{NatsServer, PgDatabase};
+use common::{NatsCluster, NatsServer, PgDatabase};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
@@ -92,6 +125,9 @@ const ACK_WAIT_SECS: &str = "5";
 /// The runner gives up (and reports the unfinished) after this.
 const RUNNER_TIMEOUT_SECS: &str = "240";
 
+/// The stream commands go to (skald's default stream prefix); each participant reads it
+/// with a durable consumer named after its service.
+const COMMANDS_STREAM: &str = "SKALD_COMMANDS";
 /// The three participants and the table each keeps its effects in.
 const SERVICES: [(&str, &str); 3] = [
     ("inventory", "sim_inventory_reservations"),
@@ -112,6 +148,38 @@ const POLL: Duration = Duration::from_millis(50);
 const FAULT_GAP_MS: RangeInclusive<u64> = 500..=2_500;
 /// How long nats-server stays down.
 const NATS_OUTAGE: Duration = Duration::from_secs(1);
+/// How long a nats-server of the cluster stays down.
+const NATS_NODE_OUTAGE: Duration = Duration::from_secs(2);
+
+/// Partitions a store records when no runtime sets them (`RuntimeOptions::partitions`).
+const PARTITIONS: u32 = 16;
+/// How long the nodes may take to share the partitions evenly, or to take a dead node's:
+/// its lease (`RuntimeOptions::partition_lease`, 5 s) and a few renewals (1 s each), with
+/// room for a loaded machine.
+const REBALANCE_LIMIT: Duration = Duration::from_secs(30);
+/// What the nodes log: warnings and errors, and every partition taken or handed over.
+const NODE_LOG: &str = "warn,skald_runtime::runtime::leases=info";
+/// What the scaled-out scenarios report of each node's metrics: the report's key, the
+/// metric, and the label its samples must have (all of them summed).
+const NODE_METRICS: [(&str, &str, Option<&str>); 5] = [
+    ("commit_conflicts", "skald_commit_conflicts_total", None),
+    ("cold_activations", "skald_cold_activations_total", None),
+    (
+        "handovers_taken",
+        "skald_partition_handovers_total",
+        Some(r#"event="taken""#),
+    ),
+    (
+        "handovers_released",
+        "skald_partition_handovers_total",
+        Some(r#"event="released""#),
+    ),
+    (
+        "handovers_lost",
+        "skald_partition_handovers_total",
+        Some(r#"event="lost""#),
+    ),
+];
 /// Log lines shown per process when a scenario fails.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -228,12 +296,12 @@ async fn nats_server_killed_and_restarted() {
     sc.pause_before_fault(&mut [&mut runner], 1).await;
     let before = sc.counts_now().await;
     sc.assert_in_flight(before, 1);
-    sc.nats.kill();
+    sc.nats.server().kill();
     let killed = Instant::now();
     sc.event(format!("kill -9 nats-server: {before} before"));
     tokio::time::sleep(NATS_OUTAGE).await;
     sc.expect_running(&mut [&mut runner], "while nats-server was down");
-    tokio::task::block_in_place(|| sc.nats.restart());
+    tokio::task::block_in_place(|| sc.nats.server().restart());
     let restarted = Instant::now();
     // Replies fetched before the kill may still have settled sagas meanwhile: the
     // baseline is what is settled at the restart.
@@ -304,6 +372,248 @@ async fn one_of_two_orchestrators_killed() {
     );
 }
 
+/// Three nodes run the 2,000 sagas; one of them is SIGKILLed at a seeded-random moment.
+/// Its partitions pass to the two others once its leases end (not before: no saga of
+/// them settles while its lease lasts), they make progress there, and every saga
+/// finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaleout_node_killed() {
+    let mut sc = Scenario::start_tuned("scaleout-node-kill9", 7, Tuning::scaled_out()).await;
+    sc.start_nodes(3).await;
+    let mut runner = sc.spawn_runner(Mode::Fresh);
+    sc.wait_all_stored(&mut runner).await;
+
+    sc.pause_before_fault(&mut [&mut runner], 1).await;
+    let victim = sc.rng.random_range(0..sc.nodes.len());
+    let leases = sc.leases_now().await;
+    // Its leases on its partitions, as they stand at its death: when each ends.
+    let dead_until: BTreeMap<u32, i64> = leases
+        .held_by(&sc.nodes[victim])
+        .into_iter()
+        .filter_map(|p| Some((p, leases.partitions.get(&p)?.until_ms)))
+        .collect();
+    let moved: Vec<u32> = dead_until.keys().copied().collect();
+    assert!(
+        !moved.is_empty(),
+        "{} holds no partition before its kill: {leases}",
+        sc.nodes[victim].proc.name
+    );
+    sc.nodes[victim].proc.kill();
+    let killed = Instant::now();
+    let killed_at = unix_ms();
+    let name = sc.nodes[victim].proc.name.clone();
+    let after = sc.counts_now().await;
+    let moved_at_kill = sc.partition_counts_now(&moved).await;
+    sc.event(format!(
+        "kill -9 {name} (partitions {moved:?}, leases ending at {dead_until:?}: \
+         {moved_at_kill}): {after} right after it"
+    ));
+    sc.assert_in_flight(after, 1);
+    assert!(
+        moved_at_kill.active > 0,
+        "{name}'s partitions {moved:?} had no saga in flight at its kill ({moved_at_kill}): \
+         the run is too short for the fault schedule"
+    );
+    let taken = sc
+        .wait_partitions_taken_over(victim, &dead_until, killed, killed_at, &mut runner)
+        .await;
+    assert!(
+        taken.under_dead_lease.is_empty(),
+        "sagas of {name}'s partitions settled while its lease on them lasted (partition, \
+         first settle after the kill, its lease's end; unix ms): {:?}",
+        taken.under_dead_lease
+    );
+
+    let finish = sc.finish(&mut runner, killed).await;
+    let verified = sc.verify(&finish).await;
+    let (_, shares) = sc
+        .wait_balanced("the two live nodes to share the partitions")
+        .await;
+    let nodes = sc.node_report().await;
+    println!(
+        "{}",
+        sc.report(
+            &[moved_at_kill.active],
+            &[taken.first_settle],
+            &verified,
+            &[
+                ("killed", name),
+                ("partitions_moved", list(&moved)),
+                ("leases_moved_ms", ms(taken.leases_moved)),
+                ("moved_all_progress_ms", ms(taken.all_progress)),
+                (
+                    "settled_under_dead_lease",
+                    taken.under_dead_lease.len().to_string()
+                ),
+                (
+                    "others_in_flight_at_kill",
+                    (after.active - moved_at_kill.active).to_string()
+                ),
+                ("shares_after", list(&shares)),
+                ("drain_after_last_fault_ms", ms(finish.drained)),
+            ]
+            .into_iter()
+            .chain(nodes)
+            .collect::<Vec<_>>()
+        )
+    );
+}
+
+/// Three nodes on the three-node NATS cluster; one nats-server of the cluster is
+/// SIGKILLed at a seeded-random moment and restarted 2 s later on the same ports and
+/// store. The two others keep the quorum (once they have elected new leaders for what
+/// the dead one led), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaleout_nats_node_killed_and_restarted() {
+    let mut sc =
+        Scenario::start_tuned("scaleout-nats-node-kill9-restart", 8, Tuning::scaled_out()).await;
+    sc.start_nodes(3).await;
+    let mut runner = sc.spawn_runner(Mode::Fresh);
+    sc.wait_all_stored(&mut runner).await;
+
+    sc.pause_before_fault(&mut [&mut runner], 1).await;
+    let victim = sc.rng.random_range(0..NatsCluster::SIZE);
+    let cluster = sc.nats.cluster();
+    let leader = tokio::task::block_in_place(|| cluster.meta_leader());
+    let server = cluster.server_name(victim).to_owned();
+    let was_leader = leader == Some(victim);
+    let before = sc.counts_now().await;
+    sc.assert_in_flight(before, 1);
+    sc.nats.cluster().kill(victim);
+    let killed = Instant::now();
+    let killed_at = unix_ms();
+    sc.event(format!(
+        "kill -9 nats-server {server} (meta leader: {was_leader}): {before} before"
+    ));
+    // The outage lasts its length (a fault's duration, not a wait for a condition).
+    tokio::time::sleep(NATS_NODE_OUTAGE).await;
+    sc.expect_running(
+        &mut [&mut runner],
+        "while a nats-server of the cluster was down",
+    );
+    let restart = Instant::now();
+    let restart_at = unix_ms();
+    tokio::task::block_in_place(|| sc.nats.cluster().restart(victim));
+    let rejoined = Instant::now();
+    let at_rejoin = sc.counts_now().await;
+    sc.event(format!(
+        "nats-server {server} restarted and rejoined in {} ms: {at_rejoin}",
+        (rejoined - restart).as_millis()
+    ));
+    // The restart held this test until the node rejoined: when the first saga settled
+    // after the kill comes from the store's own times.
+    let (first, while_down) = sc
+        .wait_first_settle_since(
+            killed_at,
+            restart_at,
+            &mut runner,
+            "the first saga to settle after the nats-server's kill",
+        )
+        .await;
+    let recover = sc
+        .wait_settle_after(
+            at_rejoin.settled(),
+            rejoined,
+            &mut [&mut runner],
+            "the first saga to settle after the nats-server rejoined",
+        )
+        .await;
+
+    let finish = sc.finish(&mut runner, rejoined).await;
+    let verified = sc.verify(&finish).await;
+    // The store's leases never depended on the broker: the nodes still share evenly.
+    let (_, shares) = sc
+        .wait_balanced("the three nodes to share the partitions")
+        .await;
+    let nodes = sc.node_report().await;
+    println!(
+        "{}",
+        sc.report(
+            &[before.active],
+            &[first, recover],
+            &verified,
+            &[
+                ("nats_server_killed", server),
+                ("was_meta_leader", was_leader.to_string()),
+                ("settled_while_down", while_down.to_string()),
+                ("outage_ms", ms(restart - killed)),
+                ("rejoin_ms", ms(rejoined - restart)),
+                ("shares_after", list(&shares)),
+                ("drain_after_rejoin_ms", ms(finish.drained)),
+            ]
+            .into_iter()
+            .chain(nodes)
+            .collect::<Vec<_>>()
+        )
+    );
+}
+
+/// Three nodes run the 2,000 sagas; a fourth starts at a seeded-random moment. The
+/// partitions rebalance to 4 per node (the others hand over cleanly what is past their
+/// new share), the new node makes progress on the ones it took, and nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaleout_fourth_node_joins() {
+    let mut sc = Scenario::start_tuned("scaleout-fourth-node-joins", 9, Tuning::scaled_out()).await;
+    sc.start_nodes(3).await;
+    let mut runner = sc.spawn_runner(Mode::Fresh);
+    sc.wait_all_stored(&mut runner).await;
+
+    sc.pause_before_fault(&mut [&mut runner], 1).await;
+    let before = sc.counts_now().await;
+    sc.assert_in_flight(before, 1);
+    let joined = sc.spawn_node();
+    let started = Instant::now();
+    let name = sc.nodes[joined].proc.name.clone();
+    sc.event(format!("{name} started beside the three: {before} before"));
+    let (rebalance, shares) = sc
+        .wait_balanced("the four nodes to share the partitions")
+        .await;
+    let leases = sc.leases_now().await;
+    let its = leases.held_by(&sc.nodes[joined]);
+    let at_balance = sc.partition_counts_now(&its).await;
+    sc.event(format!(
+        "rebalanced in {} ms: shares {shares:?}; {name} holds {its:?} ({at_balance})",
+        rebalance.as_millis()
+    ));
+    assert!(
+        at_balance.active > 0,
+        "{name}'s partitions {its:?} had no saga in flight once it held them \
+         ({at_balance}): the run is too short for the fault schedule"
+    );
+    let first = sc
+        .wait_partitions_settle(
+            &its,
+            at_balance.settled(),
+            started,
+            &mut runner,
+            &format!("the first saga of {name}'s partitions to settle there"),
+        )
+        .await;
+
+    let finish = sc.finish(&mut runner, started).await;
+    let verified = sc.verify(&finish).await;
+    let nodes = sc.node_report().await;
+    println!(
+        "{}",
+        sc.report(
+            &[before.active],
+            &[first],
+            &verified,
+            &[
+                ("joined", name),
+                ("rebalance_ms", ms(rebalance)),
+                ("shares_after", list(&shares)),
+                ("partitions_taken", list(&its)),
+                ("in_flight_in_taken", at_balance.active.to_string()),
+                ("drain_after_join_ms", ms(finish.drained)),
+            ]
+            .into_iter()
+            .chain(nodes)
+            .collect::<Vec<_>>()
+        )
+    );
+}
+
 /// Payment holds back the answers to the charges of some orders for longer than skald's
 /// whole retry budget (it applied each charge at once), and the runner cancels some
 /// sagas right after their start, with the reserve in flight. Every in-doubt charge must
@@ -324,6 +634,7 @@ async fn late_payments_and_cancels_in_flight() {
             "--cancel-rate",
             "0.03",
         ],
+        ..Tuning::default()
     };
     let mut sc = Scenario::start_tuned("late-payments-and-cancels", 6, tuning).await;
     let mut runner = sc.spawn_runner(Mode::Fresh);
@@ -412,11 +723,14 @@ struct Scenario {
     participant_bin: PathBuf,
     runners_spawned: usize,
     participants: Vec<Proc>,
+    /// The orchestrator nodes (`skald serve`) of the scaled-out scenarios, in the order
+    /// they were started (a killed one stays, killed).
+    nodes: Vec<Node>,
     tuning: Tuning,
-    // Dropped in this order, after the participants are killed: the database, the
-    // broker, then the logs.
+    // Dropped in this order, after the nodes and the participants are killed: the
+    // database, the broker, then the logs.
     db: Db,
-    nats: NatsServer,
+    nats: Broker,
     logs: LogDir,
 }
 
@@ -447,7 +761,13 @@ impl Scenario {
         };
         let logs = LogDir::new(name);
         let db = Db::create().await;
-        let nats = tokio::task::block_in_place(NatsServer::start);
+        let nats = tokio::task::block_in_place(|| {
+            if tuning.cluster {
+                Broker::Cluster(NatsCluster::start())
+            } else {
+                Broker::Server(NatsServer::start())
+            }
+        });
         let started = Instant::now();
         let mut sc = Scenario {
             name,
@@ -460,22 +780,28 @@ impl Scenario {
             participant_bin,
             runners_spawned: 0,
             participants: Vec::new(),
+            nodes: Vec::new(),
             tuning,
             db,
             nats,
             logs,
         };
+        // The wall clock too, to line the timeline up with the processes' logs.
         sc.event(format!(
-            "database {}, nats-server {}, logs in {}",
+            "database {}, nats-server {}, logs in {}, at unix time {} ms",
             sc.db.db.name(),
             sc.nats.url(),
-            sc.logs.0.display()
+            sc.logs.0.display(),
+            unix_ms()
         ));
+        let replicas = sc.nats.replicas().to_string();
         for (service, _) in SERVICES {
             let mut args: Vec<String> = [
                 service,
                 "--nats",
                 &sc.nats.url(),
+                "--nats-replicas",
+                &replicas,
                 "--db",
                 &sc.db.url,
                 "--seed",
@@ -518,8 +844,43 @@ impl Scenario {
                 tokio::time::sleep(POLL).await;
             }
         }
-        sc.event("participants up (their tables exist)".to_owned());
+        sc.wait_participants_consuming().await;
+        sc.event("participants up (their tables and consumers exist)".to_owned());
         sc
+    }
+
+    /// Waits until every participant reads its commands: its durable consumer exists
+    /// on the commands stream. A participant creates its table before it connects to
+    /// NATS, and its start-up can take seconds on a cluster (its streams at three
+    /// replicas, checked by every process starting at once): a fault must not find one
+    /// still starting.
+    async fn wait_participants_consuming(&mut self) {
+        let limit = self.limit(START_LIMIT);
+        let servers: Vec<async_nats::ServerAddr> = self
+            .nats
+            .url()
+            .split(',')
+            .map(|u| u.parse().unwrap_or_else(|e| panic!("NATS URL {u}: {e}")))
+            .collect();
+        let client = async_nats::connect(servers)
+            .await
+            .unwrap_or_else(|e| panic!("connect to NATS at {}: {e}", self.nats.url()));
+        let js = async_nats::jetstream::new(client);
+        for (service, _) in SERVICES {
+            let what = format!("the {service} participant's consumer on {COMMANDS_STREAM}");
+            loop {
+                let last = match js.get_stream(COMMANDS_STREAM).await {
+                    Ok(stream) => match stream.consumer_info(service).await {
+                        Ok(_) => break,
+                        Err(e) => e.to_string(),
+                    },
+                    Err(e) => e.to_string(),
+                };
+                self.expect_running(&mut [], &what);
+                self.check_deadline(limit, &what, &last);
+                tokio::time::sleep(POLL).await;
+            }
+        }
     }
 
     /// Starts an orchestrator (the checkout runner) without participants of its own.
@@ -548,9 +909,12 @@ impl Scenario {
         };
         args.extend(self.tuning.runner.iter().copied());
         let nats = self.nats.url();
+        let replicas = self.nats.replicas().to_string();
         args.extend([
             "--nats",
             &nats,
+            "--nats-replicas",
+            &replicas,
             "--db",
             &self.db.url,
             "--no-participants",
@@ -875,6 +1239,297 @@ impl Scenario {
         line
     }
 
+    /// Starts `n` orchestrator nodes at once and waits until they share the partitions
+    /// evenly.
+    async fn start_nodes(&mut self, n: usize) {
+        for _ in 0..n {
+            self.spawn_node();
+        }
+        let (took, shares) = self
+            .wait_balanced(&format!("the {n} nodes to share the partitions"))
+            .await;
+        self.event(format!(
+            "{n} nodes share the partitions {shares:?} after {} ms",
+            took.as_millis()
+        ));
+    }
+
+    /// Starts an orchestrator node (`skald serve`) on the scenario's database and
+    /// broker; returns its index in `nodes`.
+    fn spawn_node(&mut self) -> usize {
+        let name = format!("node-{}", self.nodes.len() + 1);
+        let args: Vec<String> = [
+            "serve",
+            "--db",
+            &self.db.url,
+            "--nats",
+            &self.nats.url(),
+            "--nats-replicas",
+            &self.nats.replicas().to_string(),
+            "--ack-wait-secs",
+            ACK_WAIT_SECS,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned)
+        .into();
+        let proc = Proc::spawn_logging(&self.logs.0, name, &skald_bin(), &args, NODE_LOG);
+        let pid = proc.pid().expect("a node just spawned runs");
+        self.event(format!("started {} (pid {pid})", proc.name));
+        self.nodes.push(Node {
+            proc,
+            holder: format!("pid{pid}-"),
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Waits until the running nodes, and only they, hold a membership lease, every
+    /// partition is held by one of them, and each holds its fair share (between
+    /// `floor` and `ceil` of partitions / nodes). Returns how long that took and the
+    /// shares, in the order of `nodes`.
+    async fn wait_balanced(&mut self, what: &str) -> (Duration, Vec<usize>) {
+        let since = Instant::now();
+        let limit = self.limit(REBALANCE_LIMIT);
+        loop {
+            let last = match self.db.leases().await {
+                Ok(leases) => {
+                    let running: Vec<&Node> =
+                        self.nodes.iter().filter(|n| n.proc.running()).collect();
+                    match leases.shares(&running) {
+                        Ok(shares) => return (since.elapsed(), shares),
+                        Err(e) => format!("{e} ({leases})"),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            self.expect_running(&mut [], what);
+            self.check_deadline(limit, what, &last);
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The live leases now, retrying while the database is unreachable.
+    async fn leases_now(&mut self) -> Leases {
+        let limit = self.limit(QUERY_LIMIT);
+        loop {
+            match self.db.leases().await {
+                Ok(l) => return l,
+                Err(e) => self.check_deadline(limit, "the leases", &e.to_string()),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The saga counts of `partitions` now, retrying while the database is unreachable.
+    async fn partition_counts_now(&mut self, partitions: &[u32]) -> Counts {
+        let limit = self.limit(QUERY_LIMIT);
+        loop {
+            match self.db.partition_counts(partitions).await {
+                Ok(c) => return c,
+                Err(e) => self.check_deadline(limit, "the partitions' counts", &e.to_string()),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// After node `victim` was killed (at `killed`, `killed_at` in unix ms): polls, in
+    /// one loop, until each of its partitions (the keys of `dead_until`, with when its
+    /// lease on each ends) is leased by a running node, and until each of them that had
+    /// sagas in flight has settled one since the kill (from the store's times, so that
+    /// the answer does not depend on when this polls).
+    async fn wait_partitions_taken_over(
+        &mut self,
+        victim: usize,
+        dead_until: &BTreeMap<u32, i64>,
+        killed: Instant,
+        killed_at: i64,
+        runner: &mut Proc,
+    ) -> Takeover {
+        let victim_name = self.nodes[victim].proc.name.clone();
+        let moved: Vec<u32> = dead_until.keys().copied().collect();
+        let what = format!(
+            "the running nodes to take {victim_name}'s partitions {moved:?} and settle a \
+             saga of each"
+        );
+        let leases_limit = (killed + REBALANCE_LIMIT).min(self.deadline);
+        let limit = self.limit(RECOVER_LIMIT);
+        let mut leases_moved = None;
+        // The partitions with sagas in flight at the kill (read on the first poll).
+        let mut busy: Option<Vec<u32>> = None;
+        loop {
+            let (leases, progress) = (
+                self.db.leases().await,
+                self.db.partition_progress(&moved, killed_at).await,
+            );
+            let last = match (leases, progress) {
+                (Ok(leases), Ok(progress)) => {
+                    let busy = busy.get_or_insert_with(|| {
+                        progress
+                            .iter()
+                            .filter(|p| p.active > 0 || p.first_settle.is_some())
+                            .map(|p| p.partition)
+                            .collect()
+                    });
+                    let orphans: Vec<u32> = moved
+                        .iter()
+                        .copied()
+                        .filter(|p| {
+                            !leases.holder_of(*p).is_some_and(|h| {
+                                self.nodes.iter().any(|n| n.proc.running() && n.holds(h))
+                            })
+                        })
+                        .collect();
+                    if leases_moved.is_none() && orphans.is_empty() {
+                        let took = killed.elapsed();
+                        self.event(format!(
+                            "{victim_name}'s partitions all leased by running nodes after {} \
+                             ms: {leases}",
+                            took.as_millis()
+                        ));
+                        leases_moved = Some(took);
+                    }
+                    let waiting: Vec<u32> = busy
+                        .iter()
+                        .copied()
+                        .filter(|p| {
+                            !progress
+                                .iter()
+                                .any(|q| q.partition == *p && q.first_settle.is_some())
+                        })
+                        .collect();
+                    if let (Some(leases_moved), true) = (leases_moved, waiting.is_empty()) {
+                        let firsts: Vec<(u32, i64)> = progress
+                            .iter()
+                            .filter_map(|q| Some((q.partition, q.first_settle?)))
+                            .collect();
+                        let since = |at: i64| Duration::from_millis((at - killed_at).max(0) as u64);
+                        let first_settle =
+                            since(firsts.iter().map(|f| f.1).min().unwrap_or(killed_at));
+                        let all_progress =
+                            since(firsts.iter().map(|f| f.1).max().unwrap_or(killed_at));
+                        let under_dead_lease: Vec<(u32, i64, i64)> = firsts
+                            .iter()
+                            .filter_map(|&(p, at)| {
+                                let until = *dead_until.get(&p)?;
+                                (at < until).then_some((p, at, until))
+                            })
+                            .collect();
+                        self.event(format!(
+                            "every busy partition of {victim_name}'s settled a saga since the \
+                             kill (from the store's times): the first after {} ms, the last \
+                             after {} ms; firsts {firsts:?}",
+                            first_settle.as_millis(),
+                            all_progress.as_millis()
+                        ));
+                        return Takeover {
+                            leases_moved,
+                            first_settle,
+                            all_progress,
+                            under_dead_lease,
+                        };
+                    }
+                    if leases_moved.is_none() {
+                        self.check_deadline(
+                            leases_limit,
+                            &format!("the running nodes to lease {victim_name}'s partitions"),
+                            &format!(
+                                "partitions {orphans:?} not leased by a running node: {leases}"
+                            ),
+                        );
+                    }
+                    format!("partitions {waiting:?} settled none since the kill; {leases}")
+                }
+                (Err(e), _) | (_, Err(e)) => e.to_string(),
+            };
+            self.expect_running(&mut [&mut *runner], &what);
+            self.check_deadline(limit, &what, &last);
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Polls until more than `baseline` sagas of `partitions` are settled; returns the
+    /// time from `since`.
+    async fn wait_partitions_settle(
+        &mut self,
+        partitions: &[u32],
+        baseline: i64,
+        since: Instant,
+        runner: &mut Proc,
+        what: &str,
+    ) -> Duration {
+        let limit = self.limit(RECOVER_LIMIT);
+        loop {
+            let last = match self.db.partition_counts(partitions).await {
+                Ok(c) if c.settled() > baseline => {
+                    let took = since.elapsed();
+                    self.event(format!("{what}: {} ms ({c})", took.as_millis()));
+                    return took;
+                }
+                Ok(c) => format!("{c}, baseline {baseline} settled"),
+                Err(e) => e.to_string(),
+            };
+            self.expect_running(&mut [&mut *runner], what);
+            self.check_deadline(limit, what, &last);
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Polls until a saga has settled at or after `since_ms` (unix ms, as the store
+    /// records `updated_at_ms`); returns how long after `since_ms` the first did, and how
+    /// many settled between `since_ms` and `until_ms`.
+    async fn wait_first_settle_since(
+        &mut self,
+        since_ms: i64,
+        until_ms: i64,
+        runner: &mut Proc,
+        what: &str,
+    ) -> (Duration, i64) {
+        let limit = self.limit(RECOVER_LIMIT);
+        loop {
+            let last = match self.db.settles_since(since_ms, until_ms).await {
+                Ok((Some(first), before_until)) => {
+                    let took = Duration::from_millis((first - since_ms).max(0) as u64);
+                    self.event(format!(
+                        "{what}: {} ms after it (from the store's times), {before_until} \
+                         settled before {until_ms}",
+                        took.as_millis()
+                    ));
+                    return (took, before_until);
+                }
+                Ok((None, _)) => "none settled yet".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            self.expect_running(&mut [&mut *runner], what);
+            self.check_deadline(limit, what, &last);
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// What the nodes say about themselves, as report fields: per node still running
+    /// (`nodes_at_end`), each of [`NODE_METRICS`] from its `/metrics`; per node, the
+    /// warnings and errors it logged.
+    async fn node_report(&mut self) -> Vec<(&'static str, String)> {
+        let mut names = Vec::new();
+        let mut values: Vec<Vec<u64>> = vec![Vec::new(); NODE_METRICS.len()];
+        for node in self.nodes.iter().filter(|n| n.proc.running()) {
+            let body = tokio::task::block_in_place(|| node.metrics())
+                .unwrap_or_else(|e| panic!("{}'s metrics: {e}", node.proc.name));
+            names.push(node.proc.name.clone());
+            for ((_, name, label), values) in NODE_METRICS.iter().zip(&mut values) {
+                values.push(metric(&body, name, *label));
+            }
+        }
+        let (warnings, errors): (Vec<usize>, Vec<usize>) =
+            self.nodes.iter().map(|n| n.proc.logged_problems()).unzip();
+        let mut fields = vec![("nodes_at_end", list(&names))];
+        for ((key, _, _), values) in NODE_METRICS.iter().zip(values) {
+            fields.push((key, list(&values)));
+        }
+        fields.push(("node_log_warnings", list(&warnings)));
+        fields.push(("node_log_errors", list(&errors)));
+        fields
+    }
+
     /// The saga counts now, retrying while the database is unreachable.
     async fn counts_now(&mut self) -> Counts {
         let limit = self.limit(QUERY_LIMIT);
@@ -887,11 +1542,13 @@ impl Scenario {
         }
     }
 
-    /// Fails if a participant or one of `runners` has exited.
+    /// Fails if a participant, a node (not killed by the test) or one of `runners` has
+    /// exited.
     fn expect_running(&mut self, runners: &mut [&mut Proc], what: &str) {
         for proc in self
             .participants
             .iter_mut()
+            .chain(self.nodes.iter_mut().map(|n| &mut n.proc))
             .chain(runners.iter_mut().map(|r| &mut **r))
         {
             if let Some(status) = proc.exited() {
@@ -928,6 +1585,13 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
+        // The cluster's logs die with it: copied beside the processes' first.
+        if let Broker::Cluster(cluster) = &self.nats {
+            for i in 0..NatsCluster::SIZE {
+                let name = format!("{}.nats-server.log", cluster.server_name(i));
+                let _ = std::fs::copy(cluster.log_file(i), self.logs.0.join(name));
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "\n==== fault scenario {} (seed {}) failed; timeline:",
@@ -937,6 +1601,11 @@ impl Drop for Scenario {
                 eprintln!("  {line}");
             }
             self.logs.print_tails();
+        }
+        // For a kept log directory (a failure, or SKALD_FAULTS_KEEP_LOGS).
+        let _ = std::fs::write(self.logs.0.join("timeline.txt"), self.timeline.join("\n"));
+        for n in &mut self.nodes {
+            n.proc.kill();
         }
         for p in &mut self.participants {
             p.kill();
@@ -971,13 +1640,14 @@ impl Display for Counts {
 }
 
 /// What a scenario changes from the defaults: the participants' mean service time, the
-/// payment service's extra arguments, and the runners' (after the defaults, so they
-/// win).
+/// payment service's extra arguments, the runners' (after the defaults, so they win),
+/// and whether NATS is a three-node cluster rather than one server.
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
     latency_ms: &'static str,
     payment: &'static [&'static str],
     runner: &'static [&'static str],
+    cluster: bool,
 }
 
 impl Default for Tuning {
@@ -986,6 +1656,19 @@ impl Default for Tuning {
             latency_ms: LATENCY_MS,
             payment: &[],
             runner: &[],
+            cluster: false,
+        }
+    }
+}
+
+impl Tuning {
+    /// The scaled-out scenarios': the NATS cluster, and a runner that applies no reply
+    /// (the nodes run every saga).
+    fn scaled_out() -> Tuning {
+        Tuning {
+            runner: &["--no-consume"],
+            cluster: true,
+            ..Tuning::default()
         }
     }
 }
@@ -1006,6 +1689,238 @@ struct Verified {
     compensated: i64,
     effects_twice: i64,
     dead_letters: i64,
+}
+
+/// How a killed node's partitions were taken over.
+#[derive(Debug, Clone)]
+struct Takeover {
+    /// From the kill until every one of its partitions was leased by a running node.
+    leases_moved: Duration,
+    /// From the kill until the first saga of its partitions settled.
+    first_settle: Duration,
+    /// From the kill until every one of its partitions that had sagas in flight had
+    /// settled one.
+    all_progress: Duration,
+    /// Its partitions whose first saga settled after the kill settled before its lease
+    /// on them ended (partition, settled at, lease end; unix ms): nobody should run a
+    /// partition whose lease a dead node still holds.
+    under_dead_lease: Vec<(u32, i64, i64)>,
+}
+
+/// One partition's progress since a moment (`Db::partition_progress`).
+#[derive(Debug, Clone, Copy)]
+struct PartitionProgress {
+    partition: u32,
+    /// Its sagas in flight now.
+    active: i64,
+    /// When its first saga to settle since the moment did (unix ms), if one did.
+    first_settle: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Scaled out: the NATS cluster, the nodes and their leases
+// ---------------------------------------------------------------------------------------
+
+/// The scenario's NATS: one nats-server, or a three-node JetStream cluster.
+enum Broker {
+    Server(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    /// What every process connects with: the server's URL, or the cluster's three seed
+    /// URLs, comma-separated.
+    fn url(&self) -> String {
+        match self {
+            Broker::Server(s) => s.url(),
+            Broker::Cluster(c) => c.urls(),
+        }
+    }
+
+    /// The replicas of skald's streams: one per nats-server.
+    fn replicas(&self) -> usize {
+        match self {
+            Broker::Server(_) => 1,
+            Broker::Cluster(_) => NatsCluster::SIZE,
+        }
+    }
+
+    fn server(&mut self) -> &mut NatsServer {
+        match self {
+            Broker::Server(s) => s,
+            Broker::Cluster(_) => panic!("this scenario runs a NATS cluster, not one server"),
+        }
+    }
+
+    fn cluster(&mut self) -> &mut NatsCluster {
+        match self {
+            Broker::Cluster(c) => c,
+            Broker::Server(_) => panic!("this scenario runs one nats-server, not a cluster"),
+        }
+    }
+}
+
+/// An orchestrator node: a `skald serve` process.
+struct Node {
+    proc: Proc,
+    /// The start of the name it leases under in skald_leases (a runtime names itself
+    /// `pid<pid>-<uuid>`).
+    holder: String,
+}
+
+impl Node {
+    /// Whether `holder` (a lease's) is this node.
+    fn holds(&self, holder: &str) -> bool {
+        holder.starts_with(&self.holder)
+    }
+
+    /// Its `/metrics` (the address it printed when ready), in the Prometheus text
+    /// format.
+    fn metrics(&self) -> Result<String, String> {
+        use std::io::{Read, Write};
+        let log = std::fs::read_to_string(&self.proc.stderr).map_err(|e| e.to_string())?;
+        let addr: SocketAddr = log
+            .lines()
+            .find_map(|l| {
+                l.split_once("metrics on http://")?
+                    .1
+                    .strip_suffix("/metrics")
+            })
+            .ok_or("no \"metrics on http://\" line on its stderr")?
+            .parse()
+            .map_err(|e| format!("its metrics address: {e}"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, QUERY_LIMIT)
+            .map_err(|e| format!("{addr}: {e}"))?;
+        s.set_read_timeout(Some(QUERY_LIMIT))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .map_err(|e| format!("{addr}: {e}"))?;
+        match answer.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => Err(format!("{addr}: {}", answer.lines().next().unwrap_or(""))),
+        }
+    }
+}
+
+/// The sum of the samples of counter or gauge `name` (those whose labels contain
+/// `label`, if given) in a Prometheus text body; 0 when there is none.
+fn metric(body: &str, name: &str, label: Option<&str>) -> u64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| label.is_none_or(|label| l.contains(label)))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|v| v.round() as u64)
+        .sum()
+}
+
+/// The live leases of skald_leases (`until_ms` not passed): the nodes' memberships and
+/// the partitions' holders.
+#[derive(Debug, Default)]
+struct Leases {
+    /// The lease groups seen (the nodes that share partitions): one in these scenarios.
+    groups: BTreeSet<String>,
+    /// The holders of a live `node/<holder>` lease: the live nodes.
+    members: Vec<String>,
+    /// Partition → its live lease.
+    partitions: BTreeMap<u32, PartitionLease>,
+}
+
+/// Who holds a partition's lease, and until when.
+#[derive(Debug, Clone)]
+struct PartitionLease {
+    holder: String,
+    /// When it ends unless renewed: unix ms, on the holder's clock (this machine's).
+    until_ms: i64,
+}
+
+impl Leases {
+    fn holder_of(&self, partition: u32) -> Option<&str> {
+        self.partitions.get(&partition).map(|l| l.holder.as_str())
+    }
+
+    /// The partitions `node` holds.
+    fn held_by(&self, node: &Node) -> Vec<u32> {
+        self.partitions
+            .iter()
+            .filter(|(_, l)| node.holds(&l.holder))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Each of `nodes`' share of the partitions, if they (and only they) are members,
+    /// hold every partition between them and each holds its fair share; what is off
+    /// otherwise.
+    fn shares(&self, nodes: &[&Node]) -> Result<Vec<usize>, String> {
+        if nodes.is_empty() {
+            return Err("no node runs".into());
+        }
+        if self.groups.len() > 1 {
+            return Err(format!(
+                "the nodes lease in {} groups, not one: {:?}",
+                self.groups.len(),
+                self.groups
+            ));
+        }
+        for n in nodes {
+            if !self.members.iter().any(|h| n.holds(h)) {
+                return Err(format!("{} holds no membership lease yet", n.proc.name));
+            }
+        }
+        if let Some(other) = self
+            .members
+            .iter()
+            .find(|h| !nodes.iter().any(|n| n.holds(h)))
+        {
+            return Err(format!(
+                "{other} (not a running node) still holds a membership lease"
+            ));
+        }
+        let free: Vec<u32> = (0..PARTITIONS)
+            .filter(|p| {
+                !self
+                    .holder_of(*p)
+                    .is_some_and(|h| nodes.iter().any(|n| n.holds(h)))
+            })
+            .collect();
+        if !free.is_empty() {
+            return Err(format!(
+                "partitions {free:?} are not held by a running node"
+            ));
+        }
+        let shares: Vec<usize> = nodes.iter().map(|n| self.held_by(n).len()).collect();
+        let count = PARTITIONS as usize;
+        let (least, most) = (count / nodes.len(), count.div_ceil(nodes.len()));
+        if shares.iter().any(|s| *s < least || *s > most) {
+            return Err(format!(
+                "shares {shares:?} are not within {least}..={most} each"
+            ));
+        }
+        Ok(shares)
+    }
+}
+
+impl Display for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut by_holder: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for (p, l) in &self.partitions {
+            by_holder.entry(l.holder.as_str()).or_default().push(*p);
+        }
+        write!(f, "{} live nodes", self.members.len())?;
+        for (h, ps) in by_holder {
+            let member = if self.members.iter().any(|n| n == h) {
+                ""
+            } else {
+                " (no membership)"
+            };
+            write!(f, "; {h}{member}: {ps:?}")?;
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1041,6 +1956,104 @@ impl Db {
         .fetch_one(&self.pool)
         .await?;
         Ok(Counts { total, active })
+    }
+
+    /// Saga counts of the sagas in `partitions`.
+    async fn partition_counts(&self, partitions: &[u32]) -> Result<Counts, sqlx::Error> {
+        let partitions: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let (total, active) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status IN ('running', 'compensating')) \
+             FROM saga_instances WHERE partition_no = ANY($1)",
+        )
+        .bind(&partitions)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Counts { total, active })
+    }
+
+    /// For each of `partitions` that holds sagas: its sagas in flight, and when the
+    /// first of them to settle at or after `since_ms` did (unix ms, `updated_at_ms`:
+    /// the settling node's clock, this machine's).
+    async fn partition_progress(
+        &self,
+        partitions: &[u32],
+        since_ms: i64,
+    ) -> Result<Vec<PartitionProgress>, sqlx::Error> {
+        let partitions: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let rows: Vec<(i32, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT partition_no, \
+                    count(*) FILTER (WHERE status IN ('running', 'compensating')), \
+                    min(updated_at_ms) FILTER (WHERE status IN ('completed', 'compensated', \
+                                               'failed') AND updated_at_ms >= $2) \
+             FROM saga_instances WHERE partition_no = ANY($1) GROUP BY partition_no",
+        )
+        .bind(&partitions)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, active, first_settle)| PartitionProgress {
+                partition: p as u32,
+                active,
+                first_settle,
+            })
+            .collect())
+    }
+
+    /// Of the sagas settled at or after `since_ms` (unix ms, `updated_at_ms`: the
+    /// settling node's clock, this machine's): when the first settled, and how many
+    /// settled before `until_ms`.
+    async fn settles_since(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<(Option<i64>, i64), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT min(updated_at_ms), count(*) FILTER (WHERE updated_at_ms < $2) \
+             FROM saga_instances \
+             WHERE status IN ('completed', 'compensated', 'failed') AND updated_at_ms >= $1",
+        )
+        .bind(since_ms)
+        .bind(until_ms)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// The live leases: those whose end (`until_ms`, the nodes' clock: this machine's)
+    /// has not passed.
+    async fn leases(&self) -> Result<Leases, sqlx::Error> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT name, holder, until_ms FROM skald_leases \
+             WHERE until_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut leases = Leases::default();
+        // `node/<group>/<holder>` and `partition/<group>/<p>`: the group names the nodes
+        // that share partitions (one build of one deployment; the scenarios run one).
+        let split = |rest: &str| match rest.rsplit_once('/') {
+            Some((group, last)) => (group.to_owned(), last.to_owned()),
+            None => (String::new(), rest.to_owned()),
+        };
+        for (name, holder, until_ms) in rows {
+            if let Some(rest) = name.strip_prefix("node/") {
+                let (group, node) = split(rest);
+                assert_eq!(node, holder, "the node lease {name:?} is held by {holder}");
+                leases.groups.insert(group);
+                leases.members.push(holder);
+            } else if let Some(rest) = name.strip_prefix("partition/") {
+                let (group, p) = split(rest);
+                let p: u32 = p
+                    .parse()
+                    .unwrap_or_else(|_| panic!("a lease named {name:?}"));
+                leases.groups.insert(group);
+                leases
+                    .partitions
+                    .insert(p, PartitionLease { holder, until_ms });
+            }
+        }
+        Ok(leases)
     }
 
     async fn table_exists(&self, table: &str) -> Result<bool, sqlx::Error> {
@@ -1085,17 +2098,29 @@ struct Proc {
     child: Option<Child>,
     status: Option<ExitStatus>,
     stdout: PathBuf,
+    stderr: PathBuf,
 }
 
 impl Proc {
     fn spawn(logs: &Path, name: String, bin: &Path, args: &[String]) -> Proc {
+        Proc::spawn_logging(logs, name, bin, args, "warn")
+    }
+
+    /// [`Proc::spawn`] with `RUST_LOG=rust_log`.
+    fn spawn_logging(
+        logs: &Path,
+        name: String,
+        bin: &Path,
+        args: &[String],
+        rust_log: &str,
+    ) -> Proc {
         let stdout = logs.join(format!("{name}.stdout.log"));
         let stderr = logs.join(format!("{name}.stderr.log"));
         let file =
             |p: &Path| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
         let child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(file(&stdout))
             .stderr(file(&stderr))
@@ -1106,7 +2131,26 @@ impl Proc {
             child: Some(child),
             status: None,
             stdout,
+            stderr,
         }
+    }
+
+    /// Its process id, unless the test killed it.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it runs: neither killed by the test nor seen exited (by
+    /// [`Proc::exited`], which every wait calls).
+    fn running(&self) -> bool {
+        self.child.is_some() && self.status.is_none()
+    }
+
+    /// The warning and error lines on its stderr.
+    fn logged_problems(&self) -> (usize, usize) {
+        let log = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let count = |level: &str| log.lines().filter(|l| l.contains(level)).count();
+        (count(" WARN "), count(" ERROR "))
     }
 
     /// Its exit status, if it has exited (and not been killed by the test).
@@ -1143,8 +2187,8 @@ impl Drop for Proc {
     }
 }
 
-/// The scenario's log directory: removed when the scenario passes, kept (and its tails
-/// printed) when it fails.
+/// The scenario's log directory: removed when the scenario passes (unless
+/// `SKALD_FAULTS_KEEP_LOGS` is set), kept (and its tails printed) when it fails.
 struct LogDir(PathBuf);
 
 impl LogDir {
@@ -1185,7 +2229,12 @@ impl LogDir {
 
 impl Drop for LogDir {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if std::thread::panicking() {
+            return;
+        }
+        if std::env::var_os("SKALD_FAULTS_KEEP_LOGS").is_some() {
+            eprintln!("logs kept in {}", self.0.display());
+        } else {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
@@ -1220,6 +2269,25 @@ fn example_bin(name: &str) -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The demo `skald` binary, whose `serve` is an orchestrator node: cargo builds it for
+/// this test when the `demo` feature is on (`--all-features`).
+fn skald_bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_skald") {
+        Some(bin) => PathBuf::from(bin),
+        None => panic!(
+            "the scaled-out scenarios run `skald serve`, the demo binary, which builds only \
+             with the `demo` feature: run the suite with --all-features (scripts/test does)"
+        ),
+    }
+}
+
+/// Now, in milliseconds since the Unix epoch (the clock the nodes stamp the store with).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn ms(d: Duration) -> String {

@@ -15,6 +15,8 @@
 //! cargo run --release --example checkout -- --nats nats://a:4222,nats://b:4222,nats://c:4222 \
 //!     --nats-replicas 3                                             # on a three-node cluster
 //! cargo run --release --example checkout -- --db postgres://postgres@127.0.0.1:5432/skald
+//! cargo run --release --example checkout -- --nats nats://127.0.0.1:4222 --no-participants \
+//!     --no-consume             # start and await the sagas; `skald serve` nodes run them
 //! cargo run --release --example checkout -- --metrics-addr 127.0.0.1:9464   # GET /metrics
 //! cargo run --release --example checkout -- --log-format json                # JSON log lines
 //! cargo run --release --example checkout --features otlp -- \
@@ -165,6 +167,12 @@ struct Args {
     /// (`cargo run --example participant`, or any other language) to answer.
     #[arg(long, requires = "nats")]
     no_participants: bool,
+    /// With --nats: apply no replies here (`RuntimeOptions::consume = false`): start
+    /// the sagas and wait for their outcomes while orchestrator nodes sharing the
+    /// database and the broker (`skald serve`) run them, as a service in front of the
+    /// nodes would.
+    #[arg(long, requires = "nats")]
+    no_consume: bool,
     /// With --nats: how to authenticate to NATS, and TLS.
     #[command(flatten)]
     nats_auth: skald::cli::NatsArgs,
@@ -446,7 +454,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .store(store.clone())
         .bus(bus.clone())
         .register(&checkout)
-        .options(RuntimeOptions::default());
+        .options(RuntimeOptions {
+            consume: !args.no_consume,
+            ..RuntimeOptions::default()
+        });
     let runtime = builder
         .start()
         .await

@@ -955,6 +955,12 @@ impl NatsCluster {
             })
     }
 
+    /// Node `i`'s log file (its stderr, kept beside its store until the cluster is
+    /// dropped).
+    pub fn log_file(&self, i: usize) -> PathBuf {
+        self.dir.0.join(format!("{}.log", self.nodes[i].name))
+    }
+
     /// Whether node `i` runs (was not killed).
     pub fn is_running(&self, i: usize) -> bool {
         self.nodes[i].child.is_some()
