@@ -390,3 +390,68 @@ async fn nodes_that_run_different_sagas_never_strand_one() {
     checkout_node.shutdown().await;
     notify_node.shutdown().await;
 }
+
+/// A node that stays a member but never takes its share (too starved to, or stuck)
+/// cannot keep partitions without a holder: a partition free for a whole lease is taken
+/// by any node, and a member holding nothing stops counting after 3 leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_takes_its_share_strands_nothing() {
+    let res = Resources::new(Backend::PostgresNats).await;
+    let _participants = start_participants(
+        res.bus().await,
+        MemoryLedger::new(),
+        reliable(),
+        no_script(),
+        ALL_SERVICES,
+    )
+    .await;
+    let lease = Duration::from_secs(1);
+    let a = node(&res, res.bus().await, lease).await;
+    // A member of A's group that never renews anything but its membership, for an hour.
+    let group = res
+        .store
+        .leases("node/", skald::ports::SystemClock.now())
+        .await
+        .expect("leases")
+        .iter()
+        .find_map(|l| {
+            l.name
+                .strip_suffix(&format!("/{}", a.node_name()))
+                .map(str::to_owned)
+        })
+        .expect("A's membership");
+    let ghost = format!("{group}/ghost");
+    assert!(
+        res.store
+            .acquire_lease(
+                &ghost,
+                "ghost",
+                skald::ports::SystemClock.now(),
+                Duration::from_secs(3600)
+            )
+            .await
+            .expect("lease")
+    );
+    let ghost_since = Instant::now();
+    // Past the ghost's grace (3 leases from when A first saw it, plus a balance), A
+    // holds every partition, and keeps them: nothing is handed to the ghost again.
+    balanced(&[&a], &[16], Duration::from_secs(15)).await;
+    Wait::new("the ghost's grace to end")
+        .within(Duration::from_secs(10))
+        .until(async || (ghost_since.elapsed() >= 3 * lease + lease / 2).then_some(()))
+        .await;
+    balanced(&[&a], &[16], Duration::from_secs(5)).await;
+    let since = Instant::now();
+    Wait::new("A holding every partition for 2 s")
+        .within(Duration::from_secs(10))
+        .every(Duration::from_millis(20))
+        .until(async || {
+            let held = a.held_partitions().len();
+            assert_eq!(held, 16, "A gave partitions up after {:?}", since.elapsed());
+            (since.elapsed() >= Duration::from_secs(2)).then_some(())
+        })
+        .await;
+    let ids = start_sagas(&a, 0, 20).await;
+    all_completed(&res, &ids, Duration::from_secs(30)).await;
+    a.shutdown().await;
+}

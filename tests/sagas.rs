@@ -300,6 +300,13 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: Backend) {
         .insert(wire::H_REPLY_TOKEN, "00".repeat(32));
     let mut wrong_service = reply(id, step, "1", "success", b"{}");
     wrong_service.subject = "skald.reply.payment.checkout.0".into();
+    // A valid reply moved to the subject of another partition than its saga's (0 stays
+    // allowed: commands stored before partitions name it).
+    let mut wrong_partition = reply(id, step, "1", "success", b"{}");
+    let other = (1..16)
+        .find(|p| *p != id.partition(16))
+        .expect("another partition");
+    wrong_partition.subject = format!("skald.reply.inventory.checkout.{other}");
     let poison = [
         (reply(id, step, "1", "success", b"{not json"), "not JSON"),
         (no_headers, "missing header"),
@@ -317,6 +324,10 @@ async fn bad_input_is_dead_lettered_and_duplicates_ignored(kind: Backend) {
         (
             wrong_service,
             "arrived on the reply subject of service payment",
+        ),
+        (
+            wrong_partition,
+            "but the reply arrived on the subject of partition",
         ),
     ];
     // (A success whose output does not decode is not poison: the step took effect, so

@@ -949,7 +949,7 @@ async fn pump(
                         payload: m.payload,
                     };
                     let mut delivery =
-                        Delivery::new(message, delivered, Box::new(NatsAcker(acker)));
+                        Delivery::new(message, delivered, Box::new(NatsAcker(Some(acker))));
                     if let Some(id) = bus_id {
                         delivery = delivery.with_bus_id(id);
                     }
@@ -1170,33 +1170,68 @@ impl Responder for NatsResponder {
     }
 }
 
-struct NatsAcker(jetstream::message::Acker);
+/// Settles one message. One dropped unsettled (a subscriber that stopped with messages
+/// still queued to it: a node handing a partition over, a runtime shutting down) hands
+/// its message back to the server at once, rather than leaving it to the ack wait.
+struct NatsAcker(Option<jetstream::message::Acker>);
+
+impl NatsAcker {
+    fn take(mut self: Box<Self>) -> Option<jetstream::message::Acker> {
+        self.0.take()
+    }
+}
+
+impl Drop for NatsAcker {
+    fn drop(&mut self) {
+        if let Some(acker) = self.0.take()
+            && let Ok(io) = tokio::runtime::Handle::try_current()
+        {
+            io.spawn(async move {
+                if let Err(e) = acker.ack_with(AckKind::Nak(None)).await {
+                    debug!(error = %e, "handing back a message dropped unsettled failed: it comes back after the ack wait");
+                }
+            });
+        }
+    }
+}
 
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<(), BusError> {
-        self.0
+        let Some(acker) = self.take() else {
+            return Ok(());
+        };
+        acker
             .ack()
             .await
             .map_err(|e| BusError::Unavailable(format!("ack: {e}")))
     }
 
     async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError> {
-        self.0
+        let Some(acker) = self.take() else {
+            return Ok(());
+        };
+        acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
             .map_err(|e| BusError::Unavailable(format!("nak: {e}")))
     }
 
     async fn term(self: Box<Self>, _reason: &str) -> Result<(), BusError> {
-        self.0
+        let Some(acker) = self.take() else {
+            return Ok(());
+        };
+        acker
             .ack_with(AckKind::Term)
             .await
             .map_err(|e| BusError::Unavailable(format!("term: {e}")))
     }
 
     async fn progress(&self) -> Result<(), BusError> {
-        self.0
+        let Some(acker) = &self.0 else {
+            return Ok(());
+        };
+        acker
             .ack_with(AckKind::Progress)
             .await
             .map_err(|e| BusError::Unavailable(format!("progress: {e}")))

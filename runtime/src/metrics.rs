@@ -440,7 +440,9 @@ pub(crate) async fn sampler(shared: Arc<Shared>) {
             Err(e) => debug!(error = %e, "metrics: reading the outbox backlog failed"),
         }
         // One consumer per registered type reads its replies: their lags add up.
-        let mut total: Option<u64> = None;
+        // (A node holding no partition reads none: 0, not the last value it had.)
+        let mut total: Option<u64> =
+            (shared.ownership.mode() == crate::partitions::Mode::Leased).then_some(0);
         for (subject, group) in &consumers {
             match shared.bus.consumer_lag(subject, group).await {
                 Ok(Some(lag)) => total = Some(total.unwrap_or(0) + lag),

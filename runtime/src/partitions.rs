@@ -146,7 +146,7 @@ impl Ownership {
     pub(crate) fn holds(&self, p: u32) -> bool {
         self.held
             .get(p as usize)
-            .is_some_and(|h| h.load(Ordering::Acquire))
+            .is_some_and(|h| h.load(Ordering::SeqCst))
     }
 
     /// Whether this runtime holds saga `id`'s partition.
@@ -174,7 +174,7 @@ impl Ownership {
         let Some(h) = self.held.get(p as usize) else {
             return false;
         };
-        let changed = h.swap(held, Ordering::AcqRel) != held;
+        let changed = h.swap(held, Ordering::SeqCst) != held;
         if changed {
             self.refresh();
         }
@@ -210,7 +210,7 @@ impl Ownership {
     /// dropped.
     pub(crate) fn applying(self: &Arc<Self>, p: u32) -> Applying {
         if let Some(n) = self.in_flight.get(p as usize) {
-            n.fetch_add(1, Ordering::AcqRel);
+            n.fetch_add(1, Ordering::SeqCst);
         }
         Applying {
             ownership: Arc::clone(self),
@@ -222,7 +222,7 @@ impl Ownership {
     pub(crate) fn in_flight(&self, p: u32) -> usize {
         self.in_flight
             .get(p as usize)
-            .map_or(0, |n| n.load(Ordering::Acquire))
+            .map_or(0, |n| n.load(Ordering::SeqCst))
     }
 }
 
@@ -236,7 +236,7 @@ pub(crate) struct Applying {
 impl Drop for Applying {
     fn drop(&mut self) {
         if let Some(n) = self.ownership.in_flight.get(self.partition as usize) {
-            n.fetch_sub(1, Ordering::AcqRel);
+            n.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

@@ -43,6 +43,11 @@ pub(super) const OP_PENDING: usize = 16;
 /// longer is refused, so no request can be replayed for days.
 pub const MAX_REQUEST_TTL: Duration = Duration::from_secs(3600);
 
+/// How long a reply of a partition this node does not hold waits before the broker
+/// delivers it again: short (the new holder should have it at once), not zero (a
+/// consumer read by two builds at once must not spin it).
+const NOT_HELD_DELAY: Duration = Duration::from_millis(50);
+
 /// How often a message waiting for capacity tells the broker it is still being worked
 /// on (well inside JetStream's default 30 s ack wait).
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -113,22 +118,23 @@ pub(super) async fn intake(
     let max_bytes = o.max_in_flight_bytes.clamp(1, u32::MAX as usize);
     let bytes = Arc::new(Semaphore::new(max_bytes));
     let leased = shared.ownership.mode() == crate::partitions::Mode::Leased;
+    // A reply of a partition this node does not hold (handed over since it was
+    // received) goes back to the broker, unapplied, for the partition's holder; one
+    // being applied holds a handover until it is settled.
+    let not_held = |delivery: Delivery| {
+        RuntimeStats::incr(&shared.stats.deferred);
+        let (_, _, acker) = delivery.into_parts();
+        tokio::spawn(async move { settle(acker.nak(NOT_HELD_DELAY).await) });
+    };
     while let Some((kind, mut delivery)) = inbound.next().await {
-        // A reply of a partition handed over since it was received goes back to the
-        // broker at once, unapplied, for the partition's new holder; one being applied
-        // holds the handover until it is settled.
-        let applying = match wire::reply_subject_parts(&delivery.message.subject) {
-            Some((_, _, p)) if leased && kind == Inbound::Reply => {
-                if !shared.ownership.holds(p) {
-                    RuntimeStats::incr(&shared.stats.deferred);
-                    let (_, _, acker) = delivery.into_parts();
-                    tokio::spawn(async move { settle(acker.nak(Duration::ZERO).await) });
-                    continue;
-                }
-                Some(shared.ownership.applying(p))
-            }
+        let partition = match wire::reply_subject_parts(&delivery.message.subject) {
+            Some((_, _, p)) if leased && kind == Inbound::Reply => Some(p),
             _ => None,
         };
+        if partition.is_some_and(|p| !shared.ownership.holds(p)) {
+            not_held(delivery);
+            continue;
+        }
         // Past the limits: only a capped copy of the body is kept (for the dead
         // letter), so an oversized message holds neither memory nor the byte budget.
         let oversized = check_limits(o, &delivery.message).err().map(|reason| {
@@ -146,15 +152,11 @@ pub(super) async fn intake(
         let Some(held) = acquire(&bytes, size, &delivery).await else {
             break;
         };
-        // Handed over while it waited for capacity: back to the broker, for the new
-        // holder.
-        if let Some((_, _, p)) = wire::reply_subject_parts(&delivery.message.subject)
-            && applying.is_some()
-            && !shared.ownership.holds(p)
-        {
-            RuntimeStats::incr(&shared.stats.deferred);
-            let (_, _, acker) = delivery.into_parts();
-            tokio::spawn(async move { settle(acker.nak(Duration::ZERO).await) });
+        // Counted from here (not while it waited for capacity: a handover does not
+        // wait for it), and checked again: handed over while it waited, it goes back.
+        let applying = partition.map(|p| shared.ownership.applying(p));
+        if partition.is_some_and(|p| !shared.ownership.holds(p)) {
+            not_held(delivery);
             drop((one, held, applying));
             continue;
         }
@@ -198,7 +200,7 @@ fn check_reply(
     reply: &wire::Envelope,
     token: Option<&str>,
 ) -> Result<(), Option<String>> {
-    let Some((service, ty, _partition)) = wire::reply_subject_parts(subject) else {
+    let Some((service, ty, partition)) = wire::reply_subject_parts(subject) else {
         return Err(Some(format!(
             "forged reply: subject {:?} is not skald.reply.<service>.<saga_type>.<partition>",
             crate::ports::cap(subject, 128)
@@ -208,6 +210,17 @@ fn check_reply(
         return Err(Some(format!(
             "forged reply: it names saga type {} but arrived on the subject of saga type {ty}",
             reply.saga_type
+        )));
+    }
+    // The reply subject names the saga's partition (or 0: commands stored before
+    // partitions): a reply moved to another partition's subject would be applied by a
+    // node that does not hold its saga.
+    let own = shared.ownership.partition_of(&reply.saga_id);
+    if partition != own && partition != wire::DEFAULT_PARTITION {
+        return Err(Some(format!(
+            "forged reply: saga {} is in partition {own}, but the reply arrived on the \
+             subject of partition {partition}",
+            reply.saga_id
         )));
     }
     if !shared.definitions.contains_type(&reply.saga_type) {

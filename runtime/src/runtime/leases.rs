@@ -3,24 +3,36 @@
 //!
 //! Every node holds a lease on its membership (`node/<group>/<node>`) and one per
 //! partition it runs (`partition/<group>/<p>`), in the store, for
-//! `RuntimeOptions::partition_lease`, renewed every fifth of it in one statement. The
-//! group ([`crate::partitions::lease_group`]) is the nodes that can run the same sagas;
-//! they share the partitions. At every renewal a node reads its group's leases and:
+//! `RuntimeOptions::partition_lease`. The group ([`crate::partitions::lease_group`]) is
+//! the nodes that can run the same sagas; they share the partitions. Two tasks keep them:
 //!
-//! - gives up a partition whose lease someone else took (its own had ended), and every
-//!   partition when it could not renew in time (a store outage: the others may take
-//!   them once its leases end, so it stops first);
-//! - hands over what is past its fair share: at most `ceil(partitions / live nodes)`,
-//!   and one fewer when a live node holds less than `floor(..)` and no partition is
-//!   free for it;
-//! - takes free partitions (never leased, released, or whose holder died and let its
-//!   lease end) up to its fair share.
+//! - the **renewer** renews the node's leases every fifth of the lease, in one statement,
+//!   and nothing else, so no other work can delay a renewal. It gives up a partition
+//!   whose lease someone else took (its own had ended), every partition when it could
+//!   not renew for three fifths of the lease (a store outage: the others may take them
+//!   once the leases end, so it stops two renewals before), and every partition after a
+//!   renewal that came later than the lease (the process stalled: someone else may have
+//!   held them meanwhile);
+//! - the **balancer**, at the same pace, reads the group's leases and stops what the
+//!   renewer gave up, hands over what is past the node's fair share, takes free
+//!   partitions up to it, and reads the replies of what it holds.
 //!
-//! A handover is clean: the old holder stops reading the partition's replies, stops
-//! claiming its wake-ups and outbox rows, lets the replies being applied finish (what it
-//! had received and not yet begun is sent back to the broker, unacknowledged), lets the
-//! partition's actors go, and only then releases the lease; the new holder starts once
-//! the lease is free. A reply in flight is applied once: by the old holder before the
+//! Fair share: at most `ceil(partitions / live nodes)`; at that top, one over when a live
+//! node holds less than `floor(..)` while no partition is free for it (only the top node
+//! with the greatest name gives it, so several do not at once). A node is live while its
+//! membership lease is; one that holds nothing stops counting 3 leases after it was
+//! first seen (a node too starved to take its share must not keep the others below
+//! theirs), and a partition nobody took for a whole lease is taken by any node,
+//! whatever its share: no partition stays without a holder because of the arithmetic.
+//! A partition whose replies cannot be read (its consumer cannot be created) is handed
+//! over after 3 failed attempts and not taken again for 3 leases.
+//!
+//! A handover is clean: the old holder stops reading the partition's replies (what it
+//! had pulled and not begun goes back to the broker at once, unacknowledged), stops
+//! claiming its wake-ups and outbox rows, lets the replies being applied finish (for at
+//! most three fifths of the lease, so its lease cannot end meanwhile), lets the
+//! partition's actors go, and only then releases the lease; the new holder takes it at
+//! its next balance. A reply in flight is applied once: by the old holder before the
 //! release, or redelivered to the new one (and the inbox refuses it a second time).
 
 use std::collections::{HashMap, HashSet};
@@ -29,18 +41,18 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::intake::Inbound;
-use crate::actors::{Registry, ReleasePartition, Shared};
+use crate::actors::{ReleasePartition, Registry, Shared};
 use crate::ids::SagaType;
 use crate::partitions::{lease_group, lease_node, lease_partition, node_lease, partition_lease};
 use crate::ports::Delivery;
 use crate::wire;
 
-/// The longest a handover waits for the replies being applied in the partition.
-const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+/// Failed attempts to read a partition's replies before it is handed over.
+const SUBSCRIBE_ATTEMPTS: u32 = 3;
 
 /// The durable consumer the replies of saga type `ty` in partition `p` are read with.
 /// Partition 0's is the one every type's replies were read with before partitions (its
@@ -52,7 +64,7 @@ pub(crate) fn partition_consumer(group: &str, ty: &SagaType, p: u32) -> String {
     }
 }
 
-/// A node's partition leases.
+/// A node's partition leases: the balancer, and the renewer it runs beside it.
 pub(super) struct Leases {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
@@ -61,12 +73,23 @@ pub(super) struct Leases {
     types: Vec<SagaType>,
     /// Unacknowledged replies one partition's consumer of one type may hold.
     per_consumer: usize,
-    /// The consumers of each held partition (one forwarding task per saga type).
+    /// The consumers of each partition read (one forwarding task per saga type).
     consumers: HashMap<u32, Vec<tokio::task::JoinHandle<()>>>,
-    /// When the last renewal that succeeded was sent.
-    renewed_at: Option<Instant>,
     /// The group whose partitions this node shares ([`lease_group`]).
     group: String,
+    /// Held by a renewal from its reading of the partitions held to its end, and by a
+    /// take or a release: a partition is never renewed after its release.
+    lock: Arc<Mutex<()>>,
+    /// When each node of the group was first seen.
+    first_seen: HashMap<String, Instant>,
+    /// Since when each free partition has been free.
+    free_since: HashMap<u32, Instant>,
+    /// Failed attempts to read each partition's replies.
+    subscribe_failures: HashMap<u32, u32>,
+    /// Partitions not to take again before a time (their replies could not be read).
+    cooldown: HashMap<u32, Instant>,
+    /// The renewer's task.
+    renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Leases {
@@ -84,9 +107,14 @@ impl Leases {
             types,
             per_consumer,
             consumers: HashMap::new(),
-            renewed_at: None,
             group: lease_group(&shared.options.reply_group, &shared.definitions.pairs()),
             shared,
+            lock: Arc::new(Mutex::new(())),
+            first_seen: HashMap::new(),
+            free_since: HashMap::new(),
+            subscribe_failures: HashMap::new(),
+            cooldown: HashMap::new(),
+            renewer: None,
         }
     }
 
@@ -94,9 +122,27 @@ impl Leases {
         self.shared.options.partition_lease / 5
     }
 
-    /// Renews, balances and hands over until `stop` says so, then leaves: hands every
+    /// How long a store or bus call of the balancer may take: a store that does not
+    /// answer is one that failed.
+    fn patience(&self) -> Duration {
+        2 * self.every()
+    }
+
+    /// The longest a handover waits for the replies being applied: short of the lease,
+    /// which is no longer renewed.
+    fn handover_wait(&self) -> Duration {
+        (self.shared.options.partition_lease * 3 / 5).min(Duration::from_secs(10))
+    }
+
+    /// Starts the renewer, then balances until `stop` says so, then leaves: hands every
     /// partition over and ends its membership.
     pub(super) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        self.renewer = Some(tokio::spawn(renew(
+            Arc::clone(&self.shared),
+            self.group.clone(),
+            Arc::clone(&self.lock),
+            stop.clone(),
+        )));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.every()) => {}
@@ -104,54 +150,42 @@ impl Leases {
             }
             self.tick().await;
         }
+        if let Some(renewer) = self.renewer.take() {
+            let _ = renewer.await;
+        }
         self.leave().await;
     }
 
-    /// One renewal: renew, give up what was lost, hand over the excess, take free
-    /// partitions up to the fair share, and read the partitions' replies.
+    /// One balance: stop what the renewer gave up, hand over the excess, take free
+    /// partitions up to the fair share, and read the replies of the partitions held.
+    /// The first one, at start, also makes the node a member.
     pub(super) async fn tick(&mut self) {
         let shared = Arc::clone(&self.shared);
         let (store, node, ownership) = (&shared.store, &shared.node, &shared.ownership);
         let lease = shared.options.partition_lease;
+        let patience = self.patience();
         let group = self.group.clone();
-        let held: Vec<u32> = ownership.held().to_vec();
-        let mut names = vec![node_lease(&group, node)];
-        names.extend(held.iter().map(|p| partition_lease(&group, *p)));
-        let sent = Instant::now();
-        // A store that does not answer is one that failed: the leases are running out.
-        let patience = 2 * self.every();
-        let renewal = store.acquire_leases(&names, node, shared.clock.now(), lease);
-        let renewed = match tokio::time::timeout(patience, renewal).await {
-            Ok(Ok(renewed)) => renewed,
-            failed => {
-                let e = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {patience:?}"),
-                };
-                // The others may take these partitions once the leases end: stop before,
-                // with two renewals' margin.
-                let late = self
-                    .renewed_at
-                    .is_none_or(|t| t.elapsed() + 2 * self.every() >= lease);
-                warn!(error = %e, held = held.len(), giving_up = late && !held.is_empty(), "renewing the partition leases failed");
-                if late && !held.is_empty() {
-                    self.hand_over(&held, false).await;
-                }
-                return;
-            }
-        };
-        self.renewed_at = Some(sent);
-        let renewed: HashSet<String> = renewed.into_iter().collect();
-        let lost: Vec<u32> = held
-            .iter()
+
+        // Partitions the renewer gave up: stop reading them and let their actors go.
+        let held = ownership.held();
+        let dropped: Vec<u32> = self
+            .consumers
+            .keys()
             .copied()
-            .filter(|p| !renewed.contains(&partition_lease(&group, *p)))
+            .filter(|p| !held.contains(p))
             .collect();
-        if !lost.is_empty() {
-            warn!(partitions = ?lost, "partition leases taken by another node (ours had ended): giving them up");
-            self.hand_over(&lost, false).await;
+        if !dropped.is_empty() {
+            self.stop_partitions(&dropped).await;
         }
 
+        if self.renewer.is_none() {
+            // The first balance: become a member before counting the members.
+            let member = [node_lease(&group, node)];
+            let joined = store.acquire_leases(&member, node, shared.clock.now(), lease);
+            if !matches!(tokio::time::timeout(patience, joined).await, Ok(Ok(_))) {
+                warn!("joining the partition leases failed: the node starts with no partition and tries again");
+            }
+        }
         let view = match tokio::time::timeout(patience, store.leases("", shared.clock.now())).await
         {
             Ok(Ok(v)) => v,
@@ -164,73 +198,125 @@ impl Leases {
                 return;
             }
         };
+        let now = Instant::now();
         let mut nodes: HashMap<&str, usize> = view
             .iter()
             .filter_map(|l| lease_node(&group, &l.name))
             .map(|n| (n, 0))
             .collect();
         nodes.entry(node.as_str()).or_insert(0);
-        let mut taken: HashSet<u32> = HashSet::new();
+        let mut leased: HashMap<u32, &str> = HashMap::new();
         for l in &view {
             if let Some(p) = lease_partition(&group, &l.name) {
-                taken.insert(p);
+                leased.insert(p, l.holder.as_str());
                 if let Some(n) = nodes.get_mut(l.holder.as_str()) {
                     *n += 1;
                 }
             }
         }
-        let count = ownership.count() as usize;
-        let live = nodes.len();
-        let (most, least) = (count.div_ceil(live), count / live);
-        let held: Vec<u32> = ownership.held().to_vec();
-        let free: Vec<u32> = (0..ownership.count())
-            .filter(|p| !taken.contains(p))
+        self.first_seen.retain(|n, _| nodes.contains_key(n.as_str()));
+        for n in nodes.keys() {
+            self.first_seen.entry((*n).to_owned()).or_insert(now);
+        }
+        // Live: this node, the nodes holding partitions, and those that joined lately.
+        let live: Vec<(&str, usize)> = nodes
+            .iter()
+            .filter(|(n, held)| {
+                **n == node.as_str()
+                    || **held > 0
+                    || self
+                        .first_seen
+                        .get(**n)
+                        .is_some_and(|t| now.duration_since(*t) < 3 * lease)
+            })
+            .map(|(n, held)| (*n, *held))
             .collect();
-        // Past the fair share: hand the excess over. At the share's top while another
-        // node is below its bottom and nothing is free for it: one over.
+        let count = ownership.count() as usize;
+        let (most, least) = (count.div_ceil(live.len()), count / live.len());
+        let held: Vec<u32> = ownership.held().to_vec();
+        // Free for this node: leased by nobody, or still to this node after the renewer
+        // gave it up.
+        let free: Vec<u32> = (0..ownership.count())
+            .filter(|p| !held.contains(p))
+            .filter(|p| leased.get(p).is_none_or(|h| *h == node.as_str()))
+            .collect();
+        self.free_since.retain(|p, _| free.contains(p));
+        for p in &free {
+            self.free_since.entry(*p).or_insert(now);
+        }
+        self.cooldown.retain(|_, until| *until > now);
+
+        // Past the fair share: hand the excess over. At its top while another node is
+        // below its bottom and nothing is free for it: one over, from the top node with
+        // the greatest name only.
         let mut excess = held.len().saturating_sub(most);
-        if excess == 0
-            && held.len() == most
-            && most > least
-            && free.is_empty()
-            && nodes.values().any(|n| *n < least)
-        {
-            excess = 1;
+        if excess == 0 && held.len() == most && most > least && free.is_empty() {
+            let starving = live.iter().any(|(_, n)| *n < least);
+            let top = live
+                .iter()
+                .filter(|(_, n)| *n == most)
+                .map(|(n, _)| *n)
+                .max();
+            if starving && top == Some(node.as_str()) {
+                excess = 1;
+            }
         }
         if excess > 0 {
             let out: Vec<u32> = held.iter().rev().take(excess).copied().collect();
-            info!(partitions = ?out, live, share = most, "handing partitions over");
+            info!(partitions = ?out, live = live.len(), share = most, "handing partitions over");
             self.hand_over(&out, true).await;
-        } else if held.len() < most && !free.is_empty() {
-            // Free partitions, from a place of this node's own so that nodes taking at
-            // once mostly ask for different ones.
-            let start = fnv(node.as_bytes()) as usize % free.len();
-            let want: Vec<String> = free
-                .iter()
-                .cycle()
-                .skip(start)
-                .take(free.len().min(most - held.len()))
-                .map(|p| partition_lease(&group, *p))
-                .collect();
-            match store
-                .acquire_leases(&want, node, shared.clock.now(), lease)
-                .await
-            {
-                Ok(got) => {
+            return;
+        }
+
+        // Free partitions up to the share, from a place of this node's own so that
+        // nodes taking at once mostly ask for different ones; and whatever has been free
+        // for a whole lease, whatever the share.
+        let takable: Vec<u32> = free
+            .iter()
+            .copied()
+            .filter(|p| !self.cooldown.contains_key(p))
+            .collect();
+        let mut want: Vec<u32> = Vec::new();
+        if !takable.is_empty() {
+            let start = fnv(node.as_bytes()) as usize % takable.len();
+            want.extend(
+                takable
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(takable.len().min(most.saturating_sub(held.len()))),
+            );
+            for p in &takable {
+                let long = self
+                    .free_since
+                    .get(p)
+                    .is_some_and(|t| now.duration_since(*t) >= lease);
+                if long && !want.contains(p) {
+                    want.push(*p);
+                }
+            }
+        }
+        if !want.is_empty() {
+            let names: Vec<String> = want.iter().map(|p| partition_lease(&group, *p)).collect();
+            let _taking = self.lock.lock().await;
+            let taken = store.acquire_leases(&names, node, shared.clock.now(), lease);
+            match tokio::time::timeout(patience, taken).await {
+                Ok(Ok(got)) => {
                     let got: Vec<u32> = got
                         .iter()
                         .filter_map(|n| lease_partition(&group, n))
                         .collect();
                     if !got.is_empty() {
-                        info!(partitions = ?got, live, share = most, "taking partitions");
-                        for p in &got {
-                            if ownership.set(*p, true) {
-                                shared.metrics.partition_handover("taken");
-                            }
+                        info!(partitions = ?got, live = live.len(), share = most, "taking partitions");
+                    }
+                    for p in &got {
+                        if ownership.set(*p, true) {
+                            shared.metrics.partition_handover("taken");
                         }
                     }
                 }
-                Err(e) => warn!(error = %e, "taking free partitions failed"),
+                Ok(Err(e)) => warn!(error = %e, "taking free partitions failed"),
+                Err(_) => warn!("taking free partitions: no answer within {patience:?}"),
             }
         }
         self.read_partitions().await;
@@ -241,7 +327,8 @@ impl Leases {
     }
 
     /// Starts the consumers of every held partition that has none (taken just now, or
-    /// whose subscription failed before).
+    /// whose subscription failed before); hands over a partition whose replies could not
+    /// be read [`SUBSCRIBE_ATTEMPTS`] times in a row.
     async fn read_partitions(&mut self) {
         let held = self.shared.ownership.held();
         let missing: Vec<u32> = held
@@ -249,17 +336,39 @@ impl Leases {
             .copied()
             .filter(|p| !self.consumers.contains_key(p))
             .collect();
-        let subscribed =
-            futures_util::future::join_all(missing.iter().map(|p| self.subscribe(*p))).await;
+        let patience = self.patience();
+        let subscribed = futures_util::future::join_all(
+            missing
+                .iter()
+                .map(|p| tokio::time::timeout(patience, self.subscribe(*p))),
+        )
+        .await;
+        let mut unreadable = Vec::new();
         for (p, tasks) in missing.into_iter().zip(subscribed) {
-            match tasks {
-                Ok(tasks) => {
+            let error = match tasks {
+                Ok(Ok(tasks)) => {
                     self.consumers.insert(p, tasks);
+                    self.subscribe_failures.remove(&p);
+                    continue;
                 }
-                Err(e) => {
-                    warn!(partition = p, error = %e, "subscribing to a partition's replies failed; will retry")
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {patience:?}"),
+            };
+            let failures = self.subscribe_failures.entry(p).or_insert(0);
+            *failures += 1;
+            warn!(partition = p, error = %error, attempt = *failures, "reading a partition's replies failed");
+            if *failures >= SUBSCRIBE_ATTEMPTS {
+                unreadable.push(p);
             }
+        }
+        if !unreadable.is_empty() {
+            warn!(partitions = ?unreadable, "handing over partitions whose replies this node cannot read");
+            let until = Instant::now() + 3 * self.shared.options.partition_lease;
+            for p in &unreadable {
+                self.subscribe_failures.remove(p);
+                self.cooldown.insert(*p, until);
+            }
+            self.hand_over(&unreadable, true).await;
         }
     }
 
@@ -291,6 +400,8 @@ impl Leases {
                 }
             };
             let inbound = self.inbound.clone();
+            // Aborted at a handover: the deliveries it held are dropped unsettled, which
+            // hands them back to the broker (the bus's acker).
             tasks.push(tokio::spawn(async move {
                 loop {
                     let next = tokio::select! {
@@ -299,11 +410,7 @@ impl Leases {
                         _ = inbound.closed() => break,
                     };
                     let Some(d) = next else { break };
-                    if let Err(mpsc::error::SendError((_, d))) =
-                        inbound.send((Inbound::Reply, d)).await
-                    {
-                        let (_, _, acker) = d.into_parts();
-                        let _ = acker.nak(Duration::ZERO).await;
+                    if inbound.send((Inbound::Reply, d)).await.is_err() {
                         break;
                     }
                 }
@@ -314,40 +421,30 @@ impl Leases {
     }
 
     /// Hands partitions over: stops reading their replies and claiming their work,
-    /// waits (bounded) for the replies being applied, lets their actors go, then
-    /// releases their leases (`release`; a lease already lost is left alone).
+    /// lets the replies being applied finish, lets their actors go, then releases
+    /// their leases.
     async fn hand_over(&mut self, partitions: &[u32], release: bool) {
         let shared = Arc::clone(&self.shared);
-        let ownership = &shared.ownership;
-        for p in partitions {
-            ownership.set(*p, false);
-            if let Some(tasks) = self.consumers.remove(p) {
-                for t in tasks {
-                    t.abort();
-                }
+        {
+            let _releasing = self.lock.lock().await;
+            for p in partitions {
+                shared.ownership.set(*p, false);
             }
         }
-        let deadline = Instant::now() + HANDOVER_WAIT;
-        while partitions.iter().any(|p| ownership.in_flight(*p) > 0) {
-            if Instant::now() >= deadline {
-                warn!(partitions = ?partitions, "replies still being applied after the handover wait; handing over anyway");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let release_actors = ReleasePartition {
-            partitions: partitions.to_vec(),
-        };
-        if self.registry.send(release_actors).await.is_err() {
-            debug!("the registry is gone: no actors to let go");
-        }
+        self.stop_partitions(partitions).await;
         if release {
             let names: Vec<String> = partitions
                 .iter()
                 .map(|p| partition_lease(&self.group, *p))
                 .collect();
-            if let Err(e) = shared.store.release_leases(&names, &shared.node).await {
-                warn!(error = %e, "releasing partition leases failed: they pass on when they end");
+            let _releasing = self.lock.lock().await;
+            let released = shared.store.release_leases(&names, &shared.node);
+            match tokio::time::timeout(self.patience(), released).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "releasing partition leases failed: they pass on when they end")
+                }
+                Err(_) => warn!("releasing partition leases: no answer; they pass on when they end"),
             }
         }
         for _ in partitions {
@@ -358,7 +455,35 @@ impl Leases {
         shared
             .metrics
             .partitions_held
-            .set(ownership.held().len() as f64);
+            .set(shared.ownership.held().len() as f64);
+    }
+
+    /// Stops reading partitions no longer held, waits (bounded) for their replies being
+    /// applied, and lets their actors go.
+    async fn stop_partitions(&mut self, partitions: &[u32]) {
+        let ownership = &self.shared.ownership;
+        for p in partitions {
+            if let Some(tasks) = self.consumers.remove(p) {
+                for t in tasks {
+                    t.abort();
+                }
+            }
+        }
+        let deadline = Instant::now() + self.handover_wait();
+        while partitions.iter().any(|p| ownership.in_flight(*p) > 0) {
+            if Instant::now() >= deadline {
+                warn!(partitions = ?partitions, "replies still being applied after the handover wait; handing over anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let release_actors = ReleasePartition {
+            partitions: partitions.to_vec(),
+        };
+        match tokio::time::timeout(self.every(), self.registry.send(release_actors)).await {
+            Ok(Ok(())) => {}
+            _ => debug!("the registry did not take the release: the actors go when idle"),
+        }
     }
 
     /// Hands every partition over and ends this node's membership.
@@ -368,23 +493,88 @@ impl Leases {
             self.hand_over(&held, true).await;
         }
         let shared = &self.shared;
-        if let Err(e) = shared
-            .store
-            .release_leases(&[node_lease(&self.group, &shared.node)], &shared.node)
-            .await
-        {
-            debug!(error = %e, "ending the node's membership lease failed: it ends on its own");
+        let member = [node_lease(&self.group, &shared.node)];
+        let left = shared.store.release_leases(&member, &shared.node);
+        if !matches!(
+            tokio::time::timeout(self.patience(), left).await,
+            Ok(Ok(()))
+        ) {
+            debug!("ending the node's membership lease failed: it ends on its own");
         }
         info!(partitions = held.len(), "left: partitions handed over");
     }
 }
 
 impl Drop for Leases {
-    /// The runtime was dropped, or the task aborted: its consumers stop pulling.
+    /// The runtime was dropped, or the task aborted: its consumers stop pulling, and the
+    /// renewer stops renewing.
     fn drop(&mut self) {
         for tasks in self.consumers.values() {
             for t in tasks {
                 t.abort();
+            }
+        }
+        if let Some(renewer) = &self.renewer {
+            renewer.abort();
+        }
+    }
+}
+
+/// The renewer: renews the node's membership and its partitions' leases every fifth of
+/// the lease until `stop` says so, giving up what it may no longer hold (module docs).
+async fn renew(
+    shared: Arc<Shared>,
+    group: String,
+    lock: Arc<Mutex<()>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let lease = shared.options.partition_lease;
+    let every = lease / 5;
+    let patience = 2 * every;
+    let (store, node, ownership) = (&shared.store, &shared.node, &shared.ownership);
+    // The first balance renewed the membership and took the partitions just now.
+    let mut renewed_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let _renewing = lock.lock().await;
+        let held: Vec<u32> = ownership.held().to_vec();
+        let mut names = vec![node_lease(&group, node)];
+        names.extend(held.iter().map(|p| partition_lease(&group, *p)));
+        let sent = Instant::now();
+        let renewal = store.acquire_leases(&names, node, shared.clock.now(), lease);
+        let give_up: Vec<u32> = match tokio::time::timeout(patience, renewal).await {
+            Ok(Ok(renewed)) => {
+                let renewed: HashSet<String> = renewed.into_iter().collect();
+                // Later than the lease: someone else may have held them meanwhile.
+                let late = sent.duration_since(renewed_at) + every >= lease;
+                renewed_at = sent;
+                let lost: Vec<u32> = held
+                    .iter()
+                    .copied()
+                    .filter(|p| late || !renewed.contains(&partition_lease(&group, *p)))
+                    .collect();
+                if !lost.is_empty() {
+                    warn!(partitions = ?lost, late, "partition leases lost (taken by another node, or renewed too late): giving them up");
+                }
+                lost
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {patience:?}"),
+                };
+                // The others may take them once the leases end: stop two renewals before.
+                let late = renewed_at.elapsed() + patience >= lease;
+                warn!(%error, held = held.len(), giving_up = late && !held.is_empty(), "renewing the partition leases failed");
+                if late { held } else { Vec::new() }
+            }
+        };
+        for p in give_up {
+            if ownership.set(p, false) {
+                shared.metrics.partition_handover("lost");
             }
         }
     }
