@@ -1059,6 +1059,11 @@ struct ScaleoutFigures {
     writes_per_commit: f64,
     /// Transitions each node committed: how the work spread.
     transitions_per_node: Vec<u64>,
+    /// Partitions each node held at the end.
+    partitions_per_node: Vec<u64>,
+    /// Partitions taken or given up during the measured run, all nodes (0 in a steady
+    /// state: the nodes balanced their shares before it).
+    handovers_during_run: u64,
     /// Start requests refused `unavailable` (sent again after a pause).
     start_refusals: usize,
     durability: String,
@@ -1279,6 +1284,9 @@ fn node_stats(runtime: &Runtime) -> Value {
         "publish_failures": s.publish_failures,
         "relayed": s.relayed,
         "wakeups_claimed": s.wakeups_claimed,
+        "partitions_taken": s.partitions_taken,
+        "partitions_given_up": s.partitions_given_up,
+        "partitions_held": runtime.held_partitions().len(),
         "deferred": s.deferred,
         "commit_batches": c.batches,
         "commit_writes": c.writes,
@@ -1726,6 +1734,24 @@ async fn scaleout_run(
         p.next_line(Duration::from_secs(60), "serving (its ready line)")
             .await?;
     }
+    // The nodes share the partitions before any load: every one held, each node's
+    // share within one of the others' (a steady state; the run then counts handovers).
+    let balanced_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut held = Vec::with_capacity(procs.len());
+        for p in &mut procs {
+            held.push(p.stats().await?["partitions_held"].as_u64().unwrap_or(0));
+        }
+        let (lo, hi) = (held.iter().min(), held.iter().max());
+        // (16: the default count, which the bench's nodes keep.)
+        if held.iter().sum::<u64>() == 16 && hi.zip(lo).is_some_and(|(h, l)| h - l <= 1) {
+            break;
+        }
+        if Instant::now() >= balanced_by {
+            bail!("the nodes did not balance their partitions within 60 s: {held:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut settled = futures_util::stream::select_all([
         clients[0].subscribe("skald.evt.checkout.completed").await?,
         clients[0]
@@ -1833,6 +1859,10 @@ async fn scaleout_run(
         transitions_per_saga: round4(total("transitions") / n as f64),
         writes_per_commit: round2(total("commit_writes") / total("commit_batches").max(1.0)),
         transitions_per_node: (0..nodes).map(|i| delta(i, "transitions")).collect(),
+        partitions_per_node: (0..nodes)
+            .map(|i| after[i]["partitions_held"].as_u64().unwrap_or(0))
+            .collect(),
+        handovers_during_run: (total("partitions_taken") + total("partitions_given_up")) as u64,
         start_refusals: refusals,
         durability,
         note: (!notes.is_empty()).then(|| notes.join("; ")),

@@ -392,8 +392,9 @@ async fn nodes_that_run_different_sagas_never_strand_one() {
 }
 
 /// A node that stays a member but never takes its share (too starved to, or stuck)
-/// cannot keep partitions without a holder: a partition free for a whole lease is taken
-/// by any node, and a member holding nothing stops counting after 3 leases.
+/// cannot keep partitions without a holder: once a partition has been free for a whole
+/// lease, the member holding nothing is not counted (6 leases, then doubling) and any
+/// node takes what is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_never_takes_its_share_strands_nothing() {
     let res = Resources::new(Backend::PostgresNats).await;
@@ -433,8 +434,8 @@ async fn a_member_that_never_takes_its_share_strands_nothing() {
             .expect("lease")
     );
     let ghost_since = Instant::now();
-    // Past the ghost's grace (3 leases from when A first saw it, plus a balance), A
-    // holds every partition, and keeps them: nothing is handed to the ghost again.
+    // A hands the ghost its share, which stays free for a lease; then the ghost is not
+    // counted (for 6 leases) and A takes everything back and keeps it.
     balanced(&[&a], &[16], Duration::from_secs(15)).await;
     Wait::new("the ghost's grace to end")
         .within(Duration::from_secs(10))

@@ -1172,7 +1172,9 @@ impl Responder for NatsResponder {
 
 /// Settles one message. One dropped unsettled (a subscriber that stopped with messages
 /// still queued to it: a node handing a partition over, a runtime shutting down) hands
-/// its message back to the server at once, rather than leaving it to the ack wait.
+/// its message back to the server at once, rather than leaving it to the ack wait;
+/// except in a panic (a message that makes its handler panic would come straight back
+/// and panic again: the ack wait paces it).
 struct NatsAcker(Option<jetstream::message::Acker>);
 
 impl NatsAcker {
@@ -1184,6 +1186,7 @@ impl NatsAcker {
 impl Drop for NatsAcker {
     fn drop(&mut self) {
         if let Some(acker) = self.0.take()
+            && !std::thread::panicking()
             && let Ok(io) = tokio::runtime::Handle::try_current()
         {
             io.spawn(async move {

@@ -283,6 +283,10 @@ crate::counters! {
         relayed,
         /// Wake-ups claimed by the sweep (sagas not in memory, or in another process).
         wakeups_claimed,
+        /// Partitions this node took (`skald_partition_handovers_total{event="taken"}`).
+        partitions_taken,
+        /// Partitions this node handed over, or lost (its lease ended first).
+        partitions_given_up,
         /// Inputs left to another build (version skew: the saga's data was written by a
         /// newer one, or its definition version is not registered here), and replies of a
         /// saga type this process does not run.

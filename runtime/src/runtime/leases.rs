@@ -45,7 +45,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::intake::Inbound;
-use crate::actors::{ReleasePartition, Registry, Shared};
+use crate::actors::{Registry, ReleasePartition, Shared};
 use crate::ids::SagaType;
 use crate::partitions::{lease_group, lease_node, lease_partition, node_lease, partition_lease};
 use crate::ports::Delivery;
@@ -80,8 +80,16 @@ pub(super) struct Leases {
     /// Held by a renewal from its reading of the partitions held to its end, and by a
     /// take or a release: a partition is never renewed after its release.
     lock: Arc<Mutex<()>>,
-    /// When each node of the group was first seen.
-    first_seen: HashMap<String, Instant>,
+    /// Members not counted until a time, for not taking partitions offered to them,
+    /// and how many times so far.
+    ignored: HashMap<String, (Instant, u32)>,
+    /// Partitions taken lately because they were free for a whole lease: handed over
+    /// last.
+    rescued: HashMap<u32, Instant>,
+    /// When the first balance joined (the renewer's first lease is from then).
+    joined_at: Instant,
+    /// The renewer gave partitions up: balance at once.
+    gave_up: Arc<tokio::sync::Notify>,
     /// Since when each free partition has been free.
     free_since: HashMap<u32, Instant>,
     /// Failed attempts to read each partition's replies.
@@ -110,7 +118,10 @@ impl Leases {
             group: lease_group(&shared.options.reply_group, &shared.definitions.pairs()),
             shared,
             lock: Arc::new(Mutex::new(())),
-            first_seen: HashMap::new(),
+            ignored: HashMap::new(),
+            rescued: HashMap::new(),
+            joined_at: Instant::now(),
+            gave_up: Arc::new(tokio::sync::Notify::new()),
             free_since: HashMap::new(),
             subscribe_failures: HashMap::new(),
             cooldown: HashMap::new(),
@@ -128,10 +139,11 @@ impl Leases {
         2 * self.every()
     }
 
-    /// The longest a handover waits for the replies being applied: short of the lease,
-    /// which is no longer renewed.
+    /// The longest a handover waits for the replies being applied: with the wait for
+    /// the registry and the time since the last renewal, short of the lease, which is
+    /// no longer renewed.
     fn handover_wait(&self) -> Duration {
-        (self.shared.options.partition_lease * 3 / 5).min(Duration::from_secs(10))
+        (self.shared.options.partition_lease * 2 / 5).min(Duration::from_secs(10))
     }
 
     /// Starts the renewer, then balances until `stop` says so, then leaves: hands every
@@ -141,11 +153,15 @@ impl Leases {
             Arc::clone(&self.shared),
             self.group.clone(),
             Arc::clone(&self.lock),
+            Arc::clone(&self.gave_up),
+            self.joined_at,
             stop.clone(),
         )));
+        let gave_up = Arc::clone(&self.gave_up);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.every()) => {}
+                _ = gave_up.notified() => {}
                 _ = stop.changed() => break,
             }
             self.tick().await;
@@ -181,20 +197,24 @@ impl Leases {
         if self.renewer.is_none() {
             // The first balance: become a member before counting the members.
             let member = [node_lease(&group, node)];
+            self.joined_at = Instant::now();
             let joined = store.acquire_leases(&member, node, shared.clock.now(), lease);
             if !matches!(tokio::time::timeout(patience, joined).await, Ok(Ok(_))) {
-                warn!("joining the partition leases failed: the node starts with no partition and tries again");
+                warn!(
+                    "joining the partition leases failed: the node starts with no partition and tries again"
+                );
             }
         }
         let view = match tokio::time::timeout(patience, store.leases("", shared.clock.now())).await
         {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                warn!(error = %e, "reading the partition leases failed");
-                return;
-            }
-            Err(_) => {
-                warn!("reading the partition leases: no answer within {patience:?}");
+            failed => {
+                match failed {
+                    Ok(Err(e)) => warn!(error = %e, "reading the partition leases failed"),
+                    _ => warn!("reading the partition leases: no answer within {patience:?}"),
+                }
+                // What was free during an outage was offered to nobody.
+                self.free_since.clear();
                 return;
             }
         };
@@ -214,30 +234,11 @@ impl Leases {
                 }
             }
         }
-        self.first_seen.retain(|n, _| nodes.contains_key(n.as_str()));
-        for n in nodes.keys() {
-            self.first_seen.entry((*n).to_owned()).or_insert(now);
-        }
-        // Live: this node, the nodes holding partitions, and those that joined lately.
-        let live: Vec<(&str, usize)> = nodes
-            .iter()
-            .filter(|(n, held)| {
-                **n == node.as_str()
-                    || **held > 0
-                    || self
-                        .first_seen
-                        .get(**n)
-                        .is_some_and(|t| now.duration_since(*t) < 3 * lease)
-            })
-            .map(|(n, held)| (*n, *held))
-            .collect();
-        let count = ownership.count() as usize;
-        let (most, least) = (count.div_ceil(live.len()), count / live.len());
         let held: Vec<u32> = ownership.held().to_vec();
         // Free for this node: leased by nobody, or still to this node after the renewer
-        // gave it up.
+        // gave it up (once its consumers are stopped, at the next balance).
         let free: Vec<u32> = (0..ownership.count())
-            .filter(|p| !held.contains(p))
+            .filter(|p| !held.contains(p) && !self.consumers.contains_key(p))
             .filter(|p| leased.get(p).is_none_or(|h| *h == node.as_str()))
             .collect();
         self.free_since.retain(|p, _| free.contains(p));
@@ -245,32 +246,70 @@ impl Leases {
             self.free_since.entry(*p).or_insert(now);
         }
         self.cooldown.retain(|_, until| *until > now);
+        self.rescued
+            .retain(|p, since| held.contains(p) && now.duration_since(*since) < 3 * lease);
+        // A member that holds nothing while a partition has been free for a whole lease
+        // did not take what was offered (too starved to, or stuck): it is not counted for
+        // a while, doubling each time, so the others take what it leaves.
+        let offered = self
+            .free_since
+            .values()
+            .any(|t| now.duration_since(*t) >= lease);
+        for (n, count) in &nodes {
+            if *n == node.as_str() {
+                continue;
+            }
+            if *count > 0 {
+                self.ignored.remove(*n);
+            } else if offered && self.ignored.get(*n).is_none_or(|(until, _)| *until <= now) {
+                let times = self.ignored.get(*n).map_or(0, |(_, t)| *t) + 1;
+                let leases = 6u32.saturating_mul(1 << (times - 1).min(4));
+                warn!(node = %n, times, "a member takes no partition while some are free: not counted for {leases} leases");
+                self.ignored
+                    .insert((*n).to_owned(), (now + lease * leases, times));
+            }
+        }
+        self.ignored.retain(|n, _| nodes.contains_key(n.as_str()));
+        let live: Vec<(&str, usize)> = nodes
+            .iter()
+            .filter(|(n, _)| {
+                **n == node.as_str() || self.ignored.get(**n).is_none_or(|(until, _)| *until <= now)
+            })
+            .map(|(n, count)| (*n, *count))
+            .collect();
+        let count = ownership.count() as usize;
+        let (most, least) = (count.div_ceil(live.len()), count / live.len());
+        let starving = live.iter().any(|(_, n)| *n < least);
 
-        // Past the fair share: hand the excess over. At its top while another node is
-        // below its bottom and nothing is free for it: one over, from the top node with
-        // the greatest name only.
+        // Past the fair share: hand the excess over (partitions taken lately because
+        // nobody else would, last). At its top while another node is below its bottom
+        // and nothing is free for it: one over, from the top node with the greatest name
+        // only.
         let mut excess = held.len().saturating_sub(most);
-        if excess == 0 && held.len() == most && most > least && free.is_empty() {
-            let starving = live.iter().any(|(_, n)| *n < least);
+        if excess == 0 && held.len() == most && most > least && free.is_empty() && starving {
             let top = live
                 .iter()
                 .filter(|(_, n)| *n == most)
                 .map(|(n, _)| *n)
                 .max();
-            if starving && top == Some(node.as_str()) {
+            if top == Some(node.as_str()) {
                 excess = 1;
             }
         }
         if excess > 0 {
-            let out: Vec<u32> = held.iter().rev().take(excess).copied().collect();
+            let mut order: Vec<u32> = held.clone();
+            order.sort_by_key(|p| (self.rescued.contains_key(p), std::cmp::Reverse(*p)));
+            let out: Vec<u32> = order.into_iter().take(excess).collect();
             info!(partitions = ?out, live = live.len(), share = most, "handing partitions over");
             self.hand_over(&out, true).await;
             return;
         }
 
-        // Free partitions up to the share, from a place of this node's own so that
-        // nodes taking at once mostly ask for different ones; and whatever has been free
-        // for a whole lease, whatever the share.
+        // Free partitions up to the share (only up to its bottom while a node is below
+        // it, so that a partition given over for it is not taken back), from a place of
+        // this node's own so that nodes taking at once mostly ask for different ones; and
+        // whatever has been free for a whole lease, whatever the share.
+        let share = if starving { least } else { most };
         let takable: Vec<u32> = free
             .iter()
             .copied()
@@ -284,7 +323,7 @@ impl Leases {
                     .iter()
                     .cycle()
                     .skip(start)
-                    .take(takable.len().min(most.saturating_sub(held.len()))),
+                    .take(takable.len().min(share.saturating_sub(held.len()))),
             );
             for p in &takable {
                 let long = self
@@ -293,12 +332,14 @@ impl Leases {
                     .is_some_and(|t| now.duration_since(*t) >= lease);
                 if long && !want.contains(p) {
                     want.push(*p);
+                    self.rescued.insert(*p, now);
                 }
             }
         }
         if !want.is_empty() {
             let names: Vec<String> = want.iter().map(|p| partition_lease(&group, *p)).collect();
-            let _taking = self.lock.lock().await;
+            // (No lock: a renewal that misses a partition taken now renews it next time,
+            // well inside the lease just written.)
             let taken = store.acquire_leases(&names, node, shared.clock.now(), lease);
             match tokio::time::timeout(patience, taken).await {
                 Ok(Ok(got)) => {
@@ -311,7 +352,7 @@ impl Leases {
                     }
                     for p in &got {
                         if ownership.set(*p, true) {
-                            shared.metrics.partition_handover("taken");
+                            handover(&shared, "taken");
                         }
                     }
                 }
@@ -379,26 +420,23 @@ impl Leases {
         p: u32,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, crate::ports::BusError> {
         let group = &self.shared.options.reply_group;
-        let mut tasks = Vec::with_capacity(self.types.len());
+        // Every type's subscription first, the tasks after: a subscription abandoned
+        // half-way (an error, the caller's deadline) leaves no task pulling.
+        let mut subscriptions = Vec::with_capacity(self.types.len());
         for ty in &self.types {
-            let subscription = self
-                .shared
-                .bus
-                .subscribe_bounded(
-                    &[wire::reply_partition_filter(ty, p)],
-                    &partition_consumer(group, ty, p),
-                    self.per_consumer,
-                )
-                .await;
-            let mut subscription = match subscription {
-                Ok(s) => s,
-                Err(e) => {
-                    for t in &tasks {
-                        tokio::task::JoinHandle::abort(t);
-                    }
-                    return Err(e);
-                }
-            };
+            subscriptions.push(
+                self.shared
+                    .bus
+                    .subscribe_bounded(
+                        &[wire::reply_partition_filter(ty, p)],
+                        &partition_consumer(group, ty, p),
+                        self.per_consumer,
+                    )
+                    .await?,
+            );
+        }
+        let mut tasks = Vec::with_capacity(subscriptions.len());
+        for mut subscription in subscriptions {
             let inbound = self.inbound.clone();
             // Aborted at a handover: the deliveries it held are dropped unsettled, which
             // hands them back to the broker (the bus's acker).
@@ -426,6 +464,7 @@ impl Leases {
     async fn hand_over(&mut self, partitions: &[u32], release: bool) {
         let shared = Arc::clone(&self.shared);
         {
+            // Under the lock: no renewal is under way, and none after renews these.
             let _releasing = self.lock.lock().await;
             for p in partitions {
                 shared.ownership.set(*p, false);
@@ -437,20 +476,19 @@ impl Leases {
                 .iter()
                 .map(|p| partition_lease(&self.group, *p))
                 .collect();
-            let _releasing = self.lock.lock().await;
             let released = shared.store.release_leases(&names, &shared.node);
             match tokio::time::timeout(self.patience(), released).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     warn!(error = %e, "releasing partition leases failed: they pass on when they end")
                 }
-                Err(_) => warn!("releasing partition leases: no answer; they pass on when they end"),
+                Err(_) => {
+                    warn!("releasing partition leases: no answer; they pass on when they end")
+                }
             }
         }
         for _ in partitions {
-            shared
-                .metrics
-                .partition_handover(if release { "released" } else { "lost" });
+            handover(&shared, if release { "released" } else { "lost" });
         }
         shared
             .metrics
@@ -480,7 +518,7 @@ impl Leases {
         let release_actors = ReleasePartition {
             partitions: partitions.to_vec(),
         };
-        match tokio::time::timeout(self.every(), self.registry.send(release_actors)).await {
+        match tokio::time::timeout(self.every() / 2, self.registry.send(release_actors)).await {
             Ok(Ok(())) => {}
             _ => debug!("the registry did not take the release: the actors go when idle"),
         }
@@ -493,7 +531,12 @@ impl Leases {
             self.hand_over(&held, true).await;
         }
         let shared = &self.shared;
-        let member = [node_lease(&self.group, &shared.node)];
+        // And every lease still to this node (given up by the renewer, a release that
+        // failed): checked against the holder, so only this node's.
+        let mut member: Vec<String> = (0..shared.ownership.count())
+            .map(|p| partition_lease(&self.group, p))
+            .collect();
+        member.push(node_lease(&self.group, &shared.node));
         let left = shared.store.release_leases(&member, &shared.node);
         if !matches!(
             tokio::time::timeout(self.patience(), left).await,
@@ -520,20 +563,33 @@ impl Drop for Leases {
     }
 }
 
+/// Counts a partition taken, released or lost, in the metrics and the stats.
+fn handover(shared: &Shared, event: &'static str) {
+    shared.metrics.partition_handover(event);
+    let counter = match event {
+        "taken" => &shared.stats.partitions_taken,
+        _ => &shared.stats.partitions_given_up,
+    };
+    crate::actors::RuntimeStats::incr(counter);
+}
+
 /// The renewer: renews the node's membership and its partitions' leases every fifth of
-/// the lease until `stop` says so, giving up what it may no longer hold (module docs).
+/// the lease until `stop` says so, giving up what it may no longer hold (module docs)
+/// and telling the balancer (`gave_up`). `since`: when the first leases were taken.
 async fn renew(
     shared: Arc<Shared>,
     group: String,
     lock: Arc<Mutex<()>>,
+    gave_up: Arc<tokio::sync::Notify>,
+    since: Instant,
     mut stop: watch::Receiver<bool>,
 ) {
     let lease = shared.options.partition_lease;
     let every = lease / 5;
     let patience = 2 * every;
     let (store, node, ownership) = (&shared.store, &shared.node, &shared.ownership);
-    // The first balance renewed the membership and took the partitions just now.
-    let mut renewed_at = Instant::now();
+    // When the leases last renewed were written, at the earliest.
+    let mut renewed_at = since;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -548,8 +604,9 @@ async fn renew(
         let give_up: Vec<u32> = match tokio::time::timeout(patience, renewal).await {
             Ok(Ok(renewed)) => {
                 let renewed: HashSet<String> = renewed.into_iter().collect();
-                // Later than the lease: someone else may have held them meanwhile.
-                let late = sent.duration_since(renewed_at) + every >= lease;
+                // Written after the previous leases ended (the answer's time bounds when):
+                // someone else may have held them meanwhile.
+                let late = Instant::now().duration_since(renewed_at) + every >= lease;
                 renewed_at = sent;
                 let lost: Vec<u32> = held
                     .iter()
@@ -572,10 +629,15 @@ async fn renew(
                 if late { held } else { Vec::new() }
             }
         };
+        let mut any = false;
         for p in give_up {
             if ownership.set(p, false) {
-                shared.metrics.partition_handover("lost");
+                handover(&shared, "lost");
+                any = true;
             }
+        }
+        if any {
+            gave_up.notify_one();
         }
     }
 }
