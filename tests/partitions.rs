@@ -392,9 +392,10 @@ async fn nodes_that_run_different_sagas_never_strand_one() {
 }
 
 /// A node that stays a member but never takes its share (too starved to, or stuck)
-/// cannot keep partitions without a holder: once a partition has been free for a whole
-/// lease, the member holding nothing is not counted (6 leases, then doubling) and any
-/// node takes what is free.
+/// cannot keep partitions without a holder: once a partition offered to it has been free
+/// for a whole lease, it is not counted (6 leases, doubling each time it happens again)
+/// and any node takes what is free. (After the 6 leases A offers the ghost its share
+/// again: the test's window ends before.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_never_takes_its_share_strands_nothing() {
     let res = Resources::new(Backend::PostgresNats).await;
@@ -435,7 +436,7 @@ async fn a_member_that_never_takes_its_share_strands_nothing() {
     );
     let ghost_since = Instant::now();
     // A hands the ghost its share, which stays free for a lease; then the ghost is not
-    // counted (for 6 leases) and A takes everything back and keeps it.
+    // counted (for 6 leases) and A takes everything back and keeps it meanwhile.
     balanced(&[&a], &[16], Duration::from_secs(15)).await;
     Wait::new("the ghost's grace to end")
         .within(Duration::from_secs(10))

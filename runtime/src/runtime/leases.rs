@@ -7,33 +7,34 @@
 //! the nodes that can run the same sagas; they share the partitions. Two tasks keep them:
 //!
 //! - the **renewer** renews the node's leases every fifth of the lease, in one statement,
-//!   and nothing else, so no other work can delay a renewal. It gives up a partition
-//!   whose lease someone else took (its own had ended), every partition when it could
-//!   not renew for three fifths of the lease (a store outage: the others may take them
-//!   once the leases end, so it stops two renewals before), and every partition after a
-//!   renewal that came later than the lease (the process stalled: someone else may have
-//!   held them meanwhile);
-//! - the **balancer**, at the same pace, reads the group's leases and stops what the
-//!   renewer gave up, hands over what is past the node's fair share, takes free
-//!   partitions up to it, and reads the replies of what it holds.
+//!   and nothing else, so no other work can delay a renewal. It knows when each
+//!   partition's lease was last written, and gives a partition up two renewals before
+//!   that lease ends unless it renewed it (a store outage, a process stalled: the others
+//!   may take it once the lease ends), or when someone else took it (its own had ended);
+//! - the **balancer**, at the same pace (and at once when the renewer gave something
+//!   up), reads the group's leases and stops what the renewer gave up, hands over what
+//!   is past the node's fair share, takes free partitions up to it, and reads the replies
+//!   of what it holds.
 //!
 //! Fair share: at most `ceil(partitions / live nodes)`; at that top, one over when a live
 //! node holds less than `floor(..)` while no partition is free for it (only the top node
-//! with the greatest name gives it, so several do not at once). A node is live while its
-//! membership lease is; one that holds nothing stops counting 3 leases after it was
-//! first seen (a node too starved to take its share must not keep the others below
-//! theirs), and a partition nobody took for a whole lease is taken by any node,
-//! whatever its share: no partition stays without a holder because of the arithmetic.
-//! A partition whose replies cannot be read (its consumer cannot be created) is handed
-//! over after 3 failed attempts and not taken again for 3 leases.
+//! with the greatest name gives it, so several do not at once), and no taking past
+//! `floor(..)` meanwhile (a partition given over is not taken back). A member below
+//! `floor(..)` while a partition nobody leases has been free for a whole lease since it
+//! was first seen did not take what was offered: it is not counted for 6 leases,
+//! doubling when it happens again (up to 96), and keeps what it holds. A partition free
+//! for a whole lease is taken by any node, whatever its share, and handed over last. A
+//! partition whose replies cannot be read (its consumer cannot be created) is handed
+//! over after 3 failed attempts and not taken again by that node for 3 leases. Every
+//! store and bus call of the balancer has a deadline (two fifths of the lease).
 //!
 //! A handover is clean: the old holder stops reading the partition's replies (what it
 //! had pulled and not begun goes back to the broker at once, unacknowledged), stops
 //! claiming its wake-ups and outbox rows, lets the replies being applied finish (for at
-//! most three fifths of the lease, so its lease cannot end meanwhile), lets the
-//! partition's actors go, and only then releases the lease; the new holder takes it at
-//! its next balance. A reply in flight is applied once: by the old holder before the
-//! release, or redelivered to the new one (and the inbox refuses it a second time).
+//! most two fifths of the lease), lets the partition's actors go, and only then releases
+//! the lease; the new holder takes it at its next balance. A reply in flight is applied
+//! once: by the old holder before the release, or redelivered to the new one (and the
+//! inbox refuses it a second time).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -80,14 +81,16 @@ pub(super) struct Leases {
     /// Held by a renewal from its reading of the partitions held to its end, and by a
     /// take or a release: a partition is never renewed after its release.
     lock: Arc<Mutex<()>>,
-    /// Members not counted until a time, for not taking partitions offered to them,
-    /// and how many times so far.
-    ignored: HashMap<String, (Instant, u32)>,
+    /// Members not counted until a time, for not taking partitions offered to them:
+    /// (until, how many times in a row, when last).
+    ignored: HashMap<String, (Instant, u32, Instant)>,
+    /// When each member of the group was first seen.
+    first_seen: HashMap<String, Instant>,
     /// Partitions taken lately because they were free for a whole lease: handed over
     /// last.
     rescued: HashMap<u32, Instant>,
-    /// When the first balance joined (the renewer's first lease is from then).
-    joined_at: Instant,
+    /// When each held partition's lease was last written ([`Written`]).
+    written: Written,
     /// The renewer gave partitions up: balance at once.
     gave_up: Arc<tokio::sync::Notify>,
     /// Since when each free partition has been free.
@@ -119,8 +122,9 @@ impl Leases {
             shared,
             lock: Arc::new(Mutex::new(())),
             ignored: HashMap::new(),
+            first_seen: HashMap::new(),
             rescued: HashMap::new(),
-            joined_at: Instant::now(),
+            written: Arc::new(std::sync::Mutex::new(HashMap::new())),
             gave_up: Arc::new(tokio::sync::Notify::new()),
             free_since: HashMap::new(),
             subscribe_failures: HashMap::new(),
@@ -154,7 +158,7 @@ impl Leases {
             self.group.clone(),
             Arc::clone(&self.lock),
             Arc::clone(&self.gave_up),
-            self.joined_at,
+            Arc::clone(&self.written),
             stop.clone(),
         )));
         let gave_up = Arc::clone(&self.gave_up);
@@ -197,7 +201,6 @@ impl Leases {
         if self.renewer.is_none() {
             // The first balance: become a member before counting the members.
             let member = [node_lease(&group, node)];
-            self.joined_at = Instant::now();
             let joined = store.acquire_leases(&member, node, shared.clock.now(), lease);
             if !matches!(tokio::time::timeout(patience, joined).await, Ok(Ok(_))) {
                 warn!(
@@ -215,6 +218,7 @@ impl Leases {
                 }
                 // What was free during an outage was offered to nobody.
                 self.free_since.clear();
+                self.read_partitions().await;
                 return;
             }
         };
@@ -248,32 +252,49 @@ impl Leases {
         self.cooldown.retain(|_, until| *until > now);
         self.rescued
             .retain(|p, since| held.contains(p) && now.duration_since(*since) < 3 * lease);
-        // A member that holds nothing while a partition has been free for a whole lease
-        // did not take what was offered (too starved to, or stuck): it is not counted for
-        // a while, doubling each time, so the others take what it leaves.
-        let offered = self
-            .free_since
-            .values()
-            .any(|t| now.duration_since(*t) >= lease);
+        // A member below the bottom of the share while a partition nobody leases has
+        // been free for a whole lease since it was first seen did not take what was
+        // offered (too starved to, stuck, or unable to read what it takes): it is not
+        // counted for 6 leases, doubling each time it happens again (up to 96; back to 6
+        // after 96 leases without), and keeps what it holds; the others take the rest.
+        self.first_seen
+            .retain(|n, _| nodes.contains_key(n.as_str()));
+        for n in nodes.keys() {
+            self.first_seen.entry((*n).to_owned()).or_insert(now);
+        }
+        let bottom = ownership.count() as usize / nodes.len();
         for (n, count) in &nodes {
-            if *n == node.as_str() {
+            if *n == node.as_str() || *count >= bottom {
                 continue;
             }
-            if *count > 0 {
-                self.ignored.remove(*n);
-            } else if offered && self.ignored.get(*n).is_none_or(|(until, _)| *until <= now) {
-                let times = self.ignored.get(*n).map_or(0, |(_, t)| *t) + 1;
-                let leases = 6u32.saturating_mul(1 << (times - 1).min(4));
-                warn!(node = %n, times, "a member takes no partition while some are free: not counted for {leases} leases");
-                self.ignored
-                    .insert((*n).to_owned(), (now + lease * leases, times));
+            let seen = self.first_seen.get(*n).copied().unwrap_or(now);
+            let offered = self.free_since.iter().any(|(p, since)| {
+                !leased.contains_key(p) && now.duration_since((*since).max(seen)) >= lease
+            });
+            let entry = self.ignored.get(*n).copied();
+            if !offered || entry.is_some_and(|(until, _, _)| until > now) {
+                continue;
             }
+            let times = match entry {
+                Some((_, times, last)) if now.duration_since(last) < 96 * lease => times + 1,
+                _ => 1,
+            };
+            let leases = 6u32 << (times - 1).min(4);
+            warn!(node = %n, holds = count, times, "a member does not take the partitions offered to it: not counted for {leases} leases");
+            self.ignored
+                .insert((*n).to_owned(), (now + lease * leases, times, now));
         }
-        self.ignored.retain(|n, _| nodes.contains_key(n.as_str()));
+        self.ignored.retain(|n, (_, _, last)| {
+            nodes.contains_key(n.as_str()) || now.duration_since(*last) < 96 * lease
+        });
         let live: Vec<(&str, usize)> = nodes
             .iter()
             .filter(|(n, _)| {
-                **n == node.as_str() || self.ignored.get(**n).is_none_or(|(until, _)| *until <= now)
+                **n == node.as_str()
+                    || self
+                        .ignored
+                        .get(**n)
+                        .is_none_or(|(until, _, _)| *until <= now)
             })
             .map(|(n, count)| (*n, *count))
             .collect();
@@ -340,6 +361,7 @@ impl Leases {
             let names: Vec<String> = want.iter().map(|p| partition_lease(&group, *p)).collect();
             // (No lock: a renewal that misses a partition taken now renews it next time,
             // well inside the lease just written.)
+            let sent = Instant::now();
             let taken = store.acquire_leases(&names, node, shared.clock.now(), lease);
             match tokio::time::timeout(patience, taken).await {
                 Ok(Ok(got)) => {
@@ -351,6 +373,10 @@ impl Leases {
                         info!(partitions = ?got, live = live.len(), share = most, "taking partitions");
                     }
                     for p in &got {
+                        self.written
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(*p, sent);
                         if ownership.set(*p, true) {
                             handover(&shared, "taken");
                         }
@@ -466,8 +492,10 @@ impl Leases {
         {
             // Under the lock: no renewal is under way, and none after renews these.
             let _releasing = self.lock.lock().await;
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
             for p in partitions {
                 shared.ownership.set(*p, false);
+                written.remove(p);
             }
         }
         self.stop_partitions(partitions).await;
@@ -573,71 +601,104 @@ fn handover(shared: &Shared, event: &'static str) {
     crate::actors::RuntimeStats::incr(counter);
 }
 
+/// When each held partition's lease was last written (sent), at the earliest: a
+/// partition's lease ends a lease after it, and the renewer gives it up two renewals
+/// before that unless renewed.
+type Written = Arc<std::sync::Mutex<HashMap<u32, Instant>>>;
+
 /// The renewer: renews the node's membership and its partitions' leases every fifth of
-/// the lease until `stop` says so, giving up what it may no longer hold (module docs)
-/// and telling the balancer (`gave_up`). `since`: when the first leases were taken.
+/// the lease until `stop` says so, giving up, two renewals before its lease ends, any
+/// partition it could not renew (module docs), and telling the balancer (`gave_up`).
 async fn renew(
     shared: Arc<Shared>,
     group: String,
     lock: Arc<Mutex<()>>,
     gave_up: Arc<tokio::sync::Notify>,
-    since: Instant,
+    written: Written,
     mut stop: watch::Receiver<bool>,
 ) {
     let lease = shared.options.partition_lease;
     let every = lease / 5;
     let patience = 2 * every;
     let (store, node, ownership) = (&shared.store, &shared.node, &shared.ownership);
-    // When the leases last renewed were written, at the earliest.
-    let mut renewed_at = since;
+    let written_at = |p: u32| {
+        written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&p)
+            .copied()
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
         let _renewing = lock.lock().await;
-        let held: Vec<u32> = ownership.held().to_vec();
+        let now = Instant::now();
+        // A partition past its give-up time (the renewer ran late) is not renewed: its
+        // lease may have ended, and someone else may have held it meanwhile.
+        let mut give_up: Vec<u32> = Vec::new();
+        let mut renew: Vec<(u32, Instant)> = Vec::new();
+        for p in ownership.held().iter().copied() {
+            match written_at(p) {
+                Some(w) if now < w + lease - patience => renew.push((p, w)),
+                _ => give_up.push(p),
+            }
+        }
+        // Wait no longer than the first of them must be given up.
+        let wait = renew
+            .iter()
+            .map(|(_, w)| (*w + lease - patience).saturating_duration_since(now))
+            .min()
+            .unwrap_or(patience)
+            .min(patience);
         let mut names = vec![node_lease(&group, node)];
-        names.extend(held.iter().map(|p| partition_lease(&group, *p)));
+        names.extend(renew.iter().map(|(p, _)| partition_lease(&group, *p)));
         let sent = Instant::now();
         let renewal = store.acquire_leases(&names, node, shared.clock.now(), lease);
-        let give_up: Vec<u32> = match tokio::time::timeout(patience, renewal).await {
+        match tokio::time::timeout(wait, renewal).await {
             Ok(Ok(renewed)) => {
                 let renewed: HashSet<String> = renewed.into_iter().collect();
-                // Written after the previous leases ended (the answer's time bounds when):
-                // someone else may have held them meanwhile.
-                let late = Instant::now().duration_since(renewed_at) + every >= lease;
-                renewed_at = sent;
-                let lost: Vec<u32> = held
-                    .iter()
-                    .copied()
-                    .filter(|p| late || !renewed.contains(&partition_lease(&group, *p)))
-                    .collect();
-                if !lost.is_empty() {
-                    warn!(partitions = ?lost, late, "partition leases lost (taken by another node, or renewed too late): giving them up");
+                let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+                for (p, _) in &renew {
+                    if renewed.contains(&partition_lease(&group, *p)) {
+                        w.insert(*p, sent);
+                    } else {
+                        // Taken by another node: its own lease had ended.
+                        give_up.push(*p);
+                    }
                 }
-                lost
             }
             failed => {
                 let error = match failed {
                     Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {patience:?}"),
+                    _ => format!("no answer within {wait:?}"),
                 };
-                // The others may take them once the leases end: stop two renewals before.
-                let late = renewed_at.elapsed() + patience >= lease;
-                warn!(%error, held = held.len(), giving_up = late && !held.is_empty(), "renewing the partition leases failed");
-                if late { held } else { Vec::new() }
-            }
-        };
-        let mut any = false;
-        for p in give_up {
-            if ownership.set(p, false) {
-                handover(&shared, "lost");
-                any = true;
+                let now = Instant::now();
+                let late: Vec<u32> = renew
+                    .iter()
+                    .filter(|(_, w)| now + every >= *w + lease - patience)
+                    .map(|(p, _)| *p)
+                    .collect();
+                warn!(%error, held = renew.len(), giving_up = late.len(), "renewing the partition leases failed");
+                give_up.extend(late);
             }
         }
-        if any {
-            gave_up.notify_one();
+        if !give_up.is_empty() {
+            warn!(partitions = ?give_up, "partition leases not renewed in time, or taken by another node: giving them up");
+            let mut any = false;
+            let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+            for p in give_up {
+                w.remove(&p);
+                if ownership.set(p, false) {
+                    handover(&shared, "lost");
+                    any = true;
+                }
+            }
+            drop(w);
+            if any {
+                gave_up.notify_one();
+            }
         }
     }
 }
