@@ -11,11 +11,12 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::hooked::HookedStore;
 use common::*;
 use skald::RuntimeError;
 use skald::ids::SagaId;
-use skald::machine::SagaStatus;
-use skald::ports::{Bus, Clock};
+use skald::machine::{SagaStatus, Timestamp};
+use skald::ports::{Bus, Clock, SagaStore, SystemClock};
 use skald::wire::IncomingCommand;
 use skald::{Runtime, RuntimeOptions};
 use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
@@ -40,9 +41,14 @@ fn node_options(lease: Duration) -> RuntimeOptions {
 }
 
 async fn node(res: &Resources, bus: Arc<dyn Bus>, lease: Duration) -> Runtime {
+    node_on(Arc::clone(&res.store), bus, lease).await
+}
+
+/// A node on `store` (the test's store, or a wrapper of it).
+async fn node_on(store: Arc<dyn SagaStore>, bus: Arc<dyn Bus>, lease: Duration) -> Runtime {
     let checkout = checkout();
     Runtime::builder()
-        .store(Arc::clone(&res.store))
+        .store(store)
         .bus(bus)
         .register(&checkout)
         .options(node_options(lease))
@@ -252,6 +258,129 @@ async fn a_dead_nodes_partitions_move_when_its_leases_end() {
         taken >= lease - Duration::from_millis(500),
         "taken before the lease ended: {taken:?}"
     );
+    b.shutdown().await;
+}
+
+/// A node whose lease calls fail while the rest of its store answers cannot renew: its
+/// renewer gives every partition up at the latest two renewals before the partition's
+/// lease ends (module docs of `runtime/src/runtime/leases.rs`), so it stops running them
+/// before anyone else may take them; the other node takes them once the leases end. Once the calls succeed
+/// again, the node is a member again and the two share the partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_renew_gives_its_partitions_up_before_its_leases_end() {
+    let res = Resources::new(Backend::PostgresNats).await;
+    let lease = Duration::from_secs(2);
+    let every = lease / 5;
+    let hooked = HookedStore::new(Arc::clone(&res.store));
+    let a = node_on(hooked.clone(), res.bus().await, lease).await;
+    let b = node(&res, res.bus().await, lease).await;
+    balanced(&[&a, &b], &[8, 8], Duration::from_secs(10)).await;
+    let held_by_a: BTreeSet<u32> = a.held_partitions().into_iter().collect();
+
+    hooked.fail_leases(true);
+    let failed = Instant::now();
+    // When A was first seen holding nothing (since the failure; wall clock), and when
+    // the first of its partition leases ends.
+    let mut gave_up: Option<(Duration, Timestamp, Timestamp)> = None;
+    // When B was first seen holding one of A's partitions (since the failure; wall clock).
+    let mut taken: Option<(Duration, Timestamp)> = None;
+    let all_taken = Wait::new("A to give its partitions up and B to take all 16")
+        .within(Duration::from_secs(10))
+        .every(Duration::from_millis(10))
+        .until(async || {
+            let (held_a, held_b) = (a.held_partitions(), b.held_partitions());
+            // Read after the holdings: at or after what they show.
+            let (at, now) = (failed.elapsed(), SystemClock.now());
+            if gave_up.is_none() && held_a.is_empty() {
+                // A's leases as they stand: it cannot have renewed them since (its
+                // lease calls fail), and B cannot have taken them before they ended.
+                let leases = res
+                    .store
+                    .leases("partition/", Timestamp(0))
+                    .await
+                    .expect("the leases");
+                let end = leases
+                    .iter()
+                    .filter(|l| l.holder == a.node_name())
+                    .map(|l| l.until)
+                    .min()
+                    .unwrap_or_else(|| {
+                        panic!("A gave up after its partitions passed to B: {leases:?}")
+                    });
+                gave_up = Some((at, now, end));
+            }
+            if taken.is_none() && held_b.iter().any(|p| held_by_a.contains(p)) {
+                taken = Some((at, now));
+            }
+            (held_b.len() == 16).then_some(at)
+        })
+        .await;
+    let (gave_up_after, gave_up_at, lease_end) =
+        gave_up.expect("B took everything: A held nothing by then");
+    let (taken_after, taken_at) = taken.expect("B holds A's partitions");
+    let margin = Duration::from_millis(lease_end.0.saturating_sub(gave_up_at.0));
+    eprintln!(
+        "lease calls failing: A held nothing after {gave_up_after:?}, {margin:?} before its \
+         first partition lease ended; B held one of A's after {taken_after:?}, all 16 after \
+         {all_taken:?} (lease {lease:?}, renewals every {every:?})"
+    );
+    assert!(
+        gave_up_at < lease_end,
+        "A still held partitions when its leases ended: gave up at {gave_up_at:?}, lease \
+         ended at {lease_end:?}"
+    );
+    assert!(
+        gave_up_after < lease,
+        "A gave up {gave_up_after:?} after its lease calls began to fail"
+    );
+    assert!(
+        margin >= 2 * every,
+        "A gave up only {margin:?} before its leases ended, not two renewals ({:?})",
+        2 * every
+    );
+    assert!(
+        gave_up_after < taken_after && gave_up_at < taken_at,
+        "B held one of A's partitions ({taken_after:?}) before A gave them up ({gave_up_after:?})"
+    );
+    assert!(
+        taken_at > lease_end,
+        "B took one of A's partitions at {taken_at:?}, before A's lease ended at {lease_end:?}"
+    );
+    assert!(a.held_partitions().is_empty());
+
+    // The lease calls succeed again: A renews its membership, and the two share again.
+    hooked.fail_leases(false);
+    let healed = Instant::now();
+    Wait::new("A a member again")
+        .within(Duration::from_secs(15))
+        .every(Duration::from_millis(10))
+        .until_ok(async || {
+            let leases = res
+                .store
+                .leases("node/", SystemClock.now())
+                .await
+                .map_err(|e| e.to_string())?;
+            leases
+                .iter()
+                .any(|l| {
+                    l.holder == a.node_name() && l.name.ends_with(&format!("/{}", a.node_name()))
+                })
+                .then_some(())
+                .ok_or_else(|| format!("{leases:?}"))
+        })
+        .await;
+    let member_after = healed.elapsed();
+    balanced(
+        &[&a, &b],
+        &[8, 8],
+        Duration::from_secs(15).saturating_sub(healed.elapsed()),
+    )
+    .await;
+    eprintln!(
+        "lease calls succeeding again: A a member after {member_after:?}, 8/8 after {:?}",
+        healed.elapsed()
+    );
+    a.shutdown().await;
     b.shutdown().await;
 }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::hooked::HookedStore;
 use common::*;
 use serde::{Deserialize, Serialize};
 use skald::adapters::memory::MemoryBus;
@@ -602,171 +603,11 @@ async fn sqlite_store_reports_an_unusable_path() {
     assert!(text.contains("nonexistent-dir"), "names the path: {text}");
 }
 
-/// A store whose `fail_at`-th commit fails as "unavailable" (a transient store error).
-struct FlakyStore {
-    inner: skald::adapters::memory::MemoryStore,
-    commits: std::sync::atomic::AtomicUsize,
-    fail_at: usize,
-}
-
-#[async_trait::async_trait]
-impl skald::ports::SagaStore for FlakyStore {
-    async fn load(
-        &self,
-        id: SagaId,
-    ) -> Result<Option<skald::ports::StoredSaga>, skald::ports::StoreError> {
-        self.inner.load(id).await
-    }
-    async fn shared_secret(
-        &self,
-        name: &str,
-        candidate: &[u8],
-    ) -> Result<Vec<u8>, skald::ports::StoreError> {
-        self.inner.shared_secret(name, candidate).await
-    }
-    async fn commit(
-        &self,
-        writes: &[skald::ports::SagaWrite],
-        published: &[uuid::Uuid],
-    ) -> Result<Vec<skald::ports::WriteOutcome>, skald::ports::StoreError> {
-        if self.commits.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
-            return Err(skald::ports::StoreError::Unavailable(
-                "injected: connection lost".into(),
-            ));
-        }
-        self.inner.commit(writes, published).await
-    }
-    async fn claim_wakeups(
-        &self,
-        now: skald::machine::Timestamp,
-        types: &[(skald::ids::SagaType, u32)],
-        partitions: Option<&[u32]>,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
-        self.inner
-            .claim_wakeups(now, types, partitions, limit, lease)
-            .await
-    }
-    async fn claim_outbox(
-        &self,
-        now: skald::machine::Timestamp,
-        partitions: Option<&[u32]>,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<skald::ports::OutboxMessage>, skald::ports::StoreError> {
-        self.inner.claim_outbox(now, partitions, lease, limit).await
-    }
-    async fn prune_inbox(
-        &self,
-        before: skald::machine::Timestamp,
-    ) -> Result<u64, skald::ports::StoreError> {
-        self.inner.prune_inbox(before).await
-    }
-    async fn outbox_backlog(
-        &self,
-    ) -> Result<(u64, Option<skald::machine::Timestamp>), skald::ports::StoreError> {
-        self.inner.outbox_backlog().await
-    }
-    async fn active_sagas(
-        &self,
-        after: Option<SagaId>,
-        limit: usize,
-    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
-        self.inner.active_sagas(after, limit).await
-    }
-    async fn unfinished_versions(
-        &self,
-        types: &[skald::ids::SagaType],
-    ) -> Result<Vec<(skald::ids::SagaType, u32, u64)>, skald::ports::StoreError> {
-        self.inner.unfinished_versions(types).await
-    }
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        now: skald::machine::Timestamp,
-        lease: Duration,
-    ) -> Result<bool, skald::ports::StoreError> {
-        self.inner.acquire_lease(name, holder, now, lease).await
-    }
-    async fn acquire_leases(
-        &self,
-        names: &[String],
-        holder: &str,
-        now: skald::machine::Timestamp,
-        lease: Duration,
-    ) -> Result<Vec<String>, skald::ports::StoreError> {
-        self.inner.acquire_leases(names, holder, now, lease).await
-    }
-    async fn release_leases(
-        &self,
-        names: &[String],
-        holder: &str,
-    ) -> Result<(), skald::ports::StoreError> {
-        self.inner.release_leases(names, holder).await
-    }
-    async fn leases(
-        &self,
-        prefix: &str,
-        now: skald::machine::Timestamp,
-    ) -> Result<Vec<skald::ports::Lease>, skald::ports::StoreError> {
-        self.inner.leases(prefix, now).await
-    }
-    async fn purge_finished(
-        &self,
-        before: skald::machine::Timestamp,
-        limit: usize,
-    ) -> Result<skald::ports::PurgeReport, skald::ports::StoreError> {
-        self.inner.purge_finished(before, limit).await
-    }
-    async fn record_sweep(
-        &self,
-        name: &str,
-        holder: &str,
-        at: skald::machine::Timestamp,
-        report: &skald::ports::PurgeReport,
-    ) -> Result<(), skald::ports::StoreError> {
-        self.inner.record_sweep(name, holder, at, report).await
-    }
-    async fn record_poison(
-        &self,
-        record: &skald::ports::DeadLetterRecord,
-        outbox: &[skald::ports::OutboxMessage],
-    ) -> Result<(), skald::ports::StoreError> {
-        self.inner.record_poison(record, outbox).await
-    }
-    async fn dead_letters(
-        &self,
-        open_only: bool,
-        limit: usize,
-    ) -> Result<Vec<skald::ports::DeadLetterRecord>, skald::ports::StoreError> {
-        self.inner.dead_letters(open_only, limit).await
-    }
-    async fn journal(
-        &self,
-        id: SagaId,
-    ) -> Result<Vec<skald::ports::JournalEntry>, skald::ports::StoreError> {
-        self.inner.journal(id).await
-    }
-    async fn list(
-        &self,
-        status: Option<SagaStatus>,
-        after: Option<SagaId>,
-        limit: usize,
-    ) -> Result<Vec<skald::ports::SagaSummary>, skald::ports::StoreError> {
-        self.inner.list(status, after, limit).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
     // Commit #1 creates the saga; commit #2 (the first reply's transition) fails.
-    let store = Arc::new(FlakyStore {
-        inner: skald::adapters::memory::MemoryStore::new(),
-        commits: std::sync::atomic::AtomicUsize::new(0),
-        fail_at: 2,
-    });
+    let store = HookedStore::new(Arc::new(skald::adapters::memory::MemoryStore::new()));
+    store.fail_commit(2);
     let backend = Resources {
         kind: Backend::MemoryInProcess,
         dir: TempDir::new(),
@@ -778,10 +619,7 @@ async fn transient_store_failure_restarts_the_instance_and_loses_no_reply() {
     let id = env.start_order(1).await;
     let statuses = env.settle(&[id]).await;
     assert_eq!(statuses[&id], SagaStatus::Completed);
-    assert!(
-        store.commits.load(Ordering::SeqCst) > 2,
-        "the failure was injected"
-    );
+    assert!(store.commits() > 2, "the failure was injected");
     assert_consistent(&env, &statuses).await;
     // The failed reply was redelivered and applied once; nothing applied twice.
     assert_eq!(

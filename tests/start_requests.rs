@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
+use common::hooked::HookedStore;
 use common::secure::{Credential, Principal, SecureServer, Tls};
 use common::*;
 use serde_json::{Value, json};
@@ -717,190 +718,6 @@ async fn the_python_client_of_the_protocol_page_starts_a_saga() {
 // Forged reply subjects, floods, unknown outcomes, version skew, shutdown
 // ---------------------------------------------------------------------------------
 
-/// A store whose commits wait while it is closed ([`GatedStore::close`]), and whose
-/// next commit may be made to fail after it was applied ([`GatedStore::lie_once`]: a
-/// connection lost during COMMIT, the outcome unknown to the runtime).
-struct GatedStore {
-    inner: Arc<dyn SagaStore>,
-    open: tokio::sync::watch::Sender<bool>,
-    lie: std::sync::atomic::AtomicBool,
-}
-
-impl GatedStore {
-    fn new(inner: Arc<dyn SagaStore>) -> Arc<GatedStore> {
-        Arc::new(GatedStore {
-            inner,
-            open: tokio::sync::watch::channel(true).0,
-            lie: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    fn close(&self) {
-        self.open.send_replace(false);
-    }
-
-    fn open(&self) {
-        self.open.send_replace(true);
-    }
-
-    fn lie_once(&self) {
-        self.lie.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-#[async_trait::async_trait]
-impl SagaStore for GatedStore {
-    async fn load(
-        &self,
-        id: SagaId,
-    ) -> Result<Option<skald::ports::StoredSaga>, skald::ports::StoreError> {
-        self.inner.load(id).await
-    }
-    async fn shared_secret(
-        &self,
-        name: &str,
-        candidate: &[u8],
-    ) -> Result<Vec<u8>, skald::ports::StoreError> {
-        self.inner.shared_secret(name, candidate).await
-    }
-    async fn commit(
-        &self,
-        writes: &[skald::ports::SagaWrite],
-        published: &[uuid::Uuid],
-    ) -> Result<Vec<skald::ports::WriteOutcome>, skald::ports::StoreError> {
-        let _ = self.open.subscribe().wait_for(|open| *open).await;
-        let outcome = self.inner.commit(writes, published).await?;
-        // Only a commit of saga writes lies (not one that only deletes published rows).
-        if !writes.is_empty() && self.lie.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            return Err(skald::ports::StoreError::Unavailable(
-                "injected: connection lost during COMMIT".into(),
-            ));
-        }
-        Ok(outcome)
-    }
-    async fn claim_wakeups(
-        &self,
-        now: skald::machine::Timestamp,
-        types: &[(SagaType, u32)],
-        partitions: Option<&[u32]>,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
-        self.inner
-            .claim_wakeups(now, types, partitions, limit, lease)
-            .await
-    }
-    async fn claim_outbox(
-        &self,
-        now: skald::machine::Timestamp,
-        partitions: Option<&[u32]>,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<skald::ports::OutboxMessage>, skald::ports::StoreError> {
-        self.inner.claim_outbox(now, partitions, lease, limit).await
-    }
-    async fn prune_inbox(
-        &self,
-        before: skald::machine::Timestamp,
-    ) -> Result<u64, skald::ports::StoreError> {
-        self.inner.prune_inbox(before).await
-    }
-    async fn outbox_backlog(
-        &self,
-    ) -> Result<(u64, Option<skald::machine::Timestamp>), skald::ports::StoreError> {
-        self.inner.outbox_backlog().await
-    }
-    async fn active_sagas(
-        &self,
-        after: Option<SagaId>,
-        limit: usize,
-    ) -> Result<Vec<SagaId>, skald::ports::StoreError> {
-        self.inner.active_sagas(after, limit).await
-    }
-    async fn unfinished_versions(
-        &self,
-        types: &[SagaType],
-    ) -> Result<Vec<(SagaType, u32, u64)>, skald::ports::StoreError> {
-        self.inner.unfinished_versions(types).await
-    }
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        now: skald::machine::Timestamp,
-        lease: Duration,
-    ) -> Result<bool, skald::ports::StoreError> {
-        self.inner.acquire_lease(name, holder, now, lease).await
-    }
-    async fn acquire_leases(
-        &self,
-        names: &[String],
-        holder: &str,
-        now: skald::machine::Timestamp,
-        lease: Duration,
-    ) -> Result<Vec<String>, skald::ports::StoreError> {
-        self.inner.acquire_leases(names, holder, now, lease).await
-    }
-    async fn release_leases(
-        &self,
-        names: &[String],
-        holder: &str,
-    ) -> Result<(), skald::ports::StoreError> {
-        self.inner.release_leases(names, holder).await
-    }
-    async fn leases(
-        &self,
-        prefix: &str,
-        now: skald::machine::Timestamp,
-    ) -> Result<Vec<skald::ports::Lease>, skald::ports::StoreError> {
-        self.inner.leases(prefix, now).await
-    }
-    async fn purge_finished(
-        &self,
-        before: skald::machine::Timestamp,
-        limit: usize,
-    ) -> Result<skald::ports::PurgeReport, skald::ports::StoreError> {
-        self.inner.purge_finished(before, limit).await
-    }
-    async fn record_sweep(
-        &self,
-        name: &str,
-        holder: &str,
-        at: skald::machine::Timestamp,
-        report: &skald::ports::PurgeReport,
-    ) -> Result<(), skald::ports::StoreError> {
-        self.inner.record_sweep(name, holder, at, report).await
-    }
-    async fn record_poison(
-        &self,
-        record: &skald::ports::DeadLetterRecord,
-        outbox: &[skald::ports::OutboxMessage],
-    ) -> Result<(), skald::ports::StoreError> {
-        self.inner.record_poison(record, outbox).await
-    }
-    async fn dead_letters(
-        &self,
-        open_only: bool,
-        limit: usize,
-    ) -> Result<Vec<skald::ports::DeadLetterRecord>, skald::ports::StoreError> {
-        self.inner.dead_letters(open_only, limit).await
-    }
-    async fn journal(
-        &self,
-        id: SagaId,
-    ) -> Result<Vec<skald::ports::JournalEntry>, skald::ports::StoreError> {
-        self.inner.journal(id).await
-    }
-    async fn list(
-        &self,
-        status: Option<SagaStatus>,
-        after: Option<SagaId>,
-        limit: usize,
-    ) -> Result<Vec<skald::ports::SagaSummary>, skald::ports::StoreError> {
-        self.inner.list(status, after, limit).await
-    }
-}
-
 /// The id of checkout business key `key`.
 fn keyed(key: &str) -> SagaId {
     SagaId::for_key(&checkout_type(), key).expect("key")
@@ -1063,7 +880,7 @@ async fn flood(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_capacity_is_refused_at_once() {
     let res = Resources::new(Backend::SqliteNats).await;
-    let store = GatedStore::new(Arc::clone(&res.store));
+    let store = HookedStore::new(Arc::clone(&res.store));
     let runtime = runtime_on(
         store.clone(),
         res.bus().await,
@@ -1161,7 +978,7 @@ async fn a_flood_beyond_capacity_is_refused_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_outcome_is_unknown_is_never_said_to_have_stored_nothing() {
     let res = Resources::new(Backend::SqliteNats).await;
-    let store = GatedStore::new(Arc::clone(&res.store));
+    let store = HookedStore::new(Arc::clone(&res.store));
     let runtime = runtime_on(store.clone(), res.bus().await, options()).await;
     let client = plain_client(&res).await;
 
@@ -1274,7 +1091,7 @@ async fn data_with_fields_this_version_does_not_know_is_refused_as_version_skew(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_every_request_it_took() {
     let res = Resources::new(Backend::SqliteNats).await;
-    let store = GatedStore::new(Arc::clone(&res.store));
+    let store = HookedStore::new(Arc::clone(&res.store));
     let runtime = runtime_on(
         store.clone(),
         res.bus().await,

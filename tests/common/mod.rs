@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod hooked;
 pub mod secure;
 
 /// Runs each named `async fn name(backend: Backend)` of the calling test file once per

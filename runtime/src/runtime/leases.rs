@@ -8,8 +8,9 @@
 //!
 //! - the **renewer** renews the node's leases every fifth of the lease, in one statement,
 //!   and nothing else, so no other work can delay a renewal. It knows when each
-//!   partition's lease was last written, and gives a partition up two renewals before
-//!   that lease ends unless it renewed it (a store outage, a process stalled: the others
+//!   partition's lease was last written, and gives a partition up at the latest two
+//!   renewals before that lease ends (after a failed renewal, as soon as the next could
+//!   come too late) unless it renewed it (a store outage, a process stalled: the others
 //!   may take it once the lease ends), or when someone else took it (its own had ended);
 //! - the **balancer**, at the same pace (and at once when the renewer gave something
 //!   up), reads the group's leases and stops what the renewer gave up, hands over what
