@@ -403,8 +403,8 @@ impl RuntimeBuilder {
         let leases = if mode == Mode::Leased {
             let mut leases =
                 leases::Leases::new(Arc::clone(&shared), registry.clone(), partition_tx);
-            leases.tick().await;
             let (stop, stopped) = watch::channel(false);
+            leases.start(stopped.clone()).await;
             Some((stop, tokio::spawn(leases.run(stopped))))
         } else {
             drop(partition_tx);

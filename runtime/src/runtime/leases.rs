@@ -92,6 +92,13 @@ pub(super) struct Leases {
     rescued: HashMap<u32, Instant>,
     /// When each held partition's lease was last written ([`Written`]).
     written: Written,
+    /// When a write of this node's leases last failed (a take, a renewal): while the
+    /// store refuses its writes, nobody is judged for leaving partitions untaken.
+    write_failed: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Whether the first balance made the node a member.
+    joined: bool,
+    /// The partitions held at the end of the last balance.
+    last_held: Vec<u32>,
     /// The renewer gave partitions up: balance at once.
     gave_up: Arc<tokio::sync::Notify>,
     /// Since when each free partition has been free.
@@ -126,6 +133,9 @@ impl Leases {
             first_seen: HashMap::new(),
             rescued: HashMap::new(),
             written: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            write_failed: Arc::new(std::sync::Mutex::new(None)),
+            joined: false,
+            last_held: Vec::new(),
             gave_up: Arc::new(tokio::sync::Notify::new()),
             free_since: HashMap::new(),
             subscribe_failures: HashMap::new(),
@@ -151,17 +161,25 @@ impl Leases {
         (self.shared.options.partition_lease * 2 / 5).min(Duration::from_secs(10))
     }
 
-    /// Starts the renewer, then balances until `stop` says so, then leaves: hands every
-    /// partition over and ends its membership.
-    pub(super) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Starts the renewer (before anything is taken, so that nothing taken waits for
+    /// its first renewal), and makes the first balance: the node's share, before it
+    /// reads anything.
+    pub(super) async fn start(&mut self, stop: watch::Receiver<bool>) {
         self.renewer = Some(tokio::spawn(renew(
             Arc::clone(&self.shared),
             self.group.clone(),
             Arc::clone(&self.lock),
             Arc::clone(&self.gave_up),
             Arc::clone(&self.written),
-            stop.clone(),
+            Arc::clone(&self.write_failed),
+            stop,
         )));
+        self.tick().await;
+    }
+
+    /// Balances until `stop` says so, then leaves: hands every partition over and ends
+    /// its membership.
+    pub(super) async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let gave_up = Arc::clone(&self.gave_up);
         loop {
             tokio::select! {
@@ -187,19 +205,24 @@ impl Leases {
         let patience = self.patience();
         let group = self.group.clone();
 
-        // Partitions the renewer gave up: stop reading them and let their actors go.
+        // Partitions the renewer gave up (read or not): stop reading them and let their
+        // actors go.
         let held = ownership.held();
-        let dropped: Vec<u32> = self
+        let mut dropped: Vec<u32> = self
             .consumers
             .keys()
+            .chain(self.last_held.iter())
             .copied()
             .filter(|p| !held.contains(p))
             .collect();
+        dropped.sort_unstable();
+        dropped.dedup();
         if !dropped.is_empty() {
             self.stop_partitions(&dropped).await;
         }
 
-        if self.renewer.is_none() {
+        if !self.joined {
+            self.joined = true;
             // The first balance: become a member before counting the members.
             let member = [node_lease(&group, node)];
             let joined = store.acquire_leases(&member, node, shared.clock.now(), lease);
@@ -264,8 +287,13 @@ impl Leases {
             self.first_seen.entry((*n).to_owned()).or_insert(now);
         }
         let bottom = ownership.count() as usize / nodes.len();
+        let writing = self
+            .write_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| now.duration_since(t) >= lease);
         for (n, count) in &nodes {
-            if *n == node.as_str() || *count >= bottom {
+            if !writing || *n == node.as_str() || *count >= bottom {
                 continue;
             }
             let seen = self.first_seen.get(*n).copied().unwrap_or(now);
@@ -277,7 +305,7 @@ impl Leases {
                 continue;
             }
             let times = match entry {
-                Some((_, times, last)) if now.duration_since(last) < 96 * lease => times + 1,
+                Some((until, times, _)) if now.duration_since(until) < 96 * lease => times + 1,
                 _ => 1,
             };
             let leases = 6u32 << (times - 1).min(4);
@@ -383,11 +411,18 @@ impl Leases {
                         }
                     }
                 }
-                Ok(Err(e)) => warn!(error = %e, "taking free partitions failed"),
-                Err(_) => warn!("taking free partitions: no answer within {patience:?}"),
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => warn!(error = %e, "taking free partitions failed"),
+                        _ => warn!("taking free partitions: no answer within {patience:?}"),
+                    }
+                    *self.write_failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now());
+                }
             }
         }
         self.read_partitions().await;
+        self.last_held = ownership.held().to_vec();
         shared
             .metrics
             .partitions_held
@@ -490,12 +525,16 @@ impl Leases {
     /// their leases.
     async fn hand_over(&mut self, partitions: &[u32], release: bool) {
         let shared = Arc::clone(&self.shared);
+        let mut cleared = 0;
         {
             // Under the lock: no renewal is under way, and none after renews these.
             let _releasing = self.lock.lock().await;
             let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
             for p in partitions {
-                shared.ownership.set(*p, false);
+                // (One the renewer gave up meanwhile is counted as lost, not again.)
+                if shared.ownership.set(*p, false) {
+                    cleared += 1;
+                }
                 written.remove(p);
             }
         }
@@ -516,9 +555,10 @@ impl Leases {
                 }
             }
         }
-        for _ in partitions {
+        for _ in 0..cleared {
             handover(&shared, if release { "released" } else { "lost" });
         }
+        self.last_held = shared.ownership.held().to_vec();
         shared
             .metrics
             .partitions_held
@@ -616,6 +656,7 @@ async fn renew(
     lock: Arc<Mutex<()>>,
     gave_up: Arc<tokio::sync::Notify>,
     written: Written,
+    write_failed: Arc<std::sync::Mutex<Option<Instant>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let lease = shared.options.partition_lease;
@@ -629,11 +670,14 @@ async fn renew(
             .get(&p)
             .copied()
     };
+    // Rounds are paced from their starts: a slow round leaves the next its whole time.
+    let mut next = tokio::time::Instant::now() + every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep_until(next) => {}
             _ = stop.changed() => return,
         }
+        next = tokio::time::Instant::now() + every;
         let _renewing = lock.lock().await;
         let now = Instant::now();
         // A partition past its give-up time (the renewer ran late) is not renewed: its
@@ -647,17 +691,18 @@ async fn renew(
             }
         }
         // Wait no longer than the first of them must be given up.
-        let wait = renew
+        let deadline = renew
             .iter()
-            .map(|(_, w)| (*w + lease - patience).saturating_duration_since(now))
+            .map(|(_, w)| *w + lease - patience)
             .min()
-            .unwrap_or(patience)
-            .min(patience);
+            .unwrap_or(now + patience)
+            .min(now + patience);
         let mut names = vec![node_lease(&group, node)];
         names.extend(renew.iter().map(|(p, _)| partition_lease(&group, *p)));
         let sent = Instant::now();
         let renewal = store.acquire_leases(&names, node, shared.clock.now(), lease);
-        match tokio::time::timeout(wait, renewal).await {
+        let wait = deadline.saturating_duration_since(sent);
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), renewal).await {
             Ok(Ok(renewed)) => {
                 let renewed: HashSet<String> = renewed.into_iter().collect();
                 let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
@@ -682,6 +727,7 @@ async fn renew(
                     .map(|(p, _)| *p)
                     .collect();
                 warn!(%error, held = renew.len(), giving_up = late.len(), "renewing the partition leases failed");
+                *write_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 give_up.extend(late);
             }
         }
