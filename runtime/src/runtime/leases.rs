@@ -97,8 +97,9 @@ pub(super) struct Leases {
     write_failed: Arc<std::sync::Mutex<Option<Instant>>>,
     /// Whether the first balance made the node a member.
     joined: bool,
-    /// The partitions held at the end of the last balance.
-    last_held: Vec<u32>,
+    /// Partitions this node may have actors or consumers of: taken, and not yet
+    /// stopped ([`Leases::stop_partitions`]).
+    may_run: HashSet<u32>,
     /// The renewer gave partitions up: balance at once.
     gave_up: Arc<tokio::sync::Notify>,
     /// Since when each free partition has been free.
@@ -135,7 +136,7 @@ impl Leases {
             written: Arc::new(std::sync::Mutex::new(HashMap::new())),
             write_failed: Arc::new(std::sync::Mutex::new(None)),
             joined: false,
-            last_held: Vec::new(),
+            may_run: HashSet::new(),
             gave_up: Arc::new(tokio::sync::Notify::new()),
             free_since: HashMap::new(),
             subscribe_failures: HashMap::new(),
@@ -211,7 +212,7 @@ impl Leases {
         let mut dropped: Vec<u32> = self
             .consumers
             .keys()
-            .chain(self.last_held.iter())
+            .chain(self.may_run.iter())
             .copied()
             .filter(|p| !held.contains(p))
             .collect();
@@ -313,8 +314,8 @@ impl Leases {
             self.ignored
                 .insert((*n).to_owned(), (now + lease * leases, times, now));
         }
-        self.ignored.retain(|n, (_, _, last)| {
-            nodes.contains_key(n.as_str()) || now.duration_since(*last) < 96 * lease
+        self.ignored.retain(|n, (until, _, _)| {
+            nodes.contains_key(n.as_str()) || now.duration_since(*until) < 96 * lease
         });
         let live: Vec<(&str, usize)> = nodes
             .iter()
@@ -402,6 +403,7 @@ impl Leases {
                         info!(partitions = ?got, live = live.len(), share = most, "taking partitions");
                     }
                     for p in &got {
+                        self.may_run.insert(*p);
                         self.written
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -422,7 +424,6 @@ impl Leases {
             }
         }
         self.read_partitions().await;
-        self.last_held = ownership.held().to_vec();
         shared
             .metrics
             .partitions_held
@@ -558,7 +559,6 @@ impl Leases {
         for _ in 0..cleared {
             handover(&shared, if release { "released" } else { "lost" });
         }
-        self.last_held = shared.ownership.held().to_vec();
         shared
             .metrics
             .partitions_held
@@ -570,6 +570,7 @@ impl Leases {
     async fn stop_partitions(&mut self, partitions: &[u32]) {
         let ownership = &self.shared.ownership;
         for p in partitions {
+            self.may_run.remove(p);
             if let Some(tasks) = self.consumers.remove(p) {
                 for t in tasks {
                     t.abort();
@@ -674,19 +675,21 @@ async fn renew(
     let mut next = tokio::time::Instant::now() + every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
+            biased;
             _ = stop.changed() => return,
+            _ = tokio::time::sleep_until(next) => {}
         }
         next = tokio::time::Instant::now() + every;
         let _renewing = lock.lock().await;
         let now = Instant::now();
-        // A partition past its give-up time (the renewer ran late) is not renewed: its
-        // lease may have ended, and someone else may have held it meanwhile.
+        // A partition past its give-up time (the renewer ran late), or too close to it
+        // for a renewal to answer in time, is not renewed: its lease may end before the
+        // renewal is written, and someone else may hold it meanwhile.
         let mut give_up: Vec<u32> = Vec::new();
         let mut renew: Vec<(u32, Instant)> = Vec::new();
         for p in ownership.held().iter().copied() {
             match written_at(p) {
-                Some(w) if now < w + lease - patience => renew.push((p, w)),
+                Some(w) if now + every / 2 < w + lease - patience => renew.push((p, w)),
                 _ => give_up.push(p),
             }
         }
@@ -721,13 +724,15 @@ async fn renew(
                     _ => format!("no answer within {wait:?}"),
                 };
                 let now = Instant::now();
+                // The store refuses or does not answer this node's writes (every round
+                // waits at least half a renewal).
+                *write_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 let late: Vec<u32> = renew
                     .iter()
                     .filter(|(_, w)| now + every >= *w + lease - patience)
                     .map(|(p, _)| *p)
                     .collect();
                 warn!(%error, held = renew.len(), giving_up = late.len(), "renewing the partition leases failed");
-                *write_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 give_up.extend(late);
             }
         }
