@@ -28,22 +28,6 @@ use skald_sagas::checkout::{Checkout, CheckoutTiming, checkout_definition};
 use skald_sagas::scripted::Scripted;
 use skald_sagas::sim::SimServices;
 
-/// The environment variables the `skald` binary reads.
-const SKALD_ENV: [&str; 12] = [
-    "SKALD_DB",
-    "SKALD_NATS",
-    "SKALD_NATS_CREDS",
-    "SKALD_NATS_NKEY",
-    "SKALD_NATS_USER",
-    "SKALD_NATS_PASSWORD",
-    "SKALD_NATS_TOKEN",
-    "SKALD_NATS_TLS_CA",
-    "SKALD_NATS_TLS_CERT",
-    "SKALD_NATS_TLS_KEY",
-    "SKALD_OPERATOR_NKEY",
-    "USER",
-];
-
 /// Runs the `skald` binary; returns (exit code, stdout, stderr).
 async fn skald(db: &str, nats: Option<&str>, args: &[&str]) -> (i32, String, String) {
     skald_with_env(db, nats, args, &[]).await
@@ -56,10 +40,9 @@ async fn skald_with_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skald"));
-    for var in SKALD_ENV {
-        cmd.env_remove(var);
-    }
+    let mut cmd = skald_command(env!("CARGO_BIN_EXE_skald"));
+    // (The operator's name defaults to the OS user's.)
+    cmd.env_remove("USER");
     cmd.envs(env.iter().copied());
     cmd.arg("--db").arg(db);
     if let Some(url) = nats {

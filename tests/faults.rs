@@ -99,7 +99,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{NatsCluster, NatsServer, PgDatabase};
+use common::{NatsCluster, NatsServer, PgDatabase, skald_command};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
@@ -2118,7 +2118,7 @@ impl Proc {
         let stderr = logs.join(format!("{name}.stderr.log"));
         let file =
             |p: &Path| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-        let child = Command::new(bin)
+        let child = skald_command(bin)
             .args(args)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())

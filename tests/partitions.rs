@@ -19,7 +19,7 @@ use skald::machine::{SagaStatus, Timestamp};
 use skald::ports::{Bus, Clock, SagaStore, SystemClock};
 use skald::wire::IncomingCommand;
 use skald::{Runtime, RuntimeOptions};
-use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definition};
+use skald_sagas::checkout::{Checkout, CheckoutTiming, checkout_definition};
 use skald_sagas::sim::MemoryLedger;
 
 /// The checkout saga with a reply timeout no wait here reaches: no attempt times out
@@ -58,25 +58,13 @@ async fn node_on(store: Arc<dyn SagaStore>, bus: Arc<dyn Bus>, lease: Duration) 
         .expect("node starts")
 }
 
-fn order(n: usize) -> Checkout {
-    Checkout::new(
-        format!("order-{n}"),
-        "customer",
-        vec![LineItem {
-            sku: "sku-1".into(),
-            quantity: 1,
-        }],
-        1_000,
-    )
-}
-
 /// Starts `n` sagas on `node`, numbered from `first`.
 async fn start_sagas(node: &Runtime, first: usize, n: usize) -> Vec<SagaId> {
     let checkout = checkout();
     let mut ids = Vec::with_capacity(n);
     for i in first..first + n {
         let handle = node
-            .start_saga(&checkout, &order(i))
+            .start_saga(&checkout, &tea_order(&format!("order-{i}")))
             .await
             .expect("saga starts");
         ids.push(handle.id());

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{
     ALL_SERVICES, DEADLINE, NatsServer, PgDatabase, TempDir, fast_timing, no_script, options,
-    reliable, start_participants, tea_order,
+    reliable, skald_command, start_participants, tea_order,
 };
 use skald::adapters::nats::{NatsBus, NatsOptions};
 use skald::adapters::postgres::PostgresStore;
@@ -37,22 +37,6 @@ const STARTUP: Duration = Duration::from_secs(60);
 /// How long a node may take to stop after SIGTERM.
 const STOP: Duration = Duration::from_secs(30);
 
-/// The environment variables the `skald` binary reads: none leaks in from the caller's.
-const SKALD_ENV: [&str; 12] = [
-    "SKALD_DB",
-    "SKALD_NATS",
-    "SKALD_NATS_CREDS",
-    "SKALD_NATS_NKEY",
-    "SKALD_NATS_USER",
-    "SKALD_NATS_PASSWORD",
-    "SKALD_NATS_TOKEN",
-    "SKALD_NATS_TLS_CA",
-    "SKALD_NATS_TLS_CERT",
-    "SKALD_NATS_TLS_KEY",
-    "SKALD_NATS_INBOX_PREFIX",
-    "SKALD_OPERATOR_NKEY",
-];
-
 /// The checkout's timing with a reply timeout no slow machine reaches: the process that
 /// only starts sagas must never be the one to time a step out.
 fn patient_timing() -> CheckoutTiming {
@@ -71,10 +55,7 @@ struct Node {
 
 impl Node {
     fn spawn(args: &[&str]) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skald"));
-        for var in SKALD_ENV {
-            cmd.env_remove(var);
-        }
+        let mut cmd = Command::from(skald_command(env!("CARGO_BIN_EXE_skald")));
         cmd.env("RUST_LOG", "warn")
             .args(args)
             .stdin(Stdio::null())

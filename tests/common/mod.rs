@@ -70,6 +70,34 @@ use skald_sagas::checkout::{Checkout, CheckoutTiming, LineItem, checkout_definit
 use skald_sagas::sim::{MemoryLedger, SimConfig, SimServices};
 use tokio::sync::mpsc::Receiver;
 
+/// Every environment variable the `skald` binary reads (its `env = ...` arguments in
+/// src/cli): a test runs the binary with none of them leaking in from its caller.
+pub const SKALD_ENV: [&str; 13] = [
+    "SKALD_DB",
+    "SKALD_NATS",
+    "SKALD_NATS_CREDS",
+    "SKALD_NATS_NKEY",
+    "SKALD_NATS_USER",
+    "SKALD_NATS_PASSWORD",
+    "SKALD_NATS_TOKEN",
+    "SKALD_NATS_TLS_CA",
+    "SKALD_NATS_TLS_CERT",
+    "SKALD_NATS_TLS_KEY",
+    "SKALD_NATS_INBOX_PREFIX",
+    "SKALD_NATS_REPLICAS",
+    "SKALD_OPERATOR_NKEY",
+];
+
+/// A command running the binary at `path` (the test's `env!("CARGO_BIN_EXE_skald")`, an
+/// example) with none of [`SKALD_ENV`] set.
+pub fn skald_command(path: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(path);
+    for var in SKALD_ENV {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
